@@ -1,0 +1,31 @@
+"""Shared pytest setup: the `gpu` marker skips cleanly without CUDA, paths to ../shared."""
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+MANIFESTS = SHARED / "upstream" / "manifests"
+GOLDEN = REPO / "tests" / "golden"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none found); runs on the device machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def shared_dir() -> Path:
+    if not SHARED.is_dir():
+        pytest.fail(f"{SHARED} is missing: clone the repo next to shared/ as CI does")
+    return SHARED
+
+
+@pytest.fixture(scope="session")
+def manifests_dir(shared_dir) -> Path:
+    return shared_dir / "upstream" / "manifests"
