@@ -86,3 +86,28 @@ def deterministic_state_dict(manifest_or_module, seed: int = 0,
             dt = dtype
         out[s.name] = deterministic_tensor(s.name, s.shape, dt, seed)
     return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Golden fixtures (tests/golden/<component>__<config>.safetensors + .json sidecar, see
+# tests/golden/README.md). The sidecar's "weights_specs" lists the original module's
+# [name, shape, dtype] in its state-dict order and "seed" the weights seed, so
+# `golden_state_dict(meta)` reproduces bitwise the tensors the original was loaded with.
+
+def load_golden(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
+    """Read one fixture: (tensors, sidecar dict). `path` may omit the suffix."""
+    import json
+
+    from safetensors.torch import load_file
+
+    p = Path(path)
+    base = p.with_suffix("") if p.suffix in (".safetensors", ".json") else p
+    tensors = load_file(str(base) + ".safetensors")
+    meta = json.loads(Path(str(base) + ".json").read_text())
+    return tensors, meta
+
+
+def golden_state_dict(meta: dict, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """The exact weights the original module of a fixture was loaded with (strict=True)."""
+    specs = [TensorSpec(n, tuple(s), d) for n, s, d in meta["weights_specs"]]
+    return deterministic_state_dict(specs, int(meta["seed"]), dtype=dtype)
