@@ -1,0 +1,49 @@
+"""The compact manifest copy the pack ships equals the shared TSVs, and the configs equal config.json."""
+import json
+
+from s2core.config import ReleaseConfig, official_v1_0, release_from_json, tiny_release
+from s2core.manifest import known_parts, manifest, read_manifest_tsv
+
+
+def test_compact_manifests_equal_shared(manifests_dir):
+    tsvs = sorted(manifests_dir.rglob("*.tsv"))
+    assert len(tsvs) == 11
+    keys = [t.relative_to(manifests_dir).with_suffix("").as_posix() for t in tsvs]
+    assert known_parts() == sorted(keys)
+    for t, k in zip(tsvs, keys):
+        assert manifest(k) == read_manifest_tsv(t), k
+
+
+def test_manifest_entry_counts_match_headers(manifests_dir):
+    # every TSV header states "entries: N"; the parser must see exactly N rows
+    for t in manifests_dir.rglob("*.tsv"):
+        header = t.read_text().splitlines()[0]
+        n = int(header.rsplit("entries:", 1)[1].split()[0])
+        assert len(read_manifest_tsv(t)) == n, t.name
+
+
+def test_release_config_equals_official_json(shared_dir):
+    from dataclasses import replace
+    up = shared_dir / "upstream"
+    assert release_from_json(up / "config.json", name="v1.1") == ReleaseConfig()
+    assert replace(release_from_json(up / "config_v1_0.json"), name="v1.0") == official_v1_0()
+    raw = json.loads((up / "config.json").read_text())
+    cfg = ReleaseConfig()
+    assert cfg.sparse_dit_1024.factor == raw["sparse_dit_1024"]["params"]["factor"] == 0.5
+    assert cfg.sparse_scheduler_1024.shift == 8.0 and cfg.dense_scheduler.shift == 6.0
+    assert cfg.sparse_vae_1024.chunk_size == 4 and cfg.refiner_1024.sign and not cfg.refiner.sign
+
+
+def test_unknown_config_field_is_a_clear_error(tmp_path):
+    p = tmp_path / "bad.json"
+    p.write_text(json.dumps({"dense_dit": {"target": "x", "params": {"num_blocks": 2, "warp_factor": 9}}}))
+    import pytest
+    with pytest.raises(ValueError, match="warp_factor"):
+        release_from_json(p)
+
+
+def test_tiny_release_keeps_the_code_paths():
+    t = tiny_release()
+    assert t.sparse_dit_512.num_heads % t.sparse_dit_512.num_kv_heads == 0
+    assert t.sparse_vae_1024.chunk_size > 1 and t.refiner_1024.sign
+    assert t.dense_dit.model_channels == t.dense_dit.cond_channels == t.dense_image_encoder.embed_dim
