@@ -72,5 +72,65 @@ class SparseTensor:
         """[N] int64 batch index of each row."""
         return self.coords[:, 0].long()
 
+    @property
+    def shape(self) -> torch.Size:
+        """[B, *C], the original's convention (feature dims after the batch size)."""
+        return torch.Size([self.batch_size, *self.feats.shape[1:]])
+
+    def type(self, dtype: torch.dtype) -> "SparseTensor":
+        return self.replace(self.feats.to(dtype))
+
+    def half(self) -> "SparseTensor":
+        return self.type(torch.float16)
+
+    def float(self) -> "SparseTensor":
+        return self.type(torch.float32)
+
+    def reshape(self, *shape) -> "SparseTensor":
+        """Reshape the feature dims only: feats [N, *C] -> [N, *shape]."""
+        return self.replace(self.feats.reshape(self.feats.shape[0], *shape))
+
+    def broadcast_batch(self, per_batch: torch.Tensor) -> torch.Tensor:
+        """[B, *C] per-element values -> [N, *C], row i gets the value of its batch element."""
+        return per_batch[self.batch_ids()]
+
+    # Elementwise arithmetic on feats. A dense tensor that broadcasts to [B, *C] is applied per batch
+    # element (a [B, C] modulation, a [C] bias); a SparseTensor must have the same rows.
+    def _operand(self, other):
+        if isinstance(other, SparseTensor):
+            assert other.feats.shape[0] == self.feats.shape[0], "SparseTensors with different rows"
+            return other.feats
+        if isinstance(other, torch.Tensor) and other.ndim > 0:
+            full = self.shape
+            try:
+                per_batch = torch.broadcast_shapes(other.shape, full) == full
+            except RuntimeError:
+                per_batch = False
+            if per_batch:
+                return self.broadcast_batch(torch.broadcast_to(other, full))
+        return other
+
+    def __add__(self, other):
+        return self.replace(self.feats + self._operand(other))
+
+    __radd__ = __add__
+
+    def __sub__(self, other):
+        return self.replace(self.feats - self._operand(other))
+
+    def __rsub__(self, other):
+        return self.replace(self._operand(other) - self.feats)
+
+    def __mul__(self, other):
+        return self.replace(self.feats * self._operand(other))
+
+    __rmul__ = __mul__
+
+    def __truediv__(self, other):
+        return self.replace(self.feats / self._operand(other))
+
+    def __neg__(self):
+        return self.replace(-self.feats)
+
     def __len__(self) -> int:
         return self.feats.shape[0]

@@ -1,0 +1,212 @@
+"""Submanifold sparse convolution and sparse resampling in plain PyTorch (SPARSE.md §2).
+
+Dimension letters: `N` active voxels, `Cin`/`Cout` channels, `K = 27` kernel taps.
+
+Convolution (stride 1, output set = input set, same order), torchsparse semantics and weight layout:
+
+    out[p] = bias + sum_k [p + off(k) active] * in[p + off(k)] @ W[k]          W: [27, Cin, Cout]
+    off(k) = (dx, dy, dz),  k = (dx+1) + 3(dy+1) + 9(dz+1)   (x = coords column 1 varies fastest)
+
+so the input at p + off(k) reaches output p through slice k; centre tap k = 13. A 1x1x1 conv keeps a
+2-D kernel [Cin, Cout]. Neighbours never cross batch elements.
+
+Kernel map: each voxel (b, x, y, z) becomes one int64 key (16 bits per field, coordinates shifted by
++1 so a -1 neighbour stays non-negative); keys are sorted once and `searchsorted` finds all 27
+neighbours at once -> `nbr [N, 27]` (row index of the neighbour, N where inactive). The map is built
+on the tensor's device and memoised in `SparseTensor.cache`, which every tensor with the same coords
+shares, so the dozens of convs at one resolution build it once.
+
+Compute ("gather" algo, the default): gather the 27 neighbour rows of a block of outputs into
+[rows, 27*Cin] (a zero row stands for inactive neighbours) and do one GEMM with W viewed as
+[27*Cin, Cout]: one fp32-accumulated reduction over all taps with a single rounding, as torchsparse's
+implicit GEMM does. Output blocks bound the gathered buffer's memory. The "per_offset" algo instead
+runs one GEMM per tap over only the active pairs and scatter-adds them (less work on thin surfaces,
+but 27 roundings in half precision); `bench/bench_sparse_conv.py` compares them.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .tensor import SparseTensor
+
+__all__ = ["kernel_offsets", "coords_to_keys", "kernel_map", "sparse_conv3d", "sparse_conv3d_reference",
+           "SparseConv3d", "TorchsparseConv3d", "sparse_downsample", "SparseDownsample", "sparse_subdivide",
+           "SparseSubdivide"]
+
+_BITS = 16  # per coordinate field of a key; coordinates must stay below 2^16 - 2
+_MAX_GATHER = 1 << 26  # elements of the gathered [rows, 27*Cin] block (128 MiB in fp16)
+
+
+def kernel_offsets(device=None) -> torch.Tensor:
+    """[27, 3] int64 (dx, dy, dz) of tap k = (dx+1) + 3(dy+1) + 9(dz+1)."""
+    k = torch.arange(27, device=device)
+    return torch.stack([k % 3, k // 3 % 3, k // 9], 1) - 1
+
+
+def coords_to_keys(coords: torch.Tensor) -> torch.Tensor:
+    """[N, 4] (b, x, y, z) -> [N] int64 keys, lexicographic in (b, x, y, z)."""
+    c = coords.long()
+    return (((c[:, 0] << _BITS | (c[:, 1] + 1)) << _BITS | (c[:, 2] + 1)) << _BITS) | (c[:, 3] + 1)
+
+
+def _offset_key_deltas(device) -> torch.Tensor:
+    off = kernel_offsets(device)
+    return (off[:, 0] << (2 * _BITS)) + (off[:, 1] << _BITS) + off[:, 2]  # [27]
+
+
+def build_kernel_map(coords: torch.Tensor) -> torch.Tensor:
+    """[N, 27] int64: row of the neighbour at p + off(k), or N when that voxel is inactive."""
+    n = coords.shape[0]
+    keys = coords_to_keys(coords)
+    sorted_keys, order = torch.sort(keys)
+    query = keys[:, None] + _offset_key_deltas(coords.device)[None, :]  # [N, 27]
+    pos = torch.searchsorted(sorted_keys, query).clamp_(max=max(n - 1, 0))
+    found = sorted_keys[pos] == query
+    return torch.where(found, order[pos], n)
+
+
+def kernel_map(x: SparseTensor) -> torch.Tensor:
+    """The memoised [N, 27] neighbour map of x's coordinates (see build_kernel_map)."""
+    nbr = x.cache.get("kernel_map_3")
+    if nbr is None:
+        nbr = x.cache["kernel_map_3"] = build_kernel_map(x.coords)
+    return nbr
+
+
+def _per_offset_pairs(x: SparseTensor, nbr: torch.Tensor) -> list:
+    """[(k, in_rows, out_rows)] for taps with active pairs; one host sync per coordinate set (memoised)."""
+    pairs = x.cache.get("kernel_pairs_3")
+    if pairs is None:
+        n = nbr.shape[0]
+        pairs = []
+        active = nbr < n
+        counts = active.sum(0).tolist()
+        for k in range(27):
+            if counts[k]:
+                out_rows = torch.nonzero(active[:, k]).squeeze(1)
+                pairs.append((k, nbr[out_rows, k], out_rows))
+        x.cache["kernel_pairs_3"] = pairs
+    return pairs
+
+
+def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | None = None,
+                  algo: str = "gather") -> torch.Tensor:
+    """Submanifold conv of x.feats [N, Cin] with kernel [27, Cin, Cout] (or [Cin, Cout]) -> [N, Cout]."""
+    feats = x.feats
+    if kernel.ndim == 2:  # 1x1x1: a plain matmul
+        out = feats @ kernel
+    else:
+        assert kernel.shape[0] == 27, f"only 3x3x3 kernels are supported, got {tuple(kernel.shape)}"
+        n, cin = feats.shape
+        cout = kernel.shape[2]
+        nbr = kernel_map(x)
+        if algo == "gather":
+            w = kernel.reshape(27 * cin, cout)
+            padded = torch.cat([feats, feats.new_zeros(1, cin)], 0)  # row N = inactive neighbour
+            out = feats.new_empty(n, cout)
+            step = max(1, _MAX_GATHER // (27 * cin))
+            for s in range(0, n, step):  # blocks of rows bound the [rows, 27*Cin] buffer
+                out[s:s + step] = padded[nbr[s:s + step]].reshape(-1, 27 * cin) @ w
+        elif algo == "per_offset":
+            out = feats @ kernel[13]  # centre tap: every voxel is its own neighbour
+            for k, rows_in, rows_out in _per_offset_pairs(x, nbr):
+                if k != 13:
+                    out.index_add_(0, rows_out, feats[rows_in] @ kernel[k])
+        else:
+            raise ValueError(f"unknown sparse conv algo {algo!r}; use 'gather' or 'per_offset'")
+    if bias is not None:
+        out = out + bias
+    return out
+
+
+def sparse_conv3d_reference(feats: torch.Tensor, coords: torch.Tensor, kernel: torch.Tensor,
+                            bias: torch.Tensor | None = None) -> torch.Tensor:
+    """Brute force, fp64, for tests: compare every pair of voxels (O(N^2) memory; keep N small)."""
+    f = feats.double()
+    out = torch.zeros(feats.shape[0], kernel.shape[-1], dtype=torch.float64, device=feats.device)
+    d = coords[None, :, :].long() - coords[:, None, :].long()  # [out, in, 4] = in - out
+    same_batch = d[..., 0] == 0
+    for k, (dx, dy, dz) in enumerate(kernel_offsets().tolist()):
+        hit = same_batch & (d[..., 1] == dx) & (d[..., 2] == dy) & (d[..., 3] == dz)  # [out, in]
+        out += hit.double() @ f @ kernel[k].double()
+    if bias is not None:
+        out += bias.double()
+    return out
+
+
+class TorchsparseConv3d(nn.Module):
+    """Parameter holder with torchsparse's names: `kernel` [27, Cin, Cout] ([Cin, Cout] for 1x1x1), `bias`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True):
+        super().__init__()
+        assert kernel_size in (1, 3), "the Direct3D-S2 models use only 1x1x1 and 3x3x3 convs"
+        shape = (in_channels, out_channels) if kernel_size == 1 else (27, in_channels, out_channels)
+        self.kernel = nn.Parameter(torch.empty(shape))
+        self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
+        self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
+        nn.init.normal_(self.kernel, std=(in_channels * kernel_size ** 3) ** -0.5)
+
+
+class SparseConv3d(nn.Module):
+    """Stride-1 submanifold conv; checkpoint keys `<prefix>.conv.kernel`, `<prefix>.conv.bias`."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True,
+                 algo: str = "gather"):
+        super().__init__()
+        self.conv = TorchsparseConv3d(in_channels, out_channels, kernel_size, bias)  # name = checkpoint's
+        self.algo = algo
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(sparse_conv3d(x, self.conv.kernel, self.conv.bias, self.algo))
+
+
+# ------------------------------------------------------------------------------------------------
+# resampling
+
+def sparse_downsample(x: SparseTensor, factor: int = 2) -> SparseTensor:
+    """Pool voxels into cells of factor^3 with the original's mean: sum / (children + 1) (SPARSE.md §2.3).
+
+    Output rows are sorted lexicographically by (b, x//f, y//f, z//f), as torch.unique orders them.
+    The pooling sums in fp64 like the original's scatter_reduce, then casts back.
+    """
+    key = ("downsample", int(factor))
+    hit = x.cache.get(key)
+    if hit is None:
+        parent = torch.cat([x.coords[:, :1], torch.div(x.coords[:, 1:], factor, rounding_mode="floor")], 1)
+        pkeys, inverse = torch.unique(coords_to_keys(parent), return_inverse=True)
+        m = pkeys.numel()
+        mask = (1 << _BITS) - 1
+        out_coords = torch.stack([pkeys >> 3 * _BITS, (pkeys >> 2 * _BITS & mask) - 1,
+                                  (pkeys >> _BITS & mask) - 1, (pkeys & mask) - 1], 1).int()
+        denom = torch.bincount(inverse, minlength=m).double() + 1.0  # the "+1": zero init joins the mean
+        hit = x.cache[key] = (out_coords, inverse, denom)
+    out_coords, inverse, denom = hit
+    feats = x.feats.reshape(x.feats.shape[0], -1).double()
+    summed = feats.new_zeros(denom.shape[0], feats.shape[1]).index_add_(0, inverse, feats)
+    out = (summed / denom[:, None]).to(x.dtype).reshape(-1, *x.feats.shape[1:])
+    return SparseTensor(out, out_coords, x.batch_size)
+
+
+class SparseDownsample(nn.Module):
+    def __init__(self, factor: int = 2):
+        super().__init__()
+        self.factor = factor
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return sparse_downsample(x, self.factor)
+
+
+def sparse_subdivide(x: SparseTensor) -> SparseTensor:
+    """Each voxel p -> 8 consecutive children 2p + (ox, oy, oz), z fastest, features copied (§2.4)."""
+    child = torch.stack(torch.meshgrid(*[torch.arange(2, device=x.device)] * 3, indexing="ij"), -1)
+    child = child.reshape(8, 3).int()  # (0,0,0), (0,0,1), (0,1,0), ... (1,1,1)
+    xyz = (x.coords[:, None, 1:] * 2 + child[None]).reshape(-1, 3)  # [8N, 3]
+    coords = torch.cat([x.coords[:, :1].repeat_interleave(8, 0), xyz], 1)
+    feats = x.feats.repeat_interleave(8, 0)
+    return SparseTensor(feats, coords, x.batch_size, x.offsets * 8)
+
+
+class SparseSubdivide(nn.Module):
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return sparse_subdivide(x)
