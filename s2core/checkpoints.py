@@ -166,6 +166,13 @@ def check_part(state_dict: Mapping[str, torch.Tensor], key: str, file_label: str
 # Loading files
 
 def _load_ckpt(path: Path) -> dict:
+    with open(path, "rb") as f:
+        head = f.read(4)
+    # torch.save writes a zip archive (PK\x03\x04) or, in the legacy format, a pickle (0x80 protocol byte)
+    if not (head.startswith(b"PK") or head[:1] == b"\x80"):
+        raise ValueError(f"`{path}` is not a readable PyTorch checkpoint (it starts with {head!r}, not a "
+                         f"torch.save archive); it may be an error page or a truncated download — delete it and "
+                         f"download it again.")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
