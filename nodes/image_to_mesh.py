@@ -1,0 +1,50 @@
+"""All-in-one node: the whole official chain in one node."""
+from __future__ import annotations
+
+from ..s2core import pipeline
+from . import _comfy
+from ._spec import IMAGE, MASK, MESH, MODEL, SEED_MAX, In, Node, Out
+
+
+class ImageToMesh(Node):
+    node_id = "D3DS2ImageToMesh"
+    display_name = "Direct3D-S2 Image to Mesh"
+    description = ("Image in, mesh out: encode, dense stage, 512 stage, then (at 1024) the 1024 stage, with the "
+                   "original's defaults. Use the separate nodes to stop early or reuse a structure.")
+    inputs = (
+        In("model", MODEL, "The model from Load Direct3D-S2 Model (with the stages this resolution needs)."),
+        In("image", IMAGE, "The picture of one object; a batch gives one mesh per image."),
+        In("mask", MASK, "Where the object is (see mask_is_background). Without it the whole image is the object.",
+           optional=True),
+        In("mask_is_background", "BOOLEAN", "On: the mask is 1 on the background, as Load Image gives it "
+           "(1 - alpha). Off: the mask is 1 on the object, as most background-removal nodes give it.", default=True),
+        In("seed", "INT", "Noise seed of every stage; batch item i uses seed + i.", default=0, min=0, max=SEED_MAX,
+           seed=True),
+        In("resolution", "COMBO", "1024: finest detail (needs about 24 GB of GPU memory); 512: faster, about 10 GB.",
+           default="1024", options=("1024", "512")),
+        In("dense_steps", "INT", "Coarse-stage steps. 50 matches the original.", default=50, min=1, max=200),
+        In("sparse_512_steps", "INT", "512-stage steps. 30 matches the original.", default=30, min=1, max=200),
+        In("sparse_1024_steps", "INT", "1024-stage steps. 15 matches the original.", default=15, min=1, max=200),
+        In("guidance", "FLOAT", "How strongly the shape follows the image. 7 matches the original.", default=7.0,
+           min=0.0, max=30.0, step=0.1),
+        In("mc_threshold", "FLOAT", "Surface iso-level. 0.2 matches the original.", default=0.2, min=0.0, max=0.9,
+           step=0.01),
+        In("remove_interior", "BOOLEAN", "Run the 1024 refiner that removes the inner shell. Off: faster, but the "
+           "mesh has a second, inner surface.", default=True),
+        In("max_tokens", "INT", "Refuse 1024 structures with more sparse tokens than this (a memory budget). "
+           "0: no limit.", default=0, min=0, max=10_000_000),
+    )
+    outputs = (Out(MESH, "mesh", "Triangle mesh in [-1, 1]; works with core Save GLB and Preview 3D."),)
+
+    @classmethod
+    def run(cls, model, image, mask=None, mask_is_background=True, seed=0, resolution="1024", dense_steps=50,
+            sparse_512_steps=30, sparse_1024_steps=15, guidance=7.0, mc_threshold=0.2, remove_interior=True,
+            max_tokens=0):
+        if mask is not None and mask_is_background:
+            mask = 1.0 - mask
+        total = dense_steps + sparse_512_steps + (sparse_1024_steps if resolution == "1024" else 0)
+        mesh = pipeline.image_to_mesh(model, image, mask, seed, int(resolution), dense_steps, sparse_512_steps,
+                                      sparse_1024_steps, guidance, mc_threshold, remove_interior,
+                                      max_tokens=max_tokens, callback=_comfy.progress(total),
+                                      should_stop=_comfy.should_stop)
+        return (_comfy.to_comfy_mesh(mesh),), None

@@ -1,0 +1,83 @@
+"""Mesh nodes: mesh -> 1024 structure, post-processing, saving."""
+from __future__ import annotations
+
+import json
+import os
+
+from ..s2core import pipeline
+from . import _comfy
+from ._spec import MESH, MODEL, STRUCTURE, In, Node, Out
+
+FORMATS = ("glb", "obj", "ply", "stl")
+
+
+class MeshToStructure(Node):
+    node_id = "D3DS2MeshToStructure"
+    display_name = "Direct3D-S2 Mesh to 1024 Structure"
+    description = ("Normalises a mesh and voxelizes its surface into the sparse cells of the 1024 stage "
+                   "(the original's step between 512 and 1024). Any MESH works, not only ours.")
+    inputs = (
+        In("model", MODEL, "The model from Load Direct3D-S2 Model (its 1024 stage sets the grid)."),
+        In("mesh", MESH, "Usually the 512 mesh from Sparse Decode; any closed mesh can be refined."),
+    )
+    outputs = (Out(STRUCTURE, "structure", "Sparse cells for the 1024 sparse sampler."),)
+
+    @classmethod
+    def run(cls, model, mesh):
+        structure = pipeline.mesh_to_structure(model, _comfy.from_comfy_mesh(mesh))
+        return (structure.to(_comfy.intermediate_device()),), None
+
+
+class PostprocessMesh(Node):
+    node_id = "D3DS2PostprocessMesh"
+    display_name = "Direct3D-S2 Post-process Mesh"
+    description = "Fills small holes and simplifies the mesh (the original's optional remesh step)."
+    inputs = (
+        In("mesh", MESH, "Any mesh."),
+        In("simplify", "BOOLEAN", "Reduce the face count. Off keeps every face (1024 meshes have millions).",
+           default=True),
+        In("simplify_ratio", "FLOAT", "Fraction of faces to remove. 0.95 (the original) keeps 5 %: a much "
+           "smaller file with less fine detail.", default=0.95, min=0.0, max=0.999, step=0.005),
+        In("fill_holes", "BOOLEAN", "Close small holes in the surface.", default=False),
+    )
+    outputs = (Out(MESH, "mesh", "The processed mesh."),)
+
+    @classmethod
+    def run(cls, mesh, simplify=True, simplify_ratio=0.95, fill_holes=False):
+        out = pipeline.postprocess(_comfy.from_comfy_mesh(mesh), simplify, simplify_ratio, fill_holes,
+                                   _comfy.should_stop)
+        return (_comfy.to_comfy_mesh(out),), None
+
+
+class SaveMesh(Node):
+    node_id = "D3DS2SaveMesh"
+    display_name = "Direct3D-S2 Save Mesh"
+    description = ("Saves each mesh of the batch to the output folder as <prefix>_00001_.<format> and shows it "
+                   "in the 3D viewer. GLB files record the workflow (unless --disable-metadata), seed, "
+                   "resolution and model variant.")
+    inputs = (
+        In("mesh", MESH, "The mesh to save."),
+        In("filename_prefix", "STRING", "Sub-folder and file name start inside ComfyUI's output folder; "
+           "%date% style fields work as in Save Image.", default="mesh/Direct3D-S2"),
+        In("format", "COMBO", "glb: one file with provenance, opens in the 3D viewer; obj/ply/stl for other "
+           "tools.", default="glb", options=FORMATS),
+    )
+    outputs = (Out("STRING", "model_file", "Path relative to the output folder (for Preview 3D)."),)
+    output_node = True
+    hidden_prompt = True
+
+    @classmethod
+    def run(cls, mesh, filename_prefix="mesh/Direct3D-S2", format="glb", prompt=None, extra_pnginfo=None):
+        mesh = _comfy.from_comfy_mesh(mesh)
+        metadata = {k: v for k, v in mesh.info.items()}
+        if not _comfy.disable_metadata():
+            if prompt is not None:
+                metadata["prompt"] = json.dumps(prompt)
+            for k, v in (extra_pnginfo or {}).items():
+                metadata[k] = json.dumps(v)
+        folder, name, counter, subfolder = _comfy.output_path(filename_prefix)
+        files = [f"{name}_{counter + i:05}_.{format}" for i in range(mesh.batch_size)]
+        for f, item in zip(files, mesh.items()):  # one file per batch item
+            pipeline.save(pipeline.Mesh.from_list([item], mesh.resolution), os.path.join(folder, f), metadata)
+        ui = {"3d": [{"filename": f, "subfolder": subfolder, "type": "output"} for f in files]}
+        return (os.path.join(subfolder, files[0]).replace(os.sep, "/"),), ui

@@ -1,0 +1,732 @@
+"""Direct3D-S2 as plain stage functions over small typed results (SPEC.md §3).
+
+```
+image ─► encode_image ─► Conditioning ─► sample_dense ─► DenseLatent ─► decode_dense ─► Structure (64³ index)
+Structure ─► sample_sparse(512) ─► SparseLatent ─► decode_sparse (+refiner) ─► Mesh (512³)
+Mesh ─► mesh_to_structure(1024) ─► Structure (128³) ─► sample_sparse(1024) ─► decode_sparse ─► Mesh (1024³)
+Mesh ─► postprocess ─► save
+```
+
+`image_to_mesh` chains them with the official defaults (dense 50 steps, sparse-512 30 steps, sparse-1024
+15 steps, guidance 7, thresholds 0.1 / 0.2). The ComfyUI nodes and the CLI call these same functions.
+
+Every loop polls `should_stop()` (return True, or raise your own exception, to cancel: ComfyUI's hook
+raises its interruption) and reports `callback(step, total)` after each step. Out-of-memory inside a
+stage becomes a RuntimeError naming what to lower. Seeds: batch item `i` of a stage run with `seed`
+draws its noise from a CPU `torch.Generator` seeded `seed + i`, so a batch equals single runs with
+seeds `seed, seed+1, ...`, and the noise is the same on every device.
+
+Batches are packed (ragged) like pytorch3d's `Meshes`: rows of item b are contiguous, items in order.
+
+| object        | packed rows               | per item                                 |
+|---------------|---------------------------|------------------------------------------|
+| `Structure`   | `coords [N, 4]`           | `counts[b]` rows, `cu_seqlens[b]:[b+1]`   |
+| `SparseLatent`| `feats [N, C]` (= coords) | same rows as its `Structure`             |
+| `Mesh`        | `vertices [V, 3]`, `faces [F, 3]` | `vertex_counts[b]`, `face_counts[b]`; faces index the item's own vertices |
+
+Example, B=2 with 3 and 2 tokens: `coords` rows 0-2 are (0, x, y, z), rows 3-4 are (1, x, y, z),
+`cu_seqlens = [0, 3, 5]`, `counts = (3, 2)`, `max_seqlen = 3`.
+"""
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from .config import ReleaseConfig, official_v1_0, official_v1_1, tiny_release
+
+log = logging.getLogger(__name__)
+
+Callback = Callable[[int, int], None]
+ShouldStop = Callable[[], bool]
+
+# Official defaults (SPEC.md §3.1, §3.2, SPARSE.md §8).
+DENSE_STEPS, SPARSE_512_STEPS, SPARSE_1024_STEPS = 50, 30, 15
+GUIDANCE = 7.0
+DENSE_THRESHOLD = 0.1  # occupancy probability of the dense decode
+MC_THRESHOLD = 0.2  # sparse SDF iso-level; the 512 refiner meshes at 2x this (SPEC.md §11)
+SIMPLIFY_RATIO = 0.95  # fraction of faces removed by `postprocess(simplify=True)`
+VARIANTS = ("v1.1", "v1.0", "tiny-random")
+STAGES = ("dense", "sparse_512", "sparse_1024")
+
+
+class Cancelled(RuntimeError):
+    """Raised when `should_stop()` returned True; nothing was written."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Stage results
+
+
+@dataclass(frozen=True)
+class Conditioning:
+    """DINOv2 image tokens for B images (SPEC.md §5).
+
+    | field        | shape / dtype                  | meaning                                               |
+    |--------------|--------------------------------|-------------------------------------------------------|
+    | `tokens`     | [B, T, C] float32              | `LN(x_prenorm)`: cls, 4 registers, 37x37 patches (T=1374, C=1024 official) |
+    | `patch_mask` | [B, P, P] bool                 | patch cells touched by the object mask (P=37); used only by v1.0 sparse stages |
+
+    The unconditional branch is `zeros_like(tokens)` (built by the samplers, not stored).
+    """
+    tokens: torch.Tensor
+    patch_mask: torch.Tensor
+
+    @property
+    def batch_size(self) -> int:
+        return self.tokens.shape[0]
+
+    def to(self, device) -> "Conditioning":
+        return Conditioning(self.tokens.to(device), self.patch_mask.to(device))
+
+    def item(self, i: int) -> "Conditioning":
+        return Conditioning(self.tokens[i:i + 1], self.patch_mask[i:i + 1])
+
+
+@dataclass(frozen=True)
+class DenseLatent:
+    """Coarse-stage latent: `latents [B, 8, 16, 16, 16]` (model dtype) after `steps` Euler steps from `seed`."""
+    latents: torch.Tensor
+    seed: int
+
+    @property
+    def batch_size(self) -> int:
+        return self.latents.shape[0]
+
+    def to(self, device) -> "DenseLatent":
+        return DenseLatent(self.latents.to(device), self.seed)
+
+
+@dataclass(frozen=True)
+class Structure:
+    """The sparse token index a sparse DiT runs on: active latent cells of a `grid`³ grid.
+
+    | field        | shape / dtype      | meaning                                                        |
+    |--------------|--------------------|----------------------------------------------------------------|
+    | `coords`     | [N, 4] int32       | (batch, x, y, z), x,y,z in [0, grid); items in batch order, each block-sorted (SPEC.md §9.1) |
+    | `resolution` | int                | the stage: 512 or 1024 (official SDF resolution of its decode)   |
+    | `grid`       | int                | latent grid edge: 64 / 128 official (16 / 32 for tiny-random); the SDF is 8x finer |
+    | `block_size` | int                | SSA selection block edge (8)                                   |
+    | `cu_seqlens` | [B+1] int32        | rows of item b are cu_seqlens[b]:cu_seqlens[b+1]                |
+    | `counts`     | tuple[int] (B)     | tokens per item, Python ints (no host sync later)              |
+    | `max_seqlen` | int                | max(counts)                                                    |
+    | `num_blocks` | tuple[int] (B)     | occupied `block_size`³ blocks per item                         |
+    | `cache`      | dict               | memo shared by every SparseTensor made from it (kernel maps, windows, SSA block ranges): computed on the first step, reused by all later steps |
+    """
+    coords: torch.Tensor
+    resolution: int
+    grid: int
+    block_size: int
+    cu_seqlens: torch.Tensor
+    counts: tuple[int, ...]
+    max_seqlen: int
+    num_blocks: tuple[int, ...]
+    cache: dict = field(default_factory=dict, repr=False, compare=False)
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.counts)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.coords.shape[0]
+
+    def to(self, device) -> "Structure":
+        device = torch.device(device)
+        if self.coords.device == device:
+            return self
+        return replace(self, coords=self.coords.to(device), cu_seqlens=self.cu_seqlens.to(device), cache={})
+
+    def sparse(self, feats: torch.Tensor):
+        """A SparseTensor of `feats [N, C]` on these coords, sharing this structure's cache."""
+        from .sparse.tensor import SparseTensor
+
+        return SparseTensor(feats, self.coords, self.batch_size, self.cu_seqlens.to(torch.int64), self.cache)
+
+    def item(self, i: int) -> "Structure":
+        a, b = sum(self.counts[:i]), sum(self.counts[:i + 1])
+        coords = self.coords[a:b].clone()
+        coords[:, 0] = 0
+        return make_structure(coords, self.resolution, self.grid, self.block_size, sort=False)
+
+
+@dataclass(frozen=True)
+class SparseLatent:
+    """Sparse-stage latent: `feats [N, 16]` (model dtype), one row per `structure.coords` row."""
+    feats: torch.Tensor
+    structure: Structure
+    seed: int
+
+    @property
+    def resolution(self) -> int:
+        return self.structure.resolution
+
+    def to(self, device) -> "SparseLatent":
+        return SparseLatent(self.feats.to(device), self.structure.to(device), self.seed)
+
+
+@dataclass(frozen=True)
+class Mesh:
+    """B triangle meshes, packed.
+
+    | field           | shape / dtype   | meaning                                                         |
+    |-----------------|-----------------|-----------------------------------------------------------------|
+    | `vertices`      | [V, 3] float32  | positions, roughly in [-1, 1] (grid index / resolution * 2 - 1), axes as the original (+Y up in glTF viewers) |
+    | `faces`         | [F, 3] int64    | vertex indices local to each item, counter-clockwise = outward   |
+    | `vertex_counts` | tuple[int] (B)  | vertices per item                                                |
+    | `face_counts`   | tuple[int] (B)  | faces per item                                                   |
+    | `resolution`    | int             | stage it was decoded at (512, 1024; 0 = unknown)                 |
+    | `info`          | dict            | provenance written into saved files: variant, seed, resolution   |
+    """
+    vertices: torch.Tensor
+    faces: torch.Tensor
+    vertex_counts: tuple[int, ...]
+    face_counts: tuple[int, ...]
+    resolution: int = 0
+    info: dict = field(default_factory=dict, compare=False)
+
+    @classmethod
+    def from_list(cls, items: list[tuple[torch.Tensor, torch.Tensor]], resolution: int = 0,
+                  info: dict | None = None) -> "Mesh":
+        v = [torch.as_tensor(a).to(torch.float32).reshape(-1, 3) for a, _ in items]
+        f = [torch.as_tensor(b).to(torch.int64).reshape(-1, 3) for _, b in items]
+        return cls(torch.cat(v) if v else torch.zeros(0, 3), torch.cat(f) if f else torch.zeros(0, 3, dtype=torch.int64),
+                   tuple(x.shape[0] for x in v), tuple(x.shape[0] for x in f), resolution, dict(info or {}))
+
+    @property
+    def batch_size(self) -> int:
+        return len(self.vertex_counts)
+
+    def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(vertices [V_i, 3], faces [F_i, 3]) of item i."""
+        va, fa = sum(self.vertex_counts[:i]), sum(self.face_counts[:i])
+        return (self.vertices[va:va + self.vertex_counts[i]], self.faces[fa:fa + self.face_counts[i]])
+
+    def items(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        return [self.item(i) for i in range(self.batch_size)]
+
+    def to(self, device) -> "Mesh":
+        return replace(self, vertices=self.vertices.to(device), faces=self.faces.to(device))
+
+
+def make_structure(coords: torch.Tensor, resolution: int, grid: int, block_size: int = 8,
+                   sort: bool = True) -> Structure:
+    """Build a Structure for stage `resolution` (512|1024) from `coords [N, 4]` (batch, x, y, z) on a `grid`³ grid.
+
+    With `sort`, rows are ordered by batch item, then block-sorted inside each item
+    (`structure.sort_block`, SPEC.md §9.1) — SSA's top-k depends on this order. The token counts are
+    read to the host here, once per structure, so the sampling loop never syncs.
+    """
+    if resolution not in (512, 1024):
+        raise ValueError(f"Structure resolution must be 512 or 1024, got {resolution}.")
+    coords = coords.to(torch.int32)
+    if sort:
+        coords = _function("structure", "sort_block")(coords, block_size)[0]
+    bsz = int(coords[:, 0].max().item()) + 1 if coords.shape[0] else 1
+    counts_t = torch.bincount(coords[:, 0].long(), minlength=bsz)
+    cu = torch.zeros(bsz + 1, dtype=torch.int32, device=coords.device)
+    cu[1:] = torch.cumsum(counts_t, 0)
+    c = coords.to(torch.int64)
+    blocks = torch.unique(torch.cat([c[:, :1], c[:, 1:] // block_size], 1), dim=0)  # [nblocks, 4]
+    nblk = torch.bincount(blocks[:, 0], minlength=bsz)
+    counts = tuple(int(n) for n in counts_t.tolist())
+    return Structure(coords.contiguous(), resolution, grid, block_size, cu, counts,
+                     max(counts, default=0), tuple(int(n) for n in nblk.tolist()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass(frozen=True)
+class _Part:
+    module: str  # s2core submodule that defines the class
+    cls: str
+    config: str  # ReleaseConfig field
+    stem: str | None  # release file (checkpoints.FILE_PARTS), None for DINOv2 (not in the release)
+    part: str | None  # key inside the release file
+
+
+PARTS: dict[str, _Part] = {
+    "image_encoder": _Part("dinov2", "ImageConditioner", "dense_image_encoder", None, None),
+    "dense_vae": _Part("dense_vae", "DenseVAE", "dense_vae", "model_dense", "vae"),
+    "dense_dit": _Part("dense_dit", "DenseDiT", "dense_dit", "model_dense", "dit"),
+    "sparse_vae_512": _Part("sparse_vae", "SparseSDFVAE", "sparse_vae_512", "model_sparse_512", "vae"),
+    "sparse_dit_512": _Part("sparse_dit", "SparseDiT", "sparse_dit_512", "model_sparse_512", "dit"),
+    "refiner_512": _Part("refiner", "Refiner", "refiner", "model_refiner", "refiner"),
+    "sparse_vae_1024": _Part("sparse_vae", "SparseSDFVAE", "sparse_vae_1024", "model_sparse_1024", "vae"),
+    "sparse_dit_1024": _Part("sparse_dit", "SparseDiT", "sparse_dit_1024", "model_sparse_1024", "dit"),
+    "refiner_1024": _Part("refiner", "Refiner1024", "refiner_1024", "model_refiner_1024", "refiner"),
+}
+STAGE_PARTS: dict[str, tuple[str, ...]] = {
+    "dense": ("image_encoder", "dense_vae", "dense_dit"),
+    "sparse_512": ("image_encoder", "sparse_vae_512", "sparse_dit_512", "refiner_512"),
+    "sparse_1024": ("image_encoder", "sparse_vae_1024", "sparse_dit_1024", "refiner_1024"),
+}
+_WHAT = {
+    "dinov2": "The image encoder (DINOv2)", "dense_vae": "The dense VAE", "dense_dit": "The dense DiT",
+    "sparse_vae": "The sparse SDF VAE", "sparse_dit": "The sparse DiT", "refiner": "The interior-removal refiner",
+    "image": "Image preprocessing", "flow_sampler": "The flow-matching sampler",
+    "structure": "The coarse-stage structure step", "mesh.marching_cubes": "Sparse marching cubes",
+    "mesh.voxelize": "Mesh voxelization", "mesh.postprocess": "Mesh post-processing", "mesh.export": "Mesh export",
+}
+
+
+def _function(module: str, name: str):
+    """`s2core.<module>.<name>`, or a RuntimeError saying plainly that this part of the pack is not there yet."""
+    what = _WHAT.get(module, f"`s2core/{module.replace('.', '/')}.py`")
+    try:
+        mod = importlib.import_module(f"{__package__}.{module}")
+    except ModuleNotFoundError as e:
+        if e.name is None or not e.name.endswith(module.rsplit(".", 1)[-1]):
+            raise
+        raise RuntimeError(f"{what} is not available yet in this version of the pack "
+                           f"(s2core/{module.replace('.', '/')}.py is missing).") from None
+    if not hasattr(mod, name):
+        raise RuntimeError(f"{what} is not available yet in this version of the pack "
+                           f"(s2core/{module.replace('.', '/')}.py has no `{name}`).")
+    return getattr(mod, name)
+
+
+def config_for(variant: str) -> ReleaseConfig:
+    if variant == "v1.1":
+        return official_v1_1()
+    if variant == "v1.0":
+        return official_v1_0()
+    if variant == "tiny-random":
+        return tiny_release()
+    raise ValueError(f"Unknown Direct3D-S2 variant {variant!r}; choose one of {', '.join(VARIANTS)}.")
+
+
+def build_part(name: str, config: ReleaseConfig, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Construct one network (random init, on CPU, eval, no grad) from its config, computing in `dtype`.
+
+    DINOv2 always runs in fp32, as the original. The others get `dtype` (fp16 = the release's `use_fp16`).
+    """
+    p = PARTS[name]
+    cls = _function(p.module, p.cls)
+    cfg = getattr(config, p.config)
+    kwargs = {}
+    if name != "image_encoder":
+        if hasattr(cfg, "use_fp16"):
+            cfg = replace(cfg, use_fp16=dtype == torch.float16)
+        if "dtype" in inspect.signature(cls).parameters:
+            kwargs["dtype"] = dtype
+    return cls(cfg, **kwargs).eval().requires_grad_(False)
+
+
+class Placement:
+    """Default weight placement outside ComfyUI: a stage's networks move to `device` while it runs.
+
+    With `offload=True` they go back to CPU afterwards (one stage on the GPU at a time, DESIGN.md).
+    ComfyUI replaces this with ModelPatcher + load_models_gpu (nodes/_comfy.py).
+    """
+
+    def __init__(self, device: torch.device | str = "cpu", offload: bool = False):
+        self.device = torch.device(device)
+        self.offload = offload and self.device.type != "cpu"
+
+    @contextlib.contextmanager
+    def use(self, modules: list[torch.nn.Module]) -> Iterator[torch.device]:
+        for m in modules:
+            m.to(self.device)
+        try:
+            yield self.device
+        finally:
+            if self.offload:
+                for m in modules:
+                    m.to("cpu")
+
+
+@dataclass
+class Models:
+    """The loaded networks of one release; a part is None when its stage was not loaded.
+
+    `dtype` is the compute dtype of the DiTs and VAEs (fp16 = the release; fp32 for the tiny model and CPU).
+    `placement.use([modules])` is entered around every stage and yields the device to run on.
+    """
+    config: ReleaseConfig
+    variant: str
+    dtype: torch.dtype
+    placement: Placement
+    image_encoder: torch.nn.Module | None = None
+    dense_vae: torch.nn.Module | None = None
+    dense_dit: torch.nn.Module | None = None
+    sparse_vae_512: torch.nn.Module | None = None
+    sparse_dit_512: torch.nn.Module | None = None
+    refiner_512: torch.nn.Module | None = None
+    sparse_vae_1024: torch.nn.Module | None = None
+    sparse_dit_1024: torch.nn.Module | None = None
+    refiner_1024: torch.nn.Module | None = None
+
+    def part(self, name: str) -> torch.nn.Module:
+        m = getattr(self, name)
+        if m is None:
+            stage = next(s for s, ps in STAGE_PARTS.items() if name in ps)
+            raise ValueError(f"The `{name}` network is not loaded; load the model with the `{stage}` stage on.")
+        return m
+
+    def loaded_parts(self) -> dict[str, torch.nn.Module]:
+        return {n: getattr(self, n) for n in PARTS if getattr(self, n) is not None}
+
+    @property
+    def stages(self) -> tuple[str, ...]:
+        return tuple(s for s, ps in STAGE_PARTS.items() if all(getattr(self, p) is not None for p in ps))
+
+
+def _load_weights(name: str, module: torch.nn.Module, state_dict: dict) -> None:
+    """strict=True load; DINOv2 goes through its layout converter (hub or Hugging Face keys)."""
+    try:
+        if name == "image_encoder":
+            module.load_backbone(state_dict)
+        else:
+            module.load_state_dict(state_dict, strict=True)
+    except RuntimeError as e:
+        lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+        raise ValueError(f"The weights for `{name}` do not fit this network ({(lines[1] if len(lines) > 1 else lines[0])[:200]}); "
+                         f"they are not the Direct3D-S2 weights of this variant — choose the matching files.") from None
+
+
+def tiny_state_dicts(config: ReleaseConfig, parts: tuple[str, ...], seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """Deterministic random weights for `tiny-random` (values depend only on seed, part, name and shape)."""
+    from .testing import deterministic_state_dict
+
+    out = {}
+    for i, name in enumerate(PARTS):
+        if name in parts:
+            module = build_part(name, config)
+            module = module.model if name == "image_encoder" else module  # the backbone's own (hub) keys
+            out[name] = deterministic_state_dict(module, seed=seed * 100 + i)
+    return out
+
+
+def _read_dinov2(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+    sd = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(sd, dict):
+        raise ValueError(f"`{path}` does not hold a DINOv2 state dict; download dinov2_vitl14_reg4_pretrain.pth again.")
+    return sd
+
+
+def _release_state_dicts(variant: str, parts: tuple[str, ...], stages: tuple[str, ...], weights_dir, models_dir,
+                         allow_download: bool, progress) -> dict[str, dict[str, torch.Tensor]]:
+    from . import checkpoints
+
+    paths = checkpoints.resolve_weights(variant, stages=stages, local_dir=weights_dir, models_dir=models_dir,
+                                        allow_download=allow_download, with_dinov2="image_encoder" in parts,
+                                        tqdm_class=progress)
+    out = {}
+    for name in parts:
+        p = PARTS[name]
+        if p.stem is None:
+            out[name] = _read_dinov2(paths["dinov2"])
+        else:
+            out[name] = checkpoints.load_part(paths[p.stem], p.part, checkpoints.manifest_key(p.stem, p.part, variant))
+    return out
+
+
+def required_files(variant: str, stages: tuple[str, ...] = STAGES) -> str:
+    """The 'which files to put where' text for `variant` (names, approximate sizes, source)."""
+    from . import checkpoints
+
+    stems = list(dict.fromkeys(s for st in stages for s in checkpoints.STAGE_FILES[st])) + ["dinov2"]
+    return checkpoints.missing_files_message(stems, variant, None, "they are needed")
+
+
+def load_models(variant: str = "v1.1", stages: tuple[str, ...] = STAGES, device: torch.device | str = "cpu",
+                dtype: torch.dtype | None = None, state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
+                weights_dir: str | Path | None = None, models_dir: str | Path | None = None,
+                allow_download: bool = True, progress=None, placement: Placement | None = None,
+                seed: int = 0) -> Models:
+    """Build our networks for `stages` and load their weights with strict=True.
+
+    Weights come from `state_dicts` (`{part: state_dict}`), or for `tiny-random` from `seed` (no file; its
+    meshes are meaningless), or via `checkpoints.resolve_weights` (`weights_dir`, ComfyUI's `models_dir`,
+    the Hugging Face cache or a download). `dtype` defaults to fp16 on CUDA for the official variants and
+    fp32 otherwise. Networks are built on CPU; `placement` (default: move to `device`) places them per stage.
+    """
+    config = config_for(variant)
+    stages = tuple(stages)
+    bad = [s for s in stages if s not in STAGES]
+    if bad or not stages:
+        raise ValueError(f"Unknown or empty stage list {list(stages)}; choose from {', '.join(STAGES)}.")
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.float16 if device.type == "cuda" and variant != "tiny-random" else torch.float32
+    parts = tuple(dict.fromkeys(p for s in STAGES if s in stages for p in STAGE_PARTS[s]))
+    modules = {name: build_part(name, config, dtype) for name in parts}  # fails early if a module is missing
+    if state_dicts is None:
+        if variant == "tiny-random":
+            state_dicts = tiny_state_dicts(config, parts, seed)
+        else:
+            state_dicts = _release_state_dicts(variant, parts, stages, weights_dir, models_dir, allow_download,
+                                               progress)
+    models = Models(config, variant, dtype, placement or Placement(device))
+    for name, module in modules.items():
+        if name not in state_dicts:
+            raise ValueError(f"No weights were given for `{name}`, which the {', '.join(stages)} stage(s) need.")
+        _load_weights(name, module, state_dicts[name])
+        setattr(models, name, module)
+    return models
+
+
+# ---------------------------------------------------------------------------------------------
+# Hooks: progress, cancellation, out-of-memory
+
+
+def _poll(should_stop: ShouldStop | None) -> None:
+    if should_stop is not None and should_stop():
+        raise Cancelled("The run was cancelled; nothing was written.")
+
+
+def _step_hooks(callback: Callback | None, should_stop: ShouldStop | None):
+    """(callback, check_cancel) in the form `flow_sampler.sample_flow` takes them."""
+    return callback, (lambda: _poll(should_stop))
+
+
+def _is_oom(e: BaseException) -> bool:
+    return isinstance(e, torch.OutOfMemoryError) or (isinstance(e, RuntimeError) and "out of memory" in str(e).lower())
+
+
+@contextlib.contextmanager
+def stage_guard(stage: str, lower: str) -> Iterator[None]:
+    """Run a stage without autograd; an out-of-memory error becomes one sentence naming what to lower."""
+    try:
+        with torch.inference_mode():
+            yield
+    except Exception as e:
+        if not _is_oom(e):
+            raise
+        raise RuntimeError(f"Out of GPU memory during {stage}; {lower}, or close other programs using the GPU.") from None
+
+
+def _noise(shapes: list[tuple[int, ...]], seed: int, device, dtype) -> torch.Tensor:
+    """Item i's noise from a generator seeded `seed + i` on `device` (the original's draw for B = 1), stacked."""
+    make_noise = _function("flow_sampler", "make_noise")
+    seeded = _function("flow_sampler", "seeded_generator")
+    gen_device = device if torch.device(device).type == "cuda" else "cpu"
+    # host loop over batch items: once per stage, so a batch equals single runs with seeds seed, seed+1, ...
+    return torch.cat([make_noise(s, seeded((seed + i) % 2**64, gen_device), dtype, device) for i, s in enumerate(shapes)])
+
+
+def _check_sampling(steps: int, guidance: float) -> None:
+    if int(steps) < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}.")
+    if not guidance >= 0:
+        raise ValueError(f"guidance must be 0 or more, got {guidance}.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Stages
+
+
+def encode_image(models: Models, image: torch.Tensor, mask: torch.Tensor | None = None,
+                 should_stop: ShouldStop | None = None) -> Conditioning:
+    """IMAGE `[B, H, W, 3|4]` float in 0..1 (+ object MASK `[B, H, W]`, 1 = object) -> Conditioning.
+
+    `s2core.image.preprocess_image` validates the inputs (one clear sentence for an empty mask, wrong
+    shapes, NaNs...) before any network runs, then crops, centres and pads on white as the original.
+    """
+    preprocess = _function("image", "preprocess_image")
+    encode = _function("structure", "encode_image")
+    enc = models.part("image_encoder")
+    pixels = preprocess(image, mask, size=enc.cfg.size)  # [B, 4, S, S]: RGB on white + mask
+    _poll(should_stop)
+    with stage_guard("image encoding", "use fewer images per batch"), models.placement.use([enc]):
+        tokens, patch_mask = encode(enc, pixels)
+    return Conditioning(tokens, patch_mask)
+
+
+def sample_dense(models: Models, cond: Conditioning, seed: int = 0, steps: int = DENSE_STEPS,
+                 guidance: float = GUIDANCE, callback: Callback | None = None,
+                 should_stop: ShouldStop | None = None) -> DenseLatent:
+    """Sample the coarse latent `[B, 8, 16, 16, 16]` (SPEC.md §3.3 dense mode)."""
+    _check_sampling(steps, guidance)
+    sample_flow = _function("flow_sampler", "sample_flow")
+    dit = models.part("dense_dit")
+    cfg = models.config.dense_dit
+    shape = (1, cfg.in_channels, *[cfg.resolution] * 3)
+    with stage_guard("dense sampling", "use fewer images per batch"), models.placement.use([dit]) as dev:
+        noise = _noise([shape] * cond.batch_size, seed, dev, models.dtype)
+        c = cond.tokens.to(dev)
+        cb, check = _step_hooks(callback, should_stop)
+        latents = sample_flow(dit, noise, c, torch.zeros_like(c), num_steps=steps, guidance=guidance,
+                              shift=models.config.dense_scheduler.shift, callback=cb, check_cancel=check)
+    return DenseLatent(latents, seed)
+
+
+def decode_dense(models: Models, latent: DenseLatent, threshold: float = DENSE_THRESHOLD,
+                 should_stop: ShouldStop | None = None) -> Structure:
+    """Dense VAE decode -> cells of the 64³ grid with occupancy >= threshold -> the 512 Structure."""
+    if not 0.0 < threshold < 1.0:
+        raise ValueError(f"The occupancy threshold must be between 0 and 1, got {threshold}.")
+    decode = _function("structure", "decode_dense")
+    vae = models.part("dense_vae")
+    bs = models.config.sparse_dit_512.selection_block_size
+    _poll(should_stop)
+    with stage_guard("dense decoding", "use fewer images per batch"), models.placement.use([vae]) as dev:
+        coords = decode(vae, latent.latents.to(dev), threshold=threshold, block_size=bs)  # [N, 4], block-sorted
+    return make_structure(coords.cpu(), 512, models.config.sparse_dit_512.resolution, bs, sort=False)
+
+
+def sample_sparse(models: Models, cond: Conditioning, structure: Structure, seed: int = 0,
+                  steps: int | None = None, guidance: float = GUIDANCE, max_tokens: int = 0,
+                  callback: Callback | None = None, should_stop: ShouldStop | None = None) -> SparseLatent:
+    """Sample the `[N, 16]` latent on `structure` with the 512 or 1024 sparse DiT (SPEC.md §3.3).
+
+    `steps=None` uses the original's count (30 at 512, 15 at 1024). `max_tokens > 0` refuses a structure
+    with more tokens per item before anything runs (a memory budget).
+    """
+    res = structure.resolution
+    steps = (SPARSE_512_STEPS if res == 512 else SPARSE_1024_STEPS) if steps is None else steps
+    _check_sampling(steps, guidance)
+    if max_tokens and structure.max_seqlen > max_tokens:
+        raise ValueError(f"This shape has {structure.max_seqlen} sparse tokens at {res}, more than the token "
+                         f"budget of {max_tokens}; raise the budget if the GPU has the memory, or stop at 512.")
+    if cond.batch_size != structure.batch_size:
+        raise ValueError(f"The conditioning holds {cond.batch_size} image(s) but the structure {structure.batch_size} "
+                         f"shape(s); use the same batch for both.")
+    sample_flow = _function("flow_sampler", "sample_flow")
+    key = "512" if res == 512 else "1024"
+    dit = models.part(f"sparse_dit_{key}")
+    cfg = getattr(models.config, f"sparse_dit_{key}")
+    if cfg.sparse_conditions:
+        raise RuntimeError("The v1.0 sparse conditions are not available yet in this version of the pack; use v1.1.")
+    sched = getattr(models.config, f"sparse_scheduler_{key}")
+    hint = "stop at 512, or lower the max token budget so large shapes are refused early"
+    with stage_guard(f"sparse {res} sampling", hint), models.placement.use([dit]) as dev:
+        st = structure.to(dev)
+        noise = _noise([(n, cfg.in_channels) for n in st.counts], seed, dev, models.dtype)
+        c = cond.tokens.to(dev)
+
+        def velocity(x, t, context):  # every step's SparseTensor shares the structure's cache
+            out = dit(st.sparse(x), t, context)
+            return out.feats if hasattr(out, "feats") else out
+
+        cb, check = _step_hooks(callback, should_stop)
+        feats = sample_flow(velocity, noise, c, torch.zeros_like(c), num_steps=steps, guidance=guidance,
+                            shift=sched.shift, callback=cb, check_cancel=check)
+    return SparseLatent(feats, st, seed)
+
+
+def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, threshold: float = MC_THRESHOLD,
+                  callback: Callback | None = None, should_stop: ShouldStop | None = None) -> Mesh:
+    """Sparse SDF VAE decode, then the refiner (interior removal) or plain sparse marching cubes.
+
+    Iso-levels follow the original: the 512 refiner meshes at 2 x threshold, the 1024 one at threshold.
+    """
+    res = latent.resolution
+    key = "512" if res == 512 else "1024"
+    vae = models.part(f"sparse_vae_{key}")
+    hint = "turn the refiner off or stop at 512"
+    _poll(should_stop)
+    with stage_guard(f"sparse {res} decoding", hint), models.placement.use([vae]) as dev:
+        x = latent.structure.to(dev).sparse(latent.feats.to(dev))
+        out = vae.decode(x, return_feat=refine)
+    sdf, feat = out if isinstance(out, tuple) else (out, None)
+    _poll(should_stop)
+    if refine:
+        refiner = models.part(f"refiner_{key}")
+        run = _function("refiner", "refine_to_mesh")
+        iso = 2 * threshold if res == 512 else threshold
+        with stage_guard(f"{res} refinement", hint), models.placement.use([refiner]):
+            items = run(refiner, sdf, feat, iso, callback=callback, check_cancel=lambda: _poll(should_stop))
+    else:
+        to_mesh = _function("mesh.marching_cubes", "sparse_sdf_to_mesh")
+        with stage_guard(f"{res} surface extraction", hint):
+            items = to_mesh(sdf, res, threshold)
+    info = {"variant": models.variant, "seed": latent.seed, "resolution": res, "refined": bool(refine)}
+    return Mesh.from_list(list(items), res, info)
+
+
+def mesh_to_structure(models: Models, mesh: Mesh) -> Structure:
+    """Normalise each mesh (longest side to [-0.95, 0.95]) and voxelize it into the 1024 stage's latent index
+    (SPEC.md §10.1-2: cells within 8/1024 of the surface, on the 128³ grid)."""
+    voxelize = _function("mesh.voxelize", "mesh_to_index")
+    cfg = models.config.sparse_dit_1024
+    size = cfg.resolution * 8  # 1024 official, the UDF lattice; factor 8 down to the latent grid
+    parts = []
+    for b, (v, f) in enumerate(mesh.items()):  # host loop over batch items: one voxelization call each
+        if f.shape[0] == 0:
+            raise ValueError(f"Mesh {b} has no faces, so there is nothing to refine at 1024.")
+        idx = voxelize(normalize_vertices(v), f, size)[:, -3:].to(torch.int32).cpu()  # [N_b, 3] latent cells
+        parts.append(torch.cat([torch.full_like(idx[:, :1], b), idx], 1))
+    return make_structure(torch.cat(parts), 1024, cfg.resolution, cfg.selection_block_size)
+
+
+def normalize_vertices(vertices: torch.Tensor, scale: float = 0.95) -> torch.Tensor:
+    """Centre the bounding box and scale its longest side to [-scale, scale] (SPEC.md §10.1)."""
+    lo, hi = vertices.min(0).values, vertices.max(0).values
+    extent = float((hi - lo).max())
+    if not extent > 0:
+        raise ValueError("The mesh has zero extent (a single point); it cannot be voxelized.")
+    return (vertices - (lo + hi) / 2) * (2 * scale / extent)
+
+
+def postprocess(mesh: Mesh, simplify: bool = True, simplify_ratio: float = SIMPLIFY_RATIO,
+                fill_holes: bool = False, should_stop: ShouldStop | None = None) -> Mesh:
+    """Hole filling and simplification per item (`simplify_ratio` = fraction of faces removed, SPEC.md §10.4)."""
+    if not 0.0 <= simplify_ratio < 1.0:
+        raise ValueError(f"simplify_ratio is the fraction of faces to remove and must be in [0, 1), got {simplify_ratio}.")
+    post = _function("mesh.postprocess", "postprocess_mesh")
+    items = []
+    for v, f in mesh.items():  # host loop over batch items: mesh ops run per mesh
+        _poll(should_stop)
+        items.append(post(v, f, simplify=simplify, simplify_ratio=simplify_ratio, fill_holes=fill_holes))
+    return Mesh.from_list(items, mesh.resolution, mesh.info)
+
+
+def save(mesh: Mesh, path: str | Path, metadata: dict | None = None) -> list[Path]:
+    """Write each item atomically (temp file + rename); the suffix picks the format (.glb .obj .ply .stl).
+
+    B = 1 writes `path`; B > 1 writes `<stem>_0<suffix>`, `<stem>_1<suffix>`, ... GLB files carry
+    `metadata` (plus `mesh.info`) in asset.extras.
+    """
+    export = _function("mesh.export", "export_mesh")
+    path = Path(path)
+    meta = {**mesh.info, **(metadata or {})}
+    out = []
+    for i, (v, f) in enumerate(mesh.items()):
+        p = path if mesh.batch_size == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
+        export(v.cpu(), f.cpu(), p, metadata=meta)
+        out.append(p)
+    return out
+
+
+def image_to_mesh(models: Models, image: torch.Tensor, mask: torch.Tensor | None = None, seed: int = 0,
+                  resolution: int = 1024, dense_steps: int = DENSE_STEPS, sparse_512_steps: int = SPARSE_512_STEPS,
+                  sparse_1024_steps: int = SPARSE_1024_STEPS, guidance: float = GUIDANCE,
+                  mc_threshold: float = MC_THRESHOLD, remove_interior: bool = True, remesh: bool = False,
+                  simplify_ratio: float = SIMPLIFY_RATIO, max_tokens: int = 0,
+                  callback: Callback | None = None, should_stop: ShouldStop | None = None) -> Mesh:
+    """The official chain (SPEC.md §3.2). `callback(step, total)` counts the sampling steps of all stages."""
+    if resolution not in (512, 1024):
+        raise ValueError(f"resolution must be 512 or 1024, got {resolution}.")
+    total = dense_steps + sparse_512_steps + (sparse_1024_steps if resolution == 1024 else 0)
+
+    def offset(k: int) -> Callback:
+        return lambda i, n: callback(k + i, total) if callback is not None else None
+
+    cond = encode_image(models, image, mask, should_stop)
+    dense = sample_dense(models, cond, seed, dense_steps, guidance, offset(0), should_stop)
+    structure = decode_dense(models, dense, DENSE_THRESHOLD, should_stop)
+    latent = sample_sparse(models, cond, structure, seed, sparse_512_steps, guidance, 0, offset(dense_steps),
+                           should_stop)
+    mesh = decode_sparse(models, latent, True, mc_threshold, None, should_stop)  # 512 always refines (SPEC.md §3.2)
+    if resolution == 1024:
+        structure = mesh_to_structure(models, mesh)
+        latent = sample_sparse(models, cond, structure, seed, sparse_1024_steps, guidance, max_tokens,
+                               offset(dense_steps + sparse_512_steps), should_stop)
+        mesh = decode_sparse(models, latent, remove_interior, mc_threshold, None, should_stop)
+    if remesh:
+        mesh = postprocess(mesh, True, simplify_ratio, False, should_stop)
+    return mesh
