@@ -342,3 +342,202 @@ def module_meta(target: str, params: dict, seed: int | None, specs: list | None,
 # ---------------------------------------------------------------------------------------------
 # SPARSE STAND-INS (owned by G2): spconv SubMConv3d wiring, torchsparse->spconv weight permutation,
 # SSA CPU traps (device="cuda" literals, histc on int). Add below this line only.
+
+import functools  # noqa: E402
+
+_SPARSE_PATCHED = False
+
+
+def _spconv_conv_classes():
+    import spconv.pytorch as spconv
+    return (spconv.SubMConv3d, spconv.SparseConv3d)
+
+
+def _is_spconv_conv(module) -> bool:
+    try:
+        return isinstance(module, _spconv_conv_classes())
+    except ImportError:
+        return False
+
+
+def official_sparse_specs(module: torch.nn.Module) -> list[list]:
+    """weights_specs in the OFFICIAL (torchsparse) naming for a module built with the spconv backend.
+
+    Every spconv conv `<p>.conv.weight [Cout, kx, ky, kz, Cin]` is listed as `<p>.conv.kernel`
+    `[kx*ky*kz, Cin, Cout]`, or `[Cin, Cout]` when the kernel is 1x1x1 (torchsparse stores those 2-D);
+    everything else as in the module's state dict. Order = the module's state-dict order (a torchsparse
+    conv registers kernel then bias, as spconv registers weight then bias)."""
+    out = []
+    for name, t in module.state_dict().items():
+        shape, dtype = list(t.shape), str(t.dtype).removeprefix("torch.")
+        prefix, leaf = name.rsplit(".", 1) if "." in name else ("", name)
+        if leaf == "weight" and prefix and _is_spconv_conv(module.get_submodule(prefix)):
+            cout, kx, ky, kz, cin = shape
+            kvol = kx * ky * kz
+            out.append([prefix + ".kernel", [cin, cout] if kvol == 1 else [kvol, cin, cout], dtype])
+        else:
+            out.append([name, shape, dtype])
+    return out
+
+
+def spconv_weight_from_torchsparse(kernel: torch.Tensor, spconv_shape) -> torch.Tensor:
+    """torchsparse kernel ([27, Cin, Cout] with k = (dx+1) + 3(dy+1) + 9(dz+1), or [Cin, Cout] for 1x1x1)
+    -> spconv 2.x SubMConv3d weight [Cout, kx, ky, kz, Cin] (spconv's kernel axes follow coords columns
+    1, 2, 3 with the same gather sign; verified by `check_spconv_conversion`)."""
+    cout, kx, ky, kz, cin = spconv_shape
+    if kernel.dim() == 2:
+        # spconv 2.3.8's 1x1x1 path computes `feats @ weight.view(Cin, Cout)` (FILTER_HWIO False), i.e. it
+        # reads the [Cout,1,1,1,Cin] buffer as row-major [Cin, Cout]: store W_ts's memory as is, no transpose
+        # (W_ts.t() here would give feats @ W_ts.t().view(Cin,Cout), a scrambled matrix; checked below).
+        assert kx * ky * kz == 1
+        return kernel.contiguous().reshape(cout, 1, 1, 1, cin).clone()
+    assert (kx, ky, kz) == (3, 3, 3), "only 3x3x3 and 1x1x1 sparse convs occur in Direct3D-S2"
+    # flat k = x + 3y + 9z  ->  reshape gives axes (z, y, x); permute to (Cout, x, y, z, Cin)
+    return kernel.reshape(3, 3, 3, cin, cout).permute(4, 2, 1, 0, 3).contiguous()
+
+
+def load_deterministic_sparse(module: torch.nn.Module, seed: int) -> list[list]:
+    """Like `load_deterministic`, for a module built with SPARSE_BACKEND=spconv: the weights are drawn by
+    `deterministic_state_dict` under the OFFICIAL torchsparse names/shapes (so our module gets the very same
+    tensors from `golden_state_dict(meta)`), converted to spconv's layout, loaded with strict=True.
+    Returns the official weights_specs."""
+    from s2core.manifest import TensorSpec
+    specs = official_sparse_specs(module)
+    sd_official = deterministic_state_dict([TensorSpec(n, tuple(s), d) for n, s, d in specs], seed)
+    own = module.state_dict()
+    sd = {}
+    for (oname, _, _), (mname, mt) in zip(specs, own.items()):
+        t = sd_official[oname]
+        sd[mname] = spconv_weight_from_torchsparse(t, tuple(mt.shape)) if oname != mname else t
+    module.load_state_dict(sd, strict=True)
+    return specs
+
+
+def build_original_sparse(target: str, params: dict, seed: int = 0, fp16_like_dit: bool = False):
+    """`build_original` for modules that contain sparse convs (spconv build, official weight names).
+    `fp16_like_dit`: apply the original's `convert_module_to_f16` (as SparseDiT does to its blocks) before
+    loading, for modules that are fp16 only as part of a bigger model (e.g. SpatialSparseAttention)."""
+    install_sparse_patches()
+    model = import_target(target)(**params)
+    if fp16_like_dit:
+        from direct3d_s2.modules.utils import convert_module_to_f16
+        model.apply(convert_module_to_f16)
+    specs = load_deterministic_sparse(model, seed)
+    return model.eval(), specs
+
+
+class _CudaLiteralsOnCpu(types.ModuleType):
+    """`torch` as seen by ops/compressed_attention.py: identical except that `zeros(..., device="cuda")`
+    builds on the CPU and `histc` of an integer tensor counts exactly (CPU histc has no int kernel)."""
+
+    def __getattr__(self, attr):
+        return getattr(torch, attr)
+
+    @staticmethod
+    def zeros(*args, **kw):
+        if str(kw.get("device", "")) .startswith("cuda"):
+            kw["device"] = "cpu"
+        return torch.zeros(*args, **kw)
+
+    @staticmethod
+    def histc(input, bins=100, min=0, max=0):
+        if input.dtype.is_floating_point:
+            return torch.histc(input, bins=bins, min=min, max=max)
+        lo, hi = int(min), int(max)
+        assert bins == hi - lo + 1, "integer histc stand-in only for unit-width bins (as the original uses)"
+        x = input.long()
+        x = x[(x >= lo) & (x <= hi)] - lo
+        return torch.bincount(x, minlength=bins).to(input.dtype)
+
+
+def install_sparse_patches() -> None:
+    """Run-time fixes of the original's spconv/CPU traps (ORIGINAL_ON_CPU.md); the checkout is not edited."""
+    global _SPARSE_PATCHED
+    if _SPARSE_PATCHED:
+        return
+    conv_spconv = importlib.import_module("direct3d_s2.modules.sparse.conv.conv_spconv")
+    Conv = conv_spconv.SparseConv3d
+    orig_init, orig_forward = Conv.__init__, Conv.forward
+
+    @functools.wraps(orig_init)
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, padding=None, bias=True,
+                 indice_key=None):
+        ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * 3
+        st = stride if isinstance(stride, (tuple, list)) else (stride,) * 3
+        if all(s == 1 for s in st) and all(k % 2 == 1 for k in ks):
+            padding = None  # -> spconv.SubMConv3d, output set = input set (torchsparse semantics)
+        orig_init(self, in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
+                  padding=padding, bias=bias, indice_key=indice_key)
+
+    @functools.wraps(orig_forward)
+    def forward(self, x):
+        bias = self.conv.bias
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            if bias is not None:
+                self.conv.bias = None  # GEMM without the CPU-unsupported fused bias ...
+            out = orig_forward(self, x)
+        finally:
+            if bias is not None:
+                self.conv.bias = bias
+            torch.set_num_threads(threads)
+        return out if bias is None else out.replace(out.feats + bias)  # ... then `+ bias`, as spconv's train path
+
+    Conv.__init__, Conv.forward = __init__, forward
+    _register("spconv_submanifold", "direct3d_s2 conv_spconv.SparseConv3d: odd-kernel stride-1 convs are built "
+              "as spconv.SubMConv3d (the wrapper makes a dilating SparseConv3d whenever padding is given); "
+              "torchsparse, which the checkpoints were trained with, ignores padding there and is submanifold")
+    _register("spconv_weights_from_torchsparse", "weights are drawn under the official torchsparse names/shapes "
+              "(conv.kernel [27,Cin,Cout] / [Cin,Cout]) and permuted into spconv's [Cout,x,y,z,Cin] "
+              "(W_sp = W_ts.reshape(3,3,3,Cin,Cout).permute(4,2,1,0,3); 1x1x1: W_ts's [Cin,Cout] buffer reshaped to "
+              "[Cout,1,1,1,Cin] without transpose, because spconv's 1x1 path reads it as [Cin,Cout]); a pure "
+              "relayout, verified by harness.check_spconv_conversion (27 one-neighbour probes and a 1x1 matmul)")
+    _register("spconv_single_thread", "torch.set_num_threads(1) around every spconv conv: spconv's CPU kernels "
+              "race with >1 intra-op thread (wrong values at a few voxels); one thread gives the exact result")
+    _register("spconv_bias_after_gemm", "spconv convs run without bias and add it afterwards (out + bias): in "
+              "eval mode spconv fuses the bias into the GEMM, which asserts on CPU; spconv's own training path "
+              "adds it the same way")
+
+    ca = importlib.import_module(
+        "direct3d_s2.modules.sparse.attention.spatial_sparse_attention.ops.compressed_attention")
+    if not isinstance(ca.torch, _CudaLiteralsOnCpu):
+        ca.torch = _CudaLiteralsOnCpu("torch")
+    _register("ssa_get_block_score_cpu", "ops/compressed_attention.py sees a `torch` whose zeros(device='cuda') "
+              "builds on the CPU and whose histc of int block ids is an exact bincount over the same unit bins "
+              "(CPU histc has no int kernel); same values the CUDA calls produce")
+    _SPARSE_PATCHED = True
+    err = check_spconv_conversion()
+    assert err < 1e-5, f"spconv weight conversion check failed (max error {err})"
+
+
+def check_spconv_conversion(cin: int = 3, cout: int = 5, seed: int = 0) -> float:
+    """One-neighbour test of `spconv_weight_from_torchsparse` through the (patched) original SparseConv3d:
+    for each of the 27 offsets, a centre voxel plus one neighbour at that offset; compares the centre's output
+    with `in[nb] @ W_ts[k] + in[c] @ W_ts[13] + bias`. Returns the max abs error (fp32)."""
+    install_sparse_patches()
+    sp = importlib.import_module("direct3d_s2.modules.sparse")
+    conv = sp.SparseConv3d(cin, cout, 3, padding=1).eval()
+    g = torch.Generator().manual_seed(seed)
+    w_ts = torch.randn(27, cin, cout, generator=g)
+    bias = torch.randn(cout, generator=g)
+    conv.load_state_dict({"conv.weight": spconv_weight_from_torchsparse(w_ts, tuple(conv.conv.weight.shape)),
+                          "conv.bias": bias}, strict=True)
+    worst = 0.0
+    for k in range(27):
+        d = torch.tensor([k % 3 - 1, (k // 3) % 3 - 1, k // 9 - 1])
+        centre = torch.tensor([5, 6, 7])
+        coords = torch.stack([centre, centre + d]) if k != 13 else centre[None]
+        coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1).int()
+        feats = torch.randn(len(coords), cin, generator=g)
+        out = conv(sp.SparseTensor(feats, coords)).feats[0]
+        ref = feats[0] @ w_ts[13] + bias + (feats[1] @ w_ts[k] if k != 13 else 0)
+        worst = max(worst, (out - ref).abs().max().item())
+    conv1 = sp.SparseConv3d(cin, cout, 1, padding=0).eval()
+    w1 = torch.randn(cin, cout, generator=g)
+    conv1.load_state_dict({"conv.weight": spconv_weight_from_torchsparse(w1, tuple(conv1.conv.weight.shape)),
+                           "conv.bias": bias}, strict=True)
+    coords = torch.tensor([[0, 1, 2, 3], [0, 4, 4, 4], [0, 1, 2, 4]], dtype=torch.int32)
+    feats = torch.randn(3, cin, generator=g)
+    worst = max(worst, (conv1(sp.SparseTensor(feats, coords)).feats - (feats @ w1 + bias)).abs().max().item())
+    return worst
