@@ -212,7 +212,8 @@ def tiny_release() -> ReleaseConfig:
         dense_vae=DenseVAEConfig(model_channels_encoder=(8, 16, 32), num_res_blocks_encoder=1,
                                  num_res_blocks_middle_encoder=1, model_channels_decoder=(32, 16, 8),
                                  num_res_blocks_decoder=1, num_res_blocks_middle_decoder=1, use_fp16=False),
-        dense_dit=DenseDiTConfig(model_channels=64, cond_channels=64, num_blocks=2, num_heads=2, use_fp16=False),
+        dense_dit=DenseDiTConfig(resolution=4, latent_shape=(8, 4, 4, 4), model_channels=64, cond_channels=64,
+                                 num_blocks=2, num_heads=2, use_fp16=False),  # 4³ latent -> 16³ index = sparse_dit_512 grid
         dense_image_encoder=enc,
         sparse_vae_512=SparseVAEConfig(model_channels_encoder=64, num_heads_encoder=2, num_head_channels_encoder=32,
                                        num_blocks_encoder=1, model_channels_decoder=64, num_heads_decoder=2,
