@@ -1,0 +1,155 @@
+"""Benchmark: 1024 sparse VAE decode (s2core/sparse_vae.py) on a realistic latent structure.
+
+The structure: surfaces of trimesh primitives (sphere, torus, box) sampled densely, voxelized at the
+latent grid (128 = 1024 / 8) and dilated until it has at least --tokens tokens (>= 150k by default,
+the size of a detailed 1024 structure). Deterministic weights (s2core.testing, seed 0) in the
+checkpoint's dtypes (fp16), latent feats seeded randn fp16. Reports decode time, peak GPU memory,
+output voxels, and optionally marching cubes (--mesh). With --upstream PATH it also runs the
+original's decoder (needs torchsparse and flash-attn importable) on the same inputs and weights and
+compares outputs.
+
+    python bench/bench_sparse_vae.py                      # GPU, writes bench/results/<date>-<gpu>-sparse_vae.md
+    python bench/bench_sparse_vae.py --mesh --upstream /path/to/Direct3D-S2
+    python bench/bench_sparse_vae.py --tiny               # CPU smoke run, tiny config, no results file
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from s2core.config import SparseVAEConfig, tiny_release  # noqa: E402
+from s2core.mesh import sparse_sdf_to_mesh  # noqa: E402
+from s2core.sparse import SparseTensor  # noqa: E402
+from s2core.sparse.conv import coords_to_keys, kernel_offsets  # noqa: E402
+from s2core.sparse_vae import SparseSDFVAE  # noqa: E402
+from s2core.testing import deterministic_state_dict  # noqa: E402
+
+
+def latent_structure(resolution: int, min_tokens: int, device) -> torch.Tensor:
+    """[N, 4] int32 (0, x, y, z): voxelized primitive surfaces, dilated to >= min_tokens."""
+    import trimesh
+
+    meshes = [trimesh.creation.icosphere(subdivisions=5, radius=0.8),
+              trimesh.creation.torus(major_radius=0.5, minor_radius=0.15).apply_translation([0, 0, 0.1]),
+              trimesh.creation.box(extents=[1.2, 0.9, 0.5])]
+    pts = torch.cat([torch.from_numpy(trimesh.sample.sample_surface_even(m, 40 * resolution ** 2 // 64, seed=0)[0])
+                     for m in meshes]).float().to(device)
+    xyz = ((pts + 1) / 2 * resolution).floor().clamp(0, resolution - 1).long()
+    coords = torch.unique(torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long, device=device), xyz], 1), dim=0)
+    offs = torch.cat([torch.zeros(27, 1, dtype=torch.long), kernel_offsets()], 1).to(device)
+    while coords.shape[0] < min_tokens:  # dilate by one voxel
+        grown = (coords[:, None, :] + offs[None]).reshape(-1, 4)
+        grown = grown[((grown[:, 1:] >= 0) & (grown[:, 1:] < resolution)).all(1)]
+        coords = torch.unique(grown, dim=0)
+    return coords[torch.argsort(coords_to_keys(coords))].int()
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def run_ours(vae, latent, device):
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        sdf = vae.decode(latent)
+    sync(device)
+    ms = (time.perf_counter() - t) * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return sdf, ms, peak
+
+
+def run_upstream(path: str, cfg: SparseVAEConfig, state: dict, latent: SparseTensor, device):
+    sys.path.insert(0, path)
+    try:
+        from direct3d_s2.models.autoencoders.ss_vae import SparseSDFVAE as Original
+        from direct3d_s2.modules import sparse as sp
+    except Exception as e:
+        return None, f"original not importable ({type(e).__name__}: {e})"
+    params = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
+    model = Original(**params).to(device).eval()
+    model.load_state_dict(state, strict=True)
+    x = sp.SparseTensor(latent.feats, latent.coords)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    t = time.perf_counter()
+    with torch.no_grad():
+        out = model.decoder(x, factor=1.0)
+    sync(device)
+    ms = (time.perf_counter() - t) * 1e3
+    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    return (out.feats, out.coords, ms, peak), "ok"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke test)")
+    ap.add_argument("--tokens", type=int, default=150_000, help="minimum latent tokens")
+    ap.add_argument("--mesh", action="store_true", help="also time marching cubes on the decoded SDF")
+    ap.add_argument("--threshold", type=float, default=0.2, help="mc threshold (pipeline default 0.2)")
+    ap.add_argument("--upstream", help="path to a DreamTechAI/Direct3D-S2 checkout to compare against")
+    args = ap.parse_args()
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
+    if args.tiny:
+        cfg, tokens = tiny_release().sparse_vae_1024, min(args.tokens, 300)
+    else:
+        cfg, tokens = SparseVAEConfig(resolution=128, chunk_size=4), args.tokens
+    coords = latent_structure(cfg.resolution, tokens, device)
+    if args.tiny:
+        coords = coords[:tokens]  # a slab of the structure keeps the smoke run to seconds
+    vae = SparseSDFVAE(cfg)
+    state = deterministic_state_dict(vae, seed=0)
+    vae.load_state_dict(state, strict=True)
+    vae = vae.to(device).eval()
+    wdtype = vae.decoder.input_layer.weight.dtype
+    g = torch.Generator().manual_seed(0)
+    latent = SparseTensor(torch.randn(len(coords), cfg.embed_dim, generator=g).to(device, wdtype), coords, 1)
+
+    lines = [f"# sparse VAE 1024 decode benchmark ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
+             "", f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, weights {wdtype}, "
+             f"torch {torch.__version__}", f"command: `python {' '.join(sys.argv)}`",
+             f"structure: {len(coords)} latent tokens at {cfg.resolution}^3 (primitive surfaces, dilated)", "",
+             "| run | decode ms | peak GiB | output voxels | notes |", "|---|---|---|---|---|"]
+    run_ours(vae, SparseTensor(latent.feats[:64], latent.coords[:64], 1), device)  # warm-up (kernels, tables)
+    sdf, ms, peak = run_ours(vae, latent, device)
+    n_unique = torch.unique(coords_to_keys(sdf.coords)).numel()
+    lines.append(f"| ours | {ms:.0f} | {peak:.2f} | {len(sdf.coords)} | {len(sdf.coords) - n_unique} seam duplicates |")
+    if args.mesh:
+        sync(device)
+        t = time.perf_counter()
+        v, f = sparse_sdf_to_mesh(sdf.coords, sdf.feats, cfg.resolution * 8, args.threshold)
+        sync(device)
+        lines.append(f"| ours marching cubes | {(time.perf_counter() - t) * 1e3:.0f} | "
+                     f"{torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else float('nan'):.2f} | "
+                     f"{len(v)} verts / {len(f)} faces | threshold {args.threshold} |")
+    if args.upstream:
+        res, why = run_upstream(args.upstream, cfg, state, latent, device)
+        if res is None:
+            lines.append(f"| original | - | - | - | {why} |")
+        else:
+            feats, ucoords, ums, upeak = res
+            same = torch.equal(ucoords.int(), sdf.coords.int())
+            err = ((feats.float() - sdf.feats.float()).pow(2).mean().sqrt() / feats.float().pow(2).mean().sqrt()).item() \
+                if same else float("nan")
+            lines.append(f"| original | {ums:.0f} | {upeak:.2f} | {len(ucoords)} | coords identical: {same}, "
+                         f"rel RMS {err:.2e} |")
+    print("\n".join(lines))
+    if not args.tiny:
+        gpu = torch.cuda.get_device_name().replace(" ", "-") if device.type == "cuda" else "cpu"
+        path = Path(__file__).resolve().parent / "results" / f"{datetime.date.today()}-{gpu}-sparse_vae.md"
+        path.write_text("\n".join(lines) + "\n")
+        print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()
