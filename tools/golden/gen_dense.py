@@ -396,6 +396,38 @@ def _dino_fixture(builder, depth_note, input_seed, token_subset, with_mask):
                           stand_ins=["torchvision", HUB_STAND_IN[0]])
 
 
+def preprocess_image_rgba():
+    from PIL import Image
+
+    from direct3d_s2.utils import preprocess_image
+    g = torch.Generator().manual_seed(81)
+    H, W = 150, 230
+    rgb = torch.randint(0, 256, (H, W, 3), generator=g, dtype=torch.uint8)
+    yy, xx = torch.meshgrid(torch.arange(H), torch.arange(W), indexing="ij")
+    alpha = torch.zeros(H, W, dtype=torch.uint8)
+    inside = ((yy - 80.0) / 45) ** 2 + ((xx - 100.0) / 70) ** 2 <= 1      # object off-centre, transparent border
+    alpha[inside] = 255
+    edge = inside & (((yy - 80.0) / 45) ** 2 + ((xx - 100.0) / 70) ** 2 > 0.7)
+    alpha[edge] = torch.randint(1, 255, (int(edge.sum()),), generator=g, dtype=torch.uint8)
+    rgba = torch.cat([rgb, alpha[..., None]], dim=-1)
+    out = preprocess_image(Image.fromarray(rgba.numpy(), mode="RGBA"))
+    out_u8 = (out * 255).round().to(torch.uint8)
+    assert torch.equal(out_u8.float() / 255, out), "preprocess_image output is not k/255"
+    tensors = {"in.rgba": rgba, "out.image_u8": out_u8}
+    desc = {"in.rgba": f"[{H}, {W}, 4] uint8 RGBA image (object with soft alpha edge, transparent border); "
+                       "passed as PIL.Image.fromarray(rgba, 'RGBA')",
+            "out.image_u8": "[4, 518, 518] uint8 = preprocess_image(...) * 255 exactly (the output is "
+                            "to_tensor(...) = k / 255 in fp32): RGB composited on white, then mask"}
+    notes = ("direct3d_s2.utils.image.preprocess_image on an RGBA PIL image (the pipeline's path when the input "
+             "has alpha): crop to alpha > 0 bounding box, composite on white (float64, truncating astype(uint8)), "
+             "pad to square (rgb fill 255, mask fill 0), PIL bilinear resize to 518, pad 16 more, PIL bilinear "
+             "resize to 518 again (mask: nearest), to_tensor. Compare out.image_u8.float() / 255. Tolerance: "
+             "exact is achievable only by reproducing PIL's resampling; otherwise state the bound (1-2/255).")
+    return tensors, _meta(target="direct3d_s2.utils.image.preprocess_image", params={"img_size": 518,
+                          "extra_pad": 16}, input_seed=81, dtype="uint8", tensors=desc, notes=notes,
+                          stand_ins=["torchvision"])
+
+
 TOKEN_SUBSET = list(range(0, 5)) + list(range(5, 1374, 23))
 
 
@@ -421,6 +453,7 @@ COMPONENTS = {
     "dense_dit_t_embedder__fp32": dense_dit_t_embedder_fp32,
     "dense_dit__b2_fp32": dense_dit_b2_fp32,
     "dense_dit__b2_fp16": dense_dit_b2_fp16,
+    "preprocess_image__rgba": preprocess_image_rgba,
     "dinov2__depth2": dinov2_depth2,
     "dinov2__official": dinov2_official,
 }

@@ -8,7 +8,7 @@ puts substitutes in `sys.modules` BEFORE the first `import direct3d_s2`; each is
 | stand-in           | why                                            | why the math is the same                        |
 |--------------------|------------------------------------------------|-------------------------------------------------|
 | `flash_attn`       | CUDA-only, imported unconditionally (sparse)   | exact softmax(QK^T*scale)V per segment in fp32  |
-| `torchvision`      | wheel fails to load with torch 2.13            | Resize/CenterCrop/Normalize re-stated on tensors|
+| `torchvision`      | wheel fails to load with torch 2.13            | tensor transforms re-stated; PIL path is PIL    |
 | heavy utils deps   | fill_hole/mesh deps (udf_ext, utils3d, pymeshfix, igraph, pyvista) imported by `direct3d_s2.utils/__init__` | placeholders that raise if called; no fixture calls them |
 | `sort_block` patch | on CPU `.cpu()` aliases, so the original overwrites its input | `.cpu()` made to copy, as it does on CUDA |
 
@@ -126,15 +126,33 @@ def _make_flash_attn() -> types.ModuleType:
 
 
 # ---------------------------------------------------------------------------------------------
-# torchvision shim: only what conditioner.py / utils/image.py touch at import or in DinoEncoder, on
-# [B, C, H, W] float tensors, with torchvision's tensor semantics (bilinear antialiased resize of the
-# shorter side, centre crop with torchvision's rounding, per-channel normalisation).
+# torchvision shim: only what conditioner.py / utils/image.py use. Tensors ([B, C, H, W] float): torchvision's
+# tensor semantics (bilinear antialiased resize of the shorter side, centre crop with its rounding,
+# per-channel normalisation). PIL images (utils/image.py preprocess_image): torchvision's PIL path, which
+# is PIL itself: pad = ImageOps.expand with a per-band fill, resize = Image.resize((w, h), resample),
+# to_tensor = uint8 HWC -> float CHW / 255.
 
 class _InterpolationMode:
     NEAREST, BILINEAR, BICUBIC = "nearest", "bilinear", "bicubic"
 
 
+def _is_pil(img) -> bool:
+    try:
+        from PIL import Image
+    except ImportError:
+        return False
+    return isinstance(img, Image.Image)
+
+
 def _tv_resize(img, size, interpolation="bilinear", max_size=None, antialias=True):
+    if _is_pil(img):
+        from PIL import Image
+        w, h = img.size
+        assert not isinstance(size, int) and len(size) == 2, "the shim's PIL resize takes (h, w)"
+        if (h, w) == tuple(size):
+            return img
+        resample = {"nearest": Image.NEAREST, "bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}[str(interpolation)]
+        return img.resize((size[1], size[0]), resample)
     h, w = img.shape[-2:]
     if isinstance(size, int) or len(size) == 1:
         s = size if isinstance(size, int) else size[0]
@@ -165,6 +183,29 @@ def _tv_normalize(img, mean, std, inplace=False):
     return (img - mean) / std
 
 
+def _tv_pad(img, padding, fill=0, padding_mode="constant"):
+    assert _is_pil(img) and padding_mode == "constant", "the shim pads PIL images with a constant only"
+    from PIL import ImageOps
+    if isinstance(padding, int):
+        padding = [padding] * 4
+    padding = list(padding)
+    if len(padding) == 1:
+        padding = padding * 4
+    elif len(padding) == 2:
+        padding = [padding[0], padding[1], padding[0], padding[1]]
+    bands = len(img.getbands())
+    fill = tuple([fill] * bands) if isinstance(fill, (int, float)) and bands > 1 else fill
+    return ImageOps.expand(img, border=tuple(padding), fill=fill)  # (left, top, right, bottom)
+
+
+def _tv_to_tensor(pic):
+    import numpy as np
+    assert _is_pil(pic), "the shim converts PIL images only"
+    arr = torch.from_numpy(np.array(pic, np.uint8, copy=True))
+    arr = arr.view(pic.size[1], pic.size[0], len(pic.getbands()))
+    return arr.permute(2, 0, 1).contiguous().to(torch.float32).div(255)
+
+
 def _tv_compose(img, transforms):
     for t in transforms:
         img = t(img)
@@ -185,6 +226,7 @@ def _make_torchvision() -> dict[str, types.ModuleType]:
     tr = types.ModuleType("torchvision.transforms")
     fn = types.ModuleType("torchvision.transforms.functional")
     fn.resize, fn.center_crop, fn.normalize = _tv_resize, _tv_center_crop, _tv_normalize
+    fn.pad, fn.to_tensor, fn.InterpolationMode = _tv_pad, _tv_to_tensor, _InterpolationMode
     tr.InterpolationMode = _InterpolationMode
     tr.Compose = lambda ts: _Fn(_tv_compose, list(ts))
     tr.Resize = lambda size, interpolation="bilinear", max_size=None, antialias=True: _Fn(
@@ -270,8 +312,10 @@ def install_stand_ins(upstream: str | Path, dinov2: str | Path | None = None) ->
             del sys.modules[name]
         sys.modules.update(_make_torchvision())
         _register("torchvision", "torchvision (binary mismatch with torch 2.13) replaced by a shim of "
-                  "transforms.Resize/CenterCrop/Normalize on tensors; at 518x518 input Resize and CenterCrop "
-                  "are identities and Normalize is (x - mean) / std, as torchvision computes it")
+                  "transforms.Resize/CenterCrop/Normalize on tensors (at 518x518 input Resize and CenterCrop "
+                  "are identities and Normalize is (x - mean) / std, as torchvision computes it) and of "
+                  "functional.pad/resize/to_tensor on PIL images (torchvision's PIL path is PIL itself: "
+                  "ImageOps.expand, Image.resize, uint8/255)")
     for name in _PLACEHOLDERS:
         try:
             importlib.import_module(name)
