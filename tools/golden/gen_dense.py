@@ -104,12 +104,12 @@ def scheduler_official():
 def sort_block_r64():
     from direct3d_s2.utils import sort_block
     g = torch.Generator().manual_seed(21)
-    flat = torch.randperm(64 ** 3, generator=g)[:3000].sort().values      # unique voxels, nonzero() order
+    flat = torch.randperm(64 ** 3, generator=g)[:1500].sort().values      # unique voxels, nonzero() order
     xyz = torch.stack([flat // 4096, (flat // 64) % 64, flat % 64], dim=1)
     index = torch.cat([torch.zeros(len(flat), 1, dtype=torch.int64), xyz], dim=1)
     tensors = {"in.latent_index": index.clone(), "out.latent_index_b8": sort_block(index.clone(), 8),
                "out.latent_index_b4": sort_block(index.clone(), 4)}
-    desc = {"in.latent_index": "[3000, 4] int64 (batch=0, x, y, z) unique voxels of 64^3 in row-major order "
+    desc = {"in.latent_index": "[1500, 4] int64 (batch=0, x, y, z) unique voxels of 64^3 in row-major order "
                                 "(as decode_mesh's nonzero() yields them)",
             "out.latent_index_b8": "sort_block(index, 8): rows reordered block-major (block x,y,z then in-block x,y,z)",
             "out.latent_index_b4": "sort_block(index, 4)"}
@@ -122,7 +122,7 @@ def sort_block_r64():
 
 def extract_tokens_b2():
     from direct3d_s2.utils import extract_tokens_and_coords
-    C = 16
+    C = 8
     cond = harness.seeded((2, 5 + 37 * 37, C), 31)
     mask = torch.zeros(2, 37, 37, dtype=torch.bool)
     mask[0, 10:20, 5:30] = True
@@ -130,10 +130,10 @@ def extract_tokens_b2():
     mask[1, 30:37, 0:4] = True
     tokens, coords = extract_tokens_and_coords(cond, mask)
     tensors = {"in.cond": cond, "in.mask": mask, "out.tokens": tokens, "out.coords": coords}
-    desc = {"in.cond": "[2, 1374, 16] fp32 conditioner tokens (cls, 4 registers, 37x37 patches; width reduced "
-                       "from 1024 to 16)",
+    desc = {"in.cond": "[2, 1374, 8] fp32 conditioner tokens (cls, 4 registers, 37x37 patches; width reduced "
+                       "from 1024 to 8)",
             "in.mask": "[2, 37, 37] bool patch mask (max_pool2d(mask, 14, 14) > 0 in DinoEncoder)",
-            "out.tokens": "[N, 16] selected tokens: per batch item cls, registers, then masked patches row-major",
+            "out.tokens": "[N, 8] selected tokens: per batch item cls, registers, then masked patches row-major",
             "out.coords": "[N, 4] coords (batch, x=w, y=h, 0) for patches, (batch, 0, 0, 1) for cls/registers; "
                           "float32 because the original concatenates int64 with a float zeros column"}
     notes = ("Only used when a DiT has sparse_conditions=True (false in the official v1.1 config). "
@@ -252,8 +252,10 @@ def _dit_params(**over):
     return p
 
 
-def _dit_forward(params, input_seed, n_cond, t_value, dtype_in):
+def _dit_forward(params, input_seed, n_cond, t_value, dtype_in, setup=None):
     dit, specs = harness.build_original(DIT_TARGET, params, seed=0)
+    if setup is not None:
+        setup(dit)  # e.g. forward hooks that record intermediates
     R = params["resolution"]
     x = harness.seeded((1, params["in_channels"], R, R, R), input_seed, dtype_in)
     cond = harness.seeded((1, n_cond, params["cond_channels"]), input_seed + 1, dtype_in)
@@ -297,12 +299,28 @@ def dense_dit_b2_fp16():
                           dtype="float16", tensors=desc, notes=notes)
 
 
+DIT_TOKEN_SUBSET = list(range(0, 4096, 64))
+
+
 def dense_dit_b2_fp32():
     params = _dit_params(num_blocks=2, use_checkpoint=False, use_fp16=False)
-    dit, specs, x, cond, t, out = _dit_forward(params, 62, 24, 741.25, torch.float32)
-    tensors = {"in.x": x, "in.t": t, "in.cond": cond, "out.v": out}
+    seen = {}
+
+    def record(dit):
+        dit.t_embedder.register_forward_hook(lambda m, i, o: seen.update(t_emb=o))
+        dit.blocks[0].register_forward_pre_hook(lambda m, i: seen.update(h_in=i[0]))
+        dit.blocks[0].register_forward_hook(lambda m, i, o: seen.update(block0=o))
+    dit, specs, x, cond, t, out = _dit_forward(params, 62, 24, 741.25, torch.float32, setup=record)
+    sel = torch.as_tensor(DIT_TOKEN_SUBSET)
+    tensors = {"in.x": x, "in.t": t, "in.cond": cond, "out.v": out, "mid.t_emb": seen["t_emb"],
+               "mid.token_subset": sel, "mid.h_in_subset": seen["h_in"][:, sel].contiguous(),
+               "mid.block0_subset": seen["block0"][:, sel].contiguous()}
     desc = {"in.x": "[1, 8, 16, 16, 16] fp32 noisy latent", "in.t": "[1] fp32 timestep",
-            "in.cond": "[1, 24, 1024] fp32 condition tokens", "out.v": "[1, 8, 16, 16, 16] fp32 velocity"}
+            "in.cond": "[1, 24, 1024] fp32 condition tokens", "out.v": "[1, 8, 16, 16, 16] fp32 velocity",
+            "mid.t_emb": "[1, 1024] t_embedder(t) (the modulation input of every block)",
+            "mid.token_subset": "[64] token indices (x*256 + y*16 + z order of patchify) kept in *_subset",
+            "mid.h_in_subset": "[1, 64, 1024] input_layer(patchified x) + pos_emb, before block 0",
+            "mid.block0_subset": "[1, 64, 1024] output of block 0"}
     notes = ("As dense_dit__b2_fp16 but use_fp16=False (everything fp32): pins the math without fp16 rounding. "
              "Tolerance hint: fp32, relative RMS < 1e-4.")
     return tensors, _meta(target=DIT_TARGET, params=params, seed=0, specs=specs, input_seed=62,
