@@ -8,9 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 from functools import partial
-from pathlib import Path
 
-import numpy as np
 import torch
 
 import harness

@@ -5,12 +5,12 @@ copied here. A few third-party pieces it needs do not exist on a CPU box, so `in
 puts substitutes in `sys.modules` BEFORE the first `import direct3d_s2`; each is listed in `STAND_INS`
 (and in every fixture's sidecar) with the reason it leaves the math unchanged:
 
-| stand-in           | why                                            | why the math is the same                        |
-|--------------------|------------------------------------------------|-------------------------------------------------|
-| `flash_attn`       | CUDA-only, imported unconditionally (sparse)   | exact softmax(QK^T*scale)V per segment in fp32  |
-| `torchvision`      | wheel fails to load with torch 2.13            | tensor transforms re-stated; PIL path is PIL    |
-| heavy utils deps   | fill_hole/mesh deps (udf_ext, utils3d, pymeshfix, igraph, pyvista) imported by `direct3d_s2.utils/__init__` | placeholders that raise if called; no fixture calls them |
-| `sort_block` patch | on CPU `.cpu()` aliases, so the original overwrites its input | `.cpu()` made to copy, as it does on CUDA |
+| stand-in           | why needed                              | why the math is the same                         |
+|--------------------|-----------------------------------------|--------------------------------------------------|
+| `flash_attn`       | CUDA-only, imported unconditionally     | exact softmax(QK^T*scale)V per segment in fp32   |
+| `torchvision`      | wheel fails to load with torch 2.13     | tensor transforms re-stated; PIL path is PIL     |
+| placeholders       | udf_ext, utils3d, pymeshfix, igraph, pyvista imported by `direct3d_s2.utils` | raise if called; unused |
+| `sort_block` patch | CPU `.cpu()` aliases; the original edits it in place | `.cpu()` made to copy, as on CUDA   |
 
 Usage (from make_golden.py, run with /work/venv-up/bin/python):
 
