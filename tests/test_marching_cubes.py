@@ -179,3 +179,23 @@ def test_cuda_equals_cpu():
     v, f = marching_cubes_sparse(coords, vals, 24, 0.1)
     vc, fc = marching_cubes_sparse(coords.cuda(), vals.cuda(), 24, 0.1)
     assert _triangle_set(v.numpy(), f.numpy()) == _triangle_set(vc.cpu().numpy(), fc.cpu().numpy())
+
+
+def test_batched_sparse_tensor_meshes_each_element_like_alone():
+    from s2core.sparse import SparseTensor
+
+    r = 16
+    g = np.mgrid[:r, :r, :r].astype(np.float32)
+    fields = [np.sqrt(((g - 7.5) ** 2).sum(0)) - 5, np.abs(g - 8).max(0) - 4.2]  # sphere, cube at the same place
+    coords, vals = [], []
+    for b, sdf in enumerate(fields):
+        c, v = _dense_to_sparse(sdf, np.abs(sdf) < 2)
+        coords.append(torch.cat([torch.full((len(c), 1), b), c], 1))
+        vals.append(v)
+    st = SparseTensor(torch.cat(vals)[:, None], torch.cat(coords).int())
+    meshes = sparse_sdf_to_mesh(st, r, 0.0)  # the pipeline's call form
+    assert len(meshes) == 2
+    for b, (v, f) in enumerate(meshes):
+        v1, f1 = sparse_sdf_to_mesh(coords[b], vals[b], r, 0.0)
+        assert _triangle_set(v.numpy(), f.numpy()) == _triangle_set(v1.numpy(), f1.numpy())
+        assert trimesh.Trimesh(v.numpy(), f.numpy(), process=False).is_watertight

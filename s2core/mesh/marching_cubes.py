@@ -23,8 +23,9 @@ Cube layout (see mc_tables.py for the full convention)::
           │╱        │╱
           0 ─────── 1
 
-Public: `sparse_sdf_to_mesh(coords, sdf, resolution, threshold)` (original frame) and
-`marching_cubes_sparse(...)` (index space); `marching_cubes_naive(volume, level)` is the loop-per-cell
+Public: `sparse_sdf_to_mesh(coords, sdf, resolution, threshold)` (one object, original frame; also
+accepts a batched SparseTensor), `meshes_from_sparse_sdf(sdf_tensor, resolution, threshold)` (one list
+item per batch element, one vectorised pass) and `marching_cubes_sparse(...)` (index space); `marching_cubes_naive(volume, level)` is the loop-per-cell
 twin on a small dense numpy volume, for tests only.
 """
 from __future__ import annotations
@@ -38,15 +39,20 @@ from .mc_tables import CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, triangle_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sparse_sdf_to_mesh", "marching_cubes_sparse", "marching_cubes_naive"]
+__all__ = ["sparse_sdf_to_mesh", "meshes_from_sparse_sdf", "marching_cubes_sparse", "marching_cubes_naive"]
 
 BACKGROUND = 1.0  # value of every inactive voxel in the original's dense grid
 _MAX_CELLS = 1 << 23  # candidate cells per slab (bounds memory: ~50 bytes per cell and corner)
 
 
-def _grid_keys(xyz: torch.Tensor, r: int) -> torch.Tensor:
-    xyz = xyz.long()
-    return (xyz[..., 0] * r + xyz[..., 1]) * r + xyz[..., 2]
+def _grid_keys(bxyz: torch.Tensor, r: int) -> torch.Tensor:
+    """[..., 4] (b, x, y, z) -> int64 keys, lexicographic."""
+    c = bxyz.long()
+    return ((c[..., 0] * r + c[..., 1]) * r + c[..., 2]) * r + c[..., 3]
+
+
+def _key_coords(keys: torch.Tensor, r: int) -> torch.Tensor:
+    return torch.stack([keys // r ** 3, keys // (r * r) % r, keys // r % r, keys % r], -1)
 
 
 def _unique_last(keys: torch.Tensor, values: torch.Tensor):
@@ -58,25 +64,31 @@ def _unique_last(keys: torch.Tensor, values: torch.Tensor):
     return keys[last], values[last]
 
 
-def _surface_voxels(xyz: torch.Tensor, keys: torch.Tensor, inside: torch.Tensor, r: int) -> torch.Tensor:
-    """Rows of xyz (inside voxels) with an outside voxel among their 6 axis neighbours in the grid.
+def _lookup(keys: torch.Tensor, query: torch.Tensor):
+    """Row of each query key in the sorted `keys` and whether it is there."""
+    pos = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)
+    return pos, keys[pos] == query
+
+
+def _surface_voxels(bxyz: torch.Tensor, keys: torch.Tensor, inside: torch.Tensor, r: int) -> torch.Tensor:
+    """Rows of bxyz (inside voxels) with an outside voxel among their 6 axis neighbours in the grid.
 
     A cell that crosses the level has a cube edge with one inside and one outside end, so its inside
     end is such a voxel: cells around the other inside voxels are entirely inside and can be skipped."""
-    six = torch.tensor([[-1, 0, 0], [1, 0, 0], [0, -1, 0], [0, 1, 0], [0, 0, -1], [0, 0, 1]], device=xyz.device)
-    nb = xyz[:, None, :] + six[None]  # [K, 6, 3]
-    in_grid = ((nb >= 0) & (nb < r)).all(2)
-    nbk = _grid_keys(nb, r)
-    pos = torch.searchsorted(keys, nbk).clamp_(max=keys.numel() - 1)
-    nb_inside = (keys[pos] == nbk) & inside[pos]
-    return xyz[(in_grid & ~nb_inside).any(1)]
+    six = torch.tensor([[0, -1, 0, 0], [0, 1, 0, 0], [0, 0, -1, 0], [0, 0, 1, 0], [0, 0, 0, -1], [0, 0, 0, 1]],
+                       device=bxyz.device)
+    nb = bxyz[:, None, :] + six[None]  # [K, 6, 4]
+    in_grid = ((nb[..., 1:] >= 0) & (nb[..., 1:] < r)).all(2)
+    pos, found = _lookup(keys, _grid_keys(nb, r))
+    return bxyz[(in_grid & ~(found & inside[pos])).any(1)]
 
 
-def _cells_in_slab(inside_xyz: torch.Tensor, x0: int, x1: int, r: int) -> torch.Tensor:
-    """Unique cell origins with x in [x0, x1) that have an inside corner among inside_xyz."""
-    d = torch.tensor(CORNERS, device=inside_xyz.device)  # [8, 3]
-    cand = (inside_xyz[:, None, :] - d[None]).reshape(-1, 3)
-    ok = (cand >= 0).all(1) & (cand <= r - 2).all(1) & (cand[:, 0] >= x0) & (cand[:, 0] < x1)
+def _cells_in_slab(inside_bxyz: torch.Tensor, row0: int, row1: int, r: int) -> torch.Tensor:
+    """Unique keys of cell origins with b * r + x in [row0, row1) that have a corner among inside_bxyz."""
+    d = torch.tensor([(0, *c) for c in CORNERS], device=inside_bxyz.device)  # [8, 4]
+    cand = (inside_bxyz[:, None, :] - d[None]).reshape(-1, 4)
+    row = cand[:, 0] * r + cand[:, 1]
+    ok = (cand[:, 1:] >= 0).all(1) & (cand[:, 1:] <= r - 2).all(1) & (row >= row0) & (row < row1)
     return torch.unique(_grid_keys(cand[ok], r))
 
 
@@ -87,60 +99,56 @@ def _face_bits(vals: torch.Tensor) -> torch.Tensor:
         a, b, c, d = vals[:, q0], vals[:, q1], vals[:, q2], vals[:, q3]
         # on an ambiguous face one diagonal is inside (< 0) and the other outside; the diagonal with
         # the larger product of values is the connected one
-        inside_ac = a < 0
-        joined = torch.where(inside_ac, a * c > b * d, b * d > a * c)
+        joined = torch.where(a < 0, a * c > b * d, b * d > a * c)
         bits |= joined.long() << f
     return bits
 
 
-def marching_cubes_sparse(coords: torch.Tensor, sdf: torch.Tensor, resolution: int, level: float):
-    """Index-space marching cubes of a sparse field (inactive = +1) -> (verts [V, 3] fp32, faces [F, 3] int64).
+def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level: float, batch_size: int):
+    """Core: (verts [V, 3] fp32 index space, faces [F, 3] int64 global, vertex batch ids [V]).
 
-    coords [N, 3] integer (x, y, z) in [0, resolution); sdf [N] (any float dtype, read as fp32).
-    Duplicate coordinates keep the last value, as a dense scatter does.
-    """
+    Vertices come sorted by batch element (their keys start with b), each element's contiguous."""
     if level > BACKGROUND:
         raise ValueError(f"mc threshold {level} is above the background value {BACKGROUND} of inactive voxels; "
                          f"use a threshold <= 1 (the original uses 0.2).")
-    device = coords.device
-    r = int(resolution)
-    if coords.shape[0] and (int(coords.min()) < 0 or int(coords.max()) >= r):
-        raise ValueError(f"sparse SDF coordinates must lie in [0, {r}); got [{int(coords.min())}, "
-                         f"{int(coords.max())}] — is the resolution right?")
-    keys, values = _unique_last(_grid_keys(coords, r), sdf.reshape(-1).float())
+    device = bxyz.device
+    if bxyz.shape[0] and (int(bxyz[:, 1:].min()) < 0 or int(bxyz[:, 1:].max()) >= r):
+        raise ValueError(f"sparse SDF coordinates must lie in [0, {r}); got [{int(bxyz[:, 1:].min())}, "
+                         f"{int(bxyz[:, 1:].max())}] — is the resolution right?")
+    empty = (torch.zeros(0, 3, dtype=torch.float32, device=device),
+             torch.zeros(0, 3, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
+    keys, values = _unique_last(_grid_keys(bxyz, r), sdf.reshape(-1).float())
     inside = values < level
-    inside_xyz = torch.stack([keys // (r * r), keys // r % r, keys % r], 1)[inside]  # sorted by x
-    empty = (torch.zeros(0, 3, dtype=torch.float32, device=device), torch.zeros(0, 3, dtype=torch.int64, device=device))
-    if inside_xyz.shape[0] == 0:
+    inside_bxyz = _key_coords(keys[inside], r)  # sorted by (b, x)
+    if inside_bxyz.shape[0] == 0:
         return empty
     table = triangle_table().to(device)
-    corner_off = torch.tensor(CORNERS, device=device)  # [8, 3]
+    corner_off = torch.tensor([(0, *c) for c in CORNERS], device=device)  # [8, 4]
     edge_a = torch.tensor([a for a, _ in EDGES], device=device)
     edge_b = torch.tensor([b for _, b in EDGES], device=device)
     edge_axis = torch.tensor(EDGE_AXIS, device=device)
 
-    # slabs of cell x so that candidate cells stay bounded; a slab [x0, x1) needs inside voxels with x in [x0, x1]
-    xs = inside_xyz[:, 0]
-    per_x = torch.bincount(xs, minlength=r).cumsum(0).tolist()  # one sync, outside any hot loop
-    bounds, x0 = [], 0
-    while x0 < r - 1:
-        x1 = x0 + 1
-        while x1 < r - 1 and (per_x[x1] - (per_x[x0 - 1] if x0 else 0)) * 8 < _MAX_CELLS:
-            x1 += 1
-        bounds.append((x0, x1))
-        x0 = x1
-    edge_keys, edge_pos, face_keys = [], [], []
-    for x0, x1 in bounds:  # slabs of cells, not cells
-        lo = per_x[x0 - 1] if x0 else 0
-        hi = per_x[x1] if x1 < r else per_x[-1]
+    # slabs of cell rows (b * r + x) keep the candidate cells bounded; rows [r0, r1) need voxel rows [r0, r1]
+    n_rows = batch_size * r
+    per_row = torch.bincount(inside_bxyz[:, 0] * r + inside_bxyz[:, 1], minlength=n_rows).cumsum(0).tolist()
+    bounds, r0 = [], 0
+    while r0 < n_rows:  # one sync above; this walks rows on the host, not voxels
+        r1 = r0 + 1
+        while r1 < n_rows and (per_row[min(r1, n_rows - 1)] - (per_row[r0 - 1] if r0 else 0)) * 8 < _MAX_CELLS:
+            r1 += 1
+        bounds.append((r0, r1))
+        r0 = r1
+    edge_keys, edge_pos = [], []
+    for r0, r1 in bounds:  # slabs of cells, not cells
+        lo = per_row[r0 - 1] if r0 else 0
+        hi = per_row[min(r1, n_rows - 1)]
         if hi == lo:
             continue
-        cells = _cells_in_slab(_surface_voxels(inside_xyz[lo:hi], keys, inside, r), x0, x1, r)  # [M] origins
-        origin = torch.stack([cells // (r * r), cells // r % r, cells % r], 1)  # [M, 3]
-        corner_keys = _grid_keys(origin[:, None, :] + corner_off[None], r)  # [M, 8]
-        pos = torch.searchsorted(keys, corner_keys).clamp_(max=keys.numel() - 1)
-        vals = torch.where(keys[pos] == corner_keys, values[pos], torch.full_like(values[pos], BACKGROUND))
-        rel = vals - level  # [M, 8], inside < 0
+        cells = _cells_in_slab(_surface_voxels(inside_bxyz[lo:hi], keys, inside, r), r0, r1, r)
+        origin = _key_coords(cells, r)  # [M, 4]
+        pos, found = _lookup(keys, _grid_keys(origin[:, None, :] + corner_off[None], r))  # [M, 8]
+        vals = torch.where(found, values[pos], torch.full_like(values[pos], BACKGROUND))
+        rel = vals - level  # inside < 0
         cube = ((rel < 0).long() << torch.arange(8, device=device)).sum(1)
         keep = (cube > 0) & (cube < 255)
         origin, vals, rel, cube = origin[keep], vals[keep], rel[keep], cube[keep]
@@ -148,41 +156,80 @@ def marching_cubes_sparse(coords: torch.Tensor, sdf: torch.Tensor, resolution: i
         cell_idx, slot = torch.nonzero(tris[:, :, 0] >= 0, as_tuple=True)
         e = tris[cell_idx, slot]  # [F, 3]
         c = cell_idx[:, None].expand_as(e)
-        p0 = origin[c] + corner_off[edge_a[e]]  # [F, 3, 3] grid point at the edge's low end
+        p0 = origin[c] + corner_off[edge_a[e]]  # [F, 3, 4] grid point at the edge's low end
         v0 = vals[c, edge_a[e]].double()
         v1 = vals[c, edge_b[e]].double()
         t = (level - v0) / (v1 - v0)  # fp64 like scikit-image, then fp32
-        xyz = p0.double()
+        xyz = p0[..., 1:].double()
         xyz[torch.arange(3, device=device).view(1, 1, 3) == edge_axis[e][..., None]] += t.reshape(-1)
-        face_keys.append(_grid_keys(p0, r) * 3 + edge_axis[e])  # one key per grid edge
-        edge_keys.append(face_keys[-1].reshape(-1))
+        edge_keys.append((_grid_keys(p0, r) * 3 + edge_axis[e]).reshape(-1))  # one key per grid edge
         edge_pos.append(xyz.float().reshape(-1, 3))
-    if not face_keys:
+    if not edge_keys:
         return empty
-    all_keys = torch.cat(edge_keys)
-    uniq, inverse = torch.unique(all_keys, return_inverse=True)
+    uniq, inverse = torch.unique(torch.cat(edge_keys), return_inverse=True)
     verts = torch.empty(uniq.numel(), 3, dtype=torch.float32, device=device)
     verts[inverse] = torch.cat(edge_pos)  # every copy of an edge vertex is bitwise the same
-    faces = inverse.reshape(-1, 3)
+    return verts, inverse.reshape(-1, 3), uniq // (3 * r ** 3)
+
+
+def marching_cubes_sparse(coords: torch.Tensor, sdf: torch.Tensor, resolution: int, level: float):
+    """Index-space marching cubes of one sparse field (inactive = +1) -> (verts [V, 3] fp32, faces [F, 3] int64).
+
+    coords [N, 3] integer (x, y, z) in [0, resolution); sdf [N] (any float dtype, read as fp32).
+    Duplicate coordinates keep the last value, as a dense scatter does.
+    """
+    bxyz = torch.cat([torch.zeros_like(coords[:, :1]), coords], 1)
+    verts, faces, _ = _marching_cubes_batched(bxyz, sdf, int(resolution), level, 1)
     return verts, faces
 
 
-def sparse_sdf_to_mesh(coords: torch.Tensor, sdf: torch.Tensor, resolution: int, threshold: float):
-    """Mesh of one sparse SDF in the original's frame: vertices v / R * 2 - 1 in [-1, 1]^3.
+def _to_original_frame(verts: torch.Tensor, resolution: int) -> torch.Tensor:
+    return verts / resolution * 2 - 1  # fp32 ops in the original's order (numpy on fp32 vertices)
 
-    coords [N, 3] (x, y, z) or [N, 4] (batch, x, y, z) with a single batch element; sdf [N] or [N, 1].
-    Returns (vertices [V, 3] fp32, faces [F, 3] int64) on coords' device; both empty (with a warning)
-    when no voxel is below the threshold.
+
+def sparse_sdf_to_mesh(coords, sdf, resolution=None, threshold=None):
+    """Mesh(es) of a sparse SDF in the original's frame: vertices v / R * 2 - 1 in [-1, 1]^3.
+
+    Two call forms:
+    * `sparse_sdf_to_mesh(coords, sdf, resolution, threshold)`: coords [N, 3] (x, y, z) or [N, 4] (b, x, y, z)
+      of ONE object, sdf [N] or [N, 1] -> (vertices [V, 3] fp32, faces [F, 3] int64).
+    * `sparse_sdf_to_mesh(sdf_tensor, resolution, threshold)` with a SparseTensor (the decoder's output,
+      any batch size) -> list of (vertices, faces), one per batch element (what pipeline.decode_sparse calls).
+    Everything stays on the input's device. An empty result logs a warning (no voxel below the threshold).
     """
+    from ..sparse import SparseTensor
+
+    if isinstance(coords, SparseTensor):
+        return meshes_from_sparse_sdf(coords, sdf, resolution)
     if coords.shape[1] == 4:
         if coords.shape[0] and int(coords[:, 0].max()) != int(coords[:, 0].min()):
-            raise ValueError("sparse_sdf_to_mesh meshes one object at a time; split the batch first.")
+            raise ValueError("sparse_sdf_to_mesh meshes one object at a time; pass the SparseTensor to mesh a batch.")
         coords = coords[:, 1:]
     verts, faces = marching_cubes_sparse(coords, sdf, resolution, threshold)
     if faces.shape[0] == 0:
         log.warning("The decoded SDF has no voxel below the threshold %s, so the mesh is empty; "
                     "check the structure or lower mc_threshold.", threshold)
-    return verts / resolution * 2 - 1, faces
+    return _to_original_frame(verts, resolution), faces
+
+
+def meshes_from_sparse_sdf(sdf, resolution: int, threshold: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch element (vertices [V_b, 3] fp32 original frame, faces [F_b, 3] int64) of a SparseTensor SDF,
+    all elements meshed in one vectorised pass (the batch id is part of every key)."""
+    b = sdf.batch_size
+    verts, faces, vbatch = _marching_cubes_batched(sdf.coords, sdf.feats, int(resolution), threshold, b)
+    v_counts = torch.bincount(vbatch, minlength=b)
+    v_start = torch.cumsum(v_counts, 0) - v_counts
+    fbatch = vbatch[faces[:, 0]] if faces.shape[0] else vbatch[:0]  # faces come grouped by element
+    order = torch.sort(fbatch, stable=True).indices
+    faces, fbatch = faces[order], fbatch[order]
+    faces = faces - v_start[fbatch][:, None]
+    f_counts = torch.bincount(fbatch, minlength=b)
+    out = list(zip(_to_original_frame(verts, resolution).split(v_counts.tolist()), faces.split(f_counts.tolist())))
+    for i, (_, f) in enumerate(out):
+        if f.shape[0] == 0:
+            log.warning("Object %d: the decoded SDF has no voxel below the threshold %s, so its mesh is empty; "
+                        "check the structure or lower mc_threshold.", i, threshold)
+    return out
 
 
 # ------------------------------------------------------------------------------------------------
