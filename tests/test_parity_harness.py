@@ -71,6 +71,26 @@ def test_golden_weights_match_specs(sidecar):
     assert got == meta["weights_specs"]
 
 
+# Fixtures of a checkpoint part use its manifest names, so golden weights = deterministic_state_dict(manifest)
+# restricted to those names: a module built from the manifest gets the very values the original had.
+MANIFEST_OF = {"dense_vae_decode": "model_dense.vae", "dense_vae_encode": "model_dense.vae",
+               "dense_dit": "model_dense.dit", "dinov2": "dinov2_vitl14_reg4"}
+
+
+@pytest.mark.parametrize("sidecar", [p for p in SIDECARS if p.stem.split("__")[0] in MANIFEST_OF],
+                         ids=lambda p: p.stem)
+def test_weights_use_manifest_names(sidecar):
+    from s2core.manifest import manifest
+    meta = json.loads(sidecar.read_text())
+    man = {s.name: (list(s.shape), s.dtype) for s in manifest(MANIFEST_OF[meta["component"]])}
+    specs = meta["weights_specs"]
+    assert [n for n, _, _ in specs if n not in man] == [], "names the manifest does not know"
+    assert [n for n, shape, _ in specs if man[n][0] != shape] == [], "shapes differ from the manifest"
+    assert [n for n in man if n in {s[0] for s in specs}] == [s[0] for s in specs], "order differs"
+    if meta["config_name"] == "official":
+        assert len(specs) == len(man) and all(man[n][1] == d for n, _, d in specs)
+
+
 # ---- (iii) the harness can fail: re-state dense_dit_t_embedder__fp32 in plain torch ------------------
 
 def _t_embedder(sd, t):
