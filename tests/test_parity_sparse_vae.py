@@ -133,3 +133,16 @@ def test_vae_parity_fails_with_two_kernel_slices_swapped():
         k[[12, 14]] = k[[14, 12]]  # off(12) = (-1,0,0) <-> off(14) = (+1,0,0): an x flip
     t, (sdf, _) = _decode("sparse_vae_512__decode", swap)
     assert _rel_rms(sdf.feats, t["out.sdf"]) > 10 * SDF_REL_RMS
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sparse_vae_512__decode", "sparse_vae_1024__decode_chunked"])
+def test_vae_decode_on_cuda_matches_original(name):
+    # same fp16 model on the GPU (cuBLAS / SDPA kernels) against the CPU fixture: same bounds
+    t, meta = _fixture(name)
+    vae = _vae_from_fixture(meta).cuda()
+    with torch.no_grad():
+        sdf = vae.decode(SparseTensor(t["in.latent"].cuda(), t["in.coords"].cuda()), factor=1.0)
+    sdf = sdf[0] if isinstance(sdf, tuple) else sdf
+    assert torch.equal(sdf.coords.cpu(), t["out.coords"])
+    assert _rel_rms(sdf.feats.cpu(), t["out.sdf"]) < SDF_REL_RMS

@@ -95,3 +95,13 @@ def test_window_partition_respects_batch_and_shift():
     assert k0[0] == k0[2] and k0[2] != k0[3]  # no shift: x=1,3 together, x=4 alone
     assert k1[0] != k1[2] and k1[2] == k1[3]  # shift 1 is added: x+1 puts 3 and 4 together
     assert k0[0] != k0[1] and k1[0] != k1[1]  # batch elements never share a window
+
+
+@pytest.mark.gpu
+def test_windowed_attention_cuda_fp16():
+    g = torch.Generator().manual_seed(4)
+    coords = _random_coords(g, 2, 900, 24)
+    qkv = torch.randn(coords.shape[0], 3, 8, 64, generator=g)
+    ref = windowed_self_attention_reference(qkv, coords, 8, 4)
+    out = windowed_self_attention(qkv.half().cuda(), coords.cuda(), 8, 4, {})
+    torch.testing.assert_close(out.float().cpu(), ref, atol=5e-3, rtol=5e-3)  # fp16 inputs and output

@@ -95,3 +95,17 @@ def test_subdivide_order():
     assert y.coords[:3].tolist() == [[0, 2, 4, 6], [0, 2, 4, 7], [0, 2, 5, 6]]
     assert y.coords[7].tolist() == [0, 3, 5, 7] and y.coords[8].tolist() == [1, 0, 0, 0]
     assert y.feats[:8].flatten().tolist() == [1.0] * 8 and y.offsets.tolist() == [0, 8, 16]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("algo", ["gather", "per_offset"])
+def test_cuda_fp16_matches_fp64_reference(algo):
+    # fp16 inputs/weights, fp32-accumulating GEMMs: error ~ fp16 rounding of the output (|out| ~ 1)
+    g = torch.Generator().manual_seed(5)
+    coords = _random_set(g, 2, 400, 9)
+    feats = torch.randn(coords.shape[0], 32, generator=g).half()
+    kernel = (torch.randn(27, 32, 16, generator=g) / 30).half()
+    ref = sparse_conv3d_reference(feats, coords, kernel)
+    out = sparse_conv3d(SparseTensor(feats.cuda(), coords.cuda()), kernel.cuda(), algo=algo)
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out.double().cpu(), ref, atol=5e-3, rtol=5e-3)

@@ -156,7 +156,7 @@ def window_plan(coords: torch.Tensor, window_size: int, shift: int = 0) -> Windo
     flat = 0
     for b in sorted(set(bucket_of.tolist())):
         win = torch.nonzero(bucket_of == b).squeeze(1)  # [W_b]
-        size = min(1 << b, max(counts_host))
+        size = min(1 << b, -(-max(counts_host) // 8) * 8)  # a multiple of 8 keeps SDPA's fused kernels eligible
         pos = torch.arange(size, device=device)
         valid = pos[None, :] < counts[win][:, None]  # [W_b, L_b]
         rows = torch.where(valid, starts[win][:, None] + pos[None, :], 0)
