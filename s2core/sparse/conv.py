@@ -12,7 +12,7 @@ so the input at p + off(k) reaches output p through slice k; centre tap k = 13. 
 
 Kernel map: each voxel (b, x, y, z) becomes one int64 key (16 bits per field, coordinates shifted by
 +1 so a -1 neighbour stays non-negative); keys are sorted once and `searchsorted` finds all 27
-neighbours at once -> `nbr [N, 27]` (row index of the neighbour, N where inactive). The map is built
+neighbours at once -> `nbr [N, 27]` int32 (row index of the neighbour, N where inactive). The map is built
 on the tensor's device and memoised in `SparseTensor.cache`, which every tensor with the same coords
 shares, so the dozens of convs at one resolution build it once.
 
@@ -55,15 +55,22 @@ def _offset_key_deltas(device) -> torch.Tensor:
     return (off[:, 0] << (2 * _BITS)) + (off[:, 1] << _BITS) + off[:, 2]  # [27]
 
 
-def build_kernel_map(coords: torch.Tensor) -> torch.Tensor:
-    """[N, 27] int64: row of the neighbour at p + off(k), or N when that voxel is inactive."""
+def build_kernel_map(coords: torch.Tensor, block: int = 1 << 20) -> torch.Tensor:
+    """[N, 27] int32: row of the neighbour at p + off(k), or N when that voxel is inactive.
+
+    Queried in blocks of rows so the int64 temporaries stay ~0.2 GB whatever N is."""
     n = coords.shape[0]
+    assert n < 2 ** 31 - 1, "more voxels than an int32 kernel map can index"
     keys = coords_to_keys(coords)
     sorted_keys, order = torch.sort(keys)
-    query = keys[:, None] + _offset_key_deltas(coords.device)[None, :]  # [N, 27]
-    pos = torch.searchsorted(sorted_keys, query).clamp_(max=max(n - 1, 0))
-    found = sorted_keys[pos] == query
-    return torch.where(found, order[pos], n)
+    order = order.int()
+    deltas = _offset_key_deltas(coords.device)
+    nbr = torch.empty(n, 27, dtype=torch.int32, device=coords.device)
+    for s in range(0, n, block):  # blocks of rows, not voxels
+        query = keys[s:s + block, None] + deltas[None, :]  # [rows, 27]
+        pos = torch.searchsorted(sorted_keys, query).clamp_(max=n - 1)
+        nbr[s:s + block] = torch.where(sorted_keys[pos] == query, order[pos], n)
+    return nbr
 
 
 def kernel_map(x: SparseTensor) -> torch.Tensor:
@@ -85,7 +92,7 @@ def _per_offset_pairs(x: SparseTensor, nbr: torch.Tensor) -> list:
         for k in range(27):
             if counts[k]:
                 out_rows = torch.nonzero(active[:, k]).squeeze(1)
-                pairs.append((k, nbr[out_rows, k], out_rows))
+                pairs.append((k, nbr[out_rows, k].long(), out_rows))
         x.cache["kernel_pairs_3"] = pairs
     return pairs
 
@@ -107,7 +114,7 @@ def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | No
             out = feats.new_empty(n, cout)
             step = max(1, _MAX_GATHER // (27 * cin))
             for s in range(0, n, step):  # blocks of rows bound the [rows, 27*Cin] buffer
-                out[s:s + step] = padded[nbr[s:s + step]].reshape(-1, 27 * cin) @ w
+                out[s:s + step] = padded[nbr[s:s + step].long()].reshape(-1, 27 * cin) @ w
         elif algo == "per_offset":
             out = feats @ kernel[13]  # centre tap: every voxel is its own neighbour
             for k, rows_in, rows_out in _per_offset_pairs(x, nbr):
