@@ -117,3 +117,20 @@ def test_batch_with_one_shared_mask_and_small_size():
 def test_validation_errors(image, mask, message):
     with pytest.raises(ValueError, match=message):
         preprocess_image(image, mask)
+
+
+def test_matches_the_original_on_a_soft_edged_scene():
+    """The original `preprocess_image` output recorded by tests/data/make_preprocess_golden.py (exact: uint8 ops)."""
+    import importlib.util
+    from pathlib import Path
+
+    data = Path(__file__).parent / "data"
+    spec = importlib.util.spec_from_file_location("make_preprocess_golden", data / "make_preprocess_golden.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    ref = torch.from_numpy(np.asarray(Image.open(data / "preprocess_original.png"))).permute(2, 0, 1).float() / 255
+    rgba = gen.scene()
+    assert torch.equal(preprocess_image(Image.fromarray(rgba))[0], ref)
+    image = torch.from_numpy(rgba[..., :3].astype(np.float32) / 255)[None]
+    mask = torch.from_numpy(rgba[..., 3].astype(np.float32) / 255)[None]
+    assert torch.equal(preprocess_image(image, mask)[0], ref)
