@@ -33,7 +33,7 @@ def test_varlen_attention_matches_per_sequence_loop(lens_q, lens_k, h, hk):
     v = torch.randn(sum(lens_k), hk, d, generator=g)
     cq = torch.tensor([0] + lens_q).cumsum(0)
     ck = torch.tensor([0] + lens_k).cumsum(0)
-    out = varlen_attention(q, k, v, cq, ck, max(lens_q), max(lens_k))
+    out = varlen_attention(q, k, v, cq.int(), ck.int(), max(lens_q), max(lens_k))  # int32, as flash-attn
     for b in range(len(lens_q)):
         o = out[cq[b]:cq[b + 1]]
         if lens_k[b] == 0:
