@@ -71,7 +71,7 @@ def _split_masks(mask, invert: bool) -> list[np.ndarray] | None:
     if mask is None:
         return None
     if isinstance(mask, Image.Image):
-        mask = torch.from_numpy(np.asarray(mask.convert("L"))).float() / 255.0
+        mask = torch.from_numpy(np.array(mask.convert("L"))).float() / 255.0
     elif isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.ascontiguousarray(mask))
         mask = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask.float()

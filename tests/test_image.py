@@ -128,7 +128,7 @@ def test_matches_the_original_on_a_soft_edged_scene():
     spec = importlib.util.spec_from_file_location("make_preprocess_golden", data / "make_preprocess_golden.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
-    ref = torch.from_numpy(np.asarray(Image.open(data / "preprocess_original.png"))).permute(2, 0, 1).float() / 255
+    ref = torch.from_numpy(np.array(Image.open(data / "preprocess_original.png"))).permute(2, 0, 1).float() / 255
     rgba = gen.scene()
     assert torch.equal(preprocess_image(Image.fromarray(rgba))[0], ref)
     image = torch.from_numpy(rgba[..., :3].astype(np.float32) / 255)[None]

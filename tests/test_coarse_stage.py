@@ -1,0 +1,89 @@
+"""Coarse stage end to end on the tiny config: image + mask in, a block-sorted sparse index out."""
+import numpy as np
+import pytest
+import torch
+
+from s2core.config import tiny_release
+from s2core.dense_dit import DenseDiT
+from s2core.dense_vae import DenseVAE
+from s2core.dinov2 import ImageConditioner
+from s2core.structure import decode_dense, encode_image, run_coarse, sample_dense, sort_block
+from s2core.image import preprocess_image
+from s2core.testing import deterministic_state_dict
+
+
+@pytest.fixture(scope="module")
+def models():
+    cfg = tiny_release()
+    enc = ImageConditioner(cfg.dense_image_encoder)
+    enc.load_backbone(deterministic_state_dict(enc.model))
+    dit = DenseDiT(cfg.dense_dit)
+    dit.load_state_dict(deterministic_state_dict(dit), strict=True)
+    vae = DenseVAE(cfg.dense_vae)
+    vae.load_state_dict(deterministic_state_dict(vae), strict=True)
+    with torch.no_grad():  # make the synthetic decoder's occupancy depend on the latent (not all-full)
+        vae.decoder.out_layer[2].bias.fill_(-3.0)
+    return cfg, enc.eval(), dit.eval(), vae.eval()
+
+
+def comfy_inputs():
+    image = torch.ones(1, 48, 64, 3)
+    image[0, 10:40, 20:50] = torch.tensor([0.7, 0.3, 0.2])
+    mask = torch.zeros(1, 48, 64)
+    mask[0, 10:40, 20:50] = 1.0
+    return image, mask
+
+
+def test_run_coarse_gives_sorted_in_range_deterministic_index(models):
+    cfg, enc, dit, vae = models
+    image, mask = comfy_inputs()
+    steps = []
+    res = run_coarse(image, mask, enc, dit, vae, steps=4, guidance=7.0, seed=123, latent_dtype=torch.float32,
+                     callback=lambda i, n: steps.append((i, n)))
+    R = cfg.dense_dit.resolution * 4
+    assert R == cfg.sparse_dit_512.resolution  # the index lands on the 512 stage's latent grid
+    c = res.coords
+    assert c.dtype == torch.int32 and c.ndim == 2 and c.shape[1] == 4 and 0 < len(c) < R ** 3
+    assert (c[:, 0] == 0).all() and c[:, 1:].min() >= 0 and c[:, 1:].max() < R
+    assert torch.equal(c, sort_block(c, cfg.sparse_dit_512.selection_block_size)[0])
+    assert len(torch.unique(c, dim=0)) == len(c)
+    assert steps == [(i, 4) for i in range(1, 5)]
+    T = 1 + 4 + (cfg.dense_image_encoder.size // 14) ** 2
+    assert res.cond.shape == (1, T, cfg.dense_image_encoder.embed_dim) and res.patch_mask.any()
+    assert res.latent.shape == (1, *cfg.dense_dit.latent_shape)
+    again = run_coarse(image, mask, enc, dit, vae, steps=4, guidance=7.0, seed=123, latent_dtype=torch.float32)
+    other = run_coarse(image, mask, enc, dit, vae, steps=4, guidance=7.0, seed=124, latent_dtype=torch.float32)
+    assert torch.equal(again.coords, c) and torch.equal(again.latent, res.latent)
+    assert not torch.equal(other.latent, res.latent)
+
+
+def test_stage_functions_compose_like_run_coarse(models):
+    cfg, enc, dit, vae = models
+    image, mask = comfy_inputs()
+    pixels = preprocess_image(image, mask, size=cfg.dense_image_encoder.size)
+    cond, patch_mask = encode_image(enc, pixels)
+    latent = sample_dense(dit, cond, None, steps=3, guidance=7.0, seed=5, latent_dtype=torch.float32)
+    coords = decode_dense(vae, latent)
+    ref = run_coarse(image, mask, enc, dit, vae, steps=3, guidance=7.0, seed=5, latent_dtype=torch.float32)
+    assert torch.equal(coords, ref.coords) and torch.equal(cond, ref.cond)
+
+
+def test_fp16_latents_run_on_cpu(models):
+    """The release's fp16 latent path (fp32 tiny weights, fp16 noise/latents like the original pipeline)."""
+    cfg, enc, dit, vae = models
+    image, mask = comfy_inputs()
+    res = run_coarse(image, mask, enc, dit, vae, steps=2, seed=0, latent_dtype=torch.float16)
+    assert res.latent.dtype == torch.float16 and len(res.coords) > 0
+
+
+def test_bad_input_fails_before_any_model_runs(models):
+    cfg, enc, dit, vae = models
+    image, _ = comfy_inputs()
+    calls = []
+    hook = dit.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        with pytest.raises(ValueError, match="mask is empty"):
+            run_coarse(image, torch.zeros(1, 48, 64), enc, dit, vae, steps=2)
+    finally:
+        hook.remove()
+    assert not calls
