@@ -7,8 +7,8 @@ we check the vertex sets (ours is a subset) and a symmetric vertex-to-vertex Hau
 one voxel (a centre vertex is the mean of edge vertices of its own cell).
 """
 import logging
-from pathlib import Path
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
