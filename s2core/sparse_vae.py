@@ -199,7 +199,7 @@ class SparseSDFDecoder(SparseTransformerTrunk):
                     coords_out.append(torch.cat([sdf.coords[keep, :1], out_xyz[keep]], 1))
                     feats_out.append(sdf.feats[keep])
         if not coords_out:
-            return SparseTensor(h.feats.new_zeros(0, self.out_layer.out_features).to(out_dtype),
+            return SparseTensor(self.out_layer.weight.new_zeros(0, self.out_layer.out_features),
                                 h.coords.new_zeros(0, 4), h.batch_size)
         coords, feats = torch.cat(coords_out), torch.cat(feats_out)
         if h.batch_size > 1:
