@@ -109,3 +109,13 @@ def test_cuda_fp16_matches_fp64_reference(algo):
     out = sparse_conv3d(SparseTensor(feats.cuda(), coords.cuda()), kernel.cuda(), algo=algo)
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double().cpu(), ref, atol=5e-3, rtol=5e-3)
+
+
+def test_subdivided_kernel_map_equals_a_fresh_search():
+    g = torch.Generator().manual_seed(6)
+    coords = _random_set(g, 2, 60, 5)
+    x = SparseTensor(torch.randn(len(coords), 2, generator=g), coords)
+    kernel_map_of_x = build_kernel_map(x.coords)
+    x.cache["kernel_map_3"] = kernel_map_of_x
+    y = sparse_subdivide(sparse_subdivide(x))  # derived twice
+    assert torch.equal(y.cache["kernel_map_3"], build_kernel_map(y.coords))

@@ -14,7 +14,8 @@ Kernel map: each voxel (b, x, y, z) becomes one int64 key (16 bits per field, co
 +1 so a -1 neighbour stays non-negative); keys are sorted once and `searchsorted` finds all 27
 neighbours at once -> `nbr [N, 27]` int32 (row index of the neighbour, N where inactive). The map is built
 on the tensor's device and memoised in `SparseTensor.cache`, which every tensor with the same coords
-shares, so the dozens of convs at one resolution build it once.
+shares, so the convs at one resolution build it once; `sparse_subdivide` derives its output's map
+from the parent's by a gather (all 8 children of a parent exist), so the decoder searches only once.
 
 Compute ("gather" algo, the default): gather the 27 neighbour rows of a block of outputs into
 [rows, 27*Cin] (a zero row stands for inactive neighbours) and do one GEMM with W viewed as
@@ -30,7 +31,7 @@ import torch.nn as nn
 
 from .tensor import SparseTensor
 
-__all__ = ["kernel_offsets", "coords_to_keys", "kernel_map", "sparse_conv3d", "sparse_conv3d_reference",
+__all__ = ["kernel_offsets", "coords_to_keys", "kernel_map", "subdivided_kernel_map", "sparse_conv3d", "sparse_conv3d_reference",
            "SparseConv3d", "TorchsparseConv3d", "sparse_downsample", "SparseDownsample", "sparse_subdivide",
            "SparseSubdivide"]
 
@@ -204,14 +205,37 @@ class SparseDownsample(nn.Module):
         return sparse_downsample(x, self.factor)
 
 
+def _child_offsets(device) -> torch.Tensor:
+    """[8, 3] (ox, oy, oz) in the subdivide order (0,0,0), (0,0,1), (0,1,0), ... (1,1,1): z fastest."""
+    o = torch.arange(8, device=device)
+    return torch.stack([o >> 2 & 1, o >> 1 & 1, o & 1], 1)
+
+
+def subdivided_kernel_map(parent_map: torch.Tensor) -> torch.Tensor:
+    """The [8N, 27] kernel map of sparse_subdivide's output, read off the parent's [N, 27] map.
+
+    Every parent has all 8 children, so the neighbour of child 2p + o at offset d is child o' of parent
+    p + e, with s = o + d, e = floor(s / 2), o' = s mod 2 per axis: a gather, no search."""
+    n = parent_map.shape[0]
+    s = _child_offsets(parent_map.device)[:, None, :] + kernel_offsets(parent_map.device)[None]  # [8, 27, 3]
+    e, o2 = torch.div(s, 2, rounding_mode="floor"), s % 2
+    parent_tap = (e[..., 0] + 1) + 3 * (e[..., 1] + 1) + 9 * (e[..., 2] + 1)  # [8, 27]
+    child_idx = (o2[..., 0] * 4 + o2[..., 1] * 2 + o2[..., 2]).int()  # [8, 27]
+    nb = parent_map[:, parent_tap]  # [N, 8, 27]
+    return torch.where(nb < n, nb * 8 + child_idx, 8 * n).reshape(8 * n, 27)
+
+
 def sparse_subdivide(x: SparseTensor) -> SparseTensor:
-    """Each voxel p -> 8 consecutive children 2p + (ox, oy, oz), z fastest, features copied (§2.4)."""
-    child = torch.stack(torch.meshgrid(*[torch.arange(2, device=x.device)] * 3, indexing="ij"), -1)
-    child = child.reshape(8, 3).int()  # (0,0,0), (0,0,1), (0,1,0), ... (1,1,1)
-    xyz = (x.coords[:, None, 1:] * 2 + child[None]).reshape(-1, 3)  # [8N, 3]
+    """Each voxel p -> 8 consecutive children 2p + (ox, oy, oz), z fastest, features copied (§2.4).
+
+    If x's kernel map is cached, the children's map is derived from it (exact, much cheaper than a search)."""
+    xyz = (x.coords[:, None, 1:] * 2 + _child_offsets(x.device).int()[None]).reshape(-1, 3)  # [8N, 3]
     coords = torch.cat([x.coords[:, :1].repeat_interleave(8, 0), xyz], 1)
     feats = x.feats.repeat_interleave(8, 0)
-    return SparseTensor(feats, coords, x.batch_size, x.offsets * 8)
+    out = SparseTensor(feats, coords, x.batch_size, x.offsets * 8)
+    if "kernel_map_3" in x.cache:
+        out.cache["kernel_map_3"] = subdivided_kernel_map(x.cache["kernel_map_3"])
+    return out
 
 
 class SparseSubdivide(nn.Module):
