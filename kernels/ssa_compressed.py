@@ -1,0 +1,277 @@
+"""Compressed attention with log-sum-exp, fused with block scoring and top-k (SSA, SPARSE.md §6.3-6.4).
+
+Per sample b, query token i, query head h (KV head kh = h // G, G = HQ / H), compressed key c:
+
+    s[i,h,c] = scale * q[i,h] . ck[c,kh]       lse[h,i] = ln sum_c exp s[i,h,c]       o[i,h] = sum_c exp(s - lse) cv[c,kh]
+    score[kh,i,blk] = sum_{h in group kh} sum_{c in blk} exp(s[i,h,c] - lse[h,i])       (GQA group pooled)
+    block_idx[kh,i,:] = the min(topk, #blocks of b) blocks of largest score, ascending, padded with -1
+
+The original computes `o, lse` with flash-attn, then recomputes QK^T in a second kernel that writes a dense
+fp32 [H, N, M] score matrix and runs `torch.topk` on it. Here one program owns BLOCK_Q query tokens x the
+G query heads of one KV head (BLOCK_Q*G rows, so every K/V tile is shared by the whole group) and makes two
+passes over the sample's compressed keys: pass 1 the row max and sum (-> lse), pass 2 `p = exp(s - lse)`,
+`o += p v` (already normalised, no rescaling), the block scores, and a running top-k per query token kept in
+registers. No [H, N, M] tensor exists. The exponentials run in base 2 with `scale * log2(e)` folded into the
+logits and the lse converted as `lse2 * ln 2` (the original's `lse.exp().log2()` overflows for lse > 88).
+
+Selection blocks (which compressed keys are scored together):
+  * `block_keys=None` (v1.1, compression block = selection block): every compressed key is its own block and
+    the block index is the key's position in its sample (compressed keys are in lexicographic cell order).
+  * `block_keys [NB, CELLS] int32` (v1.0, compression block 4 inside selection block 8: CELLS = 8): the global
+    rows of the <= CELLS compressed keys of each occupied selection block, -1 padded; `cu_blocks [B+1]` gives
+    each sample's range of blocks (ascending flat block id). Scores are summed over a block's cells.
+Ties between equal scores go to the lower block index (torch.topk leaves ties unspecified).
+
+Layouts: q [N, HQ, D], ck/cv [M, H, D] (fp16/bf16), cu_seqlens_q [B+1] int32 (token rows), cu_seqlens_k
+[B+1] int32 (compressed rows); outputs o [N, HQ, D] (q.dtype), lse [HQ, N] fp32 natural log (-inf for a sample
+without keys), block_idx [H, N, topk] int32.
+Constraints: HQ % H == 0 and G a power of two (rows are token-major, head-minor tiles); D a power of two
+>= 16 (tile size of tl.dot); CELLS a power of two.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ssa_compressed_attention", "ssa_compressed_attention_reference"]
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+
+
+def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
+                                       block_keys=None, cu_blocks=None, scale: float | None = None):
+    """Plain PyTorch, fp32 inside; loops over samples and chunks of queries (memory stays bounded)."""
+    n, hq, d = q.shape
+    h = ck.shape[1]
+    g = hq // h
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    o = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
+    lse = torch.full((hq, n), float("-inf"), dtype=torch.float32, device=q.device)
+    block_idx = torch.full((h, n, topk), -1, dtype=torch.int32, device=q.device)
+    cq, cm = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
+    cb = cm if block_keys is None else cu_blocks.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, m0, m1 = cq[b], cq[b + 1], cm[b], cm[b + 1]
+        if q1 == q0 or m1 == m0:
+            continue
+        k_b = ck[m0:m1].float().repeat_interleave(g, 1)  # [m, HQ, D]
+        v_b = cv[m0:m1].float().repeat_interleave(g, 1)
+        nblk = cb[b + 1] - cb[b]
+        if block_keys is not None:  # [nblk, CELLS] local key rows of each selection block
+            bk = block_keys[cb[b]:cb[b + 1]].long()
+            cell_blk = torch.arange(nblk, device=q.device)[:, None].expand_as(bk)[bk >= 0]
+            cell_key = bk[bk >= 0] - m0
+        for c0 in range(q0, q1, 1024):
+            c1 = min(q1, c0 + 1024)
+            s = torch.einsum("ihd,chd->hic", q[c0:c1].float(), k_b) * scale  # [HQ, i, m]
+            l = torch.logsumexp(s, -1)  # [HQ, i]
+            p = torch.exp(s - l[..., None])
+            o[c0:c1] = torch.einsum("hic,chd->ihd", p, v_b)
+            lse[:, c0:c1] = l
+            sc = p.view(h, g, c1 - c0, m1 - m0).sum(1)  # [H, i, m]
+            if block_keys is not None:
+                blk = torch.zeros(h, c1 - c0, nblk, dtype=torch.float32, device=q.device)
+                sc = blk.index_add_(2, cell_blk, sc[:, :, cell_key])
+            kk = min(topk, nblk)
+            top = sc.topk(kk, dim=-1).indices.sort(-1).values
+            block_idx[:, c0:c1, :kk] = top.to(torch.int32)
+    return o.to(q.dtype), lse, block_idx
+
+
+# ------------------------------------------------------------------------------------------------
+# autotune: rows = BLOCK_Q tokens x G heads of one KV head; BLOCK_K compressed keys (CELLS-aligned)
+
+def _configs():
+    return [triton.Config({"BLOCK_R": r, "BLOCK_K": kb}, num_warps=w, num_stages=s)
+            for r, kb, w, s in [(128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2),
+                                (128, 32, 4, 3)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    cells = kwargs.get("CELLS", named_args.get("CELLS", 1))
+    g = kwargs.get("G", named_args.get("G", 1))
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] >= cells and c.kwargs["BLOCK_R"] >= g]
+    return kept or configs[:1]
+
+
+@triton.jit
+def _cmp_attn_topk_kernel(
+    q, ck, cv, o, lse, bidx, cu_q, cu_k, cu_blk, blk_keys,
+    scale_log2,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    stride_lh, stride_bh, stride_bn,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+    CELLS: tl.constexpr, HAS_BLOCK_KEYS: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # q [N, HQ, D]; ck/cv [M, H, D]; o [N, HQ, D]; lse [HQ, N] fp32; bidx [H, N, TOPK] int32;
+    # cu_q/cu_k/cu_blk [B+1] int32; blk_keys [NB, CELLS] int32 (when HAS_BLOCK_KEYS)
+    BLOCK_Q: tl.constexpr = BLOCK_R // G
+    NB: tl.constexpr = BLOCK_K // CELLS
+    BIG: tl.constexpr = 2147483647
+    i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_q + i_b)
+    q_len = tl.load(cu_q + i_b + 1) - q_start
+    if i_q * BLOCK_Q >= q_len:
+        return
+    k_start = tl.load(cu_k + i_b)
+    if HAS_BLOCK_KEYS:
+        blk_start = tl.load(cu_blk + i_b)
+        n_blk = tl.load(cu_blk + i_b + 1) - blk_start
+    else:
+        blk_start = k_start
+        n_blk = tl.load(cu_k + i_b + 1) - k_start
+    n_slot = n_blk * CELLS
+
+    o_r = tl.arange(0, BLOCK_R)
+    o_t = i_q * BLOCK_Q + o_r // G  # token of each row, within the sample
+    o_hq = i_h * G + o_r % G  # query head of each row
+    m_r = o_t < q_len
+    o_d = tl.arange(0, HEAD_DIM)
+    p_q = q + (q_start + o_t)[:, None].to(tl.int64) * stride_qn + o_hq[:, None] * stride_qh + o_d[None, :]
+    # [BLOCK_R, HEAD_DIM]
+    b_q = tl.load(p_q, mask=m_r[:, None], other=0.0)
+    if UPCAST:  # the interpreter's tl.dot mishandles bf16; CPU tests run the same math in fp32 tiles
+        b_q = b_q.to(tl.float32)
+
+    # pass 1: row max and sum of exp2 -> lse2
+    b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_R], tl.float32)
+    for k0 in range(0, n_slot, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        if HAS_BLOCK_KEYS:
+            o_row = tl.load(blk_keys + blk_start * CELLS + o_k, mask=o_k < n_slot, other=-1)
+        else:
+            o_row = tl.where(o_k < n_slot, k_start + o_k, -1)
+        m_k = o_row >= 0
+        # [HEAD_DIM, BLOCK_K]
+        b_k = tl.load(ck + o_row[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
+                      mask=m_k[None, :], other=0.0)
+        if UPCAST:
+            b_k = b_k.to(tl.float32)
+        # [BLOCK_R, BLOCK_K]
+        b_s = tl.dot(b_q, b_k) * scale_log2
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+        b_l = b_l * tl.exp2(b_m - b_ms) + tl.sum(tl.exp2(b_s - b_ms[:, None]), 1)
+        b_m = b_mn
+    b_lse2 = b_m + tl.log2(b_l)  # -inf for a sample without keys
+
+    # pass 2: normalised output, block scores, running top-k per query token
+    o_tk = tl.arange(0, TOPK_P)
+    o_nb = tl.arange(0, NB)
+    m_tq = (i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)) < q_len
+    # [BLOCK_Q, TOPK_P]; pad columns hold +inf so they are never the minimum to replace
+    b_tv = tl.where(o_tk[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, TOPK_P], tl.float32)
+    b_ti = tl.full([BLOCK_Q, TOPK_P], -1, tl.int32)
+    b_acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    for k0 in range(0, n_slot, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        if HAS_BLOCK_KEYS:
+            o_row = tl.load(blk_keys + blk_start * CELLS + o_k, mask=o_k < n_slot, other=-1)
+        else:
+            o_row = tl.where(o_k < n_slot, k_start + o_k, -1)
+        m_k = o_row >= 0
+        b_k = tl.load(ck + o_row[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
+                      mask=m_k[None, :], other=0.0)
+        if UPCAST:
+            b_k = b_k.to(tl.float32)
+        b_s = tl.dot(b_q, b_k) * scale_log2
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        # [BLOCK_R, BLOCK_K]
+        b_p = tl.exp2(b_s - b_lse2[:, None])
+        # [BLOCK_K, HEAD_DIM]
+        b_v = tl.load(cv + o_row[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
+                      mask=m_k[:, None], other=0.0)
+        if UPCAST:
+            b_v = b_v.to(tl.float32)
+        b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
+        # [BLOCK_Q, BLOCK_K] pooled over the G heads of the group, then [BLOCK_Q, NB] over a block's cells
+        b_sc = tl.sum(tl.reshape(b_p, [BLOCK_Q, G, BLOCK_K]), 1)
+        if CELLS > 1:
+            b_sc = tl.sum(tl.reshape(b_sc, [BLOCK_Q, NB, CELLS]), 2)
+        b_sc = tl.where(m_tq[:, None] & ((k0 // CELLS + o_nb) < n_blk)[None, :], b_sc, float("-inf"))
+        # merge: insert the tile's best while it beats the current k-th best of some query
+        b_best = tl.max(b_sc, 1)
+        b_min = tl.min(b_tv, 1)
+        while tl.max((b_best > b_min).to(tl.int32), 0) > 0:
+            i_best = tl.argmax(b_sc, 1)
+            i_min = tl.argmin(b_tv, 1)
+            m_ins = (b_best > b_min)[:, None] & (o_tk[None, :] == i_min[:, None])
+            b_tv = tl.where(m_ins, b_best[:, None], b_tv)
+            b_ti = tl.where(m_ins, (k0 // CELLS + i_best)[:, None], b_ti)
+            b_sc = tl.where(o_nb[None, :] == i_best[:, None], float("-inf"), b_sc)
+            b_best = tl.max(b_sc, 1)
+            b_min = tl.min(b_tv, 1)
+
+    p_o = o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :]
+    tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
+    tl.store(lse + o_hq.to(tl.int64) * stride_lh + q_start + o_t, b_lse2 * 0.6931471805599453, mask=m_r)
+    b_key = tl.where(b_ti < 0, BIG, b_ti)
+    b_key = tl.sort(b_key, 1)
+    b_ti = tl.where(b_key == BIG, -1, b_key)
+    o_tq = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_b = bidx + i_h * stride_bh + (q_start + o_tq)[:, None].to(tl.int64) * stride_bn + o_tk[None, :]
+    tl.store(p_b, b_ti, mask=m_tq[:, None] & (o_tk[None, :] < TOPK))
+
+
+_cmp_attn_topk_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "CELLS", "TOPK"],
+                                       prune_configs_by={"early_config_prune": _prune})(_cmp_attn_topk_kernel)
+
+
+def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
+                                     block_keys=None, cu_blocks=None, scale: float | None = None):
+    n, hq, d = q.shape
+    h = ck.shape[1]
+    assert q.dtype in (torch.float16, torch.bfloat16) and ck.dtype == q.dtype and cv.dtype == q.dtype
+    assert hq % h == 0 and (hq // h) & (hq // h - 1) == 0, "G = HQ / H must be a power of two"
+    assert d >= 16 and d & (d - 1) == 0, "head dim must be a power of two >= 16"
+    assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
+    assert q.stride(2) == 1 and ck.stride(2) == 1 and cv.stride(2) == 1
+    g = hq // h
+    cells = 1 if block_keys is None else block_keys.shape[1]
+    assert cells & (cells - 1) == 0, "cells per block must be a power of two"
+    b = cu_seqlens_q.numel() - 1
+    o = torch.empty_like(q)
+    lse = torch.empty(hq, n, dtype=torch.float32, device=q.device)
+    bidx = torch.empty(h, n, topk, dtype=torch.int32, device=q.device)
+    if n == 0:
+        return o, lse, bidx
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    has_bk = block_keys is not None
+    if has_bk:
+        assert block_keys.dtype == torch.int32 and block_keys.is_contiguous() and cu_blocks.dtype == torch.int32
+    args = dict(q=q, ck=ck, cv=cv, o=o, lse=lse, bidx=bidx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
+                cu_blk=cu_blocks if has_bk else cu_seqlens_k, blk_keys=block_keys if has_bk else cu_seqlens_k,
+                scale_log2=scale * _LOG2E,
+                stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=ck.stride(0), stride_kh=ck.stride(1),
+                stride_vn=cv.stride(0), stride_vh=cv.stride(1), stride_on=o.stride(0), stride_oh=o.stride(1),
+                stride_lh=lse.stride(0), stride_bh=bidx.stride(0), stride_bn=bidx.stride(1),
+                G=g, HEAD_DIM=d, TOPK=topk, TOPK_P=max(2, triton.next_power_of_2(topk)), CELLS=cells,
+                HAS_BLOCK_KEYS=has_bk, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen_q, meta["BLOCK_R"] // g), b, h)
+
+    if q.is_cuda:
+        _cmp_attn_topk_tuned[grid](**args)
+    else:  # TRITON_INTERPRET=1 on CPU tensors: one small fixed tile
+        _cmp_attn_topk_kernel[grid](**args, BLOCK_R=max(16, g), BLOCK_K=max(16, cells))
+    return o, lse, bidx
+
+
+def ssa_compressed_attention(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
+                             block_keys=None, cu_blocks=None, scale: float | None = None, backend: str = "auto"):
+    """Compressed attention + lse + top-k selection blocks: -> (o [N,HQ,D], lse [HQ,N] fp32, block_idx [H,N,topk]).
+
+    backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
+    or "reference".
+    """
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    fn = _ssa_compressed_attention_triton if use_triton else ssa_compressed_attention_reference
+    return fn(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, topk, block_keys, cu_blocks, scale)

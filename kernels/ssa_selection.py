@@ -1,0 +1,246 @@
+"""Selected-block attention: each query attends to the tokens of its top-k selection blocks (SSA, SPARSE.md §6.5).
+
+For query token i of sample b, KV head kh = h // G and its blocks block_idx[kh, i, :] (local indices among the
+sample's occupied selection blocks, -1 = unused slot):
+
+    K_sel(i, kh) = U_{j : block_idx[kh,i,j] >= 0} rows cu_block_tokens[cu_blocks[b] + block_idx[kh,i,j]] ..
+                                                    cu_block_tokens[cu_blocks[b] + block_idx[kh,i,j] + 1]
+    o[i,h] = softmax_{t in K_sel}(scale * q[i,h] . k[t,kh]) v[t,kh]        (one joint softmax over all blocks)
+
+The original runs one query per program ([G, D] tiles, K/V refetched for every query). Here a program owns
+BLOCK_Q consecutive query tokens x the G heads of one KV head. Tokens are block-sorted, so neighbours usually
+choose (nearly) the same blocks: the program walks the *union* of its tokens' blocks in ascending order once,
+sharing every K/V tile across all BLOCK_Q*G rows and masking rows whose token did not pick the block. When the
+union is larger than UNION_MAX blocks (dissimilar choices would waste work) it falls back to one token at a
+time, [max(16, G), D] rows, like the original. The result is the same either way.
+
+Layouts: q [N, HQ, D], k/v [N, H, D] (fp16/bf16; the same rows as q, self-attention), block_idx [H, N, TOPK]
+int32, cu_seqlens [B+1] int32, cu_blocks [B+1] int32 (blocks of each sample), cu_block_tokens [NB+1] int32
+(token rows of every block, samples concatenated); out o [N, HQ, D] in q.dtype. A query with no blocks gets 0.
+Constraints: tokens of a block contiguous (block-sorted order, §6.8); HQ % H == 0, G a power of two; D a power
+of two >= 16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ssa_selection_attention", "ssa_selection_attention_reference"]
+
+_LOG2E = 1.4426950408889634
+
+
+def ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
+                                      max_seqlen: int, scale: float | None = None):
+    """Plain PyTorch, fp32 inside: a dense masked softmax per sample, in chunks of queries."""
+    n, hq, d = q.shape
+    h = k.shape[1]
+    g = hq // h
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    o = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
+    cq, cb = cu_seqlens.tolist(), cu_blocks.tolist()
+    for b in range(len(cq) - 1):
+        q0, q1, nblk = cq[b], cq[b + 1], cb[b + 1] - cb[b]
+        if q1 == q0 or nblk == 0:
+            continue
+        starts = cu_block_tokens[cb[b]:cb[b + 1] + 1].long() - q0
+        blk_of_tok = torch.searchsorted(starts[1:], torch.arange(q1 - q0, device=q.device), right=True)
+        k_b = k[q0:q1].float().repeat_interleave(g, 1)  # [n, HQ, D]
+        v_b = v[q0:q1].float().repeat_interleave(g, 1)
+        for c0 in range(q0, q1, 1024):
+            c1 = min(q1, c0 + 1024)
+            idx = block_idx[:, c0:c1].long()  # [H, i, K]
+            chosen = torch.zeros(h, c1 - c0, nblk + 1, dtype=torch.bool, device=q.device)
+            chosen.scatter_(2, torch.where(idx < 0, nblk, idx), True)
+            mask = chosen[:, :, :nblk][:, :, blk_of_tok].repeat_interleave(g, 0)  # [HQ, i, n]
+            s = torch.einsum("ihd,jhd->hij", q[c0:c1].float(), k_b) * scale
+            s = s.masked_fill(~mask, float("-inf"))
+            p = torch.softmax(s, -1).nan_to_num(0.0)  # a query without blocks -> 0
+            o[c0:c1] = torch.einsum("hij,jhd->ihd", p, v_b)
+    return o.to(q.dtype)
+
+
+def _configs():
+    return [triton.Config({"BLOCK_R": r, "BLOCK_K": kb}, num_warps=w, num_stages=s)
+            for r, kb, w, s in [(128, 64, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]]
+
+
+def _prune(configs, named_args, **kwargs):
+    g = kwargs.get("G", named_args.get("G", 1))
+    return [c for c in configs if c.kwargs["BLOCK_R"] >= g] or configs[:1]
+
+
+@triton.jit
+def _selection_kernel(
+    q, k, v, o, bidx, cu_q, cu_blk, cu_blk_tok,
+    scale_log2,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_bh, stride_bn,
+    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
+    UNION_MAX: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # q [N, HQ, D]; k/v [N, H, D]; o [N, HQ, D]; bidx [H, N, TOPK] int32; cu_q/cu_blk [B+1]; cu_blk_tok [NB+1]
+    BLOCK_Q: tl.constexpr = BLOCK_R // G
+    BIG: tl.constexpr = 2147483647
+    i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_q + i_b)
+    q_len = tl.load(cu_q + i_b + 1) - q_start
+    if i_q * BLOCK_Q >= q_len:
+        return
+    blk_start = tl.load(cu_blk + i_b)
+    o_d = tl.arange(0, HEAD_DIM)
+    o_tk = tl.arange(0, TOPK_P)
+    o_kk = tl.arange(0, BLOCK_K)
+
+    o_r = tl.arange(0, BLOCK_R)
+    o_t = i_q * BLOCK_Q + o_r // G
+    o_hq = i_h * G + o_r % G
+    m_r = o_t < q_len
+    # [BLOCK_R, TOPK_P] block choices of each row's token (BIG = none)
+    b_idx = tl.load(bidx + i_h * stride_bh + (q_start + o_t)[:, None].to(tl.int64) * stride_bn + o_tk[None, :],
+                    mask=m_r[:, None] & (o_tk[None, :] < TOPK), other=-1)
+    b_idx = tl.where(b_idx < 0, BIG, b_idx)
+    n_union = 0
+    cur = tl.min(tl.min(b_idx, 1), 0)
+    while cur < BIG:
+        n_union += 1
+        cur = tl.min(tl.min(tl.where(b_idx > cur, b_idx, BIG), 1), 0)
+
+    if n_union <= UNION_MAX:
+        # shared walk over the union of the tile's blocks
+        # [BLOCK_R, HEAD_DIM]
+        b_q = tl.load(q + (q_start + o_t)[:, None].to(tl.int64) * stride_qn + o_hq[:, None] * stride_qh
+                      + o_d[None, :], mask=m_r[:, None], other=0.0)
+        if UPCAST:  # the interpreter's tl.dot mishandles bf16; CPU tests run the same math in fp32 tiles
+            b_q = b_q.to(tl.float32)
+        b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+        b_l = tl.zeros([BLOCK_R], tl.float32)
+        b_acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+        cur = tl.min(tl.min(b_idx, 1), 0)
+        while cur < BIG:
+            m_hit = tl.max((b_idx == cur).to(tl.int32), 1) > 0  # [BLOCK_R]
+            t0 = tl.load(cu_blk_tok + blk_start + cur)
+            t1 = tl.load(cu_blk_tok + blk_start + cur + 1)
+            for k0 in range(t0, t1, BLOCK_K):
+                o_k = k0 + o_kk
+                m_k = o_k < t1
+                # [HEAD_DIM, BLOCK_K]
+                b_k = tl.load(k + o_k[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
+                              mask=m_k[None, :], other=0.0)
+                # [BLOCK_K, HEAD_DIM]
+                b_v = tl.load(v + o_k[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
+                              mask=m_k[:, None], other=0.0)
+                if UPCAST:
+                    b_k = b_k.to(tl.float32)
+                    b_v = b_v.to(tl.float32)
+                # [BLOCK_R, BLOCK_K]
+                b_s = tl.dot(b_q, b_k) * scale_log2
+                b_s = tl.where(m_hit[:, None] & m_k[None, :], b_s, float("-inf"))
+                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+                b_p = tl.exp2(b_s - b_ms[:, None])
+                b_alpha = tl.exp2(b_m - b_ms)
+                b_l = b_l * b_alpha + tl.sum(b_p, 1)
+                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+                b_m = b_mn
+            cur = tl.min(tl.min(tl.where(b_idx > cur, b_idx, BIG), 1), 0)
+        b_acc = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+        tl.store(o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :],
+                 b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
+    else:
+        # one token at a time: rows = the G heads (padded to GP >= 16 for tl.dot)
+        o_g = tl.arange(0, GP)
+        m_g = o_g < G
+        for t in range(0, BLOCK_Q):
+            i_t = i_q * BLOCK_Q + t
+            if i_t < q_len:
+                row = (q_start + i_t).to(tl.int64)
+                # [GP, HEAD_DIM]
+                b_q = tl.load(q + row * stride_qn + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :],
+                              mask=m_g[:, None], other=0.0)
+                if UPCAST:
+                    b_q = b_q.to(tl.float32)
+                b_m = tl.full([GP], float("-inf"), tl.float32)
+                b_l = tl.zeros([GP], tl.float32)
+                b_acc = tl.zeros([GP, HEAD_DIM], tl.float32)
+                for j in range(0, TOPK):
+                    blk = tl.load(bidx + i_h * stride_bh + row * stride_bn + j)
+                    if blk >= 0:
+                        t0 = tl.load(cu_blk_tok + blk_start + blk)
+                        t1 = tl.load(cu_blk_tok + blk_start + blk + 1)
+                        for k0 in range(t0, t1, BLOCK_K):
+                            o_k = k0 + o_kk
+                            m_k = o_k < t1
+                            b_k = tl.load(k + o_k[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
+                                          mask=m_k[None, :], other=0.0)
+                            b_v = tl.load(v + o_k[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
+                                          mask=m_k[:, None], other=0.0)
+                            if UPCAST:
+                                b_k = b_k.to(tl.float32)
+                                b_v = b_v.to(tl.float32)
+                            # [GP, BLOCK_K]
+                            b_s = tl.dot(b_q, b_k) * scale_log2
+                            b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+                            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+                            b_p = tl.exp2(b_s - b_mn[:, None])
+                            b_alpha = tl.exp2(b_m - b_mn)
+                            b_l = b_l * b_alpha + tl.sum(b_p, 1)
+                            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+                            b_m = b_mn
+                b_acc = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+                tl.store(o + row * stride_on + (i_h * G + o_g)[:, None] * stride_oh + o_d[None, :],
+                         b_acc.to(o.dtype.element_ty), mask=m_g[:, None])
+
+
+_selection_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "TOPK"],
+                                   prune_configs_by={"early_config_prune": _prune})(_selection_kernel)
+
+
+def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
+                                    max_seqlen: int, scale: float | None = None, union_max: int | None = None):
+    n, hq, d = q.shape
+    h = k.shape[1]
+    assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+    assert k.shape[0] == n and v.shape == k.shape, "selection attention is self-attention: k/v rows = q rows"
+    assert hq % h == 0 and (hq // h) & (hq // h - 1) == 0, "G = HQ / H must be a power of two"
+    assert d >= 16 and d & (d - 1) == 0, "head dim must be a power of two >= 16"
+    assert block_idx.dtype == torch.int32 and block_idx.shape[:2] == (h, n) and block_idx.stride(2) == 1
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
+    g = hq // h
+    topk = block_idx.shape[2]
+    o = torch.empty_like(q)
+    if n == 0:
+        return o
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    args = dict(q=q, k=k, v=v, o=o, bidx=block_idx, cu_q=cu_seqlens, cu_blk=cu_blocks, cu_blk_tok=cu_block_tokens,
+                scale_log2=scale * _LOG2E, stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k.stride(0),
+                stride_kh=k.stride(1), stride_vn=v.stride(0), stride_vh=v.stride(1), stride_on=o.stride(0),
+                stride_oh=o.stride(1), stride_bh=block_idx.stride(0), stride_bn=block_idx.stride(1),
+                G=g, GP=max(16, g), HEAD_DIM=d, TOPK=topk, TOPK_P=max(2, triton.next_power_of_2(topk)),
+                UNION_MAX=2 * topk if union_max is None else union_max,
+                UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
+
+    def grid(meta):
+        return (triton.cdiv(max_seqlen, meta["BLOCK_R"] // g), cu_seqlens.numel() - 1, h)
+
+    if q.is_cuda and union_max is None:
+        _selection_tuned[grid](**args)
+    else:  # interpreter (or a forced union limit in tests): one fixed tile
+        _selection_kernel[grid](**args, BLOCK_R=max(16, 2 * g), BLOCK_K=16)
+    return o
+
+
+def ssa_selection_attention(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens, max_seqlen: int,
+                            scale: float | None = None, backend: str = "auto"):
+    """Attention of every query to the tokens of its selected blocks -> o [N, HQ, D] (see module doc).
+
+    backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
+    or "reference".
+    """
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        return _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
+                                               max_seqlen, scale)
+    return ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
+                                             max_seqlen, scale)

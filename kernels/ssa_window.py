@@ -1,0 +1,188 @@
+"""Sparse window attention: full attention inside each occupied 8^3 window (SSA, SPARSE.md §6.6 and §4.2).
+
+Window of token (b, x, y, z) with window size w and shift s: (b, (x+s)//w, (y+s)//w, (z+s)//w) (the shift is
+added, nothing rolls or is masked). For the tokens T_w of window w and query head h (KV head kh = h // G):
+
+    o[i,h] = softmax_{t in T_w}(scale * q[i,h] . k[t,kh]) v[t,kh]          for i in T_w
+
+`window_partition` lists the tokens window by window (`perm`, `cu_windows`); the kernel reads q/k/v rows
+through `perm` and writes o rows through it, so nothing is permuted in memory (with block-sorted tokens and
+shift 0 the windows are the selection blocks and `perm` is the identity). One program owns a tile of up to
+WINDOW_TILE_Q tokens of one window x the G heads of one KV head (rows = tokens x heads, so each K/V tile is
+shared by the group); `window_tiles` lists the tiles once per coordinate set.
+
+Layouts: q [N, HQ, D], k/v [N, H, D] (fp16/bf16), perm [N] int32, cu_windows [W+1] int32 (positions in perm),
+tiles [T, 2] int32 (window, first position); out o [N, HQ, D] in q.dtype.
+Constraints: HQ % H == 0, G a power of two; D a power of two >= 16.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["ssa_window_attention", "ssa_window_attention_reference", "window_partition", "window_tiles",
+           "WINDOW_TILE_Q"]
+
+_LOG2E = 1.4426950408889634
+WINDOW_TILE_Q = 8  # query tokens per program (x G heads = 128 rows for G = 16)
+
+
+def window_partition(coords: torch.Tensor, window_size: int, shift: int):
+    """(perm [N] int32, cu_windows [W+1] int32, max_window: int) of a coordinate set (host syncs: call once)."""
+    c = coords.long()
+    w = (c[:, 1:] + shift) // window_size
+    key = (((c[:, 0] << 20 | w[:, 0]) << 20 | w[:, 1]) << 20) | w[:, 2]  # lexicographic (b, wx, wy, wz)
+    perm = torch.argsort(key, stable=True)
+    _, counts = torch.unique_consecutive(key[perm], return_counts=True)
+    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=coords.device)
+    cu[1:] = torch.cumsum(counts, 0)
+    return perm.to(torch.int32), cu, int(counts.max()) if counts.numel() else 0
+
+
+def window_tiles(cu_windows: torch.Tensor, tile_q: int = WINDOW_TILE_Q) -> torch.Tensor:
+    """[T, 2] int32 (window, first position in perm) of every query tile (one host sync: call once)."""
+    lens = (cu_windows[1:] - cu_windows[:-1]).long()
+    per = (lens + tile_q - 1) // tile_q
+    total = int(per.sum())
+    win = torch.repeat_interleave(torch.arange(lens.numel(), device=lens.device), per, output_size=total)
+    first_tile = torch.cumsum(per, 0) - per
+    pos = cu_windows[:-1].long()[win] + (torch.arange(total, device=lens.device) - first_tile[win]) * tile_q
+    return torch.stack([win, pos], 1).to(torch.int32).contiguous()
+
+
+def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, tiles=None,
+                                   scale: float | None = None):
+    """Plain PyTorch, fp32 inside: windows padded to a power-of-two length bucket, one batched softmax per bucket."""
+    n, hq, d = q.shape
+    h = k.shape[1]
+    g = hq // h
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    o = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
+    lens = (cu_windows[1:] - cu_windows[:-1]).long()
+    if lens.numel() == 0:
+        return o.to(q.dtype)
+    bucket = torch.clamp(torch.ceil(torch.log2(lens.clamp(min=1).double())).long(), min=4)
+    perm = perm.long()
+    for bk in torch.unique(bucket).tolist():
+        win = torch.nonzero(bucket == bk).squeeze(1)
+        size = 1 << bk
+        pos = torch.arange(size, device=q.device)
+        valid = pos[None, :] < lens[win][:, None]  # [W, L]
+        rows = perm[torch.where(valid, cu_windows[win].long()[:, None] + pos[None, :], 0)]  # [W, L]
+        qw = q[rows].float()  # [W, L, HQ, D]
+        kw = k[rows].float().repeat_interleave(g, 2)
+        vw = v[rows].float().repeat_interleave(g, 2)
+        s = torch.einsum("wihd,wjhd->whij", qw, kw) * scale
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        ow = torch.einsum("whij,wjhd->wihd", torch.softmax(s, -1), vw)
+        o[rows[valid]] = ow[valid]
+    return o.to(q.dtype)
+
+
+def _configs():
+    return [triton.Config({"BLOCK_K": kb}, num_warps=w, num_stages=s)
+            for kb, w, s in [(64, 4, 2), (32, 4, 2), (64, 8, 2)]]
+
+
+@triton.jit
+def _window_kernel(
+    q, k, v, o, perm, cu_win, tiles,
+    scale_log2,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_Q: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    # q [N, HQ, D]; k/v [N, H, D]; o [N, HQ, D]; perm [N] int32; cu_win [W+1] int32; tiles [T, 2] int32
+    BLOCK_R: tl.constexpr = TILE_Q * G
+    i_t, i_h = tl.program_id(0), tl.program_id(1)
+    i_w = tl.load(tiles + 2 * i_t)
+    p0 = tl.load(tiles + 2 * i_t + 1)
+    w1 = tl.load(cu_win + i_w + 1)
+    w0 = tl.load(cu_win + i_w)
+    o_r = tl.arange(0, BLOCK_R)
+    o_p = p0 + o_r // G
+    m_r = o_p < w1
+    o_hq = i_h * G + o_r % G
+    o_d = tl.arange(0, HEAD_DIM)
+    o_tok = tl.load(perm + o_p, mask=m_r, other=0).to(tl.int64)
+    # [BLOCK_R, HEAD_DIM]
+    b_q = tl.load(q + o_tok[:, None] * stride_qn + o_hq[:, None] * stride_qh + o_d[None, :], mask=m_r[:, None],
+                  other=0.0)
+    if UPCAST:  # the interpreter's tl.dot mishandles bf16; CPU tests run the same math in fp32 tiles
+        b_q = b_q.to(tl.float32)
+    b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
+    b_l = tl.zeros([BLOCK_R], tl.float32)
+    b_acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
+    for k0 in range(w0, w1, BLOCK_K):
+        o_k = k0 + tl.arange(0, BLOCK_K)
+        m_k = o_k < w1
+        o_kt = tl.load(perm + o_k, mask=m_k, other=0).to(tl.int64)
+        # [HEAD_DIM, BLOCK_K]
+        b_k = tl.load(k + o_kt[None, :] * stride_kn + i_h * stride_kh + o_d[:, None], mask=m_k[None, :], other=0.0)
+        # [BLOCK_K, HEAD_DIM]
+        b_v = tl.load(v + o_kt[:, None] * stride_vn + i_h * stride_vh + o_d[None, :], mask=m_k[:, None], other=0.0)
+        if UPCAST:
+            b_k = b_k.to(tl.float32)
+            b_v = b_v.to(tl.float32)
+        # [BLOCK_R, BLOCK_K]
+        b_s = tl.dot(b_q, b_k) * scale_log2
+        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
+        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+        b_p = tl.exp2(b_s - b_mn[:, None])
+        b_alpha = tl.exp2(b_m - b_mn)
+        b_l = b_l * b_alpha + tl.sum(b_p, 1)
+        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+        b_m = b_mn
+    b_acc = b_acc / b_l[:, None]
+    tl.store(o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :], b_acc.to(o.dtype.element_ty),
+             mask=m_r[:, None])
+
+
+_window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"])(_window_kernel)
+
+
+def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, tiles=None,
+                                 scale: float | None = None):
+    n, hq, d = q.shape
+    h = k.shape[1]
+    assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+    assert hq % h == 0 and (hq // h) & (hq // h - 1) == 0, "G = HQ / H must be a power of two"
+    assert d >= 16 and d & (d - 1) == 0, "head dim must be a power of two >= 16"
+    assert perm.dtype == torch.int32 and cu_windows.dtype == torch.int32
+    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
+    g = hq // h
+    o = torch.empty_like(q)
+    if n == 0:
+        return o
+    if tiles is None:
+        tiles = window_tiles(cu_windows, WINDOW_TILE_Q)
+    tile_q = WINDOW_TILE_Q if q.is_cuda else max(1, 16 // g)
+    if not q.is_cuda and tile_q != WINDOW_TILE_Q:
+        tiles = window_tiles(cu_windows, tile_q)
+    scale = 1.0 / math.sqrt(d) if scale is None else scale
+    assert tile_q * g >= 16, "a tile needs at least 16 rows for tl.dot"
+    args = dict(q=q, k=k, v=v, o=o, perm=perm, cu_win=cu_windows, tiles=tiles, scale_log2=scale * _LOG2E,
+                stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k.stride(0), stride_kh=k.stride(1),
+                stride_vn=v.stride(0), stride_vh=v.stride(1), stride_on=o.stride(0), stride_oh=o.stride(1),
+                G=g, HEAD_DIM=d, TILE_Q=tile_q, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
+    grid = (tiles.shape[0], h)
+    if q.is_cuda:
+        _window_tuned[grid](**args)
+    else:
+        _window_kernel[grid](**args, BLOCK_K=16)
+    return o
+
+
+def ssa_window_attention(q, k, v, perm, cu_windows, max_window: int, tiles=None, scale: float | None = None,
+                         backend: str = "auto"):
+    """Full attention inside every window listed by (perm, cu_windows) -> o [N, HQ, D] (see module doc).
+
+    tiles: `window_tiles(cu_windows)`, precomputed once per coordinate set (built here when None).
+    backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
+    or "reference".
+    """
+    if backend == "triton" or (backend == "auto" and q.is_cuda):
+        return _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window, tiles, scale)
+    return ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window, tiles, scale)
