@@ -87,3 +87,18 @@ def test_bad_input_fails_before_any_model_runs(models):
     finally:
         hook.remove()
     assert not calls
+
+
+def test_bench_coarse_tiny_runs_on_cpu(tmp_path):
+    """bench/bench_coarse.py is run by hand on the GPU; here its --tiny path is checked for crashes."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_coarse.py"
+    spec = importlib.util.spec_from_file_location("bench_coarse", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out = tmp_path / "coarse.md"
+    text = bench.main(["--tiny", "--steps", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    assert out.read_text() == text
+    assert "| dense sampling (2 steps, CFG) |" in text and "our index:" in text
