@@ -276,8 +276,12 @@ class SparseSDFVAE(nn.Module):
         return h.replace(z.to(h.dtype))
 
     def decode(self, latent: SparseTensor, factor: float = 1.0, return_feat: bool = False):
-        """Latent -> sparse SDF in (-1, 1) at resolution * 8 (see SparseSDFDecoder.forward)."""
-        return self.decoder(latent, factor, return_feat)
+        """Sampled latent -> sparse SDF in (-1, 1) at resolution * 8 (see SparseSDFDecoder.forward).
+
+        Applies the original pipeline's `1 / latents_scale * latents + latents_shift` first (identity
+        for the released 1.0 / 0.0)."""
+        feats = (1.0 / self.cfg.latents_scale) * latent.feats + self.cfg.latents_shift
+        return self.decoder(latent.replace(feats), factor, return_feat)
 
     @property
     def sdf_resolution(self) -> int:
