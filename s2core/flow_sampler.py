@@ -67,7 +67,7 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
 def sample_flow(model: Callable, noise: torch.Tensor, cond, uncond=None, *, num_steps: int, shift: float,
                 guidance: float = 7.0, num_train_timesteps: int = 1000,
                 callback: Callable[[int, int], None] | None = None,
-                check_cancel: Callable[[], None] | None = None) -> torch.Tensor:
+                check_cancel: Callable[[], None] | None = None, batch_cfg: bool = False) -> torch.Tensor:
     """Integrate the flow from `noise` (σ = 1) to a clean latent (σ = 0) with Euler steps.
 
     model(x, t, cond) → velocity shaped like `x`; `noise` is the initial latent in the latent dtype (fp16 in
@@ -75,6 +75,10 @@ def sample_flow(model: Callable, noise: torch.Tensor, cond, uncond=None, *, num_
     first) combined as `v_u + guidance · (v_c − v_u)` in the model's output dtype — the original's order.
     `check_cancel()` is called before every step (it raises to stop); `callback(step, total)` after every
     step, with step counting from 1. Returns the final latent in the latent dtype.
+
+    `batch_cfg=True` runs cond and uncond as one forward on `cat([x, x])` / `cat([cond, uncond])` along dim 0
+    (only for models whose inputs batch along dim 0, like the dense DiT): faster, and equal to the two
+    forwards up to GEMM rounding, but not bitwise the original's sequence.
     """
     sched = flow_schedule(num_steps, shift, num_train_timesteps).to(noise.device)
     do_cfg = guidance > 0 and uncond is not None
@@ -83,9 +87,12 @@ def sample_flow(model: Callable, noise: torch.Tensor, cond, uncond=None, *, num_
         if check_cancel is not None:
             check_cancel()
         t = sched.timesteps[i:i + 1].to(x.dtype)  # the original feeds tensor([t], dtype=latent dtype): fp16-rounded
-        v = model(x, t, cond)
+        if do_cfg and batch_cfg:
+            v, v_u = model(torch.cat([x, x]), t, torch.cat([cond, uncond])).chunk(2)
+        else:
+            v = model(x, t, cond)
+            v_u = model(x, t, uncond) if do_cfg else None
         if do_cfg:
-            v_u = model(x, t, uncond)
             v = v_u + guidance * (v - v_u)
         dt = sched.sigmas[i + 1] - sched.sigmas[i]  # 0-dim fp32: `dt * v` stays in v's dtype, as in diffusers
         x = (x.float() + dt * v).to(v.dtype)

@@ -92,3 +92,14 @@ def test_noise_is_seeded_and_in_latent_dtype():
     assert a.dtype == torch.float16 and torch.equal(a, b) and not torch.equal(a, c)
     ref = torch.randn((2, 8, 4, 4, 4), dtype=torch.float16, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, ref)  # the original's draw: randn directly in fp16 with the generator
+
+
+def test_batched_cfg_equals_two_forwards_for_a_batchable_model():
+    def model(x, t, cond):  # elementwise in the batch: batching cannot change the values
+        return 0.1 * x * cond + t.float() / 1000
+
+    x0 = torch.randn(1, 4, generator=torch.Generator().manual_seed(0))
+    cond, uncond = torch.full((1, 4), 2.0), torch.zeros(1, 4)
+    a = sample_flow(model, x0, cond, uncond, num_steps=5, shift=6.0, guidance=7.0)
+    b = sample_flow(model, x0, cond, uncond, num_steps=5, shift=6.0, guidance=7.0, batch_cfg=True)
+    assert torch.equal(a, b)
