@@ -136,8 +136,8 @@ class WindowPlan:
 def window_keys(coords: torch.Tensor, window_size: int, shift: int) -> torch.Tensor:
     """[N] int64 window id (b, (x+s)//w, (y+s)//w, (z+s)//w), lexicographic like the original's."""
     c = coords.long()
-    w = (c[:, 1:] + shift) // window_size  # [N, 3], < 2^20 for any coordinate below 2^20
-    return (((c[:, 0] << 20 | w[:, 0]) << 20 | w[:, 1]) << 20) | w[:, 2]
+    w = (c[:, 1:] + shift) // window_size  # [N, 3], < 2^16 for coordinates below 2^16
+    return (((c[:, 0] << 16 | w[:, 0]) << 16 | w[:, 1]) << 16) | w[:, 2]  # batch in the top 15 bits
 
 
 def window_plan(coords: torch.Tensor, window_size: int, shift: int = 0) -> WindowPlan:
