@@ -600,6 +600,69 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
     return collector.finish(dtype, device)
 
 
+@torch.no_grad()
+def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 22) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Marching cubes of a `RefinedField` → per batch element (vertices [V, 3] fp32, faces [F, 3] int64).
+
+    Vertices are in the original's frame (v / R * 2 - 1). Uses the conventions, tables and face decider
+    of `mesh.marching_cubes` (a corner is inside when below the level; vertices interpolated in fp64 and
+    rounded to fp32; welded per grid edge), but visits only cells whose 8 corners are all in the field:
+    `sparse_sdf_to_mesh` reads missing voxels as +1, right for a decoded band and wrong here, where the
+    background is inside (-1) as often as outside.
+    """
+    from .mesh.marching_cubes import _face_bits, _grid_keys, _lookup
+    from .mesh.mc_tables import CORNERS, EDGE_AXIS, EDGES, triangle_table
+
+    R, level, device = field.resolution, field.level, field.coords.device
+    B = int(field.coords[:, 0].max()) + 1 if field.coords.shape[0] else 1
+    keys = _grid_keys(field.coords, R)  # sorted and unique by construction
+    values = field.values.float()
+    table = triangle_table().to(device)
+    corner_off = torch.tensor([(0, *c) for c in CORNERS], device=device)  # [8, 4]
+    edge_a = torch.tensor([a for a, _ in EDGES], device=device)
+    edge_b = torch.tensor([b for _, b in EDGES], device=device)
+    edge_axis = torch.tensor(EDGE_AXIS, device=device)
+    edge_keys, edge_pos = [], []
+    origins = field.coords.long()
+    origins = origins[(origins[:, 1:] <= R - 2).all(1)]  # every cell's min corner is a field voxel
+    for origin in origins.split(max_cells):  # chunks of cells bound memory
+        pos, found = _lookup(keys, _grid_keys(origin[:, None, :] + corner_off[None], R))  # [M, 8]
+        full = found.all(1)
+        origin, vals = origin[full], values[pos[full]]
+        rel = vals - level  # inside < 0
+        cube = ((rel < 0).long() << torch.arange(8, device=device)).sum(1)
+        keep = (cube > 0) & (cube < 255)
+        origin, vals, rel, cube = origin[keep], vals[keep], rel[keep], cube[keep]
+        tris = table[cube * 64 + _face_bits(rel)].long()  # [M, T, 3] edge ids, -1 padded
+        cell_idx, slot = torch.nonzero(tris[:, :, 0] >= 0, as_tuple=True)
+        e = tris[cell_idx, slot]  # [F, 3]
+        c = cell_idx[:, None].expand_as(e)
+        p0 = origin[c] + corner_off[edge_a[e]]  # [F, 3, 4] low end of each crossed edge
+        v0, v1 = vals[c, edge_a[e]].double(), vals[c, edge_b[e]].double()
+        t = (level - v0) / (v1 - v0)
+        xyz = p0[..., 1:].double()
+        xyz[torch.arange(3, device=device).view(1, 1, 3) == edge_axis[e][..., None]] += t.reshape(-1)
+        edge_keys.append((_grid_keys(p0, R) * 3 + edge_axis[e]).reshape(-1))
+        edge_pos.append(xyz.float().reshape(-1, 3))
+    if not edge_keys or sum(k.numel() for k in edge_keys) == 0:
+        log.warning("The refined field does not cross the level %s, so the mesh is empty.", level)
+        return [(torch.zeros(0, 3, device=device), torch.zeros(0, 3, dtype=torch.int64, device=device))
+                for _ in range(B)]
+    uniq, inverse = torch.unique(torch.cat(edge_keys), return_inverse=True)
+    verts = torch.empty(uniq.numel(), 3, dtype=torch.float32, device=device)
+    verts[inverse] = torch.cat(edge_pos)
+    faces = inverse.view(-1, 3)
+    vbatch = uniq // (3 * R ** 3)
+    v_counts = torch.bincount(vbatch, minlength=B)
+    v_start = torch.cumsum(v_counts, 0) - v_counts
+    fbatch = vbatch[faces[:, 0]]
+    order = torch.sort(fbatch, stable=True).indices
+    faces, fbatch = faces[order], fbatch[order]
+    faces = faces - v_start[fbatch][:, None]
+    verts = verts / R * 2 - 1
+    return list(zip(verts.split(v_counts.tolist()), faces.split(torch.bincount(fbatch, minlength=B).tolist())))
+
+
 def remove_interior(model: nn.Module, sdf: SparseTensor, feats: SparseTensor | torch.Tensor | None = None,
                     level: float = 0.2, progress: Progress | None = None, **kwargs) -> RefinedField:
     """Dispatch on the refiner kind: `VoxelRefiner` needs feats, `VoxelRefinerSign` ignores them."""

@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from s2core.config import RefinerConfig
-from s2core.refiner import (CubeGrid, VoxelRefiner, VoxelRefinerSign, remove_interior, remove_interior_512,
-                            remove_interior_1024)
+from s2core.refiner import (CubeGrid, VoxelRefiner, VoxelRefinerSign, mesh_refined_field, remove_interior,
+                            remove_interior_512, remove_interior_1024)
 from s2core.sparse.tensor import SparseTensor
 from s2core.testing import deterministic_state_dict
 from s2core.manifest import manifest
@@ -81,6 +81,30 @@ def _crossing_corners(field, level):
     return keep
 
 
+def _canonical_triangles(verts, faces):
+    """Triangles as sorted tuples of vertex positions, each rotated to start at its smallest vertex
+    (winding kept): equal for two meshes that differ only in vertex / face order."""
+    v = np.asarray(verts, np.float64)
+    tris = []
+    for f in np.asarray(faces):
+        pts = [tuple(v[i]) for i in f]
+        r = pts.index(min(pts))
+        tris.append(tuple(pts[r:] + pts[:r]))
+    return sorted(tris)
+
+
+def _assert_same_mesh_as_dense(field, dense_field):
+    """mesh_refined_field(field) == the naive dense marching cubes of mesh.marching_cubes on the whole grid."""
+    from s2core.mesh.marching_cubes import marching_cubes_naive
+
+    meshes = mesh_refined_field(field)
+    for b, (verts, faces) in enumerate(meshes):
+        rv, rf = marching_cubes_naive(np.asarray(dense_field[b], np.float32), field.level)
+        rv = np.asarray(rv, np.float32) / field.resolution * 2 - 1
+        assert len(faces) == len(rf) > 0
+        assert _canonical_triangles(verts.numpy(), faces.numpy()) == _canonical_triangles(rv, rf)
+
+
 @torch.no_grad()
 def _dense_refine_512(model, coords, values, feats, grid, B):
     R, P, S, O = grid.resolution, grid.patch, grid.stride, grid.patch - grid.stride
@@ -142,6 +166,8 @@ def test_remove_interior_512_equals_dense(batch):
     # float64 throughout; the sparse path runs latent_mlp on rows instead of the grid (other GEMM shapes)
     torch.testing.assert_close(got, want, rtol=0, atol=1e-12)
     assert out.resolution == 40 and out.level == level
+    if batch == 1:
+        _assert_same_mesh_as_dense(out, dense.numpy())
 
 
 @torch.no_grad()
@@ -183,6 +209,8 @@ def test_remove_interior_1024_equals_dense():
         assert len(ref_idx) > 100
         np.testing.assert_array_equal(out.coords.numpy(), ref_idx)
         torch.testing.assert_close(out.values, dense[tuple(torch.from_numpy(ref_idx).T)], rtol=0, atol=0)
+        if level == 0.2:
+            _assert_same_mesh_as_dense(out, dense.numpy())
     # the opt-in cleanup keeps only cells touching a decoded voxel
     near = remove_interior_1024(model, sdf, level=0.2, grid=grid, near_band_only=True)
     full = remove_interior_1024(model, sdf, level=0.2, grid=grid)
