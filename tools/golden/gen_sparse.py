@@ -22,8 +22,8 @@ import torch
 import harness
 
 UP = "direct3d_s2"
-SSA_TARGET = f"{UP}.modules.sparse.attention.spatial_sparse_attention.module.spatial_sparse_attention.SpatialSparseAttention"
 SSA_MODULE = f"{UP}.modules.sparse.attention.spatial_sparse_attention.module.spatial_sparse_attention"
+SSA_TARGET = f"{SSA_MODULE}.SpatialSparseAttention"
 CA_MODULE = f"{UP}.modules.sparse.attention.spatial_sparse_attention.ops.compressed_attention"
 DIT_TARGET = f"{UP}.models.transformers.sparse_dit.SparseDiT"
 VAE_TARGET = f"{UP}.models.autoencoders.ss_vae.SparseSDFVAE"
@@ -565,7 +565,7 @@ def refiner_cube():
                   use_fp16=True)
     model, specs = harness.build_original(REFINER_TARGET, params, SEED)
     S = 16
-    sdf, feats, band = _band_cube(S, 501, channels=32)
+    sdf, feats, _ = _band_cube(S, 501, channels=32)
     sdf, feats = sdf.half(), feats.half()
     rec = {}
     with torch.no_grad():
@@ -611,7 +611,7 @@ def refiner_1024_cube():
                   use_fp16=True)
     model, specs = harness.build_original_sparse(REFINER_SIGN_TARGET, params, SEED)
     S = 32
-    sdf, _, band = _band_cube(S, 502)
+    sdf, _, _ = _band_cube(S, 502)
     sdf = sdf.half()
     with torch.no_grad():
         a = model.conv_in(sdf)
