@@ -118,7 +118,10 @@ def test_dense_vae_parity_detects_one_perturbed_weight():
     with torch.no_grad():
         vae.decoder.blocks[6].conv1.weight[3, 7, 1, 1, 1] += 0.05  # one of 133M decoder weights
         out = vae.decoder(t["in.latents"])
-    assert rel_rms(out, t["out.logits"]) > 1e-6(vae_fp32):
+    assert rel_rms(out, t["out.logits"]) > 1e-6
+
+
+def test_dense_vae_encoder_fp32(vae_fp32):
     t, meta = fixture("dense_vae_encode__fp32_r32")
     assert meta["weights_specs"] == fixture("dense_vae_decode__fp32_r8")[1]["weights_specs"]
     assert meta["seed"] == 0
