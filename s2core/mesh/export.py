@@ -1,0 +1,148 @@
+"""Write meshes as GLB, OBJ, PLY or STL: atomically, never over an existing file, with ComfyUI-style names.
+
+Axis convention. Meshes leave marching cubes in the original's frame: vertex = grid index / R * 2 - 1,
+columns (x, y, z) = the grid's axes, inside [-1, 1]³. That frame is the frame of the meshes the model
+was trained on, which is glTF's: +Y up, right-handed (the original's demo writes the OBJ untransformed
+and shows it in a Y-up viewer; meshes from Y-up generators are refined by feeding them in unrotated).
+`ORIGINAL_TO_YUP` maps the original's frame to the file's; it is the identity, written down so the
+convention is one named constant rather than an accident, and every format gets the same frame (glTF
+requires Y-up; OBJ/PLY/STL readers mostly assume it). Units: glTF metres, so the object spans ~2 m.
+
+Files are written to a temporary name in the destination folder and moved into place with
+`os.replace` only if the final name is still free, so a crash never leaves half a file and an existing
+file is never replaced. `next_output_path` picks `prefix_00001_.glb`-style names like ComfyUI's savers
+and refuses prefixes that would escape the output folder.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .voxelize import check_mesh
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("glb", "obj", "ply", "stl")
+# rows: file axes in terms of the original's (x, y, z); det = +1 so windings (outward normals) survive
+ORIGINAL_TO_YUP = np.eye(3)
+_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def _numpy_mesh(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
+    v = vertices.detach().cpu() if isinstance(vertices, torch.Tensor) else torch.as_tensor(np.asarray(vertices))
+    f = faces.detach().cpu() if isinstance(faces, torch.Tensor) else torch.as_tensor(np.asarray(faces))
+    check_mesh(v.double(), f.long())
+    return v.double().numpy(), f.long().numpy()
+
+
+def to_file_frame(vertices: np.ndarray) -> np.ndarray:
+    """Original frame → file frame (glTF Y-up), see the module docstring."""
+    return vertices @ ORIGINAL_TO_YUP.T
+
+
+def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = None) -> bytes:
+    """Encode a mesh (original frame) as `fmt` ∈ glb/obj/ply/stl. extras (JSON-serialisable) go to GLB asset.extras."""
+    import trimesh
+
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown mesh format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    v, f = _numpy_mesh(vertices, faces)
+    v = to_file_frame(v)
+    kw = {}
+    if normals is not None:
+        n = normals.detach().cpu().double().numpy() if isinstance(normals, torch.Tensor) else np.asarray(normals, float)
+        if n.shape != v.shape:
+            raise ValueError(f"normals have shape {n.shape} but the mesh has {v.shape[0]} vertices; pass one normal per vertex.")
+        kw["vertex_normals"] = to_file_frame(n)
+    mesh = trimesh.Trimesh(v, f, process=False, **kw)
+    if fmt == "glb":
+        from trimesh.exchange.gltf import export_glb
+
+        def add_extras(tree):
+            if extras:
+                tree.setdefault("asset", {})["extras"] = extras
+        return export_glb(trimesh.Scene(mesh), include_normals=normals is not None, tree_postprocessor=add_extras)
+    if fmt == "obj":
+        return mesh.export(file_type="obj", include_normals=normals is not None).encode()
+    if fmt == "ply":
+        return mesh.export(file_type="ply", encoding="binary", vertex_normal=normals is not None)
+    return mesh.export(file_type="stl")
+
+
+def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
+    """Write bytes to `path` through a temp file in the same folder; FileExistsError if `path` exists."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        raise FileExistsError(f"{path} already exists; choose another name (meshes are never overwritten).")
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        if path.exists():  # a concurrent writer took the name meanwhile
+            raise FileExistsError(f"{path} already exists; choose another name (meshes are never overwritten).")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    return path
+
+
+def save_mesh(vertices, faces, path: str | os.PathLike, normals=None, extras: dict | None = None) -> Path:
+    """Write one mesh to `path`; the format comes from its suffix (.glb/.obj/.ply/.stl)."""
+    fmt = Path(path).suffix.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"Cannot tell the mesh format from {str(path)!r}; end the name with one of "
+                         f"{', '.join('.' + x for x in FORMATS)}.")
+    return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras), path)
+
+
+def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, fmt: str = "glb") -> Path:
+    """`output_dir/<sub>/<name>_<counter:05>_.<fmt>` with counter = 1 + the highest one already used.
+
+    filename_prefix may contain subfolders ("mesh/ComfyUI") but must stay inside output_dir: absolute
+    paths, drive letters and `..` are refused with a ValueError.
+    """
+    fmt = fmt.lower().lstrip(".")
+    if fmt not in FORMATS:
+        raise ValueError(f"Unknown mesh format {fmt!r}; choose one of {', '.join(FORMATS)}.")
+    prefix = str(filename_prefix).strip()
+    parts = re.split(r"[\\/]+", prefix)
+    if (not prefix or prefix.startswith(("/", "\\")) or _DRIVE.match(prefix) or os.path.isabs(prefix)
+            or any(p in ("..", ".") for p in parts) or not parts[-1]):
+        raise ValueError(f"filename_prefix {filename_prefix!r} must be a relative name inside the output folder "
+                         "(like 'mesh/D3DS2'), without '..', a leading slash or a drive letter.")
+    root = Path(output_dir).resolve()
+    folder = root.joinpath(*parts[:-1])
+    if not folder.resolve().is_relative_to(root):  # e.g. through a symlink
+        raise ValueError(f"filename_prefix {filename_prefix!r} leads outside the output folder {root}.")
+    name = parts[-1]
+    pattern = re.compile(re.escape(name) + r"_(\d{5,})_\.")
+    used = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else []) if (m := pattern.match(p.name))]
+    return folder / f"{name}_{max(used, default=0) + 1:05d}_.{fmt}"
+
+
+def export_mesh(vertices, faces, output_dir: str | os.PathLike, filename_prefix: str = "mesh/D3DS2",
+                fmt: str = "glb", normals=None, extras: dict | None = None) -> Path:
+    """Save under the next free counter name in output_dir (retrying if another writer wins the name)."""
+    data = mesh_bytes(vertices, faces, fmt, normals, extras)
+    for _ in range(100):
+        path = next_output_path(output_dir, filename_prefix, fmt)
+        try:
+            out = write_atomic(data, path)
+            log.info("Saved mesh to %s", out)
+            return out
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"Could not find a free file name for {filename_prefix!r} in {output_dir}; "
+                       "clean the folder or change the prefix.")
