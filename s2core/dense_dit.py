@@ -164,8 +164,12 @@ class DenseDiT(nn.Module):
         self.set_dtype(self.dtype)
 
     def set_dtype(self, dtype: torch.dtype) -> "DenseDiT":
-        """Cast every Linear to `dtype`; norms, gammas and `pos_emb` stay fp32 (as `convert_to_fp16`)."""
+        """Every Linear in `dtype`; everything else (norms, gammas, `pos_emb`) in fp32, as `convert_to_fp16`.
+
+        Call it again after `load_state_dict(..., assign=True)`, which adopts the checkpoint's dtypes.
+        """
         self.dtype = dtype
+        self.float()
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 m.to(dtype)

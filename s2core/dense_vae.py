@@ -97,7 +97,6 @@ class DenseDecoder(nn.Module):
                 blocks.append(Upsample3d(c, ch[i + 1]))
         self.blocks = nn.ModuleList(blocks)
         self.out_layer = _out_layer(ch[-1], cfg.out_channels)
-        _cast_convs(self, dtype)  # every conv, input/out layers included (SPEC.md §7.3)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.middle_block(self.input_layer(z.to(self.dtype)))   # [B, C0, 16³]
@@ -122,8 +121,6 @@ class DenseEncoder(nn.Module):
         self.blocks = nn.ModuleList(blocks)
         self.middle_block = nn.Sequential(*[ResBlock3d(ch[-1]) for _ in range(cfg.num_res_blocks_middle_encoder)])
         self.out_layer = _out_layer(ch[-1], cfg.embed_dim * 2)
-        _cast_convs(self.blocks, dtype)  # input/out layers stay fp32 (SPEC.md §7.2)
-        _cast_convs(self.middle_block, dtype)
 
     def forward(self, occupancy: torch.Tensor) -> torch.Tensor:
         h = self.input_layer(occupancy.float() * 2.0 - 1.0)         # [B, C0, 64³] fp32
@@ -145,6 +142,18 @@ class DenseVAE(nn.Module):
         dtype = dtype or (torch.float16 if cfg.use_fp16 else torch.float32)
         self.encoder = DenseEncoder(cfg, dtype)
         self.decoder = DenseDecoder(cfg, dtype)
+        self.set_dtype(dtype)
+
+    def set_dtype(self, dtype: torch.dtype) -> "DenseVAE":
+        """Convs in `dtype` — every decoder conv, the encoder's torso only (its input/out layers stay fp32) —
+        and norms in fp32, as the original's `use_fp16` (SPEC.md §7.2-7.3). Call it again after
+        `load_state_dict(..., assign=True)`, which adopts the checkpoint's dtypes."""
+        self.encoder.dtype = self.decoder.dtype = dtype
+        self.float()
+        _cast_convs(self.decoder, dtype)
+        _cast_convs(self.encoder.blocks, dtype)
+        _cast_convs(self.encoder.middle_block, dtype)
+        return self
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Sampled latents `[B, E, 16³]` → occupancy logits `[B, 1, 64³]`, undoing the latent scale/shift first."""

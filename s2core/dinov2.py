@@ -164,10 +164,10 @@ class ImageConditioner(nn.Module):
         H, W = rgb.shape[-2:]
         if (H, W) == (S, S):
             return rgb
-        scale = S / min(H, W)
-        size = (S, round(W * scale)) if H <= W else (round(H * scale), S)
+        # torchvision Resize(S): shorter side to S, longer side truncated; CenterCrop rounds its offsets.
+        size = (S, int(S * W / H)) if H <= W else (int(S * H / W), S)
         rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True)
-        top, left = (rgb.shape[-2] - S) // 2, (rgb.shape[-1] - S) // 2
+        top, left = int(round((rgb.shape[-2] - S) / 2.0)), int(round((rgb.shape[-1] - S) / 2.0))
         return rgb[..., top:top + S, left:left + S]
 
     def forward(self, rgb: torch.Tensor, mask: torch.Tensor | None = None):

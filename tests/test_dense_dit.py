@@ -86,3 +86,14 @@ def test_tiny_forward_shapes_and_precision(dtype):
         v1 = dit(x[1:], torch.tensor([500.0], dtype=dtype), cond[1:])
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     assert (v1.float() - v[1:].float()).abs().max() < tol
+
+
+def test_set_dtype_restores_the_precision_policy_after_assign_load():
+    cfg = tiny_release().dense_dit
+    with torch.device("meta"):
+        dit = DenseDiT(cfg, dtype=torch.float16)
+    dit.load_state_dict(deterministic_state_dict(dit, dtype=torch.float32), strict=True, assign=True)  # fp32 file
+    assert dit.input_layer.weight.dtype == torch.float32
+    dit.set_dtype(torch.float16)
+    assert dit.input_layer.weight.dtype == torch.float16 and dit.blocks[1].mlp.mlp[2].weight.dtype == torch.float16
+    assert dit.blocks[1].norm2.weight.dtype == torch.float32 and dit.pos_emb.dtype == torch.float32

@@ -52,3 +52,13 @@ def test_tiny_decode_encode_shapes(dtype):
     assert logits.shape == (2, 1, 16, 16, 16) and logits.dtype == dtype
     assert mean.shape == (2, 8, 4, 4, 4) and mean.dtype == torch.float32
     assert sample.shape == mean.shape and not torch.equal(sample, mean)
+
+
+def test_set_dtype_restores_the_precision_policy_after_assign_load():
+    with torch.device("meta"):
+        vae = DenseVAE(tiny_release().dense_vae, dtype=torch.float16)
+    vae.load_state_dict(deterministic_state_dict(vae, dtype=torch.float32), strict=True, assign=True)
+    vae.set_dtype(torch.float16)
+    assert vae.decoder.input_layer.weight.dtype == torch.float16 and vae.decoder.out_layer[0].weight.dtype == torch.float32
+    assert vae.encoder.input_layer.weight.dtype == torch.float32 and vae.encoder.blocks[0].conv2.weight.dtype == torch.float16
+    assert vae.encoder.out_layer[2].weight.dtype == torch.float32
