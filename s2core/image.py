@@ -37,8 +37,18 @@ MIN_SIDE = 8            # smaller inputs cannot hold an object worth reconstruct
 BORDER_TOLERANCE = 24   # 8-bit colour distance that still counts as "background" when keying on the border
 
 
-def _to_uint8(x: np.ndarray) -> np.ndarray:
-    return np.clip(np.rint(x * 255.0), 0, 255).astype(np.uint8)
+_ROWS = 1024  # rows converted at a time: bounds the float temporaries for huge inputs
+
+
+def _to_uint8(x: torch.Tensor, what: str) -> np.ndarray:
+    """`[H, W(, C)]` float 0..1 → uint8 (×255, rounded, clipped), in row chunks; NaN → ValueError."""
+    out = np.empty(tuple(x.shape), np.uint8)
+    for r in range(0, x.shape[0], _ROWS):
+        chunk = x[r:r + _ROWS].detach().float().cpu().numpy()
+        if np.isnan(chunk).any():
+            raise ValueError(f"The {what} contains NaN values; check the node that produced it.")
+        out[r:r + _ROWS] = np.clip(np.rint(chunk * 255.0), 0, 255)
+    return out
 
 
 def _split_images(image) -> list[np.ndarray]:
@@ -61,9 +71,7 @@ def _split_images(image) -> list[np.ndarray]:
                          f"dimension (shape {tuple(image.shape)}).")
     if not image.is_floating_point():
         raise ValueError(f"The image tensor must be float in [0, 1], got {image.dtype}.")
-    if torch.isnan(image).any():
-        raise ValueError("The image contains NaN pixels; check the node that produced it.")
-    return [_to_uint8(image[b].detach().float().cpu().numpy()) for b in range(image.shape[0])]
+    return [_to_uint8(image[b], "image") for b in range(image.shape[0])]
 
 
 def _split_masks(mask, invert: bool) -> list[np.ndarray] | None:
@@ -74,7 +82,7 @@ def _split_masks(mask, invert: bool) -> list[np.ndarray] | None:
         mask = torch.from_numpy(np.array(mask.convert("L"))).float() / 255.0
     elif isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.ascontiguousarray(mask))
-        mask = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask.float()
+        mask = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask
     if not isinstance(mask, torch.Tensor):
         raise ValueError(f"The mask must be a ComfyUI MASK tensor, a PIL image or a NumPy array, got {type(mask).__name__}.")
     if mask.ndim == 4 and mask.shape[1] == 1:
@@ -83,12 +91,8 @@ def _split_masks(mask, invert: bool) -> list[np.ndarray] | None:
         mask = mask[None]
     if mask.ndim != 3:
         raise ValueError(f"The mask must be shaped [B, H, W] (ComfyUI MASK), got {tuple(mask.shape)}.")
-    mask = mask.float()
-    if torch.isnan(mask).any():
-        raise ValueError("The mask contains NaN values; check the node that produced it.")
-    if invert:
-        mask = 1.0 - mask
-    return [_to_uint8(mask[b].cpu().numpy()) for b in range(mask.shape[0])]
+    alphas = [_to_uint8(mask[b], "mask") for b in range(mask.shape[0])]
+    return [255 - a for a in alphas] if invert else alphas
 
 
 def _key_out_background(rgb: np.ndarray) -> np.ndarray:

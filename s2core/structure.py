@@ -17,15 +17,12 @@ rows (batch column = element index), which for B = 1 is exactly the original's i
 """
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from .flow_sampler import make_noise, sample_flow, seeded_generator
-
-log = logging.getLogger(__name__)
 
 _BLOCK_BITS = 12  # block coordinates < 4096 (grids up to 4096·block_size voxels per side) and batch < 2^18
 
