@@ -41,7 +41,7 @@ from s2core.dense_vae import DenseVAE  # noqa: E402
 from s2core.dinov2 import ImageConditioner  # noqa: E402
 from s2core.flow_sampler import flow_schedule, seeded_generator  # noqa: E402
 from s2core.image import preprocess_image  # noqa: E402
-from s2core.structure import decode_dense, encode_image, sample_dense, sort_block  # noqa: E402
+from s2core.structure import decode_dense, encode_image, sample_dense  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
 
 

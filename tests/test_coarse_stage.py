@@ -1,5 +1,4 @@
 """Coarse stage end to end on the tiny config: image + mask in, a block-sorted sparse index out."""
-import numpy as np
 import pytest
 import torch
 
