@@ -12,7 +12,8 @@ released; noise comes from the same seeded generator, so the two indices should 
 Writes `bench/results/<date>-<device>-coarse.md` (or `--out`). Stand-ins used for the original, only where a
 package is missing, are listed in the results: `torchvision` (tools/golden/harness.py shim; at 518² its
 transforms are identities + Normalize), import-only placeholders (torchsparse, udf_ext, utils3d, pymeshfix,
-igraph, pyvista, skimage, omegaconf, transformers; never called on the dense path), `tqdm` (pass-through),
+igraph, pyvista, skimage, omegaconf, transformers, trimesh, huggingface_hub; never called on the dense
+path), `tqdm` (pass-through),
 `diffusers` (FlowMatchEulerDiscreteScheduler re-stated from s2core.flow_sampler, bit-exact per the tests).
 The original's dense attention uses flash-attn when installed (its default), else its own `sdpa` backend.
 """
@@ -170,7 +171,7 @@ def install_original(upstream: Path, dinov2: Path | None, stand_ins: list[str]):
         sys.modules.update(harness._make_torchvision())
         stand_ins.append("torchvision: tools/golden/harness.py shim (518² → Resize/CenterCrop identities + Normalize)")
     for name in ("torchsparse", "udf_ext", "utils3d", "pymeshfix", "igraph", "pyvista", "skimage", "omegaconf",
-                 "transformers"):
+                 "transformers", "trimesh", "huggingface_hub"):
         try:
             importlib.import_module(name)
         except Exception:
@@ -312,7 +313,7 @@ def main(argv=None):
              f"- command: `python bench/bench_coarse.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
              f"- {args.steps} steps, CFG {args.guidance}, seed {args.seed}; DiT/VAE fp16, DINOv2 fp32; best of {args.repeats}",
              f"- our weights resident on the device: {weights / 2**20:.0f} MiB", "",
-             "| stage | ours (s) | ours peak (MiB) | original (s) | original peak (MiB) |",
+             "| stage | ours (s) | ours peak above weights (MiB) | original (s) | original peak above weights (MiB) |",
              "|---|---:|---:|---:|---:|"]
     for k, label in (("encode", "DINOv2 encode"), ("sample", f"dense sampling ({args.steps} steps, CFG)"),
                      ("decode", "dense decode → sorted index")):
