@@ -17,8 +17,12 @@ densify one cube at a time from the sparse voxels and never hold a whole 512³/1
 512 path keeps one row of 9 cube outputs (the original keeps all 27) and streams x-slabs of the blended
 field; the 1024 path keeps the 512³ sign grid as 1 bit per voxel (16 MiB). From each slab only the
 corners of marching-cubes cells whose corners straddle the level are kept (`RefinedField`), which is
-all a marching cubes pass needs. Cubes with no decoded voxel in them are computed once and reused:
-their inputs are bitwise equal, so are their outputs.
+all a marching cubes pass needs; `mesh_refined_field` meshes it with `mesh.marching_cubes`'s tables.
+Cubes with no decoded voxel in them are computed once and reused: their inputs are bitwise equal, so
+are their outputs.
+
+Use: `field = remove_interior(model, sdf, feats, level, progress)` then
+`[(vertices, faces), ...] = mesh_refined_field(field)` (one mesh per batch element, original frame).
 
 Letters: B batch, P cube edge, S cube stride, O = P - S overlap, R grid edge (R = 2·S + P),
 N decoded voxels, M kept voxels. Attribute names are the checkpoint's (`unet3d1`, `latent_mlp.net`,
