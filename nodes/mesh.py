@@ -39,12 +39,13 @@ class PostprocessMesh(Node):
         In("simplify_ratio", "FLOAT", "Fraction of faces to remove. 0.95 (the original) keeps 5 %: a much "
            "smaller file with less fine detail.", default=0.95, min=0.0, max=0.999, step=0.005),
         In("fill_holes", "BOOLEAN", "Close small holes in the surface.", default=False),
+        In("remove_debris", "BOOLEAN", "Delete small disconnected pieces (under 1 % of the faces).", default=False),
     )
     outputs = (Out(MESH, "mesh", "The processed mesh."),)
 
     @classmethod
-    def run(cls, mesh, simplify=True, simplify_ratio=0.95, fill_holes=False):
-        out = pipeline.postprocess(_comfy.from_comfy_mesh(mesh), simplify, simplify_ratio, fill_holes,
+    def run(cls, mesh, simplify=True, simplify_ratio=0.95, fill_holes=False, remove_debris=False):
+        out = pipeline.postprocess(_comfy.from_comfy_mesh(mesh), simplify, simplify_ratio, fill_holes, remove_debris,
                                    _comfy.should_stop)
         return (_comfy.to_comfy_mesh(out),), None
 

@@ -216,9 +216,9 @@ def tiny_release() -> ReleaseConfig:
                                  num_blocks=2, num_heads=2, use_fp16=False),  # 4³ latent -> 16³ index = sparse_dit_512 grid
         dense_image_encoder=enc,
         sparse_vae_512=SparseVAEConfig(model_channels_encoder=64, num_heads_encoder=2, num_head_channels_encoder=32,
-                                       num_blocks_encoder=1, model_channels_decoder=64, num_heads_decoder=2,
+                                       num_blocks_encoder=1, model_channels_decoder=512, num_heads_decoder=2,
                                        num_head_channels_decoder=32, num_blocks_decoder=1, resolution=16,
-                                       use_fp16=False),
+                                       use_fp16=False),  # decoder 512 wide: its 512/16 = 32-ch features feed the 512 refiner
         sparse_dit_512=SparseDiTConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=2,
                                        num_heads=4, num_kv_heads=2, use_fp16=False),
         sparse_vae_1024=SparseVAEConfig(model_channels_encoder=64, num_heads_encoder=2, num_head_channels_encoder=32,

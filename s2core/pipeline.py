@@ -53,6 +53,8 @@ DENSE_THRESHOLD = 0.1  # occupancy probability of the dense decode
 MC_THRESHOLD = 0.2  # sparse SDF iso-level; the 512 refiner meshes at 2x this (SPEC.md §11)
 SIMPLIFY_RATIO = 0.95  # fraction of faces removed by `postprocess(simplify=True)`
 VARIANTS = ("v1.1", "v1.0", "tiny-random")
+TINY_REFINER_CHANNELS = (4, 8, 8, 16)
+TINY_DENSE_OUT_BIAS = -3.1  # tiny dense decoder output bias (see tiny_state_dicts)  # refiner UNet widths of tiny-random (official: 8, 32, 128, 512)
 STAGES = ("dense", "sparse_512", "sparse_1024")
 
 
@@ -259,10 +261,10 @@ PARTS: dict[str, _Part] = {
     "dense_dit": _Part("dense_dit", "DenseDiT", "dense_dit", "model_dense", "dit"),
     "sparse_vae_512": _Part("sparse_vae", "SparseSDFVAE", "sparse_vae_512", "model_sparse_512", "vae"),
     "sparse_dit_512": _Part("sparse_dit", "SparseDiT", "sparse_dit_512", "model_sparse_512", "dit"),
-    "refiner_512": _Part("refiner", "Refiner", "refiner", "model_refiner", "refiner"),
+    "refiner_512": _Part("refiner", "build_refiner", "refiner", "model_refiner", "refiner"),
     "sparse_vae_1024": _Part("sparse_vae", "SparseSDFVAE", "sparse_vae_1024", "model_sparse_1024", "vae"),
     "sparse_dit_1024": _Part("sparse_dit", "SparseDiT", "sparse_dit_1024", "model_sparse_1024", "dit"),
-    "refiner_1024": _Part("refiner", "Refiner1024", "refiner_1024", "model_refiner_1024", "refiner"),
+    "refiner_1024": _Part("refiner", "build_refiner", "refiner_1024", "model_refiner_1024", "refiner"),
 }
 STAGE_PARTS: dict[str, tuple[str, ...]] = {
     "dense": ("image_encoder", "dense_vae", "dense_dit"),
@@ -318,6 +320,8 @@ def build_part(name: str, config: ReleaseConfig, dtype: torch.dtype = torch.floa
             cfg = replace(cfg, use_fp16=dtype == torch.float16)
         if "dtype" in inspect.signature(cls).parameters:
             kwargs["dtype"] = dtype
+    if name.startswith("refiner") and config.name == "tiny-random":
+        kwargs["block_out_channels"] = TINY_REFINER_CHANNELS  # the UNet widths are not in RefinerConfig
     return cls(cfg, **kwargs).eval().requires_grad_(False)
 
 
@@ -403,6 +407,10 @@ def tiny_state_dicts(config: ReleaseConfig, parts: tuple[str, ...], seed: int = 
             module = build_part(name, config)
             module = module.model if name == "image_encoder" else module  # the backbone's own (hub) keys
             out[name] = deterministic_state_dict(module, seed=seed * 100 + i)
+    if "dense_vae" in out:
+        # Random decoders call ~every cell occupied at the official 0.1 threshold; this one bias keeps
+        # about 5 % of the 16³ cells so the sparse stages run on ~200 tokens and the chain takes seconds.
+        out["dense_vae"]["decoder.out_layer.2.bias"].fill_(TINY_DENSE_OUT_BIAS)
     return out
 
 
@@ -634,71 +642,91 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
         out = vae.decode(x, return_feat=refine)
     sdf, feat = out if isinstance(out, tuple) else (out, None)
     _poll(should_stop)
+    sdf_res = latent.structure.grid * 8  # 512 / 1024 official
     if refine:
         refiner = models.part(f"refiner_{key}")
-        run = _function("refiner", "refine_to_mesh")
+        remove_interior = _function("refiner", "remove_interior")
         iso = 2 * threshold if res == 512 else threshold
-        with stage_guard(f"{res} refinement", hint), models.placement.use([refiner]):
-            items = run(refiner, sdf, feat, iso, callback=callback, check_cancel=lambda: _poll(should_stop))
+
+        def progress(i, n):
+            _poll(should_stop)
+            if callback is not None:
+                callback(i, n)
+
+        with stage_guard(f"{res} refinement", hint), models.placement.use([refiner]) as dev:
+            field_ = remove_interior(refiner, sdf.to(dev), None if feat is None else feat.to(dev), iso,
+                                     progress=progress, grid=_cube_grid(res, sdf_res))
+            items = _function("refiner", "mesh_refined_field")(field_)
     else:
-        to_mesh = _function("mesh.marching_cubes", "sparse_sdf_to_mesh")
+        to_mesh = _function("mesh.marching_cubes", "meshes_from_sparse_sdf")
         with stage_guard(f"{res} surface extraction", hint):
-            items = to_mesh(sdf, res, threshold)
+            items = to_mesh(sdf, sdf_res, threshold)
     info = {"variant": models.variant, "seed": latent.seed, "resolution": res, "refined": bool(refine)}
     return Mesh.from_list(list(items), res, info)
+
+
+def _cube_grid(res: int, sdf_res: int):
+    """The refiner's cube tiling, scaled down when the SDF grid is smaller than the official one (tiny-random)."""
+    refiner = importlib.import_module(f"{__package__}.refiner")
+    g = refiner.GRID_512 if res == 512 else refiner.GRID_1024_SIGN
+    official = 512 if res == 512 else 1024
+    if sdf_res == official:
+        return g
+    return refiner.CubeGrid(g.resolution * sdf_res // official, g.patch * sdf_res // official,
+                            g.stride * sdf_res // official)
 
 
 def mesh_to_structure(models: Models, mesh: Mesh) -> Structure:
     """Normalise each mesh (longest side to [-0.95, 0.95]) and voxelize it into the 1024 stage's latent index
     (SPEC.md §10.1-2: cells within 8/1024 of the surface, on the 128³ grid)."""
-    voxelize = _function("mesh.voxelize", "mesh_to_index")
+    to_index = _function("mesh.voxelize", "mesh_to_latent_index")
     cfg = models.config.sparse_dit_1024
-    size = cfg.resolution * 8  # 1024 official, the UDF lattice; factor 8 down to the latent grid
     parts = []
     for b, (v, f) in enumerate(mesh.items()):  # host loop over batch items: one voxelization call each
         if f.shape[0] == 0:
-            raise ValueError(f"Mesh {b} has no faces, so there is nothing to refine at 1024.")
-        idx = voxelize(normalize_vertices(v), f, size)[:, -3:].to(torch.int32).cpu()  # [N_b, 3] latent cells
-        parts.append(torch.cat([torch.full_like(idx[:, :1], b), idx], 1))
+            raise ValueError(f"Mesh {b} has no faces, so there is nothing to refine at 1024; check the 512 "
+                             f"stage's output (another seed or threshold).")
+        idx = to_index(v, f, resolution=cfg.resolution * 8, normalize=True, device=models.placement.device)
+        idx = idx.to(torch.int32).cpu()  # [N_b, 4] (0, x, y, z) on the latent grid
+        idx[:, 0] = b
+        parts.append(idx)
     return make_structure(torch.cat(parts), 1024, cfg.resolution, cfg.selection_block_size)
 
 
-def normalize_vertices(vertices: torch.Tensor, scale: float = 0.95) -> torch.Tensor:
-    """Centre the bounding box and scale its longest side to [-scale, scale] (SPEC.md §10.1)."""
-    lo, hi = vertices.min(0).values, vertices.max(0).values
-    extent = float((hi - lo).max())
-    if not extent > 0:
-        raise ValueError("The mesh has zero extent (a single point); it cannot be voxelized.")
-    return (vertices - (lo + hi) / 2) * (2 * scale / extent)
-
-
 def postprocess(mesh: Mesh, simplify: bool = True, simplify_ratio: float = SIMPLIFY_RATIO,
-                fill_holes: bool = False, should_stop: ShouldStop | None = None) -> Mesh:
-    """Hole filling and simplification per item (`simplify_ratio` = fraction of faces removed, SPEC.md §10.4)."""
+                fill_holes: bool = False, remove_debris: bool = False,
+                should_stop: ShouldStop | None = None) -> Mesh:
+    """Debris removal, hole filling and simplification per item (`simplify_ratio` = fraction of faces
+    removed; the original's `remesh=True` is simplify with 0.95 and nothing else, SPEC.md §10.4)."""
     if not 0.0 <= simplify_ratio < 1.0:
         raise ValueError(f"simplify_ratio is the fraction of faces to remove and must be in [0, 1), got {simplify_ratio}.")
     post = _function("mesh.postprocess", "postprocess_mesh")
     items = []
     for v, f in mesh.items():  # host loop over batch items: mesh ops run per mesh
         _poll(should_stop)
-        items.append(post(v, f, simplify=simplify, simplify_ratio=simplify_ratio, fill_holes=fill_holes))
+        if f.shape[0] == 0:
+            items.append((v, f))
+            continue
+        v, f, _ = post(v, f, remove_debris=remove_debris, close_holes=fill_holes,
+                       simplify_ratio=simplify_ratio if simplify else None)
+        items.append((v, f))
     return Mesh.from_list(items, mesh.resolution, mesh.info)
 
 
 def save(mesh: Mesh, path: str | Path, metadata: dict | None = None) -> list[Path]:
-    """Write each item atomically (temp file + rename); the suffix picks the format (.glb .obj .ply .stl).
+    """Write each item atomically (temp file + rename, never over an existing file); the suffix picks the
+    format (.glb .obj .ply .stl).
 
     B = 1 writes `path`; B > 1 writes `<stem>_0<suffix>`, `<stem>_1<suffix>`, ... GLB files carry
-    `metadata` (plus `mesh.info`) in asset.extras.
+    `mesh.info` (variant, seed, resolution) and `metadata` in asset.extras.
     """
-    export = _function("mesh.export", "export_mesh")
+    save_mesh = _function("mesh.export", "save_mesh")
     path = Path(path)
-    meta = {**mesh.info, **(metadata or {})}
+    extras = {**mesh.info, **(metadata or {})}
     out = []
     for i, (v, f) in enumerate(mesh.items()):
         p = path if mesh.batch_size == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
-        export(v.cpu(), f.cpu(), p, metadata=meta)
-        out.append(p)
+        out.append(Path(save_mesh(v, f, p, extras=extras)))
     return out
 
 
@@ -706,9 +734,13 @@ def image_to_mesh(models: Models, image: torch.Tensor, mask: torch.Tensor | None
                   resolution: int = 1024, dense_steps: int = DENSE_STEPS, sparse_512_steps: int = SPARSE_512_STEPS,
                   sparse_1024_steps: int = SPARSE_1024_STEPS, guidance: float = GUIDANCE,
                   mc_threshold: float = MC_THRESHOLD, remove_interior: bool = True, remesh: bool = False,
-                  simplify_ratio: float = SIMPLIFY_RATIO, max_tokens: int = 0,
+                  simplify_ratio: float = SIMPLIFY_RATIO, max_tokens: int = 0, refine_512: bool = True,
                   callback: Callback | None = None, should_stop: ShouldStop | None = None) -> Mesh:
-    """The official chain (SPEC.md §3.2). `callback(step, total)` counts the sampling steps of all stages."""
+    """The official chain (SPEC.md §3.2). `callback(step, total)` counts the sampling steps of all stages.
+
+    `refine_512=False` skips the 512 refiner (the original always runs it): much faster on a CPU, but the
+    512 mesh keeps its inner shell, which the 1024 structure then also covers.
+    """
     if resolution not in (512, 1024):
         raise ValueError(f"resolution must be 512 or 1024, got {resolution}.")
     total = dense_steps + sparse_512_steps + (sparse_1024_steps if resolution == 1024 else 0)
@@ -721,12 +753,12 @@ def image_to_mesh(models: Models, image: torch.Tensor, mask: torch.Tensor | None
     structure = decode_dense(models, dense, DENSE_THRESHOLD, should_stop)
     latent = sample_sparse(models, cond, structure, seed, sparse_512_steps, guidance, 0, offset(dense_steps),
                            should_stop)
-    mesh = decode_sparse(models, latent, True, mc_threshold, None, should_stop)  # 512 always refines (SPEC.md §3.2)
+    mesh = decode_sparse(models, latent, refine_512, mc_threshold, None, should_stop)
     if resolution == 1024:
         structure = mesh_to_structure(models, mesh)
         latent = sample_sparse(models, cond, structure, seed, sparse_1024_steps, guidance, max_tokens,
                                offset(dense_steps + sparse_512_steps), should_stop)
         mesh = decode_sparse(models, latent, remove_interior, mc_threshold, None, should_stop)
     if remesh:
-        mesh = postprocess(mesh, True, simplify_ratio, False, should_stop)
+        mesh = postprocess(mesh, True, simplify_ratio, should_stop=should_stop)
     return mesh

@@ -1,0 +1,215 @@
+"""Pipeline stage functions end to end on `tiny-random` (CPU, seconds): typed results, the official
+defaults, progress/cancel hooks, out-of-memory messages, and clear errors for missing parts.
+
+The tiny model's weights are random, so no test looks at mesh quality: they check shapes, ordering,
+files and messages. Steps are cut to 2-3 per stage to keep the suite fast; the defaults themselves are
+asserted on the function signatures.
+"""
+import importlib
+import inspect
+
+import pytest
+import torch
+
+from s2core import pipeline as P
+from s2core.structure import sort_block
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # small CPU kernels: thread start-up dominates on the shared 2-core CI box
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return P.load_models("tiny-random", P.STAGES)
+
+
+def picture(batch=1, size=64):
+    """A red ellipse-ish block on white with its object mask (1 = object)."""
+    img = torch.ones(batch, size, size, 3)
+    mask = torch.zeros(batch, size, size)
+    for b in range(batch):
+        lo = 12 + 4 * b
+        img[b, lo:size - 12, 18:size - 18] = torch.tensor([0.8, 0.2, 0.1])
+        mask[b, lo:size - 12, 18:size - 18] = 1.0
+    return img, mask
+
+
+def test_official_defaults():
+    sig = inspect.signature(P.image_to_mesh).parameters
+    assert (sig["dense_steps"].default, sig["sparse_512_steps"].default, sig["sparse_1024_steps"].default) == (50, 30, 15)
+    assert sig["guidance"].default == 7.0 and sig["mc_threshold"].default == 0.2 and sig["resolution"].default == 1024
+    assert sig["remove_interior"].default is True and sig["remesh"].default is False
+    assert inspect.signature(P.decode_dense).parameters["threshold"].default == 0.1
+    assert inspect.signature(P.sample_dense).parameters["steps"].default == 50
+    assert P.SIMPLIFY_RATIO == 0.95
+
+
+def test_make_structure_block_sorted_and_counts():
+    g = torch.Generator().manual_seed(0)
+    xyz = torch.unique(torch.randint(0, 16, (300, 3), generator=g), dim=0)
+    coords = torch.cat([torch.cat([torch.zeros(len(xyz), 1), xyz], 1), torch.cat([torch.ones(40, 1), xyz[:40]], 1)]).int()
+    st = P.make_structure(coords[torch.randperm(len(coords), generator=g)], 512, 16, 8)
+    assert st.counts == (len(xyz), 40) and st.max_seqlen == len(xyz) and st.batch_size == 2
+    assert st.cu_seqlens.tolist() == [0, len(xyz), len(xyz) + 40] and st.cu_seqlens.dtype == torch.int32
+    assert torch.equal(st.coords, sort_block(coords, 8)[0])  # batch-major, then block order
+    blocks = {tuple(r) for r in (xyz[:40] // 8).tolist()}
+    assert st.num_blocks[1] == len(blocks)
+    one = st.item(1)
+    assert one.counts == (40,) and int(one.coords[:, 0].max()) == 0
+    assert st.to("cpu") is st
+
+
+def test_mesh_packing_roundtrip():
+    a = (torch.rand(4, 3), torch.tensor([[0, 1, 2], [0, 2, 3]]))
+    b = (torch.rand(3, 3), torch.tensor([[0, 1, 2]]))
+    m = P.Mesh.from_list([a, b], 512, {"seed": 3})
+    assert m.vertex_counts == (4, 3) and m.face_counts == (2, 1) and m.batch_size == 2
+    assert torch.equal(m.item(1)[0], b[0]) and torch.equal(m.item(1)[1], b[1])  # faces stay local per item
+    assert m.to("cpu").info == {"seed": 3}
+
+
+def test_missing_module_says_not_available(monkeypatch):
+    real = importlib.import_module
+
+    def fake(name, *args):
+        if name.endswith(".sparse_dit"):
+            raise ModuleNotFoundError(f"No module named '{name}'", name=name)
+        return real(name, *args)
+
+    monkeypatch.setattr(P.importlib, "import_module", fake)
+    with pytest.raises(RuntimeError, match="The sparse DiT is not available yet in this version of the pack"):
+        P.load_models("tiny-random", ("sparse_512",))
+
+
+def test_tiny_weights_deterministic_and_strict():
+    a = P.load_models("tiny-random", ("dense",))
+    b = P.load_models("tiny-random", ("dense",))
+    for name, m in a.loaded_parts().items():
+        for (k, v), (k2, v2) in zip(m.state_dict().items(), b.loaded_parts()[name].state_dict().items()):
+            assert k == k2 and torch.equal(v, v2), f"{name}.{k} differs between two loads"
+    sd = P.tiny_state_dicts(a.config, ("dense_dit",))["dense_dit"]
+    sd.pop(next(iter(sd)))
+    with pytest.raises(ValueError, match="do not fit this network"):
+        P.load_models("tiny-random", ("dense",), state_dicts={**P.tiny_state_dicts(a.config, P.STAGE_PARTS["dense"]),
+                                                              "dense_dit": sd})
+
+
+def test_chain_512_to_file(models, tmp_path):
+    img, mask = picture()
+    steps = []
+    cond = P.encode_image(models, img, mask)
+    assert cond.tokens.shape[:2] == (1, 1 + 4 + (models.config.dense_image_encoder.size // 14) ** 2)
+    dense = P.sample_dense(models, cond, seed=5, steps=3, callback=lambda i, n: steps.append((i, n)))
+    assert steps == [(1, 3), (2, 3), (3, 3)] and dense.latents.shape == (1, 8, 4, 4, 4)
+    st = P.decode_dense(models, dense)
+    assert st.resolution == 512 and st.grid == 16 and st.num_tokens == sum(st.counts) > 0
+    lat = P.sample_sparse(models, cond, st, seed=5, steps=2)
+    assert lat.feats.shape == (st.num_tokens, 16) and lat.structure is not None
+    mesh = P.decode_sparse(models, lat, refine=False)
+    assert mesh.batch_size == 1 and mesh.face_counts[0] > 0
+    v, f = mesh.item(0)
+    assert v.dtype == torch.float32 and f.dtype == torch.int64 and int(f.max()) < v.shape[0]
+    assert float(v.abs().max()) <= 1.0
+    assert mesh.info == {"variant": "tiny-random", "seed": 5, "resolution": 512, "refined": False}
+    out = P.save(mesh, tmp_path / "m.glb", {"note": "x"})
+    assert out == [tmp_path / "m.glb"] and out[0].read_bytes()[:4] == b"glTF"
+
+
+def test_stage_1024_from_structure(models):
+    """Sparse 1024 sampling + decode on a small hand-made structure (two 8³ blocks of the 32³ grid)."""
+    img, mask = picture()
+    cond = P.encode_image(models, img, mask)
+    x, y, z = torch.meshgrid(*[torch.arange(8, 16)] * 3, indexing="ij")
+    xyz = torch.stack([x.flatten(), y.flatten(), z.flatten()], 1)
+    xyz = xyz[((xyz - 11.5) ** 2).sum(1) < 12]  # a small ball of cells
+    coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
+    st = P.make_structure(coords, 1024, 32, 8)
+    lat = P.sample_sparse(models, cond, st, seed=1, steps=1)
+    mesh = P.decode_sparse(models, lat, refine=False)
+    assert mesh.resolution == 1024 and mesh.face_counts[0] > 0
+
+
+def test_mesh_to_structure_icosphere(models):
+    import trimesh
+
+    ico = trimesh.creation.icosphere(subdivisions=1)
+    mesh = P.Mesh.from_list([(torch.tensor(ico.vertices, dtype=torch.float32), torch.tensor(ico.faces))])
+    st = P.mesh_to_structure(models, mesh)
+    assert st.resolution == 1024 and st.grid == 32 and st.num_tokens > 100
+    assert int(st.coords[:, 1:].min()) >= 0 and int(st.coords[:, 1:].max()) < 32
+    empty = P.Mesh.from_list([(torch.zeros(3, 3), torch.zeros(0, 3, dtype=torch.int64))])
+    with pytest.raises(ValueError, match="no faces"):
+        P.mesh_to_structure(models, empty)
+
+
+def test_cancel_mid_sampling_raises_and_stops(models):
+    img, mask = picture()
+    cond = P.encode_image(models, img, mask)
+    seen = []
+
+    def stop():
+        return len(seen) >= 2
+
+    with pytest.raises(P.Cancelled):
+        P.sample_dense(models, cond, steps=10, callback=lambda i, n: seen.append(i), should_stop=stop)
+    assert seen == [1, 2]
+
+
+def test_out_of_memory_names_what_to_lower(models, monkeypatch):
+    img, mask = picture()
+    cond = P.encode_image(models, img, mask)
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(models.dense_dit, "forward", oom)
+    with pytest.raises(RuntimeError, match=r"^Out of GPU memory during dense sampling; use fewer images per batch"):
+        P.sample_dense(models, cond, steps=2)
+
+
+def test_bad_inputs_fail_before_any_model(models, monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("a network ran before the inputs were checked")
+
+    monkeypatch.setattr(models.image_encoder, "forward", boom)
+    img, _ = picture()
+    with pytest.raises(ValueError, match="(?i)mask"):
+        P.encode_image(models, img, torch.zeros(1, 64, 64))  # empty mask
+    with pytest.raises(ValueError):
+        P.encode_image(models, torch.full((1, 64, 64, 3), float("nan")), torch.ones(1, 64, 64))
+    with pytest.raises(ValueError, match="steps"):
+        P.sample_dense(models, P.Conditioning(torch.zeros(1, 21, 64), torch.zeros(1, 4, 4, dtype=torch.bool)), steps=0)
+
+
+def test_token_budget_refuses_early(models):
+    st = P.make_structure(torch.tensor([[0, 1, 1, 1], [0, 1, 1, 2], [0, 2, 1, 1]]), 1024, 32)
+    cond = P.Conditioning(torch.zeros(1, 21, 64), torch.zeros(1, 4, 4, dtype=torch.bool))
+    with pytest.raises(ValueError, match="3 sparse tokens at 1024, more than the token budget of 2"):
+        P.sample_sparse(models, cond, st, max_tokens=2)
+
+
+def test_image_to_mesh_progress_counts_all_stages(models):
+    img, mask = picture()
+    calls = []
+    mesh = P.image_to_mesh(models, img, mask, seed=2, resolution=512, dense_steps=2, sparse_512_steps=2,
+                           refine_512=False, callback=lambda i, n: calls.append((i, n)))
+    assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
+    assert mesh.face_counts[0] > 0 and mesh.info["seed"] == 2
+
+
+@pytest.mark.slow
+def test_refiner_path_512(models):
+    """The interior-removal path (27 cubes) runs and reports progress; the tiny model's field is random."""
+    img, mask = picture()
+    cond = P.encode_image(models, img, mask)
+    st = P.decode_dense(models, P.sample_dense(models, cond, steps=1))
+    lat = P.sample_sparse(models, cond, st, steps=1)
+    cubes = []
+    mesh = P.decode_sparse(models, lat, refine=True, callback=lambda i, n: cubes.append((i, n)))
+    assert cubes[-1] == (27, 27) and mesh.batch_size == 1 and mesh.info["refined"] is True
