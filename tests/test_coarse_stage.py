@@ -101,3 +101,36 @@ def test_bench_coarse_tiny_runs_on_cpu(tmp_path):
     text = bench.main(["--tiny", "--steps", "2", "--repeats", "1", "--device", "cpu", "--out", str(out)])
     assert out.read_text() == text
     assert "| dense sampling (2 steps, CFG) |" in text and "our index:" in text
+
+
+def test_matches_the_original_pipeline_on_the_tiny_config():
+    """The original `Direct3DS2Pipeline.inference(mode="dense")` + sort_block, recorded by
+    tests/data/make_coarse_stage_golden.py (tiny config in fp16, seed-0 weights, 3 steps, CFG 7, noise seed 7)."""
+    import importlib.util
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    data = Path(__file__).parent / "data"
+    spec = importlib.util.spec_from_file_location("make_coarse_stage_golden", data / "make_coarse_stage_golden.py")
+    gen = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gen)
+    ref = load_file(str(data / "coarse_stage_tiny_original.safetensors"))
+    cfg = gen.tiny_fp16_config()
+    enc = ImageConditioner(cfg.dense_image_encoder)
+    enc.load_backbone(deterministic_state_dict(enc.model))
+    dit = DenseDiT(cfg.dense_dit)
+    dit.load_state_dict(deterministic_state_dict(dit), strict=True)
+    vae = DenseVAE(cfg.dense_vae)
+    vae.load_state_dict(deterministic_state_dict(vae), strict=True)
+    with torch.no_grad():
+        vae.decoder.out_layer[2].bias.fill_(gen.DECODER_BIAS)
+    cond, _ = encode_image(enc.eval(), gen.pixels())  # 518² input resized to the tiny 56² as torchvision does
+    # fp32 DINOv2 with the same op sequence; the resize is the one place kernels could differ (antialias bilinear).
+    assert ((cond - ref["out.cond"]).norm() / ref["out.cond"].norm()).item() < 1e-5
+    latent = sample_dense(dit.eval(), ref["out.cond"], None, steps=gen.STEPS, guidance=gen.GUIDANCE,
+                          generator=torch.Generator().manual_seed(gen.NOISE_SEED), latent_dtype=torch.float16)
+    # Same fp16 noise draw, fp16-rounded timesteps, CFG order and Euler step as the original: bitwise equal.
+    assert torch.equal(latent, ref["out.latent"])
+    coords = decode_dense(vae.eval(), latent, block_size=8)
+    assert torch.equal(coords.long(), ref["out.index"])
