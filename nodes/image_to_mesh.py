@@ -31,6 +31,8 @@ class ImageToMesh(Node):
            step=0.01),
         In("remove_interior", "BOOLEAN", "Run the 1024 refiner that removes the inner shell. Off: faster, but the "
            "mesh has a second, inner surface.", default=True),
+        In("refine_512", "BOOLEAN", "Run the 512 interior-removal refiner, as the original always does. Off: "
+           "faster, but the 512 mesh keeps an inner shell.", default=True),
         In("max_tokens", "INT", "Refuse 1024 structures with more sparse tokens than this (a memory budget). "
            "0: no limit.", default=0, min=0, max=10_000_000),
     )
@@ -39,12 +41,12 @@ class ImageToMesh(Node):
     @classmethod
     def run(cls, model, image, mask=None, mask_is_background=True, seed=0, resolution="1024", dense_steps=50,
             sparse_512_steps=30, sparse_1024_steps=15, guidance=7.0, mc_threshold=0.2, remove_interior=True,
-            max_tokens=0):
+            refine_512=True, max_tokens=0):
         if mask is not None and mask_is_background:
             mask = 1.0 - mask
         total = dense_steps + sparse_512_steps + (sparse_1024_steps if resolution == "1024" else 0)
         mesh = pipeline.image_to_mesh(model, image, mask, seed, int(resolution), dense_steps, sparse_512_steps,
                                       sparse_1024_steps, guidance, mc_threshold, remove_interior,
-                                      max_tokens=max_tokens, callback=_comfy.progress(total),
+                                      max_tokens=max_tokens, refine_512=refine_512, callback=_comfy.progress(total),
                                       should_stop=_comfy.should_stop)
         return (_comfy.to_comfy_mesh(mesh),), None
