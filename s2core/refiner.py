@@ -446,7 +446,11 @@ def _stitch(parts: list[torch.Tensor], dim: int, grid: CubeGrid, w: torch.Tensor
                       p2.narrow(dim, O, P - O)], dim)
 
 
-def _check_sparse(x: SparseTensor, resolution: int, what: str) -> None:
+def _check_sparse(x: SparseTensor, resolution: int, what: str, model: nn.Module) -> None:
+    device = next(model.parameters()).device
+    if x.coords.device != device:
+        raise ValueError(f"The decoded {what} is on {x.coords.device} but the refiner is on {device}; "
+                         "move both to the same device.")
     if x.coords.shape[0] == 0:
         raise ValueError(f"The decoded {what} has no voxels, so there is no surface to refine; "
                          "check the structure stage produced tokens.")
@@ -471,7 +475,7 @@ def remove_interior_512(model: VoxelRefiner, sdf: SparseTensor, feats: SparseTen
     raise to cancel). Returns the refined field's straddling cells (`RefinedField`).
     """
     R, P, S = grid.resolution, grid.patch, grid.stride
-    _check_sparse(sdf, R, "SDF")
+    _check_sparse(sdf, R, "SDF", model)
     dtype, device = model.dtype, sdf.device
     fe = feats.feats if isinstance(feats, SparseTensor) else feats
     if fe.shape[0] != sdf.coords.shape[0]:
@@ -554,7 +558,7 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
     R2 = 2 * R
     if R % 8 or S % 8:
         raise ValueError(f"cube grid {grid} needs resolution and stride divisible by 8 for the packed sign grid.")
-    _check_sparse(sdf, R2, "SDF")
+    _check_sparse(sdf, R2, "SDF", model)
     dtype, device = model.dtype, sdf.device
     B = sdf.batch_size
     fine = SparseTensor(sdf.feats.reshape(-1, 1).to(dtype), sdf.coords, B)
