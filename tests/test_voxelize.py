@@ -87,7 +87,7 @@ def test_matches_dense_reference(name, D, factor):
     np.testing.assert_array_equal(got.numpy(), want)
     # windows smaller than one big triangle's box give the same set
     small = mesh_to_latent_index(mesh.vertices, mesh.faces, resolution=D, factor=factor, device="cpu",
-                                 max_candidates=4099)
+                                 max_candidates=61 if name == "thin-plate" else 4099)
     assert torch.equal(small, got)
 
 

@@ -8,11 +8,13 @@ the tokens of the 1024 stage.
 
 Here only lattice points near the surface are ever touched: each triangle's bounding box in lattice
 indices, grown by 5 points on each side (the original's box; the distance threshold is under 4 lattice
-steps), enumerates candidate points. All candidates of all triangles form one flat range that is walked
-in windows of `max_candidates`, so memory is bounded whatever the triangle sizes; candidates whose
-latent cell is already marked are skipped before the distance is computed. The distance is the kernel's
-point–triangle distance in float32, degenerate-triangle rules included (`point_triangle_distance`).
-The only grid is the latent occupancy, (size/factor)³ bools (2 MiB at 1024/8).
+steps), is the candidate set. It is walked in two levels: first the (triangle, latent cell) pairs the
+box overlaps, dropping cells already marked; then the box's lattice points inside each remaining cell
+(at most factor³), dropping again any cell marked meanwhile, and only those get a distance. Each level
+is one flat range over all triangles walked in windows of `max_candidates`, so memory is bounded
+whatever the triangle sizes. The distance is the kernel's point–triangle distance in float32,
+degenerate-triangle rules included (`point_triangle_distance`). The only grid is the latent occupancy,
+(size/factor)³ bools (2 MiB at 1024/8).
 
 Letters: F triangles, V vertices, n candidates in a window, D = size (lattice points per axis).
 """
@@ -98,6 +100,24 @@ def check_mesh(vertices: torch.Tensor, faces: torch.Tensor) -> None:
                          "corrupt or faces and vertices do not belong together.")
 
 
+def _windows(box_lo: torch.Tensor, box_dims: torch.Tensor, window: int):
+    """All integer points of K boxes ([K, 3] low corners and extents) as one flat range, in windows.
+
+    Yields (box id [n], point [n, 3]) for at most `window` points at a time; boxes may span windows."""
+    counts = box_dims.clamp_min(0).prod(1)
+    if counts.numel() == 0:
+        return
+    ends = torch.cumsum(counts, 0)
+    starts = ends - counts
+    total = int(ends[-1])
+    for first in range(0, total, window):  # windows of points, not a loop over boxes
+        flat = torch.arange(first, min(first + window, total), device=box_lo.device)
+        b = torch.searchsorted(ends, flat, right=True)
+        local = flat - starts[b]
+        ny, nz = box_dims[b, 1], box_dims[b, 2]
+        yield b, torch.stack([local // (ny * nz), local // nz % ny, local % nz], 1) + box_lo[b]
+
+
 @torch.no_grad()
 def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 8, threshold: float = 4.0,
                          normalize: bool = True, device: torch.device | str | None = None,
@@ -106,8 +126,8 @@ def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 
 
     vertices [V, 3], faces [F, 3] (numpy or torch). normalize: apply `normalize_vertices` first (the
     pipeline always does, `mesh2index` itself does not). Coordinates lie in [0, ceil(resolution/factor)).
-    device: where to compute (default CUDA when available). max_candidates bounds the lattice points
-    examined at once (memory ~ 0.5 KB each).
+    device: where to compute (default CUDA when available). max_candidates bounds the (triangle, cell)
+    pairs and lattice points examined at once (memory ~ 0.5 KB each).
     """
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -126,31 +146,26 @@ def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 
     lo = torch.floor((tris.min(1).values.double() + 0.5) * (D - 1)).long() - GROW
     hi = torch.floor((tris.max(1).values.double() + 0.5) * (D - 1)).long() + GROW
     lo, hi = lo.clamp(0, D - 1), hi.clamp(0, D - 1)
-    dims = (hi - lo + 1).clamp_min(0)
-    counts = dims.prod(1)  # [F] candidate lattice points per triangle
-    ends = torch.cumsum(counts, 0)
-    total = int(ends[-1])
-    starts = ends - counts
-
     L = (D - 1) // factor + 1
     occupied = torch.zeros(L * L * L, dtype=torch.bool, device=device)
     limit = threshold / D  # float32 in the kernel; 4/1024 is exact
-    for first in range(0, total, max_candidates):  # loop over windows of candidates, not over triangles
-        flat = torch.arange(first, min(first + max_candidates, total), device=device)
-        t = torch.searchsorted(ends, flat, right=True)  # owning triangle of each candidate
-        local = flat - starts[t]
-        ny, nz = dims[t, 1], dims[t, 2]
-        ijk = torch.stack([local // (ny * nz), local // nz % ny, local % nz], 1) + lo[t]  # [n, 3]
-        cell = ijk // factor
+
+    # Level 1: (triangle, latent cell) pairs of each triangle's box, skipping cells already marked.
+    # Level 2: the box's lattice points inside each surviving cell (at most factor³), distance-tested.
+    # A point can only mark its own cell, so points in marked cells never need a distance.
+    clo, chi = lo // factor, hi // factor
+    for t, cell in _windows(clo, chi - clo + 1, max_candidates):  # [n] triangle ids, [n, 3] cells
         key = (cell[:, 0] * L + cell[:, 1]) * L + cell[:, 2]
-        todo = ~occupied[key]  # cells already marked need no more evidence
-        if not bool(todo.any()):
-            continue
-        ijk, key, t = ijk[todo], key[todo], t[todo]
-        p = ijk.float() / (D - 1) - 0.5
-        tri = tris[t]
-        d = point_triangle_distance(p, tri[:, 0], tri[:, 1], tri[:, 2])
-        occupied[key[d < limit]] = True
+        todo = ~occupied[key]
+        t, cell, key = t[todo], cell[todo], key[todo]
+        sub_lo = torch.maximum(lo[t], cell * factor)  # the triangle's box clipped to the cell
+        sub_hi = torch.minimum(hi[t], cell * factor + factor - 1)
+        for j, ijk in _windows(sub_lo, sub_hi - sub_lo + 1, max_candidates):
+            k = key[j]
+            live = ~occupied[k]  # marked by an earlier window of this pass
+            ijk, k, tri = ijk[live], k[live], tris[t[j[live]]]
+            d = point_triangle_distance(ijk.float() / (D - 1) - 0.5, tri[:, 0], tri[:, 1], tri[:, 2])
+            occupied[k[d < limit]] = True
     cells = occupied.view(L, L, L).nonzero()  # lexicographic, as torch.unique orders the original's rows
     return torch.cat([torch.zeros_like(cells[:, :1]), cells], 1).int()
 
