@@ -27,8 +27,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path, help="picture of one object (PNG with transparency, or give --mask)")
     p.add_argument("--mask", type=Path, help="object mask image (white = object); default: the image's alpha")
     p.add_argument("-o", "--output", type=Path, required=True, help="output mesh: .glb, .obj, .ply or .stl")
-    p.add_argument("--resolution", type=int, choices=(512, 1024), default=1024,
-                   help="1024 (default, ~24 GB GPU) or 512 (faster, ~10 GB)")
+    p.add_argument("--resolution", type=int, choices=(512, 1024), default=None,
+                   help="1024 (default, ~24 GB GPU) or 512 (faster, ~10 GB); --demo defaults to 512")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=str, default=None, metavar="D,S512,S1024",
                    help=f"sampling steps per stage (default {pipeline.DENSE_STEPS},{pipeline.SPARSE_512_STEPS},"
@@ -42,7 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--no-download", action="store_true", help="never download; only use files on disk")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
     p.add_argument("--demo", action="store_true",
-                   help="tiny random model: no download, seconds on a CPU, meaningless mesh (smoke test)")
+                   help="tiny random model: no download, seconds on a CPU, meaningless mesh (smoke test); "
+                        "defaults to 512 without the refiners, which are slow on a CPU even when tiny")
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
     p.add_argument("--no-refine-512", action="store_true",
                    help="skip the 512 refiner (faster on a CPU; the mesh keeps an inner shell)")
@@ -122,6 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         image, mask = _load_image(args.image, args.mask)
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         variant = "tiny-random" if args.demo else args.variant
+        if args.resolution is None:
+            args.resolution = 512 if args.demo else 1024
+        refine = not args.demo  # the tiny refiners take minutes on a CPU and give an empty field
         stages = ("dense", "sparse_512") + (("sparse_1024",) if args.resolution == 1024 else ())
         if args.demo:
             progress.note("Demo mode: a tiny model with random weights; the mesh is meaningless.")
@@ -129,8 +133,8 @@ def main(argv: list[str] | None = None) -> int:
                                       allow_download=not args.no_download,
                                       placement=pipeline.Placement(device, offload=device.type == "cuda"))
         mesh = pipeline.image_to_mesh(models, image, mask, args.seed, args.resolution, dense, s512, s1024,
-                                      args.guidance, args.mc_threshold, not args.no_remove_interior, args.remesh,
-                                      refine_512=not args.no_refine_512, callback=progress)
+                                      args.guidance, args.mc_threshold, refine and not args.no_remove_interior,
+                                      args.remesh, refine_512=refine and not args.no_refine_512, callback=progress)
         if args.overwrite:
             args.output.unlink(missing_ok=True)
         pipeline.save(mesh, args.output, {"source_image": args.image.name})
