@@ -35,6 +35,17 @@ def test_fill_holes_makes_watertight():
     assert lf.shape[0] == int(keep.sum())
 
 
+def test_filled_mesh_exports_and_reimports(tmp_path):
+    from s2core.mesh.export import save_mesh
+
+    v, f = _sphere(3)
+    fv, ff, n = postprocess_mesh(v, f[~(f == 0).any(1)], close_holes=True, simplify_ratio=None)
+    assert len(fv) == len(v)  # vertex 0 lost its faces (dropped), one centroid added
+    for fmt in ("glb", "obj", "ply"):
+        back = trimesh.load(save_mesh(fv, ff, tmp_path / f"filled.{fmt}", normals=n), force="mesh", process=False)
+        assert (len(back.vertices), len(back.faces)) == (len(fv), len(ff)) and back.is_watertight
+
+
 def test_remove_debris():
     v1, f1 = _sphere(3)
     v2, f2 = _sphere(0, centre=(3, 0, 0), r=0.05)

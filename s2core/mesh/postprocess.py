@@ -158,7 +158,8 @@ def postprocess_mesh(vertices, faces, *, remove_debris: bool = False, min_compon
 
     Defaults are the original's `remesh=True`: simplify with simplify_ratio 0.95 (fraction of faces
     removed), nothing else. target_faces overrides simplify_ratio; set both None to skip simplification.
-    Debris is removed before holes are filled (so fans do not close debris) and both before simplifying.
+    Debris is removed before holes are filled (so fans do not close debris) and both before simplifying;
+    vertices no face uses are dropped at the end.
     """
     v, f = _as_mesh(vertices, faces)
     if remove_debris:
@@ -169,4 +170,5 @@ def postprocess_mesh(vertices, faces, *, remove_debris: bool = False, min_compon
         v, f = simplify_mesh(v, f, target_faces=target_faces)
     elif simplify_ratio is not None and simplify_ratio > 0:
         v, f = simplify_mesh(v, f, reduction=simplify_ratio)
+    v, f = _compact(v, f)  # vertices no face uses (file readers drop them) go
     return v, f, vertex_normals(v, f)
