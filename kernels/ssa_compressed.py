@@ -42,8 +42,19 @@ _LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 
 
+def _gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
+    """gate[:, None, None] * o (fp32), then written as dtype or added into `out` in place."""
+    if gate is not None:
+        o = o * gate.float()[:, None, None]
+    if out is None:
+        return o.to(dtype)
+    out.copy_((out.float() + o).to(out.dtype))
+    return out
+
+
 def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
-                                       block_keys=None, cu_blocks=None, scale: float | None = None):
+                                       block_keys=None, cu_blocks=None, scale: float | None = None, gate=None,
+                                       out=None, return_lse: bool = True):
     """Plain PyTorch, fp32 inside; loops over samples and chunks of queries (memory stays bounded)."""
     n, hq, d = q.shape
     h = ck.shape[1]
@@ -79,7 +90,7 @@ def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, ma
             kk = min(topk, nblk)
             top = sc.topk(kk, dim=-1).indices.sort(-1).values
             block_idx[:, c0:c1, :kk] = top.to(torch.int32)
-    return o.to(q.dtype), lse, block_idx
+    return _gated(o, q.dtype, gate, out), lse if return_lse else None, block_idx
 
 
 # ------------------------------------------------------------------------------------------------
@@ -87,8 +98,8 @@ def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, ma
 
 def _configs():
     return [triton.Config({"BLOCK_R": r, "BLOCK_K": kb}, num_warps=w, num_stages=s)
-            for r, kb, w, s in [(128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 2), (64, 64, 4, 2),
-                                (128, 32, 4, 3)]]
+            for r, kb, w, s in [(64, 64, 4, 2), (64, 64, 2, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2),
+                                (32, 64, 2, 2)]]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -100,17 +111,19 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _cmp_attn_topk_kernel(
-    q, ck, cv, o, lse, bidx, cu_q, cu_k, cu_blk, blk_keys,
+    q, ck, cv, o, lse, bidx, cu_q, cu_k, cu_blk, blk_keys, gate,
     scale_log2,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    stride_lh, stride_bh, stride_bn,
+    stride_lh, stride_bh, stride_bn, stride_g,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-    CELLS: tl.constexpr, HAS_BLOCK_KEYS: tl.constexpr, UPCAST: tl.constexpr,
+    CELLS: tl.constexpr, HAS_BLOCK_KEYS: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
+    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, POOL_PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # q [N, HQ, D]; ck/cv [M, H, D]; o [N, HQ, D]; lse [HQ, N] fp32; bidx [H, N, TOPK] int32;
-    # cu_q/cu_k/cu_blk [B+1] int32; blk_keys [NB, CELLS] int32 (when HAS_BLOCK_KEYS)
+    # cu_q/cu_k/cu_blk [B+1] int32; blk_keys [NB, CELLS] int32 (when HAS_BLOCK_KEYS); gate [N] (stride_g)
     BLOCK_Q: tl.constexpr = BLOCK_R // G
+    BLOCK_QP: tl.constexpr = 16 if BLOCK_Q < 16 else BLOCK_Q  # tl.dot needs >= 16 rows
     NB: tl.constexpr = BLOCK_K // CELLS
     BIG: tl.constexpr = 2147483647
     i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -165,10 +178,15 @@ def _cmp_attn_topk_kernel(
     # pass 2: normalised output, block scores, running top-k per query token
     o_tk = tl.arange(0, TOPK_P)
     o_nb = tl.arange(0, NB)
-    m_tq = (i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)) < q_len
-    # [BLOCK_Q, TOPK_P]; pad columns hold +inf so they are never the minimum to replace
-    b_tv = tl.where(o_tk[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, TOPK_P], tl.float32)
-    b_ti = tl.full([BLOCK_Q, TOPK_P], -1, tl.int32)
+    o_tq = tl.arange(0, BLOCK_QP)
+    m_tq = (o_tq < BLOCK_Q) & (i_q * BLOCK_Q + o_tq < q_len)
+    # [BLOCK_QP, BLOCK_R] 0/1 selector: row t sums the G rows of token t. A tensor-core product keeps this
+    # head pooling in registers (a reshape-sum crosses warps through shared memory every tile); tf32x3 keeps
+    # fp32 accuracy so the ranking matches an fp32 sum.
+    b_pool = ((o_r[None, :] // G) == o_tq[:, None]).to(tl.float32)
+    # [BLOCK_QP, TOPK_P]; pad columns hold +inf so they are never the minimum to replace
+    b_tv = tl.where(o_tk[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_QP, TOPK_P], tl.float32)
+    b_ti = tl.full([BLOCK_QP, TOPK_P], -1, tl.int32)
     b_acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     for k0 in range(0, n_slot, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
@@ -191,32 +209,35 @@ def _cmp_attn_topk_kernel(
         if UPCAST:
             b_v = b_v.to(tl.float32)
         b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
-        # [BLOCK_Q, BLOCK_K] pooled over the G heads of the group, then [BLOCK_Q, NB] over a block's cells
-        b_sc = tl.sum(tl.reshape(b_p, [BLOCK_Q, G, BLOCK_K]), 1)
+        # [BLOCK_QP, BLOCK_K] pooled over the G heads of the group, then [BLOCK_QP, NB] over a block's cells
+        b_sc = tl.dot(b_pool, b_p, input_precision=POOL_PRECISION)
         if CELLS > 1:
-            b_sc = tl.sum(tl.reshape(b_sc, [BLOCK_Q, NB, CELLS]), 2)
+            b_sc = tl.sum(tl.reshape(b_sc, [BLOCK_QP, NB, CELLS]), 2)
         b_sc = tl.where(m_tq[:, None] & ((k0 // CELLS + o_nb) < n_blk)[None, :], b_sc, float("-inf"))
         # merge: insert the tile's best while it beats the current k-th best of some query
-        b_best = tl.max(b_sc, 1)
-        b_min = tl.min(b_tv, 1)
+        b_best, i_best = tl.max(b_sc, 1, return_indices=True)
+        b_min, i_min = tl.min(b_tv, 1, return_indices=True)
         while tl.max((b_best > b_min).to(tl.int32), 0) > 0:
-            i_best = tl.argmax(b_sc, 1)
-            i_min = tl.argmin(b_tv, 1)
             m_ins = (b_best > b_min)[:, None] & (o_tk[None, :] == i_min[:, None])
             b_tv = tl.where(m_ins, b_best[:, None], b_tv)
             b_ti = tl.where(m_ins, (k0 // CELLS + i_best)[:, None], b_ti)
             b_sc = tl.where(o_nb[None, :] == i_best[:, None], float("-inf"), b_sc)
-            b_best = tl.max(b_sc, 1)
-            b_min = tl.min(b_tv, 1)
+            b_best, i_best = tl.max(b_sc, 1, return_indices=True)
+            b_min, i_min = tl.min(b_tv, 1, return_indices=True)
 
     p_o = o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :]
+    if HAS_GATE:  # the SSA gate of this branch, fused: o = g * o_cmp (+ o when accumulating)
+        b_g = tl.load(gate + (q_start + o_t).to(tl.int64) * stride_g, mask=m_r, other=0.0).to(tl.float32)
+        b_acc = b_acc * b_g[:, None]
+    if ACCUMULATE:
+        b_acc += tl.load(p_o, mask=m_r[:, None], other=0.0).to(tl.float32)
     tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
-    tl.store(lse + o_hq.to(tl.int64) * stride_lh + q_start + o_t, b_lse2 * 0.6931471805599453, mask=m_r)
+    if STORE_LSE:
+        tl.store(lse + o_hq.to(tl.int64) * stride_lh + q_start + o_t, b_lse2 * 0.6931471805599453, mask=m_r)
     b_key = tl.where(b_ti < 0, BIG, b_ti)
     b_key = tl.sort(b_key, 1)
     b_ti = tl.where(b_key == BIG, -1, b_key)
-    o_tq = i_q * BLOCK_Q + tl.arange(0, BLOCK_Q)
-    p_b = bidx + i_h * stride_bh + (q_start + o_tq)[:, None].to(tl.int64) * stride_bn + o_tk[None, :]
+    p_b = bidx + i_h * stride_bh + (q_start + i_q * BLOCK_Q + o_tq)[:, None].to(tl.int64) * stride_bn + o_tk[None, :]
     tl.store(p_b, b_ti, mask=m_tq[:, None] & (o_tk[None, :] < TOPK))
 
 
@@ -225,7 +246,8 @@ _cmp_attn_topk_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "CELLS"
 
 
 def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
-                                     block_keys=None, cu_blocks=None, scale: float | None = None):
+                                     block_keys=None, cu_blocks=None, scale: float | None = None, gate=None,
+                                     out=None, return_lse: bool = True):
     n, hq, d = q.shape
     h = ck.shape[1]
     assert q.dtype in (torch.float16, torch.bfloat16) and ck.dtype == q.dtype and cv.dtype == q.dtype
@@ -237,23 +259,28 @@ def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_
     cells = 1 if block_keys is None else block_keys.shape[1]
     assert cells & (cells - 1) == 0, "cells per block must be a power of two"
     b = cu_seqlens_q.numel() - 1
-    o = torch.empty_like(q)
-    lse = torch.empty(hq, n, dtype=torch.float32, device=q.device)
+    if out is not None:
+        assert out.shape == q.shape and out.stride(2) == 1
+    o = torch.empty_like(q) if out is None else out
+    lse = torch.empty(hq, n if return_lse else 1, dtype=torch.float32, device=q.device)
     bidx = torch.empty(h, n, topk, dtype=torch.int32, device=q.device)
     if n == 0:
-        return o, lse, bidx
+        return o, lse if return_lse else None, bidx
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     has_bk = block_keys is not None
     if has_bk:
         assert block_keys.dtype == torch.int32 and block_keys.is_contiguous() and cu_blocks.dtype == torch.int32
     args = dict(q=q, ck=ck, cv=cv, o=o, lse=lse, bidx=bidx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
                 cu_blk=cu_blocks if has_bk else cu_seqlens_k, blk_keys=block_keys if has_bk else cu_seqlens_k,
+                gate=q if gate is None else gate, stride_g=0 if gate is None else gate.stride(0),
                 scale_log2=scale * _LOG2E,
                 stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=ck.stride(0), stride_kh=ck.stride(1),
                 stride_vn=cv.stride(0), stride_vh=cv.stride(1), stride_on=o.stride(0), stride_oh=o.stride(1),
                 stride_lh=lse.stride(0), stride_bh=bidx.stride(0), stride_bn=bidx.stride(1),
                 G=g, HEAD_DIM=d, TOPK=topk, TOPK_P=max(2, triton.next_power_of_2(topk)), CELLS=cells,
-                HAS_BLOCK_KEYS=has_bk, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
+                HAS_BLOCK_KEYS=has_bk, HAS_GATE=gate is not None, ACCUMULATE=out is not None,
+                STORE_LSE=return_lse, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16,
+                POOL_PRECISION="tf32x3" if q.is_cuda else "ieee")
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_R"] // g), b, h)
@@ -262,16 +289,20 @@ def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_
         _cmp_attn_topk_tuned[grid](**args)
     else:  # TRITON_INTERPRET=1 on CPU tensors: one small fixed tile
         _cmp_attn_topk_kernel[grid](**args, BLOCK_R=max(16, g), BLOCK_K=max(16, cells))
-    return o, lse, bidx
+    return o, lse if return_lse else None, bidx
 
 
 def ssa_compressed_attention(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
-                             block_keys=None, cu_blocks=None, scale: float | None = None, backend: str = "auto"):
+                             block_keys=None, cu_blocks=None, scale: float | None = None, gate=None, out=None,
+                             return_lse: bool = True, backend: str = "auto"):
     """Compressed attention + lse + top-k selection blocks: -> (o [N,HQ,D], lse [HQ,N] fp32, block_idx [H,N,topk]).
 
+    gate [N] (any stride): return gate * o instead of o (the SSA gate, fused); out [N,HQ,D]: add the result into
+    it in place and return it; return_lse=False skips the lse (returns None).
     backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
     or "reference".
     """
     use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
     fn = _ssa_compressed_attention_triton if use_triton else ssa_compressed_attention_reference
-    return fn(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, topk, block_keys, cu_blocks, scale)
+    return fn(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, topk, block_keys, cu_blocks, scale, gate, out,
+              return_lse)

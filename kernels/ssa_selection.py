@@ -33,8 +33,18 @@ __all__ = ["ssa_selection_attention", "ssa_selection_attention_reference"]
 _LOG2E = 1.4426950408889634
 
 
+def _gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
+    """gate[:, None, None] * o (fp32), then written as dtype or added into `out` in place."""
+    if gate is not None:
+        o = o * gate.float()[:, None, None]
+    if out is None:
+        return o.to(dtype)
+    out.copy_((out.float() + o).to(out.dtype))
+    return out
+
+
 def ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
-                                      max_seqlen: int, scale: float | None = None):
+                                      max_seqlen: int, scale: float | None = None, gate=None, out=None):
     """Plain PyTorch, fp32 inside: a dense masked softmax per sample, in chunks of queries."""
     n, hq, d = q.shape
     h = k.shape[1]
@@ -60,12 +70,13 @@ def ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks,
             s = s.masked_fill(~mask, float("-inf"))
             p = torch.softmax(s, -1).nan_to_num(0.0)  # a query without blocks -> 0
             o[c0:c1] = torch.einsum("hij,jhd->ihd", p, v_b)
-    return o.to(q.dtype)
+    return _gated(o, q.dtype, gate, out)
 
 
 def _configs():
     return [triton.Config({"BLOCK_R": r, "BLOCK_K": kb}, num_warps=w, num_stages=s)
-            for r, kb, w, s in [(128, 64, 4, 2), (128, 32, 4, 2), (64, 64, 4, 2), (128, 64, 8, 2)]]
+            for r, kb, w, s in [(32, 64, 2, 2), (32, 64, 2, 3), (32, 32, 2, 2), (64, 64, 2, 2), (64, 64, 4, 2),
+                                (32, 64, 1, 2)]]
 
 
 def _prune(configs, named_args, **kwargs):
@@ -75,11 +86,12 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _selection_kernel(
-    q, k, v, o, bidx, cu_q, cu_blk, cu_blk_tok,
+    q, k, v, o, bidx, cu_q, cu_blk, cu_blk_tok, gate,
     scale_log2,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_bh, stride_bn,
+    stride_g,
     G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-    UNION_MAX: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UNION_MAX: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # q [N, HQ, D]; k/v [N, H, D]; o [N, HQ, D]; bidx [H, N, TOPK] int32; cu_q/cu_blk [B+1]; cu_blk_tok [NB+1]
     BLOCK_Q: tl.constexpr = BLOCK_R // G
@@ -147,8 +159,13 @@ def _selection_kernel(
                 b_m = b_mn
             cur = tl.min(tl.min(tl.where(b_idx > cur, b_idx, BIG), 1), 0)
         b_acc = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
-        tl.store(o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :],
-                 b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
+        if HAS_GATE:  # the SSA gate of this branch, fused
+            b_acc = b_acc * tl.load(gate + (q_start + o_t).to(tl.int64) * stride_g, mask=m_r,
+                                    other=0.0).to(tl.float32)[:, None]
+        p_o = o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :]
+        if ACCUMULATE:
+            b_acc += tl.load(p_o, mask=m_r[:, None], other=0.0).to(tl.float32)
+        tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
     else:
         # one token at a time: rows = the G heads (padded to GP >= 16 for tl.dot)
         o_g = tl.arange(0, GP)
@@ -190,8 +207,12 @@ def _selection_kernel(
                             b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
                             b_m = b_mn
                 b_acc = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
-                tl.store(o + row * stride_on + (i_h * G + o_g)[:, None] * stride_oh + o_d[None, :],
-                         b_acc.to(o.dtype.element_ty), mask=m_g[:, None])
+                if HAS_GATE:
+                    b_acc = b_acc * tl.load(gate + row * stride_g).to(tl.float32)
+                p_o = o + row * stride_on + (i_h * G + o_g)[:, None] * stride_oh + o_d[None, :]
+                if ACCUMULATE:
+                    b_acc += tl.load(p_o, mask=m_g[:, None], other=0.0).to(tl.float32)
+                tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_g[:, None])
 
 
 _selection_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "TOPK"],
@@ -199,7 +220,8 @@ _selection_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "TOPK"],
 
 
 def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
-                                    max_seqlen: int, scale: float | None = None, union_max: int | None = None):
+                                    max_seqlen: int, scale: float | None = None, gate=None, out=None,
+                                    union_max: int | None = None):
     n, hq, d = q.shape
     h = k.shape[1]
     assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
@@ -210,11 +232,15 @@ def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, c
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
     g = hq // h
     topk = block_idx.shape[2]
-    o = torch.empty_like(q)
+    if out is not None:
+        assert out.shape == q.shape and out.stride(2) == 1
+    o = torch.empty_like(q) if out is None else out
     if n == 0:
         return o
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     args = dict(q=q, k=k, v=v, o=o, bidx=block_idx, cu_q=cu_seqlens, cu_blk=cu_blocks, cu_blk_tok=cu_block_tokens,
+                gate=q if gate is None else gate, stride_g=0 if gate is None else gate.stride(0),
+                HAS_GATE=gate is not None, ACCUMULATE=out is not None,
                 scale_log2=scale * _LOG2E, stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k.stride(0),
                 stride_kh=k.stride(1), stride_vn=v.stride(0), stride_vh=v.stride(1), stride_on=o.stride(0),
                 stride_oh=o.stride(1), stride_bh=block_idx.stride(0), stride_bn=block_idx.stride(1),
@@ -233,14 +259,15 @@ def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, c
 
 
 def ssa_selection_attention(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens, max_seqlen: int,
-                            scale: float | None = None, backend: str = "auto"):
+                            scale: float | None = None, gate=None, out=None, backend: str = "auto"):
     """Attention of every query to the tokens of its selected blocks -> o [N, HQ, D] (see module doc).
 
+    gate [N] (any stride): return gate * o (the SSA gate, fused); out [N,HQ,D]: add into it in place, return it.
     backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
     or "reference".
     """
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         return _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
-                                               max_seqlen, scale)
+                                               max_seqlen, scale, gate, out)
     return ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
-                                             max_seqlen, scale)
+                                             max_seqlen, scale, gate, out)

@@ -53,8 +53,18 @@ def window_tiles(cu_windows: torch.Tensor, tile_q: int = WINDOW_TILE_Q) -> torch
     return torch.stack([win, pos], 1).to(torch.int32).contiguous()
 
 
+def _gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
+    """gate[:, None, None] * o (fp32), then written as dtype or added into `out` in place."""
+    if gate is not None:
+        o = o * gate.float()[:, None, None]
+    if out is None:
+        return o.to(dtype)
+    out.copy_((out.float() + o).to(out.dtype))
+    return out
+
+
 def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, tiles=None,
-                                   scale: float | None = None):
+                                   scale: float | None = None, gate=None, out=None):
     """Plain PyTorch, fp32 inside: windows padded to a power-of-two length bucket, one batched softmax per bucket."""
     n, hq, d = q.shape
     h = k.shape[1]
@@ -63,7 +73,7 @@ def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, t
     o = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
     lens = (cu_windows[1:] - cu_windows[:-1]).long()
     if lens.numel() == 0:
-        return o.to(q.dtype)
+        return _gated(o, q.dtype, gate, out)
     bucket = torch.clamp(torch.ceil(torch.log2(lens.clamp(min=1).double())).long(), min=4)
     perm = perm.long()
     for bk in torch.unique(bucket).tolist():
@@ -79,7 +89,7 @@ def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, t
         s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
         ow = torch.einsum("whij,wjhd->wihd", torch.softmax(s, -1), vw)
         o[rows[valid]] = ow[valid]
-    return o.to(q.dtype)
+    return _gated(o, q.dtype, gate, out)
 
 
 def _configs():
@@ -89,10 +99,11 @@ def _configs():
 
 @triton.jit
 def _window_kernel(
-    q, k, v, o, perm, cu_win, tiles,
+    q, k, v, o, perm, cu_win, tiles, gate,
     scale_log2,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_Q: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_g,
+    G: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_Q: tl.constexpr, HAS_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # q [N, HQ, D]; k/v [N, H, D]; o [N, HQ, D]; perm [N] int32; cu_win [W+1] int32; tiles [T, 2] int32
     BLOCK_R: tl.constexpr = TILE_Q * G
@@ -136,15 +147,19 @@ def _window_kernel(
         b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
         b_m = b_mn
     b_acc = b_acc / b_l[:, None]
-    tl.store(o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :], b_acc.to(o.dtype.element_ty),
-             mask=m_r[:, None])
+    if HAS_GATE:  # the SSA gate of this branch, fused
+        b_acc = b_acc * tl.load(gate + o_tok * stride_g, mask=m_r, other=0.0).to(tl.float32)[:, None]
+    p_o = o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :]
+    if ACCUMULATE:
+        b_acc += tl.load(p_o, mask=m_r[:, None], other=0.0).to(tl.float32)
+    tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
 _window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"])(_window_kernel)
 
 
 def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, tiles=None,
-                                 scale: float | None = None):
+                                 scale: float | None = None, gate=None, out=None):
     n, hq, d = q.shape
     h = k.shape[1]
     assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
@@ -153,7 +168,9 @@ def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, til
     assert perm.dtype == torch.int32 and cu_windows.dtype == torch.int32
     assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
     g = hq // h
-    o = torch.empty_like(q)
+    if out is not None:
+        assert out.shape == q.shape and out.stride(2) == 1
+    o = torch.empty_like(q) if out is None else out
     if n == 0:
         return o
     if tiles is None:
@@ -164,6 +181,8 @@ def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, til
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     assert tile_q * g >= 16, "a tile needs at least 16 rows for tl.dot"
     args = dict(q=q, k=k, v=v, o=o, perm=perm, cu_win=cu_windows, tiles=tiles, scale_log2=scale * _LOG2E,
+                gate=q if gate is None else gate, stride_g=0 if gate is None else gate.stride(0),
+                HAS_GATE=gate is not None, ACCUMULATE=out is not None,
                 stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k.stride(0), stride_kh=k.stride(1),
                 stride_vn=v.stride(0), stride_vh=v.stride(1), stride_on=o.stride(0), stride_oh=o.stride(1),
                 G=g, HEAD_DIM=d, TILE_Q=tile_q, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
@@ -176,13 +195,14 @@ def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, til
 
 
 def ssa_window_attention(q, k, v, perm, cu_windows, max_window: int, tiles=None, scale: float | None = None,
-                         backend: str = "auto"):
+                         gate=None, out=None, backend: str = "auto"):
     """Full attention inside every window listed by (perm, cu_windows) -> o [N, HQ, D] (see module doc).
 
+    gate [N] (any stride): return gate * o (the SSA gate, fused); out [N,HQ,D]: add into it in place, return it.
     tiles: `window_tiles(cu_windows)`, precomputed once per coordinate set (built here when None).
     backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
     or "reference".
     """
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        return _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window, tiles, scale)
-    return ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window, tiles, scale)
+        return _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window, tiles, scale, gate, out)
+    return ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window, tiles, scale, gate, out)

@@ -290,13 +290,13 @@ class SpatialSparseAttention(nn.Module):
         ck = self.compression_key(k + pe, plan).view(-1, H, D)  # [M, H, D]
         cv = self.compression_value(v, plan).view(-1, H, D)
         k, v = k.view(n, H, D), v.view(n, H, D)
-        o_cmp, _, block_idx = _cmp.ssa_compressed_attention(
-            q, ck, cv, plan.cu_seqlens, plan.cu_cells, plan.max_seqlen, self.topk, plan.block_keys,
-            plan.cu_blocks, backend=backend)  # [N, HQ, D], lse [HQ, N], [H, N, topk]
-        o_slc = _sel.ssa_selection_attention(q, k, v, block_idx, plan.cu_seqlens, plan.cu_blocks,
-                                             plan.cu_block_tokens, plan.max_seqlen, backend=backend)
+        g = torch.sigmoid(self.gate(x))  # [N, 3] gates of (compressed, selected, window), shared by all heads
+        # each branch kernel scales its output by its gate and adds it into `o` (one [N, HQ, D] buffer, no combine)
+        o, _, block_idx = _cmp.ssa_compressed_attention(
+            q, ck, cv, plan.cu_seqlens, plan.cu_cells, plan.max_seqlen, self.topk, plan.block_keys, plan.cu_blocks,
+            gate=g[:, 0], return_lse=False, backend=backend)  # o [N, HQ, D], block_idx [H, N, topk]
+        _sel.ssa_selection_attention(q, k, v, block_idx, plan.cu_seqlens, plan.cu_blocks, plan.cu_block_tokens,
+                                     plan.max_seqlen, gate=g[:, 1], out=o, backend=backend)
         perm, cu_win, tiles, max_win = plan.windows[self.shift_window]
-        o_win = _win.ssa_window_attention(q, k, v, perm, cu_win, max_win, tiles, backend=backend)
-        g = torch.sigmoid(self.gate(x))  # [N, 3]
-        o = g[:, 0:1, None] * o_cmp + g[:, 1:2, None] * o_slc + g[:, 2:3, None] * o_win
+        _win.ssa_window_attention(q, k, v, perm, cu_win, max_win, tiles, gate=g[:, 2], out=o, backend=backend)
         return self.proj_o(o.reshape(n, HQ * D))

@@ -103,6 +103,15 @@ def _run(lens, mlens, hq, h, d, topk, cells, dtype, device, seed, monkeypatch):
     scores = _block_scores(q.cpu(), ck.cpu(), cu_q.cpu(), cu_k.cpu(), None if bk is None else bk.cpu(),
                            None if cb is None else cb.cpu(), 1 / math.sqrt(d))
     _check_topk(bidx.cpu(), scores, cu_q.cpu(), (cu_k if cb is None else cb).cpu(), topk)
+    # fused SSA gate: out += gate * o, gate a strided column as in the module
+    gate = torch.rand(n, 3, generator=gen).to(dtype).to(device)[:, 0]
+    base = torch.randn(n, hq, d, generator=gen).to(dtype).to(device)
+    got, none_lse, _ = K.ssa_compressed_attention(q, ck, cv, cu_q, cu_k, max(lens), topk, bk, cb, gate=gate,
+                                                  out=base.clone(), return_lse=False, backend="triton")
+    want, _, _ = K.ssa_compressed_attention_reference(q, ck, cv, cu_q, cu_k, max(lens), topk, bk, cb, gate=gate,
+                                                      out=base.clone())
+    assert none_lse is None
+    assert_close(got, want, rr, ma, "gated accumulate")
 
 
 CPU_CASES = [  # (tokens per sample, compressed keys per sample, HQ, H, D, topk, cells, dtype)

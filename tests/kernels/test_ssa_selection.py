@@ -55,6 +55,14 @@ def _run(lens, grid, hq, h, d, topk, correlated, union_max, dtype, device, seed,
                                                   union_max=union_max)
     ref = K.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens))
     assert_close(o, ref, *TOL[dtype], "o")
+    # fused SSA gate: out += gate * o, gate a strided column as in the module
+    gate = torch.rand(n, 3, generator=gen).to(dtype).to(device)[:, 1]
+    base = torch.randn(n, hq, d, generator=gen).to(dtype).to(device)
+    got = K._ssa_selection_attention_triton(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), gate=gate,
+                                            out=base.clone(), union_max=union_max)
+    want = K.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), gate=gate,
+                                               out=base.clone())
+    assert_close(got, want, *TOL[dtype], "gated accumulate")
 
 
 CPU_CASES = [  # (tokens per sample, grid, HQ, H, D, topk, correlated choices, union limit, dtype)

@@ -39,6 +39,12 @@ def _run(lens, grid, hq, h, d, shift, dtype, device, seed, monkeypatch):
         o = K.ssa_window_attention(q, k, v, perm, cu_w, max_w, tiles, backend="triton")
     ref = K.ssa_window_attention_reference(q, k, v, perm, cu_w, max_w)
     assert_close(o, ref, *TOL[dtype], "o vs reference")
+    # fused SSA gate: out += gate * o, gate a strided column as in the module
+    gate = torch.rand(n, 3, generator=gen).to(dtype).to(device)[:, 2]
+    base = torch.randn(n, hq, d, generator=gen).to(dtype).to(device)
+    got = K.ssa_window_attention(q, k, v, perm, cu_w, max_w, tiles, gate=gate, out=base.clone(), backend="triton")
+    want = K.ssa_window_attention_reference(q, k, v, perm, cu_w, max_w, gate=gate, out=base.clone())
+    assert_close(got, want, *TOL[dtype], "gated accumulate")
     if n <= 4096:
         # only the final rounding to fp16/bf16 separates the two
         tol = (2e-3, 4e-3) if dtype == torch.float16 else (8e-3, 1.6e-2)
