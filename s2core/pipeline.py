@@ -617,7 +617,7 @@ def sample_sparse(models: Models, cond: Conditioning, structure: Structure, seed
         c = cond.tokens.to(dev)
 
         def velocity(x, t, context):  # every step's SparseTensor shares the structure's cache
-            out = dit(st.sparse(x), t, context)
+            out = dit(st.sparse(x), t.expand(st.batch_size), context)  # the sparse DiT takes t [B]
             return out.feats if hasattr(out, "feats") else out
 
         cb, check = _step_hooks(callback, should_stop)
