@@ -15,7 +15,8 @@ The original builds the whole grids densely (a 32-channel fp16 512³ feature gri
 grids; a 4 GiB fp32 grid for CPU marching cubes). Here `remove_interior_512` / `remove_interior_1024`
 densify one cube at a time from the sparse voxels and never hold a whole 512³/1024³ tensor: the
 512 path keeps one row of 9 cube outputs (the original keeps all 27) and streams x-slabs of the blended
-field; the 1024 path keeps the 512³ sign grid as 1 bit per voxel (16 MiB). From each slab only the
+field; the 1024 path keeps the sign bits of one row of cubes (1 bit per voxel, at most 8 MiB) and
+streams the 1024 x-slabs those rows settle before computing the next row. From each slab only the
 corners of marching-cubes cells whose corners straddle the level are kept (`RefinedField`), which is
 all a marching cubes pass needs; `mesh_refined_field` meshes it with `mesh.marching_cubes`'s tables.
 Cubes with no decoded voxel in them are computed once and reused: their inputs are bitwise equal, so
@@ -565,46 +566,50 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
     coarse = sparse_downsample(fine, 2)
     c_coords, c_values = coarse.coords, coarse.feats.reshape(-1, 1)
     bg = torch.ones(1, dtype=dtype, device=device)
-    signs = torch.zeros(B, R, R, R // 8, dtype=torch.uint8, device=device)  # bit set = +1 (outside)
-    empty_out = None
-    for n, origin in enumerate(grid.origins()):
-        m = _in_cube(c_coords, origin, P)
-        if bool(m.any()):
-            out = model(_densify(c_coords, c_values, m, origin, P, B, bg))
-        else:
-            if empty_out is None:
-                empty_out = model(bg.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P))
-            out = empty_out
-        # later cubes overwrite overlaps, so each cube ends up owning [origin, origin + S) per axis, the
-        # last one up to R: write only that part
-        own = [S if o < 2 * S else P for o in origin]
-        part = out[:, 0, :own[0], :own[1], :own[2]] > 0
-        signs[:, origin[0]:origin[0] + own[0], origin[1]:origin[1] + own[1],
-              origin[2] // 8:(origin[2] + own[2]) // 8] = _pack_bits(part)
-        if progress is not None:
-            progress(n + 1, 27)
-
-    # Stream 1024 x-slabs: background ±1 from the sign bits, decoded values scattered on top.
-    order = torch.argsort(fine.coords[:, 1], stable=True)
+    order = torch.argsort(fine.coords[:, 1], stable=True)  # decoded voxels by x, to slice slabs
     f_coords, f_values = fine.coords[order].long(), fine.feats[order, 0]
-    bounds = torch.searchsorted(f_coords[:, 1].contiguous(),
-                                torch.arange(0, R2 + slab_rows, slab_rows, device=device)).tolist()
+    f_x = f_coords[:, 1].contiguous()
     one = torch.ones((), dtype=dtype, device=device)
     collector = _CrossingCollector(R2, level, near=near_band_only)
-    for s, x in enumerate(range(0, R2, slab_rows)):
-        X = min(slab_rows, R2 - x)
-        bits = _unpack_bits(signs[:, x // 2:(x + X + 1) // 2])  # [B, ~X/2, R, R]
-        bits = bits.repeat_interleave(2, 1)[:, x % 2:x % 2 + X]
-        bits = bits.repeat_interleave(2, 2).repeat_interleave(2, 3)  # [B, X, R2, R2]
-        slab = torch.where(bits, one, -one)
-        lo, hi = bounds[s], bounds[s + 1]
-        c = f_coords[lo:hi]
-        slab[c[:, 0], c[:, 1] - x, c[:, 2], c[:, 3]] = f_values[lo:hi]
-        decoded = None
-        if near_band_only:
-            decoded = torch.zeros_like(bits)
-            decoded[c[:, 0], c[:, 1] - x, c[:, 2], c[:, 3]] = True
-        collector.push(slab, decoded)
+    empty_out = None
+    done = 0
+    for i in range(3):
+        # later cubes overwrite overlaps, so each cube ends up owning [origin, origin + S) per axis, the
+        # last one up to R; a row of cubes (fixed i) thus settles the sign of 512-rows [x0, x1), which
+        # are streamed out before the next row: only one row's sign bits are ever held
+        x0, x1 = S * i, (S * (i + 1) if i < 2 else R)
+        signs = torch.zeros(B, x1 - x0, R, R // 8, dtype=torch.uint8, device=device)  # bit set = +1 (outside)
+        for j in range(3):
+            for k in range(3):
+                origin = (S * i, S * j, S * k)
+                m = _in_cube(c_coords, origin, P)
+                if bool(m.any()):
+                    out = model(_densify(c_coords, c_values, m, origin, P, B, bg))
+                else:  # identical inputs → identical output; compute once
+                    if empty_out is None:
+                        empty_out = model(bg.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P))
+                    out = empty_out
+                own = [S if o < 2 * S else P for o in origin]
+                part = out[:, 0, :own[0], :own[1], :own[2]] > 0
+                signs[:, :, origin[1]:origin[1] + own[1], origin[2] // 8:(origin[2] + own[2]) // 8] = _pack_bits(part)
+                done += 1
+                if progress is not None:
+                    progress(done, 27)
+        # 1024 x-slabs of these rows: background ±1 from the sign bits, decoded values scattered on top
+        for x in range(2 * x0, 2 * x1, slab_rows):
+            X = min(slab_rows, 2 * x1 - x)
+            bits = _unpack_bits(signs[:, x // 2 - x0:(x + X + 1) // 2 - x0])  # [B, ~X/2, R, R]
+            bits = bits.repeat_interleave(2, 1)[:, x % 2:x % 2 + X]
+            bits = bits.repeat_interleave(2, 2).repeat_interleave(2, 3)  # [B, X, R2, R2]
+            slab = torch.where(bits, one, -one)
+            lo, hi = torch.searchsorted(f_x, torch.tensor([x, x + X], device=device)).tolist()
+            c = f_coords[lo:hi]
+            slab[c[:, 0], c[:, 1] - x, c[:, 2], c[:, 3]] = f_values[lo:hi]
+            decoded = None
+            if near_band_only:
+                decoded = torch.zeros_like(bits)
+                decoded[c[:, 0], c[:, 1] - x, c[:, 2], c[:, 3]] = True
+            collector.push(slab, decoded)
     return collector.finish(dtype, device)
 
 
