@@ -119,6 +119,7 @@ class Structure:
     | `counts`     | tuple[int] (B)     | tokens per item, Python ints (no host sync later)              |
     | `max_seqlen` | int                | max(counts)                                                    |
     | `num_blocks` | tuple[int] (B)     | occupied `block_size`³ blocks per item                         |
+    | `block_cu`   | [K+1] int32        | token rows of the k-th occupied block (all items, in row order) are block_cu[k]:block_cu[k+1] |
     | `cache`      | dict               | memo shared by every SparseTensor made from it (kernel maps, windows, SSA block ranges): computed on the first step, reused by all later steps |
     """
     coords: torch.Tensor
@@ -129,6 +130,7 @@ class Structure:
     counts: tuple[int, ...]
     max_seqlen: int
     num_blocks: tuple[int, ...]
+    block_cu: torch.Tensor
     cache: dict = field(default_factory=dict, repr=False, compare=False)
 
     @property
@@ -143,7 +145,8 @@ class Structure:
         device = torch.device(device)
         if self.coords.device == device:
             return self
-        return replace(self, coords=self.coords.to(device), cu_seqlens=self.cu_seqlens.to(device), cache={})
+        return replace(self, coords=self.coords.to(device), cu_seqlens=self.cu_seqlens.to(device),
+                       block_cu=self.block_cu.to(device), cache={})
 
     def sparse(self, feats: torch.Tensor):
         """A SparseTensor of `feats [N, C]` on these coords, sharing this structure's cache."""
@@ -235,11 +238,15 @@ def make_structure(coords: torch.Tensor, resolution: int, grid: int, block_size:
     cu = torch.zeros(bsz + 1, dtype=torch.int32, device=coords.device)
     cu[1:] = torch.cumsum(counts_t, 0)
     c = coords.to(torch.int64)
-    blocks = torch.unique(torch.cat([c[:, :1], c[:, 1:] // block_size], 1), dim=0)  # [nblocks, 4]
-    nblk = torch.bincount(blocks[:, 0], minlength=bsz)
+    key = torch.cat([c[:, :1], c[:, 1:] // block_size], 1)  # [N, 4] (b, block x, y, z); rows are block-contiguous
+    starts = torch.ones(len(c), dtype=torch.bool, device=c.device)
+    starts[1:] = (key[1:] != key[:-1]).any(1)
+    first = torch.nonzero(starts).squeeze(1)
+    block_cu = torch.cat([first, first.new_tensor([len(c)])]).to(torch.int32)
+    nblk = torch.bincount(key[first, 0], minlength=bsz)
     counts = tuple(int(n) for n in counts_t.tolist())
     return Structure(coords.contiguous(), resolution, grid, block_size, cu, counts,
-                     max(counts, default=0), tuple(int(n) for n in nblk.tolist()))
+                     max(counts, default=0), tuple(int(n) for n in nblk.tolist()), block_cu)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -615,6 +622,8 @@ def sample_sparse(models: Models, cond: Conditioning, structure: Structure, seed
         st = structure.to(dev)
         noise = _noise([(n, cfg.in_channels) for n in st.counts], seed, dev, models.dtype)
         c = cond.tokens.to(dev)
+        if hasattr(dit, "plan"):
+            dit.plan(st.sparse(noise))  # SSA block plan once, before the loop; memoised in the structure's cache
 
         def velocity(x, t, context):  # every step's SparseTensor shares the structure's cache
             out = dit(st.sparse(x), t.expand(st.batch_size), context)  # the sparse DiT takes t [B]
@@ -638,7 +647,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
     hint = "turn the refiner off or stop at 512"
     _poll(should_stop)
     with stage_guard(f"sparse {res} decoding", hint), models.placement.use([vae]) as dev:
-        x = latent.structure.to(dev).sparse(latent.feats.to(dev))
+        x = latent.structure.to(dev).sparse(latent.feats.to(dev, torch.float16 if vae.cfg.use_fp16 else torch.float32))
         out = vae.decode(x, return_feat=refine)
     sdf, feat = out if isinstance(out, tuple) else (out, None)
     _poll(should_stop)

@@ -59,7 +59,10 @@ def test_make_structure_block_sorted_and_counts():
     assert st.cu_seqlens.tolist() == [0, len(xyz), len(xyz) + 40] and st.cu_seqlens.dtype == torch.int32
     assert torch.equal(st.coords, sort_block(coords, 8)[0])  # batch-major, then block order
     blocks = {tuple(r) for r in (xyz[:40] // 8).tolist()}
-    assert st.num_blocks[1] == len(blocks)
+    assert st.num_blocks[1] == len(blocks) and st.block_cu.numel() == sum(st.num_blocks) + 1
+    for k in range(len(st.block_cu) - 1):  # every block range holds one item's one 8³ block
+        rows = st.coords[st.block_cu[k]:st.block_cu[k + 1]].long()
+        assert len(torch.unique(torch.cat([rows[:, :1], rows[:, 1:] // 8], 1), dim=0)) == 1
     one = st.item(1)
     assert one.counts == (40,) and int(one.coords[:, 0].max()) == 0
     assert st.to("cpu") is st
