@@ -98,8 +98,12 @@ class ComfyPlacement(pipeline.Placement):
     @contextlib.contextmanager
     def use(self, modules: list[torch.nn.Module]) -> Iterator[torch.device]:
         patchers = [self.patcher(m) for m in modules]
-        model_management().load_models_gpu(patchers)
-        yield torch.device(patchers[0].load_device)
+        mm = model_management()
+        mm.load_models_gpu(patchers)
+        try:
+            yield torch.device(patchers[0].load_device)
+        finally:  # after each stage, also when cancelled or out of memory: give cached blocks back
+            mm.soft_empty_cache()
 
 
 class ComfyMesh:
