@@ -614,14 +614,18 @@ def sample_sparse(models: Models, cond: Conditioning, structure: Structure, seed
     key = "512" if res == 512 else "1024"
     dit = models.part(f"sparse_dit_{key}")
     cfg = getattr(models.config, f"sparse_dit_{key}")
-    if cfg.sparse_conditions:
-        raise RuntimeError("The v1.0 sparse conditions are not available yet in this version of the pack; use v1.1.")
     sched = getattr(models.config, f"sparse_scheduler_{key}")
     hint = "stop at 512, or lower the max token budget so large shapes are refused early"
     with stage_guard(f"sparse {res} sampling", hint), models.placement.use([dit]) as dev:
         st = structure.to(dev)
         noise = _noise([(n, cfg.in_channels) for n in st.counts], seed, dev, models.dtype)
-        c = cond.tokens.to(dev)
+        c, u = cond.tokens.to(dev), None
+        if cfg.sparse_conditions:  # v1.0: only the tokens of patches under the mask, as a SparseTensor (SPEC.md §9.2)
+            from .sparse.tensor import SparseTensor
+
+            tokens, tcoords = _function("structure", "extract_tokens_and_coords")(c, cond.patch_mask.to(dev))
+            c = SparseTensor(tokens, tcoords, cond.batch_size)
+            u = c.replace(torch.zeros_like(tokens))
         if hasattr(dit, "plan"):
             dit.plan(st.sparse(noise))  # SSA block plan once, before the loop; memoised in the structure's cache
 
@@ -630,8 +634,8 @@ def sample_sparse(models: Models, cond: Conditioning, structure: Structure, seed
             return out.feats if hasattr(out, "feats") else out
 
         cb, check = _step_hooks(callback, should_stop)
-        feats = sample_flow(velocity, noise, c, torch.zeros_like(c), num_steps=steps, guidance=guidance,
-                            shift=sched.shift, callback=cb, check_cancel=check)
+        feats = sample_flow(velocity, noise, c, torch.zeros_like(c) if u is None else u, num_steps=steps,
+                            guidance=guidance, shift=sched.shift, callback=cb, check_cancel=check)
     return SparseLatent(feats, st, seed)
 
 

@@ -216,3 +216,23 @@ def test_refiner_path_512(models):
     cubes = []
     mesh = P.decode_sparse(models, lat, refine=True, callback=lambda i, n: cubes.append((i, n)))
     assert cubes[-1] == (27, 27) and mesh.batch_size == 1 and mesh.info["refined"] is True
+
+
+def test_v1_0_sparse_conditions_run():
+    """The v1.0 sparse DiTs take only the masked patch tokens (a SparseTensor); tiny weights, v1.0 layout."""
+    from dataclasses import replace
+
+    cfg = P.tiny_release()
+    cfg = replace(cfg, sparse_dit_512=replace(cfg.sparse_dit_512, compression_block_size=4, topk=32,
+                                              compression_version="v2", sparse_conditions=True))
+    parts = P.STAGE_PARTS["dense"] + P.STAGE_PARTS["sparse_512"]
+    m = P.Models(cfg, "tiny-random", torch.float32, P.Placement("cpu"))
+    for name, sd in P.tiny_state_dicts(cfg, tuple(dict.fromkeys(parts))).items():
+        module = P.build_part(name, cfg)
+        P._load_weights(name, module, sd)
+        setattr(m, name, module)
+    img, mask = picture()
+    cond = P.encode_image(m, img, mask)
+    st = P.decode_dense(m, P.sample_dense(m, cond, steps=1))
+    lat = P.sample_sparse(m, cond, st, steps=2)
+    assert lat.feats.shape == (st.num_tokens, 16) and torch.isfinite(lat.feats).all()
