@@ -117,13 +117,12 @@ def _cmp_attn_topk_kernel(
     stride_lh, stride_bh, stride_bn, stride_g,
     G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
     CELLS: tl.constexpr, HAS_BLOCK_KEYS: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr, POOL_PRECISION: tl.constexpr,
+    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # q [N, HQ, D]; ck/cv [M, H, D]; o [N, HQ, D]; lse [HQ, N] fp32; bidx [H, N, TOPK] int32;
     # cu_q/cu_k/cu_blk [B+1] int32; blk_keys [NB, CELLS] int32 (when HAS_BLOCK_KEYS); gate [N] (stride_g)
     BLOCK_Q: tl.constexpr = BLOCK_R // G
-    BLOCK_QP: tl.constexpr = 16 if BLOCK_Q < 16 else BLOCK_Q  # tl.dot needs >= 16 rows
     NB: tl.constexpr = BLOCK_K // CELLS
     BIG: tl.constexpr = 2147483647
     i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
@@ -178,15 +177,11 @@ def _cmp_attn_topk_kernel(
     # pass 2: normalised output, block scores, running top-k per query token
     o_tk = tl.arange(0, TOPK_P)
     o_nb = tl.arange(0, NB)
-    o_tq = tl.arange(0, BLOCK_QP)
-    m_tq = (o_tq < BLOCK_Q) & (i_q * BLOCK_Q + o_tq < q_len)
-    # [BLOCK_QP, BLOCK_R] 0/1 selector: row t sums the G rows of token t. A tensor-core product keeps this
-    # head pooling in registers (a reshape-sum crosses warps through shared memory every tile); tf32x3 keeps
-    # fp32 accuracy so the ranking matches an fp32 sum.
-    b_pool = ((o_r[None, :] // G) == o_tq[:, None]).to(tl.float32)
-    # [BLOCK_QP, TOPK_P]; pad columns hold +inf so they are never the minimum to replace
-    b_tv = tl.where(o_tk[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_QP, TOPK_P], tl.float32)
-    b_ti = tl.full([BLOCK_QP, TOPK_P], -1, tl.int32)
+    o_tq = tl.arange(0, BLOCK_Q)
+    m_tq = i_q * BLOCK_Q + o_tq < q_len
+    # [BLOCK_Q, TOPK_P]; pad columns hold +inf so they are never the minimum to replace
+    b_tv = tl.where(o_tk[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, TOPK_P], tl.float32)
+    b_ti = tl.full([BLOCK_Q, TOPK_P], -1, tl.int32)
     b_acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     for k0 in range(0, n_slot, BLOCK_K):
         o_k = k0 + tl.arange(0, BLOCK_K)
@@ -209,10 +204,10 @@ def _cmp_attn_topk_kernel(
         if UPCAST:
             b_v = b_v.to(tl.float32)
         b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
-        # [BLOCK_QP, BLOCK_K] pooled over the G heads of the group, then [BLOCK_QP, NB] over a block's cells
-        b_sc = tl.dot(b_pool, b_p, input_precision=POOL_PRECISION)
+        # [BLOCK_Q, BLOCK_K] pooled over the G heads of the group (fp32), then [BLOCK_Q, NB] over a block's cells
+        b_sc = tl.sum(tl.reshape(b_p, [BLOCK_Q, G, BLOCK_K]), 1)
         if CELLS > 1:
-            b_sc = tl.sum(tl.reshape(b_sc, [BLOCK_QP, NB, CELLS]), 2)
+            b_sc = tl.sum(tl.reshape(b_sc, [BLOCK_Q, NB, CELLS]), 2)
         b_sc = tl.where(m_tq[:, None] & ((k0 // CELLS + o_nb) < n_blk)[None, :], b_sc, float("-inf"))
         # merge: insert the tile's best while it beats the current k-th best of some query
         b_best, i_best = tl.max(b_sc, 1, return_indices=True)
@@ -241,7 +236,8 @@ def _cmp_attn_topk_kernel(
     tl.store(p_b, b_ti, mask=m_tq[:, None] & (o_tk[None, :] < TOPK))
 
 
-_cmp_attn_topk_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "CELLS", "TOPK"],
+# restore_value: benchmarking a config must not add into `o` when the kernel accumulates into it
+_cmp_attn_topk_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "CELLS", "TOPK"], restore_value=["o"],
                                        prune_configs_by={"early_config_prune": _prune})(_cmp_attn_topk_kernel)
 
 
@@ -279,8 +275,7 @@ def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_
                 stride_lh=lse.stride(0), stride_bh=bidx.stride(0), stride_bn=bidx.stride(1),
                 G=g, HEAD_DIM=d, TOPK=topk, TOPK_P=max(2, triton.next_power_of_2(topk)), CELLS=cells,
                 HAS_BLOCK_KEYS=has_bk, HAS_GATE=gate is not None, ACCUMULATE=out is not None,
-                STORE_LSE=return_lse, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16,
-                POOL_PRECISION="tf32x3" if q.is_cuda else "ieee")
+                STORE_LSE=return_lse, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_R"] // g), b, h)

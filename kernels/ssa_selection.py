@@ -215,7 +215,8 @@ def _selection_kernel(
                 tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_g[:, None])
 
 
-_selection_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "TOPK"],
+# restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
+_selection_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "TOPK"], restore_value=["o"],
                                    prune_configs_by={"early_config_prune": _prune})(_selection_kernel)
 
 

@@ -155,7 +155,8 @@ def _window_kernel(
     tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
 
 
-_window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"])(_window_kernel)
+# restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
+_window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"], restore_value=["o"])(_window_kernel)
 
 
 def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, tiles=None,

@@ -50,8 +50,7 @@ def test_position_embedding_layout():
     assert torch.allclose(emb[0, [0, 340, 680]], p.sin()) and torch.allclose(emb[0, [170, 510, 850]], p.cos())
 
 
-@pytest.mark.parametrize("name", ["sparse_dit_512__v11_2blocks", "sparse_dit_1024__v11_2blocks"])
-def test_matches_original(name):
+def _parity(name, device, backend):
     path = GOLDEN / name
     if not path.with_suffix(".json").exists():
         pytest.skip(f"fixture {name} not generated yet")
@@ -59,16 +58,28 @@ def test_matches_original(name):
     cfg = _component_from_params(SparseDiTConfig, meta["config"]["params"], SparseDiTConfig())
     model = SparseDiT(cfg)
     model.load_state_dict(golden_state_dict(meta), strict=True)
+    model.to(device)
     mids = {}
     for i, block in enumerate(model.blocks):
         block.register_forward_hook(lambda mod, args, out, i=i: mids.__setitem__(i, out))
-    x = SparseTensor(t["in.x"], t["in.coords"])
+    x = SparseTensor(t["in.x"].to(device), t["in.coords"].to(device))
     with torch.no_grad():
-        out = model(x, t["in.t"], t["in.cond"], backend="reference")
+        out = model(x, t["in.t"].to(device), t["in.cond"].to(device), backend=backend)
     for i in range(cfg.num_blocks):
-        assert_close(mids[i], t[f"mid.block{i}"], 5e-3, 0.25, f"block {i}")
+        assert_close(mids[i].cpu(), t[f"mid.block{i}"], 5e-3, 0.25, f"block {i}")
     assert torch.equal(out.coords, x.coords)
-    assert_close(out.feats, t["out.x"], 5e-3, 0.25, "velocity")
+    assert_close(out.feats.cpu(), t["out.x"], 5e-3, 0.25, "velocity")
+
+
+@pytest.mark.parametrize("name", ["sparse_dit_512__v11_2blocks", "sparse_dit_1024__v11_2blocks"])
+def test_matches_original(name):
+    _parity(name, "cpu", "reference")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("name", ["sparse_dit_512__v11_2blocks", "sparse_dit_1024__v11_2blocks"])
+def test_matches_original_gpu_triton(name):
+    _parity(name, "cuda", "triton")
 
 
 def test_batch_of_two_equals_two_single_calls():

@@ -58,6 +58,8 @@ def _run(lens, grid, hq, h, d, topk, correlated, union_max, dtype, device, seed,
     # fused SSA gate: out += gate * o, gate a strided column as in the module
     gate = torch.rand(n, 3, generator=gen).to(dtype).to(device)[:, 1]
     base = torch.randn(n, hq, d, generator=gen).to(dtype).to(device)
+    if device == "cuda":  # re-tune on this accumulating call: benchmarking configs must not add into `out`
+        K._selection_tuned.cache.clear()
     got = K._ssa_selection_attention_triton(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), gate=gate,
                                             out=base.clone(), union_max=union_max)
     want = K.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), gate=gate,
