@@ -1,0 +1,178 @@
+"""End-to-end 1024³ benchmark of our pipeline: per-stage wall time and peak GPU memory (issue: e2e speed).
+
+The full chain with the official configs and step counts (dense 50, sparse-512 30, sparse-1024 15; CFG 7 =
+two DiT forwards per step), fp16, batch 1, deterministic random weights (time and memory do not depend on
+the values). Random-weight decodes are meaningless, so each sparse stage is fed the structure of a real
+closed mesh, as `shared/upstream/PERF.md` measured the original: a bumpy icosphere (1.3 M faces) voxelized
+with our `mesh_to_latent_index` at 512 and 1024. The 512/1024 decodes and refiners still run on the
+sampled (random) latents, which cost what real ones cost: their work follows the structure.
+
+    python bench/e2e.py                     # GPU: official configs; writes bench/results/<date>-<gpu>-e2e.md
+    python bench/e2e.py --offload           # the same with one stage's weights on the GPU at a time
+    python bench/e2e.py --tiny              # CPU smoke run (tiny config, small mesh), prints only
+
+The original is not run here (it needs torchsparse/spconv, flash-attn and its CUDA voxelizer, none of which
+install on the GPU machine from wheels); its numbers come from PERF.md (same kind of H100, 2026-11-25).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import math
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from s2core import pipeline as P  # noqa: E402
+from s2core.mesh.voxelize import mesh_to_latent_index  # noqa: E402
+from s2core.testing import deterministic_state_dict  # noqa: E402
+
+GiB = 2**30
+ORIGINAL = {  # PERF.md "The original pipeline end to end" (H100, warm run): seconds, peak allocated GiB
+    "image encode": (0.07, 6.3), "dense sampling": (5.8, 6.4), "dense decode": (0.02, 6.5),
+    "sparse-512 sampling": (15.4, 6.8), "sparse-512 decode + refiner": (17.0, 21.7),
+    "mesh -> 1024 structure": (0.2, 18.3), "sparse-1024 sampling": (26.1, 8.9),
+    "sparse-1024 decode + refiner": (50.3, 20.4), "total": (115.2, 21.7),
+}
+
+
+def bumpy_sphere(subdivisions: int):
+    """A closed, watertight, genus-0 mesh with surface detail: an icosphere displaced along its normals."""
+    import trimesh
+
+    m = trimesh.creation.icosphere(subdivisions=subdivisions)
+    v = torch.tensor(m.vertices, dtype=torch.float64)
+    th, ph = torch.atan2(v[:, 1], v[:, 0]), torch.acos(v[:, 2].clamp(-1, 1))
+    r = 1 + 0.12 * torch.sin(5 * th) * torch.sin(4 * ph) + 0.05 * torch.cos(11 * ph)
+    return (v * r[:, None]).float(), torch.tensor(m.faces, dtype=torch.int64)
+
+
+def build_models(variant: str, device, dtype, offload: bool, seed: int = 0) -> P.Models:
+    config = P.config_for(variant)
+    parts = tuple(P.PARTS)
+    if variant == "tiny-random":
+        sds = P.tiny_state_dicts(config, parts, seed)
+    else:
+        sds = {}
+        for i, name in enumerate(parts):
+            m = P.build_part(name, config, dtype)
+            m = m.model if name == "image_encoder" else m
+            sds[name] = deterministic_state_dict(m, seed=seed * 100 + i)
+            del m
+    return P.load_models(variant, P.STAGES, device, dtype, state_dicts=sds,
+                         placement=P.Placement(device, offload=offload))
+
+
+class Timer:
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.rows: list[tuple[str, float, float, float, str]] = []
+
+    def run(self, name: str, fn, note: str = ""):
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        t = time.perf_counter()
+        out = fn()
+        if cuda:
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t
+        alloc = torch.cuda.max_memory_allocated() / GiB if cuda else float("nan")
+        res = torch.cuda.max_memory_reserved() / GiB if cuda else float("nan")
+        self.rows.append((name, dt, alloc, res, note() if callable(note) else note))
+        print(f"{name:32s} {dt:8.2f} s  peak {alloc:6.2f} GiB alloc  {res:6.2f} GiB reserved  "
+              f"{self.rows[-1][4]}", flush=True)
+        return out
+
+
+def run_chain(models: P.Models, v, f, device, tiny: bool, timer: Timer) -> dict:
+    res512, res1024 = (models.config.sparse_dit_512.resolution * 8, models.config.sparse_dit_1024.resolution * 8)
+    steps = (2, 2, 2) if tiny else (P.DENSE_STEPS, P.SPARSE_512_STEPS, P.SPARSE_1024_STEPS)
+    img = torch.ones(1, 256, 256, 4)
+    yy, xx = torch.meshgrid(torch.linspace(-1, 1, 256), torch.linspace(-1, 1, 256), indexing="ij")
+    disk = (xx**2 + yy**2 < 0.6).float()
+    img[0, ..., 0], img[0, ..., 1], img[0, ..., 2] = 0.8 * disk, 0.3 + 0.2 * yy, 0.5 * disk
+    image, mask = img[..., :3], disk[None]
+    info = {}
+
+    cond = timer.run("image encode", lambda: P.encode_image(models, image, mask))
+    dense = timer.run("dense sampling", lambda: P.sample_dense(models, cond, 0, steps[0]))
+    timer.run("dense decode", lambda: P.decode_dense(models, dense))
+    # the 512 stage gets the real shape's structure (random-weight decodes are meaningless)
+    idx512 = mesh_to_latent_index(v, f, resolution=res512, device=device).to(torch.int32).cpu()
+    s512 = P.make_structure(idx512, 512, res512 // 8, models.config.sparse_dit_512.selection_block_size)
+    info["tokens_512"] = s512.num_tokens
+    lat512 = timer.run("sparse-512 sampling", lambda: P.sample_sparse(models, cond, s512, 0, steps[1]),
+                       f"{s512.num_tokens} tokens")
+    mesh512 = timer.run("sparse-512 decode + refiner", lambda: P.decode_sparse(models, lat512, refine=True))
+    info["faces_512"] = int(sum(mesh512.face_counts)) if hasattr(mesh512, "face_counts") else -1
+    real = P.Mesh.from_list([(v, f)], 512, {})
+    s1024 = timer.run("mesh -> 1024 structure", lambda: P.mesh_to_structure(models, real))
+    info["tokens_1024"] = s1024.num_tokens
+    lat1024 = timer.run("sparse-1024 sampling", lambda: P.sample_sparse(models, cond, s1024, 0, steps[2]),
+                        f"{s1024.num_tokens} tokens")
+    mesh1024 = timer.run("sparse-1024 decode + refiner", lambda: P.decode_sparse(models, lat1024, refine=True))
+    info["faces_1024"] = int(sum(mesh1024.face_counts)) if hasattr(mesh1024, "face_counts") else -1
+    return info
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke run, prints only)")
+    ap.add_argument("--offload", action="store_true", help="one stage's weights on the GPU at a time")
+    ap.add_argument("--subdivisions", type=int, default=None, help="icosphere subdivisions (default 8, tiny 3)")
+    ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+
+    device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    variant = "tiny-random" if args.tiny else "v1.1"
+    dtype = torch.float32 if args.tiny else torch.float16
+    v, f = bumpy_sphere(args.subdivisions or (3 if args.tiny else 8))
+    print(f"mesh: {v.shape[0]} vertices, {f.shape[0]} faces; device {device}; offload {args.offload}", flush=True)
+    t0 = time.perf_counter()
+    models = build_models(variant, device, dtype, args.offload)
+    print(f"models built in {time.perf_counter() - t0:.1f} s", flush=True)
+    if device.type == "cuda" and not args.offload:
+        for m in models.loaded_parts().values():
+            m.to(device)  # everything resident, as the original keeps it
+        torch.cuda.synchronize()
+    runs = 2 if args.warm else 1
+    for r in range(runs):
+        timer = Timer(device)
+        with torch.inference_mode():
+            info = run_chain(models, v, f, device, args.tiny, timer)
+    total = sum(r[1] for r in timer.rows)
+    peak_alloc = max(r[2] for r in timer.rows)
+    peak_res = max(r[3] for r in timer.rows)
+    print(f"{'total':32s} {total:8.2f} s  peak {peak_alloc:6.2f} GiB alloc  {peak_res:6.2f} GiB reserved")
+    if args.tiny or device.type != "cuda":
+        return
+    gpu = torch.cuda.get_device_name().replace(" ", "_")
+    date = datetime.date.today().isoformat()
+    out = args.out or REPO / "bench" / "results" / f"{date}-{gpu}-e2e{'-offload' if args.offload else ''}.md"
+    lines = [f"# End-to-end 1024³ ({'offload: one stage on the GPU' if args.offload else 'all weights resident'})",
+             "", f"- date: {date}; GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}",
+             f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
+             f"- mesh: bumpy icosphere, {f.shape[0]} faces; tokens: {info['tokens_512']} at 512, "
+             f"{info['tokens_1024']} at 1024; {'warm (second) run' if args.warm else 'first run'}",
+             "- original: PERF.md (same kind of H100, not this run; 18,872 / 91,538 tokens)", "",
+             "| stage | ours s | ours peak alloc GiB | ours peak reserved GiB | original s | original peak GiB | note |",
+             "|---|---|---|---|---|---|---|"]
+    for name, dt, a, rsv, note in timer.rows:
+        o = ORIGINAL.get(name, (math.nan, math.nan))
+        lines.append(f"| {name} | {dt:.2f} | {a:.2f} | {rsv:.2f} | {o[0]} | {o[1]} | {note} |")
+    o = ORIGINAL["total"]
+    lines.append(f"| **total** | **{total:.2f}** | **{peak_alloc:.2f}** | **{peak_res:.2f}** | {o[0]} | {o[1]} | |")
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
