@@ -2,7 +2,7 @@
 
 Per sample b, query token i, query head h (KV head kh = h // G, G = HQ / H), compressed key c:
 
-    s[i,h,c] = scale * q[i,h] . ck[c,kh]       lse[h,i] = ln sum_c exp s[i,h,c]       o[i,h] = sum_c exp(s - lse) cv[c,kh]
+    s[i,h,c] = scale * q[i,h] . ck[c,kh]     lse[h,i] = ln sum_c exp s[i,h,c]     o[i,h] = sum_c exp(s - lse) cv[c,kh]
     score[kh,i,blk] = sum_{h in group kh} sum_{c in blk} exp(s[i,h,c] - lse[h,i])       (GQA group pooled)
     block_idx[kh,i,:] = the min(topk, #blocks of b) blocks of largest score, ascending, padded with -1
 
@@ -24,7 +24,8 @@ Ties between equal scores go to the lower block index (torch.topk leaves ties un
 
 Layouts: q [N, HQ, D], ck/cv [M, H, D] (fp16/bf16), cu_seqlens_q [B+1] int32 (token rows), cu_seqlens_k
 [B+1] int32 (compressed rows); outputs o [N, HQ, D] (q.dtype), lse [HQ, N] fp32 natural log (-inf for a sample
-without keys), block_idx [H, N, topk] int32.
+without keys), block_idx [H, N, topk] int32. Optional `gate [N]` (any stride) scales o per token and `out`
+receives `out += gate * o` in place: the SSA module's gated sum of its three branches needs no extra buffers.
 Constraints: HQ % H == 0 and G a power of two (rows are token-major, head-minor tiles); D a power of two
 >= 16 (tile size of tl.dot); CELLS a power of two.
 """

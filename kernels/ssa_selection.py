@@ -16,7 +16,9 @@ time, [max(16, G), D] rows, like the original. The result is the same either way
 
 Layouts: q [N, HQ, D], k/v [N, H, D] (fp16/bf16; the same rows as q, self-attention), block_idx [H, N, TOPK]
 int32, cu_seqlens [B+1] int32, cu_blocks [B+1] int32 (blocks of each sample), cu_block_tokens [NB+1] int32
-(token rows of every block, samples concatenated); out o [N, HQ, D] in q.dtype. A query with no blocks gets 0.
+(token rows of every block, samples concatenated); out o [N, HQ, D] in q.dtype;
+optional gate [N] (any stride) and out: `out += gate * o` in place (the SSA gated sum, fused). A query with
+no blocks gets 0.
 Constraints: tokens of a block contiguous (block-sorted order, §6.8); HQ % H == 0, G a power of two; D a power
 of two >= 16.
 """
@@ -91,7 +93,8 @@ def _selection_kernel(
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_bh, stride_bn,
     stride_g,
     G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-    UNION_MAX: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    UNION_MAX: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     # q [N, HQ, D]; k/v [N, H, D]; o [N, HQ, D]; bidx [H, N, TOPK] int32; cu_q/cu_blk [B+1]; cu_blk_tok [NB+1]
     BLOCK_Q: tl.constexpr = BLOCK_R // G

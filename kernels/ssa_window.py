@@ -12,7 +12,8 @@ WINDOW_TILE_Q tokens of one window x the G heads of one KV head (rows = tokens x
 shared by the group); `window_tiles` lists the tiles once per coordinate set.
 
 Layouts: q [N, HQ, D], k/v [N, H, D] (fp16/bf16), perm [N] int32, cu_windows [W+1] int32 (positions in perm),
-tiles [T, 2] int32 (window, first position); out o [N, HQ, D] in q.dtype.
+tiles [T, 2] int32 (window, first position); out o [N, HQ, D] in q.dtype;
+optional gate [N] (any stride) and out: `out += gate * o` in place (the SSA gated sum, fused).
 Constraints: HQ % H == 0, G a power of two; D a power of two >= 16.
 """
 from __future__ import annotations

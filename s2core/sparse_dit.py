@@ -28,7 +28,8 @@ from .ssa import SparseConv, SpatialSparseAttention, SSAPlan
 
 
 def absolute_position_embedding(pos: torch.Tensor, channels: int) -> torch.Tensor:
-    """`pos [N, 3]` → `[N, channels]` fp32: per axis `[sin(p ω) ‖ cos(p ω)]`, ω_f = 10000^(−f/F), F = C // 6, zero tail."""
+    """`pos [N, 3]` → `[N, channels]` fp32: per axis `[sin(p ω) ‖ cos(p ω)]`, ω_f = 10000^(−f/F), F = C // 6,
+    zero-padded at the end (SPARSE.md §3)."""
     f = channels // 3 // 2
     omega = 1.0 / (10000 ** (torch.arange(f, dtype=torch.float32, device=pos.device) / f))
     phase = torch.outer(pos.reshape(-1).float(), omega)  # [3N, F]
@@ -142,7 +143,7 @@ class SparseDiT(nn.Module):
         t_emb = t_emb.to(dt)
         if cfg.sparse_conditions:
             feats = self.cond_proj(cond.feats.to(dt))
-            feats = feats + absolute_position_embedding(cond.coords[:, 1:], cfg.cond_channels).to(dt)
+            feats = feats + absolute_position_embedding(cond.coords[:, 1:], cfg.model_channels).to(dt)
             cond = cond.replace(feats)
         else:
             cond = cond.to(dt)

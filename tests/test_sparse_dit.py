@@ -37,7 +37,8 @@ def test_names_shapes_dtypes_match_v1_0_manifest(res):
     """v1.0 (compression v2, sparse conditions): every key, shape and dtype equals the manifest."""
     with torch.device("meta"):
         model = SparseDiT(getattr(official_v1_0(), f"sparse_dit_{res}"))
-    specs = {s.name: (tuple(s.shape), s.dtype) for s in read_manifest_tsv(MANIFESTS / "v1_0" / f"model_sparse_{res}.dit.tsv")}
+    tsv = MANIFESTS / "v1_0" / f"model_sparse_{res}.dit.tsv"
+    specs = {s.name: (tuple(s.shape), s.dtype) for s in read_manifest_tsv(tsv)}
     ours = {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in model.state_dict().items()}
     assert ours == specs
 
@@ -102,6 +103,31 @@ def test_batch_of_two_equals_two_single_calls():
         one = [model(SparseTensor(feats[s], parts[b] * torch.tensor([0, 1, 1, 1], dtype=torch.int32)),
                      t[b:b + 1], cond[b:b + 1]).feats for b, s in enumerate([slice(0, 70), slice(70, 103)])]
     assert_close(both, torch.cat(one), 1e-5, 1e-4, "batched vs single")
+
+
+def test_v1_0_sparse_conditions_and_v2_compression_run_ragged():
+    """v1.0 path: cond_proj + APE on a ragged SparseTensor context, v2 compression (cells 4^3 inside blocks 8^3)."""
+    torch.manual_seed(1)
+    cfg = SparseDiTConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=2, num_heads=4,
+                          num_kv_heads=2, compression_block_size=4, topk=3, compression_version="v2",
+                          sparse_conditions=True, use_fp16=False)
+    model = SparseDiT(cfg, dtype=torch.float32)
+    model.load_state_dict(deterministic_state_dict(model, 2), strict=True)
+    parts = []
+    for b, n in enumerate([50, 20]):
+        flat = torch.randperm(16 ** 3)[:n]
+        parts.append(sort_block(torch.stack([torch.full_like(flat, b), flat // 256, flat // 16 % 16, flat % 16],
+                                            1).int(), 8)[0])
+    x = SparseTensor(torch.randn(70, 16), torch.cat(parts))
+    cc = torch.tensor([[0, 0, 0, 1], [0, 3, 4, 0], [0, 5, 1, 0], [1, 0, 0, 1], [1, 2, 2, 0]], dtype=torch.int32)
+    cond = SparseTensor(torch.randn(5, 64), cc)
+    with torch.no_grad():
+        out = model(x, torch.tensor([10.0, 900.0]), cond)
+        alone = model(SparseTensor(x.feats[50:], parts[1] * torch.tensor([0, 1, 1, 1], dtype=torch.int32)),
+                      torch.tensor([900.0]), SparseTensor(cond.feats[3:], cc[3:] * torch.tensor([0, 1, 1, 1],
+                                                                                                dtype=torch.int32)))
+    assert out.feats.shape == (70, 16) and torch.isfinite(out.feats).all()
+    assert_close(out.feats[50:], alone.feats, 1e-5, 1e-4, "sample 1 of the batch vs alone")
 
 
 def test_unsorted_tokens_are_rejected():
