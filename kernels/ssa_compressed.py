@@ -40,6 +40,7 @@ import triton.language as tl
 __all__ = ["ssa_compressed_attention", "ssa_compressed_attention_reference"]
 
 _LOG2E = 1.4426950408889634
+_HALF = (torch.float16, torch.bfloat16)  # "auto" runs Triton on CUDA for these; fp32 models use the reference
 _LN2 = 0.6931471805599453
 
 
@@ -295,10 +296,10 @@ def ssa_compressed_attention(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
     gate [N] (any stride): return gate * o instead of o (the SSA gate, fused); out [N,HQ,D]: add the result into
     it in place and return it; return_lse=False skips the lse (returns None).
-    backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
+    backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
     or "reference".
     """
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda)
+    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and q.dtype in _HALF)
     fn = _ssa_compressed_attention_triton if use_triton else ssa_compressed_attention_reference
     return fn(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, topk, block_keys, cu_blocks, scale, gate, out,
               return_lse)

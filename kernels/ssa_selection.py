@@ -33,6 +33,7 @@ import triton.language as tl
 __all__ = ["ssa_selection_attention", "ssa_selection_attention_reference"]
 
 _LOG2E = 1.4426950408889634
+_HALF = (torch.float16, torch.bfloat16)  # "auto" runs Triton on CUDA for these; fp32 models use the reference
 
 
 def _gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
@@ -267,10 +268,10 @@ def ssa_selection_attention(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_
     """Attention of every query to the tokens of its selected blocks -> o [N, HQ, D] (see module doc).
 
     gate [N] (any stride): return gate * o (the SSA gate, fused); out [N,HQ,D]: add into it in place, return it.
-    backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
+    backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
     or "reference".
     """
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    if backend == "triton" or (backend == "auto" and q.is_cuda and q.dtype in _HALF):
         return _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
                                                max_seqlen, scale, gate, out)
     return ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,

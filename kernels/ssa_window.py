@@ -28,6 +28,7 @@ __all__ = ["ssa_window_attention", "ssa_window_attention_reference", "window_par
            "WINDOW_TILE_Q"]
 
 _LOG2E = 1.4426950408889634
+_HALF = (torch.float16, torch.bfloat16)  # "auto" runs Triton on CUDA for these; fp32 models use the reference
 WINDOW_TILE_Q = 8  # query tokens per program (x G heads = 128 rows for G = 16)
 
 
@@ -202,9 +203,9 @@ def ssa_window_attention(q, k, v, perm, cu_windows, max_window: int, tiles=None,
 
     gate [N] (any stride): return gate * o (the SSA gate, fused); out [N,HQ,D]: add into it in place, return it.
     tiles: `window_tiles(cu_windows)`, precomputed once per coordinate set (built here when None).
-    backend: "auto" (Triton on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
+    backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
     or "reference".
     """
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
+    if backend == "triton" or (backend == "auto" and q.is_cuda and q.dtype in _HALF):
         return _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window, tiles, scale, gate, out)
     return ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window, tiles, scale, gate, out)
