@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU-marked tests and the benchmarks on a CUDA machine; logs and result files go to $OUT (or /tmp/out).
-# Usage: bash bench/gpu_suite.sh tests|e2e|parts   (wheels for packages the GPU image lacks may sit in .whl/)
+# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload conv vae voxelize refiner coarse)   (wheels for packages the GPU image lacks may sit in .whl/)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -10,17 +10,17 @@ if ls .whl/*.whl >/dev/null 2>&1; then
 fi
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
-case "$1" in
-  tests)
-    timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
-  e2e)
-    timeout 280 python3 bench/e2e.py --offload 2>&1 | tee "$OUT/e2e_offload.log"
-    timeout 280 python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
-  parts)
-    timeout 90 python3 bench/bench_sparse_conv.py 2>&1 | tail -30
-    timeout 120 python3 bench/bench_sparse_vae.py --mesh 2>&1 | tail -30
-    timeout 90 python3 bench/bench_voxelize.py 2>&1 | tail -30
-    timeout 150 python3 bench/bench_refiner.py --dense 2>&1 | tail -30
-    timeout 150 python3 bench/bench_coarse.py --upstream .scratch --dinov2 .scratch/dinov2 2>&1 | tail -30 ;;
-esac
+for job in "$@"; do
+  echo "=== $job"
+  case "$job" in
+    tests) timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
+    e2e-offload) timeout 280 python3 bench/e2e.py --offload 2>&1 | tee "$OUT/e2e_offload.log" ;;
+    e2e) timeout 280 python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
+    conv) timeout 90 python3 bench/bench_sparse_conv.py 2>&1 | tail -30 ;;
+    vae) timeout 120 python3 bench/bench_sparse_vae.py --mesh 2>&1 | tail -30 ;;
+    voxelize) timeout 90 python3 bench/bench_voxelize.py 2>&1 | tail -30 ;;
+    refiner) timeout 150 python3 bench/bench_refiner.py --dense 2>&1 | tail -30 ;;
+    coarse) timeout 150 python3 bench/bench_coarse.py --upstream .scratch --dinov2 .scratch/dinov2 2>&1 | tail -30 ;;
+  esac
+done
 cp bench/results/*.md "$OUT/" 2>/dev/null; ls "$OUT"
