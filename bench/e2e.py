@@ -64,6 +64,12 @@ def build_models(variant: str, device, dtype, offload: bool, seed: int = 0) -> P
             m = m.model if name == "image_encoder" else m
             sds[name] = deterministic_state_dict(m, seed=seed * 100 + i)
             del m
+    # A random sign network outputs noise, so its inside/outside grid flips cell to cell and the "surface"
+    # fills the whole 1024³ volume (billions of crossing cells, nothing a trained model produces). Pin its
+    # output to "outside" away from the decoded band, as a trained model's is: the surface is then the
+    # decoded band's boundary, about the size of a real mesh's.
+    sds["refiner_1024"]["conv_out.weight"].mul_(0.01)
+    sds["refiner_1024"]["conv_out.bias"].fill_(1.0)
     return P.load_models(variant, P.STAGES, device, dtype, state_dicts=sds,
                          placement=P.Placement(device, offload=offload))
 
