@@ -196,10 +196,10 @@ def install_original(upstream: Path, dinov2: Path | None, stand_ins: list[str]):
     return Sched
 
 
-def _dino_builder(cfg, dinov2: Path | None, tiny: bool):
+def _dino_builder(cfg, dinov2: Path | None, tiny: bool, real_hub_load):
     def build(*a, **k):
-        if not tiny:
-            return torch.hub.load(str(dinov2), "dinov2_vitl14_reg", source="local", pretrained=False)
+        if not tiny:  # the real torch.hub.load: this builder replaces it while DinoEncoder is built
+            return real_hub_load(str(dinov2), "dinov2_vitl14_reg", source="local", pretrained=False)
         from functools import partial
 
         from dinov2.layers import MemEffAttention
@@ -234,7 +234,7 @@ def run_original(cfg, args, pixels, device, stand_ins):
         return {k: (list(v) if isinstance(v, tuple) else v) for k, v in vars(c).items()}
 
     real_hub = torch.hub.load
-    torch.hub.load = _dino_builder(cfg, Path(args.dinov2) if args.dinov2 else None, args.tiny)
+    torch.hub.load = _dino_builder(cfg, Path(args.dinov2) if args.dinov2 else None, args.tiny, real_hub)
     try:
         e = cfg.dense_image_encoder
         enc = DinoEncoder(model=e.model, version=e.version, size=e.size)
