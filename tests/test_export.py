@@ -114,3 +114,20 @@ def test_bad_input(tmp_path):
     nm_f = torch.tensor([[0, 1, 2], [1, 0, 3], [0, 1, 4]])
     back = trimesh.load(save_mesh(nm_v, nm_f, tmp_path / "nm.ply"), force="mesh", process=False)
     assert len(back.faces) == 3
+
+
+def test_final_file_has_umask_mode_and_no_temp_left(tmp_path):
+    """mkstemp creates 0600 files; the finished mesh must get the mode a plain open() would give (0666 & ~umask)."""
+    import os
+    import stat
+
+    old = os.umask(0o022)
+    try:
+        p = write_atomic(b"mesh", tmp_path / "a.glb")
+        os.umask(0o077)
+        q = write_atomic(b"mesh", tmp_path / "b.glb")
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(p.stat().st_mode) == 0o644
+    assert stat.S_IMODE(q.stat().st_mode) == 0o600
+    assert sorted(x.name for x in tmp_path.iterdir()) == ["a.glb", "b.glb"]  # temp files renamed away

@@ -76,6 +76,20 @@ def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = No
     return mesh.export(file_type="stl")
 
 
+def _umask() -> int:
+    """The process umask (read from /proc where possible: setting it to read it races with other threads)."""
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
     """Write bytes to `path` through a temp file in the same folder; FileExistsError if `path` exists."""
     path = Path(path)
@@ -88,6 +102,7 @@ def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the normal mode of a new file
         if path.exists():  # a concurrent writer took the name meanwhile
             raise FileExistsError(f"{path} already exists; choose another name (meshes are never overwritten).")
         os.replace(tmp, path)
