@@ -254,7 +254,14 @@ def load_release_file(path: str | Path, variant: str = "v1.1") -> dict[str, dict
         if part not in parts:
             raise ValueError(f"`{path.name}` has no `{part}` weights (it has: {', '.join(sorted(parts)) or 'none'});"
                              f" it is incomplete — download it again.")
-        check_part(parts[part], manifest_key(stem, part, variant), path.name)
+        key = manifest_key(stem, part, variant)
+        if not diff_state_dict(parts[part], key).ok:
+            for other in VARIANT_FOLDERS:
+                okey = manifest_key(stem, part, other)
+                if okey != key and diff_state_dict(parts[part], okey).ok:
+                    raise ValueError(f"`{path.name}` is the Direct3D-S2 {other} release of this file but {variant} is "
+                                     f"selected; choose variant {other} or put the {variant} file there instead.")
+        check_part(parts[part], key, path.name)
         out[part] = parts[part]
     return out
 
