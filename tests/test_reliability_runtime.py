@@ -167,3 +167,30 @@ def test_node_batch_equals_single_runs(pack):
         # batched CPU matmuls may round differently in the last bit (see test_reliability.py)
         assert torch.allclose(batch.vertices[i, :nv], s.vertices[0, :nv], atol=1e-5, rtol=0), f"item {i}"
         assert batch.info["seed"] == 40 and s.info["seed"] == 40 + i
+
+
+def test_ctrl_c_during_sampling_in_the_cli_exits_130_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    """Ctrl-C (KeyboardInterrupt) arriving inside a sampling step: exit code 130, one line, no file at all."""
+    from PIL import Image
+
+    from s2core import cli, flow_sampler
+
+    Image.fromarray((picture()[0][0] * 255).byte().numpy()).save(tmp_path / "in.png")
+    m = (picture()[1][0] * 255).byte().numpy()
+    Image.fromarray(m).save(tmp_path / "mask.png")
+    real, steps = flow_sampler.sample_flow, []
+
+    def interrupted_at_step_2(*a, callback=None, **k):
+        def cb(i, n):
+            steps.append(i)
+            if i == 2:
+                raise KeyboardInterrupt
+        return real(*a, callback=cb, **k)
+
+    monkeypatch.setattr(flow_sampler, "sample_flow", interrupted_at_step_2)
+    out = tmp_path / "o" / "x.glb"
+    rc = cli.main([str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--demo", "-q", "-o", str(out),
+                   "--steps", "4,2,2"])
+    assert rc == cli.EXIT_INTERRUPTED and steps == [1, 2]
+    assert "Interrupted; nothing was written." in capsys.readouterr().err
+    assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*"))
