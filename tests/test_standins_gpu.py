@@ -1,0 +1,188 @@
+"""The GPU stand-ins for torchsparse / flash_attn (tools/golden/standins_gpu.py) on their own: they must
+compute what the real packages compute, because bench/bench_sparse_vae.py times the ORIGINAL decoder on
+them. (Their agreement with the original end to end needs the original checkout, which CI lacks:
+`python tools/golden/standins_gpu.py --check --upstream PATH` runs that against the golden fixtures.)
+
+Tolerances: fp32 on CPU against fp64 brute-force references -> 1e-5 (summation order only).
+"""
+import importlib
+import math
+import sys
+
+import pytest
+import torch
+
+from s2core.sparse.conv import sparse_conv3d_reference
+
+sys.path.insert(0, str(__import__("pathlib").Path(__file__).resolve().parents[1] / "tools" / "golden"))
+standins = importlib.import_module("standins_gpu")
+
+
+def _voxels(n=150, batches=2, extent=7, seed=0):
+    """[N, 4] int32 unique voxels in `batches` contiguous batch blocks (dense enough for every tap)."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for b in range(batches):
+        xyz = torch.unique(torch.randint(0, extent, (n, 3), generator=g), dim=0)
+        out.append(torch.cat([torch.full((len(xyz), 1), b), xyz], 1))
+    return torch.cat(out).int()
+
+
+@pytest.mark.parametrize("k", [3, 1])
+def test_torchsparse_conv3d_matches_bruteforce_submanifold(k):
+    ts = standins.make_torchsparse()
+    coords = _voxels()
+    feats = torch.randn(len(coords), 6, generator=torch.Generator().manual_seed(1))
+    # the original constructs it positionally: (in, out, kernel_size, stride, padding, dilation, bias)
+    conv = ts["torchsparse.nn"].Conv3d(6, 5, k, 1, 1 if k == 3 else 0, 1, True)
+    sd = conv.state_dict()
+    assert list(sd) == ["kernel", "bias"]
+    assert sd["kernel"].shape == ((27, 6, 5) if k == 3 else (6, 5)) and sd["bias"].shape == (5,)
+    x = ts["torchsparse"].SparseTensor(feats, coords)
+    with torch.no_grad():
+        y = conv(x)
+    assert y.C is coords and y.coords is coords  # submanifold: same set, same order
+    assert tuple(conv.stride) == (1, 1, 1) and conv.out_channels == 5
+    w, b = conv.kernel.detach(), conv.bias.detach()
+    ref = sparse_conv3d_reference(feats, coords, w, b) if k == 3 else feats.double() @ w.double() + b.double()
+    torch.testing.assert_close(y.F.double(), ref, atol=1e-5, rtol=1e-5)
+
+
+def test_torchsparse_conv3d_tap_order_is_torchsparse_one():
+    # one voxel with one neighbour at +x: only tap k = (dx+1) + 3(dy+1) + 9(dz+1) = 14 may carry it
+    ts = standins.make_torchsparse()
+    conv = ts["torchsparse.nn"].Conv3d(1, 1, 3, bias=False)
+    with torch.no_grad():
+        conv.kernel.zero_()
+        conv.kernel[14] = 1.0
+        coords = torch.tensor([[0, 4, 4, 4], [0, 5, 4, 4]], dtype=torch.int32)
+        y = conv(ts["torchsparse"].SparseTensor(torch.tensor([[2.0], [7.0]]), coords))
+    assert y.F[:, 0].tolist() == [7.0, 0.0]  # out[p] += in[p + off(14)] = in[(5,4,4)]
+
+
+def test_torchsparse_caches_are_shared_along_a_conv_chain():
+    ts = standins.make_torchsparse()
+    coords = _voxels(60, 1)
+    x = ts["torchsparse"].SparseTensor(torch.randn(len(coords), 4), coords)
+    c1, c2 = ts["torchsparse.nn"].Conv3d(4, 4, 3, bias=True), ts["torchsparse.nn"].Conv3d(4, 4, 3, bias=True)
+    with torch.no_grad():
+        y = c1(x)
+        nbr = x._caches["s2core"]["kernel_map_3"]
+        z = c2(y)
+    assert y._caches is x._caches and z._caches is x._caches
+    assert z._caches["s2core"]["kernel_map_3"] is nbr  # built once per coordinate set, as torchsparse's kmap
+
+
+def test_torchsparse_functional_and_ntuple():
+    ts = standins.make_torchsparse()
+    assert ts["torchsparse.utils"].make_ntuple(3, ndim=3) == (3, 3, 3)
+    assert ts["torchsparse.utils"].make_ntuple([1, 2, 3], 3) == (1, 2, 3)
+    coords = _voxels(40, 1)
+    feats = torch.randn(len(coords), 3)
+    w, b = torch.randn(27, 3, 2), torch.randn(2)
+    x = ts["torchsparse"].SparseTensor(feats, coords)
+    y = ts["torchsparse.nn.functional"].conv3d(x, w, kernel_size=(3, 3, 3), bias=b, stride=(1, 1, 1),
+                                                 padding=(1, 1, 1), dilation=1)
+    torch.testing.assert_close(y.F.double(), sparse_conv3d_reference(feats, coords, w, b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kw", [dict(stride=2), dict(dilation=2), dict(transposed=True), dict(kernel_size=5)])
+def test_torchsparse_rejects_what_it_does_not_implement(kw):
+    ts = standins.make_torchsparse()
+    args = dict(kernel_size=3)
+    args.update(kw)
+    conv = ts["torchsparse.nn"].Conv3d(2, 2, bias=True, **args)
+    coords = _voxels(20, 1)
+    with pytest.raises(NotImplementedError, match="only does stride-1 submanifold"):
+        conv(ts["torchsparse"].SparseTensor(torch.randn(len(coords), 2), coords))
+
+
+# ---------------------------------------------------------------------------------------------------
+# flash_attn
+
+def _softmax_ref(q, k, v, cu_q, cu_k, scale):
+    """Per sequence, fp64: softmax(q k^T * scale) v with GQA head h -> kv head h // (H/Hk); and lse [H, Nq]."""
+    h, hk = q.shape[1], k.shape[1]
+    out = torch.zeros(q.shape, dtype=torch.float64)
+    lse = torch.full((h, q.shape[0]), float("-inf"), dtype=torch.float64)
+    for i in range(len(cu_q) - 1):
+        qs, ks, vs = q[cu_q[i]:cu_q[i + 1]].double(), k[cu_k[i]:cu_k[i + 1]].double(), v[cu_k[i]:cu_k[i + 1]].double()
+        if len(ks) == 0:
+            continue
+        ks, vs = ks.repeat_interleave(h // hk, 1), vs.repeat_interleave(h // hk, 1)
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
+        out[cu_q[i]:cu_q[i + 1]] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vs)
+        lse[:, cu_q[i]:cu_q[i + 1]] = s.logsumexp(-1)
+    return out, lse
+
+
+def _ragged(lens_q, lens_k, h=4, hk=2, d=16, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    cu_q = torch.tensor([0] + list(torch.tensor(lens_q).cumsum(0)), dtype=torch.int32)
+    cu_k = torch.tensor([0] + list(torch.tensor(lens_k).cumsum(0)), dtype=torch.int32)
+    q = torch.randn(int(cu_q[-1]), h, d, generator=g)
+    k = torch.randn(int(cu_k[-1]), hk, d, generator=g)
+    v = torch.randn(int(cu_k[-1]), hk, d, generator=g)
+    return q, k, v, cu_q, cu_k
+
+
+# lengths span the 16 / 32 / 64 / 128 buckets, in mixed order, with one sequence that has no keys
+LENS_Q, LENS_K = [1, 40, 5, 100, 17, 3, 8], [2, 33, 5, 90, 0, 70, 8]
+
+
+def test_flash_attn_varlen_matches_softmax_reference_across_buckets():
+    fa = standins.make_flash_attn()
+    q, k, v, cu_q, cu_k = _ragged(LENS_Q, LENS_K)
+    ref, ref_lse = _softmax_ref(q, k, v, cu_q.tolist(), cu_k.tolist(), 0.3)
+    out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), softmax_scale=0.3)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    out2, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), softmax_scale=0.3,
+                                             return_attn_probs=True)
+    assert lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
+    torch.testing.assert_close(out2.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
+def test_flash_attn_packed_and_dense_entry_points():
+    fa = standins.make_flash_attn()
+    lens = [3, 30, 9, 64]
+    q, k, v, cu, _ = _ragged(lens, lens, h=4, hk=4)
+    ref, _ = _softmax_ref(q, k, v, cu.tolist(), cu.tolist(), 1 / math.sqrt(16))  # default scale 1/sqrt(D)
+    out = fa.flash_attn_varlen_qkvpacked_func(torch.stack([q, k, v], 1), cu, max(lens))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    out = fa.flash_attn_varlen_kvpacked_func(q, torch.stack([k, v], 1), cu, cu, max(lens), max(lens))
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    # dense [B, S, H, D]: every sequence of length 8 (the windowed path's "all windows full" branch)
+    qb, kb, vb, cub, _ = _ragged([8] * 3, [8] * 3, h=4, hk=2)
+    refb, refb_lse = _softmax_ref(qb, kb, vb, cub.tolist(), cub.tolist(), 0.25)
+    shape = (3, 8)
+    outb = fa.flash_attn_func(qb.unflatten(0, shape), kb.unflatten(0, shape), vb.unflatten(0, shape),
+                              softmax_scale=0.25)
+    torch.testing.assert_close(outb.flatten(0, 1).double(), refb, atol=1e-5, rtol=1e-5)
+    o, lse, _ = fa.flash_attn_kvpacked_func(qb.unflatten(0, shape), torch.stack([kb, vb], 1).unflatten(0, shape),
+                                            softmax_scale=0.25, return_attn_probs=True)
+    assert lse.shape == (3, 4, 8)
+    torch.testing.assert_close(lse.transpose(0, 1).flatten(1).double(), refb_lse, atol=1e-5, rtol=1e-5)
+    qkv = torch.stack([q, q, q], 1)[:64].unflatten(0, (2, 32))
+    torch.testing.assert_close(fa.flash_attn_qkvpacked_func(qkv), fa.flash_attn_func(*qkv.unbind(2)))
+
+
+def test_flash_attn_rejects_causal():
+    fa = standins.make_flash_attn()
+    q, k, v, cu, _ = _ragged([4], [4])
+    with pytest.raises(NotImplementedError, match="no causal mask"):
+        fa.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True)
+
+
+def test_install_puts_importable_packages_in_sys_modules(monkeypatch):
+    for name in ("torchsparse", "torchsparse.nn", "torchsparse.nn.functional", "torchsparse.utils", "flash_attn"):
+        monkeypatch.delitem(sys.modules, name, raising=False)
+    standins.install_torchsparse_standin()
+    standins.install_flash_attn_standin()
+    ts = importlib.import_module("torchsparse")
+    from torchsparse.utils import make_ntuple  # the original's import form
+    assert make_ntuple(2, ndim=3) == (2, 2, 2)
+    assert importlib.import_module("torchsparse.nn.functional").conv3d is standins.ts_conv3d
+    assert ts.nn.Conv3d is standins.TSConv3d and ts.SparseTensor is standins.TSSparseTensor
+    assert importlib.util.find_spec("flash_attn") is not None
+    from flash_attn import flash_attn_varlen_func  # noqa: F401  (spatial_sparse_attention.py's form)
