@@ -12,7 +12,7 @@ Inputs accepted (one or a batch):
 
 | argument | forms |
 |---|---|
-| `image` | ComfyUI IMAGE `[B, H, W, 3 or 4]` / `[H, W, 3 or 4]` float 0..1; PIL image (RGBA/LA/P alpha is used); uint8 NumPy `[H, W, 3 or 4]` |
+| `image` | ComfyUI IMAGE `[B, H, W, C]` / `[H, W, C]` float 0..1, C = 3/4 (1/2: grey, + alpha); PIL image (RGBA/LA/P alpha is used); uint8 NumPy `[H, W, C]` |
 | `mask`  | ComfyUI MASK `[B, H, W]` / `[H, W]` float 0..1; PIL 'L'; NumPy `[H, W]`; None |
 
 Mask convention: **1 = object** (alpha). ComfyUI's LoadImage outputs `1 − alpha` as its MASK, so pass
@@ -66,11 +66,13 @@ def _split_images(image) -> list[np.ndarray]:
         image = image[None]
     if image.ndim != 4:
         raise ValueError(f"The image must be shaped [B, H, W, C] (ComfyUI IMAGE), got {tuple(image.shape)}.")
-    if image.shape[-1] not in (3, 4):
-        raise ValueError(f"The image has {image.shape[-1]} channels; expected RGB (3) or RGBA (4) in the last "
-                         f"dimension (shape {tuple(image.shape)}).")
+    if image.shape[-1] not in (1, 2, 3, 4):
+        raise ValueError(f"The image has {image.shape[-1]} channels; expected grey (1), grey+alpha (2), RGB (3) or "
+                         f"RGBA (4) in the last dimension (shape {tuple(image.shape)}).")
     if not image.is_floating_point():
         raise ValueError(f"The image tensor must be float in [0, 1], got {image.dtype}.")
+    if image.shape[-1] <= 2:  # grey (+ alpha) → RGB (+ alpha)
+        image = torch.cat([image[..., :1].expand(*image.shape[:-1], 3), image[..., 1:]], dim=-1)
     return [_to_uint8(image[b], "image") for b in range(image.shape[0])]
 
 
@@ -157,7 +159,7 @@ def preprocess_image(image, mask=None, *, invert_mask: bool = False, size: int =
     """Image (+ mask) → `[B, 4, size, size]` float32: RGB on white (channels 0-2) and the mask (channel 3).
 
     See the module docstring for accepted forms and the mask convention. Raises ValueError, before any
-    model runs, for: wrong channel count, NaN pixels, a mask whose size or batch differs from the image's,
+    model runs, for: a channel count other than 1-4, NaN pixels, a mask whose size or batch differs from the image's,
     an image smaller than 8×8, an empty (all-transparent) mask, or no usable mask at all.
     """
     images = _split_images(image)

@@ -109,7 +109,7 @@ def test_batch_with_one_shared_mask_and_small_size():
     (torch.ones(1, 32, 48, 3), torch.ones(1, 64, 64), "mask is 64x64 but the image is 48x32"),
     (torch.ones(2, 32, 32, 3), torch.ones(3, 32, 32), "mask batch has 3 masks but the image batch has 2"),
     (torch.ones(1, 1, 1, 3), None, "only 1x1 pixels"),
-    (torch.ones(1, 32, 32, 2), None, "2 channels"),
+    (torch.ones(1, 32, 32, 5), None, "5 channels"),
     (torch.full((1, 32, 32, 3), float("nan")), None, "image contains NaN"),
     (torch.ones(1, 32, 32, 3), torch.full((1, 32, 32), float("nan")), "mask contains NaN"),
     ("photo.png", None, "must be a ComfyUI IMAGE"),
@@ -134,3 +134,30 @@ def test_matches_the_original_on_a_soft_edged_scene():
     image = torch.from_numpy(rgba[..., :3].astype(np.float32) / 255)[None]
     mask = torch.from_numpy(rgba[..., 3].astype(np.float32) / 255)[None]
     assert torch.equal(preprocess_image(image, mask)[0], ref)
+
+
+def test_grey_inputs_equal_their_rgb_version():
+    """Grey (1 channel) and grey+alpha (2) tensors, and PIL 'L' / 'LA', give what the same picture in RGB(A) gives."""
+    arr = scene(color=(120, 120, 120))
+    grey, alpha = arr[..., :1].astype(np.float32) / 255, arr[..., 3:].astype(np.float32) / 255
+    rgba = preprocess_image(torch.from_numpy(arr.astype(np.float32) / 255)[None])
+    assert torch.equal(preprocess_image(torch.from_numpy(np.concatenate([grey, alpha], -1))[None]), rgba)
+    assert torch.equal(preprocess_image(torch.from_numpy(grey)[None], torch.from_numpy(alpha[..., 0])[None]), rgba)
+    assert torch.equal(preprocess_image(Image.fromarray(arr).convert("LA")), rgba)
+    assert torch.equal(preprocess_image(Image.fromarray(arr[..., 0]).convert("L"), Image.fromarray(arr[..., 3])), rgba)
+
+
+def test_16k_pixel_side_is_bounded_and_keeps_the_object():
+    """A 16384-pixel-tall strip (ComfyUI float IMAGE): converted in row chunks, downscaled to max_side first,
+    and the object (8192 x 16 px) still fills the frame's height, centred and thin (SPEC §4.2 geometry)."""
+    H, W = 16384, 32
+    img = torch.ones(1, H, W, 3)
+    mask = torch.zeros(1, H, W)
+    img[:, 4096:12288, 8:24] = torch.tensor([0.2, 0.4, 0.6])
+    mask[:, 4096:12288, 8:24] = 1
+    out = preprocess_image(img, mask)
+    assert out.shape == (1, 4, 518, 518) and out.isfinite().all()
+    k = 518 / 550
+    y0, y1, x0, x1 = bbox(out[0, 3])
+    assert abs(y0 - 16 * k) < 2 and abs(y1 + 1 - (16 + 518) * k) < 2   # the long side spans the frame
+    assert x1 - x0 <= 4 and abs((x0 + x1) / 2 - 258.5) < 2              # 16/8192 of the width, centred
