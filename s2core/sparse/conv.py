@@ -22,7 +22,9 @@ Compute ("gather" algo, the default): gather the 27 neighbour rows of a block of
 [27*Cin, Cout]: one fp32-accumulated reduction over all taps with a single rounding, as torchsparse's
 implicit GEMM does. Output blocks bound the gathered buffer's memory. The "per_offset" algo instead
 runs one GEMM per tap over only the active pairs and scatter-adds them (less work on thin surfaces,
-but 27 roundings in half precision); `bench/bench_sparse_conv.py` compares them.
+but 27 roundings in half precision); `bench/bench_sparse_conv.py` compares them. Its scatter-add uses
+CUDA atomics, so it is not bitwise repeatable on a GPU; with `torch.use_deterministic_algorithms(True)`
+(ComfyUI's --deterministic) "per_offset" runs as "gather", which has no atomics.
 """
 from __future__ import annotations
 
@@ -109,6 +111,10 @@ def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | No
         n, cin = feats.shape
         cout = kernel.shape[2]
         nbr = kernel_map(x)
+        if algo == "per_offset" and torch.are_deterministic_algorithms_enabled():
+            # per_offset accumulates with index_add_ (CUDA atomics: run-to-run bit noise); gather has no
+            # atomics, so under torch.use_deterministic_algorithms (ComfyUI --deterministic) it is the choice
+            algo = "gather"
         if algo == "gather":
             w = kernel.reshape(27 * cin, cout)
             padded = torch.cat([feats, feats.new_zeros(1, cin)], 0)  # row N = inactive neighbour
