@@ -5,6 +5,7 @@ import json
 import os
 
 from ..s2core import pipeline
+from ..s2core.mesh.export import check_filename_prefix
 from . import _comfy
 from ._spec import MESH, MODEL, STRUCTURE, In, Node, Out
 
@@ -76,6 +77,7 @@ class SaveMesh(Node):
                 metadata["prompt"] = json.dumps(prompt)
             for k, v in (extra_pnginfo or {}).items():
                 metadata[k] = json.dumps(v)
+        check_filename_prefix(filename_prefix)  # one clear sentence before ComfyUI's generic refusal
         folder, name, counter, subfolder = _comfy.output_path(filename_prefix)
         files = [f"{name}_{counter + i:05}_.{format}" for i in range(mesh.batch_size)]
         for f, item in zip(files, mesh.items()):  # one file per batch item

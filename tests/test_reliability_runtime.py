@@ -194,3 +194,12 @@ def test_ctrl_c_during_sampling_in_the_cli_exits_130_and_writes_nothing(tmp_path
     assert rc == cli.EXIT_INTERRUPTED and steps == [1, 2]
     assert "Interrupted; nothing was written." in capsys.readouterr().err
     assert not (tmp_path / "o").exists() or not any((tmp_path / "o").rglob("*"))
+
+
+@pytest.mark.parametrize("prefix", ["../evil", "mesh/../../evil", "/abs/evil", "C:\\evil", "\\\\server\\x"])
+def test_save_node_prefix_cannot_escape_the_output_folder(pack, tmp_path, prefix):
+    m = type("M", (), dict(vertices=torch.tensor([[[0., 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]]),
+                           faces=torch.tensor([[[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]])))
+    with pytest.raises(ValueError, match="must be a relative name inside the output folder"):
+        node(pack, "D3DS2SaveMesh", mesh=m, filename_prefix=prefix, format="glb")
+    assert not [p for p in tmp_path.rglob("*") if p.is_file()]

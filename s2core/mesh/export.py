@@ -122,6 +122,18 @@ def save_mesh(vertices, faces, path: str | os.PathLike, normals=None, extras: di
     return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras), path)
 
 
+def check_filename_prefix(filename_prefix: str) -> list[str]:
+    """The prefix's folder/name parts, or ValueError if it could leave the output folder (absolute path,
+    leading slash or backslash, drive letter, `..`) or names no file."""
+    prefix = str(filename_prefix).strip()
+    parts = re.split(r"[\\/]+", prefix)
+    if (not prefix or prefix.startswith(("/", "\\")) or _DRIVE.match(prefix) or os.path.isabs(prefix)
+            or any(p in ("..", ".") for p in parts) or not parts[-1]):
+        raise ValueError(f"filename_prefix {filename_prefix!r} must be a relative name inside the output folder "
+                         "(like 'mesh/D3DS2'), without '..', a leading slash or a drive letter.")
+    return parts
+
+
 def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, fmt: str = "glb") -> Path:
     """`output_dir/<sub>/<name>_<counter:05>_.<fmt>` with counter = 1 + the highest one already used.
 
@@ -131,12 +143,7 @@ def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, fmt: s
     fmt = fmt.lower().lstrip(".")
     if fmt not in FORMATS:
         raise ValueError(f"Unknown mesh format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-    prefix = str(filename_prefix).strip()
-    parts = re.split(r"[\\/]+", prefix)
-    if (not prefix or prefix.startswith(("/", "\\")) or _DRIVE.match(prefix) or os.path.isabs(prefix)
-            or any(p in ("..", ".") for p in parts) or not parts[-1]):
-        raise ValueError(f"filename_prefix {filename_prefix!r} must be a relative name inside the output folder "
-                         "(like 'mesh/D3DS2'), without '..', a leading slash or a drive letter.")
+    parts = check_filename_prefix(filename_prefix)
     root = Path(output_dir).resolve()
     folder = root.joinpath(*parts[:-1])
     if not folder.resolve().is_relative_to(root):  # e.g. through a symlink
