@@ -6,6 +6,7 @@ them. (Their agreement with the original end to end needs the original checkout,
 Tolerances: fp32 on CPU against fp64 brute-force references -> 1e-5 (summation order only).
 """
 import importlib
+import importlib.util
 import math
 import sys
 

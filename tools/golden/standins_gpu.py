@@ -5,18 +5,28 @@ timed) on a GPU machine where neither package is installed (tools only, never im
 is right for fixtures and far too slow for a 200k-token decode. Here both packages are replaced by thin
 adapters over OUR kernels, written for this repo (nothing from torchsparse or flash-attn is copied):
 
-| stand-in      | API the original touches                                    | computed by                         |
-|---------------|-------------------------------------------------------------|-------------------------------------|
-| `torchsparse` | `SparseTensor(feats, coords, stride=1, spatial_range=None)` with `.F/.C/.feats/.coords/.stride/.spatial_range/._caches`; `nn.Conv3d(in, out, kernel_size, stride, padding, dilation, bias, transposed)` holding `kernel` [K^3, Cin, Cout] ([Cin, Cout] for 1x1x1) and `bias`; `nn.functional.conv3d`; `utils.make_ntuple` | `s2core.sparse.conv.sparse_conv3d` (gather + one fp32-accumulated GEMM), kernel map memoised in `_caches`, which conv outputs and `replace()` share as torchsparse's do |
-| `flash_attn`  | `flash_attn_varlen_func`, `_varlen_qkvpacked_func`, `_varlen_kvpacked_func`, `flash_attn_func`, `_qkvpacked_func`, `_kvpacked_func` (`softmax_scale`, GQA head h -> kv head h // (H/Hk), `return_attn_probs=True` -> `(out, softmax_lse [H, total_q] fp32 natural log, None)`) | `s2core.sparse.attention.varlen_attention` (torch SDPA) on sequences grouped in power-of-two length buckets (padding wastes < 2x); the lse path is an explicit fp32 softmax per bucket |
+* `torchsparse` -- what the original touches: `SparseTensor(feats, coords, stride=1, spatial_range=None)`
+  with `.F/.C/.feats/.coords/.stride/.spatial_range/._caches`; `nn.Conv3d(in, out, kernel_size, stride,
+  padding, dilation, bias, transposed)` holding `kernel` [K^3, Cin, Cout] ([Cin, Cout] for 1x1x1) and
+  `bias`; `nn.functional.conv3d`; `utils.make_ntuple`. Computed by `s2core.sparse.conv.sparse_conv3d`
+  (gather + one fp32-accumulated GEMM); the kernel map is memoised in `_caches`, which conv outputs and
+  the original's `replace()` share, as torchsparse's kmap cache is shared.
+* `flash_attn` -- `flash_attn_varlen_func`, `flash_attn_varlen_qkvpacked_func`,
+  `flash_attn_varlen_kvpacked_func`, `flash_attn_func`, `flash_attn_qkvpacked_func`,
+  `flash_attn_kvpacked_func` (`softmax_scale`; GQA: query head h reads kv head h // (H/Hk);
+  `return_attn_probs=True` -> `(out, softmax_lse [H, total_q] fp32 natural log, None)`). Computed by
+  `s2core.sparse.attention.varlen_attention` (torch SDPA) on sequences grouped in power-of-two length
+  buckets (padding wastes < 2x); the lse path is an explicit fp32 softmax per bucket.
+* `einops`, `trimesh`, `skimage` -- import-only placeholders where not installed (imported at module level
+  by files the VAE decoder does not call into).
 
 Semantics kept (SPARSE.md §2.1): only stride-1, dilation-1 convs with kernel 3 (submanifold: output set =
 input set, same order, padding ignored as torchsparse does for odd kernels) or 1 (a matmul); tap
 k = (dx+1) + 3(dy+1) + 9(dz+1) with dx on coords column 1. Anything else (strided, transposed, dilated,
-causal attention, dropout) raises, so a silent wrong answer is not possible.
+causal attention, dropout) raises instead of computing something else.
 
     import standins_gpu
-    standins_gpu.install_standins()          # before the first `import direct3d_s2...`
+    standins_gpu.install_standins(upstream)  # before the first `import direct3d_s2...`
     python tools/golden/standins_gpu.py --check --upstream /work/upstream/Direct3D-S2
         # the original SparseSDFVAE decoder on these stand-ins vs the golden fixtures (spconv + exact attention)
 """
@@ -358,7 +368,8 @@ def install_standins(upstream: str | Path | None = None, force: bool = False) ->
             if sub:
                 setattr(m, sub, _module(f"{name}.{sub}", "placeholder"))
             sys.modules[name] = m
-            used[name] = f"{name} not installed: an import-only placeholder (ss_vae.py imports it; the decoder never calls it)"
+            used[name] = (f"{name} not installed: an import-only placeholder (ss_vae.py imports it; the decoder "
+                          "never calls it)")
     if not _importable("einops"):
         m = _module("einops", "Placeholder for einops (tools/golden/standins_gpu.py).")
         m.rearrange = _rearrange_merge_last
