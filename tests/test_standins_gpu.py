@@ -8,7 +8,9 @@ Tolerances: fp32 on CPU against fp64 brute-force references -> 1e-5 (summation o
 import importlib
 import importlib.util
 import math
+import os
 import sys
+import types
 
 import pytest
 import torch
@@ -175,9 +177,18 @@ def test_flash_attn_rejects_causal():
         fa.flash_attn_varlen_func(q, k, v, cu, cu, 4, 4, causal=True)
 
 
+STANDIN_MODULES = ("torchsparse", "torchsparse.nn", "torchsparse.nn.functional", "torchsparse.utils", "flash_attn")
+
+
+def _isolate(monkeypatch, names):
+    """Remove `names` from sys.modules for this test; monkeypatch restores them (or their absence) after."""
+    for name in names:
+        monkeypatch.setitem(sys.modules, name, None)  # records the old value, or that there was none
+        del sys.modules[name]
+
+
 def test_install_puts_importable_packages_in_sys_modules(monkeypatch):
-    for name in ("torchsparse", "torchsparse.nn", "torchsparse.nn.functional", "torchsparse.utils", "flash_attn"):
-        monkeypatch.delitem(sys.modules, name, raising=False)
+    _isolate(monkeypatch, STANDIN_MODULES)
     standins.install_torchsparse_standin()
     standins.install_flash_attn_standin()
     ts = importlib.import_module("torchsparse")
@@ -187,3 +198,24 @@ def test_install_puts_importable_packages_in_sys_modules(monkeypatch):
     assert ts.nn.Conv3d is standins.TSConv3d and ts.SparseTensor is standins.TSSparseTensor
     assert importlib.util.find_spec("flash_attn") is not None
     from flash_attn import flash_attn_varlen_func  # noqa: F401  (spatial_sparse_attention.py's form)
+
+
+def test_install_standins_sets_backends_and_lists_what_it_replaced(monkeypatch, tmp_path):
+    missing = [n for n in ("einops", "trimesh", "skimage") if importlib.util.find_spec(n) is None]
+    _isolate(monkeypatch, STANDIN_MODULES + tuple(missing) + ("skimage.measure",) * ("skimage" in missing))
+    for key in standins.ENV:
+        monkeypatch.setenv(key, "spconv")
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    used = standins.install_standins(tmp_path, force=True)
+    assert {"torchsparse", "flash_attn"} <= set(used) and set(used) - {"torchsparse", "flash_attn"} == set(missing)
+    assert all(isinstance(why, str) and why for why in used.values())
+    assert os.environ["SPARSE_BACKEND"] == "torchsparse"
+    assert os.environ["SPARSE_ATTN_BACKEND"] == "flash_attn"
+    assert sys.path[0] == str(tmp_path.resolve())
+    assert sys.modules["torchsparse"].nn.Conv3d is standins.TSConv3d
+
+
+def test_install_standins_refuses_after_the_original_was_imported(monkeypatch):
+    monkeypatch.setitem(sys.modules, "direct3d_s2", types.ModuleType("direct3d_s2"))
+    with pytest.raises(RuntimeError, match="before importing direct3d_s2"):
+        standins.install_standins(None)

@@ -59,10 +59,14 @@ STAND_INS = {
                    "s2core.sparse.conv.sparse_conv3d (stride-1 submanifold 3x3x3 or 1x1x1, official kernel layout "
                    "[27,Cin,Cout]/[Cin,Cout], tap k=(dx+1)+3(dy+1)+9(dz+1), one fp32-accumulated GEMM as "
                    "torchsparse's implicit GEMM; kernel map memoised per coordinate set like torchsparse's kmap "
-                   "cache); differs from torchsparse only in summation order",
+                   "cache); differs from torchsparse only in summation order. Memory: the [N,27] int32 kernel map "
+                   "is the size of torchsparse's out_in_map; the gathered [rows, 27*Cin] block (<= 128 MiB) is an "
+                   "extra transient that torchsparse's implicit GEMM does not allocate",
     "flash_attn": "flash_attn replaced by tools/golden/standins_gpu.py: varlen/packed/batched entry points on "
                   "s2core.sparse.attention.varlen_attention (torch SDPA) over power-of-two length buckets "
-                  "(padding < 2x, masked keys); same softmax(QK^T*scale)V, different kernel and summation order",
+                  "(padding < 2x, masked keys); same softmax(QK^T*scale)V, different kernel and summation order. "
+                  "Memory: the padded q/k/v/out copies (< 2x the packed ones) are transients flash-attn does not "
+                  "allocate, so the original's peak in the transformer trunk may read high by that much",
 }
 
 # Read by the original at import time: default torchsparse conv backend, flash_attn sparse attention.
