@@ -274,7 +274,8 @@ def _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqle
         if return_attn_probs:
             ob, lb = _explicit_lse(qb, kb, vb, cuq, cuk, lq, lk, scale)
         else:
-            ob = varlen_attention(qb, kb, vb, cuq, cuk, max(lq), max(lk), scale)
+            # pad lengths to a multiple of 8: keeps the mask aligned for SDPA's memory-efficient CUDA kernel
+            ob = varlen_attention(qb, kb, vb, cuq, cuk, -(-max(lq) // 8) * 8, -(-max(lk) // 8) * 8, scale)
         if rq is None:
             out = ob
             if return_attn_probs:
