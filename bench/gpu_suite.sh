@@ -17,7 +17,7 @@ for job in "$@"; do
     e2e-offload) timeout 280 python3 bench/e2e.py --offload 2>&1 | tee "$OUT/e2e_offload.log" ;;
     e2e) timeout 280 python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
     conv) timeout 90 python3 bench/bench_sparse_conv.py 2>&1 | tail -30 ;;
-    vae) timeout 120 python3 bench/bench_sparse_vae.py --mesh 2>&1 | tail -30 ;;
+    vae) timeout 200 python3 bench/bench_sparse_vae.py --mesh --upstream .scratch 2>&1 | tail -30 ;;
     voxelize) timeout 90 python3 bench/bench_voxelize.py 2>&1 | tail -30 ;;
     refiner) timeout 150 python3 bench/bench_refiner.py --dense 2>&1 | tail -30 ;;
     coarse) timeout 150 python3 bench/bench_coarse.py --upstream .scratch --dinov2 .scratch/dinov2 2>&1 | tail -30 ;;
