@@ -6,10 +6,12 @@ and can drop the connection part way), so the real `hf_hub_download` → temp `.
 check → rename path runs unchanged through `checkpoints.resolve_weights`."""
 import hashlib
 
-import httpx2
 import pytest
-from huggingface_hub import file_download
-from huggingface_hub.utils import _http
+
+# huggingface_hub >= 1.0 talks HTTP through httpx (vendored as httpx2 in 2.x); older ones used requests
+httpx2 = pytest.importorskip("httpx2", reason="the fake Hub plugs into huggingface_hub's httpx2 client")
+from huggingface_hub import close_session, file_download, set_client_factory  # noqa: E402
+from huggingface_hub.utils import _http  # noqa: E402
 
 from s2core import checkpoints as ck
 
@@ -71,11 +73,11 @@ def hub(monkeypatch, tmp_path):
     monkeypatch.setattr(file_download.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
     monkeypatch.setattr(file_download.time, "sleep", lambda s: None)  # its retry back-off
     monkeypatch.setattr(file_download.constants, "DOWNLOAD_CHUNK_SIZE", 64 * 1024)  # write as the bytes come
-    _http.set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake), follow_redirects=True))
-    _http.close_session()
+    set_client_factory(lambda: httpx2.Client(transport=httpx2.MockTransport(fake), follow_redirects=True))
+    close_session()
     yield fake
-    _http.set_client_factory(_http.default_client_factory)
-    _http.close_session()
+    set_client_factory(_http.default_client_factory)
+    close_session()
 
 
 def _resolve(models):
