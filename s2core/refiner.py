@@ -319,34 +319,56 @@ class RefinedField:
 
     | field      | shape / dtype      | meaning                                                        |
     |------------|--------------------|----------------------------------------------------------------|
-    | coords     | [M, 4] int32       | (batch, x, y, z) at `resolution`, sorted, unique               |
-    | values     | [M] float          | field value at coords (model dtype)                            |
+    | keys       | [M] int64          | ((b·R + x)·R + y)·R + z of each kept voxel, sorted, unique      |
+    | values     | [M] float          | field value at those voxels (model dtype)                      |
     | resolution | int                | grid edge R (512 or 1024)                                      |
     | level      | float              | iso-level to mesh at (2 × mc_threshold for 512, mc_threshold for 1024) |
 
     Holds every corner of every grid cell (2×2×2 voxels, min corner in [0, R-2]) whose corners are not
     all above or all below `level` — and nothing else. Marching cubes over the cells whose 8 corners are
     all present gives the same mesh as over the original's dense grid. Vertices map to the original's
-    frame by v / R * 2 - 1.
+    frame by v / R * 2 - 1. One int64 key per voxel (not [M, 4] coordinates) halves what is held.
     """
-    coords: torch.Tensor
+    keys: torch.Tensor
     values: torch.Tensor
     resolution: int
     level: float
+
+    @property
+    def coords(self) -> torch.Tensor:
+        """[M, 4] int32 (batch, x, y, z), decoded from `keys` (for inspection and tests)."""
+        R, k = self.resolution, self.keys
+        return torch.stack([k // R**3, k // R**2 % R, k // R % R, k % R], 1).int()
+
+
+def max_crossing_corners(resolution: int) -> int:
+    """Most field voxels a real surface can need: 128·R² (a sphere of radius 0.45 R needs about 10·R²;
+    R³/8 at R = 1024). More means the level is crossed all through the volume, i.e. noise."""
+    return 128 * resolution * resolution
+
+
+def _too_many_corners(n: int, resolution: int) -> ValueError:
+    return ValueError(
+        f"The refined field crosses the level at {n} of the {resolution}³ grid's voxels (a surface needs at "
+        f"most {max_crossing_corners(resolution)}), so it is noise filling the volume, not a surface; the "
+        "refiner weights are probably untrained or do not match this model — load the official refiner "
+        "checkpoint or turn interior removal off.")
 
 
 class _CrossingCollector:
     """Receives consecutive x-slabs [B, X, R, R] of a field and keeps the corners of straddling cells.
 
-    The last row of each slab is kept to form the cells between slabs; corners on that row may be found
-    twice and are deduplicated in `finish`.
+    The last row of each slab is kept to form the cells between slabs; corners on it that the previous
+    slab already kept are not kept again, so keys come out unique (and sorted when B = 1).
     """
 
-    def __init__(self, resolution: int, level: float, near: bool = False):
+    def __init__(self, resolution: int, level: float, near: bool = False, max_corners: int | None = None):
         self.R, self.level, self.near = resolution, level, near
-        self.prev: tuple[torch.Tensor, torch.Tensor | None] | None = None
+        self.max_corners = max_crossing_corners(resolution) if max_corners is None else max_corners
+        self.prev: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor] | None = None
         self.x_next = 0
-        self.coords: list[torch.Tensor] = []
+        self.count = 0
+        self.keys: list[torch.Tensor] = []
         self.values: list[torch.Tensor] = []
 
     def push(self, slab: torch.Tensor, decoded: torch.Tensor | None = None) -> None:
@@ -354,44 +376,55 @@ class _CrossingCollector:
         decoded voxels, only used with `near` (cells must touch a decoded voxel to count)."""
         x0 = self.x_next
         self.x_next += slab.shape[1]
-        block, dblock = slab, decoded
+        block, dblock, kept_first = slab, decoded, None
         if self.prev is not None:
             block = torch.cat([self.prev[0], slab], 1)
             if self.near:
                 dblock = torch.cat([self.prev[1], decoded], 1)
+            kept_first = self.prev[2]
             x0 -= 1
-        self.prev = (slab[:, -1:], decoded[:, -1:] if self.near else None)
         if block.shape[1] < 2:
+            self.prev = (slab[:, -1:], decoded[:, -1:] if self.near else None, torch.zeros_like(slab[:, -1:], dtype=torch.bool))
             return
         v = block.float()  # fp16 values and the level compare exactly in fp32
         above, below = v > self.level, v < self.level
+        del v
         cross = ~(_cell_all(above) | _cell_all(below))  # [B, X-1, R-1, R-1]
+        del above, below
         if self.near:
             cross &= _cell_any(dblock)
-        corner = torch.zeros_like(above)
+        corner = torch.zeros(block.shape, dtype=torch.bool, device=block.device)
         for ox in (0, 1):
             for oy in (0, 1):
                 for oz in (0, 1):
                     corner[:, ox:ox + cross.shape[1], oy:oy + cross.shape[2], oz:oz + cross.shape[3]] |= cross
-        idx = corner.nonzero()  # [m, 4] (b, x, y, z), x local to block
-        if idx.shape[0] == 0:
+        del cross
+        self.prev = (slab[:, -1:], decoded[:, -1:] if self.near else None, corner[:, -1:].clone())
+        if kept_first is not None:
+            corner[:, :1] &= ~kept_first
+        flat = corner.view(-1).nonzero().squeeze(1)  # [m] into [B, X, R, R]
+        del corner
+        if flat.numel() == 0:
             return
-        self.values.append(block[idx[:, 0], idx[:, 1], idx[:, 2], idx[:, 3]])
-        idx[:, 1] += x0
-        self.coords.append(idx)
+        self.count += flat.numel()
+        if self.count > self.max_corners:
+            raise _too_many_corners(self.count, self.R)
+        self.values.append(block.reshape(-1)[flat])
+        n_row = block.shape[1] * self.R * self.R
+        R = self.R
+        # [B, X, R, R] flat index → grid key ((b·R + x0 + x)·R + y)·R + z
+        self.keys.append(flat + (flat // n_row) * (R - block.shape[1]) * R * R + x0 * R * R)
 
     def finish(self, dtype: torch.dtype, device: torch.device) -> RefinedField:
-        if not self.coords:
-            return RefinedField(torch.zeros(0, 4, dtype=torch.int32, device=device),
+        if not self.keys:
+            return RefinedField(torch.zeros(0, dtype=torch.int64, device=device),
                                 torch.zeros(0, dtype=dtype, device=device), self.R, self.level)
-        idx, vals = torch.cat(self.coords), torch.cat(self.values)
-        R = self.R
-        key = ((idx[:, 0] * R + idx[:, 1]) * R + idx[:, 2]) * R + idx[:, 3]
-        key, inverse = torch.unique(key, return_inverse=True)
-        first = torch.full_like(key, vals.shape[0]).scatter_reduce_(
-            0, inverse, torch.arange(vals.shape[0], device=device), "amin")
-        coords = torch.stack([key // R**3, key // R**2 % R, key // R % R, key % R], 1).int()
-        return RefinedField(coords, vals[first], R, self.level)
+        keys, vals = torch.cat(self.keys), torch.cat(self.values)
+        self.keys, self.values = [], []
+        if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):  # B > 1: slabs interleave elements
+            keys, order = torch.sort(keys)
+            vals = vals[order]
+        return RefinedField(keys, vals, self.R, self.level)
 
 
 def _cell_all(m: torch.Tensor) -> torch.Tensor:
@@ -467,13 +500,15 @@ Progress = Callable[[int, int], None]
 @torch.no_grad()
 def remove_interior_512(model: VoxelRefiner, sdf: SparseTensor, feats: SparseTensor | torch.Tensor,
                         level: float = 0.4, grid: CubeGrid = GRID_512,
-                        progress: Progress | None = None, slab_rows: int = 32) -> RefinedField:
+                        progress: Progress | None = None, slab_rows: int = 32,
+                        max_corners: int | None = None) -> RefinedField:
     """The 512 refiner's `run()` without dense 512³ grids.
 
     sdf: decoded SDF, feats [N, 1] at coords [N, 4] in a grid of edge grid.resolution; feats: the
     decoder's 32-channel features for the same rows (SparseTensor or [N, 32] tensor). level: the pipeline
     passes 2 × mc_threshold = 0.4. progress(done, total) is called after each of the 27 cubes (it may
-    raise to cancel). Returns the refined field's straddling cells (`RefinedField`).
+    raise to cancel). Returns the refined field's straddling cells (`RefinedField`); raises ValueError
+    when more than max_corners (default `max_crossing_corners(R)`) voxels straddle, i.e. the field is noise.
     """
     R, P, S = grid.resolution, grid.patch, grid.stride
     _check_sparse(sdf, R, "SDF", model)
@@ -491,7 +526,7 @@ def remove_interior_512(model: VoxelRefiner, sdf: SparseTensor, feats: SparseTen
     bg_sdf = torch.ones(1, dtype=dtype, device=device)
     w = torch.linspace(0, 1, grid.overlap, device=device, dtype=dtype)
     empty_out = None
-    collector = _CrossingCollector(R, level)
+    collector = _CrossingCollector(R, level, max_corners=max_corners)
     prev_tail = None  # x-overlap rows of the previous cube row, stitched over y and z
     origins = grid.origins()
     done = 0
@@ -543,7 +578,8 @@ def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
 @torch.no_grad()
 def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: float = 0.2,
                          grid: CubeGrid = GRID_1024_SIGN, progress: Progress | None = None,
-                         slab_rows: int = 16, near_band_only: bool = False) -> RefinedField:
+                         slab_rows: int = 16, near_band_only: bool = False,
+                         max_corners: int | None = None) -> RefinedField:
     """The sign refiner's `run()` without dense 1024³ grids.
 
     sdf: decoded SDF [N, 1] at coords in a grid of edge 2·grid.resolution (duplicate coordinates from
@@ -554,6 +590,7 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
 
     near_band_only (off by default, not in the original): keep only cells touching a decoded voxel, which
     drops the blocky surfaces the coarse sign grid makes where it flips far from the decoded band.
+    max_corners: see `remove_interior_512`.
     """
     R, P, S = grid.resolution, grid.patch, grid.stride
     R2 = 2 * R
@@ -566,11 +603,15 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
     coarse = sparse_downsample(fine, 2)
     c_coords, c_values = coarse.coords, coarse.feats.reshape(-1, 1)
     bg = torch.ones(1, dtype=dtype, device=device)
-    order = torch.argsort(fine.coords[:, 1], stable=True)  # decoded voxels by x, to slice slabs
-    f_coords, f_values = fine.coords[order].long(), fine.feats[order, 0]
-    f_x = f_coords[:, 1].contiguous()
+    # decoded voxels as one int64 key each, x-major ((x·B + b)·R2 + y)·R2 + z so that every x-slab is one
+    # contiguous run; the stable sort keeps duplicates (chunk seams) in their decoded order
+    c = fine.coords
+    f_keys = ((c[:, 1].long() * B + c[:, 0]) * R2 + c[:, 2]) * R2 + c[:, 3]
+    f_keys, order = torch.sort(f_keys, stable=True)
+    f_values = fine.feats[order, 0]
+    del order, c, fine
     one = torch.ones((), dtype=dtype, device=device)
-    collector = _CrossingCollector(R2, level, near=near_band_only)
+    collector = _CrossingCollector(R2, level, near=near_band_only, max_corners=max_corners)
     empty_out = None
     done = 0
     for i in range(3):
@@ -596,76 +637,67 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
                 if progress is not None:
                     progress(done, 27)
         # 1024 x-slabs of these rows: background ±1 from the sign bits, decoded values scattered on top
-        for x in range(2 * x0, 2 * x1, slab_rows):
+        starts = list(range(2 * x0, 2 * x1, slab_rows))
+        edges = torch.tensor(starts + [2 * x1], device=device) * (B * R2 * R2)
+        bounds = torch.searchsorted(f_keys, edges).tolist()  # one sync per row of cubes
+        for n, x in enumerate(starts):
             X = min(slab_rows, 2 * x1 - x)
             bits = _unpack_bits(signs[:, x // 2 - x0:(x + X + 1) // 2 - x0])  # [B, ~X/2, R, R]
             bits = bits.repeat_interleave(2, 1)[:, x % 2:x % 2 + X]
             bits = bits.repeat_interleave(2, 2).repeat_interleave(2, 3)  # [B, X, R2, R2]
             slab = torch.where(bits, one, -one)
-            lo, hi = torch.searchsorted(f_x, torch.tensor([x, x + X], device=device)).tolist()
-            c = f_coords[lo:hi]
-            slab[c[:, 0], c[:, 1] - x, c[:, 2], c[:, 3]] = f_values[lo:hi]
+            del bits
+            k = f_keys[bounds[n]:bounds[n + 1]]
+            z, y, xb = k % R2, k // R2 % R2, k // (R2 * R2)
+            b, xr = xb % B, xb // B - x
+            slab[b, xr, y, z] = f_values[bounds[n]:bounds[n + 1]]
             decoded = None
             if near_band_only:
-                decoded = torch.zeros_like(bits)
-                decoded[c[:, 0], c[:, 1] - x, c[:, 2], c[:, 3]] = True
+                decoded = torch.zeros(slab.shape, dtype=torch.bool, device=device)
+                decoded[b, xr, y, z] = True
+            del k, z, y, xb, b, xr
             collector.push(slab, decoded)
+        del signs
     return collector.finish(dtype, device)
 
 
 @torch.no_grad()
-def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 22) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Marching cubes of a `RefinedField` → per batch element (vertices [V, 3] fp32, faces [F, 3] int64).
 
-    Vertices are in the original's frame (v / R * 2 - 1). Uses the conventions, tables and face decider
-    of `mesh.marching_cubes` (a corner is inside when below the level; vertices interpolated in fp64 and
-    rounded to fp32; welded per grid edge), but visits only cells whose 8 corners are all in the field:
-    `sparse_sdf_to_mesh` reads missing voxels as +1, right for a decoded band and wrong here, where the
-    background is inside (-1) as often as outside.
+    Vertices are in the original's frame (v / R * 2 - 1). Uses the conventions, tables, face decider and
+    vertex welding of `mesh.marching_cubes` (a corner is inside when below the level; vertices
+    interpolated in fp64 and rounded to fp32; welded per grid edge), but visits only cells whose 8
+    corners are all in the field: `sparse_sdf_to_mesh` reads missing voxels as +1, right for a decoded
+    band and wrong here, where the background is inside (-1) as often as outside. Cells are taken
+    max_cells at a time, so the transients are bounded by the chunk, not the field.
     """
-    from .mesh.marching_cubes import _face_bits, _grid_keys, _lookup
-    from .mesh.mc_tables import CORNERS, EDGE_AXIS, EDGES, triangle_table
+    from .mesh.marching_cubes import _key_coords, _lookup, _Welder
 
-    R, level, device = field.resolution, field.level, field.coords.device
-    B = int(field.coords[:, 0].max()) + 1 if field.coords.shape[0] else 1
-    keys = _grid_keys(field.coords, R)  # sorted and unique by construction
-    values = field.values.float()
-    table = triangle_table().to(device)
-    corner_off = torch.tensor([(0, *c) for c in CORNERS], device=device)  # [8, 4]
-    edge_a = torch.tensor([a for a, _ in EDGES], device=device)
-    edge_b = torch.tensor([b for _, b in EDGES], device=device)
-    edge_axis = torch.tensor(EDGE_AXIS, device=device)
-    edge_keys, edge_pos = [], []
-    origins = field.coords.long()
-    origins = origins[(origins[:, 1:] <= R - 2).all(1)]  # every cell's min corner is a field voxel
-    for origin in origins.split(max_cells):  # chunks of cells bound memory
-        pos, found = _lookup(keys, _grid_keys(origin[:, None, :] + corner_off[None], R))  # [M, 8]
+    R, level, device = field.resolution, field.level, field.keys.device
+    keys = field.keys  # sorted and unique by construction
+    if keys.numel() > max_crossing_corners(R):
+        raise _too_many_corners(keys.numel(), R)
+    B = int(keys[-1]) // R**3 + 1 if keys.numel() else 1
+    welder = _Welder(R, level, device)
+    for start in range(0, keys.numel(), max_cells):  # chunks of candidate cells bound memory
+        cells = keys[start:start + max_cells]
+        vals = field.values[start:start + max_cells]
+        xyz = _key_coords(cells, R)[:, 1:]
+        inner = (xyz <= R - 2).all(1)  # every cell's min corner is a field voxel
+        del xyz
+        cells = cells[inner]
+        pos, found = _lookup(keys, cells[:, None] + welder.corner_keys[None])  # [M, 8]
         full = found.all(1)
-        origin, vals = origin[full], values[pos[full]]
-        rel = vals - level  # inside < 0
-        cube = ((rel < 0).long() << torch.arange(8, device=device)).sum(1)
-        keep = (cube > 0) & (cube < 255)
-        origin, vals, rel, cube = origin[keep], vals[keep], rel[keep], cube[keep]
-        tris = table[cube * 64 + _face_bits(rel)].long()  # [M, T, 3] edge ids, -1 padded
-        cell_idx, slot = torch.nonzero(tris[:, :, 0] >= 0, as_tuple=True)
-        e = tris[cell_idx, slot]  # [F, 3]
-        c = cell_idx[:, None].expand_as(e)
-        p0 = origin[c] + corner_off[edge_a[e]]  # [F, 3, 4] low end of each crossed edge
-        v0, v1 = vals[c, edge_a[e]].double(), vals[c, edge_b[e]].double()
-        t = (level - v0) / (v1 - v0)
-        xyz = p0[..., 1:].double()
-        xyz[torch.arange(3, device=device).view(1, 1, 3) == edge_axis[e][..., None]] += t.reshape(-1)
-        edge_keys.append((_grid_keys(p0, R) * 3 + edge_axis[e]).reshape(-1))
-        edge_pos.append(xyz.float().reshape(-1, 3))
-    if not edge_keys or sum(k.numel() for k in edge_keys) == 0:
+        cells, pos = cells[full], pos[full]
+        del found, full, vals
+        welder.add(cells, field.values[pos].float())
+        del pos, cells
+    verts, faces, vbatch = welder.finish()
+    if faces.shape[0] == 0:
         log.warning("The refined field does not cross the level %s, so the mesh is empty.", level)
         return [(torch.zeros(0, 3, device=device), torch.zeros(0, 3, dtype=torch.int64, device=device))
                 for _ in range(B)]
-    uniq, inverse = torch.unique(torch.cat(edge_keys), return_inverse=True)
-    verts = torch.empty(uniq.numel(), 3, dtype=torch.float32, device=device)
-    verts[inverse] = torch.cat(edge_pos)
-    faces = inverse.view(-1, 3)
-    vbatch = uniq // (3 * R ** 3)
     v_counts = torch.bincount(vbatch, minlength=B)
     v_start = torch.cumsum(v_counts, 0) - v_counts
     fbatch = vbatch[faces[:, 0]]

@@ -13,8 +13,9 @@ import pytest
 import torch
 
 from s2core.config import RefinerConfig
-from s2core.refiner import (CubeGrid, VoxelRefiner, VoxelRefinerSign, mesh_refined_field, remove_interior,
-                            remove_interior_512, remove_interior_1024)
+import s2core.refiner as refiner_module
+from s2core.refiner import (CubeGrid, RefinedField, VoxelRefiner, VoxelRefinerSign, max_crossing_corners,
+                            mesh_refined_field, remove_interior, remove_interior_512, remove_interior_1024)
 from s2core.sparse.tensor import SparseTensor
 from s2core.testing import deterministic_state_dict
 from s2core.manifest import manifest
@@ -275,6 +276,13 @@ def test_official_size_512_equals_dense_gpu():
 def test_official_size_1024_equals_dense_gpu():
     model = VoxelRefinerSign(RefinerConfig(patch_size=256, sign=True)).eval().cuda()
     model.load_state_dict(deterministic_state_dict("model_refiner_1024.refiner"))
+    # a random sign network outputs noise, so its inside/outside grid flips cell to cell and the
+    # "surface" fills the 1024³ volume (the collector refuses it); pin its output to "outside" as
+    # bench/e2e.py does, so the field is the decoded band on a +1 background: the UNet, the cube glue,
+    # the slab streaming and the restore of decoded values are still all compared with the dense path
+    with torch.no_grad():
+        model.conv_out.weight.mul_(0.01)
+        model.conv_out.bias.fill_(1.0)
     coords, values = _official_band(1024, "cuda")
     dense = _dense_refine_1024(model, coords, values, CubeGrid(512, 256, 128), 1)
     out = remove_interior_1024(model, SparseTensor(values, coords), level=0.2)
@@ -299,6 +307,24 @@ def test_remove_interior_errors():
         remove_interior(model, ok)
     with pytest.raises(ValueError, match="does not tile"):
         CubeGrid(40, 16, 10)
+
+
+def test_noise_field_is_refused_with_one_sentence(monkeypatch):
+    """A field that crosses the level at more voxels than a surface can (noise from untrained or
+    mismatched refiner weights) stops with a readable ValueError, before any large allocation."""
+    grid = CubeGrid(32, 16, 8)
+    model = _model(VoxelRefinerSign, RefinerConfig(patch_size=16, sign=True, use_fp16=False), seed=5)
+    coords, values = _sphere_band(64, (40.2, 30.7, 22.1), 12.0, 3.0, batch=1)
+    sdf = SparseTensor(values, coords)
+    n = remove_interior_1024(model, sdf, level=0.2, grid=grid).keys.numel()
+    with pytest.raises(ValueError, match=r"noise filling the volume.*untrained or do not match"):
+        remove_interior_1024(model, sdf, level=0.2, grid=grid, max_corners=n - 1)
+    # the default bound is 128·R² voxels: far above a surface, far below the R³ grid at official sizes
+    assert max_crossing_corners(1024) == 1024 ** 3 // 8 and max_crossing_corners(512) == 512 ** 3 // 4
+    field = RefinedField(torch.arange(2000, dtype=torch.int64), torch.zeros(2000), 16, 0.2)
+    monkeypatch.setattr(refiner_module, "max_crossing_corners", lambda r: 1000)
+    with pytest.raises(ValueError, match="crosses the level at 2000 of the 16³ grid's voxels"):
+        mesh_refined_field(field)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 __all__ = ["sparse_sdf_to_mesh", "meshes_from_sparse_sdf", "marching_cubes_sparse", "marching_cubes_naive"]
 
 BACKGROUND = 1.0  # value of every inactive voxel in the original's dense grid
-_MAX_CELLS = 1 << 23  # candidate cells per slab (bounds memory: ~50 bytes per cell and corner)
+_MAX_CELLS = 1 << 21  # candidate cells per slab: bounds the per-slab transients (~100 bytes a candidate)
 
 
 def _grid_keys(bxyz: torch.Tensor, r: int) -> torch.Tensor:
@@ -122,12 +122,6 @@ def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level
     inside_bxyz = _key_coords(keys[inside], r)  # sorted by (b, x)
     if inside_bxyz.shape[0] == 0:
         return empty
-    table = triangle_table().to(device)
-    corner_off = torch.tensor([(0, *c) for c in CORNERS], device=device)  # [8, 4]
-    edge_a = torch.tensor([a for a, _ in EDGES], device=device)
-    edge_b = torch.tensor([b for _, b in EDGES], device=device)
-    edge_axis = torch.tensor(EDGE_AXIS, device=device)
-
     # slabs of cell rows (b * r + x) keep the candidate cells bounded; rows [r0, r1) need voxel rows [r0, r1]
     n_rows = batch_size * r
     per_row = torch.bincount(inside_bxyz[:, 0] * r + inside_bxyz[:, 1], minlength=n_rows).cumsum(0).tolist()
@@ -138,38 +132,88 @@ def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level
             r1 += 1
         bounds.append((r0, r1))
         r0 = r1
-    edge_keys, edge_pos = [], []
+    welder = _Welder(r, level, device)
     for r0, r1 in bounds:  # slabs of cells, not cells
         lo = per_row[r0 - 1] if r0 else 0
         hi = per_row[min(r1, n_rows - 1)]
         if hi == lo:
             continue
         cells = _cells_in_slab(_surface_voxels(inside_bxyz[lo:hi], keys, inside, r), r0, r1, r)
-        origin = _key_coords(cells, r)  # [M, 4]
-        pos, found = _lookup(keys, _grid_keys(origin[:, None, :] + corner_off[None], r))  # [M, 8]
-        vals = torch.where(found, values[pos], torch.full_like(values[pos], BACKGROUND))
+        pos, found = _lookup(keys, cells[:, None] + welder.corner_keys[None])  # [M, 8]
+        vals = torch.where(found, values[pos], BACKGROUND)
+        del pos, found
+        welder.add(cells, vals)
+    return welder.finish()
+
+
+class _Welder:
+    """Triangulates chunks of cells and welds their vertices by grid edge, with bounded memory.
+
+    Each `add(cell_keys [M], corner_values [M, 8])` keeps only the chunk's faces (as indices into its own
+    sorted unique edges) and one vertex per unique edge; `finish` ranks all chunks' edges together. The
+    output is what one global `unique` over every triangle corner gives (vertices sorted by edge key,
+    faces in chunk/cell/slot order) without holding an int64 key and an xyz per triangle corner.
+    """
+
+    def __init__(self, r: int, level: float, device):
+        self.r, self.level, self.device = r, level, device
+        self.table = triangle_table().to(device)  # [256 * 64, T, 3] int8 edge ids, -1 padded
+        self.corner_keys = torch.tensor([(cx * r + cy) * r + cz for cx, cy, cz in CORNERS], device=device)
+        self.edge_a = torch.tensor([a for a, _ in EDGES], device=device)
+        self.edge_b = torch.tensor([b for _, b in EDGES], device=device)
+        self.edge_axis = torch.tensor(EDGE_AXIS, device=device)
+        self.faces: list[torch.Tensor] = []
+        self.keys: list[torch.Tensor] = []
+        self.verts: list[torch.Tensor] = []
+        self.sizes: list[int] = []
+
+    def add(self, cells: torch.Tensor, vals: torch.Tensor) -> None:
+        """cells [M] int64 grid keys of cell min corners; vals [M, 8] fp32 corner values (corner order)."""
+        r, level, device = self.r, self.level, self.device
         rel = vals - level  # inside < 0
         cube = ((rel < 0).long() << torch.arange(8, device=device)).sum(1)
         keep = (cube > 0) & (cube < 255)
-        origin, vals, rel, cube = origin[keep], vals[keep], rel[keep], cube[keep]
-        tris = table[cube * 64 + _face_bits(rel)].long()  # [M, T, 3] edge ids, -1 padded
+        cells, vals, rel, cube = cells[keep], vals[keep], rel[keep], cube[keep]
+        tris = self.table[cube * 64 + _face_bits(rel)]  # [M, T, 3] int8 edge ids, -1 padded
+        del rel, cube
         cell_idx, slot = torch.nonzero(tris[:, :, 0] >= 0, as_tuple=True)
-        e = tris[cell_idx, slot]  # [F, 3]
-        c = cell_idx[:, None].expand_as(e)
-        p0 = origin[c] + corner_off[edge_a[e]]  # [F, 3, 4] grid point at the edge's low end
-        v0 = vals[c, edge_a[e]].double()
-        v1 = vals[c, edge_b[e]].double()
+        e = tris[cell_idx, slot].long()  # [F, 3]
+        del tris, slot
+        # one key per grid edge: (key of its low end) * 3 + axis; keys are linear in (b, x, y, z)
+        ekeys = (cells[cell_idx][:, None] + self.corner_keys[self.edge_a[e]]) * 3 + self.edge_axis[e]  # [F, 3]
+        if ekeys.numel() == 0:
+            return
+        ukeys, inverse = torch.unique(ekeys.reshape(-1), return_inverse=True)
+        del ekeys
+        # one occurrence per unique edge: every copy of an edge vertex is bitwise the same
+        rep = torch.empty_like(ukeys).scatter_(0, inverse, torch.arange(inverse.numel(), device=device))
+        c, edge = cell_idx[rep // 3], e.reshape(-1)[rep]
+        v0, v1 = vals[c, self.edge_a[edge]].double(), vals[c, self.edge_b[edge]].double()
         t = (level - v0) / (v1 - v0)  # fp64 like scikit-image, then fp32
-        xyz = p0[..., 1:].double()
-        xyz[torch.arange(3, device=device).view(1, 1, 3) == edge_axis[e][..., None]] += t.reshape(-1)
-        edge_keys.append((_grid_keys(p0, r) * 3 + edge_axis[e]).reshape(-1))  # one key per grid edge
-        edge_pos.append(xyz.float().reshape(-1, 3))
-    if not edge_keys:
-        return empty
-    uniq, inverse = torch.unique(torch.cat(edge_keys), return_inverse=True)
-    verts = torch.empty(uniq.numel(), 3, dtype=torch.float32, device=device)
-    verts[inverse] = torch.cat(edge_pos)  # every copy of an edge vertex is bitwise the same
-    return verts, inverse.reshape(-1, 3), uniq // (3 * r ** 3)
+        xyz = _key_coords(ukeys // 3, r)[:, 1:].double()
+        xyz[torch.arange(3, device=device).view(1, 3) == self.edge_axis[edge][:, None]] += t
+        self.faces.append(inverse.reshape(-1, 3))
+        self.sizes.append(ukeys.numel())
+        self.keys.append(ukeys)
+        self.verts.append(xyz.float())
+
+    def finish(self):
+        """(verts [V, 3] fp32 index space, faces [F, 3] int64, vertex batch ids [V])."""
+        if not self.keys:
+            return (torch.zeros(0, 3, dtype=torch.float32, device=self.device),
+                    torch.zeros(0, 3, dtype=torch.int64, device=self.device),
+                    torch.zeros(0, dtype=torch.int64, device=self.device))
+        uniq, inverse = torch.unique(torch.cat(self.keys), return_inverse=True)  # edges on chunk seams meet
+        del self.keys[:]
+        verts = torch.empty(uniq.numel(), 3, dtype=torch.float32, device=self.device)
+        verts[inverse] = torch.cat(self.verts)
+        del self.verts[:]
+        offset, faces = 0, []
+        for f, n in zip(self.faces, self.sizes):
+            faces.append(inverse[offset:offset + n][f])
+            offset += n
+        self.faces = []
+        return verts, torch.cat(faces), uniq // (3 * self.r ** 3)
 
 
 def marching_cubes_sparse(coords: torch.Tensor, sdf: torch.Tensor, resolution: int, level: float):
