@@ -149,7 +149,10 @@ class SparseSDFDecoder(SparseTransformerTrunk):
             h = block(h)
         feat = h.type(out_dtype)
         sdf = torch.tanh(self.out_layer.forward(feat.type(self.out_layer.weight.dtype)).feats)
-        return feat.replace(sdf), feat
+        # fresh caches: the fine grid's [N, 27] kernel map (108 bytes a voxel, more than the features) is
+        # of no use after the decoder and would otherwise live as long as the caller keeps the outputs
+        return (SparseTensor(sdf, h.coords, h.batch_size, h.offsets),
+                SparseTensor(feat.feats, h.coords, h.batch_size, h.offsets))
 
     def forward(self, x: SparseTensor, factor: float | None = None, return_feat: bool = False):
         """Latent tokens x (feats [N, 16], coords at the latent grid) -> sparse SDF at 8x the resolution.
@@ -198,10 +201,16 @@ class SparseSDFDecoder(SparseTransformerTrunk):
                     keep = torch.nonzero(keep).squeeze(1)
                     coords_out.append(torch.cat([sdf.coords[keep, :1], out_xyz[keep]], 1))
                     feats_out.append(sdf.feats[keep])
+                    # drop this chunk's fine-grid tensors before the next chunk's head runs (else two
+                    # chunks' worth of upsampled voxels are alive at once)
+                    del sdf, out_xyz, keep, chunk, coords, rows
         if not coords_out:
             return SparseTensor(self.out_layer.weight.new_zeros(0, self.out_layer.out_features),
                                 h.coords.new_zeros(0, 4), h.batch_size)
-        coords, feats = torch.cat(coords_out), torch.cat(feats_out)
+        coords = torch.cat(coords_out)
+        del coords_out[:]  # concatenate one list at a time: at most one extra copy alive
+        feats = torch.cat(feats_out)
+        del feats_out[:]
         if h.batch_size > 1:
             order = torch.sort(coords[:, 0], stable=True).indices
             coords, feats = coords[order], feats[order]
