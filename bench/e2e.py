@@ -7,8 +7,10 @@ closed mesh, as `shared/upstream/PERF.md` measured the original: a bumpy icosphe
 with our `mesh_to_latent_index` at 512 and 1024. The 512/1024 decodes and refiners still run on the
 sampled (random) latents, which cost what real ones cost: their work follows the structure.
 
-    python bench/e2e.py                     # GPU: official configs; writes bench/results/<date>-<gpu>-e2e.md
-    python bench/e2e.py --offload           # the same with one stage's weights on the GPU at a time
+    python bench/e2e.py                     # GPU: official configs, the pipeline's default placement (one
+                                            # stage's weights on the GPU at a time); writes
+                                            # bench/results/<date>-<gpu>-e2e-offload.md
+    python bench/e2e.py --resident          # every network kept on the GPU (as the original); -> ...-e2e.md
     python bench/e2e.py --tiny              # CPU smoke run (tiny config, small mesh), prints only
 
 The original is not run here (it needs torchsparse/spconv, flash-attn and its CUDA voxelizer, none of which
@@ -52,7 +54,7 @@ def bumpy_sphere(subdivisions: int):
     return (v * r[:, None]).float(), torch.tensor(m.faces, dtype=torch.int64)
 
 
-def build_models(variant: str, device, dtype, offload: bool, seed: int = 0) -> P.Models:
+def build_models(variant: str, device, dtype, offload: bool | None, seed: int = 0) -> P.Models:
     config = P.config_for(variant)
     parts = tuple(P.PARTS)
     if variant == "tiny-random":
@@ -131,13 +133,17 @@ def run_chain(models: P.Models, v, f, device, tiny: bool, timer: Timer) -> dict:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny config on CPU (smoke run, prints only)")
-    ap.add_argument("--offload", action="store_true", help="one stage's weights on the GPU at a time")
+    ap.add_argument("--offload", action="store_true", help="one stage's weights on the GPU at a time (the default)")
+    ap.add_argument("--resident", action="store_true", help="keep every network on the GPU, as the original")
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere subdivisions (default 8, tiny 3)")
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--out", type=Path, default=None)
     args = ap.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if args.offload and args.resident:
+        ap.error("--offload and --resident contradict each other; pass one.")
+    args.offload = P.Placement(device, offload=False if args.resident else None).offload
     variant = "tiny-random" if args.tiny else "v1.1"
     dtype = torch.float32 if args.tiny else torch.float16
     v, f = bumpy_sphere(args.subdivisions or (3 if args.tiny else 8))

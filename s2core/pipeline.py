@@ -335,13 +335,17 @@ def build_part(name: str, config: ReleaseConfig, dtype: torch.dtype = torch.floa
 class Placement:
     """Default weight placement outside ComfyUI: a stage's networks move to `device` while it runs.
 
-    With `offload=True` they go back to CPU afterwards (one stage on the GPU at a time, DESIGN.md).
-    ComfyUI replaces this with ModelPatcher + load_models_gpu (nodes/_comfy.py).
+    offload (default: on for any device but the CPU) moves them back to the CPU when the stage ends, so
+    only one stage's weights are on the GPU at a time (DESIGN.md); the largest stage (the 1024 DiT) is
+    then what the weights cost, not all 6.4 GB of them. `offload=False` keeps every network resident
+    once used (faster when the GPU has room; the CLI's --keep-weights-on-gpu). ComfyUI replaces this
+    class with ModelPatcher + load_models_gpu (nodes/_comfy.py).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", offload: bool = False):
+    def __init__(self, device: torch.device | str = "cpu", offload: bool | None = None):
         self.device = torch.device(device)
-        self.offload = offload and self.device.type != "cpu"
+        on_cpu = self.device.type == "cpu"
+        self.offload = (not on_cpu) if offload is None else (offload and not on_cpu)
 
     @contextlib.contextmanager
     def use(self, modules: list[torch.nn.Module]) -> Iterator[torch.device]:
@@ -349,7 +353,7 @@ class Placement:
             m.to(self.device)
         try:
             yield self.device
-        finally:
+        finally:  # also when the stage is cancelled or runs out of memory
             if self.offload:
                 for m in modules:
                     m.to("cpu")
