@@ -40,7 +40,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import RefinerConfig
-from .sparse.conv import sparse_downsample
 from .sparse.tensor import SparseTensor
 
 log = logging.getLogger(__name__)
@@ -564,6 +563,23 @@ def remove_interior_512(model: VoxelRefiner, sdf: SparseTensor, feats: SparseTen
     return collector.finish(dtype, device)
 
 
+def _downsample_mean(coords: torch.Tensor, values: torch.Tensor, B: int, R: int):
+    """`sparse_downsample(·, 2)` of a one-channel field at 2R → (coords [M, 4] int32 at R, values [M, 1]).
+
+    The same parents and the same mean, sum / (children + 1) in fp64 (§2.3), from one int64 key per voxel
+    instead of [N, 4] int64 parent coordinates (the decoded 1024 grid has ~50 M voxels). Children are added
+    in decoded order with index_add_, as sparse_downsample does, so the values are bitwise its values.
+    """
+    pkeys = ((coords[:, 0].long() * R + (coords[:, 1] >> 1)) * R + (coords[:, 2] >> 1)) * R + (coords[:, 3] >> 1)
+    pkeys, inverse = torch.unique(pkeys, return_inverse=True)  # sorted (b, x, y, z), as sparse_downsample
+    denom = torch.bincount(inverse, minlength=pkeys.numel()).double() + 1.0
+    summed = torch.zeros(pkeys.numel(), dtype=torch.float64, device=values.device).index_add_(
+        0, inverse, values.double())
+    del inverse
+    out = torch.stack([pkeys // R**3, pkeys // R**2 % R, pkeys // R % R, pkeys % R], 1).int()
+    return out, (summed / denom).to(values.dtype)[:, None]
+
+
 def _pack_bits(bits: torch.Tensor) -> torch.Tensor:
     """[..., Z] bool (Z % 8 == 0) → [..., Z/8] uint8, bit b of byte q = element 8q + b."""
     weights = torch.tensor([1, 2, 4, 8, 16, 32, 64, 128], dtype=torch.uint8, device=bits.device)
@@ -599,17 +615,15 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
     _check_sparse(sdf, R2, "SDF", model)
     dtype, device = model.dtype, sdf.device
     B = sdf.batch_size
-    fine = SparseTensor(sdf.feats.reshape(-1, 1).to(dtype), sdf.coords, B)
-    coarse = sparse_downsample(fine, 2)
-    c_coords, c_values = coarse.coords, coarse.feats.reshape(-1, 1)
+    c, f_values = sdf.coords, sdf.feats.reshape(-1).to(dtype)
+    c_coords, c_values = _downsample_mean(c, f_values, B, R)
     bg = torch.ones(1, dtype=dtype, device=device)
     # decoded voxels as one int64 key each, x-major ((x·B + b)·R2 + y)·R2 + z so that every x-slab is one
     # contiguous run; the stable sort keeps duplicates (chunk seams) in their decoded order
-    c = fine.coords
     f_keys = ((c[:, 1].long() * B + c[:, 0]) * R2 + c[:, 2]) * R2 + c[:, 3]
     f_keys, order = torch.sort(f_keys, stable=True)
-    f_values = fine.feats[order, 0]
-    del order, c, fine
+    f_values = f_values[order]
+    del order, c
     one = torch.ones((), dtype=dtype, device=device)
     collector = _CrossingCollector(R2, level, near=near_band_only, max_corners=max_corners)
     empty_out = None
