@@ -263,7 +263,10 @@ def test_official_size_512_equals_dense_gpu():
     feats = torch.randn(len(coords), 32, device="cuda", dtype=torch.float16)
     dense = _dense_refine_512(model, coords, values, feats, CubeGrid(), 1)
     level = 0.4 if dense.min() < 0.4 < dense.max() else float(dense.float().median())
-    out = remove_interior_512(model, SparseTensor(values, coords), feats, level=level)
+    # a random network's field at its own median straddles almost everywhere (a volume-filling "surface"
+    # that the noise guard refuses, test_noise_field_is_refused_with_one_sentence); lift the guard here,
+    # this test compares the sparse glue with the dense original, not the guard
+    out = remove_interior_512(model, SparseTensor(values, coords), feats, level=level, max_corners=512**3)
     ref = _crossing_corners_torch(dense, level)
     # same cuDNN kernels on the same cube inputs; fp16 cube outputs may still differ in the last ulp
     # where the blocked MLP differs, so allow a few voxels to switch sides of the level
