@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -50,6 +51,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
     p.add_argument("--no-refine-512", action="store_true",
                    help="skip the 512 refiner (faster on a CPU; the mesh keeps an inner shell)")
+    p.add_argument("--deterministic", action="store_true",
+                   help="repeatable GPU results: deterministic PyTorch algorithms (a little slower; "
+                        "tests/RELIABILITY.md lists what changes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     return p
 
@@ -114,6 +118,10 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     progress = _Progress(args.quiet)
+    if args.deterministic:
+        # cuBLAS needs this before its first handle is made to be deterministic; set before any CUDA work
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
     suffix = args.output.suffix.lower()
     if suffix not in (".glb", ".obj", ".ply", ".stl"):
         print(f"error: the output must end in .glb, .obj, .ply or .stl, got `{args.output.name}`.", file=sys.stderr)

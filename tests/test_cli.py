@@ -78,3 +78,27 @@ def test_refuses_to_overwrite_and_bad_arguments(png, tmp_path, capsys):
     assert cli.main([str(png), "--demo", "-o", str(tmp_path / "y.glb"), "--steps", "5,5"]) == 1
     assert "--steps takes three whole numbers" in capsys.readouterr().err
     assert cli.main([str(tmp_path / "nope.png"), "--demo", "-o", str(tmp_path / "z.glb")]) != 0
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms(png, tmp_path, monkeypatch):
+    """--deterministic switches PyTorch to deterministic algorithms (and cuBLAS's workspace setting)
+    before any work; the demo chain still writes its mesh."""
+    import torch
+
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = {}
+    real = cli.pipeline.image_to_mesh
+
+    def spy(*a, **k):
+        seen["deterministic"] = torch.are_deterministic_algorithms_enabled()
+        seen["cublas"] = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
+        return real(*a, **k)
+
+    monkeypatch.setattr(cli.pipeline, "image_to_mesh", spy)
+    out = tmp_path / "out.glb"
+    try:
+        assert cli.main([str(png), "--demo", "--deterministic", "-q", "--steps", "2,2,2", "-o", str(out)]) == 0
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert seen == {"deterministic": True, "cublas": ":4096:8"}
+    assert out.is_file() and out.stat().st_size > 0
