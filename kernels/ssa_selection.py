@@ -30,20 +30,11 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import HALF as _HALF
+from ._common import LOG2E as _LOG2E
+from ._common import gated as _gated
+
 __all__ = ["ssa_selection_attention", "ssa_selection_attention_reference"]
-
-_LOG2E = 1.4426950408889634
-_HALF = (torch.float16, torch.bfloat16)  # "auto" runs Triton on CUDA for these; fp32 models use the reference
-
-
-def _gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
-    """gate[:, None, None] * o (fp32), then written as dtype or added into `out` in place."""
-    if gate is not None:
-        o = o * gate.float()[:, None, None]
-    if out is None:
-        return o.to(dtype)
-    out.copy_((out.float() + o).to(out.dtype))
-    return out
 
 
 def ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,

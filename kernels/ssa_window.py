@@ -24,11 +24,13 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import HALF as _HALF
+from ._common import LOG2E as _LOG2E
+from ._common import gated as _gated
+
 __all__ = ["ssa_window_attention", "ssa_window_attention_reference", "window_partition", "window_tiles",
            "WINDOW_TILE_Q"]
 
-_LOG2E = 1.4426950408889634
-_HALF = (torch.float16, torch.bfloat16)  # "auto" runs Triton on CUDA for these; fp32 models use the reference
 WINDOW_TILE_Q = 8  # query tokens per program (x G heads = 128 rows for G = 16)
 
 
@@ -53,16 +55,6 @@ def window_tiles(cu_windows: torch.Tensor, tile_q: int = WINDOW_TILE_Q) -> torch
     first_tile = torch.cumsum(per, 0) - per
     pos = cu_windows[:-1].long()[win] + (torch.arange(total, device=lens.device) - first_tile[win]) * tile_q
     return torch.stack([win, pos], 1).to(torch.int32).contiguous()
-
-
-def _gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
-    """gate[:, None, None] * o (fp32), then written as dtype or added into `out` in place."""
-    if gate is not None:
-        o = o * gate.float()[:, None, None]
-    if out is None:
-        return o.to(dtype)
-    out.copy_((out.float() + o).to(out.dtype))
-    return out
 
 
 def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, tiles=None,
