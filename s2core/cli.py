@@ -45,6 +45,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-weights-on-gpu", action="store_true",
                    help="keep every network on the GPU once used (faster; needs ~6.4 GB more VRAM). Default: "
                         "only the running stage's networks are on the GPU")
+    p.add_argument("--max-vram-gb", type=float, default=None, metavar="GIB",
+                   help="keep networks on the GPU while their weights fit in GIB (least recently used ones go "
+                        "back to the CPU); activations need room on top")
     p.add_argument("--demo", action="store_true",
                    help="tiny random model: no download, seconds on a CPU, meaningless mesh (smoke test); "
                         "defaults to 512 without the refiners, which are slow on a CPU even when tiny")
@@ -142,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
             progress.note("Demo mode: a tiny model with random weights; the mesh is meaningless.")
         models = pipeline.load_models(variant, stages, device, weights_dir=args.weights,
                                       allow_download=not args.no_download,
-                                      placement=pipeline.Placement(device, offload=not args.keep_weights_on_gpu))
+                                      placement=pipeline.Placement(device, offload=not args.keep_weights_on_gpu,
+                                                                   max_vram_gb=args.max_vram_gb))
         mesh = pipeline.image_to_mesh(models, image, mask, args.seed, args.resolution, dense, s512, s1024,
                                       args.guidance, args.mc_threshold, refine and not args.no_remove_interior,
                                       args.remesh, refine_512=refine and not args.no_refine_512, callback=progress)

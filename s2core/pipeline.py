@@ -338,19 +338,53 @@ class Placement:
     offload (default: on for any device but the CPU) moves them back to the CPU when the stage ends, so
     only one stage's weights are on the GPU at a time (DESIGN.md); the largest stage (the 1024 DiT) is
     then what the weights cost, not all 6.4 GB of them. `offload=False` keeps every network resident
-    once used (faster when the GPU has room; the CLI's --keep-weights-on-gpu). ComfyUI replaces this
-    class with ModelPatcher + load_models_gpu (nodes/_comfy.py).
+    once used (faster when the GPU has room; the CLI's --keep-weights-on-gpu).
+
+    max_vram_gb (overrides `offload`): the GiB that networks' weights may hold on the device. Networks
+    stay resident while they fit; before a stage runs, the least recently used networks of other stages
+    go back to the CPU until its own fit (a stage larger than the budget alone still runs). Activations
+    are not counted: leave room for them. ComfyUI replaces this class with ModelPatcher +
+    load_models_gpu (nodes/_comfy.py).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", offload: bool | None = None):
+    def __init__(self, device: torch.device | str = "cpu", offload: bool | None = None,
+                 max_vram_gb: float | None = None):
         self.device = torch.device(device)
         on_cpu = self.device.type == "cpu"
+        if max_vram_gb is not None and not max_vram_gb > 0:
+            raise ValueError(f"max_vram_gb must be a positive number of GiB, got {max_vram_gb}.")
+        self.budget = None if max_vram_gb is None or on_cpu else int(max_vram_gb * 2**30)
         self.offload = (not on_cpu) if offload is None else (offload and not on_cpu)
+        if self.budget is not None:
+            self.offload = False  # the budget decides what goes back
+        self._resident: dict[int, tuple[torch.nn.Module, int]] = {}  # id -> (module, bytes), LRU first
+
+    @staticmethod
+    def weight_bytes(module: torch.nn.Module) -> int:
+        return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+    def _make_room(self, modules: list[torch.nn.Module]) -> None:
+        keep = {id(m) for m in modules}
+        need = sum(self.weight_bytes(m) for m in modules if id(m) not in self._resident)
+        held = sum(b for _, b in self._resident.values())
+        for key in list(self._resident):  # least recently used first
+            if held + need <= self.budget:
+                break
+            if key in keep:
+                continue
+            module, nbytes = self._resident.pop(key)
+            module.to("cpu")
+            held -= nbytes
 
     @contextlib.contextmanager
     def use(self, modules: list[torch.nn.Module]) -> Iterator[torch.device]:
+        if self.budget is not None:
+            self._make_room(modules)
         for m in modules:
             m.to(self.device)
+            if self.budget is not None:
+                entry = self._resident.pop(id(m), None)
+                self._resident[id(m)] = entry or (m, self.weight_bytes(m))  # most recently used last
         try:
             yield self.device
         finally:  # also when the stage is cancelled or runs out of memory

@@ -197,3 +197,33 @@ def test_cli_keeps_weights_only_when_asked(tmp_path, monkeypatch):
     base = [str(tmp_path / "in.png"), "-o", str(tmp_path / "out.glb"), "--demo", "-q", "--device", "cuda"]
     assert cli.main(base) == 1 and cli.main(base + ["--keep-weights-on-gpu"]) == 1
     assert [p.offload for p in seen] == [True, False] and all(p.device.type == "cuda" for p in seen)
+
+
+def test_max_vram_budget_evicts_least_recently_used(monkeypatch):
+    """Placement(max_vram_gb): networks stay on the device while their weights fit; before a stage runs,
+    the least recently used networks of other stages go back to the CPU until it fits."""
+    moves: list[tuple[str, str]] = []
+    nets = {n: torch.nn.Linear(256, 256, bias=False) for n in ("a", "b", "c")}  # 256 KiB of fp32 each
+    for name, m in nets.items():
+        monkeypatch.setattr(m, "to", lambda target, _n=name, _m=m: (moves.append((_n, str(target))), _m)[1])
+    kib = 2**10 / 2**30
+    pl = P.Placement("cuda", max_vram_gb=600 * kib)  # room for two of them
+    assert pl.budget == 600 * 2**10 and not pl.offload
+    with pl.use([nets["a"]]):
+        pass
+    with pl.use([nets["b"]]):
+        pass
+    assert moves == [("a", "cuda"), ("b", "cuda")]  # both fit: nothing went back
+    moves.clear()
+    with pl.use([nets["a"]]):  # a becomes the most recently used
+        pass
+    with pl.use([nets["c"]]):  # needs room: b (least recently used) goes back, a stays
+        pass
+    assert moves == [("a", "cuda"), ("b", "cpu"), ("c", "cuda")]
+    moves.clear()
+    with pl.use([nets["a"], nets["b"], nets["c"]]):  # larger than the budget alone: still runs
+        pass
+    assert ("a", "cpu") not in moves and ("c", "cpu") not in moves and moves.count(("b", "cuda")) == 1
+    with pytest.raises(ValueError, match="positive number of GiB"):
+        P.Placement("cuda", max_vram_gb=0)
+    assert P.Placement("cpu", max_vram_gb=1).budget is None  # no budget on the CPU
