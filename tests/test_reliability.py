@@ -1,7 +1,6 @@
 """Reliability on the tiny model (issue 11): determinism within and across processes, batch = singles,
 cancel and out-of-memory leave nothing behind (no file, no tensor kept alive by us)."""
 import gc
-import hashlib
 import os
 import subprocess
 import sys
@@ -12,38 +11,9 @@ import pytest
 import torch
 
 from s2core import pipeline as P
+from tiny_chain import STEPS, _one_thread, mesh_hash, models, picture  # noqa: F401 (fixtures)
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = dict(dense_steps=2, sparse_512_steps=2, resolution=512, refine_512=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return P.load_models("tiny-random", ("dense", "sparse_512"))
-
-
-def picture(shift=0):
-    img = torch.ones(1, 64, 64, 3)
-    mask = torch.zeros(1, 64, 64)
-    img[:, 12 + shift:52, 16:48] = torch.tensor([0.7, 0.3, 0.2])
-    mask[:, 12 + shift:52, 16:48] = 1
-    return img, mask
-
-
-def mesh_hash(mesh: P.Mesh) -> str:
-    h = hashlib.sha256()
-    for v, f in mesh.items():
-        h.update(v.contiguous().numpy().tobytes())
-        h.update(f.contiguous().numpy().tobytes())
-    return h.hexdigest()
 
 
 HASH_SNIPPET = """

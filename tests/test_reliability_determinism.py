@@ -2,7 +2,6 @@
 --deterministic) the atomics-based "per_offset" sparse conv runs as the atomics-free "gather" path, the
 whole tiny chain runs without an op refusing, and it gives the same mesh as the default mode on CPU.
 On CUDA (gpu marker) two runs in deterministic mode, in fresh processes, give the same mesh bit for bit."""
-import hashlib
 import os
 import subprocess
 import sys
@@ -14,9 +13,9 @@ import torch
 from s2core import pipeline as P
 from s2core.sparse import SparseTensor
 from s2core.sparse.conv import sparse_conv3d
+from tiny_chain import STEPS, mesh_hash, picture
 
 REPO = Path(__file__).resolve().parents[1]
-STEPS = dict(dense_steps=2, sparse_512_steps=2, resolution=512, refine_512=False)
 
 
 @pytest.fixture
@@ -46,22 +45,6 @@ def test_per_offset_is_its_own_path_otherwise():
     x, w = _sparse()
     a, b = sparse_conv3d(x, w, algo="per_offset"), sparse_conv3d(x, w, algo="gather")
     assert torch.allclose(a, b, atol=1e-4) and not torch.equal(a, b)
-
-
-def picture():
-    img = torch.ones(1, 64, 64, 3)
-    mask = torch.zeros(1, 64, 64)
-    img[:, 12:52, 16:48] = torch.tensor([0.7, 0.3, 0.2])
-    mask[:, 12:52, 16:48] = 1
-    return img, mask
-
-
-def mesh_hash(mesh) -> str:
-    h = hashlib.sha256()
-    for v, f in mesh.items():
-        h.update(v.contiguous().cpu().numpy().tobytes())
-        h.update(f.contiguous().cpu().numpy().tobytes())
-    return h.hexdigest()
 
 
 def test_whole_chain_runs_in_deterministic_mode_and_matches_default():

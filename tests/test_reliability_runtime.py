@@ -10,24 +10,12 @@ import pytest
 import torch
 
 from s2core import pipeline as P
+from tiny_chain import _one_thread, models, picture  # noqa: F401 (fixtures)
 
 _spec = importlib.util.spec_from_file_location("d3ds2_stub_loader_q", Path(__file__).parent / "stubs" / "pack.py")
 stubs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stubs)
 FAST = dict(resolution="512", dense_steps=2, sparse_512_steps=2, refine_512=False)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def models():
-    return P.load_models("tiny-random", ("dense", "sparse_512"))
 
 
 @pytest.fixture(scope="module")
@@ -36,14 +24,6 @@ def latent(models):
     cond = P.encode_image(models, img, mask)
     st = P.decode_dense(models, P.sample_dense(models, cond, seed=1, steps=1))
     return P.sample_sparse(models, cond, st, seed=1, steps=1)
-
-
-def picture(shift=0):
-    img = torch.ones(1, 64, 64, 3)
-    mask = torch.zeros(1, 64, 64)
-    img[:, 12 + shift:52, 16:48] = torch.tensor([0.7, 0.3, 0.2])
-    mask[:, 12 + shift:52, 16:48] = 1
-    return img, mask
 
 
 def test_cancel_during_refiner_decode_stops_within_one_cube(models, latent):

@@ -1,0 +1,43 @@
+"""Shared pieces of the tests that run the tiny-random chain (reliability tests import them).
+
+Fixtures defined here become fixtures of each module that imports them.
+"""
+import hashlib
+
+import pytest
+import torch
+
+from s2core import pipeline as P
+
+STEPS = dict(dense_steps=2, sparse_512_steps=2, resolution=512, refine_512=False)
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """One intra-op thread: bit-identical results across runs and processes on CPU."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return P.load_models("tiny-random", ("dense", "sparse_512"))
+
+
+def picture(shift=0):
+    """A red block on white with its object mask (1 = object), IMAGE [1, 64, 64, 3] and MASK [1, 64, 64]."""
+    img = torch.ones(1, 64, 64, 3)
+    mask = torch.zeros(1, 64, 64)
+    img[:, 12 + shift:52, 16:48] = torch.tensor([0.7, 0.3, 0.2])
+    mask[:, 12 + shift:52, 16:48] = 1
+    return img, mask
+
+
+def mesh_hash(mesh: P.Mesh) -> str:
+    h = hashlib.sha256()
+    for v, f in mesh.items():
+        h.update(v.contiguous().cpu().numpy().tobytes())
+        h.update(f.contiguous().cpu().numpy().tobytes())
+    return h.hexdigest()
