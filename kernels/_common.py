@@ -1,5 +1,8 @@
 """Small pieces every SSA kernel module shares: constants, dispatch dtypes, the gated write-out."""
+import inspect
+
 import torch
+import triton
 
 LOG2E = 1.4426950408889634  # kernels use exp2: exp(x) = exp2(x * log2 e)
 HALF = (torch.float16, torch.bfloat16)  # "auto" runs Triton on CUDA for these; fp32 models use the reference
@@ -14,3 +17,8 @@ def gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
         return o.to(dtype)
     out.copy_((out.float() + o).to(out.dtype))
     return out
+
+
+# keep autotuning results in Triton's on-disk cache where this Triton can (3.3+), so a new process skips the
+# benchmarking (the first sparse sampling of a process otherwise spends seconds on it)
+AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}

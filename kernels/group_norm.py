@@ -16,7 +16,9 @@ tiles; `_stats_kernel` reduces each tile to (mean, M2) and the tiles are merged 
 fp64 on the host stream ([B·G, tiles] numbers). `_apply_kernel` then normalises, rounds, applies the SiLU
 and writes x's dtype in one pass, without the fp32 copy of x that the module path allocates.
 
-Layouts: x contiguous [B, C, *spatial] fp16/bf16; weight, bias [C] (any float dtype); out like x.
+Layouts: x contiguous [B, C, *spatial] fp16/bf16; weight, bias [C] (any float dtype); out like x, and may
+be x itself (the statistics are complete before any element is overwritten; each element is read before it
+is written, by the same program).
 """
 from __future__ import annotations
 
@@ -36,11 +38,11 @@ APPLY_BLOCK = 2048  # elements an apply program writes
 
 
 def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                              eps: float = 1e-5) -> torch.Tensor:
-    """silu(group_norm(x) in fp32 (fp64 for fp64 x), rounded to x's dtype) in x's dtype."""
+                              eps: float = 1e-5, out: torch.Tensor | None = None) -> torch.Tensor:
+    """silu(group_norm(x) in fp32 (fp64 for fp64 x), rounded to x's dtype) in x's dtype (written into out)."""
     wide = torch.promote_types(x.dtype, torch.float32)
-    y = F.group_norm(x.to(wide), groups, weight.to(wide), bias.to(wide), eps).to(x.dtype)
-    return F.silu(y)
+    y = F.silu(F.group_norm(x.to(wide), groups, weight.to(wide), bias.to(wide), eps).to(x.dtype))
+    return y if out is None else out.copy_(y)
 
 
 @triton.jit
@@ -88,12 +90,13 @@ def _merge(partial: torch.Tensor, L: int, tile: int) -> tuple[torch.Tensor, torc
 
 
 def _group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                            eps: float) -> torch.Tensor:
+                            eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
     assert x.dtype in _HALF and x.is_contiguous(), "x must be contiguous fp16/bf16"
+    assert out is None or (out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous())
     B, C = x.shape[:2]
     assert C % groups == 0, f"{C} channels do not split into {groups} groups"
     S = math.prod(x.shape[2:])
-    out = torch.empty_like(x)
+    out = torch.empty_like(x) if out is None else out
     if x.numel() == 0:
         return out
     L = C // groups * S
@@ -110,12 +113,13 @@ def _group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
 
 
 def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float = 1e-5,
-                    backend: str = "auto") -> torch.Tensor:
-    """silu(group_norm(x)) in x's dtype, statistics in fp32 (see module doc).
+                    out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """silu(group_norm(x)) in x's dtype, statistics in fp32 (see module doc); written into `out` when given
+    (out=x normalises in place).
 
     backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with
     TRITON_INTERPRET=1) or "reference".
     """
     if backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype in _HALF):
-        return _group_norm_silu_triton(x.contiguous(), weight, bias, groups, eps)
-    return group_norm_silu_reference(x, weight, bias, groups, eps)
+        return _group_norm_silu_triton(x.contiguous(), weight, bias, groups, eps, out)
+    return group_norm_silu_reference(x, weight, bias, groups, eps, out)

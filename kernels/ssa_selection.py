@@ -30,6 +30,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
 from ._common import HALF as _HALF
 from ._common import LOG2E as _LOG2E
 from ._common import gated as _gated
@@ -212,7 +213,7 @@ def _selection_kernel(
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
 _selection_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "TOPK"], restore_value=["o"],
-                                   prune_configs_by={"early_config_prune": _prune})(_selection_kernel)
+                                   prune_configs_by={"early_config_prune": _prune}, **_AUTOTUNE_CACHE)(_selection_kernel)
 
 
 def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,

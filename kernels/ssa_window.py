@@ -24,6 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
 from ._common import HALF as _HALF
 from ._common import LOG2E as _LOG2E
 from ._common import gated as _gated
@@ -150,7 +151,7 @@ def _window_kernel(
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
-_window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"], restore_value=["o"])(_window_kernel)
+_window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"], restore_value=["o"], **_AUTOTUNE_CACHE)(_window_kernel)
 
 
 def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, tiles=None,

@@ -91,3 +91,15 @@ def test_gpu_matches_reference(shape, groups, monkeypatch):
         with poisoned_outputs(monkeypatch):
             out = K.group_norm_silu(x, w, b, groups)
         assert_close(out, K.group_norm_silu_reference(x, w, b, groups), *TOL[dtype], f"{shape} {dtype}")
+        y = x.clone()
+        assert torch.equal(K.group_norm_silu(y, w, b, groups, out=y), out), "in place differs from out of place"
+
+
+@pytest.mark.parametrize("backend", ["triton", "reference"])
+def test_in_place(backend):
+    x, w, b = _inputs((2, 8, 17, 9, 30), 4, torch.float16, "cpu", 5)  # 2 stats tiles a group
+    want = K.group_norm_silu_reference(x, w, b, 4)
+    y = x.clone()
+    got = K.group_norm_silu(y, w, b, 4, out=y, backend=backend)
+    assert got.data_ptr() == y.data_ptr()
+    assert_close(got, want, *TOL[torch.float16], "in place")
