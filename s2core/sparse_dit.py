@@ -20,11 +20,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ._kernels import kernel_module
 from .config import SparseDiTConfig
 from .dense_dit import FeedForward, LayerNorm32, TimestepEmbedder
 from .sparse import SparseTensor
 from .sparse.attention import sparse_cross_attention, varlen_attention
 from .ssa import SparseConv, SpatialSparseAttention, SSAPlan
+
+_ln = kernel_module("layer_norm")
 
 
 def absolute_position_embedding(pos: torch.Tensor, channels: int) -> torch.Tensor:
@@ -88,13 +91,16 @@ class SparseDiTBlock(nn.Module):
         # x [N, C]; mod [B, C] (or [B, 6C] when shared); per_token: [N] sample of each token, or None when B == 1
         if not self.share_mod:
             mod = self.adaLN_modulation(mod)
-        mods = mod.chunk(6, dim=1)
-        sh1, sc1, g1, sh2, sc2, g2 = (m if per_token is None else m[per_token] for m in mods)  # [1 or N, C]
-        h = self.norm1(x) * (1 + sc1) + sh1
-        x = x + self.self_attn(h, plan, backend) * g1
-        x = x + self.cross_attn(self.norm2(x), offsets, plan.max_seqlen, context)
-        h = self.norm3(x) * (1 + sc2) + sh2
-        return x + self.mlp(h) * g2
+        sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)  # [B, C]; row per_token[i] belongs to token i
+        # add_layer_norm(x, r, g, ...) = (x + r·g, norm(x + r·g)·s + t) with the separate ops' roundings, one
+        # pass over [N, C] on CUDA:
+        #   h = norm1(x)·(1 + sc1) + sh1;  x += attn(h)·g1;  h = norm2(x);  x += cross(h);  h = norm3(x)·(1 + sc2) + sh2
+        _, h = _ln.add_layer_norm(x, scale=1 + sc1, shift=sh1, row_batch=per_token, eps=self.norm1.eps)
+        x, h = _ln.add_layer_norm(x, self.self_attn(h, plan, backend), g1, self.norm2.weight, self.norm2.bias,
+                                  row_batch=per_token, eps=self.norm2.eps)
+        x, h = _ln.add_layer_norm(x, self.cross_attn(h, offsets, plan.max_seqlen, context), scale=1 + sc2,
+                                  shift=sh2, row_batch=per_token, eps=self.norm3.eps)
+        return x + self.mlp(h) * (g2 if per_token is None else g2[per_token])
 
 
 class SparseDiT(nn.Module):

@@ -1,0 +1,116 @@
+"""Residual add + LayerNorm (fp32 statistics) + adaLN modulation in one pass over the rows (the sparse DiT block).
+
+For each row i of x [N, C] (fp16/bf16), with every intermediate rounded to x's dtype as the module's separate
+ops round it:
+
+    x'  = x + r · g           (if a residual r is given; g the gate row of the token's sample, or 1)
+    n   = layernorm(x') in fp32 over C (population variance, eps), · w + b if affine, rounded
+    y   = n · s + t           (if modulated: s = 1 + scale and t = shift, rows of the token's sample)
+
+and returns (x', y). In `SparseDiTBlock` this replaces `norm1(x) * (1 + sc1) + sh1`, `x + attn * g1` followed
+by `norm2(x)`, and `x + cross` followed by `norm3(x) * (1 + sc2) + sh2`: each of those is 3-6 full passes
+over [N, C] in PyTorch (the fp32 copy, the norm, the cast, the multiply, the add), here one read and one or
+two writes. The statistics are summed in a different order than PyTorch's LayerNorm (a two-pass mean and
+variance over the row in registers vs Welford), so an element may round to the neighbouring fp16 value.
+
+Layouts: x, r [N, C] row-major (C <= 16384); g, s, t [B, C] (B = 1: shared; else
+`row_batch` [N] int32/int64 gives each row's sample); w, b [C] (any float dtype). Outputs are new tensors.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from ._common import HALF as _HALF
+
+__all__ = ["add_layer_norm", "add_layer_norm_reference"]
+
+
+def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                             weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                             scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                             row_batch: torch.Tensor | None = None, eps: float = 1e-6):
+    """The module ops in order: (x + r·g, round(layernorm_fp32(x + r·g)) · s + t). scale is s (= 1 + adaLN
+    scale, already in x's dtype); gate/scale/shift are [B, C] rows picked by row_batch (B = 1: broadcast)."""
+    def rows(m):
+        return m if row_batch is None else m[row_batch]
+
+    if residual is not None:
+        x = x + (residual if gate is None else residual * rows(gate))
+    w = None if weight is None else weight.float()
+    b = None if bias is None else bias.float()
+    y = F.layer_norm(x.float(), x.shape[-1:], w, b, eps).to(x.dtype)
+    if scale is not None:
+        y = y * rows(scale) + rows(shift)
+    return x, y
+
+
+@triton.jit
+def _add_ln_kernel(x, r, g, w, b, s, t, rb, x_out, y_out, C, eps, stride_m,
+                   HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+                   PER_ROW: tl.constexpr, BLOCK_C: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_C)
+    mask = cols < C
+    dt = x_out.dtype.element_ty
+    m_row = tl.load(rb + row).to(tl.int64) * stride_m if PER_ROW else 0  # the token's sample's modulation row
+    v = tl.load(x + row * C + cols, mask=mask, other=0.0)
+    if HAS_RES:
+        res = tl.load(r + row * C + cols, mask=mask, other=0.0)
+        if HAS_GATE:
+            res = (res.to(tl.float32) * tl.load(g + m_row + cols, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        v = (v.to(tl.float32) + res.to(tl.float32)).to(dt)
+        tl.store(x_out + row * C + cols, v, mask=mask)
+    v = v.to(tl.float32)
+    mean = tl.sum(v, 0) / C
+    d = tl.where(mask, v - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / C + eps)
+    y = d * rstd
+    if AFFINE:
+        y = y * tl.load(w + cols, mask=mask, other=0.0).to(tl.float32) + tl.load(b + cols, mask=mask, other=0.0).to(tl.float32)
+    y = y.to(dt)
+    if MODULATE:
+        y = (y.to(tl.float32) * tl.load(s + m_row + cols, mask=mask, other=0.0).to(tl.float32)).to(dt)
+        y = (y.to(tl.float32) + tl.load(t + m_row + cols, mask=mask, other=0.0).to(tl.float32)).to(dt)
+    tl.store(y_out + row * C + cols, y, mask=mask)
+
+
+def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_batch, eps):
+    assert x.dtype in _HALF and x.ndim == 2 and x.is_contiguous()
+    N, C = x.shape
+    assert C <= 16384, "rows longer than 16384 do not fit one program"
+    assert residual is None or (residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous())
+    assert (weight is None) == (bias is None) and (scale is None) == (shift is None)
+    gate, scale, shift = (None if m is None else m.reshape(-1, C).contiguous() for m in (gate, scale, shift))
+    assert all(m.dtype == x.dtype for m in (gate, scale, shift) if m is not None)
+    per_row = row_batch is not None
+    x_out = torch.empty_like(x) if residual is not None else x
+    y = torch.empty_like(x)
+    if N == 0:
+        return x_out, y
+    block = triton.next_power_of_2(C)
+    _add_ln_kernel[(N,)](x, x if residual is None else residual, x if gate is None else gate,
+                         x if weight is None else weight, x if bias is None else bias,
+                         x if scale is None else scale, x if shift is None else shift,
+                         row_batch if per_row else x, x_out, y, C, eps, C,
+                         HAS_RES=residual is not None, HAS_GATE=gate is not None, AFFINE=weight is not None,
+                         MODULATE=scale is not None, PER_ROW=per_row, BLOCK_C=block,
+                         num_warps=4 if block <= 2048 else 8)
+    return x_out, y
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
+                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
+                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
+                   row_batch: torch.Tensor | None = None, eps: float = 1e-6, backend: str = "auto"):
+    """(x + r·g, layernorm(x + r·g)·s + t) with the module's roundings (see module doc); returns x itself as
+    the first output when there is no residual.
+
+    backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with
+    TRITON_INTERPRET=1) or "reference".
+    """
+    if backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype in _HALF):
+        return _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_batch, eps)
+    return add_layer_norm_reference(x, residual, gate, weight, bias, scale, shift, row_batch, eps)
