@@ -692,6 +692,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
         x = latent.structure.to(dev).sparse(latent.feats.to(dev, torch.float16 if vae.cfg.use_fp16 else torch.float32))
         out = vae.decode(x, return_feat=refine)
     sdf, feat = out if isinstance(out, tuple) else (out, None)
+    del out, x  # the refiner below consumes (empties) sdf and feat: no other reference may keep them alive
     _poll(should_stop)
     sdf_res = latent.structure.grid * 8  # 512 / 1024 official
     if refine:
@@ -705,8 +706,9 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
                 callback(i, n)
 
         with stage_guard(f"{res} refinement", hint), models.placement.use([refiner]) as dev:
-            field_ = remove_interior(refiner, sdf.to(dev), None if feat is None else feat.to(dev), iso,
-                                     progress=progress, grid=_cube_grid(res, sdf_res))
+            sdf, feat = sdf.to(dev), None if feat is None else feat.to(dev)
+            field_ = remove_interior(refiner, sdf, feat, iso, progress=progress, grid=_cube_grid(res, sdf_res),
+                                     consume=True)
             items = _function("refiner", "mesh_refined_field")(field_)
     else:
         to_mesh = _function("mesh.marching_cubes", "meshes_from_sparse_sdf")

@@ -222,6 +222,26 @@ def test_remove_interior_1024_equals_dense():
     assert near_set <= {tuple(r) for r in full.coords.tolist()}
     decoded = {tuple(r) for r in coords.tolist()}
     assert decoded & near_set
+    # consume=True (the pipeline's call) gives the same field and empties the handed-over SDF
+    handed = SparseTensor(values.clone(), coords.clone())
+    eaten = remove_interior_1024(model, handed, level=0.2, grid=grid, consume=True)
+    assert torch.equal(eaten.keys, full.keys) and torch.equal(eaten.values, full.values)
+    assert handed.coords.shape == (0, 4) and handed.feats.shape[0] == 0
+
+
+def test_remove_interior_512_consume_frees_features_only():
+    grid = CubeGrid(40, 16, 12)
+    model = _model(VoxelRefiner, RefinerConfig(use_fp16=False), seed=3)
+    coords, values = _sphere_band(40, (20.3, 21.1, 18.6), 9.0, 2.5)
+    g = torch.Generator().manual_seed(4)
+    feats = torch.randn(len(coords), 32, generator=g, dtype=torch.float64)
+    sdf = SparseTensor(values, coords)
+    kept = remove_interior_512(model, sdf, SparseTensor(feats.clone(), coords), level=0.0, grid=grid)
+    handed = SparseTensor(feats.clone(), coords)
+    eaten = remove_interior_512(model, sdf, handed, level=0.0, grid=grid, consume=True)
+    assert kept.keys.numel() > 0
+    assert torch.equal(eaten.keys, kept.keys) and torch.equal(eaten.values, kept.values)
+    assert handed.feats.shape == (0, 32) and sdf.coords.shape[0] == len(coords)  # the SDF is still the caller's
 
 
 def _crossing_corners_torch(field, level):

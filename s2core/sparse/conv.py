@@ -14,8 +14,10 @@ Kernel map: each voxel (b, x, y, z) becomes one int64 key (16 bits per field, co
 +1 so a -1 neighbour stays non-negative); keys are sorted once and `searchsorted` finds all 27
 neighbours at once -> `nbr [N, 27]` int32 (row index of the neighbour, N where inactive). The map is built
 on the tensor's device and memoised in `SparseTensor.cache`, which every tensor with the same coords
-shares, so the convs at one resolution build it once; `sparse_subdivide` derives its output's map
-from the parent's by a gather (all 8 children of a parent exist), so the decoder searches only once.
+shares, so the convs at one resolution build it once. `sparse_subdivide` does not search: its output
+keeps the parent's map, and each conv derives the rows of the children's map it needs from it by a gather
+(all 8 children of a parent exist), block by block; the decoder's last level (13.9 M voxels at 512) thus
+never holds a [N, 27] map (1.5 GB).
 
 Compute ("gather" algo, the default): gather the 27 neighbour rows of a block of outputs into
 [rows, 27*Cin] (a zero row stands for inactive neighbours) and do one GEMM with W viewed as
@@ -33,7 +35,7 @@ import torch.nn as nn
 
 from .tensor import SparseTensor
 
-__all__ = ["kernel_offsets", "coords_to_keys", "kernel_map", "subdivided_kernel_map", "sparse_conv3d", "sparse_conv3d_reference",
+__all__ = ["kernel_offsets", "coords_to_keys", "kernel_map", "kernel_map_rows", "subdivided_kernel_map", "sparse_conv3d", "sparse_conv3d_reference",
            "SparseConv3d", "TorchsparseConv3d", "sparse_downsample", "SparseDownsample", "sparse_subdivide",
            "SparseSubdivide"]
 
@@ -80,8 +82,20 @@ def kernel_map(x: SparseTensor) -> torch.Tensor:
     """The memoised [N, 27] neighbour map of x's coordinates (see build_kernel_map)."""
     nbr = x.cache.get("kernel_map_3")
     if nbr is None:
-        nbr = x.cache["kernel_map_3"] = build_kernel_map(x.coords)
+        parent = x.cache.get("parent_kernel_map_3")
+        nbr = build_kernel_map(x.coords) if parent is None else subdivided_kernel_map(parent)
+        x.cache["kernel_map_3"] = nbr
     return nbr
+
+
+def kernel_map_rows(x: SparseTensor):
+    """rows(s, e) -> x's kernel map rows [s, e) (s, e multiples of 8, or e = N): sliced from the memoised
+    map, or, for a subdivided tensor, derived from its parent's map without building the whole map."""
+    parent = x.cache.get("parent_kernel_map_3")
+    if "kernel_map_3" in x.cache or parent is None:
+        nbr = kernel_map(x)
+        return lambda s, e: nbr[s:e]
+    return lambda s, e: subdivided_kernel_map(parent[s // 8:(e + 7) // 8], parent.shape[0])
 
 
 def _per_offset_pairs(x: SparseTensor, nbr: torch.Tensor) -> list:
@@ -110,7 +124,6 @@ def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | No
         assert kernel.shape[0] == 27, f"only 3x3x3 kernels are supported, got {tuple(kernel.shape)}"
         n, cin = feats.shape
         cout = kernel.shape[2]
-        nbr = kernel_map(x)
         if algo == "per_offset" and torch.are_deterministic_algorithms_enabled():
             # per_offset accumulates with index_add_ (CUDA atomics: run-to-run bit noise); gather has no
             # atomics, so under torch.use_deterministic_algorithms (ComfyUI --deterministic) it is the choice
@@ -119,12 +132,13 @@ def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | No
             w = kernel.reshape(27 * cin, cout)
             padded = torch.cat([feats, feats.new_zeros(1, cin)], 0)  # row N = inactive neighbour
             out = feats.new_empty(n, cout)
-            step = max(1, _MAX_GATHER // (27 * cin))
+            step = max(8, _MAX_GATHER // (27 * cin) // 8 * 8)  # a multiple of 8: whole families of children
+            rows = kernel_map_rows(x)
             for s in range(0, n, step):  # blocks of rows bound the [rows, 27*Cin] buffer
-                out[s:s + step] = padded[nbr[s:s + step].long()].reshape(-1, 27 * cin) @ w
+                out[s:s + step] = padded[rows(s, min(s + step, n)).long()].reshape(-1, 27 * cin) @ w
         elif algo == "per_offset":
             out = feats @ kernel[13]  # centre tap: every voxel is its own neighbour
-            for k, rows_in, rows_out in _per_offset_pairs(x, nbr):
+            for k, rows_in, rows_out in _per_offset_pairs(x, kernel_map(x)):
                 if k != 13:
                     out.index_add_(0, rows_out, feats[rows_in] @ kernel[k])
         else:
@@ -217,30 +231,32 @@ def _child_offsets(device) -> torch.Tensor:
     return torch.stack([o >> 2 & 1, o >> 1 & 1, o & 1], 1)
 
 
-def subdivided_kernel_map(parent_map: torch.Tensor) -> torch.Tensor:
-    """The [8N, 27] kernel map of sparse_subdivide's output, read off the parent's [N, 27] map.
+def subdivided_kernel_map(parent_map: torch.Tensor, n: int | None = None) -> torch.Tensor:
+    """The [8M, 27] kernel map of sparse_subdivide's output, read off the parent's [M, 27] map (or off rows of
+    it: parent_map = the map's rows [a, a + M), n = all parents, giving the children's rows [8a, 8a + 8M)).
 
     Every parent has all 8 children, so the neighbour of child 2p + o at offset d is child o' of parent
     p + e, with s = o + d, e = floor(s / 2), o' = s mod 2 per axis: a gather, no search."""
-    n = parent_map.shape[0]
+    n = parent_map.shape[0] if n is None else n
     s = _child_offsets(parent_map.device)[:, None, :] + kernel_offsets(parent_map.device)[None]  # [8, 27, 3]
     e, o2 = torch.div(s, 2, rounding_mode="floor"), s % 2
     parent_tap = (e[..., 0] + 1) + 3 * (e[..., 1] + 1) + 9 * (e[..., 2] + 1)  # [8, 27]
     child_idx = (o2[..., 0] * 4 + o2[..., 1] * 2 + o2[..., 2]).int()  # [8, 27]
     nb = parent_map[:, parent_tap]  # [N, 8, 27]
-    return torch.where(nb < n, nb * 8 + child_idx, 8 * n).reshape(8 * n, 27)
+    return torch.where(nb < n, nb * 8 + child_idx, 8 * n).reshape(-1, 27)
 
 
 def sparse_subdivide(x: SparseTensor) -> SparseTensor:
     """Each voxel p -> 8 consecutive children 2p + (ox, oy, oz), z fastest, features copied (§2.4).
 
-    If x's kernel map is cached, the children's map is derived from it (exact, much cheaper than a search)."""
+    If x's kernel map is cached, the children's map is derived from it when needed (exact, much cheaper
+    than a search; see kernel_map_rows)."""
     xyz = (x.coords[:, None, 1:] * 2 + _child_offsets(x.device).int()[None]).reshape(-1, 3)  # [8N, 3]
     coords = torch.cat([x.coords[:, :1].repeat_interleave(8, 0), xyz], 1)
     feats = x.feats.repeat_interleave(8, 0)
     out = SparseTensor(feats, coords, x.batch_size, x.offsets * 8)
-    if "kernel_map_3" in x.cache:
-        out.cache["kernel_map_3"] = subdivided_kernel_map(x.cache["kernel_map_3"])
+    if "kernel_map_3" in x.cache or "parent_kernel_map_3" in x.cache:  # x's own map, derived if need be
+        out.cache["parent_kernel_map_3"] = kernel_map(x)
     return out
 
 

@@ -30,8 +30,15 @@ class _Pointwise(nn.Module):
         return x.replace(type(self).fn(x.feats))
 
 
-class SparseSiLU(_Pointwise):
-    fn = staticmethod(F.silu)
+class SparseSiLU(nn.Module):
+    """SiLU on feats; inplace overwrites them (only where the input is a fresh tensor nobody else reads)."""
+
+    def __init__(self, inplace: bool = False):
+        super().__init__()
+        self.inplace = inplace
+
+    def forward(self, x: SparseTensor) -> SparseTensor:
+        return x.replace(F.silu(x.feats, inplace=self.inplace))
 
 
 class SparseTanh(_Pointwise):
