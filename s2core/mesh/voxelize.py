@@ -9,12 +9,14 @@ the tokens of the 1024 stage.
 Here only lattice points near the surface are ever touched: each triangle's bounding box in lattice
 indices, grown by 5 points on each side (the original's box; the distance threshold is under 4 lattice
 steps), is the candidate set. It is walked in two levels: first the (triangle, latent cell) pairs the
-box overlaps, dropping cells already marked; then the box's lattice points inside each remaining cell
-(at most factor³), dropping again any cell marked meanwhile, and only those get a distance. Each level
-is one flat range over all triangles walked in windows of `max_candidates`, so memory is bounded
-whatever the triangle sizes. The distance is the kernel's point–triangle distance in float32,
-degenerate-triangle rules included (`point_triangle_distance`). The only grid is the latent occupancy,
-(size/factor)³ bools (2 MiB at 1024/8).
+box overlaps, as one flat range over all triangles in windows of `max_candidates` (here, in PyTorch);
+then, for each pair whose cell is not marked yet, the box's lattice points inside that cell (at most
+factor³) get a distance, and the cell is marked when one is under the threshold
+(`kernels/voxelize.py::mark_cells`: one Triton program per pair on CUDA, PyTorch windows of
+`max_candidates` points elsewhere). Memory is bounded whatever the triangle sizes. The distance is the
+kernel's point–triangle distance in float32, degenerate-triangle rules included
+(`point_triangle_distance`), evaluated as one fixed sequence of IEEE operations, so every backend and
+device marks the same cells. The only grid is the latent occupancy, (size/factor)³ bools (2 MiB at 1024/8).
 
 Letters: F triangles, V vertices, n candidates in a window, D = size (lattice points per axis).
 """
@@ -23,7 +25,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from .._kernels import kernel_module
+
 GROW = 5  # lattice points added on each side of a triangle's box: int(threshold + 1) with threshold 4
+
+
+def _kernel():
+    return kernel_module("voxelize")
 
 
 def normalize_vertices(vertices: torch.Tensor, scale: float = 0.95) -> torch.Tensor:
@@ -36,18 +44,6 @@ def normalize_vertices(vertices: torch.Tensor, scale: float = 0.95) -> torch.Ten
     return (vertices - (lo + hi) / 2) * (2.0 * scale / extent)
 
 
-def _dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a * b).sum(-1)
-
-
-def _segment_distance(p: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Distance from points p [n,3] to segments ab, projection parameter clamped to [0, 1]."""
-    d = b - a
-    t = _dot(p - a, d) / _dot(d, d)
-    closest = torch.where((t < 0)[:, None], a, torch.where((t > 1)[:, None], b, a + t[:, None] * d))
-    return (p - closest).norm(dim=-1)
-
-
 def point_triangle_distance(p: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
     """Unsigned distance [n] from points p [n,3] to triangles (v0, v1, v2) [n,3] each, with the CUDA kernel's rules.
 
@@ -56,27 +52,11 @@ def point_triangle_distance(p: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor,
     * zero normal without equal vertices (collinear) → distance to v0 (the kernel's quirk, kept);
     * otherwise the plane distance if the projection is strictly inside (the three edge cross products
       pairwise have positive dot products), else the nearest of the three edges.
+
+    One fixed sequence of float32 operations, the same on CPU, CUDA and in the Triton kernel
+    (`kernels/voxelize.py`, which holds it).
     """
-    e0, e1 = v1 - v0, v2 - v0
-    normal = torch.cross(e0, e1, dim=-1)
-    nn2 = _dot(normal, normal)
-    q = p - v0
-    unit = normal / nn2.sqrt().clamp_min(torch.finfo(p.dtype).tiny)[:, None]
-    plane = _dot(unit, q)
-    proj = p - plane[:, None] * unit
-    c0 = torch.cross(v0 - v1, v0 - proj, dim=-1)
-    c1 = torch.cross(v1 - v2, v1 - proj, dim=-1)
-    c2 = torch.cross(v2 - v0, v2 - proj, dim=-1)
-    inside = (_dot(c0, c1) > 0) & (_dot(c1, c2) > 0) & (_dot(c0, c2) > 0)
-    s01 = _segment_distance(p, v0, v1)
-    s02 = _segment_distance(p, v0, v2)
-    s12 = _segment_distance(p, v1, v2)
-    d = torch.where(inside, plane.abs(), torch.minimum(torch.minimum(s01, s02), s12))
-    d = torch.where(nn2 == 0, q.norm(dim=-1), d)
-    eq01, eq02, eq12 = (v0 == v1).all(-1), (v0 == v2).all(-1), (v1 == v2).all(-1)
-    d = torch.where(eq12 | eq02, s01, d)
-    d = torch.where(eq01, s02, d)
-    return torch.where(eq01 & eq02, q.norm(dim=-1), d)
+    return _kernel().point_triangle_distance(p, v0, v1, v2)
 
 
 def _as_tensor(x, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -100,35 +80,21 @@ def check_mesh(vertices: torch.Tensor, faces: torch.Tensor) -> None:
                          "corrupt or faces and vertices do not belong together.")
 
 
-def _windows(box_lo: torch.Tensor, box_dims: torch.Tensor, window: int):
-    """All integer points of K boxes ([K, 3] low corners and extents) as one flat range, in windows.
-
-    Yields (box id [n], point [n, 3]) for at most `window` points at a time; boxes may span windows."""
-    counts = box_dims.clamp_min(0).prod(1)
-    if counts.numel() == 0:
-        return
-    ends = torch.cumsum(counts, 0)
-    starts = ends - counts
-    total = int(ends[-1])
-    for first in range(0, total, window):  # windows of points, not a loop over boxes
-        flat = torch.arange(first, min(first + window, total), device=box_lo.device)
-        b = torch.searchsorted(ends, flat, right=True)
-        local = flat - starts[b]
-        ny, nz = box_dims[b, 1], box_dims[b, 2]
-        yield b, torch.stack([local // (ny * nz), local // nz % ny, local % nz], 1) + box_lo[b]
-
-
 @torch.no_grad()
 def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 8, threshold: float = 4.0,
                          normalize: bool = True, device: torch.device | str | None = None,
-                         max_candidates: int = 1 << 21) -> torch.Tensor:
+                         max_candidates: int = 1 << 21, backend: str = "auto") -> torch.Tensor:
     """Latent cells [N, 4] int32 (0, x, y, z), sorted, of the lattice points within threshold/resolution of the mesh.
 
     vertices [V, 3], faces [F, 3] (numpy or torch). normalize: apply `normalize_vertices` first (the
     pipeline always does, `mesh2index` itself does not). Coordinates lie in [0, ceil(resolution/factor)).
     device: where to compute (default CUDA when available). max_candidates bounds the (triangle, cell)
-    pairs and lattice points examined at once (memory ~ 0.5 KB each).
+    pairs and lattice points examined at once (memory ~ 0.5 KB each on the reference path, ~ 0.1 KB on
+    the kernel's). backend: "auto" (the Triton kernel on CUDA, PyTorch elsewhere), "triton" (also on CPU
+    with TRITON_INTERPRET=1) or "reference" (PyTorch); all give the same cells.
     """
+    if backend not in ("auto", "triton", "reference"):
+        raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}.")
     if device is None:
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
@@ -139,34 +105,28 @@ def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 
         verts = normalize_vertices(verts)
     D = int(resolution)
     verts = verts.float() * 0.5  # the original halves float32 vertices: the mesh sits in [-0.475, 0.475]
-    tris = verts[tri_idx]  # [F, 3 vertices, 3 coords]
+    tris = verts[tri_idx].contiguous()  # [F, 3 vertices, 3 coords]
 
     # per-triangle lattice box, grown and clamped as the kernel does; its exact rounding cannot matter
     # because the box is more than a lattice step wider than the distance threshold on every side
     lo = torch.floor((tris.min(1).values.double() + 0.5) * (D - 1)).long() - GROW
     hi = torch.floor((tris.max(1).values.double() + 0.5) * (D - 1)).long() + GROW
-    lo, hi = lo.clamp(0, D - 1), hi.clamp(0, D - 1)
+    lo, hi = lo.clamp(0, D - 1).contiguous(), hi.clamp(0, D - 1).contiguous()
     L = (D - 1) // factor + 1
-    occupied = torch.zeros(L * L * L, dtype=torch.bool, device=device)
-    limit = threshold / D  # float32 in the kernel; 4/1024 is exact
+    occupied = torch.zeros(L, L, L, dtype=torch.bool, device=device)
+    coord = _kernel().lattice_coordinates(D, device)  # lattice point i sits at coord[i] along each axis
+    limit = threshold / D  # compared in float32; 4/1024 is exact
 
-    # Level 1: (triangle, latent cell) pairs of each triangle's box, skipping cells already marked.
-    # Level 2: the box's lattice points inside each surviving cell (at most factor³), distance-tested.
+    # Level 1 (here): (triangle, latent cell) pairs of each triangle's box, in windows.
+    # Level 2 (`kernels/voxelize.mark_cells`): for each pair whose cell is unmarked, the box's lattice points
+    # inside that cell (at most factor³) get a distance; the cell is marked when one is under the limit.
     # A point can only mark its own cell, so points in marked cells never need a distance.
+    kern = _kernel()
     clo, chi = lo // factor, hi // factor
-    for t, cell in _windows(clo, chi - clo + 1, max_candidates):  # [n] triangle ids, [n, 3] cells
-        key = (cell[:, 0] * L + cell[:, 1]) * L + cell[:, 2]
-        todo = ~occupied[key]
-        t, cell, key = t[todo], cell[todo], key[todo]
-        sub_lo = torch.maximum(lo[t], cell * factor)  # the triangle's box clipped to the cell
-        sub_hi = torch.minimum(hi[t], cell * factor + factor - 1)
-        for j, ijk in _windows(sub_lo, sub_hi - sub_lo + 1, max_candidates):
-            k = key[j]
-            live = ~occupied[k]  # marked by an earlier window of this pass
-            ijk, k, tri = ijk[live], k[live], tris[t[j[live]]]
-            d = point_triangle_distance(ijk.float() / (D - 1) - 0.5, tri[:, 0], tri[:, 1], tri[:, 2])
-            occupied[k[d < limit]] = True
-    cells = occupied.view(L, L, L).nonzero()  # lexicographic, as torch.unique orders the original's rows
+    for t, cell in kern.box_windows(clo, chi - clo + 1, max_candidates):  # [n] triangle ids, [n, 3] cells
+        kern.mark_cells(occupied, tris, coord, lo, hi, t, cell, factor, limit, max_points=max_candidates,
+                        backend=backend)
+    cells = occupied.nonzero()  # lexicographic, as torch.unique orders the original's rows
     return torch.cat([torch.zeros_like(cells[:, :1]), cells], 1).int()
 
 
