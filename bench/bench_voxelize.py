@@ -6,7 +6,10 @@
 
 "dense" re-states the original's approach in torch: a D³ int32 distance grid (4 GiB at 1024) updated
 with an atomic-min scatter from every triangle's grown box, thresholded, nonzero, // factor, unique.
-"sparse" is `s2core.mesh.voxelize.mesh_to_latent_index`. Both index sets must agree.
+"sparse" is `s2core.mesh.voxelize.mesh_to_latent_index`: backend="reference" (level 2 in PyTorch windows)
+and backend="triton" (level 2 in `kernels/voxelize.py`, one program per tile of (triangle, cell) pairs,
+timed per tile shape PAIRSxBLOCK). Every index set must equal the first reference row's; the script
+prints the table, writes it (GPU runs), and exits with status 1 if any row disagrees.
 """
 from __future__ import annotations
 
@@ -23,6 +26,7 @@ import trimesh
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kernels import voxelize as K  # noqa: E402
 from s2core.mesh.voxelize import GROW, mesh_to_latent_index, normalize_vertices, point_triangle_distance  # noqa: E402
 
 
@@ -50,6 +54,7 @@ def dense_mesh_to_latent_index(vertices, faces, resolution=1024, factor=8, thres
     ends = torch.cumsum(counts, 0)
     starts = ends - counts
     udf = torch.full((D ** 3,), 10_000_000, dtype=torch.int32, device=device)
+    coord = K.lattice_coordinates(D, device)  # the same lattice coordinates as ours (i/(D-1) - 0.5 in float32)
     for first in range(0, int(ends[-1]), window):
         flat = torch.arange(first, min(first + window, int(ends[-1])), device=device)
         t = torch.searchsorted(ends, flat, right=True)
@@ -57,7 +62,7 @@ def dense_mesh_to_latent_index(vertices, faces, resolution=1024, factor=8, thres
         ny, nz = dims[t, 1], dims[t, 2]
         ijk = torch.stack([local // (ny * nz), local // nz % ny, local % nz], 1) + lo[t]
         tri = tris[t]
-        d = point_triangle_distance(ijk.float() / (D - 1) - 0.5, tri[:, 0], tri[:, 1], tri[:, 2])
+        d = point_triangle_distance(coord[ijk], tri[:, 0], tri[:, 1], tri[:, 2])
         ok = d < threshold / D
         idx = (ijk[ok, 0] * D + ijk[ok, 1]) * D + ijk[ok, 2]
         udf.scatter_reduce_(0, idx, (d[ok] * 10_000_000).int(), "amin")
@@ -102,10 +107,16 @@ def measure(fn, device):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: small mesh at 128³, no results file")
+    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: small mesh at 128³, no results file "
+                    "(the kernel rows need TRITON_INTERPRET=1 on a CPU)")
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere level (7 → 328k faces, 8 → 1.3M)")
-    ap.add_argument("--windows", type=str, default=None, help="log2 candidate-window sizes to try (default 18,20,21,22; --tiny 18)")
+    ap.add_argument("--windows", type=str, default=None,
+                    help="log2 candidate-window sizes of the reference path (default 18,20,21,22; --tiny 18)")
+    ap.add_argument("--kernel-windows", type=str, default=None,
+                    help="log2 pair-window sizes of the kernel path (default 21,23; --tiny 18)")
+    ap.add_argument("--tiles", type=str, default=None,
+                    help="kernel tiles PAIRSxBLOCK to time (default 1x128,1x64,2x64,4x32; --tiny 1024x128)")
     ap.add_argument("--upstream", type=Path, default=None, help="checkout of DreamTechAI/Direct3D-S2 to also time")
     ap.add_argument("--skip-dense", action="store_true")
     args = ap.parse_args()
@@ -113,36 +124,50 @@ def main():
     res = args.resolution or (128 if args.tiny else 1024)
     sub = args.subdivisions if args.subdivisions is not None else (3 if args.tiny else 8)
     mesh = make_mesh(sub)
-    rows = []
+    rows = []  # (method, seconds, peak MiB, tokens, same as the reference)
     print(f"mesh: {len(mesh.faces)} faces, resolution {res}, device {device}")
+
+    def run(backend, w):
+        return mesh_to_latent_index(mesh.vertices, mesh.faces, res, device=device, max_candidates=1 << w,
+                                    backend=backend)
 
     ref = None
     for w in [int(x) for x in (args.windows or ("18" if args.tiny else "18,20,21,22")).split(",")]:
-        mesh_to_latent_index(mesh.vertices, mesh.faces, res, device=device, max_candidates=1 << w)  # warm-up
-        out, dt, peak = measure(lambda: mesh_to_latent_index(mesh.vertices, mesh.faces, res, device=device,
-                                                             max_candidates=1 << w), device)
-        ref = out if ref is None else ref
-        assert torch.equal(out.cpu(), ref.cpu()), "window size changed the result"
-        rows.append((f"sparse (ours), window 2^{w}", dt, peak, out.shape[0]))
+        run("reference", w)  # warm-up
+        out, dt, peak = measure(lambda: run("reference", w), device)
+        ref = out.cpu() if ref is None else ref
+        rows.append((f"sparse reference (PyTorch), window 2^{w}", dt, peak, out.shape[0], torch.equal(out.cpu(), ref)))
         print(rows[-1])
+    default_pairs, default_block = K.PAIRS, K.BLOCK
+    tiles = args.tiles or ("1024x128" if args.tiny else "1x128,1x64,2x64,4x32")
+    for tile in tiles.split(","):
+        K.PAIRS, K.BLOCK = (int(x) for x in tile.split("x"))  # the dispatcher's defaults on CUDA
+        K.PAIRS_INTERPRETED = K.PAIRS
+        for w in [int(x) for x in (args.kernel_windows or ("18" if args.tiny else "21,23")).split(",")]:
+            run("triton", w)  # warm-up (compiles once per tile)
+            out, dt, peak = measure(lambda: run("triton", w), device)
+            rows.append((f"sparse Triton kernel, tile {tile}, window 2^{w}", dt, peak, out.shape[0],
+                         torch.equal(out.cpu(), ref)))
+            print(rows[-1])
+    K.PAIRS, K.BLOCK = default_pairs, default_block
     if not args.skip_dense:
         out, dt, peak = measure(lambda: dense_mesh_to_latent_index(mesh.vertices, mesh.faces, res, device=device), device)
-        same = torch.equal(out.cpu(), ref.cpu())
-        rows.append(("dense (original's method in torch)", dt, peak, out.shape[0]))
-        print(rows[-1], "same index set:", same)
-        assert same, "dense and sparse index sets differ"
+        rows.append(("dense (original's method in torch)", dt, peak, out.shape[0], torch.equal(out.cpu(), ref)))
+        print(rows[-1])
     if args.upstream is not None and device == "cuda":
         try:
             out, dt, peak = measure(lambda: upstream_mesh_to_latent_index(args.upstream, mesh.vertices, mesh.faces, res),
                                     device)
-            diff = len(set(map(tuple, out.cpu().tolist())) ^ set(map(tuple, ref.cpu().tolist())))
-            rows.append(("original CUDA kernel (udf_ext)", dt, peak, out.shape[0]))
-            print(rows[-1], "cells differing from ours:", diff)
+            diff = len(set(map(tuple, out.cpu().tolist())) ^ set(map(tuple, ref.tolist())))
+            rows.append(("original CUDA kernel (udf_ext)", dt, peak, out.shape[0], f"{diff} cells differ"))
+            print(rows[-1])
         except Exception as e:  # the extension may not build here
             print(f"original kernel not timed: {e}")
 
-    table = ["| method | time (s) | peak extra GPU memory (MiB) | latent tokens |", "|---|---|---|---|"]
-    table += [f"| {n} | {t:.3f} | {p:.0f} | {k} |" for n, t, p, k in rows]
+    table = ["| method | time (s) | peak extra GPU memory (MiB) | latent tokens | same cells as the reference |",
+             "|---|---|---|---|---|"]
+    table += [f"| {n} | {t:.3f} | {p:.0f} | {k} | {'yes' if same is True else 'NO' if same is False else same} |"
+              for n, t, p, k, same in rows]
     print("\n".join(table))
     if not args.tiny and device == "cuda":
         gpu = torch.cuda.get_device_name().replace(" ", "-")
@@ -151,6 +176,10 @@ def main():
         out_path.write_text(f"# mesh → latent index, {len(mesh.faces)} faces at {res}³ ({gpu})\n\n"
                             f"Command: `python {' '.join(sys.argv)}`\n\n" + "\n".join(table) + "\n")
         print(f"wrote {out_path}")
+    bad = [n for n, *_, same in rows if same is False]
+    if bad:
+        print("DISAGREE with the first reference row: " + "; ".join(bad), file=sys.stderr)
+        sys.exit(1)
 
 
 if __name__ == "__main__":

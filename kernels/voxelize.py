@@ -226,8 +226,8 @@ def _mark_kernel(occ, tris, coord, lo, hi, pair_tri, pair_cell, n_pairs, L, limi
     flat = nn2 == 0
 
     hit = done * 0
-    s = 0
     go = tl.max(tl.where((n > 0) & (done == 0), 1, 0), 0)
+    s = go * 0  # a tensor: loop-carried values must be Triton values when compiled
     while go > 0:  # chunks of BLOCK points, until every pair of the program has a hit or no points left
         li = s + tl.arange(0, BLOCK)[None, :]
         m = (li < n[:, None]) & (hit == 0)[:, None] & (done == 0)[:, None]
