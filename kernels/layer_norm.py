@@ -48,6 +48,13 @@ def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor | None = No
 
 
 @triton.jit
+def _rounded(v, dt: tl.constexpr):
+    """fp32 v rounded to dt and widened back. The int16 bitcast keeps the compiler from folding the
+    round trip away (and contracting the next add with this product into an FMA, which rounds once)."""
+    return v.to(dt).to(tl.int16, bitcast=True).to(dt, bitcast=True).to(tl.float32)
+
+
+@triton.jit
 def _add_ln_kernel(x, r, g, w, b, s, t, rb, x_out, y_out, C, eps, stride_m,
                    HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
                    PER_ROW: tl.constexpr, BLOCK_C: tl.constexpr):
@@ -57,24 +64,24 @@ def _add_ln_kernel(x, r, g, w, b, s, t, rb, x_out, y_out, C, eps, stride_m,
     dt = x_out.dtype.element_ty
     m_row = tl.load(rb + row).to(tl.int64) * stride_m if PER_ROW else 0  # the token's sample's modulation row
     v = tl.load(x + row * C + cols, mask=mask, other=0.0)
-    if HAS_RES:
-        res = tl.load(r + row * C + cols, mask=mask, other=0.0)
-        if HAS_GATE:
-            res = (res.to(tl.float32) * tl.load(g + m_row + cols, mask=mask, other=0.0).to(tl.float32)).to(dt)
-        v = (v.to(tl.float32) + res.to(tl.float32)).to(dt)
-        tl.store(x_out + row * C + cols, v, mask=mask)
     v = v.to(tl.float32)
+    if HAS_RES:
+        res = tl.load(r + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:
+            res = _rounded(res * tl.load(g + m_row + cols, mask=mask, other=0.0).to(tl.float32), dt)
+        v = _rounded(v + res, dt)
+        tl.store(x_out + row * C + cols, v.to(dt), mask=mask)
     mean = tl.sum(v, 0) / C
     d = tl.where(mask, v - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / C + eps)
     y = d * rstd
     if AFFINE:
         y = y * tl.load(w + cols, mask=mask, other=0.0).to(tl.float32) + tl.load(b + cols, mask=mask, other=0.0).to(tl.float32)
-    y = y.to(dt)
     if MODULATE:
-        y = (y.to(tl.float32) * tl.load(s + m_row + cols, mask=mask, other=0.0).to(tl.float32)).to(dt)
-        y = (y.to(tl.float32) + tl.load(t + m_row + cols, mask=mask, other=0.0).to(tl.float32)).to(dt)
-    tl.store(y_out + row * C + cols, y, mask=mask)
+        y = _rounded(y, dt)
+        y = _rounded(y * tl.load(s + m_row + cols, mask=mask, other=0.0).to(tl.float32), dt)
+        y = y + tl.load(t + m_row + cols, mask=mask, other=0.0).to(tl.float32)
+    tl.store(y_out + row * C + cols, y.to(dt), mask=mask)
 
 
 def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_batch, eps):
