@@ -391,6 +391,8 @@ class Placement:
             if self.offload:
                 for m in modules:
                     m.to("cpu")
+                if self.device.type == "cuda":  # hand the stage's cached activation blocks back to the driver
+                    torch.cuda.empty_cache()
 
 
 @dataclass

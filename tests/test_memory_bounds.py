@@ -119,6 +119,21 @@ def test_placement_defaults():
     assert P.Placement("cpu").offload is False and P.Placement("cpu", offload=True).offload is False
 
 
+@pytest.mark.parametrize("offload", [True, False])
+def test_offloading_stage_returns_cached_memory(offload, monkeypatch):
+    # after an offloading stage on a GPU the caching allocator's blocks go back (what other apps, and
+    # ComfyUI's next model, can then use); a resident placement keeps them for the next stage
+    calls = []
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
+    placement = P.Placement("cuda", offload=offload)
+    with placement.use([]):
+        assert not calls
+    assert len(calls) == (1 if offload else 0)
+    with pytest.raises(RuntimeError, match="boom"), placement.use([]):
+        raise RuntimeError("boom")
+    assert len(calls) == (2 if offload else 0)
+
+
 class _RecordingPlacement(P.Placement):
     """Placement on the CPU that behaves as an offloading GPU placement and logs every move."""
 
