@@ -138,7 +138,7 @@ def main():
         ref = out.cpu() if ref is None else ref
         rows.append((f"sparse reference (PyTorch), window 2^{w}", dt, peak, out.shape[0], torch.equal(out.cpu(), ref)))
         print(rows[-1])
-    default_pairs, default_block = K.PAIRS, K.BLOCK
+    defaults = K.PAIRS, K.BLOCK, K.PAIRS_INTERPRETED
     tiles = args.tiles or ("1024x128" if args.tiny else "1x128,1x64,2x64,4x32")
     for tile in tiles.split(","):
         K.PAIRS, K.BLOCK = (int(x) for x in tile.split("x"))  # the dispatcher's defaults on CUDA
@@ -149,7 +149,7 @@ def main():
             rows.append((f"sparse Triton kernel, tile {tile}, window 2^{w}", dt, peak, out.shape[0],
                          torch.equal(out.cpu(), ref)))
             print(rows[-1])
-    K.PAIRS, K.BLOCK = default_pairs, default_block
+    K.PAIRS, K.BLOCK, K.PAIRS_INTERPRETED = defaults
     if not args.skip_dense:
         out, dt, peak = measure(lambda: dense_mesh_to_latent_index(mesh.vertices, mesh.faces, res, device=device), device)
         rows.append(("dense (original's method in torch)", dt, peak, out.shape[0], torch.equal(out.cpu(), ref)))
