@@ -37,8 +37,10 @@ sliver triangle whose squared normal is subnormal could take the collinear branc
 Layouts: occupied [L, L, L] bool, contiguous (the latent grid, L = ceil(D / factor)); tris [F, 3, 3] float32
 contiguous (triangle, vertex, coordinate); coord [D] float32; lo, hi [F, 3] int64 contiguous (inclusive boxes,
 within [0, D)); pairs: tri [n] int64, cell [n, 3] int64 contiguous. The kernel writes only occupied.
-One program per pair: it reads the cell's flag and stops if set, else walks the clipped box (at most factor³
-points) in chunks of BLOCK lanes until a point is close enough, then stores True.
+A program owns PAIRS pairs (1 on CUDA; wide tiles in the interpreter, which pays per operation) x BLOCK
+lattice points: it reads each pair's cell flag and drops pairs already marked, then walks the clipped boxes
+(at most factor³ points each) in chunks of BLOCK points until each pair has a point close enough or no
+points left, and stores True for the pairs that found one.
 """
 from __future__ import annotations
 
