@@ -12,16 +12,25 @@ sampled (random) latents, which cost what real ones cost: their work follows the
                                             # bench/results/<date>-<gpu>-e2e-offload.md
     python bench/e2e.py --resident          # every network kept on the GPU (as the original); -> ...-e2e.md
     python bench/e2e.py --tiny              # CPU smoke run (tiny config, small mesh), prints only
+    python bench/e2e.py --resident --original .scratch [--warm]
+                                            # then the ORIGINAL pipeline (bench/e2e_original.py, imported
+                                            # from that folder) in a subprocess, same structure, same run;
+                                            # writes bench/results/<date>-<gpu>-e2e-vs-original.md
 
-The original is not run here (it needs torchsparse/spconv, flash-attn and its CUDA voxelizer, none of which
-install on the GPU machine from wheels); its numbers come from PERF.md (same kind of H100, 2026-11-25).
+Without --original the original is not run and its numbers come from PERF.md (same kind of H100,
+2026-11-25). With it, bench/e2e_original.py times the original on stand-ins (torchsparse, flash-attn and
+its CUDA voxelizer do not install on the GPU machine; the stand-ins are listed in the results file).
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import gc
+import json
 import math
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -138,6 +147,11 @@ def main():
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere subdivisions (default 8, tiny 3)")
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--original", metavar="UPSTREAM", default=None,
+                    help="also time the original pipeline (folder holding its direct3d_s2 package, e.g. .scratch) "
+                         "in a subprocess after ours, and write the combined table")
+    ap.add_argument("--original-python", default=sys.executable,
+                    help="interpreter for the original's subprocess (default: this one)")
     args = ap.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -164,6 +178,14 @@ def main():
     peak_alloc = max(r[2] for r in timer.rows)
     peak_res = max(r[3] for r in timer.rows)
     print(f"{'total':32s} {total:8.2f} s  peak {peak_alloc:6.2f} GiB alloc  {peak_res:6.2f} GiB reserved")
+    if args.original:
+        del models
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        orig = run_original(args, f.shape[0])
+        write_comparison(args, timer.rows, info, orig, f.shape[0], device)
+        return
     if args.tiny or device.type != "cuda":
         return
     gpu = torch.cuda.get_device_name().replace(" ", "_")
@@ -183,6 +205,89 @@ def main():
     o = ORIGINAL["total"]
     lines.append(f"| **total** | **{total:.2f}** | **{peak_alloc:.2f}** | **{peak_res:.2f}** | {o[0]} | {o[1]} | |")
     out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
+
+
+def run_original(args, faces: int) -> dict:
+    """bench/e2e_original.py in a subprocess (its own CUDA context: clean memory statistics); its JSON, or as much
+    of it as was written before it failed (each stage is saved as it ends)."""
+    out = Path(tempfile.mkdtemp(prefix="e2e_original_")) / "original.json"
+    cmd = [args.original_python, str(REPO / "bench" / "e2e_original.py"), "--upstream", args.original,
+           "--json", str(out), "--subdivisions", str(args.subdivisions or (3 if args.tiny else 8))]
+    if args.warm:
+        cmd.append("--warm")
+    if args.tiny:
+        cmd.append("--cpu-smoke")
+    print("original:", " ".join(cmd), flush=True)
+    t = time.perf_counter()
+    rc = subprocess.run(cmd, cwd=REPO).returncode
+    print(f"original finished with exit status {rc} after {time.perf_counter() - t:.0f} s", flush=True)
+    res = json.loads(out.read_text()) if out.exists() else {"rows": [], "stand_ins": [], "complete": False}
+    res["returncode"] = rc
+    return res
+
+
+def _ratio(a: float, b: float) -> str:
+    return f"{a / b:.2f}x" if b > 0 and math.isfinite(a) and math.isfinite(b) else "—"
+
+
+def write_comparison(args, rows, info: dict, orig: dict, faces: int, device) -> None:
+    """One table, ours vs the original, same run, same structure: per stage and total, time and peak memory,
+    speedup (original s / ours s) and memory ratio (original peak allocated / ours)."""
+    import triton
+
+    o_rows = {r[0]: r for r in orig.get("rows", [])}
+    cuda = device.type == "cuda"
+    gpu = torch.cuda.get_device_name() if cuda else "cpu"
+    date = datetime.date.today().isoformat()
+    complete = orig.get("complete", False)
+    lines = [f"# End-to-end 1024³: ours vs the original Direct3D-S2, same run "
+             f"({'all weights resident' if not args.offload else 'ours: offload, one stage on the GPU'})", "",
+             f"- date: {date}; GPU: {gpu}; torch {torch.__version__}; triton {triton.__version__}"
+             + (f" (original's subprocess: torch {orig.get('torch')}, triton {orig.get('triton')}, "
+                f"{orig.get('device')})" if orig.get("torch") else ""),
+             f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
+             f"- structure (both): bumpy icosphere, {faces} faces; {'warm (second) run' if args.warm else 'first run'}"
+             f" of each chain; official steps (50 / 30 / 15), CFG 7, fp16, deterministic weights (same values, same "
+             f"names); the 1024 sign refiner pinned to 'outside' in both",
+             f"- tokens: ours {info.get('tokens_512')} at 512, {info.get('tokens_1024')} at 1024; original "
+             f"{orig.get('tokens_512')} at 512, {orig.get('tokens_1024')} at 1024",
+             f"- faces meshed: ours {info.get('faces_512')} at 512, {info.get('faces_1024')} at 1024; original "
+             f"{orig.get('faces_512')} at 512, {orig.get('faces_1024')} at 1024",
+             f"- original: models built in {orig.get('build_s', math.nan):.0f} s, resident weights "
+             f"{orig.get('resident_weights_gib', math.nan):.2f} GiB; "
+             + ("complete" if complete else f"INCOMPLETE (exit status {orig.get('returncode')}): missing stages "
+                "show —"), "",
+             "| stage | ours s | ours peak alloc GiB | ours peak reserved GiB | original s | original peak alloc GiB "
+             "| original peak reserved GiB | speedup | memory ratio | note |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for name, dt, a, rsv, note in rows:
+        o = o_rows.get(name)
+        if o is None:
+            lines.append(f"| {name} | {dt:.2f} | {a:.2f} | {rsv:.2f} | — | — | — | — | — | {note} |")
+            continue
+        both = "; ".join(x for x in (f"ours: {note}" if note else "", f"original: {o[4]}" if o[4] else "") if x)
+        lines.append(f"| {name} | {dt:.2f} | {a:.2f} | {rsv:.2f} | {o[1]:.2f} | {o[2]:.2f} | {o[3]:.2f} | "
+                     f"{_ratio(o[1], dt)} | {_ratio(o[2], a)} | {both} |")
+    total = sum(r[1] for r in rows)
+    pa, pr = max(r[2] for r in rows), max(r[3] for r in rows)
+    if o_rows:
+        ot = sum(r[1] for r in o_rows.values())
+        oa, orr = max(r[2] for r in o_rows.values()), max(r[3] for r in o_rows.values())
+        lines.append(f"| **total** | **{total:.2f}** | **{pa:.2f}** | **{pr:.2f}** | **{ot:.2f}** | **{oa:.2f}** | "
+                     f"**{orr:.2f}** | **{_ratio(ot, total)}** | **{_ratio(oa, pa)}** | "
+                     f"{'' if complete else 'original incomplete: its total covers only the stages shown'} |")
+    lines += ["", "speedup = original s / ours s; memory ratio = original peak allocated / ours. Peaks are per "
+              "stage (reset before each), including resident weights.", "",
+              "Stand-ins used for the original (its numbers measure the original's code on these, not the real "
+              "packages):", ""]
+    lines += [f"* {s}" for s in orig.get("stand_ins", [])]
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.tiny or not cuda:
+        return
+    out = args.out or REPO / "bench" / "results" / f"{date}-{gpu.replace(' ', '_')}-e2e-vs-original.md"
+    out.write_text(text)
     print(f"wrote {out}")
 
 

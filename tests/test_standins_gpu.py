@@ -219,3 +219,100 @@ def test_install_standins_refuses_after_the_original_was_imported(monkeypatch):
     monkeypatch.setitem(sys.modules, "direct3d_s2", types.ModuleType("direct3d_s2"))
     with pytest.raises(RuntimeError, match="before importing direct3d_s2"):
         standins.install_standins(None)
+
+
+# ---------------------------------------------------------------------------------------------
+# the whole-pipeline stand-ins (bench/e2e_original.py)
+
+def _udf_index(vertices, faces, dim, factor=8, threshold=4.0):
+    """What the original's mesh2index does with the udf grid (re-stated here for the test only)."""
+    udf = torch.full((dim ** 3,), 10_000_000, dtype=torch.int32)
+    standins.compute_valid_udf(vertices, faces.int(), udf, faces.shape[0], dim, threshold)
+    idx = ((udf.float() / 1e7).view(1, dim, dim, dim) < threshold / dim).nonzero()
+    idx[:, 1:] //= factor
+    return udf, torch.unique(idx, dim=0).int()
+
+
+def test_udf_ext_standin_gives_the_sparse_voxelizers_index():
+    # s2core's sparse voxelizer follows the CUDA kernel's rules (its own tests); the dense stand-in must give
+    # the same latent cells on a closed mesh, exactly (same float32 lattice points, same distance function)
+    import trimesh
+
+    from s2core.mesh.voxelize import mesh_to_latent_index, normalize_vertices
+
+    m = trimesh.creation.icosphere(subdivisions=2)
+    v, f = torch.tensor(m.vertices, dtype=torch.float32), torch.tensor(m.faces)
+    _, idx = _udf_index(normalize_vertices(v.double()).float() * 0.5, f, 64)
+    ours = mesh_to_latent_index(v, f, resolution=64).int()
+    assert idx.shape[0] > 50 and torch.equal(idx, ours)
+
+
+def test_udf_ext_standin_writes_distance_times_1e7_with_atomic_min():
+    # one triangle in the plane z = 0: the lattice point right above its inside at height h gets int(h * 1e7);
+    # points farther than threshold / dim stay at the initial 1e7; a second, closer triangle lowers the value
+    dim = 32
+    s = 1.0 / (dim - 1)
+    tri = torch.tensor([[-0.3, -0.3, 0.0], [0.3, -0.3, 0.0], [-0.3, 0.3, 0.0]])
+    closer = tri + torch.tensor([0.0, 0.0, 0.5 * s])
+    v = torch.cat([tri, closer])
+    f = torch.tensor([[0, 1, 2], [3, 4, 5]])
+    udf = torch.full((dim ** 3,), 10_000_000, dtype=torch.int32)
+    standins.compute_valid_udf(v, f[:1].int(), udf, 1, dim, 4.0)
+    i = j = 12  # (12 / 31 - 0.5) = -0.113: inside the triangle's x, y range
+    for k, expect_near in ((16, True), (20, False)):  # z = 16/31 - 0.5 = 0.016 (< 4/32); 20/31 - 0.5 = 0.145
+        h = torch.tensor(k, dtype=torch.float32) / (dim - 1) - 0.5
+        val = int(udf[(i * dim + j) * dim + k])
+        assert val == (int(h.abs() * 10_000_000) if expect_near else 10_000_000)
+    before = int(udf[(i * dim + j) * dim + 16])
+    standins.compute_valid_udf(v, f.int(), udf, 2, dim, 4.0)
+    assert int(udf[(i * dim + j) * dim + 16]) < before
+
+
+def test_pipeline_standins_install_voxelizer_placeholders_and_a_scheduler(monkeypatch):
+    names = ("udf_ext",) + tuple(n for n in standins.PIPELINE_IMPORT_ONLY if importlib.util.find_spec(n) is None)
+    _isolate(monkeypatch, names)
+    used, sched = standins.install_pipeline_standins()
+    assert set(names) <= set(used)
+    assert sys.modules["udf_ext"].compute_valid_udf is standins.compute_valid_udf
+    if "pymeshfix" in used:
+        from pymeshfix import _meshfix  # fill_hole.py's import form
+        with pytest.raises(RuntimeError, match="import-only placeholder"):
+            _meshfix()
+    s = sched(num_train_timesteps=1000, shift=6.0)
+    s.set_timesteps(50)
+    assert len(s.timesteps) == 50 and abs(float(s.timesteps[0]) - 1000.0) < 1e-3
+
+
+def test_flow_match_standin_steps_with_the_schedules_sigmas():
+    # diffusers: prev = (sample.float() + (sigma_next - sigma) * v).to(v.dtype), the 0-dim sigma difference times
+    # an fp16 velocity rounding to fp16 first (a 0-dim tensor does not promote), then the fp32 add
+    from s2core.flow_sampler import flow_schedule
+
+    s = standins.FlowMatchEulerStandIn(num_train_timesteps=1000, shift=6.0)
+    s.set_timesteps(3)
+    sig = flow_schedule(3, 6.0).sigmas
+    x, v = torch.ones(4, dtype=torch.float16), torch.full((4,), 2.0, dtype=torch.float16)
+    for i, t in enumerate(s.timesteps):
+        x_new = s.step(v, t, x).prev_sample
+        assert x_new.dtype == torch.float16
+        step = ((sig[i + 1] - sig[i]).double() * 2.0).half().float()
+        torch.testing.assert_close(x_new.float(), (x.float() + step).half().float(), rtol=0, atol=0)
+        x = x_new
+
+
+def test_flow_match_standin_equals_diffusers():
+    diffusers = pytest.importorskip("diffusers")
+    for steps, shift in ((50, 6.0), (15, 8.0)):
+        ref = diffusers.FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
+        ours = standins.FlowMatchEulerStandIn(num_train_timesteps=1000, shift=shift)
+        ref.set_timesteps(steps)
+        ours.set_timesteps(steps)
+        torch.testing.assert_close(ours.timesteps, ref.timesteps, rtol=0, atol=0)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(64, generator=g).half()
+        xr = x.clone()
+        for t in ref.timesteps:
+            v = torch.randn(64, generator=g).half()
+            x = ours.step(v, t, x).prev_sample
+            xr = ref.step(v, t, xr).prev_sample
+        assert torch.equal(x, xr)
