@@ -44,6 +44,7 @@ from s2core.mesh.voxelize import mesh_to_latent_index  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
 
 GiB = 2**30
+T0 = time.perf_counter()  # --budget-s counts from here
 ORIGINAL = {  # PERF.md "The original pipeline end to end" (H100, warm run): seconds, peak allocated GiB
     "image encode": (0.07, 6.3), "dense sampling": (5.8, 6.4), "dense decode": (0.02, 6.5),
     "sparse-512 sampling": (15.4, 6.8), "sparse-512 decode + refiner": (17.0, 21.7),
@@ -152,6 +153,11 @@ def main():
                          "in a subprocess after ours, and write the combined table")
     ap.add_argument("--original-python", default=sys.executable,
                     help="interpreter for the original's subprocess (default: this one)")
+    ap.add_argument("--original-json", type=Path, default=None,
+                    help="keep the original's per-stage JSON here (default: a temporary file)")
+    ap.add_argument("--budget-s", type=float, default=None,
+                    help="wall-clock budget of this whole command: the original's subprocess is stopped in time to "
+                         "write the table with the stages it finished (each is saved as it ends)")
     args = ap.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -211,7 +217,7 @@ def main():
 def run_original(args, faces: int) -> dict:
     """bench/e2e_original.py in a subprocess (its own CUDA context: clean memory statistics); its JSON, or as much
     of it as was written before it failed (each stage is saved as it ends)."""
-    out = Path(tempfile.mkdtemp(prefix="e2e_original_")) / "original.json"
+    out = args.original_json or Path(tempfile.mkdtemp(prefix="e2e_original_")) / "original.json"
     cmd = [args.original_python, str(REPO / "bench" / "e2e_original.py"), "--upstream", args.original,
            "--json", str(out), "--subdivisions", str(args.subdivisions or (3 if args.tiny else 8))]
     if args.warm:
@@ -220,7 +226,11 @@ def run_original(args, faces: int) -> dict:
         cmd.append("--cpu-smoke")
     print("original:", " ".join(cmd), flush=True)
     t = time.perf_counter()
-    rc = subprocess.run(cmd, cwd=REPO).returncode
+    timeout = None if args.budget_s is None else max(1.0, args.budget_s - (t - T0) - 15)
+    try:
+        rc = subprocess.run(cmd, cwd=REPO, timeout=timeout).returncode
+    except subprocess.TimeoutExpired:
+        rc = f"stopped after {timeout:.0f} s (--budget-s)"
     print(f"original finished with exit status {rc} after {time.perf_counter() - t:.0f} s", flush=True)
     res = json.loads(out.read_text()) if out.exists() else {"rows": [], "stand_ins": [], "complete": False}
     res["returncode"] = rc
@@ -248,8 +258,10 @@ def write_comparison(args, rows, info: dict, orig: dict, faces: int, device) -> 
                 f"{orig.get('device')})" if orig.get("torch") else ""),
              f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
              f"- structure (both): bumpy icosphere, {faces} faces; {'warm (second) run' if args.warm else 'first run'}"
-             f" of each chain; official steps (50 / 30 / 15), CFG 7, fp16, deterministic weights (same values, same "
-             f"names); the 1024 sign refiner pinned to 'outside' in both",
+             f" of each chain; " + ("TINY CPU SMOKE (tiny configs, 2 steps ours / 1 step original, original's sparse "
+                                    "structures cropped): times mean nothing" if args.tiny else
+                                    "official steps (50 / 30 / 15), CFG 7, fp16, deterministic weights (same values, "
+                                    "same names); the 1024 sign refiner pinned to 'outside' in both"),
              f"- tokens: ours {info.get('tokens_512')} at 512, {info.get('tokens_1024')} at 1024; original "
              f"{orig.get('tokens_512')} at 512, {orig.get('tokens_1024')} at 1024",
              f"- faces meshed: ours {info.get('faces_512')} at 512, {info.get('faces_1024')} at 1024; original "

@@ -146,6 +146,19 @@ def test_flash_attn_varlen_matches_softmax_reference_across_buckets():
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
 
+def test_flash_attn_lse_path_in_query_chunks_matches_reference(monkeypatch):
+    # SSA's compressed attention sends every token as a query: the lse path must work in query chunks (here
+    # 4 heads x 90 keys x 4 B = 1440 B per query, so a 5 kB budget cuts the 100-query sequence into 3-query chunks)
+    monkeypatch.setattr(standins, "LSE_CHUNK_BYTES", 5000)
+    fa = standins.make_flash_attn()
+    q, k, v, cu_q, cu_k = _ragged(LENS_Q, LENS_K, seed=3)
+    ref, ref_lse = _softmax_ref(q, k, v, cu_q.tolist(), cu_k.tolist(), 0.25)
+    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), softmax_scale=0.25,
+                                            return_attn_probs=True)
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
+
+
 def test_flash_attn_packed_and_dense_entry_points():
     fa = standins.make_flash_attn()
     lens = [3, 30, 9, 64]

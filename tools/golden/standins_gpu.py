@@ -66,7 +66,11 @@ STAND_INS = {
                   "s2core.sparse.attention.varlen_attention (torch SDPA) over power-of-two length buckets "
                   "(padding < 2x, masked keys); same softmax(QK^T*scale)V, different kernel and summation order. "
                   "Memory: the padded q/k/v/out copies (< 2x the packed ones) are transients flash-attn does not "
-                  "allocate, so the original's peak in the transformer trunk may read high by that much",
+                  "allocate, so the original's peak in the transformer trunk may read high by that much. "
+                  "return_attn_probs=True (SSA's compressed attention, which needs softmax_lse): on CUDA PyTorch's "
+                  "own FlashAttention-2 varlen kernel (aten._flash_attention_forward; GQA by repeating the few "
+                  "compressed kv heads), checked once against an explicit fp32 softmax; otherwise an explicit "
+                  "fp32 softmax in query chunks of <= 256 MiB of logits",
 }
 
 # Read by the original at import time: default torchsparse conv backend, flash_attn sparse attention.
@@ -244,6 +248,69 @@ def _explicit_lse(q, k, v, cu_q, cu_k, lq, lk, scale):
     return out[sq, pq].to(q.dtype), lse[sq, :, pq].transpose(0, 1).contiguous()
 
 
+LSE_CHUNK_BYTES = 256 << 20  # fp32 logits per query chunk of the explicit softmax_lse path
+
+
+def _explicit_lse_chunked(q, k, v, cu_q, cu_k, lq, lk, scale):
+    """_explicit_lse with each sequence's queries in chunks whose fp32 logits stay under LSE_CHUNK_BYTES (SSA's
+    compressed attention has all N tokens as queries: unchunked, 100k queries x 3k keys x 32 heads is 40 GB)."""
+    h = q.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty(h, q.shape[0], dtype=torch.float32, device=q.device)
+    starts_q, starts_k = cu_q[:-1].tolist(), cu_k[:-1].tolist()
+    for sq, sk, nq, nk in zip(starts_q, starts_k, lq, lk):  # host loop over sequences and query chunks
+        step = max(1, LSE_CHUNK_BYTES // max(1, 4 * h * max(nk, 1)))
+        kk, vv = k[sk:sk + nk], v[sk:sk + nk]
+        cuk = torch.tensor([0, nk], device=q.device)
+        for a in range(0, nq, step):
+            b = min(nq, a + step)
+            o, l_ = _explicit_lse(q[sq + a:sq + b], kk, vv, torch.tensor([0, b - a], device=q.device), cuk,
+                                  [b - a], [nk], scale)
+            out[sq + a:sq + b], lse[:, sq + a:sq + b] = o, l_
+    return out, lse
+
+
+_FAST_LSE: dict[str, bool] = {}  # "ok": torch's flash varlen kernel checked against the explicit path once
+
+
+def _torch_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
+    """PyTorch's own FlashAttention-2 varlen forward (CUDA, fp16/bf16): (out [Nq, H, D], lse [H, Nq] fp32)."""
+    h = q.shape[1]
+    if k.shape[1] != h:  # GQA: kv head h // (H / Hk), as flash-attn
+        k, v = k.repeat_interleave(h // k.shape[1], 1), v.repeat_interleave(h // v.shape[1], 1)
+    out, lse = torch.ops.aten._flash_attention_forward(q, k.contiguous(), v.contiguous(), cu_q.int(), cu_k.int(),
+                                                       int(max_q), int(max_k), 0.0, False, False, scale=scale)[:2]
+    if lse.dim() == 3:  # [B, H, max_q] (older flash-attn layout) -> [H, Nq]
+        lens = (cu_q[1:] - cu_q[:-1]).long()
+        seq = torch.repeat_interleave(torch.arange(len(lens), device=q.device), lens, output_size=q.shape[0])
+        pos = torch.arange(q.shape[0], device=q.device) - cu_q[:-1].long()[seq]
+        lse = lse[seq, :, pos].transpose(0, 1)
+    if lse.shape != (h, q.shape[0]):
+        raise RuntimeError(f"unexpected softmax_lse shape {tuple(lse.shape)}")
+    return out, lse.float().contiguous()
+
+
+def _fast_lse_ok(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> bool:
+    """Use torch's flash varlen kernel for the lse path if it runs and agrees with the explicit fp32 path on the
+    first sequence's first 256 queries (checked once per process; otherwise the chunked explicit path)."""
+    if "ok" not in _FAST_LSE:
+        try:
+            m, nk = min(256, int(cu_q[1] - cu_q[0])), int(cu_k[1] - cu_k[0])
+            q0, k0, v0 = q[:m], k[int(cu_k[0]):int(cu_k[0]) + nk], v[int(cu_k[0]):int(cu_k[0]) + nk]
+            cq, ck = torch.tensor([0, m], device=q.device), torch.tensor([0, nk], device=q.device)
+            o1, l1 = _torch_flash_varlen(q0, k0, v0, cq, ck, m, nk, scale)
+            o2, l2 = _explicit_lse(q0, k0, v0, cq, ck, [m], [nk], scale)
+            err = max((o1.float() - o2.float()).abs().max().item(), (l1 - l2).abs().max().item())
+            _FAST_LSE["ok"] = err < 2e-2
+            print(f"[standins_gpu] flash_attn lse path: torch's flash varlen kernel vs explicit fp32: max diff "
+                  f"{err:.1e} -> {'using it' if _FAST_LSE['ok'] else 'chunked explicit path'}", flush=True)
+        except Exception as e:  # noqa: BLE001 - any failure means: not usable here
+            _FAST_LSE["ok"] = False
+            print(f"[standins_gpu] flash_attn lse path: torch's flash varlen kernel unusable ({type(e).__name__}: "
+                  f"{str(e)[:120]}) -> chunked explicit path", flush=True)
+    return _FAST_LSE["ok"]
+
+
 def _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
                softmax_scale=None, causal=False, return_attn_probs=False, **kw):
     """flash_attn_varlen_func: q [Nq, H, D], k/v [Nk, Hk, D] -> out [Nq, H, D] (, lse [H, Nq], None)."""
@@ -254,6 +321,12 @@ def _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqle
         if kw.get(name) not in (None, (-1, -1)):
             raise NotImplementedError(f"The flash_attn stand-in does not support {name}.")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if return_attn_probs and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[0]:
+        mq = max_seqlen_q if max_seqlen_q is not None else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
+        mk = max_seqlen_k if max_seqlen_k is not None else int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
+        if _fast_lse_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, mq, mk, scale):
+            out, lse = _torch_flash_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, mq, mk, scale)
+            return out, lse, None
     lq_all = (cu_seqlens_q[1:] - cu_seqlens_q[:-1]).tolist()  # one host sync per call
     lk_all = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
     # group sequences by the power of two above their longer side (>= 16): padding < 2x per bucket
@@ -272,7 +345,7 @@ def _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqle
             rk, cuk, _ = _bucket_rows(cu_seqlens_k, seqs, lk)
             qb, kb, vb = q[rq], k[rk], v[rk]
         if return_attn_probs:
-            ob, lb = _explicit_lse(qb, kb, vb, cuq, cuk, lq, lk, scale)
+            ob, lb = _explicit_lse_chunked(qb, kb, vb, cuq, cuk, lq, lk, scale)
         else:
             # pad lengths to a multiple of 8: keeps the mask aligned for SDPA's memory-efficient CUDA kernel
             ob = varlen_attention(qb, kb, vb, cuq, cuk, -(-max(lq) // 8) * 8, -(-max(lk) // 8) * 8, scale)
