@@ -145,6 +145,9 @@ def install(upstream: Path, cpu: bool) -> tuple[list[str], type]:
     except Exception:
         real_fa = False
     used = standins_gpu.install_standins(upstream)
+    if "flash_attn" in used and not cpu:
+        standins_gpu.PREFER_TORCH_FLASH = True  # flash-attn 2's own kernel, as PyTorch ships it
+        used["flash_attn (kernel)"] = standins_gpu.TORCH_FLASH_NOTE
     if not real_fa:
         os.environ["ATTN_BACKEND"] = "sdpa"  # dense side only: SPARSE_ATTN_BACKEND is set to flash_attn above
         notes.append("dense attention (DINOv2 aside): ATTN_BACKEND=sdpa, the original's own torch SDPA backend "
@@ -321,6 +324,16 @@ class Wrappers:
             self.sub["mc"] = self.sub.get("mc", 0.0) + time.perf_counter() - t
             return out
         ur.measure = types.SimpleNamespace(marching_cubes=marching_cubes)  # the refiners' `measure` only
+        udf = sys.modules["udf_ext"]  # mesh2index calls udf_ext.compute_valid_udf through the module
+        real_udf = udf.compute_valid_udf
+
+        def compute_valid_udf(*a, **k):
+            self.laps.sync()
+            t = time.perf_counter()
+            real_udf(*a, **k)
+            self.laps.sync()
+            self.sub["udf"] = time.perf_counter() - t
+        udf.compute_valid_udf = compute_valid_udf
 
     def _wrap_decode(self, vae, name):
         real = vae.decode_mesh
@@ -413,7 +426,8 @@ def run_chain(pipe, cfg: dict, v, f, idx512: torch.Tensor, device, laps: Laps, w
     if smoke:
         latent_index = latent_index[:SMOKE_TOKENS]
     info["tokens_1024"] = len(latent_index)
-    laps.lap("mesh -> 1024 structure", f"{len(latent_index)} tokens; voxelizer stand-in (see stand-ins)")
+    laps.lap("mesh -> 1024 structure", f"{len(latent_index)} tokens; of which udf_ext stand-in "
+             f"{w.sub.pop('udf', math.nan):.2f} s (the CUDA extension: 0.2 s for the whole stage in PERF.md)")
     mesh = pipe.inference(image, pipe.sparse_vae_1024, pipe.sparse_dit_1024, pipe.sparse_image_encoder,
                           pipe.sparse_scheduler_1024, generator=gen, mode="sparse1024", mc_threshold=MC_THRESHOLD,
                           latent_index=latent_index, remove_interior=True, num_inference_steps=steps["sparse1024"],

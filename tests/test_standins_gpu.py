@@ -329,3 +329,30 @@ def test_flow_match_standin_equals_diffusers():
             x = ours.step(v, t, x).prev_sample
             xr = ref.step(v, t, xr).prev_sample
         assert torch.equal(x, xr)
+
+
+@pytest.mark.parametrize("layout", ["packed", "padded"])
+def test_torch_flash_varlen_adapter_unpads_lse_and_falls_back_to_repeated_kv_heads(monkeypatch, layout):
+    # torch's flash kernel is CUDA-only: a fake with its signature checks the adapter's plumbing (lse layouts
+    # [H, Nq] or [B, H, max_q], a kernel refusing grouped kv heads -> retried with repeated heads)
+    q, k, v, cu_q, cu_k = _ragged([5, 9, 3], [4, 6, 7], h=4, hk=2)
+    ref, ref_lse = _softmax_ref(q, k, v, cu_q.tolist(), cu_k.tolist(), 0.5)
+    calls = []
+
+    def fake(q_, k_, v_, cq, ck, mq, mk, p, causal, dbg, scale=None):
+        calls.append(k_.shape[1])
+        if k_.shape[1] != q_.shape[1]:
+            raise RuntimeError("Number of heads in key/value must equal")
+        out, lse = _softmax_ref(q_, k_, v_, cq.tolist(), ck.tolist(), scale)
+        if layout == "padded":
+            b, pad = len(cq) - 1, torch.full((len(cq) - 1, q_.shape[1], mq), 7.0, dtype=torch.float64)
+            for i in range(b):
+                pad[i, :, :cq[i + 1] - cq[i]] = lse[:, cq[i]:cq[i + 1]]
+            lse = pad
+        return out.to(q_.dtype), lse.float(), None, None, None
+    monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", fake)
+    monkeypatch.setattr(standins, "_FAST_LSE", {})
+    out, lse = standins._torch_flash_varlen(q, k, v, cu_q, cu_k, 9, 7, 0.5)
+    assert calls == [2, 4] and standins._FAST_LSE["native_gqa"] is False
+    torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
