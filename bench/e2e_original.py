@@ -1,8 +1,8 @@
 """End-to-end 1024³ timing of the ORIGINAL Direct3D-S2 pipeline, stage by stage, on the structure bench/e2e.py uses.
 
 The original (DreamTechAI/Direct3D-S2, imported from --upstream at run time; nothing of it is in this repo) runs
-with the released config (shared/upstream/config.json: fp16 networks, fp32 DINOv2 x2, every model resident on
-the device as the original keeps them), the official step counts and guidance (dense 50, 512: 30, 1024: 15,
+with the released config (config.json next to its direct3d_s2 package, i.e. shared/upstream/config.json copied
+into .scratch: fp16 networks, fp32 DINOv2 x2, every model resident on the device as the original keeps them), the official step counts and guidance (dense 50, 512: 30, 1024: 15,
 CFG 7) and deterministic random weights: `s2core.testing.deterministic_tensor` under the original modules' own
 parameter names with the seeds bench/e2e.py gives our networks (seed*100 + the part's index in
 s2core.pipeline.PARTS), so both pipelines hold identical values. The 1024 sign refiner's conv_out is pinned to
@@ -66,11 +66,16 @@ NETWORKS = ("dense_vae", "dense_dit", "sparse_vae_512", "sparse_dit_512", "spars
             "refiner", "refiner_1024", "dense_image_encoder", "sparse_image_encoder")
 
 
-def release_config() -> dict:
-    path = CONFIG if CONFIG.exists() else REPO / "shared" / "upstream" / "config.json"
-    if not path.exists():
-        sys.exit(f"The released config is not at {CONFIG} or {path}; copy shared/upstream/config.json there.")
-    return json.loads(path.read_text())
+def release_config(upstream: Path, given: str | None) -> tuple[dict, Path]:
+    """The released v1.1 config.json ({component: {target, params}}): --config, <upstream>/config.json (copy it
+    into .scratch so it travels to the GPU machine), or shared/upstream/config.json."""
+    candidates = [Path(given)] if given else [upstream / "config.json", CONFIG, REPO / "shared" / "upstream" /
+                                              "config.json"]
+    for path in candidates:
+        if path.is_file():
+            return json.loads(path.read_text()), path
+    sys.exit(f"The released config.json is not at {', '.join(map(str, candidates))}; copy "
+             f"shared/upstream/config.json (the v1.1 release's config.yaml as JSON) to {upstream / 'config.json'}.")
 
 
 def smoke_config(cfg: dict) -> dict:
@@ -459,6 +464,8 @@ def main(argv=None):
     ap.add_argument("--upstream", default=str(REPO / ".scratch"),
                     help="folder holding the original's direct3d_s2 package (a checkout, or .scratch)")
     ap.add_argument("--dinov2", default=None, help="facebookresearch/dinov2 checkout (default: <upstream>/dinov2)")
+    ap.add_argument("--config", default=None, help="the release's config.json (default: <upstream>/config.json, "
+                    "else /work/shared/upstream/config.json)")
     ap.add_argument("--json", type=Path, default=None, help="write rows, tokens, faces and stand-ins here")
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere subdivisions (default 8, smoke 2)")
@@ -478,7 +485,7 @@ def main(argv=None):
     device = torch.device("cpu" if smoke else "cuda")
     if not smoke and not torch.cuda.is_available():
         sys.exit("No CUDA device: the original pipeline is timed on a GPU (use --cpu-smoke for a CPU crash test).")
-    cfg = release_config()
+    cfg, cfg_path = release_config(upstream, args.config)
     if smoke:
         cfg = smoke_config(cfg)
     stand_ins, sched_cls = install(upstream, smoke)
@@ -492,7 +499,7 @@ def main(argv=None):
     idx512 = mesh_to_latent_index(v, f, resolution=res512, device=device).to(torch.int32).cpu()
     result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
               "torch": torch.__version__, "triton": triton.__version__, "upstream": str(upstream),
-              "warm": args.warm, "smoke": smoke, "mesh_faces": int(f.shape[0]), "stand_ins": stand_ins,
+              "warm": args.warm, "smoke": smoke, "config": str(cfg_path), "mesh_faces": int(f.shape[0]), "stand_ins": stand_ins,
               "rows": [], "complete": False}
 
     def save(rows=None):
