@@ -10,8 +10,11 @@ ops round it:
 and returns (x', y). In `SparseDiTBlock` this replaces `norm1(x) * (1 + sc1) + sh1`, `x + attn * g1` followed
 by `norm2(x)`, and `x + cross` followed by `norm3(x) * (1 + sc2) + sh2`: each of those is 3-6 full passes
 over [N, C] in PyTorch (the fp32 copy, the norm, the cast, the multiply, the add), here one read and one or
-two writes. The statistics are summed in a different order than PyTorch's LayerNorm (a two-pass mean and
-variance over the row in registers vs Welford), so an element may round to the neighbouring fp16 value.
+two writes. The gate product r·g is one PyTorch multiply before the kernel: fused into the kernel it came out
+one fp16 ulp off PyTorch's for 13% of elements on an H100 (2026-11-25), which is not acceptable in the
+residual stream; the kernel's plain x + r was bitwise PyTorch's there. The statistics are summed in a
+different order than PyTorch's LayerNorm (a two-pass mean and variance over the row in registers vs
+Welford), so an element of y may round to the neighbouring fp16 value.
 
 Layouts: x, r [N, C] row-major (C <= 16384); g, s, t [B, C] (B = 1: shared; else
 `row_batch` [N] int32/int64 gives each row's sample); w, b [C] (any float dtype). Outputs are new tensors.
@@ -49,14 +52,14 @@ def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor | None = No
 
 @triton.jit
 def _rounded(v, dt: tl.constexpr):
-    """fp32 v rounded to dt and widened back. The int16 bitcast keeps the compiler from folding the
-    round trip away (and contracting the next add with this product into an FMA, which rounds once)."""
+    """fp32 v rounded to dt and widened back. The int16 bitcast keeps the compiler from folding the round
+    trip away; the launch also turns FMA contraction off (a fused r·g + x rounds once, the module twice)."""
     return v.to(dt).to(tl.int16, bitcast=True).to(dt, bitcast=True).to(tl.float32)
 
 
 @triton.jit
-def _add_ln_kernel(x, r, g, w, b, s, t, rb, x_out, y_out, C, eps, stride_m,
-                   HAS_RES: tl.constexpr, HAS_GATE: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
+def _add_ln_kernel(x, r, w, b, s, t, rb, x_out, y_out, C, eps, stride_m,
+                   HAS_RES: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
                    PER_ROW: tl.constexpr, BLOCK_C: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
@@ -66,17 +69,15 @@ def _add_ln_kernel(x, r, g, w, b, s, t, rb, x_out, y_out, C, eps, stride_m,
     v = tl.load(x + row * C + cols, mask=mask, other=0.0)
     v = v.to(tl.float32)
     if HAS_RES:
-        res = tl.load(r + row * C + cols, mask=mask, other=0.0).to(tl.float32)
-        if HAS_GATE:
-            res = _rounded(res * tl.load(g + m_row + cols, mask=mask, other=0.0).to(tl.float32), dt)
-        v = _rounded(v + res, dt)
+        v = _rounded(v + tl.load(r + row * C + cols, mask=mask, other=0.0).to(tl.float32), dt)
         tl.store(x_out + row * C + cols, v.to(dt), mask=mask)
     mean = tl.sum(v, 0) / C
     d = tl.where(mask, v - mean, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(d * d, 0) / C + eps)
     y = d * rstd
     if AFFINE:
-        y = y * tl.load(w + cols, mask=mask, other=0.0).to(tl.float32) + tl.load(b + cols, mask=mask, other=0.0).to(tl.float32)
+        w_c = tl.load(w + cols, mask=mask, other=0.0).to(tl.float32)
+        y = y * w_c + tl.load(b + cols, mask=mask, other=0.0).to(tl.float32)
     if MODULATE:
         y = _rounded(y, dt)
         y = _rounded(y * tl.load(s + m_row + cols, mask=mask, other=0.0).to(tl.float32), dt)
@@ -92,19 +93,20 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
     assert (weight is None) == (bias is None) and (scale is None) == (shift is None)
     gate, scale, shift = (None if m is None else m.reshape(-1, C).contiguous() for m in (gate, scale, shift))
     assert all(m.dtype == x.dtype for m in (gate, scale, shift) if m is not None)
+    if gate is not None:  # r·g as the module computes it (one PyTorch multiply); the kernel adds it
+        residual = residual * (gate if row_batch is None else gate[row_batch])
     per_row = row_batch is not None
     x_out = torch.empty_like(x) if residual is not None else x
     y = torch.empty_like(x)
     if N == 0:
         return x_out, y
     block = triton.next_power_of_2(C)
-    _add_ln_kernel[(N,)](x, x if residual is None else residual, x if gate is None else gate,
-                         x if weight is None else weight, x if bias is None else bias,
-                         x if scale is None else scale, x if shift is None else shift,
+    _add_ln_kernel[(N,)](x, x if residual is None else residual, x if weight is None else weight,
+                         x if bias is None else bias, x if scale is None else scale, x if shift is None else shift,
                          row_batch if per_row else x, x_out, y, C, eps, C,
-                         HAS_RES=residual is not None, HAS_GATE=gate is not None, AFFINE=weight is not None,
+                         HAS_RES=residual is not None, AFFINE=weight is not None,
                          MODULATE=scale is not None, PER_ROW=per_row, BLOCK_C=block,
-                         num_warps=4 if block <= 2048 else 8)
+                         num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False)
     return x_out, y
 
 

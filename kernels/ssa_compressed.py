@@ -233,7 +233,8 @@ def _cmp_attn_topk_kernel(
 
 # restore_value: benchmarking a config must not add into `o` when the kernel accumulates into it
 _cmp_attn_topk_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "CELLS", "TOPK"], restore_value=["o"],
-                                       prune_configs_by={"early_config_prune": _prune}, **_AUTOTUNE_CACHE)(_cmp_attn_topk_kernel)
+                                       prune_configs_by={"early_config_prune": _prune},
+                                       **_AUTOTUNE_CACHE)(_cmp_attn_topk_kernel)
 
 
 def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,

@@ -213,7 +213,8 @@ def _selection_kernel(
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
 _selection_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "TOPK"], restore_value=["o"],
-                                   prune_configs_by={"early_config_prune": _prune}, **_AUTOTUNE_CACHE)(_selection_kernel)
+                                   prune_configs_by={"early_config_prune": _prune},
+                                   **_AUTOTUNE_CACHE)(_selection_kernel)
 
 
 def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,

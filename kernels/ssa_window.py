@@ -151,7 +151,8 @@ def _window_kernel(
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
-_window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"], restore_value=["o"], **_AUTOTUNE_CACHE)(_window_kernel)
+_window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"], restore_value=["o"],
+                                **_AUTOTUNE_CACHE)(_window_kernel)
 
 
 def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, tiles=None,
