@@ -96,10 +96,12 @@ class ComfyPlacement(pipeline.Placement):
         return self._patchers[key]
 
     @contextlib.contextmanager
-    def use(self, modules: list[torch.nn.Module]) -> Iterator[torch.device]:
+    def use(self, modules: list[torch.nn.Module], activations: int = 0) -> Iterator[torch.device]:
         patchers = [self.patcher(m) for m in modules]
         mm = model_management()
-        mm.load_models_gpu(patchers)
+        # memory_required: the stage's activations beyond the weights, so ComfyUI evicts other models (an
+        # image checkpoint of the same workflow) until they fit, as its own samplers ask
+        mm.load_models_gpu(patchers, memory_required=activations)
         try:
             yield torch.device(patchers[0].load_device)
         finally:  # after each stage, also when cancelled or out of memory: give cached blocks back

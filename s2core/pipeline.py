@@ -57,6 +57,34 @@ TINY_REFINER_CHANNELS = (4, 8, 8, 16)
 TINY_DENSE_OUT_BIAS = -3.1  # tiny dense decoder output bias (see tiny_state_dicts)  # refiner UNet widths of tiny-random (official: 8, 32, 128, 512)
 STAGES = ("dense", "sparse_512", "sparse_1024")
 
+# What a stage needs on the GPU beyond its weights, in bytes: peaks measured on an H100 at the official sizes
+# (bench/results/e2e.md: fp16, the default placement) minus the stage's weights, plus 25% headroom. The
+# sparse DiTs need ~23 KiB a token at both resolutions; a refiner holds one UNet cube (192³ / 256³) per sample;
+# the decoded voxels add what the decode emits per token (512 decodes unchunked, with 32 feature channels).
+_GiB, _KiB = 2**30, 2**10
+ACTIVATION_BYTES = {
+    "image encoding": 0.1 * _GiB,  # per image
+    "dense sampling": 0.25 * _GiB,  # per sample
+    "dense decoding": 0.5 * _GiB,  # per sample
+    "sparse sampling": 24 * _KiB,  # per token
+    "sparse 512 decoding": (2.2 * _GiB, 56 * _KiB),  # (per sample: the refiner cube, per token: decoded voxels)
+    "sparse 1024 decoding": (4.3 * _GiB, 8 * _KiB),
+}
+
+
+def activation_bytes(stage: str, batch: int = 1, tokens: int = 0) -> int:
+    """Estimated GPU memory `stage` needs beyond its weights (see ACTIVATION_BYTES), for `batch` samples and
+    `tokens` sparse tokens in all. ComfyUI gets it as `load_models_gpu(memory_required=...)`, so it can make
+    room (evict other models) before the stage runs."""
+    per = ACTIVATION_BYTES[stage]
+    if stage == "sparse sampling":
+        need = per * tokens
+    elif isinstance(per, tuple):
+        need = per[0] * batch + per[1] * tokens
+    else:
+        need = per * batch
+    return int(1.25 * need)
+
 
 class Cancelled(RuntimeError):
     """Raised when `should_stop()` returned True; nothing was written."""
@@ -377,7 +405,9 @@ class Placement:
             held -= nbytes
 
     @contextlib.contextmanager
-    def use(self, modules: list[torch.nn.Module]) -> Iterator[torch.device]:
+    def use(self, modules: list[torch.nn.Module], activations: int = 0) -> Iterator[torch.device]:
+        """Run a stage of `modules`; `activations` (bytes, `activation_bytes`) is what it needs beyond their
+        weights: the max_vram_gb budget counts weights only, ComfyPlacement passes it to ComfyUI."""
         if self.budget is not None:
             self._make_room(modules)
         for m in modules:
@@ -596,7 +626,8 @@ def encode_image(models: Models, image: torch.Tensor, mask: torch.Tensor | None 
     enc = models.part("image_encoder")
     pixels = preprocess(image, mask, size=enc.cfg.size)  # [B, 4, S, S]: RGB on white + mask
     _poll(should_stop)
-    with stage_guard("image encoding", "use fewer images per batch"), models.placement.use([enc]):
+    with stage_guard("image encoding", "use fewer images per batch"), \
+            models.placement.use([enc], activation_bytes("image encoding", pixels.shape[0])):
         tokens, patch_mask = encode(enc, pixels)
     return Conditioning(tokens, patch_mask)
 
@@ -610,7 +641,8 @@ def sample_dense(models: Models, cond: Conditioning, seed: int = 0, steps: int =
     dit = models.part("dense_dit")
     cfg = models.config.dense_dit
     shape = (1, cfg.in_channels, *[cfg.resolution] * 3)
-    with stage_guard("dense sampling", "use fewer images per batch"), models.placement.use([dit]) as dev:
+    with stage_guard("dense sampling", "use fewer images per batch"), \
+            models.placement.use([dit], activation_bytes("dense sampling", cond.batch_size)) as dev:
         noise = _noise([shape] * cond.batch_size, seed, dev, models.dtype)
         c = cond.tokens.to(dev)
         cb, check = _step_hooks(callback, should_stop)
@@ -628,7 +660,8 @@ def decode_dense(models: Models, latent: DenseLatent, threshold: float = DENSE_T
     vae = models.part("dense_vae")
     bs = models.config.sparse_dit_512.selection_block_size
     _poll(should_stop)
-    with stage_guard("dense decoding", "use fewer images per batch"), models.placement.use([vae]) as dev:
+    with stage_guard("dense decoding", "use fewer images per batch"), \
+            models.placement.use([vae], activation_bytes("dense decoding", latent.batch_size)) as dev:
         coords = decode(vae, latent.latents.to(dev), threshold=threshold, block_size=bs)  # [N, 4], block-sorted
     return make_structure(coords.cpu(), 512, models.config.sparse_dit_512.resolution, bs, sort=False)
 
@@ -656,7 +689,8 @@ def sample_sparse(models: Models, cond: Conditioning, structure: Structure, seed
     cfg = getattr(models.config, f"sparse_dit_{key}")
     sched = getattr(models.config, f"sparse_scheduler_{key}")
     hint = "stop at 512, or lower the max token budget so large shapes are refused early"
-    with stage_guard(f"sparse {res} sampling", hint), models.placement.use([dit]) as dev:
+    need = activation_bytes("sparse sampling", tokens=structure.num_tokens)
+    with stage_guard(f"sparse {res} sampling", hint), models.placement.use([dit], need) as dev:
         st = structure.to(dev)
         noise = _noise([(n, cfg.in_channels) for n in st.counts], seed, dev, models.dtype)
         c, u = cond.tokens.to(dev), None
@@ -690,7 +724,8 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
     vae = models.part(f"sparse_vae_{key}")
     hint = "turn the refiner off or stop at 512"
     _poll(should_stop)
-    with stage_guard(f"sparse {res} decoding", hint), models.placement.use([vae]) as dev:
+    need = activation_bytes(f"sparse {key} decoding", latent.structure.batch_size, latent.structure.num_tokens)
+    with stage_guard(f"sparse {res} decoding", hint), models.placement.use([vae], need) as dev:
         x = latent.structure.to(dev).sparse(latent.feats.to(dev, torch.float16 if vae.cfg.use_fp16 else torch.float32))
         out = vae.decode(x, return_feat=refine)
     sdf, feat = out if isinstance(out, tuple) else (out, None)
@@ -707,7 +742,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
             if callback is not None:
                 callback(i, n)
 
-        with stage_guard(f"{res} refinement", hint), models.placement.use([refiner]) as dev:
+        with stage_guard(f"{res} refinement", hint), models.placement.use([refiner], need) as dev:
             sdf, feat = sdf.to(dev), None if feat is None else feat.to(dev)
             field_ = remove_interior(refiner, sdf, feat, iso, progress=progress, grid=_cube_grid(res, sdf_res),
                                      consume=True)

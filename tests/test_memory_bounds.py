@@ -134,6 +134,21 @@ def test_offloading_stage_returns_cached_memory(offload, monkeypatch):
     assert len(calls) == (2 if offload else 0)
 
 
+def test_activation_estimates_cover_the_measured_peaks():
+    # bench/results/e2e.md (H100, fp16, default placement): peak allocated minus the stage's weights
+    GiB = 2**30
+    sampling_1024 = (3.30 - 0.96) * GiB  # 108,862 tokens, 1024 DiT weights ~0.96 GiB
+    decode_1024 = (5.30 - 0.5) * GiB  # VAE + sign refiner weights ~0.5 GiB
+    decode_512 = (4.09 - 0.5) * GiB  # 27,126 tokens
+    for need, est in [(sampling_1024, P.activation_bytes("sparse sampling", tokens=108862)),
+                      (decode_1024, P.activation_bytes("sparse 1024 decoding", 1, 108862)),
+                      (decode_512, P.activation_bytes("sparse 512 decoding", 1, 27126))]:
+        assert need <= est <= 2 * need, (need / GiB, est / GiB)
+    # linear in tokens and samples: twice the work asks twice the room
+    assert P.activation_bytes("sparse sampling", tokens=2000) == 2 * P.activation_bytes("sparse sampling", tokens=1000)
+    assert P.activation_bytes("dense sampling", 4) == 4 * P.activation_bytes("dense sampling", 1)
+
+
 class _RecordingPlacement(P.Placement):
     """Placement on the CPU that behaves as an offloading GPU placement and logs every move."""
 

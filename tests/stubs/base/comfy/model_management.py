@@ -8,6 +8,7 @@ class InterruptProcessingException(Exception):
 
 interrupt_processing = False
 loaded = []  # every list passed to load_models_gpu
+memory_requests = []  # and the memory_required of each call
 
 
 def throw_exception_if_processing_interrupted():
@@ -35,6 +36,7 @@ def module_size(module):
 
 def load_models_gpu(models, memory_required=0, **kwargs):
     loaded.append(list(models))
+    memory_requests.append(memory_required)
     for m in models:
         m.model.to(m.load_device)
 
