@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU-marked tests and the benchmarks on a CUDA machine; logs and result files go to $OUT (or /tmp/out).
-# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload conv vae voxelize refiner coarse)   (wheels for packages the GPU image lacks may sit in .whl/)
+# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload e2e-original conv vae voxelize refiner coarse norms)   (wheels for packages the GPU image lacks may sit in .whl/)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -16,6 +16,9 @@ for job in "$@"; do
     tests) timeout 240 python3 -m pytest -m gpu -q -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu_tests.log" | tail -40 ;;
     e2e-offload) timeout 280 python3 bench/e2e.py --offload 2>&1 | tee "$OUT/e2e_offload.log" ;;
     e2e) timeout 280 python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
+    e2e-original) timeout 590 python3 bench/e2e.py --original .scratch --warm --budget-s 580 --out "$OUT/e2e-vs-original.md" \
+                    --original-json "$OUT/original.json" 2>&1 | tee "$OUT/e2e_original.log" ;;
+    norms) timeout 60 python3 bench/bench_norms.py 2>&1 | tail -15 ;;
     conv) timeout 90 python3 bench/bench_sparse_conv.py 2>&1 | tail -30 ;;
     vae) timeout 200 python3 bench/bench_sparse_vae.py --mesh --upstream .scratch 2>&1 | tail -30 ;;
     voxelize) timeout 90 python3 bench/bench_voxelize.py 2>&1 | tail -30 ;;
