@@ -710,22 +710,22 @@ def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21) -> list[tu
     band and wrong here, where the background is inside (-1) as often as outside. Cells are taken
     max_cells at a time, so the transients are bounded by the chunk, not the field.
     """
-    from .mesh.marching_cubes import _key_coords, _lookup, _Welder
+    from .mesh.marching_cubes import Welder, key_coords, lookup_keys
 
     R, level, device = field.resolution, field.level, field.keys.device
     keys = field.keys  # sorted and unique by construction
     if keys.numel() > max_crossing_corners(R):
         raise _too_many_corners(keys.numel(), R)
     B = int(keys[-1]) // R**3 + 1 if keys.numel() else 1
-    welder = _Welder(R, level, device)
+    welder = Welder(R, level, device)
     for start in range(0, keys.numel(), max_cells):  # chunks of candidate cells bound memory
         cells = keys[start:start + max_cells]
         vals = field.values[start:start + max_cells]
-        xyz = _key_coords(cells, R)[:, 1:]
+        xyz = key_coords(cells, R)[:, 1:]
         inner = (xyz <= R - 2).all(1)  # every cell's min corner is a field voxel
         del xyz
         cells = cells[inner]
-        pos, found = _lookup(keys, cells[:, None] + welder.corner_keys[None])  # [M, 8]
+        pos, found = lookup_keys(keys, cells[:, None] + welder.corner_keys[None])  # [M, 8]
         full = found.all(1)
         cells, pos = cells[full], pos[full]
         del found, full, vals

@@ -39,7 +39,8 @@ from .mc_tables import CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, triangle_
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sparse_sdf_to_mesh", "meshes_from_sparse_sdf", "marching_cubes_sparse", "marching_cubes_naive"]
+__all__ = ["sparse_sdf_to_mesh", "meshes_from_sparse_sdf", "marching_cubes_sparse", "marching_cubes_naive",
+           "key_coords", "lookup_keys", "Welder"]
 
 BACKGROUND = 1.0  # value of every inactive voxel in the original's dense grid
 _MAX_CELLS = 1 << 21  # candidate cells per slab: bounds the per-slab transients (~100 bytes a candidate)
@@ -51,7 +52,8 @@ def _grid_keys(bxyz: torch.Tensor, r: int) -> torch.Tensor:
     return ((c[..., 0] * r + c[..., 1]) * r + c[..., 2]) * r + c[..., 3]
 
 
-def _key_coords(keys: torch.Tensor, r: int) -> torch.Tensor:
+def key_coords(keys: torch.Tensor, r: int) -> torch.Tensor:
+    """[M] int64 keys ((b·r + x)·r + y)·r + z → [M, 4] (b, x, y, z)."""
     return torch.stack([keys // r ** 3, keys // (r * r) % r, keys // r % r, keys % r], -1)
 
 
@@ -64,7 +66,7 @@ def _unique_last(keys: torch.Tensor, values: torch.Tensor):
     return keys[last], values[last]
 
 
-def _lookup(keys: torch.Tensor, query: torch.Tensor):
+def lookup_keys(keys: torch.Tensor, query: torch.Tensor):
     """Row of each query key in the sorted `keys` and whether it is there."""
     pos = torch.searchsorted(keys, query).clamp_(max=keys.numel() - 1)
     return pos, keys[pos] == query
@@ -79,7 +81,7 @@ def _surface_voxels(bxyz: torch.Tensor, keys: torch.Tensor, inside: torch.Tensor
                        device=bxyz.device)
     nb = bxyz[:, None, :] + six[None]  # [K, 6, 4]
     in_grid = ((nb[..., 1:] >= 0) & (nb[..., 1:] < r)).all(2)
-    pos, found = _lookup(keys, _grid_keys(nb, r))
+    pos, found = lookup_keys(keys, _grid_keys(nb, r))
     return bxyz[(in_grid & ~(found & inside[pos])).any(1)]
 
 
@@ -119,7 +121,7 @@ def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level
              torch.zeros(0, 3, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
     keys, values = _unique_last(_grid_keys(bxyz, r), sdf.reshape(-1).float())
     inside = values < level
-    inside_bxyz = _key_coords(keys[inside], r)  # sorted by (b, x)
+    inside_bxyz = key_coords(keys[inside], r)  # sorted by (b, x)
     if inside_bxyz.shape[0] == 0:
         return empty
     # slabs of cell rows (b * r + x) keep the candidate cells bounded; rows [r0, r1) need voxel rows [r0, r1]
@@ -132,21 +134,21 @@ def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level
             r1 += 1
         bounds.append((r0, r1))
         r0 = r1
-    welder = _Welder(r, level, device)
+    welder = Welder(r, level, device)
     for r0, r1 in bounds:  # slabs of cells, not cells
         lo = per_row[r0 - 1] if r0 else 0
         hi = per_row[min(r1, n_rows - 1)]
         if hi == lo:
             continue
         cells = _cells_in_slab(_surface_voxels(inside_bxyz[lo:hi], keys, inside, r), r0, r1, r)
-        pos, found = _lookup(keys, cells[:, None] + welder.corner_keys[None])  # [M, 8]
+        pos, found = lookup_keys(keys, cells[:, None] + welder.corner_keys[None])  # [M, 8]
         vals = torch.where(found, values[pos], BACKGROUND)
         del pos, found
         welder.add(cells, vals)
     return welder.finish()
 
 
-class _Welder:
+class Welder:
     """Triangulates chunks of cells and welds their vertices by grid edge, with bounded memory.
 
     Each `add(cell_keys [M], corner_values [M, 8])` keeps only the chunk's faces (as indices into its own
@@ -190,7 +192,7 @@ class _Welder:
         c, edge = cell_idx[rep // 3], e.reshape(-1)[rep]
         v0, v1 = vals[c, self.edge_a[edge]].double(), vals[c, self.edge_b[edge]].double()
         t = (level - v0) / (v1 - v0)  # fp64 like scikit-image, then fp32
-        xyz = _key_coords(ukeys // 3, r)[:, 1:].double()
+        xyz = key_coords(ukeys // 3, r)[:, 1:].double()
         xyz[torch.arange(3, device=device).view(1, 3) == self.edge_axis[edge][:, None]] += t
         self.faces.append(inverse.reshape(-1, 3))
         self.sizes.append(ukeys.numel())
