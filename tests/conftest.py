@@ -29,3 +29,14 @@ def shared_dir() -> Path:
 @pytest.fixture(scope="session")
 def manifests_dir(shared_dir) -> Path:
     return shared_dir / "upstream" / "manifests"
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for the test (modules opt in with `pytestmark = pytest.mark.usefixtures("one_thread")`):
+    small CPU ops are dominated by thread start-up on the shared 2-core CI box, and one thread gives
+    bit-identical results across runs and processes."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -21,6 +21,8 @@ from s2core.sparse.tensor import SparseTensor
 from s2core.sparse_vae import SparseSDFVAE
 from s2core.testing import deterministic_state_dict
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 
 class LargestTensors(TorchDispatchMode):
     """Records (bytes, op, shape, dtype) of every new storage an op returns; `largest()` is the biggest."""
@@ -41,14 +43,6 @@ class LargestTensors(TorchDispatchMode):
 
     def largest(self):
         return max(self.seen, default=(0, "", (), None))
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small ops: thread start-up dominates on the shared CI box
-    yield
-    torch.set_num_threads(n)
 
 
 def _shell_tokens(res: int, radius: float) -> torch.Tensor:

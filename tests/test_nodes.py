@@ -14,17 +14,11 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 _spec = importlib.util.spec_from_file_location("d3ds2_stub_loader", Path(__file__).parent / "stubs" / "pack.py")
 stubs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stubs)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture

@@ -14,14 +14,7 @@ import torch
 from s2core import pipeline as P
 from s2core.structure import sort_block
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # small CPU kernels: thread start-up dominates on the shared 2-core CI box
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 @pytest.fixture(scope="module")

@@ -22,16 +22,9 @@ from s2core.manifest import manifest
 
 from conftest import GOLDEN
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 SMALL = (4, 8, 8, 8)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions: thread start-up dominates, and the CI box is shared (40x faster with one thread)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)  # UNet widths for the glue tests (the released ones are 8, 32, 128, 512)
 
 
 @pytest.mark.parametrize("key,cls,cfg", [

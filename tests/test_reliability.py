@@ -11,7 +11,9 @@ import pytest
 import torch
 
 from s2core import pipeline as P
-from tiny_chain import STEPS, _one_thread, mesh_hash, models, picture  # noqa: F401 (fixtures)
+from tiny_chain import STEPS, mesh_hash, models, picture  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from s2core import pipeline as P
-from tiny_chain import _one_thread, models, picture  # noqa: F401 (fixtures)
+from tiny_chain import models, picture  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 _spec = importlib.util.spec_from_file_location("d3ds2_stub_loader_q", Path(__file__).parent / "stubs" / "pack.py")
 stubs = importlib.util.module_from_spec(_spec)

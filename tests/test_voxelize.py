@@ -14,6 +14,8 @@ import trimesh
 
 from s2core.mesh.voxelize import mesh_to_latent_index, normalize_vertices, point_triangle_distance
 
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
 
 def _closest_point_distance(p, a, b, c):
     """Ericson, Real-Time Collision Detection §5.1.5: points p [n,1,3] against triangles a, b, c [1,F,3] → [n,F]."""
@@ -53,14 +55,6 @@ def _dense_reference(mesh, D, factor, threshold=4.0):
     active = grid[best < threshold / D] // factor
     cells = np.unique(active, axis=0)
     return np.concatenate([np.zeros((len(cells), 1), int), cells], 1)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
 
 
 def _plate():

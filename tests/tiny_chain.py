@@ -12,15 +12,6 @@ from s2core import pipeline as P
 STEPS = dict(dense_steps=2, sparse_512_steps=2, resolution=512, refine_512=False)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    """One intra-op thread: bit-identical results across runs and processes on CPU."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def models():
     return P.load_models("tiny-random", ("dense", "sparse_512"))

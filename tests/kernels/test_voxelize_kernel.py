@@ -23,7 +23,8 @@ from s2core.mesh.voxelize import mesh_to_latent_index
 from tests.kernels.ssa_cases import poisoned_outputs
 
 # degenerate segments divide 0 by 0 on purpose (NaN, then never selected), in masked lanes too
-pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+              pytest.mark.usefixtures("one_thread")]
 
 
 def _seed(name: str) -> int:
@@ -93,14 +94,6 @@ CASES = [
     ("large", _large, 27, 4, False, 97),
     ("large-factor8", _large, 35, 8, False, 31),
 ]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # small tensors on a shared 2-core box
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.mark.parametrize("name,make,D,factor,normalize,window", CASES, ids=[c[0] for c in CASES])
