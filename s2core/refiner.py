@@ -212,6 +212,13 @@ def adaptive_filter(x: torch.Tensor, head: nn.Module, source: torch.Tensor | Non
     return x
 
 
+def _half_convs(module: nn.Module) -> None:
+    """The release's use_fp16: convs and linears in fp16, GroupNorm parameters stay fp32 (as the original)."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
+            m.half()
+
+
 class VoxelRefiner(nn.Module):
     """`Voxel_RefinerXL` (512): one cube [B,1,P,P,P] SDF + [B,32,P,P,P] features → [B,1,P,P,P] field in (-1, 1)."""
 
@@ -229,10 +236,8 @@ class VoxelRefiner(nn.Module):
         self.adaptive_conv3 = _filter_head(c0)
         self.mid_conv = nn.Conv3d(c0, c0, 3, padding=1)
         self.conv_out = nn.Conv3d(c0, cfg.out_channels, 3, padding=1)
-        if cfg.use_fp16:  # convs and linears in fp16, GroupNorm parameters stay fp32 (as the original)
-            for m in self.modules():
-                if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
-                    m.half()
+        if cfg.use_fp16:
+            _half_convs(self)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -268,9 +273,7 @@ class VoxelRefinerSign(nn.Module):
         self.conv_in = nn.Conv3d(cfg.in_channels, c0, 3, padding=1)
         self.conv_out = nn.Conv3d(c0, cfg.out_channels, 3, padding=1)
         if cfg.use_fp16:
-            for m in self.modules():
-                if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
-                    m.half()
+            _half_convs(self)
 
     @property
     def dtype(self) -> torch.dtype:
