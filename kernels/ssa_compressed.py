@@ -39,6 +39,7 @@ import triton.language as tl
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
 from ._common import HALF as _HALF
+from ._common import check_heads as _check_heads
 from ._common import LOG2E as _LOG2E
 from ._common import gated as _gated
 
@@ -242,12 +243,8 @@ def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_
                                      out=None, return_lse: bool = True):
     n, hq, d = q.shape
     h = ck.shape[1]
-    assert q.dtype in (torch.float16, torch.bfloat16) and ck.dtype == q.dtype and cv.dtype == q.dtype
-    assert hq % h == 0 and (hq // h) & (hq // h - 1) == 0, "G = HQ / H must be a power of two"
-    assert d >= 16 and d & (d - 1) == 0, "head dim must be a power of two >= 16"
+    g = _check_heads(q, ck, cv)
     assert cu_seqlens_q.dtype == torch.int32 and cu_seqlens_k.dtype == torch.int32
-    assert q.stride(2) == 1 and ck.stride(2) == 1 and cv.stride(2) == 1
-    g = hq // h
     cells = 1 if block_keys is None else block_keys.shape[1]
     assert cells & (cells - 1) == 0, "cells per block must be a power of two"
     b = cu_seqlens_q.numel() - 1

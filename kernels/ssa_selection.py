@@ -32,6 +32,7 @@ import triton.language as tl
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
 from ._common import HALF as _HALF
+from ._common import check_heads as _check_heads
 from ._common import LOG2E as _LOG2E
 from ._common import gated as _gated
 
@@ -222,13 +223,9 @@ def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, c
                                     union_max: int | None = None):
     n, hq, d = q.shape
     h = k.shape[1]
-    assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
+    g = _check_heads(q, k, v)
     assert k.shape[0] == n and v.shape == k.shape, "selection attention is self-attention: k/v rows = q rows"
-    assert hq % h == 0 and (hq // h) & (hq // h - 1) == 0, "G = HQ / H must be a power of two"
-    assert d >= 16 and d & (d - 1) == 0, "head dim must be a power of two >= 16"
     assert block_idx.dtype == torch.int32 and block_idx.shape[:2] == (h, n) and block_idx.stride(2) == 1
-    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
-    g = hq // h
     topk = block_idx.shape[2]
     if out is not None:
         assert out.shape == q.shape and out.stride(2) == 1

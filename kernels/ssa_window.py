@@ -26,6 +26,7 @@ import triton.language as tl
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
 from ._common import HALF as _HALF
+from ._common import check_heads as _check_heads
 from ._common import LOG2E as _LOG2E
 from ._common import gated as _gated
 
@@ -159,12 +160,8 @@ def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, til
                                  scale: float | None = None, gate=None, out=None):
     n, hq, d = q.shape
     h = k.shape[1]
-    assert q.dtype in (torch.float16, torch.bfloat16) and k.dtype == q.dtype and v.dtype == q.dtype
-    assert hq % h == 0 and (hq // h) & (hq // h - 1) == 0, "G = HQ / H must be a power of two"
-    assert d >= 16 and d & (d - 1) == 0, "head dim must be a power of two >= 16"
+    g = _check_heads(q, k, v)
     assert perm.dtype == torch.int32 and cu_windows.dtype == torch.int32
-    assert q.stride(2) == 1 and k.stride(2) == 1 and v.stride(2) == 1
-    g = hq // h
     if out is not None:
         assert out.shape == q.shape and out.stride(2) == 1
     o = torch.empty_like(q) if out is None else out
