@@ -62,12 +62,12 @@ STAGES = ("dense", "sparse_512", "sparse_1024")
 # sparse DiTs need ~23 KiB a token at both resolutions; a refiner holds one UNet cube (192³ / 256³) per sample;
 # the decoded voxels add what the decode emits per token (512 decodes unchunked, with 32 feature channels).
 _GiB, _KiB = 2**30, 2**10
-ACTIVATION_BYTES = {
-    "image encoding": 0.1 * _GiB,  # per image
-    "dense sampling": 0.25 * _GiB,  # per sample
-    "dense decoding": 0.5 * _GiB,  # per sample
-    "sparse sampling": 24 * _KiB,  # per token
-    "sparse 512 decoding": (2.2 * _GiB, 56 * _KiB),  # (per sample: the refiner cube, per token: decoded voxels)
+ACTIVATION_BYTES = {  # stage: (bytes per sample, bytes per sparse token)
+    "image encoding": (0.1 * _GiB, 0),
+    "dense sampling": (0.25 * _GiB, 0),
+    "dense decoding": (0.5 * _GiB, 0),
+    "sparse sampling": (0, 24 * _KiB),
+    "sparse 512 decoding": (2.2 * _GiB, 56 * _KiB),  # the refiner cube per sample, decoded voxels per token
     "sparse 1024 decoding": (4.3 * _GiB, 8 * _KiB),
 }
 
@@ -76,14 +76,8 @@ def activation_bytes(stage: str, batch: int = 1, tokens: int = 0) -> int:
     """Estimated GPU memory `stage` needs beyond its weights (see ACTIVATION_BYTES), for `batch` samples and
     `tokens` sparse tokens in all. ComfyUI gets it as `load_models_gpu(memory_required=...)`, so it can make
     room (evict other models) before the stage runs."""
-    per = ACTIVATION_BYTES[stage]
-    if stage == "sparse sampling":
-        need = per * tokens
-    elif isinstance(per, tuple):
-        need = per[0] * batch + per[1] * tokens
-    else:
-        need = per * batch
-    return int(1.25 * need)
+    per_sample, per_token = ACTIVATION_BYTES[stage]
+    return int(1.25 * (per_sample * batch + per_token * tokens))
 
 
 class Cancelled(RuntimeError):
