@@ -797,9 +797,9 @@ def postprocess(mesh: Mesh, simplify: bool = True, simplify_ratio: float = SIMPL
     return Mesh.from_list(items, mesh.resolution, mesh.info)
 
 
-def save(mesh: Mesh, path: str | Path, metadata: dict | None = None) -> list[Path]:
-    """Write each item atomically (temp file + rename, never over an existing file); the suffix picks the
-    format (.glb .obj .ply .stl).
+def save(mesh: Mesh, path: str | Path, metadata: dict | None = None, overwrite: bool = False) -> list[Path]:
+    """Write each item atomically (complete temp file, then an exclusive link, or a rename over the old
+    file with overwrite=True: the old file is never lost); the suffix picks the format (.glb .obj .ply .stl).
 
     B = 1 writes `path`; B > 1 writes `<stem>_0<suffix>`, `<stem>_1<suffix>`, ... GLB files carry
     `mesh.info` (variant, seed, resolution) and `metadata` in asset.extras.
@@ -810,7 +810,7 @@ def save(mesh: Mesh, path: str | Path, metadata: dict | None = None) -> list[Pat
     out = []
     for i, (v, f) in enumerate(mesh.items()):
         p = path if mesh.batch_size == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
-        out.append(Path(save_mesh(v, f, p, extras=extras)))
+        out.append(Path(save_mesh(v, f, p, extras=extras, overwrite=overwrite)))
     return out
 
 

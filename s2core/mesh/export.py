@@ -8,22 +8,23 @@ and shows it in a Y-up viewer; meshes from Y-up generators are refined by feedin
 convention is one named constant rather than an accident, and every format gets the same frame (glTF
 requires Y-up; OBJ/PLY/STL readers mostly assume it). Units: glTF metres, so the object spans ~2 m.
 
-Files are written to a temporary name in the destination folder and moved into place with
-`os.replace` only if the final name is still free, so a crash never leaves half a file and an existing
-file is never replaced. `next_output_path` picks `prefix_00001_.glb`-style names like ComfyUI's savers
-and refuses prefixes that would escape the output folder.
+Files are written by `s2core.files.write_atomic`: a complete temp file in the destination folder takes
+the final name by an exclusive hard link (never over an existing file, one winner among racing writers)
+or, when overwriting is asked for, by `os.replace`; a crash never leaves half a file or loses the old one.
+`next_output_path` picks `prefix_00001_.glb`-style names like ComfyUI's savers and refuses prefixes that
+would escape the output folder or make a file name longer than file systems allow.
 """
 from __future__ import annotations
 
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ..files import NAME_MAX, write_atomic
 from .voxelize import check_mesh
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,7 @@ FORMATS = ("glb", "obj", "ply", "stl")
 # rows: file axes in terms of the original's (x, y, z); det = +1 so windings (outward normals) survive
 ORIGINAL_TO_YUP = np.eye(3)
 _DRIVE = re.compile(r"^[A-Za-z]:")
+_COUNTER_ROOM = 16  # bytes kept free in a file name for `_<counter>_.<format>`
 
 
 def _numpy_mesh(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
@@ -76,61 +78,31 @@ def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = No
     return mesh.export(file_type="stl")
 
 
-def _umask() -> int:
-    """The process umask (read from /proc where possible: setting it to read it races with other threads)."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("Umask:"):
-                    return int(line.split()[1], 8)
-    except (OSError, ValueError):
-        pass
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-def write_atomic(data: bytes, path: str | os.PathLike) -> Path:
-    """Write bytes to `path` through a temp file in the same folder; FileExistsError if `path` exists."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    if path.exists():
-        raise FileExistsError(f"{path} already exists; choose another name (meshes are never overwritten).")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the normal mode of a new file
-        if path.exists():  # a concurrent writer took the name meanwhile
-            raise FileExistsError(f"{path} already exists; choose another name (meshes are never overwritten).")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-    return path
-
-
-def save_mesh(vertices, faces, path: str | os.PathLike, normals=None, extras: dict | None = None) -> Path:
-    """Write one mesh to `path`; the format comes from its suffix (.glb/.obj/.ply/.stl)."""
+def save_mesh(vertices, faces, path: str | os.PathLike, normals=None, extras: dict | None = None,
+              overwrite: bool = False) -> Path:
+    """Write one mesh to `path`; the format comes from its suffix (.glb/.obj/.ply/.stl). An existing file is
+    refused (FileExistsError) unless overwrite, which replaces it only with the complete new file."""
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in FORMATS:
         raise ValueError(f"Cannot tell the mesh format from {str(path)!r}; end the name with one of "
                          f"{', '.join('.' + x for x in FORMATS)}.")
-    return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras), path)
+    return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras), path, overwrite)
 
 
 def check_filename_prefix(filename_prefix: str) -> list[str]:
     """The prefix's folder/name parts, or ValueError if it could leave the output folder (absolute path,
-    leading slash or backslash, drive letter, `..`) or names no file."""
+    leading slash or backslash, drive letter, `..`), names no file, or has a part too long for a file name."""
     prefix = str(filename_prefix).strip()
     parts = re.split(r"[\\/]+", prefix)
     if (not prefix or prefix.startswith(("/", "\\")) or _DRIVE.match(prefix) or os.path.isabs(prefix)
             or any(p in ("..", ".") for p in parts) or not parts[-1]):
         raise ValueError(f"filename_prefix {filename_prefix!r} must be a relative name inside the output folder "
                          "(like 'mesh/D3DS2'), without '..', a leading slash or a drive letter.")
+    for i, part in enumerate(parts):  # the last part gets `_00001_.glb` appended
+        limit = NAME_MAX - (_COUNTER_ROOM if i == len(parts) - 1 else 0)
+        if len(part.encode("utf-8")) > limit:
+            raise ValueError(f"filename_prefix part {part[:30]!r}... is {len(part.encode('utf-8'))} bytes long; "
+                             f"file names can have at most {NAME_MAX} bytes, so shorten it to {limit} or fewer.")
     return parts
 
 
