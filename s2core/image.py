@@ -12,15 +12,16 @@ Inputs accepted (one or a batch):
 
 | argument | forms |
 |---|---|
-| `image` | ComfyUI IMAGE `[B, H, W, C]` / `[H, W, C]` float 0..1, C = 3/4 (1/2: grey, + alpha); PIL image (RGBA/LA/P alpha is used); uint8 NumPy `[H, W, C]` |
-| `mask`  | ComfyUI MASK `[B, H, W]` / `[H, W]` float 0..1; PIL 'L'; NumPy `[H, W]`; None |
+| `image` | ComfyUI IMAGE `[B, H, W, C]` / `[H, W, C]` float 0..1, C = 3/4 (1/2: grey, + alpha); PIL image of any mode (alpha or a transparent colour is used; 16-bit grey scaled by 255/65535); uint8 NumPy `[H, W, C]` |
+| `mask`  | ComfyUI MASK `[B, H, W]` / `[H, W]` float 0..1; PIL image (grey level; 16-bit scaled); NumPy `[H, W]`; None |
 
 Mask convention: **1 = object** (alpha). ComfyUI's LoadImage outputs `1 − alpha` as its MASK, so pass
 `invert_mask=True` for it (or put an InvertMask node in between); background-removal nodes already give
 1 = object. Priority: `mask`, else the image's own alpha, else — only when the image border is a
 near-uniform colour (a product shot) — a mask keyed out against that border colour; otherwise a
-ValueError asks for a mask. Images larger than `max_side` are downscaled first (bounded memory; the
-result then differs slightly from full-resolution processing).
+ValueError asks for a mask. NaN or infinite pixels and empty batches are refused. Images larger than
+`max_side` (4096) are downscaled first (bounded memory; the result then differs slightly from
+full-resolution processing).
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ import logging
 import numpy as np
 import torch
 from PIL import Image
+
+from .image_file import MAX_SIDE, convert_pil
 
 log = logging.getLogger(__name__)
 
@@ -41,21 +44,21 @@ _ROWS = 1024  # rows converted at a time: bounds the float temporaries for huge 
 
 
 def _to_uint8(x: torch.Tensor, what: str) -> np.ndarray:
-    """`[H, W(, C)]` float 0..1 → uint8 (×255, rounded, clipped), in row chunks; NaN → ValueError."""
+    """`[H, W(, C)]` float 0..1 → uint8 (×255, rounded, clipped), in row chunks; NaN or ±inf → ValueError
+    (clipping would turn +inf into a silent 255 and -inf into 0)."""
     out = np.empty(tuple(x.shape), np.uint8)
     for r in range(0, x.shape[0], _ROWS):
         chunk = x[r:r + _ROWS].detach().float().cpu().numpy()
-        if np.isnan(chunk).any():
-            raise ValueError(f"The {what} contains NaN values; check the node that produced it.")
+        if not np.isfinite(chunk).all():
+            raise ValueError(f"The {what} contains NaN or infinite values; check the node that produced it.")
         out[r:r + _ROWS] = np.clip(np.rint(chunk * 255.0), 0, 255)
     return out
 
 
 def _split_images(image) -> list[np.ndarray]:
     """Any accepted image form → list of `[H, W, 3|4]` uint8 arrays (validated)."""
-    if isinstance(image, Image.Image):
-        has_alpha = image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info)
-        return [np.asarray(image.convert("RGBA" if has_alpha else "RGB"))]
+    if isinstance(image, Image.Image):  # any mode; 16-bit grey scaled, not clipped
+        return [np.asarray(convert_pil(image))]
     if isinstance(image, np.ndarray):
         image = torch.from_numpy(np.ascontiguousarray(image))
         if image.dtype == torch.uint8:
@@ -66,6 +69,8 @@ def _split_images(image) -> list[np.ndarray]:
         image = image[None]
     if image.ndim != 4:
         raise ValueError(f"The image must be shaped [B, H, W, C] (ComfyUI IMAGE), got {tuple(image.shape)}.")
+    if image.shape[0] == 0:
+        raise ValueError(f"The image batch is empty (shape {tuple(image.shape)}); connect at least one image.")
     if image.shape[-1] not in (1, 2, 3, 4):
         raise ValueError(f"The image has {image.shape[-1]} channels; expected grey (1), grey+alpha (2), RGB (3) or "
                          f"RGBA (4) in the last dimension (shape {tuple(image.shape)}).")
@@ -81,7 +86,7 @@ def _split_masks(mask, invert: bool) -> list[np.ndarray] | None:
     if mask is None:
         return None
     if isinstance(mask, Image.Image):
-        mask = torch.from_numpy(np.array(mask.convert("L"))).float() / 255.0
+        mask = torch.from_numpy(np.array(convert_pil(mask, as_mask=True, what="mask"))).float() / 255.0
     elif isinstance(mask, np.ndarray):
         mask = torch.from_numpy(np.ascontiguousarray(mask))
         mask = mask.float() / 255.0 if mask.dtype == torch.uint8 else mask
@@ -93,6 +98,8 @@ def _split_masks(mask, invert: bool) -> list[np.ndarray] | None:
         mask = mask[None]
     if mask.ndim != 3:
         raise ValueError(f"The mask must be shaped [B, H, W] (ComfyUI MASK), got {tuple(mask.shape)}.")
+    if mask.shape[0] == 0:
+        raise ValueError(f"The mask batch is empty (shape {tuple(mask.shape)}); connect a mask per image, or none.")
     alphas = [_to_uint8(mask[b], "mask") for b in range(mask.shape[0])]
     return [255 - a for a in alphas] if invert else alphas
 
@@ -155,11 +162,11 @@ def _official_preprocess(rgba: np.ndarray, size: int) -> torch.Tensor:
 
 
 def preprocess_image(image, mask=None, *, invert_mask: bool = False, size: int = 518,
-                     max_side: int = 4096) -> torch.Tensor:
+                     max_side: int = MAX_SIDE) -> torch.Tensor:
     """Image (+ mask) → `[B, 4, size, size]` float32: RGB on white (channels 0-2) and the mask (channel 3).
 
     See the module docstring for accepted forms and the mask convention. Raises ValueError, before any
-    model runs, for: a channel count other than 1-4, NaN pixels, a mask whose size or batch differs from the image's,
+    model runs, for: an empty batch, a channel count other than 1-4, NaN or infinite pixels, a mask whose size or batch differs from the image's,
     an image smaller than 8×8, an empty (all-transparent) mask, or no usable mask at all.
     """
     images = _split_images(image)

@@ -85,19 +85,40 @@ def _decode(im: Image.Image, path: Path, what: str, max_side: int) -> bool:
                          "again.") from None
 
 
-def _to_8bit_grey(im: Image.Image, path: Path, what: str, target: tuple[int, int]) -> Image.Image:
+def _to_8bit_grey(im: Image.Image, what: str, target: tuple[int, int]) -> Image.Image:
     """16/32-bit integer or float grey → 'L' at the target size, scaled rather than clipped."""
     if im.mode == "F":
         a = np.asarray(im.resize(target, Image.BILINEAR) if im.size != target else im, dtype=np.float32)
         if not np.isfinite(a).all():
-            raise ValueError(f"The {what} {path} contains NaN or infinite pixel values; save it as an 8- or "
-                             "16-bit PNG.")
+            raise ValueError(f"The {what} contains NaN or infinite pixel values; save it as an 8- or 16-bit PNG.")
         return Image.fromarray(np.rint(np.clip(a, 0.0, 1.0) * 255.0).astype(np.uint8))
     im = im.convert("I") if im.mode != "I" else im  # I;16 variants → 32-bit int (lossless)
     if im.size != target:
         im = im.resize(target, Image.BILINEAR)
     a = np.asarray(im, dtype=np.int64)
     return Image.fromarray(((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))  # 65535 → 255
+
+
+def convert_pil(im: Image.Image, as_mask: bool = False, what: str = "image",
+                target: tuple[int, int] | None = None) -> Image.Image:
+    """Any PIL mode → 'L' (mask), 'RGBA' (image with alpha or a transparent colour) or 'RGB', with 16-bit
+    and float grey scaled (module docstring); resized to `target` (W, H) if given. `what` names the input
+    in messages."""
+    target = target or im.size
+    if im.mode in _WIDE_GREY or im.mode == "F":
+        im = _to_8bit_grey(im, what, target)
+    has_alpha = "A" in im.getbands() or "transparency" in im.info
+    mode = "L" if as_mask else ("RGBA" if has_alpha else "RGB")
+    if im.mode != mode:
+        try:
+            im = im.convert(mode)
+        except ValueError:
+            raise ValueError(f"The {what} uses the colour mode {im.mode}, which cannot be converted to {mode}; "
+                             "save it as an RGB(A) PNG.") from None
+    if im.size != target:
+        log.info("The %s is %dx%d; downscaled to %dx%d before processing.", what, *im.size, *target)
+        im = im.resize(target, Image.BILINEAR, reducing_gap=3.0)
+    return im
 
 
 def read_image_file(path: str | os.PathLike, *, as_mask: bool = False, max_side: int = MAX_SIDE,
@@ -113,21 +134,7 @@ def read_image_file(path: str | os.PathLike, *, as_mask: bool = False, max_side:
         size = im.size
         if _decode(im, path, what, max_side):
             size = size[::-1]
-        target = _fit(size, max_side)
-        if im.mode in _WIDE_GREY or im.mode == "F":
-            im = _to_8bit_grey(im, path, what, target)
-        has_alpha = "A" in im.getbands() or "transparency" in im.info
-        mode = "L" if as_mask else ("RGBA" if has_alpha else "RGB")
-        if im.mode != mode:
-            try:
-                im = im.convert(mode)
-            except ValueError:
-                raise ValueError(f"The {what} {path} uses the colour mode {im.mode}, which cannot be converted "
-                                 f"to {mode}; save it as an RGB(A) PNG.") from None
-        if im.size != target:
-            log.info("The %s %s is %dx%d; downscaled to %dx%d before processing.", what, path, *size, *target)
-            im = im.resize(target, Image.BILINEAR, reducing_gap=3.0)
-        return np.asarray(im), size
+        return np.asarray(convert_pil(im, as_mask, f"{what} {path}", _fit(size, max_side))), size
 
 
 def read_image_and_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike | None = None, *,

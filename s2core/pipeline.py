@@ -39,6 +39,7 @@ from pathlib import Path
 
 import torch
 
+from . import checks
 from .config import ReleaseConfig, official_v1_0, official_v1_1, tiny_release
 
 log = logging.getLogger(__name__)
@@ -371,10 +372,10 @@ class Placement:
 
     def __init__(self, device: torch.device | str = "cpu", offload: bool | None = None,
                  max_vram_gb: float | None = None):
-        self.device = torch.device(device)
+        self.device = checks.device(device)
         on_cpu = self.device.type == "cpu"
-        if max_vram_gb is not None and not max_vram_gb > 0:
-            raise ValueError(f"max_vram_gb must be a positive number of GiB, got {max_vram_gb}.")
+        if max_vram_gb is not None:
+            checks.number("max_vram_gb", max_vram_gb, 0, low_open=True, hint=" (GiB)")
         self.budget = None if max_vram_gb is None or on_cpu else int(max_vram_gb * 2**30)
         self.offload = (not on_cpu) if offload is None else (offload and not on_cpu)
         if self.budget is not None:
@@ -598,10 +599,24 @@ def _noise(shapes: list[tuple[int, ...]], seed: int, device, dtype) -> torch.Ten
 
 
 def _check_sampling(steps: int, guidance: float) -> None:
-    if int(steps) < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}.")
-    if not guidance >= 0:
-        raise ValueError(f"guidance must be 0 or more, got {guidance}.")
+    checks.count("steps", steps, 1)
+    checks.number("guidance", guidance, 0, hint=" (7 matches the original)")
+
+
+def check_chain_settings(resolution: int = 1024, dense_steps: int = DENSE_STEPS,
+                         sparse_512_steps: int = SPARSE_512_STEPS, sparse_1024_steps: int = SPARSE_1024_STEPS,
+                         guidance: float = GUIDANCE, mc_threshold: float = MC_THRESHOLD, max_tokens: int = 0,
+                         simplify_ratio: float = SIMPLIFY_RATIO) -> None:
+    """ValueError (one sentence) for any bad setting of `image_to_mesh`, before any model loads or runs."""
+    if resolution not in (512, 1024):
+        raise ValueError(f"resolution must be 512 or 1024, got {resolution!r}.")
+    for name, steps in (("dense_steps", dense_steps), ("sparse_512_steps", sparse_512_steps)) + (
+            (("sparse_1024_steps", sparse_1024_steps),) if resolution == 1024 else ()):
+        checks.count(name, steps, 1)
+    checks.number("guidance", guidance, 0, hint=" (7 matches the original)")
+    checks.number("mc_threshold", mc_threshold, hint=" (0.2 matches the original)")
+    checks.count("max_tokens", max_tokens, 0, hint=" (0: no limit)")
+    checks.number("simplify_ratio", simplify_ratio, 0, 1, high_open=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -648,8 +663,7 @@ def sample_dense(models: Models, cond: Conditioning, seed: int = 0, steps: int =
 def decode_dense(models: Models, latent: DenseLatent, threshold: float = DENSE_THRESHOLD,
                  should_stop: ShouldStop | None = None) -> Structure:
     """Dense VAE decode -> cells of the 64³ grid with occupancy >= threshold -> the 512 Structure."""
-    if not 0.0 < threshold < 1.0:
-        raise ValueError(f"The occupancy threshold must be between 0 and 1, got {threshold}.")
+    checks.number("The occupancy threshold", threshold, 0, 1, low_open=True, high_open=True)
     decode = _function("structure", "decode_dense")
     vae = models.part("dense_vae")
     bs = models.config.sparse_dit_512.selection_block_size
@@ -671,6 +685,7 @@ def sample_sparse(models: Models, cond: Conditioning, structure: Structure, seed
     res = structure.resolution
     steps = (SPARSE_512_STEPS if res == 512 else SPARSE_1024_STEPS) if steps is None else steps
     _check_sampling(steps, guidance)
+    checks.count("max_tokens", max_tokens, 0, hint=" (0: no limit)")
     if max_tokens and structure.max_seqlen > max_tokens:
         raise ValueError(f"This shape has {structure.max_seqlen} sparse tokens at {res}, more than the token "
                          f"budget of {max_tokens}; raise the budget if the GPU has the memory, or stop at 512.")
@@ -713,6 +728,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
 
     Iso-levels follow the original: the 512 refiner meshes at 2 x threshold, the 1024 one at threshold.
     """
+    checks.number("threshold", threshold, hint=" (0.2 matches the original)")
     res = latent.resolution
     key = "512" if res == 512 else "1024"
     vae = models.part(f"sparse_vae_{key}")
@@ -825,8 +841,8 @@ def image_to_mesh(models: Models, image: torch.Tensor, mask: torch.Tensor | None
     `refine_512=False` skips the 512 refiner (the original always runs it): much faster on a CPU, but the
     512 mesh keeps its inner shell, which the 1024 structure then also covers.
     """
-    if resolution not in (512, 1024):
-        raise ValueError(f"resolution must be 512 or 1024, got {resolution}.")
+    check_chain_settings(resolution, dense_steps, sparse_512_steps, sparse_1024_steps, guidance, mc_threshold,
+                         max_tokens, simplify_ratio)
     total = dense_steps + sparse_512_steps + (sparse_1024_steps if resolution == 1024 else 0)
 
     def offset(k: int) -> Callback:
