@@ -79,8 +79,17 @@ class SaveMesh(Node):
                 metadata[k] = json.dumps(v)
         check_filename_prefix(filename_prefix)  # one clear sentence before ComfyUI's generic refusal
         folder, name, counter, subfolder = _comfy.output_path(filename_prefix)
-        files = [f"{name}_{counter + i:05}_.{format}" for i in range(mesh.batch_size)]
-        for f, item in zip(files, mesh.items()):  # one file per batch item
-            pipeline.save(pipeline.Mesh.from_list([item], mesh.resolution), os.path.join(folder, f), metadata)
+        files = []
+        for item in mesh.items():  # one file per batch item
+            for _ in range(1000):  # the name is claimed exclusively: if another run took it meanwhile, take the next
+                f, counter = f"{name}_{counter:05}_.{format}", counter + 1
+                try:
+                    pipeline.save(pipeline.Mesh.from_list([item], mesh.resolution), os.path.join(folder, f), metadata)
+                    break
+                except FileExistsError:
+                    continue
+            else:
+                raise FileExistsError(f"1000 file names after {name} in {folder} are taken; change filename_prefix.")
+            files.append(f)
         ui = {"3d": [{"filename": f, "subfolder": subfolder, "type": "output"} for f in files]}
         return (os.path.join(subfolder, files[0]).replace(os.sep, "/"),), ui

@@ -1,26 +1,43 @@
 """Command line: `python -m s2core IMAGE [--mask MASK] -o OUT.glb [--resolution 512|1024] [--seed N] ...`.
 
-Runs `pipeline.image_to_mesh` with the official defaults and writes one mesh file (.glb .obj .ply .stl,
-written to a temporary name and renamed, so Ctrl-C or an error never leaves a partial file). Progress
-goes to stderr as a plain line per stage. `--demo` uses the `tiny-random` model: no download, runs on a
-CPU in seconds, and its meshes are meaningless (random weights) — it only shows that the chain works.
-Without the weights and without network it prints which files to put where and exits with status 2.
+Runs `pipeline.image_to_mesh` with the official defaults and writes one mesh file (.glb .obj .ply .stl).
+Progress goes to stderr as a plain line per stage. `--demo` uses the `tiny-random` model: no download,
+runs on a CPU in seconds, and its meshes are meaningless (random weights) — it only shows that the
+chain works.
+
+Failures are one line on stderr, never a traceback (`--debug` shows it): everything the command line can
+get wrong (output name, settings, device, image and mask files) is checked before any weights load.
+Exit status: 0 done, 1 error, 2 weights missing (the message lists which files to put where), 130
+Ctrl-C, 143 SIGTERM — at any moment, start-up included (`__main__.py`). The file is written by
+`files.write_atomic`: never half a file, never over an existing one unless --overwrite, and then the old
+file stays whole until the complete new one replaces it; SIGINT/SIGTERM remove the temp file.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import logging
 import os
+import signal
 import sys
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 
-from . import pipeline
+from . import checks, files, image_file, pipeline
 
+EXIT_ERROR = 1
 EXIT_MISSING_WEIGHTS = 2
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report a Ctrl-C
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class _Terminated(KeyboardInterrupt):
+    """SIGTERM, raised like Ctrl-C so the same clean-up runs (library code never catches KeyboardInterrupt)."""
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -58,29 +75,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="repeatable GPU results: deterministic PyTorch algorithms (a little slower; "
                         "tests/RELIABILITY.md lists what changes)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
+    p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (for bug reports)")
     return p
-
-
-def _load_image(path: Path, mask_path: Path | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """IMAGE `[1, H, W, 3|4]` float 0..1 (alpha kept) and the mask `[1, H, W]` (1 = object) if given."""
-    import numpy as np
-    from PIL import Image, UnidentifiedImageError
-
-    def read(p: Path, mode: str | None):
-        if not p.is_file():
-            raise FileNotFoundError(f"`{p}` does not exist; give the path of an image file.")
-        try:
-            with Image.open(p) as im:
-                im.load()
-                if mode is None:
-                    mode = "RGBA" if ("A" in im.getbands() or "transparency" in im.info) else "RGB"
-                return np.asarray(im.convert(mode), dtype=np.float32) / 255.0
-        except UnidentifiedImageError:
-            raise ValueError(f"`{p}` is not an image PIL can read; use a PNG or JPEG.") from None
-
-    image = torch.from_numpy(read(path, None))[None]
-    mask = torch.from_numpy(read(mask_path, "L"))[None] if mask_path is not None else None
-    return image, mask
 
 
 class _Progress:
@@ -117,50 +113,140 @@ def _steps(text: str | None) -> tuple[int, int, int]:
     return d, s5, s10
 
 
+def _finished_output(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of the file at `path`, or None: tells after an interruption whether it was written."""
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _check_output(path: Path, overwrite: bool) -> None:
+    """Refuse, before any work, an output the final write would refuse anyway: wrong suffix, a folder, a name
+    too long, an existing file without --overwrite, a folder path through a file, or a read-only place."""
+    if path.suffix.lower() not in (".glb", ".obj", ".ply", ".stl"):
+        raise ValueError(f"The output must end in .glb, .obj, .ply or .stl, got {path.name}.")
+    try:
+        if len(os.fsencode(path.name)) > files.NAME_MAX:
+            raise OSError(errno.ENAMETOOLONG, "file name too long")
+        if path.is_dir():
+            raise IsADirectoryError(errno.EISDIR, "is a folder")
+        if os.path.lexists(path) and not overwrite:
+            raise FileExistsError(f"{path} already exists; pass --overwrite or choose another name.")
+        folder = path.absolute().parent
+        while not folder.exists():  # the write creates missing folders: check the first existing one
+            folder = folder.parent
+        if not folder.is_dir():
+            raise NotADirectoryError(errno.ENOTDIR, "not a folder")
+        if hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY:
+            raise OSError(errno.EROFS, "read-only file system")
+        if not os.access(folder, os.W_OK):
+            raise PermissionError(errno.EACCES, "permission denied")
+    except OSError as e:
+        raise (e if e.errno is None else files.explain_os_error(e, path)) from None
+
+
+@contextlib.contextmanager
+def _signals_interrupt() -> Iterator[None]:
+    """While the CLI runs, SIGINT raises KeyboardInterrupt and SIGTERM raises _Terminated, so the clean-up in
+    `finally`/`except` blocks (temp files above all) runs; the previous handlers come back afterwards. A
+    signal the parent set to be ignored stays ignored. Only the main thread can set handlers: elsewhere this
+    does nothing. (Inside ComfyUI no handler is ever installed: the nodes never call this.)"""
+    def terminate(signum, frame):
+        raise _Terminated()
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig, handler in ((signal.SIGINT, signal.default_int_handler), (signal.SIGTERM, terminate)):
+            old = signal.getsignal(sig)
+            if old is not signal.SIG_IGN:
+                previous[sig] = signal.signal(sig, handler)
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old if old is not None else signal.SIG_DFL)
+
+
+def _stopped(e: KeyboardInterrupt, output: Path, before) -> int:
+    """Ctrl-C / SIGTERM: remove any temp file, say in one line what happened, exit 130 / 143."""
+    for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut this clean-up short
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(sig, signal.SIG_IGN)
+    files.remove_temp_files()
+    after = _finished_output(output)
+    outcome = f"{output} was written" if after is not None and after != before else "nothing was written"
+    if isinstance(e, _Terminated):
+        print(f"\nTerminated; {outcome}.", file=sys.stderr)
+        return EXIT_TERMINATED
+    print(f"\nInterrupted; {outcome}.", file=sys.stderr)
+    return EXIT_INTERRUPTED
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    """Run the command line; returns the exit status (0, 1 error, 2 missing weights, 130 Ctrl-C, 143 SIGTERM)."""
+    output, before = Path(), None
+    with _signals_interrupt():
+        try:
+            args = _parser().parse_args(argv)
+            output, before = args.output, _finished_output(args.output)
+            return _run(args)
+        except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM at any moment, start-up included
+            return _stopped(e, output, before)
+
+
+def _error(e: BaseException | str, code: int = EXIT_ERROR) -> int:
+    print(f"error: {e}", file=sys.stderr)
+    return code
+
+
+def _run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s: %(message)s")
     progress = _Progress(args.quiet)
     if args.deterministic:
         # cuBLAS needs this before its first handle is made to be deterministic; set before any CUDA work
         os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
         torch.use_deterministic_algorithms(True)
-    suffix = args.output.suffix.lower()
-    if suffix not in (".glb", ".obj", ".ply", ".stl"):
-        print(f"error: the output must end in .glb, .obj, .ply or .stl, got `{args.output.name}`.", file=sys.stderr)
-        return 1
-    if args.output.exists() and not args.overwrite:
-        print(f"error: `{args.output}` already exists; pass --overwrite or choose another name.", file=sys.stderr)
-        return 1
-    try:
+    variant = "tiny-random" if args.demo else args.variant
+    resolution = args.resolution or (512 if args.demo else 1024)
+    refine = not args.demo  # the tiny refiners take minutes on a CPU and give an empty field
+    stages = ("dense", "sparse_512") + (("sparse_1024",) if resolution == 1024 else ())
+    try:  # everything a user can get wrong on the command line, before any weights load
+        _check_output(args.output, args.overwrite)
         dense, s512, s1024 = _steps(args.steps)
-        image, mask = _load_image(args.image, args.mask)
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        variant = "tiny-random" if args.demo else args.variant
-        if args.resolution is None:
-            args.resolution = 512 if args.demo else 1024
-        refine = not args.demo  # the tiny refiners take minutes on a CPU and give an empty field
-        stages = ("dense", "sparse_512") + (("sparse_1024",) if args.resolution == 1024 else ())
+        pipeline.check_chain_settings(resolution, dense, s512, s1024, args.guidance, args.mc_threshold)
+        device = checks.device(args.device, "--device") if args.device else torch.device(
+            "cuda" if torch.cuda.is_available() else "cpu")
+        placement = pipeline.Placement(device, offload=not args.keep_weights_on_gpu, max_vram_gb=args.max_vram_gb)
+        pixels, alpha = image_file.read_image_and_mask(args.image, args.mask)
+        image = torch.from_numpy(pixels).float().div_(255)[None]  # IMAGE [1, H, W, 3|4], at most 4096 px a side
+        mask = None if alpha is None else torch.from_numpy(alpha).float().div_(255)[None]  # [1, H, W], 1 = object
+    except (ValueError, OSError) as e:
+        return _error(e)
+    try:
         if args.demo:
             progress.note("Demo mode: a tiny model with random weights; the mesh is meaningless.")
         models = pipeline.load_models(variant, stages, device, weights_dir=args.weights,
-                                      allow_download=not args.no_download,
-                                      placement=pipeline.Placement(device, offload=not args.keep_weights_on_gpu,
-                                                                   max_vram_gb=args.max_vram_gb))
-        mesh = pipeline.image_to_mesh(models, image, mask, args.seed, args.resolution, dense, s512, s1024,
+                                      allow_download=not args.no_download, placement=placement)
+        mesh = pipeline.image_to_mesh(models, image, mask, args.seed, resolution, dense, s512, s1024,
                                       args.guidance, args.mc_threshold, refine and not args.no_remove_interior,
                                       args.remesh, refine_512=refine and not args.no_refine_512, callback=progress)
-        if args.overwrite:
-            args.output.unlink(missing_ok=True)
-        pipeline.save(mesh, args.output, {"source_image": args.image.name})
-    except KeyboardInterrupt:
-        print("\nInterrupted; nothing was written.", file=sys.stderr)
-        return EXIT_INTERRUPTED
-    except FileNotFoundError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return EXIT_MISSING_WEIGHTS
-    except (ValueError, RuntimeError, PermissionError, FileExistsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        pipeline.save(mesh, args.output, {"source_image": args.image.name}, overwrite=args.overwrite)
+    except FileNotFoundError as e:  # weights missing (offline): the message lists what to put where
+        return _error(e, EXIT_MISSING_WEIGHTS)
+    except torch.OutOfMemoryError:  # outside a stage (loading weights); stages name their own setting
+        return _error("Out of GPU memory while moving the weights to the GPU; use --resolution 512, leave out "
+                      "--keep-weights-on-gpu, or close other programs using the GPU.")
+    except (ValueError, RuntimeError, OSError) as e:
+        if args.debug:
+            raise
+        return _error(e)
+    except Exception as e:  # a bug: one line, the traceback with --debug
+        if args.debug:
+            raise
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        return _error(f"unexpected {type(e).__name__}: {first} (a bug: run again with --debug and report the "
+                      "traceback).")
     progress.note(f"Wrote {args.output} ({mesh.vertex_counts[0]} vertices, {mesh.face_counts[0]} faces).")
     return 0

@@ -134,7 +134,7 @@ def read_image_file(path: str | os.PathLike, *, as_mask: bool = False, max_side:
         size = im.size
         if _decode(im, path, what, max_side):
             size = size[::-1]
-        return np.asarray(convert_pil(im, as_mask, f"{what} {path}", _fit(size, max_side))), size
+        return np.array(convert_pil(im, as_mask, f"{what} {path}", _fit(size, max_side))), size  # writable
 
 
 def read_image_and_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike | None = None, *,
