@@ -6,7 +6,9 @@ one; mask `[H, W]` uint8, 255 = object, or None), both at most `MAX_SIDE` pixels
 Limits. A file over `MAX_PIXELS` (2^27 = 134 million pixels, e.g. 16384 x 8192; 512 MiB once decoded
 as 8-bit RGBA) is refused before it is decoded. A larger-than-`MAX_SIDE` (4096 px, the size
 `image.preprocess_image` works at) file is downscaled before anything turns it into floats: JPEGs decode
-straight at 1/2, 1/4 or 1/8 scale (`Image.draft`), other formats decode once as 8-bit and are resized.
+straight at 1/2, 1/4 or 1/8 scale (`Image.draft`), other formats decode once as 8-bit and are resized
+(peak: the 8-bit image, twice for RGBA, which PIL resizes premultiplied; a 12000x9000 JPEG takes ~225 MB,
+an 8000x6000 RGBA PNG ~510 MB, `tests/test_reliability_inputs.py`).
 PIL's own decompression-bomb guard (a warning above 89 M pixels, an error above 179 M) is replaced by
 this explicit limit, so no raw PIL warning is printed.
 
@@ -32,6 +34,7 @@ log = logging.getLogger(__name__)
 MAX_SIDE = 4096
 MAX_PIXELS = 2**27
 _WIDE_GREY = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_RESIZABLE = ("L", "LA", "La", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")  # bilinear works in these modes
 
 
 def _fit(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -107,6 +110,9 @@ def convert_pil(im: Image.Image, as_mask: bool = False, what: str = "image",
     target = target or im.size
     if im.mode in _WIDE_GREY or im.mode == "F":
         im = _to_8bit_grey(im, what, target)
+    if im.size != target and im.mode in _RESIZABLE and "transparency" not in im.info:  # shrink first: the
+        # conversion then works on few pixels (a transparent key colour must be turned into alpha before)
+        im = im.resize(target, Image.BILINEAR, reducing_gap=3.0)
     has_alpha = "A" in im.getbands() or "transparency" in im.info
     mode = "L" if as_mask else ("RGBA" if has_alpha else "RGB")
     if im.mode != mode:
@@ -115,8 +121,7 @@ def convert_pil(im: Image.Image, as_mask: bool = False, what: str = "image",
         except ValueError:
             raise ValueError(f"The {what} uses the colour mode {im.mode}, which cannot be converted to {mode}; "
                              "save it as an RGB(A) PNG.") from None
-    if im.size != target:
-        log.info("The %s is %dx%d; downscaled to %dx%d before processing.", what, *im.size, *target)
+    if im.size != target:  # palette and bilevel images: resized after the conversion
         im = im.resize(target, Image.BILINEAR, reducing_gap=3.0)
     return im
 
@@ -134,7 +139,10 @@ def read_image_file(path: str | os.PathLike, *, as_mask: bool = False, max_side:
         size = im.size
         if _decode(im, path, what, max_side):
             size = size[::-1]
-        return np.array(convert_pil(im, as_mask, f"{what} {path}", _fit(size, max_side))), size  # writable
+        target = _fit(size, max_side)
+        if target != size:
+            log.info("The %s %s is %dx%d; downscaled to %dx%d first.", what, path, *size, *target)
+        return np.array(convert_pil(im, as_mask, f"{what} {path}", target)), size  # np.array: writable
 
 
 def read_image_and_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike | None = None, *,
