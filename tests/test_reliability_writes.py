@@ -83,16 +83,20 @@ def test_overwrite_replaces_only_with_a_complete_file(tmp_path, monkeypatch):
     assert p.read_bytes() == b"new mesh"
 
 
-def test_name_taken_while_writing_is_not_clobbered(tmp_path, monkeypatch):
-    """Another writer creates the name after the early check but before ours is complete: ours must fail,
-    theirs stays (the old `exists()` check followed by `os.replace` had exactly this window)."""
+def test_name_taken_just_before_the_final_step_is_not_clobbered(tmp_path, monkeypatch):
+    """Another writer creates the name after every check, right before the temp file takes it: ours must fail
+    and theirs stay (the old `exists()` check followed by `os.replace` replaced theirs)."""
     p = tmp_path / "m.glb"
-    real_fsync = os.fsync
+    real_link, real_replace = os.link, os.replace
 
-    def other_writer_wins(fd):
-        p.write_bytes(b"theirs")
-        real_fsync(fd)
-    monkeypatch.setattr(files.os, "fsync", other_writer_wins)
+    def other_writer_first(real):
+        def step(src, dst, *a, **k):
+            if not p.exists():
+                p.write_bytes(b"theirs")
+            return real(src, dst, *a, **k)
+        return step
+    monkeypatch.setattr(files.os, "link", other_writer_first(real_link))
+    monkeypatch.setattr(files.os, "replace", other_writer_first(real_replace))
     with pytest.raises(FileExistsError, match="already exists"):
         write_atomic(b"ours", p)
     assert p.read_bytes() == b"theirs" and _leftovers(tmp_path) == []
