@@ -169,13 +169,13 @@ def _signals_interrupt() -> Iterator[None]:
             signal.signal(sig, old if old is not None else signal.SIG_DFL)
 
 
-def _stopped(e: KeyboardInterrupt, output: Path, before) -> int:
+def _stopped(e: KeyboardInterrupt, output: Path | None, before) -> int:
     """Ctrl-C / SIGTERM: remove any temp file, say in one line what happened, exit 130 / 143."""
     for sig in (signal.SIGINT, signal.SIGTERM):  # a second signal must not cut this clean-up short
         if threading.current_thread() is threading.main_thread():
             signal.signal(sig, signal.SIG_IGN)
     files.remove_temp_files()
-    after = _finished_output(output)
+    after = None if output is None else _finished_output(output)
     outcome = f"{output} was written" if after is not None and after != before else "nothing was written"
     if isinstance(e, _Terminated):
         print(f"\nTerminated; {outcome}.", file=sys.stderr)
@@ -186,7 +186,7 @@ def _stopped(e: KeyboardInterrupt, output: Path, before) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run the command line; returns the exit status (0, 1 error, 2 missing weights, 130 Ctrl-C, 143 SIGTERM)."""
-    output, before = Path(), None
+    output, before = None, None
     with _signals_interrupt():
         try:
             args = _parser().parse_args(argv)
