@@ -47,13 +47,15 @@ def explain_os_error(e: OSError, path: str | os.PathLike, doing: str = "write") 
     if code == errno.EEXIST:
         msg = f"{path} already exists; choose another name (meshes are never overwritten)."
     elif code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        msg = f"Could not {doing} {path}: the disk is full (or the quota used up); free some space or choose another folder."
+        msg = (f"Could not {doing} {path}: the disk is full (or the quota used up); free some space or choose "
+               "another folder.")
     elif code == errno.EROFS:
         msg = f"Could not {doing} {path}: {path.parent} is on a read-only file system; choose another folder."
     elif code in (errno.EACCES, errno.EPERM):
         msg = f"Could not {doing} {path}: permission denied; choose a file and folder you are allowed to {doing}."
     elif code == errno.EISDIR:
-        msg = f"{path} is a folder, not a file; give a file name inside it (like {path / ('mesh' + (path.suffix or '.glb'))})."
+        example = path / ("mesh" + (path.suffix or ".glb"))
+        msg = f"{path} is a folder, not a file; give a file name inside it (like {example})."
     elif code == errno.ENAMETOOLONG:
         n = len(os.fsencode(name))
         msg = (f"The file name {name[:40]}... is {n} bytes long, more than the file system allows (usually "
