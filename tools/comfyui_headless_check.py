@@ -66,7 +66,8 @@ def _get(url: str, timeout: float = 10.0):
 def _post(url: str, body: dict):
     req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
     with urllib.request.urlopen(req, timeout=60) as r:
-        return json.loads(r.read())
+        data = r.read()
+    return json.loads(data) if data.strip() else {}  # /interrupt answers with an empty body
 
 
 def combo_options(spec) -> list | None:
@@ -141,6 +142,10 @@ def _wait(base: str, pid: str, proc, timeout: float, log_path: Path) -> tuple[di
             return None, f"ComfyUI died while running; log tail: {log_path.read_text()[-1500:]}"
         if time.monotonic() - t0 > timeout:
             _post(f"{base}/interrupt", {})
+            for _ in range(240):  # let the interrupted prompt leave the queue before the next one is sent
+                if pid in _get(f"{base}/history/{pid}") or proc.poll() is not None:
+                    break
+                time.sleep(0.5)
             return None, f"did not finish within {timeout:.0f} s (interrupted)"
         time.sleep(0.5)
 
@@ -246,9 +251,10 @@ def run(comfy_dir: Path, python: str, timeout: float, max_seconds: float, cores:
             wf = json.loads(path.read_text())
             r = run_workflow(base, path.stem, wf, graphs, ours, info, out_dir, proc, timeout, max_seconds, log_path)
             results.append(r)
-            detail = (f"{r['seconds']:.1f} s, faces {r['faces']}" if "faces" in r else "") + \
-                     (f" -- {r['why']}" if "why" in r else "")
-            print(f"{r['result']} {r['name']}: {detail.strip(' -')}", flush=True)
+            detail = [f"{r['seconds']:.1f} s"] if "seconds" in r else []
+            detail += [f"faces {r['faces']}"] if "faces" in r else []
+            detail += [r["why"]] if "why" in r else []
+            print(f"{r['result']} {r['name']}: {'; '.join(detail)}", flush=True)
         return results, stats
     finally:
         proc.terminate()
