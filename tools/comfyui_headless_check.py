@@ -309,7 +309,8 @@ def main() -> int:
                          args.extra_model_paths_config, args.only)
     if args.record:
         cmd = "python tools/comfyui_headless_check.py --comfyui <ComfyUI> --python <its python>" + \
-              "".join(f" --{k} {v}" for k, v in (("cores", args.cores), ("max-seconds", f"{args.max_seconds:g}")))
+              "".join(f" --{k} {v}" for k, v in (("cores", args.cores), ("max-seconds", f"{args.max_seconds:g}"),
+                                                 ("timeout", f"{args.timeout:g}")))
         record(args.record, results, stats, cmd, args.cores)
     ok = any(r["result"] == "PASS" for r in results) and not any(r["result"] == "FAIL" for r in results)
     print("OK" if ok else "NOT OK", f"({sum(r['result'] == 'PASS' for r in results)} passed, "
