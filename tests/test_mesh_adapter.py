@@ -86,7 +86,8 @@ def core_decimate_like(mesh, keep_faces):
     pv, pf = vs[0].new_zeros(len(vs), n, 3), fs[0].new_zeros(len(fs), m, 3)
     for i, (v, f) in enumerate(zip(vs, fs)):
         pv[i, :len(v)], pf[i, :len(f)] = v, f
-    packed = MESH(pv, pf, vertex_counts=torch.tensor([len(v) for v in vs]), face_counts=torch.tensor([len(f) for f in fs]))
+    packed = MESH(pv, pf, vertex_counts=torch.tensor([len(v) for v in vs]),
+                  face_counts=torch.tensor([len(f) for f in fs]))
     out.vertices, out.faces, out.vertex_colors = packed.vertices, packed.faces, packed.vertex_colors
     out.vertex_counts, out.face_counts = packed.vertex_counts, packed.face_counts
     out.uvs = out.normals = out.tangents = None

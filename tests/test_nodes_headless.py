@@ -55,7 +55,8 @@ NEW_CORE = OLD_CORE + ["DecimateMesh", "UnwrapMesh", "LoadBackgroundRemovalModel
 def test_prompt_changes_only_the_model_choice(path, graphs, ours):
     wf = json.loads(path.read_text())
     plain, tiny = graphs.to_api_prompt(wf, ours), graphs.to_api_prompt(wf, ours, hc.MODEL_CHOICE)
-    diff = {(k, name) for k in plain for name in plain[k]["inputs"] if plain[k]["inputs"][name] != tiny[k]["inputs"][name]}
+    diff = {(k, name) for k in plain for name in plain[k]["inputs"]
+            if plain[k]["inputs"][name] != tiny[k]["inputs"][name]}
     loaders = [k for k, v in plain.items() if v["class_type"] == "D3DS2LoadModel"]
     assert diff == {(k, "variant") for k in loaders} and len(loaders) == 1
     assert tiny[loaders[0]]["inputs"]["variant"] == "tiny-random"

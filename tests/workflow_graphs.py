@@ -2,8 +2,8 @@
 
 `python tests/test_workflows.py --update` writes `example_workflows/<name>.json` (ComfyUI's UI
 "litegraph" format, COMFYUI.md §8) and a same-named `.jpg` diagram; `tests/test_workflows.py` checks the
-committed files; `tools/comfyui_headless_check.py` converts every workflow to the API format with `to_api_prompt` and runs it in a
-real ComfyUI.
+committed files; `tools/comfyui_headless_check.py` converts every workflow to the API format with
+`to_api_prompt` and runs it in a real ComfyUI.
 """
 from __future__ import annotations
 
@@ -240,7 +240,8 @@ def workflow_text_to_mesh_rembg(ours) -> dict:
                               "and Remove Background; put birefnet.safetensors from Comfy-Org/BiRefNet into "
                               "models/background_removal/). Text to image with core nodes; Remove Background's "
                               "MASK is 1 on the object, so Encode Image has 'mask_is_background' off. Older "
-                              "ComfyUI: use direct3d_s2_text_to_image_to_mesh. " + NOTE_TINY + NOTE_SDXL], size=(420, 220))
+                              "ComfyUI: use direct3d_s2_text_to_image_to_mesh. " + NOTE_TINY + NOTE_SDXL],
+          size=(420, 220))
     vae = _text_to_image(g)
     bg = g.add("LoadBackgroundRemovalModel", (720, 120), ["birefnet.safetensors"], size=(240, 60))
     rm = g.add("RemoveBackground", (720, 220), [1024], size=(240, 80))

@@ -205,7 +205,8 @@ def _check_nodes(info: dict, ours: dict) -> None:
         served = info[node_id]["input"]
         got = set(served.get("required", {})) | set(served.get("optional", {}))
         if got != {i.name for i in d.inputs}:
-            raise SystemExit(f"FAIL: {node_id} inputs served as {sorted(got)}, declared {sorted(i.name for i in d.inputs)}")
+            declared = sorted(i.name for i in d.inputs)
+            raise SystemExit(f"FAIL: {node_id} inputs served as {sorted(got)}, declared {declared}")
     print(f"/object_info lists all {len(ours)} D3DS2 nodes with their declared inputs", flush=True)
 
 
@@ -313,8 +314,8 @@ def main() -> int:
                                                  ("timeout", f"{args.timeout:g}")))
         record(args.record, results, stats, cmd, args.cores)
     ok = any(r["result"] == "PASS" for r in results) and not any(r["result"] == "FAIL" for r in results)
-    print("OK" if ok else "NOT OK", f"({sum(r['result'] == 'PASS' for r in results)} passed, "
-          f"{sum(r['result'] == 'SKIP' for r in results)} skipped, {sum(r['result'] == 'FAIL' for r in results)} failed)")
+    n = {k: sum(r["result"] == k for r in results) for k in ("PASS", "SKIP", "FAIL")}
+    print("OK" if ok else "NOT OK", f"({n['PASS']} passed, {n['SKIP']} skipped, {n['FAIL']} failed)")
     return 0 if ok else 1
 
 
