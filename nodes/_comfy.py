@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import torch
 
 from ..s2core import pipeline
+from . import _mesh
 
 FOLDER = "direct3d_s2"
 
@@ -108,44 +109,12 @@ class ComfyPlacement(pipeline.Placement):
             mm.soft_empty_cache()
 
 
-class ComfyMesh:
-    """ComfyUI's MESH layout (`vertices [B, N, 3]`, `faces [B, M, 3]`, zero-padded to a common N/M, with
-    `vertex_counts`/`face_counts`), plus `info` (seed, resolution, variant) for provenance."""
-
-    def __init__(self, vertices, faces, vertex_counts=None, face_counts=None, info=None):
-        self.vertices = vertices
-        self.faces = faces
-        self.vertex_counts = vertex_counts
-        self.face_counts = face_counts
-        self.info = info or {}
-
-
 def to_comfy_mesh(mesh: pipeline.Mesh):
-    """Our packed Mesh -> ComfyUI MESH on the intermediate device (core SaveGLB / Preview accept it)."""
-    mesh = mesh.to(intermediate_device())
-    items = mesh.items()
-    nv, nf = max(mesh.vertex_counts, default=0), max(mesh.face_counts, default=0)
-    verts = torch.zeros(len(items), nv, 3, dtype=torch.float32)
-    faces = torch.zeros(len(items), nf, 3, dtype=torch.int64)
-    for b, (v, f) in enumerate(items):  # host loop over batch items: padding for ComfyUI's batched layout
-        verts[b, :v.shape[0]] = v
-        faces[b, :f.shape[0]] = f
-    counts = (torch.tensor(mesh.vertex_counts), torch.tensor(mesh.face_counts))
-    return ComfyMesh(verts, faces, *counts, info=dict(mesh.info))
+    """Our packed Mesh -> ComfyUI MESH (`nodes/_mesh.py`) on the intermediate device."""
+    return _mesh.to_comfy_mesh(mesh.to(intermediate_device()))
 
 
-def from_comfy_mesh(mesh) -> pipeline.Mesh:
-    """Any ComfyUI MESH (ours or core's: `.vertices [B, N, 3]`, `.faces [B, M, 3]`) -> our packed Mesh."""
-    verts, faces = mesh.vertices, mesh.faces
-    if verts.ndim == 2:
-        verts, faces = verts[None], faces[None]
-    b = verts.shape[0]
-    vc = getattr(mesh, "vertex_counts", None)
-    fc = getattr(mesh, "face_counts", None)
-    vc = [int(x) for x in vc] if vc is not None else [verts.shape[1]] * b
-    fc = [int(x) for x in fc] if fc is not None else [faces.shape[1]] * b
-    items = [(verts[i, :vc[i]].float().cpu(), faces[i, :fc[i]].long().cpu()) for i in range(b)]
-    return pipeline.Mesh.from_list(items, info=dict(getattr(mesh, "info", {}) or {}))
+from_comfy_mesh = _mesh.from_comfy_mesh  # any ComfyUI MESH -> our packed Mesh
 
 
 def download_progress_class():

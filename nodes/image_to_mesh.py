@@ -20,7 +20,8 @@ class ImageToMesh(Node):
            "(1 - alpha). Off: the mask is 1 on the object, as most background-removal nodes give it.", default=True),
         In("seed", "INT", "Noise seed of every stage; batch item i uses seed + i.", default=0, min=0, max=SEED_MAX,
            seed=True),
-        In("resolution", "COMBO", "1024: finest detail (needs about 24 GB of GPU memory); 512: faster, about 10 GB.",
+        In("resolution", "COMBO", "1024: finest detail (measured peak 5.3 GiB of GPU memory allocated, H100, "
+           "batch 1); 512: faster, 4.1 GiB peak.",
            default="1024", options=("1024", "512")),
         In("dense_steps", "INT", "Coarse-stage steps. 50 matches the original.", default=50, min=1, max=200),
         In("sparse_512_steps", "INT", "512-stage steps. 30 matches the original.", default=30, min=1, max=200),
@@ -36,7 +37,8 @@ class ImageToMesh(Node):
         In("max_tokens", "INT", "Refuse 1024 structures with more sparse tokens than this (a memory budget). "
            "0: no limit.", default=0, min=0, max=10_000_000),
     )
-    outputs = (Out(MESH, "mesh", "Triangle mesh in [-1, 1]; works with core Save GLB and Preview 3D."),)
+    outputs = (Out(MESH, "mesh", "Triangle mesh in [-1, 1], glTF axes (Y up, front +Z); works with core mesh "
+                   "nodes, Save GLB and Preview 3D."),)
 
     @classmethod
     def run(cls, model, image, mask=None, mask_is_background=True, seed=0, resolution="1024", dense_steps=50,

@@ -1,8 +1,12 @@
 """Mesh nodes: mesh -> 1024 structure, post-processing, saving."""
 from __future__ import annotations
 
+import dataclasses
 import json
+import logging
 import os
+
+import torch
 
 from ..s2core import pipeline
 from ..s2core.mesh.export import check_filename_prefix
@@ -10,6 +14,7 @@ from . import _comfy
 from ._spec import MESH, MODEL, STRUCTURE, In, Node, Out
 
 FORMATS = ("glb", "obj", "ply", "stl")
+log = logging.getLogger(__name__)
 
 
 class MeshToStructure(Node):
@@ -54,11 +59,12 @@ class PostprocessMesh(Node):
 class SaveMesh(Node):
     node_id = "D3DS2SaveMesh"
     display_name = "Direct3D-S2 Save Mesh"
-    description = ("Saves each mesh of the batch to the output folder as <prefix>_00001_.<format> and shows it "
-                   "in the 3D viewer. GLB files record the workflow (unless --disable-metadata), seed, "
-                   "resolution and model variant.")
+    description = ("Saves each mesh of the batch to its own file <prefix>_00001_.<format>, <prefix>_00002_..., "
+                   "without the batch's zero padding (items without faces are skipped), and shows them in the 3D "
+                   "viewer. GLB files record the workflow (unless --disable-metadata), seed, resolution and model "
+                   "variant. Writes geometry (and vertex colours); for UVs and textures use core Save 3D Model.")
     inputs = (
-        In("mesh", MESH, "The mesh to save."),
+        In("mesh", MESH, "The mesh (or batch of meshes) to save; any MESH works, not only ours."),
         In("filename_prefix", "STRING", "Sub-folder and file name start inside ComfyUI's output folder; "
            "%date% style fields work as in Save Image.", default="mesh/Direct3D-S2"),
         In("format", "COMBO", "glb: one file with provenance, opens in the 3D viewer; obj/ply/stl for other "
@@ -70,7 +76,7 @@ class SaveMesh(Node):
 
     @classmethod
     def run(cls, mesh, filename_prefix="mesh/Direct3D-S2", format="glb", prompt=None, extra_pnginfo=None):
-        mesh = _comfy.from_comfy_mesh(mesh)
+        mesh = _comfy.from_comfy_mesh(mesh)  # padding removed: each item keeps only its own vertices/faces
         metadata = {k: v for k, v in mesh.info.items()}
         if not _comfy.disable_metadata():
             if prompt is not None:
@@ -78,13 +84,19 @@ class SaveMesh(Node):
             for k, v in (extra_pnginfo or {}).items():
                 metadata[k] = json.dumps(v)
         check_filename_prefix(filename_prefix)  # one clear sentence before ComfyUI's generic refusal
+        keep = [i for i in range(mesh.batch_size) if mesh.face_counts[i] > 0]
+        if not keep:
+            raise ValueError("The mesh input has no faces in any batch item, so there is nothing to save; "
+                             "check the upstream decode (a lower threshold keeps more surface).")
+        for i in sorted(set(range(mesh.batch_size)) - set(keep)):
+            log.warning("Direct3D-S2 Save Mesh: batch item %d has no faces; skipped.", i)
         folder, name, counter, subfolder = _comfy.output_path(filename_prefix)
         files = []
-        for item in mesh.items():  # one file per batch item
+        for i in keep:  # one file per non-empty batch item, numbered like core SaveGLB
             for _ in range(1000):  # the name is claimed exclusively: if another run took it meanwhile, take the next
                 f, counter = f"{name}_{counter:05}_.{format}", counter + 1
                 try:
-                    pipeline.save(pipeline.Mesh.from_list([item], mesh.resolution), os.path.join(folder, f), metadata)
+                    pipeline.save(_item(mesh, i), os.path.join(folder, f), metadata)
                     break
                 except FileExistsError:
                     continue
@@ -93,3 +105,13 @@ class SaveMesh(Node):
             files.append(f)
         ui = {"3d": [{"filename": f, "subfolder": subfolder, "type": "output"} for f in files]}
         return (os.path.join(subfolder, files[0]).replace(os.sep, "/"),), ui
+
+
+def _item(mesh: pipeline.Mesh, i: int) -> pipeline.Mesh:
+    """Batch item i as a one-item Mesh (with its vertex colours where the record carries them)."""
+    out = pipeline.Mesh.from_list([mesh.item(i)], mesh.resolution, mesh.info)
+    colors = getattr(mesh, "vertex_colors", None)
+    if isinstance(colors, torch.Tensor):
+        start = sum(mesh.vertex_counts[:i])
+        out = dataclasses.replace(out, vertex_colors=colors[start:start + mesh.vertex_counts[i]])
+    return out

@@ -46,7 +46,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mask", type=Path, help="object mask image (white = object); default: the image's alpha")
     p.add_argument("-o", "--output", type=Path, required=True, help="output mesh: .glb, .obj, .ply or .stl")
     p.add_argument("--resolution", type=int, choices=(512, 1024), default=None,
-                   help="1024 (default, about 16 GB of GPU memory) or 512 (faster, about 10 GB); --demo defaults to 512")
+                   help="1024 (default; measured peak 5.3 GiB of GPU memory) or 512 (faster, 4.1 GiB); --demo defaults to 512")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=str, default=None, metavar="D,S512,S1024",
                    help=f"sampling steps per stage (default {pipeline.DENSE_STEPS},{pipeline.SPARSE_512_STEPS},"

@@ -22,8 +22,9 @@ def ours():
     return wg.our_nodes()
 
 
-def test_three_examples_with_thumbnails():
-    assert {p.stem for p in FILES} == set(wg.WORKFLOWS)
+def test_five_examples_with_thumbnails():
+    # the original three, the core 3D toolchain chain and the core background-removal variant of text-to-image
+    assert {p.stem for p in FILES} == set(wg.WORKFLOWS) and len(FILES) == 5
     for p in FILES:
         jpg = p.with_suffix(".jpg")
         assert jpg.is_file() and jpg.read_bytes()[:3] == b"\xff\xd8\xff", f"{jpg.name} is not a JPEG"
@@ -67,6 +68,34 @@ def test_api_prompt_of_the_separate_nodes_workflow(ours):
     assert loader["inputs"]["variant"] == "tiny-random"
     sampler = next(v for v in prompt.values() if v["class_type"] == "D3DS2SampleDense")
     assert sampler["inputs"]["steps"] == 50 and "control_after_generate" not in sampler["inputs"]
+
+
+def _by_type(wf):
+    return {n["type"]: n for n in wf["nodes"]}
+
+
+def test_core_toolchain_workflow_chains_our_mesh_into_decimate_unwrap_save(ours):
+    wf = json.loads((wg.EXAMPLES / "direct3d_s2_decimate_unwrap.json").read_text())
+    nodes, by = {n["id"]: n for n in wf["nodes"]}, _by_type(wf)
+    chain = [(nodes[a]["type"], nodes[b]["type"]) for _, a, _, b, _, t in wf["links"] if t == "MESH"]
+    assert chain == [("D3DS2ImageToMesh", "DecimateMesh"), ("DecimateMesh", "UnwrapMesh"), ("UnwrapMesh", "SaveGLB")]
+    assert f"Needs ComfyUI {wg.CORE_3D_VERSION} or newer" in by["Note"]["widgets_values"][0]
+    prompt = wg.to_api_prompt(wf, ours)
+    dec = next(v for v in prompt.values() if v["class_type"] == "DecimateMesh")
+    assert dec["inputs"]["placement_mode"] == "midpoint" and dec["inputs"]["target_face_count"] == 50000
+
+
+def test_text_to_image_variants(ours):
+    old = _by_type(json.loads((wg.EXAMPLES / "direct3d_s2_text_to_image_to_mesh.json").read_text()))
+    new = _by_type(json.loads((wg.EXAMPLES / "direct3d_s2_text_to_image_rembg_to_mesh.json").read_text()))
+    # older ComfyUI: the white-background mask of core nodes, a background mask (mask_is_background on)
+    assert {"ImageToMask", "ThresholdMask"} <= set(old) and "RemoveBackground" not in old
+    assert old["D3DS2EncodeImage"]["widgets_values"] == [True]
+    # 0.38+: core Remove Background, whose MASK is 1 on the object (mask_is_background off)
+    assert {"LoadBackgroundRemovalModel", "RemoveBackground"} <= set(new) and "ThresholdMask" not in new
+    assert new["D3DS2EncodeImage"]["widgets_values"] == [False]
+    assert f"Needs ComfyUI {wg.CORE_3D_VERSION} or newer" in new["Note"]["widgets_values"][0]
+    assert "direct3d_s2_text_to_image_rembg_to_mesh" in old["Note"]["widgets_values"][0]
 
 
 if __name__ == "__main__" and "--update" in sys.argv:

@@ -2,8 +2,8 @@
 
 `python tests/test_workflows.py --update` writes `example_workflows/<name>.json` (ComfyUI's UI
 "litegraph" format, COMFYUI.md §8) and a same-named `.jpg` diagram; `tests/test_workflows.py` checks the
-committed files; `tools/comfyui_headless_check.py` converts workflow (a) to the API format with
-`to_api_prompt`.
+committed files; `tools/comfyui_headless_check.py` converts every workflow to the API format with
+`to_api_prompt` and runs it in a real ComfyUI.
 """
 from __future__ import annotations
 
@@ -30,9 +30,21 @@ CORE_NODES: dict[str, dict] = {
     "ImageToMask": {"inputs": {"image": "IMAGE"}, "widgets": ["channel"], "outputs": [("MASK", "MASK")]},
     "ThresholdMask": {"inputs": {"mask": "MASK"}, "widgets": ["value"], "outputs": [("MASK", "MASK")]},
     "SaveGLB": {"inputs": {"mesh": "MESH"}, "widgets": ["filename_prefix"], "outputs": []},
+    # ComfyUI 0.38 core 3D / background-removal nodes (comfy_extras/nodes_mesh_postprocess.py, nodes_bg_removal.py);
+    # DecimateMesh's placement_mode is a dynamic combo: its value "midpoint" has no sub-widgets
+    "DecimateMesh": {"inputs": {"mesh": "MESH"}, "widgets": ["target_face_count", "placement_mode"],
+                     "outputs": [("mesh", "MESH")]},
+    "UnwrapMesh": {"inputs": {"mesh": "MESH"}, "widgets": ["segmenter", "resolution", "padding", "weld_distance"],
+                   "outputs": [("mesh", "MESH")]},
+    "LoadBackgroundRemovalModel": {"inputs": {}, "widgets": ["bg_removal_name"],
+                                   "outputs": [("bg_model", "BACKGROUND_REMOVAL")]},
+    "RemoveBackground": {"inputs": {"bg_removal_model": "BACKGROUND_REMOVAL", "image": "IMAGE"},
+                         "widgets": ["resolution"], "outputs": [("mask", "MASK")]},
     "Note": {"inputs": {}, "widgets": ["text"], "outputs": []},
 }
 FRONTEND_ONLY = {"Note"}
+# the ComfyUI version whose source these core nodes were read from (they are absent from 0.3.x)
+CORE_3D_VERSION = "0.38.1"
 
 
 def our_nodes() -> dict[str, type]:
@@ -158,29 +170,19 @@ def workflow_separate_nodes(ours) -> dict:
     return g.workflow()
 
 
-def workflow_text_to_mesh(ours) -> dict:
-    g = Graph(ours)
-    g.add("Note", (20, 560), ["Text to image with core nodes, then image to mesh. The mask path here is a "
-                              "placeholder made of core nodes (near-white pixels = background, for prompts asking "
-                              "for a plain white background). For real images connect any background-removal "
-                              "node's MASK to Encode Image instead and switch 'mask_is_background' off (those masks "
-                              "are 1 on the object). " + NOTE_TINY], size=(420, 200))
+NOTE_SDXL = " The text-to-image part still needs its SDXL checkpoint (models/checkpoints/sd_xl_base_1.0.safetensors)."
+PROMPT = "a single ceramic teapot, product photo, centered, plain white background, soft light"
+NEGATIVE = "cropped, cluttered background, text, multiple objects"
+
+
+def _text_to_image(g: Graph):
+    """Core text-to-image nodes (SDXL checkpoint); returns the VAEDecode node (IMAGE output 0)."""
     ckpt = g.add("CheckpointLoaderSimple", (20, 20), ["sd_xl_base_1.0.safetensors"], size=(320, 100))
-    pos = g.add("CLIPTextEncode", (20, 160), ["a single ceramic teapot, product photo, centered, plain white "
-                                              "background, soft light"], size=(320, 160))
-    neg = g.add("CLIPTextEncode", (20, 360), ["cropped, cluttered background, text, multiple objects"], size=(320, 140))
+    pos = g.add("CLIPTextEncode", (20, 160), [PROMPT], size=(320, 160))
+    neg = g.add("CLIPTextEncode", (20, 360), [NEGATIVE], size=(320, 140))
     lat = g.add("EmptyLatentImage", (380, 360), [1024, 1024, 1], size=(280, 110))
     ks = g.add("KSampler", (380, 20), [42, "fixed", 25, 6.0, "euler", "normal", 1.0], size=(300, 270))
     vae = g.add("VAEDecode", (720, 20), [], size=(200, 50))
-    to_mask = g.add("ImageToMask", (720, 120), ["red"], size=(240, 60))
-    thr = g.add("ThresholdMask", (720, 220), [0.95], size=(240, 60))
-    model = g.add("D3DS2LoadModel", (1000, 300), {"sparse_1024": False}, size=(320, 200))
-    enc = g.add("D3DS2EncodeImage", (1000, 20))
-    dense = g.add("D3DS2SampleDense", (1360, 20))
-    dec = g.add("D3DS2DecodeDense", (1360, 200))
-    s512 = g.add("D3DS2SampleSparse", (1720, 20), size=(320, 200))
-    d512 = g.add("D3DS2DecodeSparse", (1720, 260))
-    save = g.add("SaveGLB", (2080, 20), ["mesh/Direct3D-S2"], size=(360, 400))
     g.link(ckpt, 0, ks, "model")
     g.link(ckpt, 1, pos, "clip")
     g.link(ckpt, 1, neg, "clip")
@@ -189,10 +191,20 @@ def workflow_text_to_mesh(ours) -> dict:
     g.link(lat, 0, ks, "latent_image")
     g.link(ks, 0, vae, "samples")
     g.link(ckpt, 2, vae, "vae")
-    g.link(vae, 0, to_mask, "image")
-    g.link(to_mask, 0, thr, "mask")
-    g.link(vae, 0, enc, "image")
-    g.link(thr, 0, enc, "mask")
+    return vae
+
+
+def _image_to_512_mesh(g: Graph, image: dict, mask: dict, mask_is_background: bool) -> dict:
+    """Our nodes from an IMAGE + MASK to a 512 mesh saved by core SaveGLB; returns the loader."""
+    model = g.add("D3DS2LoadModel", (1000, 300), {"sparse_1024": False}, size=(320, 200))
+    enc = g.add("D3DS2EncodeImage", (1000, 20), {"mask_is_background": mask_is_background})
+    dense = g.add("D3DS2SampleDense", (1360, 20))
+    dec = g.add("D3DS2DecodeDense", (1360, 200))
+    s512 = g.add("D3DS2SampleSparse", (1720, 20), size=(320, 200))
+    d512 = g.add("D3DS2DecodeSparse", (1720, 260))
+    save = g.add("SaveGLB", (2080, 20), ["mesh/Direct3D-S2"], size=(360, 400))
+    g.link(image, 0, enc, "image")
+    g.link(mask, 0, enc, "mask")
     for n in (enc, dense, dec, s512, d512):
         g.link(model, 0, n, "model")
     g.link(enc, 0, dense, "conditioning")
@@ -201,6 +213,62 @@ def workflow_text_to_mesh(ours) -> dict:
     g.link(dec, 0, s512, "structure")
     g.link(s512, 0, d512, "sparse_latent")
     g.link(d512, 0, save, "mesh")
+    return model
+
+
+def workflow_text_to_mesh(ours) -> dict:
+    g = Graph(ours)
+    g.add("Note", (20, 560), ["Text to image with core nodes, then image to mesh. Works on any ComfyUI. The mask "
+                              "path here is a placeholder made of core nodes (near-white pixels = background, for "
+                              "prompts asking for a plain white background). On ComfyUI " + CORE_3D_VERSION +
+                              " or newer use direct3d_s2_text_to_image_rembg_to_mesh (core Remove Background) "
+                              "instead, or connect any background-removal node's MASK to Encode Image and switch "
+                              "'mask_is_background' off (those masks are 1 on the object). " + NOTE_TINY + NOTE_SDXL],
+          size=(420, 220))
+    vae = _text_to_image(g)
+    to_mask = g.add("ImageToMask", (720, 120), ["red"], size=(240, 60))
+    thr = g.add("ThresholdMask", (720, 220), [0.95], size=(240, 60))
+    g.link(vae, 0, to_mask, "image")
+    g.link(to_mask, 0, thr, "mask")
+    _image_to_512_mesh(g, vae, thr, mask_is_background=True)
+    return g.workflow()
+
+
+def workflow_text_to_mesh_rembg(ours) -> dict:
+    g = Graph(ours)
+    g.add("Note", (20, 560), ["Needs ComfyUI " + CORE_3D_VERSION + " or newer (core Load Background Removal Model "
+                              "and Remove Background; put birefnet.safetensors from Comfy-Org/BiRefNet into "
+                              "models/background_removal/). Text to image with core nodes; Remove Background's "
+                              "MASK is 1 on the object, so Encode Image has 'mask_is_background' off. Older "
+                              "ComfyUI: use direct3d_s2_text_to_image_to_mesh. " + NOTE_TINY + NOTE_SDXL],
+          size=(420, 220))
+    vae = _text_to_image(g)
+    bg = g.add("LoadBackgroundRemovalModel", (720, 120), ["birefnet.safetensors"], size=(240, 60))
+    rm = g.add("RemoveBackground", (720, 220), [1024], size=(240, 80))
+    g.link(bg, 0, rm, "bg_removal_model")
+    g.link(vae, 0, rm, "image")
+    _image_to_512_mesh(g, vae, rm, mask_is_background=False)
+    return g.workflow()
+
+
+def workflow_decimate_unwrap(ours) -> dict:
+    g = Graph(ours)
+    g.add("Note", (20, 420), ["Needs ComfyUI " + CORE_3D_VERSION + " or newer (core Decimate Mesh and Unwrap Mesh "
+                              "UVs). Our mesh is a core MESH, so core's mesh tools take it directly: decimate the "
+                              "1024 mesh to 50k faces, add a UV atlas, save with core Save 3D Model. " + NOTE_TINY],
+          size=(360, 160))
+    img = g.add("LoadImage", (20, 20), ["example.png", "image"], size=(320, 360))
+    model = g.add("D3DS2LoadModel", (380, 20), size=(320, 200))
+    i2m = g.add("D3DS2ImageToMesh", (380, 260), size=(340, 420))
+    dec = g.add("DecimateMesh", (760, 20), [50000, "midpoint"], size=(300, 110))
+    uv = g.add("UnwrapMesh", (760, 170), ["pec", 1024, 1, 0.0], size=(300, 160))
+    save = g.add("SaveGLB", (1100, 20), ["mesh/Direct3D-S2"], size=(360, 400))
+    g.link(model, 0, i2m, "model")
+    g.link(img, 0, i2m, "image")
+    g.link(img, 1, i2m, "mask")
+    g.link(i2m, 0, dec, "mesh")
+    g.link(dec, 0, uv, "mesh")
+    g.link(uv, 0, save, "mesh")
     return g.workflow()
 
 
@@ -222,6 +290,8 @@ WORKFLOWS = {
     "direct3d_s2_image_to_mesh": workflow_separate_nodes,
     "direct3d_s2_text_to_image_to_mesh": workflow_text_to_mesh,
     "direct3d_s2_all_in_one": workflow_all_in_one,
+    "direct3d_s2_text_to_image_rembg_to_mesh": workflow_text_to_mesh_rembg,
+    "direct3d_s2_decimate_unwrap": workflow_decimate_unwrap,
 }
 
 

@@ -1,12 +1,9 @@
 """Write meshes as GLB, OBJ, PLY or STL: atomically, never over an existing file, with ComfyUI-style names.
 
-Axis convention. Meshes leave marching cubes in the original's frame: vertex = grid index / R * 2 - 1,
-columns (x, y, z) = the grid's axes, inside [-1, 1]³. That frame is the frame of the meshes the model
-was trained on, which is glTF's: +Y up, right-handed (the original's demo writes the OBJ untransformed
-and shows it in a Y-up viewer; meshes from Y-up generators are refined by feeding them in unrotated).
-`ORIGINAL_TO_YUP` maps the original's frame to the file's; it is the identity, written down so the
-convention is one named constant rather than an accident, and every format gets the same frame (glTF
-requires Y-up; OBJ/PLY/STL readers mostly assume it). Units: glTF metres, so the object spans ~2 m.
+Axis convention (`frame.py`): meshes are written in glTF's frame (+Y up, front towards +Z), converted
+from the original's frame by `frame.to_gltf` (the identity for Direct3D-S2, see there); every format
+gets the same frame (glTF requires Y-up; OBJ/PLY/STL readers mostly assume it). Units: glTF metres, so
+the object spans ~2 m.
 
 Files are written by `s2core.files.write_atomic`: a complete temp file in the destination folder takes
 the final name by an exclusive hard link (never over an existing file, one winner among racing writers)
@@ -25,13 +22,13 @@ import numpy as np
 import torch
 
 from ..files import NAME_MAX, write_atomic
+from .frame import ORIGINAL_TO_GLTF as ORIGINAL_TO_YUP
+from .frame import to_gltf
 from .voxelize import check_mesh
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("glb", "obj", "ply", "stl")
-# rows: file axes in terms of the original's (x, y, z); det = +1 so windings (outward normals) survive
-ORIGINAL_TO_YUP = np.eye(3)
 _DRIVE = re.compile(r"^[A-Za-z]:")
 _COUNTER_ROOM = 16  # bytes kept free in a file name for `_<counter>_.<format>`
 
@@ -44,8 +41,8 @@ def _numpy_mesh(vertices, faces) -> tuple[np.ndarray, np.ndarray]:
 
 
 def to_file_frame(vertices: np.ndarray) -> np.ndarray:
-    """Original frame → file frame (glTF Y-up), see the module docstring."""
-    return vertices @ ORIGINAL_TO_YUP.T
+    """Original frame → file frame (glTF Y-up), see `frame.py`."""
+    return to_gltf(vertices)
 
 
 def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = None) -> bytes:

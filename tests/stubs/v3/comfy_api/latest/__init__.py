@@ -9,3 +9,6 @@ class ComfyExtension:
 
     async def get_node_list(self):
         return []
+
+
+from ._geometry import Types  # noqa: E402,F401  (Types.MESH of ComfyUI 0.38)
