@@ -485,17 +485,6 @@ def tiny_state_dicts(config: ReleaseConfig, parts: tuple[str, ...], seed: int = 
     return out
 
 
-def _read_dinov2(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"`{path}` does not hold a DINOv2 state dict; download dinov2_vitl14_reg4_pretrain.pth again.")
-    return sd
-
-
 def _release_state_dicts(variant: str, parts: tuple[str, ...], stages: tuple[str, ...], weights_dir, models_dir,
                          allow_download: bool, progress) -> dict[str, dict[str, torch.Tensor]]:
     from . import checkpoints
@@ -507,7 +496,7 @@ def _release_state_dicts(variant: str, parts: tuple[str, ...], stages: tuple[str
     for name in parts:
         p = PARTS[name]
         if p.stem is None:
-            out[name] = _read_dinov2(paths["dinov2"])
+            out[name] = checkpoints.load_dinov2(paths["dinov2"])
         else:
             out[name] = checkpoints.load_part(paths[p.stem], p.part, checkpoints.manifest_key(p.stem, p.part, variant))
     return out
@@ -542,13 +531,15 @@ def load_models(variant: str = "v1.1", stages: tuple[str, ...] = STAGES, device:
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" and variant != "tiny-random" else torch.float32
     parts = tuple(dict.fromkeys(p for s in STAGES if s in stages for p in STAGE_PARTS[s]))
-    modules = {name: build_part(name, config, dtype) for name in parts}  # fails early if a module is missing
     if state_dicts is None:
         if variant == "tiny-random":
             state_dicts = tiny_state_dicts(config, parts, seed)
         else:
+            # files first: missing, corrupt or wrong-variant files are reported in seconds, before ~10 GB of
+            # networks exist (.ckpt files are memory-mapped, so holding their state dicts costs little)
             state_dicts = _release_state_dicts(variant, parts, stages, weights_dir, models_dir, allow_download,
                                                progress)
+    modules = {name: build_part(name, config, dtype) for name in parts}
     models = Models(config, variant, dtype, placement or Placement(device))
     for name, module in modules.items():
         if name not in state_dicts:
