@@ -462,6 +462,11 @@ def hub_reachable(timeout: float = 5.0) -> bool:
     return True
 
 
+# raised by a progress class that polls Cancel (ComfyUI's, the pipeline's); matched by name because this
+# module never imports ComfyUI
+_CANCEL_ERRORS = ("InterruptProcessingException", "Cancelled")
+
+
 def _from_hub(stems: list[str], variant: str, root: Path | None, local_only: bool, tqdm_class=None) -> dict[str, Path]:
     """Hugging Face cache lookup (local_only) or resumable download; failures leave the stem out.
 
@@ -489,6 +494,8 @@ def _from_hub(stems: list[str], variant: str, root: Path | None, local_only: boo
         try:
             p = Path(hf_hub_download(repo, fname, **kwargs))
         except Exception as e:  # offline, not cached, network error: reported by the caller as missing files
+            if type(e).__name__ in _CANCEL_ERRORS:  # the progress hook's Cancel must stop the load, not skip a file
+                raise
             log.info("could not get %s from %s: %s", fname, repo, e)
             continue
         out[s] = p
