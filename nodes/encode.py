@@ -41,5 +41,6 @@ class EncodeImage(Node):
 
     @classmethod
     def run(cls, model, image, mask=None, mask_is_background=True):
-        cond = pipeline.encode_image(model, image, object_mask(mask, mask_is_background), should_stop=_comfy.should_stop)
+        cond = pipeline.encode_image(model, image, object_mask(mask, mask_is_background),
+                                     should_stop=_comfy.should_stop)
         return (cond.to(_comfy.intermediate_device()),), None

@@ -5,6 +5,7 @@ Building the official networks costs ~20 s and ~10 GB of RAM, so every test here
 `pipeline.build_part` by one that fails the test: the error must come before it.
 """
 import logging
+import threading
 import time
 
 import pytest
@@ -101,8 +102,11 @@ def test_no_network_fails_fast_with_one_line(tmp_path, monkeypatch, caplog):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # discard port: connection refused
     caplog.set_level(logging.INFO)
+    threads = set(threading.enumerate())
     t = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"cannot be reached \(no network\?\)"):
         ck.resolve_weights("v1.1", models_dir=tmp_path / "models")
     assert time.perf_counter() - t < 15
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 1
+    # nothing left running that could outlive the failed load (ComfyUI aborted at exit after one)
+    assert not [th for th in set(threading.enumerate()) - threads if th.is_alive() and not th.daemon]
