@@ -141,8 +141,9 @@ def _limit32(limit: float) -> float:
 
 
 def mark_cells_reference(occupied, tris, coord, lo, hi, tri, cell, factor: int, limit: float,
-                         max_points: int = 1 << 21):
-    """PyTorch: pairs whose cell is unmarked, then their clipped boxes' points in windows of max_points."""
+                         max_points: int = 1 << 21, check_cancel=None):
+    """PyTorch: pairs whose cell is unmarked, then their clipped boxes' points in windows of max_points;
+    check_cancel() (raises to stop) before each window, as a CPU run can take minutes."""
     L = occupied.shape[0]
     flat = occupied.view(-1)
     limit = _limit32(limit)
@@ -152,6 +153,8 @@ def mark_cells_reference(occupied, tris, coord, lo, hi, tri, cell, factor: int, 
     sub_lo = torch.maximum(lo[tri], cell * factor)  # the triangle's box clipped to the cell
     sub_hi = torch.minimum(hi[tri], cell * factor + factor - 1)
     for j, ijk in box_windows(sub_lo, sub_hi - sub_lo + 1, max_points):
+        if check_cancel is not None:
+            check_cancel()
         k = key[j]
         live = ~flat[k]  # marked by an earlier window
         ijk, k, v = ijk[live], k[live], tris[tri[j[live]]]
@@ -286,14 +289,15 @@ def _mark_cells_triton(occupied, tris, coord, lo, hi, tri, cell, factor: int, li
 
 
 def mark_cells(occupied, tris, coord, lo, hi, tri, cell, factor: int, limit: float, max_points: int = 1 << 21,
-               backend: str = "auto", pairs: int | None = None, block: int | None = None):
+               backend: str = "auto", pairs: int | None = None, block: int | None = None, check_cancel=None):
     """Mark (in place) occupied[cell[i]] when a lattice point of triangle tri[i]'s box [lo, hi] inside that cell is
     closer than `limit` to the triangle (see module doc); returns occupied.
 
     max_points bounds the reference's points per window (the kernel needs no buffers). backend: "auto" (Triton
     on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1) or "reference".
     pairs, block: the kernel's tile, pairs per program x points per pair (powers of two; defaults by device).
+    check_cancel: called (it raises to stop) before each window of the reference; the kernel is one launch.
     """
     if backend == "triton" or (backend == "auto" and occupied.is_cuda):
         return _mark_cells_triton(occupied, tris, coord, lo, hi, tri, cell, factor, limit, pairs, block)
-    return mark_cells_reference(occupied, tris, coord, lo, hi, tri, cell, factor, limit, max_points)
+    return mark_cells_reference(occupied, tris, coord, lo, hi, tri, cell, factor, limit, max_points, check_cancel)

@@ -6,6 +6,23 @@ from . import _comfy
 from ._spec import COND, IMAGE, MASK, MODEL, In, Node, Out
 
 
+# LoadImage's MASK for a file without alpha (JPG, RGB PNG): 64x64 zeros whatever the image size
+LOAD_IMAGE_NO_ALPHA = (64, 64)
+
+
+def object_mask(mask, mask_is_background: bool):
+    """The MASK input as s2core wants it (1 = object), or None for "no mask".
+
+    LoadImage's 64x64 all-zero MASK for images without alpha means no mask: the image's own background is
+    keyed out then, as when nothing is connected (it is not resized to the image, nor inverted into
+    "everything is the object")."""
+    if mask is None:
+        return None
+    if tuple(mask.shape[-2:]) == LOAD_IMAGE_NO_ALPHA and not bool(mask.any()):
+        return None
+    return 1.0 - mask if mask_is_background else mask
+
+
 class EncodeImage(Node):
     node_id = "D3DS2EncodeImage"
     display_name = "Direct3D-S2 Encode Image"
@@ -24,7 +41,6 @@ class EncodeImage(Node):
 
     @classmethod
     def run(cls, model, image, mask=None, mask_is_background=True):
-        if mask is not None and mask_is_background:
-            mask = 1.0 - mask
-        cond = pipeline.encode_image(model, image, mask, should_stop=_comfy.should_stop)
+        cond = pipeline.encode_image(model, image, object_mask(mask, mask_is_background),
+                                     should_stop=_comfy.should_stop)
         return (cond.to(_comfy.intermediate_device()),), None

@@ -4,6 +4,7 @@ from __future__ import annotations
 from ..s2core import pipeline
 from . import _comfy
 from ._spec import IMAGE, MASK, MESH, MODEL, SEED_MAX, In, Node, Out
+from .encode import object_mask
 
 
 class ImageToMesh(Node):
@@ -44,8 +45,7 @@ class ImageToMesh(Node):
     def run(cls, model, image, mask=None, mask_is_background=True, seed=0, resolution="1024", dense_steps=50,
             sparse_512_steps=30, sparse_1024_steps=15, guidance=7.0, mc_threshold=0.2, remove_interior=True,
             refine_512=True, max_tokens=0):
-        if mask is not None and mask_is_background:
-            mask = 1.0 - mask
+        mask = object_mask(mask, mask_is_background)
         total = dense_steps + sparse_512_steps + (sparse_1024_steps if resolution == "1024" else 0)
         mesh = pipeline.image_to_mesh(model, image, mask, seed, int(resolution), dense_steps, sparse_512_steps,
                                       sparse_1024_steps, guidance, mc_threshold, remove_interior,

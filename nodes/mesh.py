@@ -30,7 +30,7 @@ class MeshToStructure(Node):
 
     @classmethod
     def run(cls, model, mesh):
-        structure = pipeline.mesh_to_structure(model, _comfy.from_comfy_mesh(mesh))
+        structure = pipeline.mesh_to_structure(model, _comfy.from_comfy_mesh(mesh), _comfy.should_stop)
         return (structure.to(_comfy.intermediate_device()),), None
 
 

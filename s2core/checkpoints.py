@@ -209,6 +209,31 @@ def _load_safetensors(path: Path) -> dict:
     return dict(parts)
 
 
+def load_dinov2(path: str | Path) -> dict[str, torch.Tensor]:
+    """The DINOv2 state dict of a torch-hub `.pth` (safely, as `.ckpt` files) or an HF `.safetensors`; an
+    unreadable, truncated or unsafe file is named with what to do, never a raw traceback."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"`{path}` does not exist; put {DINOV2_HUB_FILE} there or choose another folder.")
+    if path.stat().st_size == 0:
+        raise ValueError(f"`{path}` is empty (0 bytes); delete it and download it again.")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            sd = load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ValueError(f"`{path}` is not a readable .safetensors file ({str(e)[:120]}); it may be truncated "
+                             f"or corrupt — delete it and download it again.") from None
+    else:
+        sd = _load_ckpt(path)
+    if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise ValueError(f"`{path}` does not hold a DINOv2 state dict; delete it and download "
+                         f"{DINOV2_HUB_FILE} again.")
+    return sd
+
+
 def load_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
     """Load a release file as `{part: state_dict}` (`.ckpt` safely, or our `.safetensors`)."""
     path = Path(path)
@@ -237,8 +262,24 @@ def load_part(path: str | Path, part: str, key: str | None = None) -> dict[str, 
                          f"Direct3D-S2 file for this stage.")
     sd = parts[part]
     if key is not None:
+        _check_not_other_variant(sd, key, path.name)
         check_part(sd, key, path.name)
     return sd
+
+
+def _check_not_other_variant(state_dict: Mapping[str, torch.Tensor], key: str, file_label: str) -> None:
+    """A file of the other release (v1.0 vs v1.1 differ in the sparse DiTs) gets its own sentence rather than
+    the 'missing N weights' diff; it is recognised by its names and shapes matching the other manifest."""
+    if diff_state_dict(state_dict, key).ok:
+        return
+    stem, _, part = key.removeprefix("v1_0/").partition(".")
+    selected = "v1.0" if key.startswith("v1_0/") else "v1.1"
+    for other in VARIANT_FOLDERS:
+        okey = manifest_key(stem, part, other)
+        if okey != key and diff_state_dict(state_dict, okey).ok:
+            raise ValueError(f"`{file_label}` is the Direct3D-S2 {other} release of this file but {selected} is "
+                             f"selected: this is the {other} release; choose {other} as the variant, or put the "
+                             f"{selected} file there instead.")
 
 
 def load_release_file(path: str | Path, variant: str = "v1.1") -> dict[str, dict[str, torch.Tensor]]:
@@ -255,12 +296,7 @@ def load_release_file(path: str | Path, variant: str = "v1.1") -> dict[str, dict
             raise ValueError(f"`{path.name}` has no `{part}` weights (it has: {', '.join(sorted(parts)) or 'none'});"
                              f" it is incomplete — download it again.")
         key = manifest_key(stem, part, variant)
-        if not diff_state_dict(parts[part], key).ok:
-            for other in VARIANT_FOLDERS:
-                okey = manifest_key(stem, part, other)
-                if okey != key and diff_state_dict(parts[part], okey).ok:
-                    raise ValueError(f"`{path.name}` is the Direct3D-S2 {other} release of this file but {variant} is "
-                                     f"selected; choose variant {other} or put the {variant} file there instead.")
+        _check_not_other_variant(parts[part], key, path.name)
         check_part(parts[part], key, path.name)
         out[part] = parts[part]
     return out
@@ -382,14 +418,53 @@ def resolve_weights(variant: str = "v1.1", stages: tuple[str, ...] = ("dense", "
         return found
     offline = _offline()
     root = Path(models_dir) if models_dir is not None else None
-    found.update(_from_hub(missing, variant, root, local_only=offline or not allow_download, tqdm_class=tqdm_class))
+    # no network: one quick request says so, instead of huggingface_hub's retries per file (minutes, dozens of
+    # log lines); the cache is still searched
+    if allow_download and not offline and root is not None:  # a folder problem is worth saying with or without network
+        _make_writable_folder(root)
+    unreachable = allow_download and not offline and not hub_reachable()
+    found.update(_from_hub(missing, variant, root, local_only=offline or not allow_download or unreachable,
+                           tqdm_class=tqdm_class))
     target = root / variant if root is not None else local_dir
     still = [s for s in missing if s not in found]
     if still:
         reason = ("downloading is off (HF_HUB_OFFLINE=1)" if offline else
-                  "downloading was not allowed" if not allow_download else "the download failed")
+                  "downloading was not allowed" if not allow_download else
+                  "the Hugging Face Hub cannot be reached (no network?)" if unreachable else "the download failed")
         raise FileNotFoundError(missing_files_message(still, variant, target, reason))
     return found
+
+
+def _make_writable_folder(target: Path) -> None:
+    try:
+        target.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise PermissionError(f"Cannot create the weights folder `{target}` ({e.strerror}); make it "
+                              f"writable or choose another models folder.") from None
+    if not os.access(target, os.W_OK):
+        raise PermissionError(f"The weights folder `{target}` is read-only; make it writable or choose "
+                              f"another models folder.")
+
+
+def hub_reachable(timeout: float = 5.0) -> bool:
+    """One request to the Hub's endpoint, no retries: False when it cannot be connected to in `timeout` s.
+    Any HTTP answer (even an error status) counts as reachable; proxies are honoured (its own HTTP client)."""
+    try:
+        from huggingface_hub import constants
+        from huggingface_hub.utils import get_session
+    except ImportError:  # pragma: no cover
+        return True
+    try:
+        get_session().head(constants.ENDPOINT, timeout=timeout)
+    except Exception as e:  # connection refused, DNS failure, timeout: the same for the user
+        log.info("Hugging Face Hub not reachable: %s", e)
+        return False
+    return True
+
+
+# raised by a progress class that polls Cancel (ComfyUI's, the pipeline's); matched by name because this
+# module never imports ComfyUI
+_CANCEL_ERRORS = ("InterruptProcessingException", "Cancelled")
 
 
 def _from_hub(stems: list[str], variant: str, root: Path | None, local_only: bool, tqdm_class=None) -> dict[str, Path]:
@@ -412,20 +487,15 @@ def _from_hub(stems: list[str], variant: str, root: Path | None, local_only: boo
         kwargs = dict(subfolder=sub, local_files_only=local_only)
         target = None if root is None else (root / DINOV2_HF_FOLDER if s == "dinov2" else root)
         if target is not None and not local_only:
-            try:
-                target.mkdir(parents=True, exist_ok=True)
-            except OSError as e:
-                raise PermissionError(f"Cannot create the weights folder `{target}` ({e.strerror}); make it "
-                                      f"writable or choose another models folder.") from None
-            if not os.access(target, os.W_OK):
-                raise PermissionError(f"The weights folder `{target}` is read-only; make it writable or choose "
-                                      f"another models folder.")
+            _make_writable_folder(target)
             kwargs["local_dir"] = target
         if tqdm_class is not None:
             kwargs["tqdm_class"] = tqdm_class
         try:
             p = Path(hf_hub_download(repo, fname, **kwargs))
         except Exception as e:  # offline, not cached, network error: reported by the caller as missing files
+            if type(e).__name__ in _CANCEL_ERRORS:  # the progress hook's Cancel must stop the load, not skip a file
+                raise
             log.info("could not get %s from %s: %s", fname, repo, e)
             continue
         out[s] = p

@@ -15,9 +15,9 @@ Inputs accepted (one or a batch):
 | `image` | ComfyUI IMAGE `[B, H, W, C]` / `[H, W, C]` float 0..1, C = 3/4 (1/2: grey, + alpha); PIL image of any mode (alpha or a transparent colour is used; 16-bit grey scaled by 255/65535); uint8 NumPy `[H, W, C]` |
 | `mask`  | ComfyUI MASK `[B, H, W]` / `[H, W]` float 0..1; PIL image (grey level; 16-bit scaled); NumPy `[H, W]`; None |
 
-Mask convention: **1 = object** (alpha). ComfyUI's LoadImage outputs `1 − alpha` as its MASK, so pass
-`invert_mask=True` for it (or put an InvertMask node in between); background-removal nodes already give
-1 = object. Priority: `mask`, else the image's own alpha, else — only when the image border is a
+Mask convention: **1 = object** (alpha). ComfyUI's LoadImage outputs `1 − alpha` as its MASK (the nodes'
+`mask_is_background` input inverts it; here `invert_mask=True`), and 64×64 zeros for a file without alpha,
+which the nodes pass on as no mask; background-removal nodes already give 1 = object. Priority: `mask`, else the image's own alpha, else — only when the image border is a
 near-uniform colour (a product shot) — a mask keyed out against that border colour; otherwise a
 ValueError asks for a mask. NaN or infinite pixels and empty batches are refused. Images larger than
 `max_side` (4096) are downscaled first (bounded memory; the result then differs slightly from
@@ -185,8 +185,7 @@ def preprocess_image(image, mask=None, *, invert_mask: bool = False, size: int =
             alpha = masks[b if len(masks) > 1 else 0]
             if alpha.shape != (H, W):
                 raise ValueError(f"The mask is {alpha.shape[1]}x{alpha.shape[0]} but the image is {W}x{H}; they must "
-                                 "match (LoadImage gives a 64x64 empty mask for files without alpha — use a "
-                                 "background-removal node instead).")
+                                 "match; resize the mask, or connect the mask made from this image.")
             _warn_if_inverted(alpha)
         elif arr.shape[-1] == 4:
             alpha = arr[..., 3]
@@ -194,7 +193,7 @@ def preprocess_image(image, mask=None, *, invert_mask: bool = False, size: int =
             alpha = _key_out_background(rgb)
         if not (alpha > 0).any():
             raise ValueError("The mask is empty, so there is no object to reconstruct; connect the image's alpha or "
-                             "a segmentation mask (with LoadImage's MASK, set invert_mask).")
+                             "a segmentation mask (LoadImage's MASK is 1 - alpha: keep mask_is_background on).")
         rgba = _shrink(np.concatenate([rgb, alpha[..., None]], axis=-1), max_side)
         out.append(_official_preprocess(rgba, size))
     return torch.stack(out)
@@ -204,4 +203,4 @@ def _warn_if_inverted(alpha: np.ndarray) -> None:
     border = np.concatenate([alpha[0], alpha[-1], alpha[:, 0], alpha[:, -1]])
     if (border >= 128).mean() > 0.9:
         log.warning("The mask covers almost all of the image border, so it may mark the background; "
-                    "LoadImage's MASK is 1 - alpha — set invert_mask if the object comes out hollow or boxy.")
+                    "LoadImage's MASK is 1 - alpha — switch mask_is_background if the object comes out hollow or boxy.")

@@ -486,17 +486,6 @@ def tiny_state_dicts(config: ReleaseConfig, parts: tuple[str, ...], seed: int = 
     return out
 
 
-def _read_dinov2(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(path))
-    sd = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(sd, dict):
-        raise ValueError(f"`{path}` does not hold a DINOv2 state dict; download dinov2_vitl14_reg4_pretrain.pth again.")
-    return sd
-
-
 def _release_state_dicts(variant: str, parts: tuple[str, ...], stages: tuple[str, ...], weights_dir, models_dir,
                          allow_download: bool, progress) -> dict[str, dict[str, torch.Tensor]]:
     from . import checkpoints
@@ -508,7 +497,7 @@ def _release_state_dicts(variant: str, parts: tuple[str, ...], stages: tuple[str
     for name in parts:
         p = PARTS[name]
         if p.stem is None:
-            out[name] = _read_dinov2(paths["dinov2"])
+            out[name] = checkpoints.load_dinov2(paths["dinov2"])
         else:
             out[name] = checkpoints.load_part(paths[p.stem], p.part, checkpoints.manifest_key(p.stem, p.part, variant))
     return out
@@ -543,13 +532,15 @@ def load_models(variant: str = "v1.1", stages: tuple[str, ...] = STAGES, device:
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" and variant != "tiny-random" else torch.float32
     parts = tuple(dict.fromkeys(p for s in STAGES if s in stages for p in STAGE_PARTS[s]))
-    modules = {name: build_part(name, config, dtype) for name in parts}  # fails early if a module is missing
     if state_dicts is None:
         if variant == "tiny-random":
             state_dicts = tiny_state_dicts(config, parts, seed)
         else:
+            # files first: missing, corrupt or wrong-variant files are reported in seconds, before ~10 GB of
+            # networks exist (.ckpt files are memory-mapped, so holding their state dicts costs little)
             state_dicts = _release_state_dicts(variant, parts, stages, weights_dir, models_dir, allow_download,
                                                progress)
+    modules = {name: build_part(name, config, dtype) for name in parts}
     models = Models(config, variant, dtype, placement or Placement(device))
     for name, module in modules.items():
         if name not in state_dicts:
@@ -737,7 +728,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
     need = activation_bytes(f"sparse {key} decoding", latent.structure.batch_size, latent.structure.num_tokens)
     with stage_guard(f"sparse {res} decoding", hint), models.placement.use([vae], need) as dev:
         x = latent.structure.to(dev).sparse(latent.feats.to(dev, torch.float16 if vae.cfg.use_fp16 else torch.float32))
-        out = vae.decode(x, return_feat=refine)
+        out = vae.decode(x, return_feat=refine, check_cancel=lambda: _poll(should_stop))
     sdf, feat = out if isinstance(out, tuple) else (out, None)
     del out, x  # the refiner below consumes (empties) sdf and feat: no other reference may keep them alive
     _poll(should_stop)
@@ -756,13 +747,27 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
             sdf, feat = sdf.to(dev), None if feat is None else feat.to(dev)
             field_ = remove_interior(refiner, sdf, feat, iso, progress=progress, grid=_cube_grid(res, sdf_res),
                                      consume=True)
-            items = _function("refiner", "mesh_refined_field")(field_)
+            items = _function("refiner", "mesh_refined_field")(field_, check_cancel=lambda: _poll(should_stop))
     else:
         to_mesh = _function("mesh.marching_cubes", "meshes_from_sparse_sdf")
         with stage_guard(f"{res} surface extraction", hint):
-            items = to_mesh(sdf, sdf_res, threshold)
+            items = to_mesh(sdf, sdf_res, threshold, check_cancel=lambda: _poll(should_stop))
+    items = list(items)
+    level = (2 * threshold if res == 512 else threshold) if refine else threshold
+    fix = ("turn refine off, " if refine else "") + "try another seed or threshold"
+    _check_surfaces(items, f"the {res} stage's {'refined ' if refine else ''}field has no surface at level {level:g}",
+                    fix)
     info = {"variant": models.variant, "seed": latent.seed, "resolution": res, "refined": bool(refine)}
-    return Mesh.from_list(list(items), res, info)
+    return Mesh.from_list(items, res, info)
+
+
+def _check_surfaces(items: list[tuple[torch.Tensor, torch.Tensor]], why: str, fix: str) -> None:
+    """Stop where an empty mesh appears, in one sentence (downstream it only surfaces as an obscure error,
+    e.g. core SaveGLB's "zero-size array to reduction operation")."""
+    empty = [b for b, (_, f) in enumerate(items) if f.shape[0] == 0]
+    if empty:
+        which = f"Mesh {empty[0]}" if len(items) > 1 else "The mesh"
+        raise ValueError(f"{which} is empty because {why}; {fix}.")
 
 
 def _cube_grid(res: int, sdf_res: int):
@@ -776,7 +781,7 @@ def _cube_grid(res: int, sdf_res: int):
                             g.stride * sdf_res // official)
 
 
-def mesh_to_structure(models: Models, mesh: Mesh) -> Structure:
+def mesh_to_structure(models: Models, mesh: Mesh, should_stop: ShouldStop | None = None) -> Structure:
     """Normalise each mesh (longest side to [-0.95, 0.95]) and voxelize it into the 1024 stage's latent index
     (SPEC.md §10.1-2: cells within 8/1024 of the surface, on the 128³ grid)."""
     to_index = _function("mesh.voxelize", "mesh_to_latent_index")
@@ -786,7 +791,8 @@ def mesh_to_structure(models: Models, mesh: Mesh) -> Structure:
         if f.shape[0] == 0:
             raise ValueError(f"Mesh {b} has no faces, so there is nothing to refine at 1024; check the 512 "
                              f"stage's output (another seed or threshold).")
-        idx = to_index(v, f, resolution=cfg.resolution * 8, normalize=True, device=models.placement.device)
+        idx = to_index(v, f, resolution=cfg.resolution * 8, normalize=True, device=models.placement.device,
+                       check_cancel=lambda: _poll(should_stop))
         idx = idx.to(torch.int32).cpu()  # [N_b, 4] (0, x, y, z) on the latent grid
         idx[:, 0] = b
         parts.append(idx)
@@ -802,14 +808,15 @@ def postprocess(mesh: Mesh, simplify: bool = True, simplify_ratio: float = SIMPL
         raise ValueError(f"simplify_ratio is the fraction of faces to remove and must be in [0, 1), got {simplify_ratio}.")
     post = _function("mesh.postprocess", "postprocess_mesh")
     items = []
+    _check_surfaces(mesh.items(), "the mesh given to post-processing has no faces",
+                    "connect a mesh with triangles")
     for v, f in mesh.items():  # host loop over batch items: mesh ops run per mesh
         _poll(should_stop)
-        if f.shape[0] == 0:
-            items.append((v, f))
-            continue
         v, f, _ = post(v, f, remove_debris=remove_debris, close_holes=fill_holes,
-                       simplify_ratio=simplify_ratio if simplify else None)
+                       simplify_ratio=simplify_ratio if simplify else None,
+                       check_cancel=lambda: _poll(should_stop))
         items.append((v, f))
+    _check_surfaces(items, "post-processing removed every face", "lower simplify_ratio or turn remove_debris off")
     return Mesh.from_list(items, mesh.resolution, mesh.info)
 
 
@@ -821,6 +828,7 @@ def save(mesh: Mesh, path: str | Path, metadata: dict | None = None, overwrite: 
     `mesh.info` (variant, seed, resolution) and `metadata` in asset.extras.
     """
     save_mesh = _function("mesh.export", "save_mesh")
+    _check_surfaces(mesh.items(), "it has no faces, so there is nothing to save", "check the stage that made it")
     path = Path(path)
     extras = {**mesh.info, **(metadata or {})}
     out = []
@@ -855,7 +863,7 @@ def image_to_mesh(models: Models, image: torch.Tensor, mask: torch.Tensor | None
                            should_stop)
     mesh = decode_sparse(models, latent, refine_512, mc_threshold, None, should_stop)
     if resolution == 1024:
-        structure = mesh_to_structure(models, mesh)
+        structure = mesh_to_structure(models, mesh, should_stop)
         latent = sample_sparse(models, cond, structure, seed, sparse_1024_steps, guidance, max_tokens,
                                offset(dense_steps + sparse_512_steps), should_stop)
         mesh = decode_sparse(models, latent, remove_interior, mc_threshold, None, should_stop)

@@ -703,7 +703,8 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
 
 
 @torch.no_grad()
-def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21,
+                       check_cancel=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Marching cubes of a `RefinedField` → per batch element (vertices [V, 3] fp32, faces [F, 3] int64).
 
     Vertices are in the original's frame (v / R * 2 - 1). Uses the conventions, tables, face decider and
@@ -711,7 +712,8 @@ def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21) -> list[tu
     interpolated in fp64 and rounded to fp32; welded per grid edge), but visits only cells whose 8
     corners are all in the field: `sparse_sdf_to_mesh` reads missing voxels as +1, right for a decoded
     band and wrong here, where the background is inside (-1) as often as outside. Cells are taken
-    max_cells at a time, so the transients are bounded by the chunk, not the field.
+    max_cells at a time, so the transients are bounded by the chunk, not the field; check_cancel() (raises
+    to stop) before each chunk.
     """
     from .mesh.marching_cubes import Welder, key_coords, lookup_keys
 
@@ -722,6 +724,8 @@ def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21) -> list[tu
     B = int(keys[-1]) // R**3 + 1 if keys.numel() else 1
     welder = Welder(R, level, device)
     for start in range(0, keys.numel(), max_cells):  # chunks of candidate cells bound memory
+        if check_cancel is not None:
+            check_cancel()
         cells = keys[start:start + max_cells]
         vals = field.values[start:start + max_cells]
         xyz = key_coords(cells, R)[:, 1:]

@@ -155,20 +155,21 @@ class SparseSDFDecoder(SparseTransformerTrunk):
         return (SparseTensor(sdf, h.coords, h.batch_size, h.offsets),
                 SparseTensor(feat.feats, h.coords, h.batch_size, h.offsets))
 
-    def forward(self, x: SparseTensor, factor: float | None = None, return_feat: bool = False):
+    def forward(self, x: SparseTensor, factor: float | None = None, return_feat: bool = False, check_cancel=None):
         """Latent tokens x (feats [N, 16], coords at the latent grid) -> sparse SDF at 8x the resolution.
 
         Unchunked (512 VAE): returns sdf, or (sdf, features) with return_feat. Chunked (1024 VAE): returns
         sdf only, with the original's seam duplicates (return_feat is ignored, as in the original).
+        check_cancel() (raises to stop) is called before each chunk.
         """
         h = self.run_trunk(x, factor)
         if self.chunk_size <= 1:
             sdf, feat = self.head(h, x.dtype)
             return (sdf, feat) if return_feat else sdf
-        return self.decode_chunked(h, x.dtype)
+        return self.decode_chunked(h, x.dtype, check_cancel)
 
     @torch.no_grad()
-    def decode_chunked(self, h: SparseTensor, out_dtype: torch.dtype) -> SparseTensor:
+    def decode_chunked(self, h: SparseTensor, out_dtype: torch.dtype, check_cancel=None) -> SparseTensor:
         """Run the head per chunk of (resolution / chunk_size)^3 latent cells with 4 cells of context.
 
         Matches the original's eval path (SPARSE.md §4.5): chunks in (i, j, k) order, z innermost; a chunk
@@ -185,6 +186,8 @@ class SparseSDFDecoder(SparseTransformerTrunk):
         for i in range(n_chunks):  # a loop over chunks, not voxels
             for j in range(n_chunks):
                 for k in range(n_chunks):
+                    if check_cancel is not None:
+                        check_cancel()
                     lo = torch.tensor([max(0, c * sub - pad) for c in (i, j, k)], device=h.device, dtype=xyz.dtype)
                     hi = torch.tensor([min((c + 1) * sub + pad, res) for c in (i, j, k)], device=h.device,
                                       dtype=xyz.dtype)
@@ -285,13 +288,13 @@ class SparseSDFVAE(nn.Module):
             z = mean + std * torch.randn(mean.shape, generator=generator, device=mean.device)
         return h.replace(z.to(h.dtype))
 
-    def decode(self, latent: SparseTensor, factor: float = 1.0, return_feat: bool = False):
+    def decode(self, latent: SparseTensor, factor: float = 1.0, return_feat: bool = False, check_cancel=None):
         """Sampled latent -> sparse SDF in (-1, 1) at resolution * 8 (see SparseSDFDecoder.forward).
 
         Applies the original pipeline's `1 / latents_scale * latents + latents_shift` first (identity
         for the released 1.0 / 0.0)."""
         feats = (1.0 / self.cfg.latents_scale) * latent.feats + self.cfg.latents_shift
-        return self.decoder(latent.replace(feats), factor, return_feat)
+        return self.decoder(latent.replace(feats), factor, return_feat, check_cancel)
 
     @property
     def sdf_resolution(self) -> int:

@@ -64,7 +64,7 @@ def test_loadimage_mask_without_invert_is_flagged(caplog):
     inverted = torch.from_numpy(1.0 - arr[..., 3].astype(np.float32) / 255.0)[None]
     with caplog.at_level(logging.WARNING, logger="s2core.image"):
         preprocess_image(image, inverted)
-    assert "invert_mask" in caplog.text
+    assert "mask_is_background" in caplog.text  # the node input that exists (issue 15 item 6)
 
 
 def test_no_mask_uniform_background_is_keyed_out():

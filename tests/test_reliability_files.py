@@ -151,5 +151,5 @@ def test_wrong_variant_for_the_selected_stage_is_named(tmp_path):
         torch.save(parts, path)
         assert ck.load_release_file(path, have)  # loads as what it is
         with pytest.raises(ValueError, match=rf"is the Direct3D-S2 {have} release of this file but {selected} is "
-                                             rf"selected; choose variant {have}"):
+                                             rf"selected: this is the {have} release; choose {have}"):
             ck.load_release_file(path, selected)

@@ -106,7 +106,8 @@ def _face_bits(vals: torch.Tensor) -> torch.Tensor:
     return bits
 
 
-def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level: float, batch_size: int):
+def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level: float, batch_size: int,
+                            check_cancel=None):
     """Core: (verts [V, 3] fp32 index space, faces [F, 3] int64 global, vertex batch ids [V]).
 
     Vertices come sorted by batch element (their keys start with b), each element's contiguous."""
@@ -136,6 +137,8 @@ def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level
         r0 = r1
     welder = Welder(r, level, device)
     for r0, r1 in bounds:  # slabs of cells, not cells
+        if check_cancel is not None:  # raises to stop
+            check_cancel()
         lo = per_row[r0 - 1] if r0 else 0
         hi = per_row[min(r1, n_rows - 1)]
         if hi == lo:
@@ -258,11 +261,14 @@ def sparse_sdf_to_mesh(coords, sdf, resolution=None, threshold=None):
     return _to_original_frame(verts, resolution), faces
 
 
-def meshes_from_sparse_sdf(sdf, resolution: int, threshold: float) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def meshes_from_sparse_sdf(sdf, resolution: int, threshold: float,
+                           check_cancel=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch element (vertices [V_b, 3] fp32 original frame, faces [F_b, 3] int64) of a SparseTensor SDF,
-    all elements meshed in one vectorised pass (the batch id is part of every key)."""
+    all elements meshed in one vectorised pass (the batch id is part of every key); check_cancel() (raises to
+    stop) before each slab of cells."""
     b = sdf.batch_size
-    verts, faces, vbatch = _marching_cubes_batched(sdf.coords, sdf.feats, int(resolution), threshold, b)
+    verts, faces, vbatch = _marching_cubes_batched(sdf.coords, sdf.feats, int(resolution), threshold, b,
+                                                   check_cancel)
     v_counts = torch.bincount(vbatch, minlength=b)
     v_start = torch.cumsum(v_counts, 0) - v_counts
     fbatch = vbatch[faces[:, 0]] if faces.shape[0] else vbatch[:0]  # faces come grouped by element

@@ -36,13 +36,16 @@ def _as_mesh(vertices, faces) -> tuple[torch.Tensor, torch.Tensor]:
     return v, f
 
 
-def connected_components(faces: torch.Tensor, num_vertices: int) -> torch.Tensor:
+def connected_components(faces: torch.Tensor, num_vertices: int, check_cancel=None) -> torch.Tensor:
     """Component label [V] int64 of every vertex (the smallest vertex id of its component).
 
     Min-label propagation over the faces (or edges: any [K, m] index tensor) with pointer jumping,
-    which converges in a few dozen passes even on long thin pieces."""
+    which converges in a few dozen passes even on long thin pieces. check_cancel() is called every pass
+    (it raises to stop)."""
     label = torch.arange(num_vertices, device=faces.device)
     while True:
+        if check_cancel is not None:
+            check_cancel()
         m = label[faces].min(1).values  # [K]
         new = label.scatter_reduce(0, faces.reshape(-1), m.repeat_interleave(faces.shape[1]), "amin")
         new = new[new]  # jump: a label is a vertex id, take that vertex's label
@@ -59,10 +62,11 @@ def _compact(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor,
     return vertices[used], remap[faces]
 
 
-def remove_small_components(vertices, faces, min_ratio: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+def remove_small_components(vertices, faces, min_ratio: float = 0.01,
+                            check_cancel=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep connected pieces with at least `min_ratio` × the face count of the largest piece."""
     v, f = _as_mesh(vertices, faces)
-    label = connected_components(f, v.shape[0])[f[:, 0]]  # [F] component of each face
+    label = connected_components(f, v.shape[0], check_cancel)[f[:, 0]]  # [F] component of each face
     size = torch.bincount(label, minlength=v.shape[0])
     keep = size[label] >= min_ratio * size.max()
     dropped = int((size > 0).sum()) - int((size >= min_ratio * size.max()).sum())
@@ -75,7 +79,8 @@ def _edge_keys(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
     return torch.minimum(a, b) * n + torch.maximum(a, b)
 
 
-def fill_holes(vertices, faces, max_hole_edges: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def fill_holes(vertices, faces, max_hole_edges: int | None = None,
+               check_cancel=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Close boundary loops of at most `max_hole_edges` edges (all when None) with centroid fans.
 
     Each boundary edge a→b (as its face orders it) gets the triangle (b, a, centroid), so new faces wind
@@ -95,7 +100,7 @@ def fill_holes(vertices, faces, max_hole_edges: int | None = None) -> tuple[torc
     if not bool(boundary.any()):
         return v, f
     ba, bb = a[boundary], b[boundary]
-    loop = connected_components(torch.stack([ba, bb], 1), n)[ba]  # [Eb] loop id (a vertex id)
+    loop = connected_components(torch.stack([ba, bb], 1), n, check_cancel)[ba]  # [Eb] loop id (a vertex id)
     loop_ids, loop_of_edge, loop_len = torch.unique(loop, return_inverse=True, return_counts=True)
     fill = loop_len[loop_of_edge] <= (max_hole_edges if max_hole_edges is not None else loop_len.max())
     if not bool(fill.any()):
@@ -152,20 +157,24 @@ def vertex_normals(vertices, faces) -> torch.Tensor:
 
 def postprocess_mesh(vertices, faces, *, remove_debris: bool = False, min_component_ratio: float = 0.01,
                      close_holes: bool = False, max_hole_edges: int | None = None,
-                     simplify_ratio: float | None = 0.95, target_faces: int | None = None
+                     simplify_ratio: float | None = 0.95, target_faces: int | None = None, check_cancel=None
                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cleanup in a fixed order → (vertices [V, 3] float32, faces [F, 3] int64, vertex normals [V, 3]).
 
     Defaults are the original's `remesh=True`: simplify with simplify_ratio 0.95 (fraction of faces
     removed), nothing else. target_faces overrides simplify_ratio; set both None to skip simplification.
     Debris is removed before holes are filled (so fans do not close debris) and both before simplifying;
-    vertices no face uses are dropped at the end.
+    vertices no face uses are dropped at the end. check_cancel() (raises to stop) is called between steps
+    and every pass of the component search; the simplifier itself is one library call.
     """
+    poll = check_cancel if check_cancel is not None else (lambda: None)
     v, f = _as_mesh(vertices, faces)
     if remove_debris:
-        v, f = remove_small_components(v, f, min_component_ratio)
+        v, f = remove_small_components(v, f, min_component_ratio, check_cancel)
     if close_holes:
-        v, f = fill_holes(v, f, max_hole_edges)
+        poll()
+        v, f = fill_holes(v, f, max_hole_edges, check_cancel)
+    poll()
     if target_faces is not None:
         v, f = simplify_mesh(v, f, target_faces=target_faces)
     elif simplify_ratio is not None and simplify_ratio > 0:

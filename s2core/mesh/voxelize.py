@@ -83,7 +83,7 @@ def check_mesh(vertices: torch.Tensor, faces: torch.Tensor) -> None:
 @torch.no_grad()
 def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 8, threshold: float = 4.0,
                          normalize: bool = True, device: torch.device | str | None = None,
-                         max_candidates: int = 1 << 21, backend: str = "auto") -> torch.Tensor:
+                         max_candidates: int = 1 << 21, backend: str = "auto", check_cancel=None) -> torch.Tensor:
     """Latent cells [N, 4] int32 (0, x, y, z), sorted, of the lattice points within threshold/resolution of the mesh.
 
     vertices [V, 3], faces [F, 3] (numpy or torch). normalize: apply `normalize_vertices` first (the
@@ -91,7 +91,8 @@ def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 
     device: where to compute (default CUDA when available). max_candidates bounds the (triangle, cell)
     pairs and lattice points examined at once (memory ~ 0.5 KB each on the reference path, ~ 0.1 KB on
     the kernel's). backend: "auto" (the Triton kernel on CUDA, PyTorch elsewhere), "triton" (also on CPU
-    with TRITON_INTERPRET=1) or "reference" (PyTorch); all give the same cells.
+    with TRITON_INTERPRET=1) or "reference" (PyTorch); all give the same cells. check_cancel() is called
+    (it raises to stop) before every window: on a CPU a large mesh takes minutes.
     """
     if backend not in ("auto", "triton", "reference"):
         raise ValueError(f"backend must be 'auto', 'triton' or 'reference', got {backend!r}.")
@@ -124,8 +125,10 @@ def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 
     kern = _kernel()
     clo, chi = lo // factor, hi // factor
     for t, cell in kern.box_windows(clo, chi - clo + 1, max_candidates):  # [n] triangle ids, [n, 3] cells
+        if check_cancel is not None:
+            check_cancel()
         kern.mark_cells(occupied, tris, coord, lo, hi, t, cell, factor, limit, max_points=max_candidates,
-                        backend=backend)
+                        backend=backend, check_cancel=check_cancel)
     cells = occupied.nonzero()  # lexicographic, as torch.unique orders the original's rows
     return torch.cat([torch.zeros_like(cells[:, :1]), cells], 1).int()
 
