@@ -26,8 +26,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from ._common import HALF as _HALF
 

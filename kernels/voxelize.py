@@ -51,8 +51,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
 
 __all__ = ["mark_cells", "mark_cells_reference", "point_triangle_distance", "lattice_coordinates", "box_windows",
            "PAIRS", "BLOCK"]
