@@ -69,7 +69,7 @@ def ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks,
         if width == 0:
             continue
         pos = torch.arange(width, device=q.device).expand(h, c1 - c0, width).contiguous()  # [H, i, T]
-        slot = torch.searchsorted(sel_end[:, c0:c1], pos, right=True).clamp_(max=block_idx.shape[2] - 1)
+        slot = torch.searchsorted(sel_end[:, c0:c1].contiguous(), pos, right=True).clamp_(max=block_idx.shape[2] - 1)
         start = (sel_end - sel_len)[:, c0:c1].gather(2, slot)  # where each position's slot starts
         valid = pos < total[:, c0:c1, None]
         rows = torch.where(valid, first_tok[blk[:, c0:c1].gather(2, slot)] + pos - start, 0)  # [H, i, T]
