@@ -7,6 +7,8 @@ import zlib
 
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
 
 from kernels import _common
 from kernels import group_norm as GN
@@ -27,10 +29,11 @@ def _selection(lens, h, g, d, topk, seed, empty_rows=True):
     bidx = torch.full((h, n, topk), -1, dtype=torch.int32)
     for b in range(len(lens)):
         q0, q1, nb = int(cu_q[b]), int(cu_q[b + 1]), int(cu_blocks[b + 1] - cu_blocks[b])
-        for hh in range(h):
-            for i in range(q0, q1):
-                kk = int(torch.randint(0 if empty_rows else 1, min(topk, nb) + 1, (1,), generator=gen))
-                bidx[hh, i, :kk] = torch.randperm(nb, generator=gen)[:kk].sort().values.to(torch.int32)
+        kk = min(topk, nb)
+        pick = torch.rand(h, q1 - q0, nb, generator=gen).argsort(-1)[..., :kk]  # distinct blocks per row
+        count = torch.randint(0 if empty_rows else 1, kk + 1, (h, q1 - q0, 1), generator=gen)
+        pick = torch.where(torch.arange(kk) < count, pick, nb).sort(-1).values  # chosen first, ascending
+        bidx[:, q0:q1, :kk] = torch.where(pick == nb, -1, pick).to(torch.int32)
     return q, k, v, bidx, cu_q, cu_blocks, cu_tok
 
 
@@ -108,3 +111,37 @@ def test_group_norm_reference_is_per_group():
     w, b = torch.randn(12, generator=gen), torch.randn(12, generator=gen)
     want = torch.nn.functional.silu(torch.nn.functional.group_norm(x, 3, w, b, 1e-5))
     torch.testing.assert_close(GN.group_norm_silu_reference(x, w, b, 3), want, rtol=1e-5, atol=1e-6)
+
+
+class _Largest(TorchDispatchMode):
+    """Records the element count of the largest tensor any op returns."""
+
+    def __init__(self):
+        super().__init__()
+        self.numel = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        self.numel = max([self.numel] + [t.numel() for t in tree_flatten(out)[0] if isinstance(t, torch.Tensor)])
+        return out
+
+
+def test_references_stay_within_the_chunk_bound(monkeypatch):
+    # 3000 tokens in one sample: a dense [HQ, N, N] score matrix would be 72 M elements, [N, N] 9 M. With the
+    # working set at 2^18 elements, nothing but the N-sized inputs/outputs ([N, HQ, D] = 768 k) may be larger
+    # than a few chunks' worth.
+    monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 1 << 18)
+    q, k, v, bidx, cu_q, cu_blocks, cu_tok = _selection([3000], 2, 4, 32, 4, 7, empty_rows=False)
+    n, hq, d = q.shape
+    bound = max(n * hq * d, 4 << 18)
+    with _Largest() as seen:
+        SEL.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, n)
+    assert seen.numel <= bound, f"selection: a tensor of {seen.numel} elements (bound {bound})"
+    cu_k = torch.tensor([0, 600], dtype=torch.int32)
+    with _Largest() as seen:
+        CMP.ssa_compressed_attention_reference(q, k[:600], v[:600], cu_q, cu_k, n, 4)
+    assert seen.numel <= bound, f"compressed: a tensor of {seen.numel} elements (bound {bound})"
+    perm, cu_w, max_w = WIN.window_partition(block_sorted_coords([3000], 24, 8, 7), 8, 0)
+    with _Largest() as seen:
+        WIN.ssa_window_attention_reference(q, k, v, perm, cu_w, max_w)
+    assert seen.numel <= bound, f"window: a tensor of {seen.numel} elements (bound {bound})"
