@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-_spec = importlib.util.spec_from_file_location("bench_archs", Path(__file__).resolve().parents[2] / "bench" / "archs.py")
+ARCHS_PY = Path(__file__).resolve().parents[2] / "bench" / "archs.py"
+_spec = importlib.util.spec_from_file_location("bench_archs", ARCHS_PY)
 archs = importlib.util.module_from_spec(_spec)
 sys.modules["bench_archs"] = archs  # dataclasses look their module up there
 _spec.loader.exec_module(archs)
