@@ -1,11 +1,119 @@
-"""Small pieces every SSA kernel module shares: constants, dispatch dtypes, the gated write-out."""
+"""Small pieces every kernel module shares: Triton (or its stand-in), the dispatch rule, the shared-memory
+limits autotune configs are pruned by, constants, the SSA layout checks and gated write-out.
+
+Triton is optional at run time. Windows has no `triton` wheel (ComfyUI portable installs `triton-windows` only
+when asked) and CPU-only installs need none: without it every kernel module still imports, its Triton kernels
+become stand-ins that refuse to launch, and `use_triton` sends every call to the module's PyTorch reference on
+the tensors' own device (CUDA, CPU, MPS), with one log line the first time a CUDA tensor takes that path.
+"""
+from __future__ import annotations
+
+import functools
 import inspect
+import logging
 
 import torch
-import triton
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the references run everywhere
+    triton = tl = None
+
+log = logging.getLogger(__name__)
 
 LOG2E = 1.4426950408889634  # kernels use exp2: exp(x) = exp2(x * log2 e)
 HALF = (torch.float16, torch.bfloat16)  # "auto" runs Triton on CUDA for these; fp32 models use the reference
+HAS_TRITON = triton is not None
+NO_TRITON = ("Triton is not installed; install it (Linux: `pip install triton`, Windows: `pip install "
+             "triton-windows`) or use backend='auto', which runs the PyTorch reference instead")
+
+
+class _NoTriton:
+    """Stands in for the `triton` module when it is missing, so that kernel modules import and define their
+    kernels: `@triton.jit` and `triton.autotune` give kernels that raise when launched (`kernel[grid](...)`)."""
+
+    class _Kernel:
+        def __init__(self, fn):
+            self.fn = fn
+
+        def __getitem__(self, grid):
+            raise RuntimeError(f"{self.fn.__name__}: {NO_TRITON}.")
+
+    class Config:  # same fields as triton.Config, so configs and their pruning work without Triton
+        def __init__(self, kwargs, num_warps=4, num_stages=3, **_):
+            self.kwargs, self.num_warps, self.num_stages = kwargs, num_warps, num_stages
+
+    def jit(self, fn=None, **_):
+        return self._Kernel(fn) if fn is not None else self._Kernel
+
+    def autotune(self, configs, key, **_):
+        return lambda kernel: kernel
+
+    @staticmethod
+    def cdiv(a: int, b: int) -> int:
+        return -(-a // b)
+
+    @staticmethod
+    def next_power_of_2(n: int) -> int:
+        return 1 << max(n - 1, 0).bit_length()
+
+
+if triton is None:
+    triton = _NoTriton()
+
+
+@functools.lru_cache(maxsize=1)
+def _warn_reference_on_cuda() -> None:
+    log.warning("Triton is not installed, so the sparse stages run their PyTorch references on the GPU: several "
+                "times slower, same results. For the fast kernels install it (Linux: `pip install triton`, "
+                "Windows: `pip install triton-windows`) and restart.")
+
+
+def use_triton(backend: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...] | None = HALF) -> bool:
+    """The dispatchers' rule. "triton": the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1);
+    "reference": the reference; "auto": the kernel for CUDA tensors of `dtypes` (None: any) when Triton is
+    installed, else the reference (logged once per process when a CUDA tensor falls back)."""
+    if backend == "triton":
+        if not HAS_TRITON:
+            raise RuntimeError(f"backend='triton': {NO_TRITON}.")
+        return True
+    if backend != "auto" or not x.is_cuda or (dtypes is not None and x.dtype not in dtypes):
+        return False
+    if not HAS_TRITON:
+        _warn_reference_on_cuda()
+    return HAS_TRITON
+
+
+# ------------------------------------------------------------------------------------------------
+# Autotune configs are pruned by the running GPU's shared memory per block (opt-in maximum), not by a list
+# chosen on one GPU: an H100 gives a block 227 KB, an A100 163 KB, the RTX 30/40/50 cards (sm_86/89/120)
+# 99 KB. Each kernel module states its configs' need (`smem` estimates, checked against the compiled
+# kernels' own figure for every architecture by bench/archs.py).
+
+SMEM_LIMIT = {80: 166912, 86: 101376, 87: 166912, 89: 101376, 90: 232448, 100: 232448, 120: 101376}
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_smem_limit(index: int) -> int:
+    props = torch.cuda.get_device_properties(index)
+    limit = getattr(props, "shared_memory_per_block_optin", 0)
+    if not limit:  # older torch: Triton's driver knows it
+        limit = triton.runtime.driver.active.utils.get_device_properties(index)["max_shared_mem"]
+    return int(limit)
+
+
+def smem_limit(device: torch.device) -> int:
+    """Shared memory one block may use on `device` (bytes); unbounded off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return 1 << 62
+    return _cuda_smem_limit(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def fitting(configs: list, need, limit: int) -> list:
+    """The configs whose shared-memory `need(config)` fits `limit`; never empty (the smallest need stays, and
+    Triton reports it if even that does not fit)."""
+    return [c for c in configs if need(c) <= limit] or [min(configs, key=need)]
 
 
 def check_heads(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> int:
@@ -30,6 +138,18 @@ def gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
     return out
 
 
+# The references' working set: a chunk of queries (or windows) is sized so that its largest fp32 temporary has
+# at most this many elements (1 GiB), which keeps the 1024 stage's fallback within its memory target while
+# giving each launch enough work on a GPU.
+CHUNK_ELEMENTS = 1 << 28
+
+
+def chunk_rows(per_row: int, budget: int | None = None) -> int:
+    """Rows (queries, windows) per chunk when each row needs `per_row` elements of temporaries."""
+    return max(1, (CHUNK_ELEMENTS if budget is None else budget) // max(per_row, 1))
+
+
 # keep autotuning results in Triton's on-disk cache where this Triton can (3.3+), so a new process skips the
 # benchmarking (the first sparse sampling of a process otherwise spends seconds on it)
-AUTOTUNE_CACHE = {"cache_results": True} if "cache_results" in inspect.signature(triton.autotune).parameters else {}
+AUTOTUNE_CACHE = ({"cache_results": True} if HAS_TRITON and "cache_results" in
+                  inspect.signature(triton.autotune).parameters else {})

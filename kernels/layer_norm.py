@@ -23,10 +23,10 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from ._common import HALF as _HALF
+from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
+from ._common import use_triton as _use_triton
 
 __all__ = ["add_layer_norm", "add_layer_norm_reference"]
 
@@ -117,9 +117,9 @@ def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None, gate: 
     """(x + r·g, layernorm(x + r·g)·s + t) with the module's roundings (see module doc); returns x itself as
     the first output when there is no residual.
 
-    backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with
-    TRITON_INTERPRET=1) or "reference".
+    backend: "auto" (Triton on CUDA for fp16/bf16 when installed, the reference elsewhere), "triton" (also on
+    CPU with TRITON_INTERPRET=1) or "reference".
     """
-    if backend == "triton" or (backend == "auto" and x.is_cuda and x.dtype in _HALF):
+    if _use_triton(backend, x):
         return _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_batch, eps)
     return add_layer_norm_reference(x, residual, gate, weight, bias, scale, shift, row_batch, eps)

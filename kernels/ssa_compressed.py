@@ -34,14 +34,16 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
-from ._common import HALF as _HALF
-from ._common import check_heads as _check_heads
 from ._common import LOG2E as _LOG2E
+from ._common import check_heads as _check_heads
+from ._common import chunk_rows as _chunk_rows
+from ._common import fitting as _fitting
 from ._common import gated as _gated
+from ._common import smem_limit as _smem_limit
+from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
+from ._common import use_triton as _use_triton
 
 __all__ = ["ssa_compressed_attention", "ssa_compressed_attention_reference"]
 
@@ -51,13 +53,14 @@ _LN2 = 0.6931471805599453
 def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
                                        block_keys=None, cu_blocks=None, scale: float | None = None, gate=None,
                                        out=None, return_lse: bool = True):
-    """Plain PyTorch, fp32 inside; loops over samples and chunks of queries (memory stays bounded)."""
+    """Plain PyTorch, fp32 inside; loops over samples and chunks of queries whose [HQ, chunk, M] score matrix
+    stays within the working-set bound (`_common.CHUNK_ELEMENTS`): the fallback when Triton is missing."""
     n, hq, d = q.shape
     h = ck.shape[1]
     g = hq // h
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     o = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
-    lse = torch.full((hq, n), float("-inf"), dtype=torch.float32, device=q.device)
+    lse = torch.full((hq, n if return_lse else 1), float("-inf"), dtype=torch.float32, device=q.device)
     block_idx = torch.full((h, n, topk), -1, dtype=torch.int32, device=q.device)
     cq, cm = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     cb = cm if block_keys is None else cu_blocks.tolist()
@@ -65,21 +68,24 @@ def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, ma
         q0, q1, m0, m1 = cq[b], cq[b + 1], cm[b], cm[b + 1]
         if q1 == q0 or m1 == m0:
             continue
-        k_b = ck[m0:m1].float().repeat_interleave(g, 1)  # [m, HQ, D]
-        v_b = cv[m0:m1].float().repeat_interleave(g, 1)
+        k_b, v_b = ck[m0:m1].float(), cv[m0:m1].float()  # [m, H, D]
         nblk = cb[b + 1] - cb[b]
         if block_keys is not None:  # [nblk, CELLS] local key rows of each selection block
             bk = block_keys[cb[b]:cb[b + 1]].long()
             cell_blk = torch.arange(nblk, device=q.device)[:, None].expand_as(bk)[bk >= 0]
             cell_key = bk[bk >= 0] - m0
-        for c0 in range(q0, q1, 1024):
-            c1 = min(q1, c0 + 1024)
-            s = torch.einsum("ihd,chd->hic", q[c0:c1].float(), k_b) * scale  # [HQ, i, m]
-            l = torch.logsumexp(s, -1)  # [HQ, i]
-            p = torch.exp(s - l[..., None])
-            o[c0:c1] = torch.einsum("hic,chd->ihd", p, v_b)
-            lse[:, c0:c1] = l
-            sc = p.view(h, g, c1 - c0, m1 - m0).sum(1)  # [H, i, m]
+        step = _chunk_rows(hq * (m1 - m0))
+        for c0 in range(q0, q1, step):
+            c1 = min(q1, c0 + step)
+            s = torch.einsum("ihgd,chd->hgic", q[c0:c1].float().view(-1, h, g, d), k_b).mul_(scale)  # [H, G, i, m]
+            mx = s.amax(-1, keepdim=True)
+            p = s.sub_(mx).exp_()  # in place: the chunk's one [H, G, i, m] buffer
+            den = p.sum(-1, keepdim=True)
+            p.div_(den)  # softmax
+            o[c0:c1] = torch.einsum("hgic,chd->ihgd", p, v_b).reshape(-1, hq, d)
+            if return_lse:
+                lse[:, c0:c1] = (mx + den.log()).view(hq, -1)
+            sc = p.sum(1)  # [H, i, m] pooled over the group's G heads
             if block_keys is not None:
                 blk = torch.zeros(h, c1 - c0, nblk, dtype=torch.float32, device=q.device)
                 sc = blk.index_add_(2, cell_blk, sc[:, :, cell_key])
@@ -98,11 +104,20 @@ def _configs():
                                 (32, 64, 2, 2)]]
 
 
+def _smem(config, head_dim: int) -> int:
+    """Shared memory a config needs (bytes, an upper estimate; bench/archs.py checks it against the compiled
+    kernels): num_stages K and V tiles of the pipelined loop plus the q tile and the p tile of the second dot."""
+    r, kb = config.kwargs["BLOCK_R"], config.kwargs["BLOCK_K"]
+    return 2 * (config.num_stages * 2 * kb * head_dim + r * head_dim + r * kb)
+
+
 def _prune(configs, named_args, **kwargs):
-    cells = kwargs.get("CELLS", named_args.get("CELLS", 1))
-    g = kwargs.get("G", named_args.get("G", 1))
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] >= cells and c.kwargs["BLOCK_R"] >= g]
-    return kept or configs[:1]
+    def arg(name, default=None):
+        return kwargs.get(name, named_args.get(name, default))
+
+    cells, g = arg("CELLS", 1), arg("G", 1)
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] >= cells and c.kwargs["BLOCK_R"] >= g] or configs[:1]
+    return _fitting(kept, lambda c: _smem(c, arg("HEAD_DIM")), _smem_limit(arg("q").device))
 
 
 @triton.jit
@@ -287,10 +302,9 @@ def ssa_compressed_attention(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
 
     gate [N] (any stride): return gate * o instead of o (the SSA gate, fused); out [N,HQ,D]: add the result into
     it in place and return it; return_lse=False skips the lse (returns None).
-    backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
-    or "reference".
+    backend: "auto" (Triton on CUDA for fp16/bf16 when installed, the reference elsewhere), "triton" (also on CPU with
+    TRITON_INTERPRET=1) or "reference".
     """
-    use_triton = backend == "triton" or (backend == "auto" and q.is_cuda and q.dtype in _HALF)
-    fn = _ssa_compressed_attention_triton if use_triton else ssa_compressed_attention_reference
+    fn = _ssa_compressed_attention_triton if _use_triton(backend, q) else ssa_compressed_attention_reference
     return fn(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, topk, block_keys, cu_blocks, scale, gate, out,
               return_lse)

@@ -27,45 +27,56 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
-from ._common import HALF as _HALF
-from ._common import check_heads as _check_heads
 from ._common import LOG2E as _LOG2E
+from ._common import check_heads as _check_heads
+from ._common import chunk_rows as _chunk_rows
+from ._common import fitting as _fitting
 from ._common import gated as _gated
+from ._common import smem_limit as _smem_limit
+from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
+from ._common import use_triton as _use_triton
 
 __all__ = ["ssa_selection_attention", "ssa_selection_attention_reference"]
 
 
 def ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
                                       max_seqlen: int, scale: float | None = None, gate=None, out=None):
-    """Plain PyTorch, fp32 inside: a dense masked softmax per sample, in chunks of queries."""
+    """Plain PyTorch, fp32 inside: every (query, KV head) gathers the tokens of its selected blocks (distinct,
+    as top-k gives them), padded to the longest selection of its chunk, and takes one masked softmax over them.
+    Chunks of queries keep the gathered keys within the working-set bound (`_common.CHUNK_ELEMENTS`): no
+    [N, N] score matrix, so it is the fallback when Triton is missing."""
     n, hq, d = q.shape
     h = k.shape[1]
     g = hq // h
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     o = torch.zeros(n, hq, d, dtype=torch.float32, device=q.device)
-    cq, cb = cu_seqlens.tolist(), cu_blocks.tolist()
-    for b in range(len(cq) - 1):
-        q0, q1, nblk = cq[b], cq[b + 1], cb[b + 1] - cb[b]
-        if q1 == q0 or nblk == 0:
+    if n == 0 or block_idx.shape[2] == 0:
+        return _gated(o, q.dtype, gate, out)
+    first_tok = cu_block_tokens[:-1].long()
+    sample = torch.searchsorted(cu_seqlens[1:].long(), torch.arange(n, device=q.device), right=True)  # [N]
+    chosen = block_idx >= 0  # [H, N, K]
+    blk = torch.where(chosen, block_idx.long() + cu_blocks.long()[sample][None, :, None], 0)  # global block ids
+    sel_len = torch.where(chosen, cu_block_tokens[1:].long()[blk] - first_tok[blk], 0)  # [H, N, K] tokens
+    sel_end = sel_len.cumsum(-1)  # a query's selected tokens, concatenated slot by slot: slot j ends at sel_end[j]
+    total = sel_end[..., -1]  # [H, N]
+    heads = torch.arange(h, device=q.device)[:, None, None]
+    step = _chunk_rows(int(total.max()) * h * (2 * d + 2 * g + 2))  # gathered k, v, scores, probabilities, rows
+    for c0 in range(0, n, step):
+        c1 = min(n, c0 + step)
+        width = int(total[:, c0:c1].max())
+        if width == 0:
             continue
-        starts = cu_block_tokens[cb[b]:cb[b + 1] + 1].long() - q0
-        blk_of_tok = torch.searchsorted(starts[1:], torch.arange(q1 - q0, device=q.device), right=True)
-        k_b = k[q0:q1].float().repeat_interleave(g, 1)  # [n, HQ, D]
-        v_b = v[q0:q1].float().repeat_interleave(g, 1)
-        for c0 in range(q0, q1, 1024):
-            c1 = min(q1, c0 + 1024)
-            idx = block_idx[:, c0:c1].long()  # [H, i, K]
-            chosen = torch.zeros(h, c1 - c0, nblk + 1, dtype=torch.bool, device=q.device)
-            chosen.scatter_(2, torch.where(idx < 0, nblk, idx), True)
-            mask = chosen[:, :, :nblk][:, :, blk_of_tok].repeat_interleave(g, 0)  # [HQ, i, n]
-            s = torch.einsum("ihd,jhd->hij", q[c0:c1].float(), k_b) * scale
-            s = s.masked_fill(~mask, float("-inf"))
-            p = torch.softmax(s, -1).nan_to_num(0.0)  # a query without blocks -> 0
-            o[c0:c1] = torch.einsum("hij,jhd->ihd", p, v_b)
+        pos = torch.arange(width, device=q.device).expand(h, c1 - c0, width).contiguous()  # [H, i, T]
+        slot = torch.searchsorted(sel_end[:, c0:c1].contiguous(), pos, right=True).clamp_(max=block_idx.shape[2] - 1)
+        start = (sel_end - sel_len)[:, c0:c1].gather(2, slot)  # where each position's slot starts
+        valid = pos < total[:, c0:c1, None]
+        rows = torch.where(valid, first_tok[blk[:, c0:c1].gather(2, slot)] + pos - start, 0)  # [H, i, T]
+        s = torch.einsum("ihgd,hitd->hgit", q[c0:c1].float().view(-1, h, g, d), k[rows, heads].float()) * scale
+        s.masked_fill_(~valid[:, None], float("-inf"))
+        p = torch.softmax(s, -1).nan_to_num_(0.0)  # [H, G, i, T]; a query without blocks -> 0
+        o[c0:c1] = torch.einsum("hgit,hitd->ihgd", p, v[rows, heads].float()).reshape(-1, hq, d)
     return _gated(o, q.dtype, gate, out)
 
 
@@ -75,9 +86,19 @@ def _configs():
                                 (32, 64, 1, 2)]]
 
 
+def _smem(config, head_dim: int) -> int:
+    """Shared memory a config needs (bytes, an upper estimate; bench/archs.py checks it against the compiled
+    kernels): num_stages K and V tiles plus the q tile and the p tile of the second dot."""
+    r, kb = config.kwargs["BLOCK_R"], config.kwargs["BLOCK_K"]
+    return 2 * (config.num_stages * 2 * kb * head_dim + r * head_dim + r * kb)
+
+
 def _prune(configs, named_args, **kwargs):
-    g = kwargs.get("G", named_args.get("G", 1))
-    return [c for c in configs if c.kwargs["BLOCK_R"] >= g] or configs[:1]
+    def arg(name, default=None):
+        return kwargs.get(name, named_args.get(name, default))
+
+    kept = [c for c in configs if c.kwargs["BLOCK_R"] >= arg("G", 1)] or configs[:1]
+    return _fitting(kept, lambda c: _smem(c, arg("HEAD_DIM")), _smem_limit(arg("q").device))
 
 
 @triton.jit
@@ -258,10 +279,10 @@ def ssa_selection_attention(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_
     """Attention of every query to the tokens of its selected blocks -> o [N, HQ, D] (see module doc).
 
     gate [N] (any stride): return gate * o (the SSA gate, fused); out [N,HQ,D]: add into it in place, return it.
-    backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
-    or "reference".
+    backend: "auto" (Triton on CUDA for fp16/bf16 when installed, the reference elsewhere), "triton" (also on CPU with
+    TRITON_INTERPRET=1) or "reference".
     """
-    if backend == "triton" or (backend == "auto" and q.is_cuda and q.dtype in _HALF):
+    if _use_triton(backend, q):
         return _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
                                                max_seqlen, scale, gate, out)
     return ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,

@@ -21,14 +21,16 @@ from __future__ import annotations
 import math
 
 import torch
-import triton
-import triton.language as tl
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
-from ._common import HALF as _HALF
-from ._common import check_heads as _check_heads
 from ._common import LOG2E as _LOG2E
+from ._common import check_heads as _check_heads
+from ._common import chunk_rows as _chunk_rows
+from ._common import fitting as _fitting
 from ._common import gated as _gated
+from ._common import smem_limit as _smem_limit
+from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
+from ._common import use_triton as _use_triton
 
 __all__ = ["ssa_window_attention", "ssa_window_attention_reference", "window_partition", "window_tiles",
            "WINDOW_TILE_Q"]
@@ -61,7 +63,8 @@ def window_tiles(cu_windows: torch.Tensor, tile_q: int = WINDOW_TILE_Q) -> torch
 
 def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, tiles=None,
                                    scale: float | None = None, gate=None, out=None):
-    """Plain PyTorch, fp32 inside: windows padded to a power-of-two length bucket, one batched softmax per bucket."""
+    """Plain PyTorch, fp32 inside: windows padded to a power-of-two length bucket, one batched softmax per chunk
+    of a bucket's windows (chunks within the working-set bound `_common.CHUNK_ELEMENTS`)."""
     n, hq, d = q.shape
     h = k.shape[1]
     g = hq // h
@@ -73,24 +76,40 @@ def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, t
     bucket = torch.clamp(torch.ceil(torch.log2(lens.clamp(min=1).double())).long(), min=4)
     perm = perm.long()
     for bk in torch.unique(bucket).tolist():
-        win = torch.nonzero(bucket == bk).squeeze(1)
         size = 1 << bk
         pos = torch.arange(size, device=q.device)
-        valid = pos[None, :] < lens[win][:, None]  # [W, L]
-        rows = perm[torch.where(valid, cu_windows[win].long()[:, None] + pos[None, :], 0)]  # [W, L]
-        qw = q[rows].float()  # [W, L, HQ, D]
-        kw = k[rows].float().repeat_interleave(g, 2)
-        vw = v[rows].float().repeat_interleave(g, 2)
-        s = torch.einsum("wihd,wjhd->whij", qw, kw) * scale
-        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
-        ow = torch.einsum("whij,wjhd->wihd", torch.softmax(s, -1), vw)
-        o[rows[valid]] = ow[valid]
+        in_bucket = torch.nonzero(bucket == bk).squeeze(1)
+        step = _chunk_rows(2 * hq * size * size)  # scores and probabilities of a window
+        for w0 in range(0, in_bucket.numel(), step):
+            win = in_bucket[w0:w0 + step]
+            valid = pos[None, :] < lens[win][:, None]  # [W, L]
+            rows = perm[torch.where(valid, cu_windows[win].long()[:, None] + pos[None, :], 0)]  # [W, L]
+            qw = q[rows].float().view(*rows.shape, h, g, d)  # [W, L, H, G, D]
+            s = torch.einsum("wihgd,wjhd->whgij", qw, k[rows].float()) * scale
+            s.masked_fill_(~valid[:, None, None, None, :], float("-inf"))
+            ow = torch.einsum("whgij,wjhd->wihgd", torch.softmax(s, -1), v[rows].float())
+            o[rows[valid]] = ow.reshape(*rows.shape, hq, d)[valid]
     return _gated(o, q.dtype, gate, out)
 
 
 def _configs():
     return [triton.Config({"BLOCK_K": kb}, num_warps=w, num_stages=s)
             for kb, w, s in [(64, 4, 2), (32, 4, 2), (64, 8, 2)]]
+
+
+def _smem(config, head_dim: int, rows: int) -> int:
+    """Shared memory a config needs (bytes, an upper estimate; bench/archs.py checks it against the compiled
+    kernels): num_stages K and V tiles plus the q tile and the p tile of the second dot."""
+    kb = config.kwargs["BLOCK_K"]
+    return 2 * (config.num_stages * 2 * kb * head_dim + rows * head_dim + rows * kb)
+
+
+def _prune(configs, named_args, **kwargs):
+    def arg(name, default=None):
+        return kwargs.get(name, named_args.get(name, default))
+
+    rows = arg("TILE_Q") * arg("G")
+    return _fitting(configs, lambda c: _smem(c, arg("HEAD_DIM"), rows), _smem_limit(arg("q").device))
 
 
 @triton.jit
@@ -153,6 +172,7 @@ def _window_kernel(
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
 _window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"], restore_value=["o"],
+                                prune_configs_by={"early_config_prune": _prune},
                                 **_AUTOTUNE_CACHE)(_window_kernel)
 
 
@@ -194,9 +214,9 @@ def ssa_window_attention(q, k, v, perm, cu_windows, max_window: int, tiles=None,
 
     gate [N] (any stride): return gate * o (the SSA gate, fused); out [N,HQ,D]: add into it in place, return it.
     tiles: `window_tiles(cu_windows)`, precomputed once per coordinate set (built here when None).
-    backend: "auto" (Triton on CUDA for fp16/bf16, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1)
-    or "reference".
+    backend: "auto" (Triton on CUDA for fp16/bf16 when installed, the reference elsewhere), "triton" (also on CPU with
+    TRITON_INTERPRET=1) or "reference".
     """
-    if backend == "triton" or (backend == "auto" and q.is_cuda and q.dtype in _HALF):
+    if _use_triton(backend, q):
         return _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window, tiles, scale, gate, out)
     return ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window, tiles, scale, gate, out)

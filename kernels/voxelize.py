@@ -51,8 +51,9 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-import triton
-import triton.language as tl
+
+from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
+from ._common import use_triton as _use_triton
 
 __all__ = ["mark_cells", "mark_cells_reference", "point_triangle_distance", "lattice_coordinates", "box_windows",
            "PAIRS", "BLOCK"]
@@ -294,10 +295,10 @@ def mark_cells(occupied, tris, coord, lo, hi, tri, cell, factor: int, limit: flo
     closer than `limit` to the triangle (see module doc); returns occupied.
 
     max_points bounds the reference's points per window (the kernel needs no buffers). backend: "auto" (Triton
-    on CUDA, reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1) or "reference".
+    on CUDA when installed, the reference elsewhere), "triton" (also on CPU with TRITON_INTERPRET=1) or "reference".
     pairs, block: the kernel's tile, pairs per program x points per pair (powers of two; defaults by device).
     check_cancel: called (it raises to stop) before each window of the reference; the kernel is one launch.
     """
-    if backend == "triton" or (backend == "auto" and occupied.is_cuda):
+    if _use_triton(backend, occupied, dtypes=None):
         return _mark_cells_triton(occupied, tris, coord, lo, hi, tri, cell, factor, limit, pairs, block)
     return mark_cells_reference(occupied, tris, coord, lo, hi, tri, cell, factor, limit, max_points, check_cancel)

@@ -1,4 +1,5 @@
-"""Shared pytest setup: the `gpu` marker skips cleanly without CUDA, paths to ../shared."""
+"""Shared pytest setup: the `gpu` marker skips cleanly without CUDA, the `triton` marker without Triton (as
+on Windows without triton-windows: the product then runs its PyTorch references), paths to ../shared."""
 from pathlib import Path
 
 import pytest
@@ -11,12 +12,16 @@ GOLDEN = REPO / "tests" / "golden"
 
 
 def pytest_collection_modifyitems(config, items):
-    if torch.cuda.is_available():
-        return
+    from kernels._common import HAS_TRITON
+
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none found); runs on the device machine")
+    skip_triton = pytest.mark.skip(reason="runs a Triton kernel (the interpreter on a CPU) and Triton is not "
+                                          "installed; the PyTorch references are tested without it")
     for item in items:
-        if "gpu" in item.keywords:
+        if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)
+        if item.get_closest_marker("triton") is not None and not HAS_TRITON:
+            item.add_marker(skip_triton)
 
 
 @pytest.fixture(scope="session")

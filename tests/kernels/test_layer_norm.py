@@ -54,18 +54,21 @@ def _check(n, c, b, variant, device, monkeypatch, eps=1e-6):
     assert_close(y, yr, 2e-3, 4e-2, f"{variant} n={n} c={c} b={b}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("n,c,b", [(37, 64, 1), (5, 96, 1), (19, 48, 3), (1, 32, 1), (1, 32, 2)])
 def test_matches_reference(n, c, b, variant, monkeypatch):
     _check(n, c, b, variant, "cpu", monkeypatch)
 
 
+@pytest.mark.triton
 def test_empty_rows():
     x = torch.zeros(0, 64, dtype=torch.float16)
     xo, y = K.add_layer_norm(x, residual=x.clone(), backend="triton")
     assert xo.shape == (0, 64) and y.shape == (0, 64)
 
 
+@pytest.mark.triton
 def test_no_residual_returns_input():
     x = torch.randn(4, 32).half()
     xo, _ = K.add_layer_norm(x, backend="triton")
@@ -84,6 +87,7 @@ def test_reference_is_the_block_ops():
     assert torch.equal(got, want)
 
 
+@pytest.mark.triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("variant", list(VARIANTS))
 def test_gpu_matches_reference(variant, monkeypatch):

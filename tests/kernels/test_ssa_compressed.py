@@ -133,6 +133,7 @@ def _id(c):
             f"{str(dt).removeprefix('torch.')}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("case", CPU_CASES, ids=[_id(c) for c in CPU_CASES])
 def test_compressed_cpu_interpreter(case, monkeypatch):
     _run(*case, device="cpu", seed=zlib.crc32(_id(case).encode()), monkeypatch=monkeypatch)
@@ -146,6 +147,7 @@ GPU_CASES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_id(c) for c in GPU_CASES])
 def test_compressed_gpu(case, monkeypatch):

@@ -82,6 +82,7 @@ def _id(c):
             f"{str(dt).removeprefix('torch.')}")
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("case", CPU_CASES, ids=[_id(c) for c in CPU_CASES])
 def test_selection_cpu_interpreter(case, monkeypatch):
     _run(*case, device="cpu", seed=zlib.crc32(_id(case).encode()), monkeypatch=monkeypatch)
@@ -94,6 +95,7 @@ GPU_CASES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_id(c) for c in GPU_CASES])
 def test_selection_gpu(case, monkeypatch):

@@ -67,6 +67,7 @@ def _id(c):
     return f"N{','.join(map(str, lens))}-R{grid}-HQ{hq}-H{h}-D{d}-S{s}-{str(dt).removeprefix('torch.')}"
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("case", CPU_CASES, ids=[_id(c) for c in CPU_CASES])
 def test_window_cpu_interpreter(case, monkeypatch):
     _run(*case, device="cpu", seed=zlib.crc32(_id(case).encode()), monkeypatch=monkeypatch)
@@ -79,6 +80,7 @@ GPU_CASES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_id(c) for c in GPU_CASES])
 def test_window_gpu(case, monkeypatch):

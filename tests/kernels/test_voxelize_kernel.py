@@ -96,6 +96,7 @@ CASES = [
 ]
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name,make,D,factor,normalize,window", CASES, ids=[c[0] for c in CASES])
 def test_latent_index_equals_reference(name, make, D, factor, normalize, window, monkeypatch):
     v, f = make(_seed(name))
@@ -135,6 +136,7 @@ def _min_distance(tris, coord, lo, hi, t, cell, factor):
     return K.point_triangle_distance(coord[ijk], tri[:, 0], tri[:, 1], tri[:, 2]).min()
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("pairs,block", [(1, 128), (4, 16)], ids=["cuda-tile", "small-tile"])
 def test_min_distance_is_bitwise(pairs, block):
     D, factor = 32, 8
@@ -154,6 +156,7 @@ def test_min_distance_is_bitwise(pairs, block):
             assert int(occ.sum()) == int(marked), "a pair marked a cell other than its own"
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("pairs,block", [(1, 128), (8, 32), (1024, 16)])
 def test_mark_cells_tiles_and_premarked_cells(pairs, block):
     """Every tile shape gives the reference's marks; cells marked beforehand stay marked (and may be skipped)."""
@@ -185,6 +188,7 @@ def _bumpy_sphere(subdivisions: int):
     return v * r[:, None], m.faces
 
 
+@pytest.mark.triton
 @pytest.mark.gpu
 @pytest.mark.parametrize("subdivisions", [6, 7])
 def test_cuda_icosphere_1024(subdivisions):
@@ -194,6 +198,7 @@ def test_cuda_icosphere_1024(subdivisions):
     assert torch.equal(got, want), f"{got.shape[0]} cells vs the reference's {want.shape[0]}"
 
 
+@pytest.mark.triton
 @pytest.mark.gpu
 def test_cuda_huge_triangles_1024():
     """Three triangles spanning ~60% of the grid (~400k (triangle, cell) pairs each) around a small sphere."""
@@ -216,6 +221,7 @@ def test_cuda_distances_match_cpu():
     torch.testing.assert_close(gpu, cpu, rtol=1e-5, atol=1e-9)
 
 
+@pytest.mark.triton
 @pytest.mark.gpu
 def test_cuda_min_distance_matches_reference():
     D, factor = 256, 8

@@ -1,0 +1,74 @@
+"""Autotune configs are pruned by the running GPU's own shared-memory limit (faked here; no GPU needed).
+
+Per-block opt-in limits: sm_86/89/120 (RTX 30/40/50) 101376 B, sm_80 (A100) 166912 B, sm_90 (H100) 232448 B.
+The estimates themselves are checked against the compiled kernels for every architecture by bench/archs.py.
+"""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from kernels import _common
+from kernels import ssa_compressed as CMP
+from kernels import ssa_selection as SEL
+from kernels import ssa_window as WIN
+
+RTX, A100, H100 = 101376, 166912, 232448
+
+
+def _cfg(warps=4, stages=2, **meta):
+    return _common.triton.Config(meta, num_warps=warps, num_stages=stages)
+
+
+def _kept(module, configs, limit, monkeypatch, **sizes):
+    monkeypatch.setattr(module, "_smem_limit", lambda device: limit)
+    q = torch.empty(0)
+    return module._prune(configs, {"q": q}, **sizes)
+
+
+def test_released_model_configs_all_fit_a_consumer_gpu(monkeypatch):
+    # D = 32, G = 16: every config of the three SSA kernels stays on a 99 KB GPU
+    for module, sizes in [(CMP, dict(G=16, HEAD_DIM=32, CELLS=8)), (SEL, dict(G=16, HEAD_DIM=32)),
+                          (WIN, dict(G=16, HEAD_DIM=32, TILE_Q=8))]:
+        configs = module._configs()
+        kept = _kept(module, configs, RTX, monkeypatch, **sizes)
+        assert kept, module.__name__
+        assert all(c in configs for c in kept)
+        assert all(module._smem(c, 32, *([128] if module is WIN else [])) <= RTX for c in kept)
+
+
+def test_config_too_big_for_a_consumer_gpu_is_dropped_there_only(monkeypatch):
+    # the compressed kernel at D = 128 (a wider model): BLOCK_R 64 x BLOCK_K 128, 2 stages needs
+    # 2·(2·2·128·128 + 64·128 + 64·128) = 163840 B: over an RTX's 101376, within an A100's and an H100's
+    big = _cfg(BLOCK_R=64, BLOCK_K=128)
+    small = _cfg(BLOCK_R=32, BLOCK_K=64)
+    assert CMP._smem(big, 128) == 163840 and CMP._smem(small, 128) <= RTX
+    sizes = dict(G=16, HEAD_DIM=128, CELLS=1)
+    assert _kept(CMP, [big, small], RTX, monkeypatch, **sizes) == [small]
+    assert _kept(CMP, [big, small], A100, monkeypatch, **sizes) == [big, small]
+    assert _kept(CMP, [big, small], H100, monkeypatch, **sizes) == [big, small]
+
+
+def test_never_prunes_to_empty(monkeypatch):
+    # nothing fits 8 KB: the smallest config stays (Triton then reports it if even that fails), not an empty list
+    configs = SEL._configs()
+    kept = _kept(SEL, configs, 8192, monkeypatch, G=16, HEAD_DIM=32)
+    smallest = min(configs, key=lambda c: SEL._smem(c, 32))
+    assert kept == [smallest]
+
+
+def test_limit_comes_from_the_running_device(monkeypatch):
+    _common._cuda_smem_limit.cache_clear()
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda i: SimpleNamespace(shared_memory_per_block_optin=RTX if i == 1 else H100))
+    assert _common.smem_limit(torch.device("cuda", 1)) == RTX
+    assert _common.smem_limit(torch.device("cuda", 0)) == H100
+    assert _common.smem_limit(torch.device("cpu")) > H100  # the interpreter: no limit
+    _common._cuda_smem_limit.cache_clear()
+
+
+@pytest.mark.triton
+def test_autotuners_prune_with_these_hooks():
+    assert CMP._cmp_attn_topk_tuned.early_config_prune is CMP._prune
+    assert SEL._selection_tuned.early_config_prune is SEL._prune
+    assert WIN._window_tuned.early_config_prune is WIN._prune
