@@ -35,7 +35,7 @@ import logging
 import numpy as np
 import torch
 
-from .mc_tables import CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, triangle_table
+from .mc_tables import CENTRE, CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, loop_table, max_centres, triangle_table
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ __all__ = ["sparse_sdf_to_mesh", "meshes_from_sparse_sdf", "marching_cubes_spars
            "key_coords", "lookup_keys", "Welder"]
 
 BACKGROUND = 1.0  # value of every inactive voxel in the original's dense grid
+KEY_SLOTS = 8  # vertex key = grid key * KEY_SLOTS + slot: 0-2 edge axis, 3 + j centre of loop j
 _MAX_CELLS = 1 << 21  # candidate cells per slab: bounds the per-slab transients (~100 bytes a candidate)
 
 
@@ -159,7 +160,9 @@ class Welder:
 
     def __init__(self, r: int, level: float, device):
         self.r, self.level, self.device = r, level, device
-        self.table = triangle_table().to(device)  # [256 * 64, T, 3] int8 edge ids, -1 padded
+        self.table = triangle_table().to(device)  # [256 * 64, T, 3] int8 vertex slots, -1 padded
+        self.loops = loop_table().to(device)  # [256 * 64, 12] int8 loop number of centred loops' edges
+        self.corner_offsets = torch.tensor(CORNERS, device=device)  # [8, 3]
         self.corner_keys = torch.tensor([(cx * r + cy) * r + cz for cx, cy, cz in CORNERS], device=device)
         self.edge_a = torch.tensor([a for a, _ in EDGES], device=device)
         self.edge_b = torch.tensor([b for _, b in EDGES], device=device)
@@ -176,28 +179,52 @@ class Welder:
         cube = ((rel < 0).long() << torch.arange(8, device=device)).sum(1)
         keep = (cube > 0) & (cube < 255)
         cells, vals, rel, cube = cells[keep], vals[keep], rel[keep], cube[keep]
-        tris = self.table[cube * 64 + _face_bits(rel)]  # [M, T, 3] int8 edge ids, -1 padded
+        row = cube * 64 + _face_bits(rel)  # [M] table row
+        tris = self.table[row]  # [M, T, 3] int8 vertex slots, -1 padded
         del rel, cube
         cell_idx, slot = torch.nonzero(tris[:, :, 0] >= 0, as_tuple=True)
-        e = tris[cell_idx, slot].long()  # [F, 3]
+        s = tris[cell_idx, slot].long()  # [F, 3] slots: 0-11 edges, CENTRE + j loop centres
         del tris, slot
-        # one key per grid edge: (key of its low end) * 3 + axis; keys are linear in (b, x, y, z)
-        ekeys = (cells[cell_idx][:, None] + self.corner_keys[self.edge_a[e]]) * 3 + self.edge_axis[e]  # [F, 3]
-        if ekeys.numel() == 0:
+        if s.numel() == 0:
             return
-        ukeys, inverse = torch.unique(ekeys.reshape(-1), return_inverse=True)
-        del ekeys
-        # one occurrence per unique edge: every copy of an edge vertex is bitwise the same
+        # one key per vertex: (grid key) * KEY_SLOTS + slot, with an edge keyed by its low end and its
+        # axis (0-2) and a loop centre by its cell and 3 + loop number; keys are linear in (b, x, y, z)
+        e = s.clamp(max=CENTRE - 1)
+        centre = s >= CENTRE
+        base = torch.where(centre, 0, self.corner_keys[self.edge_a[e]]) + cells[cell_idx][:, None]
+        vkeys = base * KEY_SLOTS + torch.where(centre, s - CENTRE + 3, self.edge_axis[e])  # [F, 3]
+        del e, centre, base
+        ukeys, inverse = torch.unique(vkeys.reshape(-1), return_inverse=True)
+        del vkeys
+        # one occurrence per unique vertex: every copy of an edge vertex is bitwise the same
         rep = torch.empty_like(ukeys).scatter_(0, inverse, torch.arange(inverse.numel(), device=device))
-        c, edge = cell_idx[rep // 3], e.reshape(-1)[rep]
-        v0, v1 = vals[c, self.edge_a[edge]].double(), vals[c, self.edge_b[edge]].double()
-        t = (level - v0) / (v1 - v0)  # fp64 like scikit-image, then fp32
-        xyz = key_coords(ukeys // 3, r)[:, 1:].double()
-        xyz[torch.arange(3, device=device).view(1, 3) == self.edge_axis[edge][:, None]] += t
+        c, vslot = cell_idx[rep // 3], s.reshape(-1)[rep]
+        xyz = key_coords(ukeys // KEY_SLOTS, r)[:, 1:].double()
+        is_edge = vslot < CENTRE
+        edge = vslot[is_edge]
+        xyz[is_edge] += self._edge_offsets(vals[c[is_edge]], edge[:, None], from_low_end=True)[:, 0]
+        if not bool(is_edge.all()):  # a few cells: the mean of their loop's edge vertices
+            cc, j = c[~is_edge], vslot[~is_edge] - CENTRE
+            member = (self.loops[row[cc]] == j[:, None]).double()  # [Mc, 12]
+            offs = self._edge_offsets(vals[cc], torch.arange(CENTRE, device=device)[None])  # [Mc, 12, 3]
+            # the edge vertices as they are stored (fp32), averaged in fp64
+            offs = (offs + xyz[~is_edge][:, None]).float().double() - xyz[~is_edge][:, None]
+            xyz[~is_edge] += (offs * member[..., None]).sum(1) / member.sum(1, keepdim=True)
         self.faces.append(inverse.reshape(-1, 3))
         self.sizes.append(ukeys.numel())
         self.keys.append(ukeys)
         self.verts.append(xyz.float())
+
+    def _edge_offsets(self, vals: torch.Tensor, edges: torch.Tensor, from_low_end: bool = False) -> torch.Tensor:
+        """[K, 8] corner values, [K or 1, E] edge ids -> [K, E, 3] fp64 offsets of the crossings from the
+        edge's low end (from_low_end) or from the cell's min corner: t along the edge's axis."""
+        a, b = self.edge_a[edges], self.edge_b[edges]  # [K, E]
+        a, b = a.expand(vals.shape[0], -1), b.expand(vals.shape[0], -1)
+        v0, v1 = vals.gather(1, a).double(), vals.gather(1, b).double()
+        t = (self.level - v0) / (v1 - v0)  # fp64 like scikit-image, then fp32
+        axis = torch.arange(3, device=vals.device) == self.edge_axis[edges][..., None]  # [K or 1, E, 3]
+        step = axis * t[..., None]
+        return step if from_low_end else self.corner_offsets[a].double() + step
 
     def finish(self):
         """(verts [V, 3] fp32 index space, faces [F, 3] int64, vertex batch ids [V])."""
@@ -215,7 +242,7 @@ class Welder:
             faces.append(inverse[offset:offset + n][f])
             offset += n
         self.faces = []
-        return verts, torch.cat(faces), uniq // (3 * self.r ** 3)
+        return verts, torch.cat(faces), uniq // (KEY_SLOTS * self.r ** 3)
 
 
 def marching_cubes_sparse(coords: torch.Tensor, sdf: torch.Tensor, resolution: int, level: float):
