@@ -311,7 +311,7 @@ def meshes_from_sparse_sdf(sdf, resolution: int, threshold: float) -> list[tuple
 def marching_cubes_naive(volume: np.ndarray, level: float):
     """Loop-per-cell marching cubes of a small dense volume with the same conventions -> (verts, faces)."""
     vol = np.asarray(volume, dtype=np.float32)
-    table = triangle_table()
+    table, loops = triangle_table(), loop_table()
     vert_id, verts, faces = {}, [], []
     nx, ny, nz = vol.shape
     for x in range(nx - 1):
@@ -327,18 +327,28 @@ def marching_cubes_naive(volume: np.ndarray, level: float):
                     if is_ambiguous(inside, f):
                         a, b, c, d = (vals[q] - level for q in (q0, q1, q2, q3))
                         bits |= int(a * c > b * d if a < 0 else b * d > a * c) << f
-                for tri in table[cube * 64 + bits].tolist():
+                row = cube * 64 + bits
+
+                def edge_vertex(e):
+                    a, b = EDGES[e]
+                    p = [x + CORNERS[a][0], y + CORNERS[a][1], z + CORNERS[a][2]]
+                    p[EDGE_AXIS[e]] = np.float32(p[EDGE_AXIS[e]] + (level - vals[a]) / (vals[b] - vals[a]))
+                    return (tuple(p[:3]), EDGE_AXIS[e]), [np.float32(c) for c in p]
+
+                for tri in table[row].tolist():
                     if tri[0] < 0:
                         break
                     ids = []
-                    for e in tri:
-                        a, b = EDGES[e]
-                        p0 = (x + CORNERS[a][0], y + CORNERS[a][1], z + CORNERS[a][2])
-                        key = (p0, EDGE_AXIS[e])
+                    for slot in tri:
+                        if slot < CENTRE:
+                            a = EDGES[slot][0]
+                            key = ((x + CORNERS[a][0], y + CORNERS[a][1], z + CORNERS[a][2]), EDGE_AXIS[slot])
+                            p = edge_vertex(slot)[1]
+                        else:  # the mean of its loop's edge vertices
+                            key = ((x, y, z), 3 + slot - CENTRE)
+                            ring = [edge_vertex(e)[1] for e in range(12) if loops[row, e] == slot - CENTRE]
+                            p = list(np.float32(np.mean(np.asarray(ring, np.float64), 0)))
                         if key not in vert_id:
-                            t = (level - vals[a]) / (vals[b] - vals[a])
-                            p = list(p0)
-                            p[EDGE_AXIS[e]] = np.float32(p[EDGE_AXIS[e]] + t)
                             vert_id[key] = len(verts)
                             verts.append(p)
                         ids.append(vert_id[key])

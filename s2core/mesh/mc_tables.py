@@ -36,10 +36,13 @@ How a case is triangulated:
      the minority corner);
    * three corners on a face, m adjacent to both ends (its pentagon): fan from the vertex on the
      face-normal edge of the end e with det(e - m, o - m, n) > 0 (o the other end, n the inward normal).
-   The remaining unambiguous classes (four corners on a face, and the hexagons of corner-with-three-
-   neighbours and of four-corner chains) are symmetric under a rotation that Lewiner's chosen
-   triangulation breaks, so no rule of the cube's geometry gives his choice; we fan from the lowest
-   edge id there (same vertices and orientation, a different split).
+   * four corners of a face (its quad): a choice that no rotation-invariant rule gives (the quad's
+     own 90-degree symmetry swaps the diagonals); observed: split along the diagonal through the
+     corners with equal in-face coordinates for x- and y-normal faces, unequal for z-normal faces.
+   The hexagons (a corner with its three neighbours, four-corner chains) are likewise symmetric under a
+   rotation that Lewiner's triangulation breaks and follow no rule we could state; we fan them from
+   the lowest edge id (same vertices and orientation, a different split), as every loop in an
+   ambiguous cell.
 Triangles come out with normals pointing from the inside (low values) towards the outside, the
 orientation scikit-image returns by default (gradient_direction="descent") for an SDF. Cube interiors
 are not tested (no tunnels, unlike Lewiner's interior test): each loop is its own disk, a valid
@@ -79,6 +82,7 @@ def _face_cycles() -> list[list[int]]:
 
 
 FACES = _face_cycles()  # [6][4] corner ids, face id = 2 * axis + side
+_EDGE_FACES = [[f for f in range(6) if set(e) <= set(FACES[f])] for e in EDGES]  # the 2 faces of each edge
 
 
 def face_segments(inside: list[bool], face: int, joined: bool) -> list[tuple[int, int]]:
@@ -123,6 +127,13 @@ def _fan_apex(loop: list[int], minority: list[int]) -> int:
             (ca, da), (cb, db) = corner_dir(loop[k]), corner_dir(loop[(k + 2) % 4])
             if ca == a and cb == b and _det(_sub(b, a), da, db) > 0:
                 return loop[k]
+    if len(loop) == 4 and len(minority) == 4:  # the four corners of a face, whose normal is `axis`
+        axis = EDGE_AXIS[loop[0]]
+        u, v = [k for k in range(3) if k != axis]
+        for e in loop:
+            c = EDGES[e][0]  # the edge's corners differ only along `axis`
+            if (CORNERS[c][u] == CORNERS[c][v]) == (axis != 2):
+                return e
     if len(loop) == 5 and len(minority) == 3:
         for m in minority:
             ends = [c for c in minority if c != m]
@@ -166,10 +177,17 @@ def triangulate(cube_index: int, face_bits: int) -> tuple[list[tuple[int, int, i
         # the loop runs with the inside on its left seen from outside the cube, i.e. clockwise seen
         # from the outside region of the field; reverse it so triangle normals point to the outside
         loop = loop[::-1]
-        if len(set(faces)) < len(faces):  # crosses a face twice: fan from a centre vertex
-            c = CENTRE + len(centred)
-            centred.append(loop)
-            tris += [(c, loop[i], loop[(i + 1) % len(loop)]) for i in range(len(loop))]
+        twice = {f for f in faces if faces.count(f) > 1}
+        if twice:  # fan from a vertex off the faces crossed twice, else from a centre vertex
+            free = [e for e in loop if not twice & set(_EDGE_FACES[e])]
+            if not free:
+                c = CENTRE + len(centred)
+                centred.append(loop)
+                tris += [(c, loop[i], loop[(i + 1) % len(loop)]) for i in range(len(loop))]
+                continue
+            k = loop.index(min(free))
+            loop = loop[k:] + loop[:k]
+            tris += [(loop[0], loop[i], loop[i + 1]) for i in range(1, len(loop) - 1)]
             continue
         minority = [i for i in range(8) if inside[i]]
         if len(minority) > 4:
