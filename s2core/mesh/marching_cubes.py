@@ -9,10 +9,16 @@ inactive corners read +1, as in the dense grid. Per edge crossing the vertex is
 fp32: bitwise scikit-image's vertex for the same edge (checked in tests). Vertices are welded by
 their grid edge, so each crossing is one vertex shared by every triangle that uses it.
 
-Differences from Lewiner (documented, tested): on a face whose corners alternate inside/outside we
-join/separate with the same asymptotic decider, but inside a cube we never add Lewiner's extra centre
-vertex and triangulate each contour loop as a fan, so triangles (not vertex positions) may differ in
-ambiguous cells. The output is watertight wherever the inside region does not touch the grid border.
+Triangles (mc_tables.py has the rules): each contour loop on the cell's faces becomes a disk whose
+inner edges never join two vertices of one cube face, so every edge is a contour segment shared with
+exactly one neighbouring cell or lies inside one cell: the mesh is edge-manifold, consistently oriented
+and watertight wherever the inside region does not touch the grid border (tests/test_marching_cubes_
+manifold.py). Ambiguous faces use Lewiner's asymptotic decider. A loop that crosses a face twice and
+has no vertex off that face is fanned from an extra centre vertex (the mean of its edge vertices), as
+Lewiner's cases 7, 12 and 13 are. Differences from scikit-image's Lewiner (documented, tested): no
+interior test (loops of one cell stay separate disks where Lewiner may join them by a tunnel), centre
+vertices where Lewiner's table has none or elsewhere, and the 32 unambiguous hexagon configurations
+split another way; every other unambiguous cell gives Lewiner's triangles exactly.
 
 Cube layout (see mc_tables.py for the full convention)::
 
