@@ -205,32 +205,34 @@ class Welder:
         # one occurrence per unique vertex: every copy of an edge vertex is bitwise the same
         rep = torch.empty_like(ukeys).scatter_(0, inverse, torch.arange(inverse.numel(), device=device))
         c, vslot = cell_idx[rep // 3], s.reshape(-1)[rep]
-        xyz = key_coords(ukeys // KEY_SLOTS, r)[:, 1:].double()
+        xyz = key_coords(ukeys // KEY_SLOTS, r)[:, 1:].double()  # an edge's low end, a centre's cell
+        edge = vslot.clamp(max=CENTRE - 1)
+        v0, v1 = vals[c, self.edge_a[edge]].double(), vals[c, self.edge_b[edge]].double()
+        t = (level - v0) / (v1 - v0)  # fp64 like scikit-image, then fp32
+        del v0, v1
         is_edge = vslot < CENTRE
-        edge = vslot[is_edge]
-        xyz[is_edge] += self._edge_offsets(vals[c[is_edge]], edge[:, None], from_low_end=True)[:, 0]
+        t = torch.where(is_edge, t, 0.0)  # a centre's clamped slot may not cross (t inf or NaN)
+        xyz += (torch.arange(3, device=device) == self.edge_axis[edge][:, None]) * t[:, None]
+        del t, edge
         if not bool(is_edge.all()):  # a few cells: the mean of their loop's edge vertices
-            cc, j = c[~is_edge], vslot[~is_edge] - CENTRE
-            member = (self.loops[row[cc]] == j[:, None]).double()  # [Mc, 12]
-            offs = self._edge_offsets(vals[cc], torch.arange(CENTRE, device=device)[None])  # [Mc, 12, 3]
-            # the edge vertices as they are stored (fp32), averaged in fp64
-            offs = (offs + xyz[~is_edge][:, None]).float().double() - xyz[~is_edge][:, None]
-            xyz[~is_edge] += (offs * member[..., None]).sum(1) / member.sum(1, keepdim=True)
+            centre = (~is_edge).nonzero()[:, 0]
+            cc, j = c[centre], vslot[centre] - CENTRE
+            member = self.loops[row[cc]] == j[:, None]  # [Mc, 12]
+            ring = (self._edge_offsets(vals[cc]) + xyz[centre][:, None]).float().double()  # [Mc, 12, 3] as stored
+            ring = torch.where(member[..., None], ring, 0.0)  # edges off the loop may not cross (inf, NaN)
+            xyz[centre] = ring.sum(1) / member.sum(1, keepdim=True)  # mean in fp64
         self.faces.append(inverse.reshape(-1, 3))
         self.sizes.append(ukeys.numel())
         self.keys.append(ukeys)
         self.verts.append(xyz.float())
 
-    def _edge_offsets(self, vals: torch.Tensor, edges: torch.Tensor, from_low_end: bool = False) -> torch.Tensor:
-        """[K, 8] corner values, [K or 1, E] edge ids -> [K, E, 3] fp64 offsets of the crossings from the
-        edge's low end (from_low_end) or from the cell's min corner: t along the edge's axis."""
-        a, b = self.edge_a[edges], self.edge_b[edges]  # [K, E]
-        a, b = a.expand(vals.shape[0], -1), b.expand(vals.shape[0], -1)
-        v0, v1 = vals.gather(1, a).double(), vals.gather(1, b).double()
-        t = (self.level - v0) / (v1 - v0)  # fp64 like scikit-image, then fp32
-        axis = torch.arange(3, device=vals.device) == self.edge_axis[edges][..., None]  # [K or 1, E, 3]
-        step = axis * t[..., None]
-        return step if from_low_end else self.corner_offsets[a].double() + step
+    def _edge_offsets(self, vals: torch.Tensor) -> torch.Tensor:
+        """[K, 8] corner values -> [K, 12, 3] fp64 offsets of all 12 edges' crossings from the cell's
+        min corner (meaningless on edges that do not cross)."""
+        v0, v1 = vals[:, self.edge_a].double(), vals[:, self.edge_b].double()  # [K, 12]
+        t = (self.level - v0) / (v1 - v0)
+        axis = torch.arange(3, device=vals.device) == self.edge_axis[:, None]  # [12, 3]
+        return self.corner_offsets[self.edge_a].double() + axis * t[..., None]
 
     def finish(self):
         """(verts [V, 3] fp32 index space, faces [F, 3] int64, vertex batch ids [V])."""

@@ -217,11 +217,8 @@ def _tables() -> tuple[torch.Tensor, torch.Tensor]:
                     member[e] = j
             loops.append(member)
     width = max(len(r) for r in rows)
-    table = torch.full((len(rows), width, 3), -1, dtype=torch.int8)
-    for i, r in enumerate(rows):
-        if r:
-            table[i, :len(r)] = torch.tensor(r, dtype=torch.int8)
-    return table, torch.tensor(loops, dtype=torch.int8)
+    padded = [list(r) + [(-1, -1, -1)] * (width - len(r)) for r in rows]  # one tensor call, not 16k
+    return torch.tensor(padded, dtype=torch.int8), torch.tensor(loops, dtype=torch.int8)
 
 
 def triangle_table() -> torch.Tensor:
