@@ -1,10 +1,11 @@
 """Sparse marching cubes (s2core/mesh/marching_cubes.py) against hand-written cubes, analytic shapes,
 its loop-per-cell twin and scikit-image's Lewiner marching cubes (what the original calls).
 
-Exactness: vertex positions are compared bitwise with scikit-image (same fp64 interpolation, rounded to
-fp32). Lewiner adds a centre vertex in some ambiguous cells and triangulates differently, so against it
-we check the vertex sets (ours is a subset) and a symmetric vertex-to-vertex Hausdorff distance below
-one voxel (a centre vertex is the mean of edge vertices of its own cell).
+Exactness: edge-crossing vertices are compared bitwise with scikit-image (same fp64 interpolation,
+rounded to fp32). Both add centre vertices in some ambiguous cells (not always the same cells), so
+against it we check the edge vertices (ours a subset) and a symmetric vertex-to-vertex Hausdorff
+distance below one voxel (a centre vertex is the mean of edge vertices of its own cell). Manifoldness
+and triangle-for-triangle parity in unambiguous cells: test_marching_cubes_manifold.py.
 """
 import logging
 import math
@@ -104,12 +105,15 @@ def test_vertices_bitwise_equal_to_scikit_image_and_hausdorff(seed):
     vol = _noise_volume(seed)
     (v, f), _ = _both_paths(vol, 0.2)
     sk_v, sk_f, _, _ = measure.marching_cubes(vol, 0.2, method="lewiner")
-    ours, theirs = set(map(tuple, v.tolist())), set(map(tuple, sk_v.tolist()))
+    on_edge = (v == np.round(v)).sum(1) >= 2  # an edge crossing; else a loop's centre vertex
+    ours, theirs = set(map(tuple, v[on_edge].tolist())), set(map(tuple, sk_v.tolist()))
     assert ours <= theirs  # every edge crossing is bitwise scikit-image's
-    extra = np.asarray(sorted(theirs - ours), np.float32).reshape(-1, 3)  # Lewiner's centre vertices
-    assert len(extra) < 0.1 * len(theirs)
-    d = torch.cdist(torch.from_numpy(extra).double(), torch.from_numpy(v).double())
-    assert d.numel() == 0 or d.min(1).values.max() < 1.0  # Hausdorff (ours is a subset the other way)
+    assert (~on_edge).sum() < 0.1 * len(v)
+    # centre vertices on both sides are means of edge vertices of their own cell: within one voxel
+    for a, b in [(sk_v, v), (v, sk_v)]:
+        extra = np.asarray(sorted(set(map(tuple, a.tolist())) - set(map(tuple, b.tolist()))), np.float32)
+        d = torch.cdist(torch.from_numpy(extra.reshape(-1, 3)).double(), torch.from_numpy(np.ascontiguousarray(b)).double())
+        assert d.numel() == 0 or d.min(1).values.max() < 1.0
 
 
 @pytest.mark.parametrize("r", [16, 32])

@@ -9,10 +9,16 @@ inactive corners read +1, as in the dense grid. Per edge crossing the vertex is
 fp32: bitwise scikit-image's vertex for the same edge (checked in tests). Vertices are welded by
 their grid edge, so each crossing is one vertex shared by every triangle that uses it.
 
-Differences from Lewiner (documented, tested): on a face whose corners alternate inside/outside we
-join/separate with the same asymptotic decider, but inside a cube we never add Lewiner's extra centre
-vertex and triangulate each contour loop as a fan, so triangles (not vertex positions) may differ in
-ambiguous cells. The output is watertight wherever the inside region does not touch the grid border.
+Triangles (mc_tables.py has the rules): each contour loop on the cell's faces becomes a disk whose
+inner edges never join two vertices of one cube face, so every edge is a contour segment shared with
+exactly one neighbouring cell or lies inside one cell: the mesh is edge-manifold, consistently oriented
+and watertight wherever the inside region does not touch the grid border (tests/test_marching_cubes_
+manifold.py). Ambiguous faces use Lewiner's asymptotic decider. A loop that crosses a face twice and
+has no vertex off that face is fanned from an extra centre vertex (the mean of its edge vertices), as
+Lewiner's cases 7, 12 and 13 are. Differences from scikit-image's Lewiner (documented, tested): no
+interior test (loops of one cell stay separate disks where Lewiner may join them by a tunnel), centre
+vertices where Lewiner's table has none or elsewhere, and the 32 unambiguous hexagon configurations
+split another way; every other unambiguous cell gives Lewiner's triangles exactly.
 
 Cube layout (see mc_tables.py for the full convention)::
 
@@ -35,7 +41,7 @@ import logging
 import numpy as np
 import torch
 
-from .mc_tables import CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, triangle_table
+from .mc_tables import CENTRE, CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, loop_table, max_centres, triangle_table
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +49,7 @@ __all__ = ["sparse_sdf_to_mesh", "meshes_from_sparse_sdf", "marching_cubes_spars
            "key_coords", "lookup_keys", "Welder"]
 
 BACKGROUND = 1.0  # value of every inactive voxel in the original's dense grid
+KEY_SLOTS = 8  # vertex key = grid key * KEY_SLOTS + slot: 0-2 edge axis, 3 + j centre of loop j
 _MAX_CELLS = 1 << 21  # candidate cells per slab: bounds the per-slab transients (~100 bytes a candidate)
 
 
@@ -162,7 +169,9 @@ class Welder:
 
     def __init__(self, r: int, level: float, device):
         self.r, self.level, self.device = r, level, device
-        self.table = triangle_table().to(device)  # [256 * 64, T, 3] int8 edge ids, -1 padded
+        self.table = triangle_table().to(device)  # [256 * 64, T, 3] int8 vertex slots, -1 padded
+        self.loops = loop_table().to(device)  # [256 * 64, 12] int8 loop number of centred loops' edges
+        self.corner_offsets = torch.tensor(CORNERS, device=device)  # [8, 3]
         self.corner_keys = torch.tensor([(cx * r + cy) * r + cz for cx, cy, cz in CORNERS], device=device)
         self.edge_a = torch.tensor([a for a, _ in EDGES], device=device)
         self.edge_b = torch.tensor([b for _, b in EDGES], device=device)
@@ -179,28 +188,54 @@ class Welder:
         cube = ((rel < 0).long() << torch.arange(8, device=device)).sum(1)
         keep = (cube > 0) & (cube < 255)
         cells, vals, rel, cube = cells[keep], vals[keep], rel[keep], cube[keep]
-        tris = self.table[cube * 64 + _face_bits(rel)]  # [M, T, 3] int8 edge ids, -1 padded
+        row = cube * 64 + _face_bits(rel)  # [M] table row
+        tris = self.table[row]  # [M, T, 3] int8 vertex slots, -1 padded
         del rel, cube
         cell_idx, slot = torch.nonzero(tris[:, :, 0] >= 0, as_tuple=True)
-        e = tris[cell_idx, slot].long()  # [F, 3]
+        s = tris[cell_idx, slot].long()  # [F, 3] slots: 0-11 edges, CENTRE + j loop centres
         del tris, slot
-        # one key per grid edge: (key of its low end) * 3 + axis; keys are linear in (b, x, y, z)
-        ekeys = (cells[cell_idx][:, None] + self.corner_keys[self.edge_a[e]]) * 3 + self.edge_axis[e]  # [F, 3]
-        if ekeys.numel() == 0:
+        if s.numel() == 0:
             return
-        ukeys, inverse = torch.unique(ekeys.reshape(-1), return_inverse=True)
-        del ekeys
-        # one occurrence per unique edge: every copy of an edge vertex is bitwise the same
+        # one key per vertex: (grid key) * KEY_SLOTS + slot, with an edge keyed by its low end and its
+        # axis (0-2) and a loop centre by its cell and 3 + loop number; keys are linear in (b, x, y, z)
+        e = s.clamp(max=CENTRE - 1)
+        centre = s >= CENTRE
+        base = torch.where(centre, 0, self.corner_keys[self.edge_a[e]]) + cells[cell_idx][:, None]
+        vkeys = base * KEY_SLOTS + torch.where(centre, s - CENTRE + 3, self.edge_axis[e])  # [F, 3]
+        del e, centre, base
+        ukeys, inverse = torch.unique(vkeys.reshape(-1), return_inverse=True)
+        del vkeys
+        # one occurrence per unique vertex: every copy of an edge vertex is bitwise the same
         rep = torch.empty_like(ukeys).scatter_(0, inverse, torch.arange(inverse.numel(), device=device))
-        c, edge = cell_idx[rep // 3], e.reshape(-1)[rep]
+        c, vslot = cell_idx[rep // 3], s.reshape(-1)[rep]
+        xyz = key_coords(ukeys // KEY_SLOTS, r)[:, 1:].double()  # an edge's low end, a centre's cell
+        edge = vslot.clamp(max=CENTRE - 1)
         v0, v1 = vals[c, self.edge_a[edge]].double(), vals[c, self.edge_b[edge]].double()
         t = (level - v0) / (v1 - v0)  # fp64 like scikit-image, then fp32
-        xyz = key_coords(ukeys // 3, r)[:, 1:].double()
-        xyz[torch.arange(3, device=device).view(1, 3) == self.edge_axis[edge][:, None]] += t
+        del v0, v1
+        is_edge = vslot < CENTRE
+        t = torch.where(is_edge, t, 0.0)  # a centre's clamped slot may not cross (t inf or NaN)
+        xyz += (torch.arange(3, device=device) == self.edge_axis[edge][:, None]) * t[:, None]
+        del t, edge
+        if not bool(is_edge.all()):  # a few cells: the mean of their loop's edge vertices
+            centre = (~is_edge).nonzero()[:, 0]
+            cc, j = c[centre], vslot[centre] - CENTRE
+            member = self.loops[row[cc]] == j[:, None]  # [Mc, 12]
+            ring = (self._edge_offsets(vals[cc]) + xyz[centre][:, None]).float().double()  # [Mc, 12, 3] as stored
+            ring = torch.where(member[..., None], ring, 0.0)  # edges off the loop may not cross (inf, NaN)
+            xyz[centre] = ring.sum(1) / member.sum(1, keepdim=True)  # mean in fp64
         self.faces.append(inverse.reshape(-1, 3))
         self.sizes.append(ukeys.numel())
         self.keys.append(ukeys)
         self.verts.append(xyz.float())
+
+    def _edge_offsets(self, vals: torch.Tensor) -> torch.Tensor:
+        """[K, 8] corner values -> [K, 12, 3] fp64 offsets of all 12 edges' crossings from the cell's
+        min corner (meaningless on edges that do not cross)."""
+        v0, v1 = vals[:, self.edge_a].double(), vals[:, self.edge_b].double()  # [K, 12]
+        t = (self.level - v0) / (v1 - v0)
+        axis = torch.arange(3, device=vals.device) == self.edge_axis[:, None]  # [12, 3]
+        return self.corner_offsets[self.edge_a].double() + axis * t[..., None]
 
     def finish(self):
         """(verts [V, 3] fp32 index space, faces [F, 3] int64, vertex batch ids [V])."""
@@ -218,7 +253,7 @@ class Welder:
             faces.append(inverse[offset:offset + n][f])
             offset += n
         self.faces = []
-        return verts, torch.cat(faces), uniq // (3 * self.r ** 3)
+        return verts, torch.cat(faces), uniq // (KEY_SLOTS * self.r ** 3)
 
 
 def marching_cubes_sparse(coords: torch.Tensor, sdf: torch.Tensor, resolution: int, level: float):
@@ -290,7 +325,7 @@ def meshes_from_sparse_sdf(sdf, resolution: int, threshold: float,
 def marching_cubes_naive(volume: np.ndarray, level: float):
     """Loop-per-cell marching cubes of a small dense volume with the same conventions -> (verts, faces)."""
     vol = np.asarray(volume, dtype=np.float32)
-    table = triangle_table()
+    table, loops = triangle_table(), loop_table()
     vert_id, verts, faces = {}, [], []
     nx, ny, nz = vol.shape
     for x in range(nx - 1):
@@ -306,18 +341,28 @@ def marching_cubes_naive(volume: np.ndarray, level: float):
                     if is_ambiguous(inside, f):
                         a, b, c, d = (vals[q] - level for q in (q0, q1, q2, q3))
                         bits |= int(a * c > b * d if a < 0 else b * d > a * c) << f
-                for tri in table[cube * 64 + bits].tolist():
+                row = cube * 64 + bits
+
+                def edge_vertex(e):
+                    a, b = EDGES[e]
+                    p = [x + CORNERS[a][0], y + CORNERS[a][1], z + CORNERS[a][2]]
+                    p[EDGE_AXIS[e]] = np.float32(p[EDGE_AXIS[e]] + (level - vals[a]) / (vals[b] - vals[a]))
+                    return (tuple(p[:3]), EDGE_AXIS[e]), [np.float32(c) for c in p]
+
+                for tri in table[row].tolist():
                     if tri[0] < 0:
                         break
                     ids = []
-                    for e in tri:
-                        a, b = EDGES[e]
-                        p0 = (x + CORNERS[a][0], y + CORNERS[a][1], z + CORNERS[a][2])
-                        key = (p0, EDGE_AXIS[e])
+                    for slot in tri:
+                        if slot < CENTRE:
+                            a = EDGES[slot][0]
+                            key = ((x + CORNERS[a][0], y + CORNERS[a][1], z + CORNERS[a][2]), EDGE_AXIS[slot])
+                            p = edge_vertex(slot)[1]
+                        else:  # the mean of its loop's edge vertices
+                            key = ((x, y, z), 3 + slot - CENTRE)
+                            ring = [edge_vertex(e)[1] for e in range(12) if loops[row, e] == slot - CENTRE]
+                            p = list(np.float32(np.mean(np.asarray(ring, np.float64), 0)))
                         if key not in vert_id:
-                            t = (level - vals[a]) / (vals[b] - vals[a])
-                            p = list(p0)
-                            p[EDGE_AXIS[e]] = np.float32(p[EDGE_AXIS[e]] + t)
                             vert_id[key] = len(verts)
                             verts.append(p)
                         ids.append(vert_id[key])
