@@ -1,7 +1,7 @@
 """End-to-end 1024³ timing of the ORIGINAL Direct3D-S2 pipeline, stage by stage, on the structure bench/e2e.py uses.
 
 The original (DreamTechAI/Direct3D-S2, imported from --upstream at run time; nothing of it is in this repo) runs
-with the released config (config.json next to its direct3d_s2 package, i.e. shared/upstream/config.json copied
+with the released config (config.json next to its direct3d_s2 package, i.e. tests/data/upstream/config.json copied
 into .scratch: fp16 networks, fp32 DINOv2 x2, every model resident on the device as the original keeps them), the official step counts and guidance (dense 50, 512: 30, 1024: 15,
 CFG 7) and deterministic random weights: `s2core.testing.deterministic_tensor` under the original modules' own
 parameter names with the seeds bench/e2e.py gives our networks (seed*100 + the part's index in
@@ -53,7 +53,7 @@ for p in (REPO, REPO / "tools" / "golden", REPO / "bench"):
 from s2core.testing import deterministic_tensor  # noqa: E402
 
 GiB = 2**30
-CONFIG = Path("/work/shared/upstream/config.json")
+CONFIG = REPO / "tests" / "data" / "upstream" / "config.json"  # the release's config, kept in the repository
 STEPS = {"dense": 50, "sparse512": 30, "sparse1024": 15}
 GUIDANCE = 7.0
 SMOKE_TOKENS = 96  # --cpu-smoke: sparse structures cropped to this many rows (whole 8³ blocks first)
@@ -68,14 +68,13 @@ NETWORKS = ("dense_vae", "dense_dit", "sparse_vae_512", "sparse_dit_512", "spars
 
 def release_config(upstream: Path, given: str | None) -> tuple[dict, Path]:
     """The released v1.1 config.json ({component: {target, params}}): --config, <upstream>/config.json (copy it
-    into .scratch so it travels to the GPU machine), or shared/upstream/config.json."""
-    candidates = [Path(given)] if given else [upstream / "config.json", CONFIG, REPO / "shared" / "upstream" /
-                                              "config.json"]
+    into .scratch so it travels to the GPU machine), or the repository's tests/data/upstream/config.json."""
+    candidates = [Path(given)] if given else [upstream / "config.json", CONFIG]
     for path in candidates:
         if path.is_file():
             return json.loads(path.read_text()), path
     sys.exit(f"The released config.json is not at {', '.join(map(str, candidates))}; copy "
-             f"shared/upstream/config.json (the v1.1 release's config.yaml as JSON) to {upstream / 'config.json'}.")
+             f"tests/data/upstream/config.json (the v1.1 release's config.yaml as JSON) to {upstream / 'config.json'}.")
 
 
 def smoke_config(cfg: dict) -> dict:
@@ -465,7 +464,7 @@ def main(argv=None):
                     help="folder holding the original's direct3d_s2 package (a checkout, or .scratch)")
     ap.add_argument("--dinov2", default=None, help="facebookresearch/dinov2 checkout (default: <upstream>/dinov2)")
     ap.add_argument("--config", default=None, help="the release's config.json (default: <upstream>/config.json, "
-                    "else /work/shared/upstream/config.json)")
+                    "else tests/data/upstream/config.json)")
     ap.add_argument("--json", type=Path, default=None, help="write rows, tokens, faces and stand-ins here")
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere subdivisions (default 8, smoke 2)")

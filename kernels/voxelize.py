@@ -20,24 +20,29 @@ have positive dot products), else the nearest of the three edges (projection par
 Marking is monotone (cells only ever become True), so a pair whose cell is already marked can be skipped
 without changing the result, and concurrent stores of True race harmlessly.
 
-Exactness. Both implementations evaluate the same fixed sequence of IEEE float32 operations, each rounded
-once: vectors are handled per component, dot(a, b) = (a_x·b_x + a_y·b_y) + a_z·b_z, cross(a, b) =
-(a_y·b_z - a_z·b_y, a_z·b_x - a_x·b_z, a_x·b_y - a_y·b_x), norms are sqrt(dot(v, v)), min propagates NaN
-(torch.minimum's rule). The reference is eager PyTorch, one kernel per operation, so nothing is contracted
-or reassociated on CPU or CUDA (no torch.cross, .sum or .norm, whose reduction order, FMA contraction or
-CPU double accumulation differ between devices). The Triton kernel is compiled with enable_fp_fusion=False
-(no FMA contraction, ptxas --fmad=false) and uses div_rn / sqrt_rn (IEEE, where `/` and tl.sqrt are
-approximate); the interpreter runs the same operations in numpy float32. Lattice coordinates come from one
-table computed once on the host (float64 quotient rounded to float32, which is the correctly rounded float32
+Exactness. Both implementations evaluate the same fixed sequence of IEEE float32 operations, each rounded once:
+vectors are handled per component, dot(a, b) = (a_x·b_x + a_y·b_y) + a_z·b_z, cross(a, b) = (a_y·b_z - a_z·b_y,
+a_z·b_x - a_x·b_z, a_x·b_y - a_y·b_x), norms are sqrt(dot(v, v)) correctly rounded, min propagates NaN
+(torch.minimum's rule). The reference is eager PyTorch, one kernel per operation, so nothing is contracted or
+reassociated on CPU or CUDA (no torch.cross, .sum or .norm, whose reduction order, FMA contraction or CPU double
+accumulation differ between devices), and its square roots are `_sqrt_rn` (torch's own float32 CPU sqrt is 1 ulp
+off on some CPUs, which made a CPU-dependent difference until 2026-12-05). The Triton kernel is compiled with
+enable_fp_fusion=False (no FMA contraction, ptxas --fmad=false) and uses div_rn / sqrt_rn (IEEE, where `/` and
+tl.sqrt are approximate); the interpreter runs the same operations in numpy float32. Lattice coordinates come from
+one table computed once on the host (float64 quotient rounded to float32, which is the correctly rounded float32
 quotient), so CUDA's reciprocal-multiply shortcut for `tensor / scalar` never enters. Hence the kernel in the
-interpreter and the CPU reference agree bitwise (tested). On an H100 (2026-11-25) they did not: the eager
-reference on CUDA and the kernel on CUDA both differ from the CPU reference in the last bits of some
-distances (the cause is not pinned down), so a lattice point within a few ulps of the threshold can be
-marked on one device and not the other; the GPU tests bound the difference (relative 1e-5) and on the
-1.3 M-face bench mesh both give the same 88,188 cells (bench/results/voxelize.md). Assumed, not enforced:
-float32 subnormals are not flushed to zero (neither Triton's default arithmetic nor PyTorch's flushes them);
-with flushing, a sliver triangle whose squared normal is subnormal could take the collinear branch on one
-side only.
+interpreter and the CPU reference agree bitwise on any CPU (tested). On an H100 (2026-11-25, before `_sqrt_rn`)
+they did not: the eager reference on CUDA and the kernel on CUDA both differed from the CPU reference in the last
+bits of some distances (the CPU sqrt above is a likely cause; not re-measured yet), so a lattice point within a few
+ulps of the threshold can be marked on one device and not the other; the GPU tests bound the difference (relative
+1e-5) and on the 1.3 M-face bench mesh both give the same 88,188 cells (bench/results/voxelize.md). At the
+threshold the original (its CUDA kernel, float32 with nvcc's default FMA contraction and its own operation order)
+keeps a point when d < limit, like us; a point within a few ulps of the limit may be kept by the original and not
+by us or the other way round (or differ between two GPUs for the original itself), so tests compare discrete
+results with the reference bitwise only where both run the same IEEE operations, and against other devices with a
+margin. Assumed, not enforced: float32 subnormals are not flushed to zero (neither Triton's default arithmetic nor
+PyTorch's flushes them); with flushing, a sliver triangle whose squared normal is subnormal could take the
+collinear branch on one side only.
 
 Layouts: occupied [L, L, L] bool, contiguous (the latent grid, L = ceil(D / factor)); tris [F, 3, 3] float32
 contiguous (triangle, vertex, coordinate); coord [D] float32; lo, hi [F, 3] int64 contiguous (inclusive boxes,
@@ -78,6 +83,21 @@ def _cross3(a, b):
     return a[1] * b[2] - a[2] * b[1], a[2] * b[0] - a[0] * b[2], a[0] * b[1] - a[1] * b[0]
 
 
+def _sqrt_rn(x: torch.Tensor) -> torch.Tensor:
+    """float32 square root rounded to nearest on every CPU, as sqrt_rn / numpy / CUDA's sqrt compute it.
+
+    torch's float32 CPU sqrt goes through a vectorised math library whose result is 1 ulp off for ~17% of inputs
+    on some CPUs (measured on an AVX2 AMD EPYC with torch 2.13; exact on others). Here: the float64 root rounded
+    to float32 (at most 1 ulp off), then corrected with exact float64 arithmetic: the midpoints between the
+    candidate and its float32 neighbours have 25 significant bits, so their squares are exact in float64 and
+    comparing them with x picks the correctly rounded root (never a tie: a float32 x is no such square)."""
+    s = x.double().sqrt().float()
+    up, down = torch.nextafter(s, s.new_tensor(float("inf"))), torch.nextafter(s, s.new_zeros(()))
+    mid_up, mid_down = (s.double() + up.double()) / 2, (s.double() + down.double()) / 2
+    s = torch.where(mid_up * mid_up < x.double(), up, s)
+    return torch.where(mid_down * mid_down > x.double(), down, s)
+
+
 def _segment3(p, a, b):
     """Distance from points p to segments ab (tuples of [n] tensors), projection parameter clamped to [0, 1]."""
     d = _sub3(b, a)
@@ -85,7 +105,7 @@ def _segment3(p, a, b):
     lo, hi = t < 0, t > 1
     closest = tuple(torch.where(lo, a[k], torch.where(hi, b[k], a[k] + t * d[k])) for k in range(3))
     r = _sub3(p, closest)
-    return _dot3(r, r).sqrt()
+    return _sqrt_rn(_dot3(r, r))
 
 
 def point_triangle_distance(p: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor, v2: torch.Tensor) -> torch.Tensor:
@@ -94,7 +114,7 @@ def point_triangle_distance(p: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor,
     normal = _cross3(_sub3(B, A), _sub3(C, A))
     nn2 = _dot3(normal, normal)
     q = _sub3(P, A)
-    length = nn2.sqrt().clamp_min(torch.finfo(p.dtype).tiny)
+    length = _sqrt_rn(nn2).clamp_min(torch.finfo(p.dtype).tiny)
     unit = tuple(x / length for x in normal)
     plane = _dot3(unit, q)
     proj = tuple(P[k] - plane * unit[k] for k in range(3))
@@ -103,7 +123,7 @@ def point_triangle_distance(p: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor,
     c2 = _cross3(_sub3(C, A), _sub3(C, proj))
     inside = (_dot3(c0, c1) > 0) & (_dot3(c1, c2) > 0) & (_dot3(c0, c2) > 0)
     s01, s02, s12 = _segment3(P, A, B), _segment3(P, A, C), _segment3(P, B, C)
-    to_v0 = _dot3(q, q).sqrt()
+    to_v0 = _sqrt_rn(_dot3(q, q))
     d = torch.where(inside, plane.abs(), torch.minimum(torch.minimum(s01, s02), s12))
     d = torch.where(nn2 == 0, to_v0, d)
     eq01, eq02, eq12 = (v0 == v1).all(-1), (v0 == v2).all(-1), (v1 == v2).all(-1)

@@ -1,6 +1,6 @@
 """Typed hyperparameters of every Direct3D-S2 component.
 
-Defaults are the official v1.1 release (`shared/upstream/config.json`, SPEC.md §2); the same classes
+Defaults are the official v1.1 release (its config.json, kept as `tests/data/upstream/config.json`; docs/ORIGINAL.md); the same classes
 describe the tiny smoke-test configs (`tiny_release()`). Field names follow the original's
 constructor arguments so a config entry maps one to one; `use_checkpoint` (gradient checkpointing)
 is dropped because it has no effect at inference.

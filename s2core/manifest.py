@@ -1,9 +1,9 @@
 """State-dict manifests: the expected (name, shape, dtype) of every tensor of a checkpoint part.
 
-The truth is `shared/upstream/manifests/<file>.<part>.tsv` (one row per tensor: name, shape, dtype).
-`s2core/data/manifests.json` is a compact copy generated from them by `tools/make_manifests.py`; the
-pack needs it at run time to explain a wrong checkpoint before any model is built, and
-`tests/test_manifests.py` checks that it equals the shared TSVs.
+The truth is `tests/data/upstream/manifests/<file>.<part>.tsv` (one row per tensor: name, shape, dtype, written
+from the original code's freshly built modules). `s2core/data/manifests.json` is a compact copy generated from
+them by `tools/make_manifests.py`; the pack needs it at run time to explain a wrong checkpoint before any model
+is built, and `tests/test_manifests.py` checks that it equals the TSVs.
 """
 from __future__ import annotations
 

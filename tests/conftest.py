@@ -1,13 +1,16 @@
 """Shared pytest setup: the `gpu` marker skips cleanly without CUDA, the `triton` marker without Triton (as
-on Windows without triton-windows: the product then runs its PyTorch references), paths to ../shared."""
+on Windows without triton-windows: the product then runs its PyTorch references), paths to the test data in the
+repository."""
 from pathlib import Path
 
 import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = REPO.parent / "shared"
-MANIFESTS = SHARED / "upstream" / "manifests"
+# The release's config.json / config_v1_0.json and the state-dict manifests (one TSV per checkpoint part, written
+# from the original code's freshly built modules), kept in the repository so a plain clone tests itself.
+UPSTREAM = REPO / "tests" / "data" / "upstream"
+MANIFESTS = UPSTREAM / "manifests"
 GOLDEN = REPO / "tests" / "golden"
 
 
@@ -25,15 +28,13 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(scope="session")
-def shared_dir() -> Path:
-    if not SHARED.is_dir():
-        pytest.fail(f"{SHARED} is missing: clone the repo next to shared/ as CI does")
-    return SHARED
+def upstream_dir() -> Path:
+    return UPSTREAM
 
 
 @pytest.fixture(scope="session")
-def manifests_dir(shared_dir) -> Path:
-    return shared_dir / "upstream" / "manifests"
+def manifests_dir() -> Path:
+    return MANIFESTS
 
 
 @pytest.fixture

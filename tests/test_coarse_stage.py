@@ -9,6 +9,7 @@ from s2core.dinov2 import ImageConditioner
 from s2core.structure import decode_dense, encode_image, run_coarse, sample_dense, sort_block
 from s2core.image import preprocess_image
 from s2core.testing import deterministic_state_dict
+from tolerances import rel_rms, reorder_rel_rms
 
 
 @pytest.fixture(scope="module")
@@ -126,11 +127,29 @@ def test_matches_the_original_pipeline_on_the_tiny_config():
     with torch.no_grad():
         vae.decoder.out_layer[2].bias.fill_(gen.DECODER_BIAS)
     cond, _ = encode_image(enc.eval(), gen.pixels())  # 518² input resized to the tiny 56² as torchvision does
-    # fp32 DINOv2 with the same op sequence; the resize is the one place kernels could differ (antialias bilinear).
-    assert ((cond - ref["out.cond"]).norm() / ref["out.cond"].norm()).item() < 1e-5
+    # fp32 DINOv2 with the same op sequence (the antialiased resize included): only summation order and
+    # vectorised libm differ between CPUs; widest dot product 256 (MLP), ~9 layers.
+    assert rel_rms(cond, ref["out.cond"]) < reorder_rel_rms(k=256, depth=9)
     latent = sample_dense(dit.eval(), ref["out.cond"], None, steps=gen.STEPS, guidance=gen.GUIDANCE,
                           generator=torch.Generator().manual_seed(gen.NOISE_SEED), latent_dtype=torch.float16)
-    # Same fp16 noise draw, fp16-rounded timesteps, CFG order and Euler step as the original: bitwise equal.
-    assert torch.equal(latent, ref["out.latent"])
-    coords = decode_dense(vae.eval(), latent, block_size=8)
-    assert torch.equal(coords.long(), ref["out.index"])
+    # Same fp16 noise draw, fp16-rounded timesteps, CFG order and Euler step as the original (each pinned exactly
+    # in test_parity_coarse.py): bitwise equal on the recording CPU. Elsewhere the fp16 DiT's GEMMs (fp32
+    # accumulation in another order) move outputs by an fp16 ulp per layer (~22 layers, widest 256 inputs), and
+    # CFG v_u + 7 (v_c - v_u) scales independent errors of the two passes by sqrt(6² + 7²) ≈ 9.2.
+    assert latent.dtype == torch.float16
+    assert rel_rms(latent, ref["out.latent"]) < 9.2 * reorder_rel_rms(k=256, depth=22, store=torch.float16)
+    # The index from the original's latent: occupancy is sigmoid(logit) >= 0.1 in fp16, as the original
+    # (s2core.structure.occupancy_coords), a discrete decision that fp16 rounding can flip for a voxel whose
+    # logit is within noise of logit(0.1); every other voxel must agree, and the order is exact (sort_block).
+    vae = vae.eval()
+    with torch.no_grad():
+        logits = vae.decode(ref["out.latent"])[0, 0].float()  # [16, 16, 16]
+    coords = decode_dense(vae, ref["out.latent"], block_size=8)
+    assert torch.equal(coords, sort_block(coords, 8)[0])
+    ours, theirs = torch.zeros(16, 16, 16, dtype=torch.bool), torch.zeros(16, 16, 16, dtype=torch.bool)
+    ours[tuple(coords[:, 1:].long().T)] = True
+    theirs[tuple(ref["out.index"][:, 1:].T)] = True
+    tol = reorder_rel_rms(k=32 * 27, depth=12, store=torch.float16)  # tiny decoder: 32 channels x 27 taps, 12 layers
+    sure = (logits - torch.logit(torch.tensor(0.1))).abs() > 4 * tol * logits.pow(2).mean().sqrt()
+    assert sure.float().mean() > 0.9 and 0 < int(theirs.sum()) < 16 ** 3
+    assert torch.equal(ours[sure], theirs[sure]), f"{int((ours != theirs)[sure].sum())} voxels differ"

@@ -1,11 +1,14 @@
-"""The compact manifest copy the pack ships equals the shared TSVs, and the configs equal config.json."""
+"""The compact manifest copy the pack ships equals the manifest TSVs, and the configs equal the release's config.json.
+
+The TSVs and config files are data from the original release, kept in tests/data/upstream/ (see docs/TESTING.md).
+"""
 import json
 
 from s2core.config import ReleaseConfig, official_v1_0, release_from_json, tiny_release
 from s2core.manifest import known_parts, manifest, read_manifest_tsv
 
 
-def test_compact_manifests_equal_shared(manifests_dir):
+def test_compact_manifests_equal_tsvs(manifests_dir):
     tsvs = sorted(manifests_dir.rglob("*.tsv"))
     assert len(tsvs) == 11
     keys = [t.relative_to(manifests_dir).with_suffix("").as_posix() for t in tsvs]
@@ -22,9 +25,9 @@ def test_manifest_entry_counts_match_headers(manifests_dir):
         assert len(read_manifest_tsv(t)) == n, t.name
 
 
-def test_release_config_equals_official_json(shared_dir):
+def test_release_config_equals_official_json(upstream_dir):
     from dataclasses import replace
-    up = shared_dir / "upstream"
+    up = upstream_dir
     assert release_from_json(up / "config.json", name="v1.1") == ReleaseConfig()
     assert replace(release_from_json(up / "config_v1_0.json"), name="v1.0") == official_v1_0()
     raw = json.loads((up / "config.json").read_text())

@@ -21,6 +21,7 @@ from s2core.testing import deterministic_state_dict
 from s2core.manifest import manifest
 
 from conftest import GOLDEN
+from tolerances import rel_rms, reorder_rel_rms
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -354,8 +355,10 @@ GOLDEN_FILES = sorted(glob.glob(str(GOLDEN / "refiner__*.json")) + glob.glob(str
 def test_golden(path):
     """One cube through the original's network (fp16, official widths); run() itself is covered above.
 
-    Same weights, inputs and single-threaded CPU kernels give bitwise equal results here; the tolerance
-    (a few fp16 ulps) leaves room for other CPUs' conv kernels.
+    Same weights and inputs give bitwise equal results on the CPU that recorded the fixtures, but fp16 conv
+    kernels accumulate in another order on other CPUs (an AVX2 EPYC: 1.5e-3 rel. RMS on mid.unet, a few fp16
+    ulps at most), so each tensor is compared by relative RMS against the bound of tests/tolerances.py: fp16
+    activations (one ulp per layer) through the UNet's 68 convolutions plus the 4 layers after it.
     """
     from s2core.refiner import adaptive_filter
     from s2core.testing import golden_state_dict, load_golden
@@ -380,10 +383,16 @@ def test_golden(path):
             got["mid.ab1"] = adaptive_filter(got["mid.unet"], model.adaptive_conv1)
             got["mid.ab2"] = adaptive_filter(model.mid_conv(got["mid.ab1"]), model.adaptive_conv2)
             got["out.cube"] = out = model(t["in.sdf"], t["in.feats"])
+    tol = reorder_rel_rms(k=1024 * 27, depth=68 + 4, store=torch.float16)  # 1.7e-2; widest: 1024 inputs x 27 taps
     for name, value in got.items():
         assert value.dtype == t[name].dtype, name
-        torch.testing.assert_close(value.float(), t[name].float(), rtol=4e-3, atol=4e-3, msg=name)
+        if name != "out.sign":
+            assert rel_rms(value, t[name]) < tol, (name, rel_rms(value, t[name]))
     if sign:
-        sure = t["mid.logits"].float().abs() > 1e-2  # a logit within fp16 noise of 0 may flip
+        # The sign is discrete: +1 where the fp16 sigmoid >= 0.5, as the original (VoxelRefinerSign.forward). A logit within the noise
+        # of 0 may flip on another CPU, so the sign must agree where the reference logit is clear of 0 by 4x the
+        # RMS bound (0.028 here; the largest logit difference measured on an AVX2 EPYC is 0.0098).
+        ref_logits = t["mid.logits"].float()
+        sure = ref_logits.abs() > 4 * tol * ref_logits.pow(2).mean().sqrt()
         assert sure.float().mean() > 0.9
         assert torch.equal(out[sure], t["out.sign"][sure])

@@ -1,6 +1,6 @@
-"""Regenerate s2core/data/manifests.json from shared/upstream/manifests/*.tsv.
+"""Regenerate s2core/data/manifests.json from the manifest TSVs (tests/data/upstream/manifests/*.tsv).
 
-    python tools/make_manifests.py [--shared ../shared]
+    python tools/make_manifests.py [--manifests DIR]
 """
 import argparse
 import json
@@ -12,8 +12,7 @@ sys.path.insert(0, str(REPO))
 from s2core.manifest import read_manifest_tsv  # noqa: E402
 
 
-def build(shared: Path) -> dict:
-    root = shared / "upstream" / "manifests"
+def build(root: Path) -> dict:
     table = {}
     for tsv in sorted(root.rglob("*.tsv")):
         key = tsv.relative_to(root).with_suffix("").as_posix()
@@ -23,8 +22,8 @@ def build(shared: Path) -> dict:
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shared", type=Path, default=REPO.parent / "shared")
+    ap.add_argument("--manifests", type=Path, default=REPO / "tests" / "data" / "upstream" / "manifests")
     args = ap.parse_args()
     out = REPO / "s2core" / "data" / "manifests.json"
-    out.write_text(json.dumps(build(args.shared), separators=(",", ":")) + "\n")
+    out.write_text(json.dumps(build(args.manifests), separators=(",", ":")) + "\n")
     print(f"wrote {out} ({out.stat().st_size} bytes)")

@@ -1,8 +1,10 @@
 """Voxelization level 2 (kernels/voxelize.py) against its PyTorch reference, and mesh_to_latent_index's two paths.
 
 Equality, not a tolerance, on CPU: both backends evaluate the same sequence of IEEE float32 operations (no
-FMA, div_rn/sqrt_rn, one lattice coordinate table), so every distance is bitwise the same and the latent
-index must have exactly the same rows. On CUDA distances were measured to differ from the CPU reference in
+FMA, correctly rounded division and square root: div_rn/sqrt_rn in the kernel, numpy in the interpreter,
+`_sqrt_rn` in the reference because torch's CPU sqrt is not correctly rounded on every CPU; one lattice
+coordinate table), so every distance is bitwise the same on any CPU and the latent index must have exactly the
+same rows. On CUDA distances were measured to differ from the CPU reference in
 the last bits (H100, 2026-11-25), so the gpu tests allow a relative 1e-5 on distances and compare whole
 latent indices at 1024, where no point sits that close to the threshold. `test_min_distance_is_bitwise` checks the distances themselves: with the
 limit set to the reference's smallest distance of a pair, the kernel must not mark the cell; one float32
@@ -171,6 +173,18 @@ def test_mark_cells_tiles_and_premarked_cells(pairs, block):
                        pairs=pairs, block=block)
     assert torch.equal(got, want)
     assert bool(got[pre].all()) and int(want.sum()) > int(pre.sum()), "the case marks nothing new"
+
+
+def test_reference_sqrt_is_correctly_rounded():
+    """`_sqrt_rn` equals the IEEE float32 root (numpy's, which is the hardware instruction) bit for bit,
+    including exact squares, subnormals, zero, inf and NaN; torch's own CPU sqrt is not on every CPU."""
+    g = torch.Generator().manual_seed(_seed("sqrt"))
+    x = torch.cat([torch.rand(1 << 18, generator=g) * 0.1, torch.rand(1 << 14, generator=g) * 1e-40,
+                   torch.tensor([0.0, 1e-45, 0.25, 4.0, 2.0, 3.4e38, float("inf"), float("nan")])])
+    got = K._sqrt_rn(x).numpy()
+    want = np.sqrt(x.numpy())
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.int32), want.view(np.int32))
 
 
 def test_backend_names():

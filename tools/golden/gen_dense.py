@@ -13,7 +13,7 @@ import torch
 
 import harness
 
-CONFIG = json.loads((harness.REPO.parent / "shared" / "upstream" / "config.json").read_text())
+CONFIG = json.loads((harness.REPO / "tests" / "data" / "upstream" / "config.json").read_text())
 VAE_TARGET = "direct3d_s2.models.autoencoders.dense_vae.DenseShapeVAE"
 DIT_TARGET = "direct3d_s2.models.transformers.dense_dit.DenseDiT"
 SCHED_TARGET = "diffusers.schedulers.FlowMatchEulerDiscreteScheduler"
