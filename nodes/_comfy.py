@@ -131,7 +131,12 @@ def to_comfy_mesh(mesh: pipeline.Mesh):
         verts[b, :v.shape[0]] = v
         faces[b, :f.shape[0]] = f
     counts = (torch.tensor(mesh.vertex_counts), torch.tensor(mesh.face_counts))
-    return ComfyMesh(verts, faces, *counts, info=dict(mesh.info))
+    out = ComfyMesh(verts, faces, *counts, info=dict(mesh.info))
+    if mesh.vertex_colors is not None:  # core MESH's optional per-vertex RGB, padded like the vertices
+        out.vertex_colors = torch.zeros(len(items), nv, 3)
+        for b in range(len(items)):
+            out.vertex_colors[b, :mesh.vertex_counts[b]] = mesh.item_colors(b).float().cpu()
+    return out
 
 
 def from_comfy_mesh(mesh) -> pipeline.Mesh:
@@ -145,7 +150,11 @@ def from_comfy_mesh(mesh) -> pipeline.Mesh:
     vc = [int(x) for x in vc] if vc is not None else [verts.shape[1]] * b
     fc = [int(x) for x in fc] if fc is not None else [faces.shape[1]] * b
     items = [(verts[i, :vc[i]].float().cpu(), faces[i, :fc[i]].long().cpu()) for i in range(b)]
-    return pipeline.Mesh.from_list(items, info=dict(getattr(mesh, "info", {}) or {}))
+    colors = getattr(mesh, "vertex_colors", None)
+    if colors is not None:
+        colors = colors if colors.ndim == 3 else colors[None]
+        colors = [colors[i, :vc[i], :3].float().cpu() for i in range(b)]
+    return pipeline.Mesh.from_list(items, info=dict(getattr(mesh, "info", {}) or {}), colors=colors)
 
 
 def download_progress_class():

@@ -80,7 +80,9 @@ class SaveMesh(Node):
         check_filename_prefix(filename_prefix)  # one clear sentence before ComfyUI's generic refusal
         folder, name, counter, subfolder = _comfy.output_path(filename_prefix)
         files = [f"{name}_{counter + i:05}_.{format}" for i in range(mesh.batch_size)]
-        for f, item in zip(files, mesh.items()):  # one file per batch item
-            pipeline.save(pipeline.Mesh.from_list([item], mesh.resolution), os.path.join(folder, f), metadata)
+        for i, (f, item) in enumerate(zip(files, mesh.items())):  # one file per batch item
+            colors = None if mesh.vertex_colors is None else [mesh.item_colors(i)]
+            pipeline.save(pipeline.Mesh.from_list([item], mesh.resolution, colors=colors), os.path.join(folder, f),
+                          metadata)
         ui = {"3d": [{"filename": f, "subfolder": subfolder, "type": "output"} for f in files]}
         return (os.path.join(subfolder, files[0]).replace(os.sep, "/"),), ui
