@@ -166,7 +166,7 @@ def _normals_to_try(device) -> torch.Tensor:
     return torch.cat([torch.eye(3, dtype=torch.float64), fib]).float().to(device)
 
 
-def symmetry_plane(vertices: torch.Tensor, samples: int = 4096, cells: int = 64) -> tuple[torch.Tensor, torch.Tensor, float]:
+def symmetry_plane(vertices: torch.Tensor, samples: int = 4096, cells: int = 128) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(point [3], unit normal [3], fit in [0, 1]) of the best mirror plane through the centroid; fit = the
     fraction of mirrored sample vertices landing in a cell (1/cells of the extent) next to the surface."""
     v = vertices.float()

@@ -16,15 +16,16 @@ BUMPS = ((0.55, 0.3, 0.75, 0.45), (-0.8, -0.2, 0.3, 0.3), (0.1, 0.9, -0.4, 0.25)
 SQUASH = (1.0, 0.8, 0.65)
 
 
-def bumpy_shape(n: int = 48, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(vertices [V, 3] float32 inside [-1, 1]³, faces [F, 3] int64, counter-clockwise = outward)."""
+def bumpy_shape(n: int = 48, device="cpu", bumps=BUMPS) -> tuple[torch.Tensor, torch.Tensor]:
+    """(vertices [V, 3] float32 inside [-1, 1]³, faces [F, 3] int64, counter-clockwise = outward); `bumps`:
+    (x, y, z, height) each."""
     lat = (torch.arange(1, n, device=device, dtype=torch.float32) / n) * math.pi  # rows without the poles
     lon = torch.arange(2 * n, device=device, dtype=torch.float32) / (2 * n) * 2 * math.pi
     t, p = torch.meshgrid(lat, lon, indexing="ij")
     d = torch.stack([t.sin() * p.sin(), t.cos(), t.sin() * p.cos()], -1).view(-1, 3)
     d = torch.cat([d, torch.tensor([[0.0, 1.0, 0.0], [0.0, -1.0, 0.0]], device=device)])
     r = torch.ones(d.shape[0], device=device)
-    for x, y, z, h in BUMPS:
+    for x, y, z, h in bumps:
         a = F.normalize(torch.tensor([x, y, z], device=device), dim=0)
         r = r + h * torch.exp(-((d - a) ** 2).sum(1) / 0.25)
     v = d * r[:, None] * torch.tensor(SQUASH, device=device)
