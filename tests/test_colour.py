@@ -140,3 +140,14 @@ def test_camera_projection_conventions():
     s, d = side.project(torch.tensor([[1.0, 0, 0], [0, 0, -1.0]]))
     assert d[0] < d[1] and math.isclose(side.distance, 1 / math.sin(math.radians(20)), rel_tol=1e-6)
     assert float(s[1, 0]) > 50  # from +X, -Z is on the right
+
+
+def test_clustered_stand_in_keeps_the_silhouette():
+    from s2core.colour.camera import cluster_mesh, silhouette
+
+    v, f = bumpy_shape(96)  # 37k faces; the search uses the stand-in above 200k
+    pv, pf = cluster_mesh(v, f, 128)
+    assert pf.shape[0] < f.shape[0]
+    cam = Camera(120.0, 30.0, 30.0, (0.0, 0.0, 0.0), float(v.norm(dim=1).max()), 28.0, 32.0, 32.0, 64, 64)
+    a, b = silhouette(v, f, cam), silhouette(pv, pf, cam)
+    assert (a & b).sum() / (a | b).sum() > 0.97
