@@ -15,7 +15,7 @@ Triangles with a non-finite vertex or zero screen area cover nothing.
 
 How (the reference below): triangles go in chunks of `TRIS` (bounding the per-triangle temporaries); each
 chunk lists the (triangle, pixel) pairs of every triangle's pixel bounding box, at most `max_pairs` at a time
-(so a few huge triangles or millions of tiny ones both use bounded memory: ~60 bytes a pair), evaluates the
+(so a few huge triangles or millions of tiny ones both use bounded memory: ~200 bytes a pair), evaluates the
 affine barycentrics per pair and keeps the nearest with one `scatter_reduce(amin)` of a packed int64 key,
 (order-preserving int32 of the float32 depth) << 32 | face id: depth order first, then the lower id, which
 makes the result independent of evaluation order (deterministic on every device).
@@ -32,7 +32,7 @@ import torch
 __all__ = ["rasterize", "rasterize_reference", "depth_key", "TRIS", "MAX_PAIRS"]
 
 TRIS = 1 << 20  # triangles set up at once (~100 bytes each of temporaries)
-MAX_PAIRS = 1 << 22  # (triangle, pixel) pairs evaluated at once (raised to H*W so one triangle always fits)
+MAX_PAIRS = 1 << 21  # (triangle, pixel) pairs evaluated at once, ~400 MB (raised to H*W so one triangle always fits)
 _EMPTY = torch.iinfo(torch.int64).max
 _INSIDE = -1e-6  # barycentric slack: a pixel centre exactly on a shared edge is covered by both triangles
 
