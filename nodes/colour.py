@@ -15,7 +15,8 @@ class ColourFromImage(Node):
     display_name = "Direct3D-S2 Colour From Image"
     description = ("Finds the camera of the input picture from the object's silhouette, paints the visible "
                    "surface with the picture's colours and fills the hidden side from its neighbours over the "
-                   "surface. No model weights. Save the mesh as GLB or PLY to keep the colours.")
+                   "surface. No model weights. Save the mesh as GLB or PLY to keep the colours; colour after "
+                   "post-processing (simplifying changes the vertices and drops the colours).")
     inputs = (
         In("mesh", MESH, "The mesh made from this picture (any mesh works if the picture shows it)."),
         In("image", IMAGE, "The same picture given to Encode Image."),

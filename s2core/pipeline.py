@@ -802,6 +802,8 @@ def postprocess(mesh: Mesh, simplify: bool = True, simplify_ratio: float = SIMPL
     if not 0.0 <= simplify_ratio < 1.0:
         raise ValueError(f"simplify_ratio is the fraction of faces to remove and must be in [0, 1), got {simplify_ratio}.")
     post = _function("mesh.postprocess", "postprocess_mesh")
+    if mesh.vertex_colors is not None:
+        log.warning("Post-processing drops the vertex colours (the vertices change); colour the mesh afterwards.")
     items = []
     for v, f in mesh.items():  # host loop over batch items: mesh ops run per mesh
         _poll(should_stop)
