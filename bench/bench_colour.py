@@ -105,7 +105,7 @@ def main():
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
     head = (f"# colour from image, {v.shape[0]:,} vertices / {f.shape[0]:,} faces\n\n{datetime.date.today()}, {gpu}, "
-            f"torch {torch.__version__}, `python bench/bench_colour.py{' --tiny' if args.tiny else ''}`\n\n"
+            f"torch {torch.__version__}, `python bench/bench_colour.py{''.join(' ' + a for a in sys.argv[1:])}`\n\n"
             "| what | time | note |\n|---|---|---|\n")
     text = head + "\n".join(rows) + "\n\n" + report.describe() + "\n"
     print(text)
