@@ -85,11 +85,13 @@ def project_colours(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
     return colours, conf
 
 
-def _edges(faces: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Directed edges (src, dst) of the mesh graph, both directions (an edge shared by two faces counts twice:
-    harmless weights)."""
-    a, b, c = faces.unbind(1)
-    return torch.cat([a, b, c, b, c, a]), torch.cat([b, c, a, a, b, c])
+def _edges(faces: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Directed edges (src, dst) of the mesh graph over n vertices: each undirected edge once per direction
+    (a closed mesh lists every edge in two faces; deduplicating halves the sweeps' work)."""
+    a, b = faces.flatten(), faces[:, [1, 2, 0]].flatten()
+    key = torch.unique(torch.minimum(a, b) * n + torch.maximum(a, b))
+    lo, hi = key // n, key % n
+    return torch.cat([lo, hi]), torch.cat([hi, lo])
 
 
 def _jacobi(x, src, dst, seed, w, sweeps: int, should_stop) -> torch.Tensor:
@@ -112,7 +114,7 @@ def _jacobi(x, src, dst, seed, w, sweeps: int, should_stop) -> torch.Tensor:
 def fill_colours(vertices: torch.Tensor, faces: torch.Tensor, colours: torch.Tensor, conf: torch.Tensor,
                  should_stop: ShouldStop | None = None) -> torch.Tensor:
     """[V, 3]: seen colours kept (screened), hidden ones diffused over the surface, coarse to fine."""
-    src, dst = _edges(faces)
+    src, dst = _edges(faces, vertices.shape[0])
     v = vertices.float()
     lo = v.amin(0)
     extent = float((v.amax(0) - lo).amax().clamp_min(1e-9))
