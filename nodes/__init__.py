@@ -9,6 +9,7 @@ mappings are built: they are plain classes and import nothing from ComfyUI.
 from __future__ import annotations
 
 from ._spec import Node
+from .colour import ColourFromImage
 from .dense import DecodeDense, SampleDense
 from .encode import EncodeImage
 from .image_to_mesh import ImageToMesh
@@ -17,7 +18,7 @@ from .model import LoadModel
 from .sparse import DecodeSparse, SampleSparse
 
 NODES: list[type[Node]] = [LoadModel, EncodeImage, SampleDense, DecodeDense, SampleSparse, DecodeSparse,
-                           MeshToStructure, PostprocessMesh, SaveMesh, ImageToMesh]
+                           MeshToStructure, PostprocessMesh, SaveMesh, ImageToMesh, ColourFromImage]
 
 
 def has_v3() -> bool:

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--mc-threshold", type=float, default=pipeline.MC_THRESHOLD, help="surface iso-level (0.2)")
     p.add_argument("--no-remove-interior", action="store_true", help="skip the 1024 interior-removal refiner")
     p.add_argument("--remesh", action="store_true", help="simplify the mesh (removes 95%% of the faces)")
+    p.add_argument("--colour", "--color", action="store_true",
+                   help="paint vertex colours from the image (camera found from the silhouette; .glb/.ply/.obj keep them)")
     p.add_argument("--weights", type=Path, help="folder holding the Direct3D-S2 files (default: HF cache/download)")
     p.add_argument("--variant", choices=("v1.1", "v1.0"), default="v1.1", help="official release (default v1.1)")
     p.add_argument("--no-download", action="store_true", help="never download; only use files on disk")
@@ -232,6 +234,11 @@ def _run(args: argparse.Namespace) -> int:
         mesh = pipeline.image_to_mesh(models, image, mask, args.seed, resolution, dense, s512, s1024,
                                       args.guidance, args.mc_threshold, refine and not args.no_remove_interior,
                                       args.remesh, refine_512=refine and not args.no_refine_512, callback=progress)
+        if args.colour:
+            from .colour import colour_mesh
+
+            mesh, reports = colour_mesh(mesh, image, mask, callback=progress)
+            progress.note(f"Colours: {reports[0].describe()}.")
         pipeline.save(mesh, args.output, {"source_image": args.image.name}, overwrite=args.overwrite)
     except FileNotFoundError as e:  # weights missing (offline): the message lists what to put where
         return _error(e, EXIT_MISSING_WEIGHTS)

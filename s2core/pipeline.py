@@ -211,6 +211,7 @@ class Mesh:
     | `face_counts`   | tuple[int] (B)  | faces per item                                                   |
     | `resolution`    | int             | stage it was decoded at (512, 1024; 0 = unknown)                 |
     | `info`          | dict            | provenance written into saved files: variant, seed, resolution   |
+    | `vertex_colors` | [V, 3] float32 or None | RGB in [0, 1] per vertex (`s2core.colour`); saved as glTF COLOR_0 / PLY colours |
     """
     vertices: torch.Tensor
     faces: torch.Tensor
@@ -218,14 +219,22 @@ class Mesh:
     face_counts: tuple[int, ...]
     resolution: int = 0
     info: dict = field(default_factory=dict, compare=False)
+    vertex_colors: torch.Tensor | None = field(default=None, compare=False)
 
     @classmethod
     def from_list(cls, items: list[tuple[torch.Tensor, torch.Tensor]], resolution: int = 0,
-                  info: dict | None = None) -> "Mesh":
+                  info: dict | None = None, colors: list[torch.Tensor] | None = None) -> "Mesh":
+        """Pack (vertices, faces) items; `colors` (one [V_i, 3] per item) become `vertex_colors`."""
         v = [torch.as_tensor(a).to(torch.float32).reshape(-1, 3) for a, _ in items]
         f = [torch.as_tensor(b).to(torch.int64).reshape(-1, 3) for _, b in items]
+        c = None
+        if colors is not None:
+            c = [torch.as_tensor(x).to(torch.float32).reshape(-1, 3).to(a.device) for x, a in zip(colors, v)]
+            if len(c) != len(v) or any(x.shape != a.shape for x, a in zip(c, v)):
+                raise ValueError("vertex colours must give one RGB row per vertex of every mesh item.")
+            c = torch.cat(c) if c else torch.zeros(0, 3)
         return cls(torch.cat(v) if v else torch.zeros(0, 3), torch.cat(f) if f else torch.zeros(0, 3, dtype=torch.int64),
-                   tuple(x.shape[0] for x in v), tuple(x.shape[0] for x in f), resolution, dict(info or {}))
+                   tuple(x.shape[0] for x in v), tuple(x.shape[0] for x in f), resolution, dict(info or {}), c)
 
     @property
     def batch_size(self) -> int:
@@ -239,8 +248,16 @@ class Mesh:
     def items(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self.item(i) for i in range(self.batch_size)]
 
+    def item_colors(self, i: int) -> torch.Tensor | None:
+        """vertex_colors [V_i, 3] of item i, or None."""
+        if self.vertex_colors is None:
+            return None
+        va = sum(self.vertex_counts[:i])
+        return self.vertex_colors[va:va + self.vertex_counts[i]]
+
     def to(self, device) -> "Mesh":
-        return replace(self, vertices=self.vertices.to(device), faces=self.faces.to(device))
+        c = self.vertex_colors.to(device) if self.vertex_colors is not None else None
+        return replace(self, vertices=self.vertices.to(device), faces=self.faces.to(device), vertex_colors=c)
 
 
 def make_structure(coords: torch.Tensor, resolution: int, grid: int, block_size: int = 8,
@@ -807,6 +824,8 @@ def postprocess(mesh: Mesh, simplify: bool = True, simplify_ratio: float = SIMPL
     if not 0.0 <= simplify_ratio < 1.0:
         raise ValueError(f"simplify_ratio is the fraction of faces to remove and must be in [0, 1), got {simplify_ratio}.")
     post = _function("mesh.postprocess", "postprocess_mesh")
+    if mesh.vertex_colors is not None:
+        log.warning("Post-processing drops the vertex colours (the vertices change); colour the mesh afterwards.")
     items = []
     _check_surfaces(mesh.items(), "the mesh given to post-processing has no faces",
                     "connect a mesh with triangles")
@@ -834,7 +853,7 @@ def save(mesh: Mesh, path: str | Path, metadata: dict | None = None, overwrite: 
     out = []
     for i, (v, f) in enumerate(mesh.items()):
         p = path if mesh.batch_size == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
-        out.append(Path(save_mesh(v, f, p, extras=extras, overwrite=overwrite)))
+        out.append(Path(save_mesh(v, f, p, extras=extras, overwrite=overwrite, colors=mesh.item_colors(i))))
     return out
 
 

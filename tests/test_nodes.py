@@ -54,7 +54,7 @@ def test_registration_v1_and_v3_exclusive(pack):
     assert set(pack.__all__) == {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"}
     assert not hasattr(pack, "comfy_entrypoint")  # ComfyUI would ignore it anyway next to mappings
     ids = set(pack.NODE_CLASS_MAPPINGS)
-    assert len(ids) == 10 and all(i.startswith("D3DS2") for i in ids)
+    assert len(ids) == 11 and all(i.startswith("D3DS2") for i in ids)
     assert set(pack.NODE_DISPLAY_NAME_MAPPINGS) == ids
     v3 = stubs.load_pack(v3=True)
     assert v3.__all__ == ["comfy_entrypoint"] and not hasattr(v3, "NODE_CLASS_MAPPINGS")

@@ -152,7 +152,8 @@ def workflow_separate_nodes(ours) -> dict:
     m2s = g.add("D3DS2MeshToStructure", (1460, 20))
     s1024 = g.add("D3DS2SampleSparse", (1460, 180), {"steps": 15}, size=(320, 200))
     d1024 = g.add("D3DS2DecodeSparse", (1460, 420))
-    save = g.add("D3DS2SaveMesh", (1820, 20), size=(360, 400))
+    colour = g.add("D3DS2ColourFromImage", (1820, 20), size=(320, 200))
+    save = g.add("D3DS2SaveMesh", (2180, 20), size=(360, 400))
     g.link(img, 0, enc, "image")
     g.link(img, 1, enc, "mask")
     for n in (enc, dense, dec, s512, d512, m2s, s1024, d1024):
@@ -166,7 +167,10 @@ def workflow_separate_nodes(ours) -> dict:
     g.link(enc, 0, s1024, "conditioning")
     g.link(m2s, 0, s1024, "structure")
     g.link(s1024, 0, d1024, "sparse_latent")
-    g.link(d1024, 0, save, "mesh")
+    g.link(d1024, 0, colour, "mesh")  # vertex colours from the same picture (no weights), saved as GLB COLOR_0
+    g.link(img, 0, colour, "image")
+    g.link(img, 1, colour, "mask")
+    g.link(colour, 0, save, "mesh")
     return g.workflow()
 
 

@@ -45,8 +45,19 @@ def to_file_frame(vertices: np.ndarray) -> np.ndarray:
     return to_gltf(vertices)
 
 
-def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = None) -> bytes:
-    """Encode a mesh (original frame) as `fmt` ∈ glb/obj/ply/stl. extras (JSON-serialisable) go to GLB asset.extras."""
+def _rgba8(colors, n: int) -> np.ndarray:
+    """[V, 3|4] float in [0, 1] → [V, 4] uint8 (rounded, alpha 255 when absent); ValueError on a count mismatch."""
+    c = colors.detach().cpu().float().numpy() if isinstance(colors, torch.Tensor) else np.asarray(colors, np.float32)
+    if c.ndim != 2 or c.shape[0] != n or c.shape[1] not in (3, 4):
+        raise ValueError(f"vertex colours have shape {c.shape} but the mesh has {n} vertices; pass one RGB row per vertex.")
+    c = np.clip(np.rint(np.nan_to_num(c) * 255.0), 0, 255).astype(np.uint8)
+    return c if c.shape[1] == 4 else np.concatenate([c, np.full((n, 1), 255, np.uint8)], 1)
+
+
+def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = None, colors=None) -> bytes:
+    """Encode a mesh (original frame) as `fmt` ∈ glb/obj/ply/stl. extras (JSON-serialisable) go to GLB asset.extras.
+    `colors` [V, 3|4] float in [0, 1]: GLB COLOR_0 (normalised unsigned bytes), PLY red/green/blue/alpha, OBJ
+    `v x y z r g b`; STL has no colours."""
     import trimesh
 
     fmt = fmt.lower().lstrip(".")
@@ -60,6 +71,8 @@ def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = No
         if n.shape != v.shape:
             raise ValueError(f"normals have shape {n.shape} but the mesh has {v.shape[0]} vertices; pass one normal per vertex.")
         kw["vertex_normals"] = to_file_frame(n)
+    if colors is not None:
+        kw["vertex_colors"] = _rgba8(colors, v.shape[0])
     mesh = trimesh.Trimesh(v, f, process=False, **kw)
     if fmt == "glb":
         from trimesh.exchange.gltf import export_glb
@@ -76,14 +89,15 @@ def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = No
 
 
 def save_mesh(vertices, faces, path: str | os.PathLike, normals=None, extras: dict | None = None,
-              overwrite: bool = False) -> Path:
-    """Write one mesh to `path`; the format comes from its suffix (.glb/.obj/.ply/.stl). An existing file is
-    refused (FileExistsError) unless overwrite, which replaces it only with the complete new file."""
+              overwrite: bool = False, colors=None) -> Path:
+    """Write one mesh to `path`; the format comes from its suffix (.glb/.obj/.ply/.stl); colors as in mesh_bytes.
+    An existing file is refused (FileExistsError) unless overwrite, which replaces it only with the complete new
+    file."""
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in FORMATS:
         raise ValueError(f"Cannot tell the mesh format from {str(path)!r}; end the name with one of "
                          f"{', '.join('.' + x for x in FORMATS)}.")
-    return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras), path, overwrite)
+    return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras, colors), path, overwrite)
 
 
 def check_filename_prefix(filename_prefix: str) -> list[str]:
@@ -124,9 +138,9 @@ def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, fmt: s
 
 
 def export_mesh(vertices, faces, output_dir: str | os.PathLike, filename_prefix: str = "mesh/D3DS2",
-                fmt: str = "glb", normals=None, extras: dict | None = None) -> Path:
+                fmt: str = "glb", normals=None, extras: dict | None = None, colors=None) -> Path:
     """Save under the next free counter name in output_dir (retrying if another writer wins the name)."""
-    data = mesh_bytes(vertices, faces, fmt, normals, extras)
+    data = mesh_bytes(vertices, faces, fmt, normals, extras, colors)
     for _ in range(100):
         path = next_output_path(output_dir, filename_prefix, fmt)
         try:

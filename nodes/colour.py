@@ -1,0 +1,47 @@
+"""Colour From Image: vertex colours for a mesh from the picture it was made from (s2core.colour)."""
+from __future__ import annotations
+
+import torch
+
+from ..s2core.colour import colour_mesh, render_preview
+from . import _comfy
+from ._spec import IMAGE, MASK, MESH, In, Node, Out
+
+PREVIEW = 512  # side of the preview render, pixels
+
+
+class ColourFromImage(Node):
+    node_id = "D3DS2ColourFromImage"
+    display_name = "Direct3D-S2 Colour From Image"
+    description = ("Finds the camera of the input picture from the object's silhouette, paints the visible "
+                   "surface with the picture's colours and fills the hidden side from its neighbours over the "
+                   "surface. No model weights. Save the mesh as GLB or PLY to keep the colours; colour after "
+                   "post-processing (simplifying changes the vertices and drops the colours).")
+    inputs = (
+        In("mesh", MESH, "The mesh made from this picture (any mesh works if the picture shows it)."),
+        In("image", IMAGE, "The same picture given to Encode Image."),
+        In("mask", MASK, "Where the object is (the same mask as for Encode Image). Without it the image's "
+           "transparency or a plain background is used.", optional=True),
+        In("mask_is_background", "BOOLEAN", "On: the mask is 1 on the background, as Load Image gives it "
+           "(1 - alpha). Off: the mask is 1 on the object.", default=True),
+        In("mirror_symmetry", "BOOLEAN", "Copy colours across the object's mirror plane to the hidden side when "
+           "the shape is clearly symmetric (a face, a car); off: the hidden side only blends its surroundings.",
+           default=True),
+    )
+    outputs = (
+        Out(MESH, "mesh", "The mesh with vertex colours."),
+        Out("STRING", "camera", "The camera found (azimuth, elevation, lens) and the silhouette IoU it reached."),
+        Out(IMAGE, "preview", "The coloured mesh rendered from the found camera."),
+    )
+
+    @classmethod
+    def run(cls, mesh, image, mask=None, mask_is_background=True, mirror_symmetry=True):
+        if mask is not None and mask_is_background:
+            mask = 1.0 - mask
+        m = _comfy.from_comfy_mesh(mesh).to(_comfy.compute_device())
+        out, reports = colour_mesh(m, image, mask, symmetry=mirror_symmetry, callback=_comfy.progress(1),
+                                   should_stop=_comfy.should_stop)
+        previews = torch.stack([render_preview(v, f, r.camera.resized(PREVIEW, PREVIEW), out.item_colors(i))
+                                for i, ((v, f), r) in enumerate(zip(out.items(), reports))]).cpu()
+        text = "\n".join(f"mesh {i}: {r.describe()}" for i, r in enumerate(reports))
+        return (_comfy.to_comfy_mesh(out), text, previews), None

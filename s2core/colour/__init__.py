@@ -1,0 +1,90 @@
+"""Colour a mesh from the picture it was made from: no model, only geometry (issue 18).
+
+```
+image + mask ─► preprocess_image (the encoder's crop, centre, pad) ─► frame (RGB, mask)
+mesh + mask  ─► find_camera (silhouette IoU search) ─► Camera
+mesh + Camera + frame ─► project_colours ─► seen colours + confidence ─► [mirror_seeds] ─► fill_colours
+```
+
+`colour_mesh` does this per batch item and returns the mesh with `vertex_colors` and one `ColourReport`
+each. Vertices are in s2core's mesh frame (+Y up, see `camera.py`); the picture's mask convention is the
+encoder's (1 = object; `invert_mask` for LoadImage's MASK).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .camera import Callback, Camera, ShouldStop, find_camera
+from .paint import fill_colours, mirror_seeds, project_colours
+from .render import render_preview
+
+__all__ = ["colour_mesh", "ColourReport", "Camera", "find_camera", "project_colours", "fill_colours",
+           "mirror_seeds", "render_preview", "FRAME"]
+
+FRAME = 1024  # side of the preprocessed frame colours are read from (the encoder uses 518; more is sharper)
+
+
+@dataclass(frozen=True)
+class ColourReport:
+    """What `colour_mesh` found for one mesh: the camera, the silhouette IoU it reached (at 128 px), the
+    fraction of vertices seen, the best mirror plane's fit and whether mirrored colours were used."""
+    camera: Camera
+    iou: float
+    seen: float
+    symmetry_fit: float
+    mirrored: bool
+
+    def describe(self) -> str:
+        sym = (f"mirrored across a symmetry plane (fit {self.symmetry_fit:.2f})" if self.mirrored else
+               f"no mirroring (best plane fit {self.symmetry_fit:.2f})")
+        return (f"{self.camera.describe()}; silhouette IoU {self.iou:.3f}; {100 * self.seen:.0f}% of vertices "
+                f"seen, the rest filled over the surface, {sym}")
+
+
+def colour_mesh(mesh, image, mask=None, *, invert_mask: bool = False, symmetry: bool = True,
+                frame: int = FRAME, callback: Callback | None = None,
+                should_stop: ShouldStop | None = None):
+    """(`pipeline.Mesh` with vertex_colors [V, 3] float32 in [0, 1], list of ColourReport) for a Mesh of B items
+    and one picture (used for every item) or B pictures. `image`/`mask` take every form `preprocess_image`
+    takes; errors (empty mask, no mask, empty mesh, batch mismatch) are one ValueError sentence.
+    `callback(done, total)` counts search rounds and the projection/fill of every item."""
+    from ..image import preprocess_image
+    from ..pipeline import Mesh
+
+    if mesh.batch_size == 0 or sum(mesh.face_counts) == 0:
+        raise ValueError("The mesh is empty (no faces), so there is nothing to colour; connect a decoded mesh.")
+    frames = preprocess_image(image, mask, invert_mask=invert_mask, size=frame)  # [N, 4, S, S]
+    if frames.shape[0] not in (1, mesh.batch_size):
+        raise ValueError(f"There are {frames.shape[0]} pictures for {mesh.batch_size} meshes; give one picture, or "
+                         "one per mesh in the same order.")
+    device = mesh.vertices.device
+    colours, reports = [], []
+    for i, (v, f) in enumerate(mesh.items()):  # host loop over batch items: one camera search each
+        if f.shape[0] == 0:
+            raise ValueError(f"Mesh {i} of the batch has no faces, so it cannot be coloured; remove it or "
+                             "decode it again.")
+        rgbm = frames[i if frames.shape[0] > 1 else 0].to(device)
+
+        def progress(done, total, i=i):  # the search's rounds, then projection and fill: total + 2 per item
+            if callback is not None:
+                callback(i * (total + 2) + done, mesh.batch_size * (total + 2))
+            last[:] = [total]
+
+        last = [0]
+
+        camera, iou = find_camera(v, f, rgbm[3], callback=progress, should_stop=should_stop)
+        seen_rgb, conf = project_colours(v, f, camera, rgbm[:3], rgbm[3])
+        fit, mirrored = 0.0, False
+        if symmetry:
+            before = int((conf > 0).sum())
+            seen_rgb, conf, fit = mirror_seeds(v, f, seen_rgb, conf)
+            mirrored = int((conf > 0).sum()) > before
+        seen = float((conf > 0).float().mean())
+        progress(last[0] + 1, last[0])
+        colours.append(fill_colours(v, f, seen_rgb, conf, should_stop))
+        progress(last[0] + 2, last[0])
+        reports.append(ColourReport(camera, iou, seen, fit, mirrored))
+    out = Mesh.from_list(mesh.items(), mesh.resolution, mesh.info, colors=colours)
+    return out, reports

@@ -1,0 +1,55 @@
+"""The Colour From Image node with ComfyUI stubbed (tests/stubs): a core-style MESH and LoadImage's
+1 - alpha MASK in, a MESH with `vertex_colors`, the camera text and a preview out; Save Mesh then writes
+the colours as GLB COLOR_0, which trimesh reads back exactly (8-bit rounding of the node's colours)."""
+import importlib.util
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from s2core.colour import Camera, render_preview
+from s2core.colour.scene import bumpy_shape, shape_colours
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+_spec = importlib.util.spec_from_file_location("d3ds2_stub_loader_colour", Path(__file__).parent / "stubs" / "pack.py")
+stubs = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(stubs)
+
+
+@pytest.fixture
+def pack(tmp_path):
+    mod = stubs.load_pack(v3=False)
+    import folder_paths
+
+    folder_paths.models_dir = str(tmp_path / "models")
+    folder_paths.output_directory = str(tmp_path / "output")
+    yield mod
+    stubs.unload()
+
+
+def test_colour_node_then_save(pack, tmp_path):
+    import trimesh
+    import comfy.utils
+
+    v, f = bumpy_shape(20)
+    cam = Camera(-40.0, 15.0, 0.0, (0.0, 0.0, 0.0), float(v.norm(dim=1).max()), 70.0, 80.0, 80.0, 160, 160)
+    picture = render_preview(v, f, cam, shape_colours(v), shade=False)
+    alpha = (picture < 0.999).any(-1).float()
+    mesh = SimpleNamespace(vertices=v[None], faces=f[None])  # core MESH: no counts, no info
+    node = pack.NODE_CLASS_MAPPINGS["D3DS2ColourFromImage"]
+    comfy.utils.updates.clear()
+    out = getattr(node(), node.FUNCTION)(mesh=mesh, image=picture[None], mask=1.0 - alpha[None],
+                                         mask_is_background=True, mirror_symmetry=True)
+    coloured, text, preview = out["result"] if isinstance(out, dict) else out
+    assert coloured.vertex_colors.shape == (1, v.shape[0], 3) and "silhouette IoU" in text and "mesh 0" in text
+    assert preview.shape == (1, 512, 512, 3) and preview.min() >= 0 and preview.max() <= 1
+    assert comfy.utils.updates and comfy.utils.updates[-1][0] == comfy.utils.updates[-1][1]
+    saved = pack.NODE_CLASS_MAPPINGS["D3DS2SaveMesh"]
+    res = getattr(saved(), saved.FUNCTION)(mesh=coloured, filename_prefix="mesh/c", format="glb")
+    path = tmp_path / "output" / res["result"][0]
+    loaded = trimesh.load(path, process=False, force="mesh")
+    expected = np.rint(coloured.vertex_colors[0].numpy() * 255).astype(np.uint8)
+    np.testing.assert_array_equal(np.asarray(loaded.visual.vertex_colors)[:, :3], expected)
