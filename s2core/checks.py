@@ -46,13 +46,14 @@ def count(name: str, value, low: int = 0, hint: str = "") -> int:
     return v
 
 
-def device(value, name: str = "device") -> torch.device:
-    """A torch.device that exists on this machine, else ValueError saying what is missing and what to do."""
+def device(value, name: str = "device", present: bool = True) -> torch.device:
+    """A torch.device that exists on this machine, else ValueError saying what is missing and what to do.
+    present=False checks only the name (a placement policy can be built and tested on a machine without it)."""
     try:
         dev = torch.device(value)
     except (RuntimeError, TypeError, ValueError):
         raise ValueError(f"{name} {value!r} is not a device name; use cpu, cuda or cuda:N.") from None
-    if dev.type == "cpu":
+    if dev.type == "cpu" or not present:
         return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():

@@ -389,7 +389,7 @@ class Placement:
 
     def __init__(self, device: torch.device | str = "cpu", offload: bool | None = None,
                  max_vram_gb: float | None = None):
-        self.device = checks.device(device)
+        self.device = checks.device(device, present=False)  # load_models checks the device exists
         on_cpu = self.device.type == "cpu"
         if max_vram_gb is not None:
             checks.number("max_vram_gb", max_vram_gb, 0, low_open=True, hint=" (GiB)")
@@ -545,7 +545,7 @@ def load_models(variant: str = "v1.1", stages: tuple[str, ...] = STAGES, device:
     bad = [s for s in stages if s not in STAGES]
     if bad or not stages:
         raise ValueError(f"Unknown or empty stage list {list(stages)}; choose from {', '.join(STAGES)}.")
-    device = torch.device(device)
+    device = checks.device(device)
     if dtype is None:
         dtype = torch.float16 if device.type == "cuda" and variant != "tiny-random" else torch.float32
     parts = tuple(dict.fromkeys(p for s in STAGES if s in stages for p in STAGE_PARTS[s]))

@@ -218,6 +218,8 @@ def test_cli_keeps_weights_only_when_asked(tmp_path, monkeypatch):
         raise ValueError("stop here")
 
     monkeypatch.setattr(P, "load_models", fake_load_models)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CLI checks --device before loading
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     base = [str(tmp_path / "in.png"), "-o", str(tmp_path / "out.glb"), "--demo", "-q", "--device", "cuda"]
     assert cli.main(base) == 1 and cli.main(base + ["--keep-weights-on-gpu"]) == 1
     assert [p.offload for p in seen] == [True, False] and all(p.device.type == "cuda" for p in seen)
@@ -248,6 +250,6 @@ def test_max_vram_budget_evicts_least_recently_used(monkeypatch):
     with pl.use([nets["a"], nets["b"], nets["c"]]):  # larger than the budget alone: still runs
         pass
     assert ("a", "cpu") not in moves and ("c", "cpu") not in moves and moves.count(("b", "cuda")) == 1
-    with pytest.raises(ValueError, match="positive number of GiB"):
+    with pytest.raises(ValueError, match=r"max_vram_gb must be a finite number above 0 \(GiB\)"):
         P.Placement("cuda", max_vram_gb=0)
     assert P.Placement("cpu", max_vram_gb=1).budget is None  # no budget on the CPU

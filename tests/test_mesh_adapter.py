@@ -225,7 +225,7 @@ def test_frame_round_trip_is_exact_and_mesh_to_structure_inverts_it(v3, monkeypa
     assert torch.equal(back.vertices, src.vertices) and torch.equal(back.faces, src.faces)  # bit for bit
     # Mesh to Structure voxelizes exactly the original-frame mesh (the voxelizer itself: test_voxelize.py)
     seen = []
-    monkeypatch.setattr(P, "mesh_to_structure", lambda model, mesh: seen.append(mesh) or P.make_structure(
+    monkeypatch.setattr(P, "mesh_to_structure", lambda model, mesh, should_stop=None: seen.append(mesh) or P.make_structure(
         torch.zeros(1, 4, dtype=torch.int32), 1024, 32))
     m2s = next(n for n in nodes.NODES if n.node_id == "D3DS2MeshToStructure")
     m2s.run("model", out)

@@ -185,10 +185,12 @@ def test_settings_are_checked_first(call, words):
     assert words in str(e.value) and "\n" not in str(e.value)
 
 
-def test_cuda_placement_without_cuda(monkeypatch):
+def test_cuda_models_without_cuda(monkeypatch):
+    """A placement policy for CUDA can be built anywhere (tests of the policy do); loading onto it cannot."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert P.Placement("cuda").device.type == "cuda"
     with pytest.raises(ValueError, match=r"device 'cuda' asks for a CUDA GPU, but .*; use cpu \(slow\)"):
-        P.Placement("cuda")
+        P.load_models("tiny-random", device="cuda")
 
 
 # ---------------------------------------------------------------------------------------------
