@@ -228,6 +228,8 @@ def tiny_release() -> ReleaseConfig:
         sparse_dit_1024=SparseDiTConfig(resolution=32, model_channels=64, cond_channels=64, num_blocks=2,
                                         num_heads=4, num_kv_heads=2, factor=0.5, use_fp16=False),
         sparse_image_encoder=enc,
-        refiner=RefinerConfig(use_fp16=False),
-        refiner_1024=RefinerConfig(patch_size=256, sign=True, use_fp16=False),
+        # one-level refiner UNets without per-level resnets: 27 cubes of 48³ (512) are the CPU demo's cost
+        refiner=RefinerConfig(layers_per_block=0, layers_mid_block=0, use_fp16=False),
+        refiner_1024=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=256, sign=True,
+                                   use_fp16=False),
     )
