@@ -42,7 +42,7 @@ import s2core, s2core.pipeline, s2core.ssa, s2core.refiner, s2core.sparse_dit, s
 spec = importlib.util.spec_from_file_location("stub_loader", "tests/stubs/pack.py")
 stubs = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(stubs)
-assert len(stubs.load_pack(v3=False).NODE_CLASS_MAPPINGS) == 10  # the pack as ComfyUI imports it
+assert len(stubs.load_pack(v3=False).NODE_CLASS_MAPPINGS) == 11  # the pack as ComfyUI imports it
 from kernels import _common, ssa_compressed, ssa_selection, ssa_window, group_norm, layer_norm, voxelize
 assert not _common.HAS_TRITON
 x = torch.randn(1, 8, 3, 3, 3)
