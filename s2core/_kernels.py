@@ -1,9 +1,14 @@
-"""Find the sibling `kernels/` package whether s2core is top-level or inside the node pack."""
-import importlib
+"""The one place s2core imports the sibling `kernels/` package from; every other module does
+`from ._kernels import ssa_window` (or `from .._kernels import raster`).
 
-_PACK = (__package__ or "").rpartition(".")[0]  # "" when s2core is imported as a top-level package
+Inside ComfyUI the repository is one package (`<pack>.s2core`, `<pack>.kernels`) and the relative import
+finds `<pack>.kernels`, never a pip package that happens to be called `kernels`. In the CLI and the tests
+`s2core` and `kernels` are top-level packages: there `..kernels` reaches above the top-level package, which
+raises ImportError, and the plain import is the right one.
+"""
+try:
+    from ..kernels import group_norm, layer_norm, raster, ssa_compressed, ssa_selection, ssa_window, voxelize
+except ImportError:
+    from kernels import group_norm, layer_norm, raster, ssa_compressed, ssa_selection, ssa_window, voxelize
 
-
-def kernel_module(name: str):
-    """Import `kernels.<name>`: `<pack>.kernels.<name>` inside ComfyUI, `kernels.<name>` otherwise."""
-    return importlib.import_module(f"{_PACK}.kernels.{name}" if _PACK else f"kernels.{name}")
+__all__ = ["group_norm", "layer_norm", "raster", "ssa_compressed", "ssa_selection", "ssa_window", "voxelize"]

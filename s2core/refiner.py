@@ -39,12 +39,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._kernels import kernel_module
+from ._kernels import group_norm as _gn
 from .config import RefinerConfig
 from .sparse.tensor import SparseTensor
 
 log = logging.getLogger(__name__)
-_gn = kernel_module("group_norm")
 
 OFFICIAL_CHANNELS = (8, 32, 128, 512)
 

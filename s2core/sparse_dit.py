@@ -20,14 +20,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._kernels import kernel_module
+from ._kernels import layer_norm as _ln
 from .config import SparseDiTConfig
 from .dense_dit import FeedForward, LayerNorm32, TimestepEmbedder
 from .sparse import SparseTensor
 from .sparse.attention import sparse_cross_attention, varlen_attention
 from .ssa import SparseConv, SpatialSparseAttention, SSAPlan
 
-_ln = kernel_module("layer_norm")
 
 
 def absolute_position_embedding(pos: torch.Tensor, channels: int) -> torch.Tensor:

@@ -28,12 +28,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._kernels import kernel_module
+from ._kernels import ssa_compressed as _cmp
+from ._kernels import ssa_selection as _sel
+from ._kernels import ssa_window as _win
 from .sparse import SparseTensor
 
-_cmp = kernel_module("ssa_compressed")
-_sel = kernel_module("ssa_selection")
-_win = kernel_module("ssa_window")
 
 _BITS = 20  # per-axis bits of the packed (b, x, y, z) keys below: coordinates < 2^20
 

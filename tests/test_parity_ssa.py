@@ -17,11 +17,10 @@ import torch
 
 from s2core.ssa import SparseConv, SpatialSparseAttention, ssa_plan
 from s2core.testing import golden_state_dict, load_golden
-from s2core._kernels import kernel_module
+from kernels import ssa_compressed as _cmp
 from tests.conftest import GOLDEN
 from tests.kernels.ssa_cases import assert_close
 
-_cmp = kernel_module("ssa_compressed")
 FIXTURES = ["ssa__v11_512", "ssa__v11_512_shift4", "ssa__v10_1024"]
 
 

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .._kernels import kernel_module
+from .._kernels import raster
 
 Callback = Callable[[int, int], None]
 ShouldStop = Callable[[], bool]
@@ -119,7 +119,7 @@ class Camera:
 def silhouette(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera) -> torch.Tensor:
     """[H, W] bool: pixels covered by the mesh seen from `camera`."""
     screen, _ = camera.project(vertices)
-    _, face = kernel_module("raster").rasterize(screen, faces, camera.height, camera.width)
+    _, face = raster.rasterize(screen, faces, camera.height, camera.width)
     return face >= 0
 
 
@@ -187,7 +187,6 @@ def find_camera(vertices: torch.Tensor, faces: torch.Tensor, mask: torch.Tensor,
     lo, hi = vertices.amin(0), vertices.amax(0)
     centre = tuple(((lo + hi) / 2).tolist())
     radius = float((vertices - (lo + hi) / 2).norm(dim=1).amax().clamp_min(1e-6))
-    raster = kernel_module("raster")
     targets = {s: _shrink_mask(mask, s) for s in (COARSE_SIZE, FINE_SIZE)}
     boxes = {s: mask_box(t) or (0.0, 1.0, 0.0, 1.0) for s, t in targets.items()}
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._kernels import kernel_module
+from .._kernels import raster
 from .camera import Camera, ShouldStop, _poll
 
 LAMBDA = 100.0  # screening weight of a fully trusted colour against one neighbour
@@ -56,7 +56,7 @@ def project_colours(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
     """(colours [V, 3], confidence [V] in [0, 1], 0 = not seen) from rgb [3, H, W] and mask [H, W] in the
     camera's frame (H, W = camera.height, camera.width)."""
     screen, depth = camera.project(vertices)
-    z, face = kernel_module("raster").rasterize(screen, faces, camera.height, camera.width)
+    z, face = raster.rasterize(screen, faces, camera.height, camera.width)
     zdepth = camera.depth_from_z(z)  # [H, W] view depth, inf where empty
     pixel = 1.0 / camera.scale  # one pixel in mesh units at the centre's depth
     tol = 1.5 * pixel * (depth / camera.distance if camera.fov > 0 else torch.ones_like(depth))

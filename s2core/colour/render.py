@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .._kernels import kernel_module
+from .._kernels import raster
 from .camera import Camera
 
 GREY = (0.72, 0.72, 0.72)
@@ -21,7 +21,7 @@ def render_preview(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
     (an albedo picture, as the synthetic tests' input)."""
     h, w = camera.height, camera.width
     screen, _ = camera.project(vertices)
-    _, face = kernel_module("raster").rasterize(screen, faces, h, w)
+    _, face = raster.rasterize(screen, faces, h, w)
     out = torch.ones(h * w, 3, device=vertices.device)
     pix = torch.nonzero(face.flatten() >= 0).squeeze(1)
     if pix.numel() == 0:

@@ -25,13 +25,9 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from .._kernels import kernel_module
+from .._kernels import voxelize as _kernel
 
 GROW = 5  # lattice points added on each side of a triangle's box: int(threshold + 1) with threshold 4
-
-
-def _kernel():
-    return kernel_module("voxelize")
 
 
 def normalize_vertices(vertices: torch.Tensor, scale: float = 0.95) -> torch.Tensor:
@@ -56,7 +52,7 @@ def point_triangle_distance(p: torch.Tensor, v0: torch.Tensor, v1: torch.Tensor,
     One fixed sequence of float32 operations, the same on CPU, CUDA and in the Triton kernel
     (`kernels/voxelize.py`, which holds it).
     """
-    return _kernel().point_triangle_distance(p, v0, v1, v2)
+    return _kernel.point_triangle_distance(p, v0, v1, v2)
 
 
 def _as_tensor(x, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -115,14 +111,14 @@ def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 
     lo, hi = lo.clamp(0, D - 1).contiguous(), hi.clamp(0, D - 1).contiguous()
     L = (D - 1) // factor + 1
     occupied = torch.zeros(L, L, L, dtype=torch.bool, device=device)
-    coord = _kernel().lattice_coordinates(D, device)  # lattice point i sits at coord[i] along each axis
+    coord = _kernel.lattice_coordinates(D, device)  # lattice point i sits at coord[i] along each axis
     limit = threshold / D  # compared in float32; 4/1024 is exact
 
     # Level 1 (here): (triangle, latent cell) pairs of each triangle's box, in windows.
     # Level 2 (`kernels/voxelize.mark_cells`): for each pair whose cell is unmarked, the box's lattice points
     # inside that cell (at most factor³) get a distance; the cell is marked when one is under the limit.
     # A point can only mark its own cell, so points in marked cells never need a distance.
-    kern = _kernel()
+    kern = _kernel
     clo, chi = lo // factor, hi // factor
     for t, cell in kern.box_windows(clo, chi - clo + 1, max_candidates):  # [n] triangle ids, [n, 3] cells
         if check_cancel is not None:
