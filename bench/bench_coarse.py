@@ -40,9 +40,9 @@ from s2core.config import ReleaseConfig, official_v1_1, tiny_release  # noqa: E4
 from s2core.dense_dit import DenseDiT  # noqa: E402
 from s2core.dense_vae import DenseVAE  # noqa: E402
 from s2core.dinov2 import ImageConditioner  # noqa: E402
-from s2core.flow_sampler import flow_schedule, seeded_generator  # noqa: E402
+from s2core.flow_sampler import flow_schedule, make_noise, sample_flow, seeded_generator  # noqa: E402
 from s2core.image import preprocess_image  # noqa: E402
-from s2core.structure import decode_dense, encode_image, sample_dense  # noqa: E402
+from s2core.structure import decode_occupancy, encode_pixels  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
 
 
@@ -93,18 +93,26 @@ def build_ours(cfg: ReleaseConfig, device, seed=0):
     return enc.eval().to(device), dit.eval().to(device), vae.eval().to(device)
 
 
+def sample_dense(dit, cond, shift, steps, guidance, seed, device, latent_dtype, batch_cfg=False):
+    """The dense sampler as `pipeline.sample_dense` runs it for one image (noise from a generator seeded `seed`
+    on the device), with the sampler's batched-CFG option exposed to time it."""
+    noise = make_noise((cond.shape[0], dit.cfg.in_channels, *[dit.cfg.resolution] * 3),
+                       seeded_generator(seed, device), latent_dtype, device)
+    with torch.no_grad():
+        return sample_flow(dit, noise, cond, torch.zeros_like(cond), num_steps=steps, shift=shift, guidance=guidance,
+                           batch_cfg=batch_cfg)
+
+
 def run_ours(cfg, enc, dit, vae, pixels, steps, guidance, seed, device, repeats, latent_dtype):
     rows = {}
-    (cond, _), rows["encode"], m1 = measure(lambda: encode_image(enc, pixels), device, repeats)
+    (cond, _), rows["encode"], m1 = measure(lambda: encode_pixels(enc, pixels), device, repeats)
     shift = cfg.dense_scheduler.shift
     latent, rows["sample"], m2 = measure(lambda: sample_dense(
-        dit, cond, None, steps=steps, guidance=guidance, shift=shift, generator=seeded_generator(seed, device),
-        latent_dtype=latent_dtype), device, repeats)
+        dit, cond, shift, steps, guidance, seed, device, latent_dtype), device, repeats)
     rows["latent"] = latent
-    coords, rows["decode"], m3 = measure(lambda: decode_dense(vae, latent), device, repeats)
+    coords, rows["decode"], m3 = measure(lambda: decode_occupancy(vae, latent), device, repeats)
     latent_b, rows["sample_batched"], m4 = measure(lambda: sample_dense(
-        dit, cond, None, steps=steps, guidance=guidance, shift=shift, generator=seeded_generator(seed, device),
-        latent_dtype=latent_dtype, batch_cfg=True), device, repeats)
+        dit, cond, shift, steps, guidance, seed, device, latent_dtype, batch_cfg=True), device, repeats)
     rows["batched_max_diff"] = (latent_b.float() - latent.float()).abs().max().item()
     return coords, rows, {"encode": m1, "sample": m2, "decode": m3, "sample_batched": m4}
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from kernels.raster import rasterize  # noqa: E402
-from s2core import pipeline  # noqa: E402
+from s2core import results  # noqa: E402
 from s2core.colour import Camera, camera as camera_mod, colour_mesh, paint, render_preview  # noqa: E402
 from s2core.colour.scene import bumpy_shape, shape_colours  # noqa: E402
 
@@ -54,7 +54,7 @@ def main():
     camera = Camera(35.0, 20.0, 30.0, (0.0, 0.0, 0.0), float(v.norm(dim=1).max()), 480.0, 512.0, 512.0, 1024, 1024)
     image = render_preview(v, f, camera, truth, shade=False)[None].cpu()
     mask = (rasterize(camera.project(v)[0], f, 1024, 1024)[1] >= 0).float()[None].cpu()
-    mesh = pipeline.Mesh.from_list([(v, f)]).to(device)
+    mesh = results.Mesh.from_list([(v, f)]).to(device)
     rows = []
 
     # the parts, as colour_mesh runs them

@@ -39,6 +39,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from s2core import config, loading, results  # noqa: E402
 from s2core import pipeline as P  # noqa: E402
 from s2core.mesh.voxelize import mesh_to_latent_index  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
@@ -64,15 +65,15 @@ def bumpy_sphere(subdivisions: int):
     return (v * r[:, None]).float(), torch.tensor(m.faces, dtype=torch.int64)
 
 
-def build_models(variant: str, device, dtype, offload: bool | None, seed: int = 0) -> P.Models:
-    config = P.config_for(variant)
-    parts = tuple(P.PARTS)
+def build_models(variant: str, device, dtype, offload: bool | None, seed: int = 0) -> loading.Models:
+    config = loading.config_for(variant)
+    parts = tuple(loading.PARTS)
     if variant == "tiny-random":
-        sds = P.tiny_state_dicts(config, parts, seed)
+        sds = loading.tiny_state_dicts(config, parts, seed)
     else:
         sds = {}
         for i, name in enumerate(parts):
-            m = P.build_part(name, config, dtype)
+            m = loading.build_part(name, config, dtype)
             m = m.model if name == "image_encoder" else m
             sds[name] = deterministic_state_dict(m, seed=seed * 100 + i)
             del m
@@ -82,8 +83,8 @@ def build_models(variant: str, device, dtype, offload: bool | None, seed: int = 
     # decoded band's boundary, about the size of a real mesh's.
     sds["refiner_1024"]["conv_out.weight"].mul_(0.01)
     sds["refiner_1024"]["conv_out.bias"].fill_(1.0)
-    return P.load_models(variant, P.STAGES, device, dtype, state_dicts=sds,
-                         placement=P.Placement(device, offload=offload))
+    return loading.load_models(variant, loading.STAGES, device, dtype, state_dicts=sds,
+                         placement=loading.Placement(device, offload=offload))
 
 
 class Timer:
@@ -109,9 +110,9 @@ class Timer:
         return out
 
 
-def run_chain(models: P.Models, v, f, device, tiny: bool, timer: Timer) -> dict:
+def run_chain(models: loading.Models, v, f, device, tiny: bool, timer: Timer) -> dict:
     res512, res1024 = (models.config.sparse_dit_512.resolution * 8, models.config.sparse_dit_1024.resolution * 8)
-    steps = (2, 2, 2) if tiny else (P.DENSE_STEPS, P.SPARSE_512_STEPS, P.SPARSE_1024_STEPS)
+    steps = (2, 2, 2) if tiny else (config.DENSE_STEPS, config.SPARSE_512_STEPS, config.SPARSE_1024_STEPS)
     img = torch.ones(1, 256, 256, 4)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 256), torch.linspace(-1, 1, 256), indexing="ij")
     disk = (xx**2 + yy**2 < 0.6).float()
@@ -124,13 +125,13 @@ def run_chain(models: P.Models, v, f, device, tiny: bool, timer: Timer) -> dict:
     timer.run("dense decode", lambda: P.decode_dense(models, dense))
     # the 512 stage gets the real shape's structure (random-weight decodes are meaningless)
     idx512 = mesh_to_latent_index(v, f, resolution=res512, device=device).to(torch.int32).cpu()
-    s512 = P.make_structure(idx512, 512, res512 // 8, models.config.sparse_dit_512.selection_block_size)
+    s512 = results.make_structure(idx512, 512, res512 // 8, models.config.sparse_dit_512.selection_block_size)
     info["tokens_512"] = s512.num_tokens
     lat512 = timer.run("sparse-512 sampling", lambda: P.sample_sparse(models, cond, s512, 0, steps[1]),
                        f"{s512.num_tokens} tokens")
     mesh512 = timer.run("sparse-512 decode + refiner", lambda: P.decode_sparse(models, lat512, refine=True))
     info["faces_512"] = int(sum(mesh512.face_counts)) if hasattr(mesh512, "face_counts") else -1
-    real = P.Mesh.from_list([(v, f)], 512, {})
+    real = results.Mesh.from_list([(v, f)], 512, {})
     s1024 = timer.run("mesh -> 1024 structure", lambda: P.mesh_to_structure(models, real))
     info["tokens_1024"] = s1024.num_tokens
     lat1024 = timer.run("sparse-1024 sampling", lambda: P.sample_sparse(models, cond, s1024, 0, steps[2]),
@@ -163,7 +164,7 @@ def main():
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if args.offload and args.resident:
         ap.error("--offload and --resident contradict each other; pass one.")
-    args.offload = P.Placement(device, offload=False if args.resident else None).offload
+    args.offload = loading.Placement(device, offload=False if args.resident else None).offload
     variant = "tiny-random" if args.tiny else "v1.1"
     dtype = torch.float32 if args.tiny else torch.float16
     v, f = bumpy_sphere(args.subdivisions or (3 if args.tiny else 8))

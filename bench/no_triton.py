@@ -45,6 +45,7 @@ def child(args) -> None:
     import e2e  # noqa: E402  (bench/e2e.py: mesh, models, timer)
     from kernels import _common
     from s2core import pipeline as P
+    from s2core import results
     from s2core.mesh.voxelize import mesh_to_latent_index
 
     warnings = []
@@ -77,12 +78,12 @@ def child(args) -> None:
         dense = run("dense sampling", lambda: P.sample_dense(models, cond, 0, steps[0]), f"{steps[0]} steps")
         run("dense decode", lambda: P.decode_dense(models, dense))
         idx512 = mesh_to_latent_index(v, f, resolution=res512, device=device).to(torch.int32).cpu()
-        s512 = P.make_structure(idx512, 512, res512 // 8, models.config.sparse_dit_512.selection_block_size)
+        s512 = results.make_structure(idx512, 512, res512 // 8, models.config.sparse_dit_512.selection_block_size)
         out["info"]["tokens_512"] = s512.num_tokens
         lat = run("sparse-512 sampling", lambda: P.sample_sparse(models, cond, s512, 0, steps[1]),
                   f"{steps[1]} steps, {s512.num_tokens} tokens")
         run("sparse-512 decode + refiner", lambda: P.decode_sparse(models, lat, refine=True))
-        s1024 = run("mesh -> 1024 structure", lambda: P.mesh_to_structure(models, P.Mesh.from_list([(v, f)], 512, {})))
+        s1024 = run("mesh -> 1024 structure", lambda: P.mesh_to_structure(models, results.Mesh.from_list([(v, f)], 512, {})))
         out["info"]["tokens_1024"] = s1024.num_tokens
         lat = run("sparse-1024 sampling", lambda: P.sample_sparse(models, cond, s1024, 0, steps[2]),
                   f"{steps[2]} steps, {s1024.num_tokens} tokens")

@@ -13,7 +13,7 @@ from collections.abc import Iterator
 
 import torch
 
-from ..s2core import pipeline
+from ..s2core import loading, results
 from . import _mesh
 
 FOLDER = "direct3d_s2"
@@ -77,7 +77,7 @@ def output_path(prefix: str) -> tuple[str, str, int, str]:
     return folder, name, counter, subfolder
 
 
-class ComfyPlacement(pipeline.Placement):
+class ComfyPlacement(loading.Placement):
     """Each model is a ModelPatcher; a stage asks `load_models_gpu` for its models and runs where they landed."""
 
     def __init__(self):
@@ -109,7 +109,7 @@ class ComfyPlacement(pipeline.Placement):
             mm.soft_empty_cache()
 
 
-def to_comfy_mesh(mesh: pipeline.Mesh):
+def to_comfy_mesh(mesh: results.Mesh):
     """Our packed Mesh -> ComfyUI MESH (`nodes/_mesh.py`) on the intermediate device."""
     return _mesh.to_comfy_mesh(mesh.to(intermediate_device()))
 

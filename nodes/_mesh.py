@@ -1,4 +1,4 @@
-"""ComfyUI's MESH type: our packed `pipeline.Mesh` <-> core's batched mesh object.
+"""ComfyUI's MESH type: our packed `results.Mesh` <-> core's batched mesh object.
 
 Output: `comfy_api.latest.Types.MESH` where it exists (ComfyUI 0.38+), else `LocalMesh`, a class with the
 same attributes, so core helpers that read `mesh.uvs`, `mesh.vertex_colors`, `mesh.normals`,
@@ -20,7 +20,7 @@ import inspect
 
 import torch
 
-from ..s2core import pipeline
+from ..s2core import results
 from ..s2core.mesh import frame
 
 # Types.MESH's optional fields (ComfyUI 0.38) and their defaults; we set each of them on every mesh
@@ -87,12 +87,12 @@ def _pad(items: list[torch.Tensor], width: int, dtype: torch.dtype) -> torch.Ten
 
 
 def _colors_of(mesh) -> torch.Tensor | None:
-    """Packed per-vertex colours [V, C] of a pipeline.Mesh, if the record has them."""
+    """Packed per-vertex colours [V, C] of a results.Mesh, if the record has them."""
     c = getattr(mesh, "vertex_colors", None)
     return c if isinstance(c, torch.Tensor) else None
 
 
-def to_comfy_mesh(mesh: pipeline.Mesh):
+def to_comfy_mesh(mesh: results.Mesh):
     """Our packed Mesh (original frame, any device) -> a MESH in glTF's frame on `mesh`'s device."""
     items = mesh.items()
     verts = _pad([frame.to_gltf(v.float()) for v, _ in items], 3, torch.float32).to(mesh.vertices.device)
@@ -121,7 +121,7 @@ def _batched(x, name: str) -> list[torch.Tensor]:
     return list(x.unbind(0))
 
 
-def from_comfy_mesh(mesh) -> pipeline.Mesh:
+def from_comfy_mesh(mesh) -> results.Mesh:
     """Any ComfyUI MESH (glTF frame) -> our packed Mesh in the original frame, on the CPU, padding removed."""
     if not hasattr(mesh, "vertices") or not hasattr(mesh, "faces"):
         raise ValueError(f"The mesh input is a {type(mesh).__name__}, not a MESH; connect a node that outputs MESH.")
@@ -134,9 +134,9 @@ def from_comfy_mesh(mesh) -> pipeline.Mesh:
     fc = [int(x) for x in fc] if fc is not None else [f.shape[0] for f in faces]
     items = [(frame.from_gltf(verts[i][:vc[i]].detach().float().cpu()), faces[i][:fc[i]].detach().long().cpu())
              for i in range(len(verts))]
-    out = pipeline.Mesh.from_list(items, info=dict(getattr(mesh, "info", None) or {}))
+    out = results.Mesh.from_list(items, info=dict(getattr(mesh, "info", None) or {}))
     colors = getattr(mesh, "vertex_colors", None)
-    if colors is not None and any(f.name == "vertex_colors" for f in dataclasses.fields(pipeline.Mesh)):
+    if colors is not None and any(f.name == "vertex_colors" for f in dataclasses.fields(results.Mesh)):
         parts = [c[:vc[i]].detach().float().cpu() for i, c in enumerate(_batched(colors, "vertex_colors"))]
         out = dataclasses.replace(out, vertex_colors=torch.cat(parts))
     return out

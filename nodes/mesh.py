@@ -8,7 +8,7 @@ import os
 
 import torch
 
-from ..s2core import pipeline
+from ..s2core import pipeline, results
 from ..s2core.mesh.export import check_filename_prefix
 from . import _comfy
 from ._spec import MESH, MODEL, STRUCTURE, In, Node, Out
@@ -107,9 +107,9 @@ class SaveMesh(Node):
         return (os.path.join(subfolder, files[0]).replace(os.sep, "/"),), ui
 
 
-def _item(mesh: pipeline.Mesh, i: int) -> pipeline.Mesh:
+def _item(mesh: results.Mesh, i: int) -> results.Mesh:
     """Batch item i as a one-item Mesh (with its vertex colours where the record carries them)."""
-    out = pipeline.Mesh.from_list([mesh.item(i)], mesh.resolution, mesh.info)
+    out = results.Mesh.from_list([mesh.item(i)], mesh.resolution, mesh.info)
     colors = getattr(mesh, "vertex_colors", None)
     if isinstance(colors, torch.Tensor):
         start = sum(mesh.vertex_counts[:i])

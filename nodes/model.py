@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from ..s2core import pipeline
+from ..s2core import loading
 from . import _comfy
 from ._spec import MODEL, In, Node, Out
 
@@ -19,7 +19,7 @@ class LoadModel(Node):
     inputs = (
         In("variant", "COMBO", "Which release to load. v1.1 is the current official model; tiny-random is a "
            "seconds-fast random stand-in for testing graphs (its meshes are meaningless).",
-           default="v1.1", options=pipeline.VARIANTS),
+           default="v1.1", options=loading.VARIANTS),
         In("dense", "BOOLEAN", "Load the coarse (dense) stage. Needed to go from an image to a first structure.",
            default=True),
         In("sparse_512", "BOOLEAN", "Load the 512 stage (sparse DiT, VAE and refiner).", default=True),
@@ -34,12 +34,12 @@ class LoadModel(Node):
 
     @classmethod
     def run(cls, variant, dense=True, sparse_512=True, sparse_1024=True, precision="auto", allow_download=True):
-        stages = tuple(s for s, on in zip(pipeline.STAGES, (dense, sparse_512, sparse_1024)) if on)
+        stages = tuple(s for s, on in zip(loading.STAGES, (dense, sparse_512, sparse_1024)) if on)
         if not stages:
             raise ValueError("No stage is selected; turn on at least one of dense, sparse_512, sparse_1024.")
         placement = _comfy.ComfyPlacement()
         models_dir = None if variant == "tiny-random" else _comfy.models_dir()
-        models = pipeline.load_models(variant, stages, placement.device, PRECISIONS[precision], models_dir=models_dir,
+        models = loading.load_models(variant, stages, placement.device, PRECISIONS[precision], models_dir=models_dir,
                                       allow_download=allow_download, progress=_comfy.download_progress_class(),
                                       placement=placement)
         return (models,), None

@@ -1,7 +1,7 @@
 """Fine-stage nodes: sparse sampler and sparse decode -> MESH."""
 from __future__ import annotations
 
-from ..s2core import pipeline
+from ..s2core import loading, pipeline
 from . import _comfy
 from ._spec import COND, MESH, MODEL, SEED_MAX, SPARSE_LATENT, STRUCTURE, In, Node, Out
 
@@ -28,7 +28,7 @@ class SampleSparse(Node):
 
     @classmethod
     def run(cls, model, conditioning, structure, seed=0, steps=0, guidance=7.0, max_tokens=0):
-        steps = steps or (pipeline.SPARSE_512_STEPS if structure.resolution == 512 else pipeline.SPARSE_1024_STEPS)
+        steps = steps or loading.sparse_stage(structure.resolution).steps  # 0: the original's count
         latent = pipeline.sample_sparse(model, conditioning, structure, seed, steps, guidance, max_tokens,
                                         _comfy.progress(steps), _comfy.should_stop)
         return (latent.to(_comfy.intermediate_device()),), None

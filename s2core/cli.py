@@ -28,7 +28,7 @@ from pathlib import Path
 
 import torch
 
-from . import checks, files, image_file, pipeline
+from . import checks, config, files, image_file, loading, pipeline
 
 EXIT_ERROR = 1
 EXIT_MISSING_WEIGHTS = 2
@@ -49,10 +49,10 @@ def _parser() -> argparse.ArgumentParser:
                    help="1024 (default; measured peak 5.3 GiB of GPU memory) or 512 (faster, 4.1 GiB); --demo defaults to 512")
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument("--steps", type=str, default=None, metavar="D,S512,S1024",
-                   help=f"sampling steps per stage (default {pipeline.DENSE_STEPS},{pipeline.SPARSE_512_STEPS},"
-                        f"{pipeline.SPARSE_1024_STEPS})")
-    p.add_argument("--guidance", type=float, default=pipeline.GUIDANCE, help="classifier-free guidance (default 7)")
-    p.add_argument("--mc-threshold", type=float, default=pipeline.MC_THRESHOLD, help="surface iso-level (0.2)")
+                   help=f"sampling steps per stage (default {config.DENSE_STEPS},{config.SPARSE_512_STEPS},"
+                        f"{config.SPARSE_1024_STEPS})")
+    p.add_argument("--guidance", type=float, default=config.GUIDANCE, help="classifier-free guidance (default 7)")
+    p.add_argument("--mc-threshold", type=float, default=config.MC_THRESHOLD, help="surface iso-level (0.2)")
     p.add_argument("--no-remove-interior", action="store_true", help="skip the 1024 interior-removal refiner")
     p.add_argument("--remesh", action="store_true", help="simplify the mesh (removes 95%% of the faces)")
     p.add_argument("--colour", "--color", action="store_true",
@@ -107,7 +107,7 @@ class _Progress:
 
 def _steps(text: str | None) -> tuple[int, int, int]:
     if text is None:
-        return pipeline.DENSE_STEPS, pipeline.SPARSE_512_STEPS, pipeline.SPARSE_1024_STEPS
+        return config.DENSE_STEPS, config.SPARSE_512_STEPS, config.SPARSE_1024_STEPS
     try:
         d, s5, s10 = (int(x) for x in text.split(","))
     except ValueError:
@@ -220,7 +220,7 @@ def _run(args: argparse.Namespace) -> int:
         pipeline.check_chain_settings(resolution, dense, s512, s1024, args.guidance, args.mc_threshold)
         device = checks.device(args.device, "--device") if args.device else torch.device(
             "cuda" if torch.cuda.is_available() else "cpu")
-        placement = pipeline.Placement(device, offload=not args.keep_weights_on_gpu, max_vram_gb=args.max_vram_gb)
+        placement = loading.Placement(device, offload=not args.keep_weights_on_gpu, max_vram_gb=args.max_vram_gb)
         pixels, alpha = image_file.read_image_and_mask(args.image, args.mask)
         image = torch.from_numpy(pixels).float().div_(255)[None]  # IMAGE [1, H, W, 3|4], at most 4096 px a side
         mask = None if alpha is None else torch.from_numpy(alpha).float().div_(255)[None]  # [1, H, W], 1 = object
@@ -229,7 +229,7 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.demo:
             progress.note("Demo mode: a tiny model with random weights; the mesh is meaningless.")
-        models = pipeline.load_models(variant, stages, device, weights_dir=args.weights,
+        models = loading.load_models(variant, stages, device, weights_dir=args.weights,
                                       allow_download=not args.no_download, placement=placement)
         mesh = pipeline.image_to_mesh(models, image, mask, args.seed, resolution, dense, s512, s1024,
                                       args.guidance, args.mc_threshold, refine and not args.no_remove_interior,

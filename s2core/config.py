@@ -13,6 +13,13 @@ from pathlib import Path
 from typing import Any
 
 
+# How the original samples and meshes (SPEC.md §3.1, §3.2, SPARSE.md §8): the defaults of s2core.pipeline.
+DENSE_STEPS, SPARSE_512_STEPS, SPARSE_1024_STEPS = 50, 30, 15
+GUIDANCE = 7.0
+DENSE_THRESHOLD = 0.1  # occupancy probability of the dense decode
+MC_THRESHOLD = 0.2  # sparse SDF iso-level; the 512 refiner meshes at 2x this (SPEC.md §11)
+SIMPLIFY_RATIO = 0.95  # fraction of faces removed by `postprocess(simplify=True)`
+
 @dataclass(frozen=True)
 class DenseVAEConfig:
     embed_dim: int = 8

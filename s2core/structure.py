@@ -1,28 +1,20 @@
-"""The coarse stage: image → DINOv2 tokens → dense flow sampling → 64³ occupancy → sparse latent index.
-
-Stage functions (each a plain call the pipeline and the nodes share):
+"""The sparse index between the stages: the coarse stage's occupied cells, block-sorted, and the v1.0 condition tokens.
 
 | function | in | out |
 |---|---|---|
-| `encode_image(encoder, pixels)` | `pixels [B, 4, S, S]` (RGB on white ‖ mask, `image.preprocess_image`) | `cond [B, T, C]` fp32, `patch_mask [B, P, P]` bool |
-| `sample_dense(dit, cond, uncond, ...)` | condition tokens | latent `[B, 8, 16, 16, 16]` |
-| `decode_dense(vae, latent)` | latent | `coords [N, 4]` int32 (batch, x, y, z) on the 64³ grid, block-sorted |
-| `run_coarse(...)` | image (+ mask) and the three models | `CoarseResult` |
+| `encode_pixels(encoder, pixels)` | `pixels [B, 4, S, S]` (RGB on white ‖ mask, `image.preprocess_image`) | `cond [B, T, C]` fp32, `patch_mask [B, P, P]` bool |
+| `decode_occupancy(vae, latent)` | dense latent `[B, 8, R, R, R]` | `coords [N, 4]` int32 (batch, x, y, z) on the 64³ grid, block-sorted |
 
 Plus the index helpers of `utils/sparse.py` (SPEC.md §9), vectorised: `sort_block` (block-major token
-order that SSA relies on) and `extract_tokens_and_coords` (v1.0 sparse conditions).
+order that SSA relies on) and `extract_tokens_and_coords` (v1.0 sparse conditions). The stages that call
+them, with seeds, placement and cancellation, are `s2core.pipeline.encode_image / sample_dense / decode_dense`.
 
 Only sample 0 of the original's batch survives the dense stage; here every batch element keeps its own
 rows (batch column = element index), which for B = 1 is exactly the original's index.
 """
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
-
 import torch
-
-from .flow_sampler import make_noise, sample_flow, seeded_generator
 
 _BLOCK_BITS = 12  # block coordinates < 4096 (grids up to 4096·block_size voxels per side) and batch < 2^18
 
@@ -87,9 +79,9 @@ def occupancy_coords(logits: torch.Tensor, threshold: float = 0.1) -> torch.Tens
 
 
 # ---------------------------------------------------------------------------------------------
-# Stage functions
+# Model calls of the coarse stage
 
-def encode_image(encoder, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_pixels(encoder, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`pixels [B, 4, S, S]` (from `image.preprocess_image`) → `(cond [B, T, C] fp32, patch_mask [B, P, P])`.
 
     `encoder` is an `ImageConditioner` on the target device; the unconditional branch is `zeros_like(cond)`
@@ -100,32 +92,7 @@ def encode_image(encoder, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Ten
         return encoder(pixels[:, :3].to(dev), pixels[:, 3:4].to(dev))
 
 
-def sample_dense(dit, cond: torch.Tensor, uncond: torch.Tensor | None = None, *, steps: int = 50,
-                 guidance: float = 7.0, shift: float = 6.0, seed: int | None = 0,
-                 generator: torch.Generator | None = None, latent_dtype: torch.dtype = torch.float16,
-                 callback: Callable[[int, int], None] | None = None,
-                 check_cancel: Callable[[], None] | None = None, batch_cfg: bool = False) -> torch.Tensor:
-    """Sample the dense latent `[B, 8, R, R, R]` with `steps` Euler steps and CFG (SPEC.md §3.3).
-
-    Noise is drawn on the DiT's device in `latent_dtype` (fp16 as the original) from `generator`, or from a
-    fresh generator seeded with `seed`. `uncond=None` means zeros (the original's unconditional tokens);
-    `guidance <= 0` disables CFG. `batch_cfg` runs cond and uncond as one batch-2 forward (faster; equal up
-    to GEMM rounding, see `flow_sampler.sample_flow`).
-    """
-    dev = next(dit.parameters()).device
-    if generator is None:
-        generator = seeded_generator(0 if seed is None else seed, dev)
-    cond = cond.to(dev)
-    if uncond is None and guidance > 0:
-        uncond = torch.zeros_like(cond)
-    shape = (cond.shape[0], dit.cfg.in_channels, *[dit.cfg.resolution] * 3)
-    noise = make_noise(shape, generator, latent_dtype, dev)
-    with torch.no_grad():
-        return sample_flow(dit, noise, cond, uncond, num_steps=steps, shift=shift, guidance=guidance,
-                           callback=callback, check_cancel=check_cancel, batch_cfg=batch_cfg)
-
-
-def decode_dense(vae, latent: torch.Tensor, *, threshold: float = 0.1, block_size: int = 8) -> torch.Tensor:
+def decode_occupancy(vae, latent: torch.Tensor, *, threshold: float = 0.1, block_size: int = 8) -> torch.Tensor:
     """Latent `[B, 8, R, R, R]` → the sparse index of the next stage: coords `[N, 4]` int32, block-sorted.
 
     Decodes occupancy logits on the 4R grid (64³), keeps voxels with probability ≥ `threshold` (0.1, fixed
@@ -143,35 +110,3 @@ def decode_dense(vae, latent: torch.Tensor, *, threshold: float = 0.1, block_siz
                          f"{logits[empty].float().sigmoid().max().item():.3f} < {threshold}); try another seed, "
                          "a higher guidance, or check that the mask covers the object.")
     return sort_block(coords, block_size)[0]
-
-
-@dataclass(frozen=True)
-class CoarseResult:
-    """Output of `run_coarse`.
-
-    coords `[N, 4]` int32 (batch, x, y, z) on the 64³ grid, block-sorted (the 512 stage's token index);
-    cond `[B, T, C]` fp32 DINOv2 tokens; patch_mask `[B, P, P]` bool; pixels `[B, 4, S, S]` the model input;
-    latent `[B, 8, 16, 16, 16]` the sampled dense latent.
-    """
-    coords: torch.Tensor
-    cond: torch.Tensor
-    patch_mask: torch.Tensor
-    pixels: torch.Tensor
-    latent: torch.Tensor
-
-
-def run_coarse(image, mask, encoder, dit, vae, *, steps: int = 50, guidance: float = 7.0, shift: float = 6.0,
-               seed: int | None = 0, generator: torch.Generator | None = None, invert_mask: bool = False,
-               latent_dtype: torch.dtype = torch.float16, block_size: int = 8,
-               callback: Callable[[int, int], None] | None = None,
-               check_cancel: Callable[[], None] | None = None, batch_cfg: bool = False) -> CoarseResult:
-    """The whole coarse stage: image (+ mask) → sparse 64³ index. See `image.preprocess_image` for inputs."""
-    from .image import preprocess_image
-
-    pixels = preprocess_image(image, mask, invert_mask=invert_mask, size=encoder.cfg.size)
-    cond, patch_mask = encode_image(encoder, pixels)
-    latent = sample_dense(dit, cond, None, steps=steps, guidance=guidance, shift=shift, seed=seed,
-                          generator=generator, latent_dtype=latent_dtype, callback=callback,
-                          check_cancel=check_cancel, batch_cfg=batch_cfg)
-    coords = decode_dense(vae, latent, block_size=block_size)
-    return CoarseResult(coords, cond, patch_mask, pixels, latent)

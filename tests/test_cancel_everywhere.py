@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from s2core import checkpoints as ck
+from s2core import hooks, loading, results
 from s2core import pipeline as P
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -43,7 +44,7 @@ def _sphere(subdivisions):
 
 @pytest.fixture(scope="module")
 def models():
-    return P.load_models("tiny-random", P.STAGES)
+    return loading.load_models("tiny-random", loading.STAGES)
 
 
 def test_voxelize_polls_every_window():
@@ -67,8 +68,8 @@ def test_mesh_to_structure_node_stops_within_2s_of_cancel(tmp_path):
         import comfy.model_management as mm
 
         cls = pack.NODE_CLASS_MAPPINGS["D3DS2MeshToStructure"]
-        model = P.load_models("tiny-random", ("sparse_1024",))
-        model.config = P.config_for("v1.1")  # the official 128³ latent grid (1024 lattice); only the grid is read
+        model = loading.load_models("tiny-random", ("sparse_1024",))
+        model.config = loading.config_for("v1.1")  # the official 128³ latent grid (1024 lattice); only the grid is read
         v, f = _sphere(7)
         comfy_mesh = type("M", (), {"vertices": v[None], "faces": f[None]})()
         timer = threading.Timer(0.2, lambda: setattr(mm, "interrupt_processing", True))
@@ -89,16 +90,16 @@ def test_postprocess_polls_between_steps_and_component_passes():
     check = stop_at(10**9)
     postprocess_mesh(v, f, remove_debris=True, close_holes=True, simplify_ratio=0.5, check_cancel=check)
     assert check.calls >= 4  # component passes, before holes, before simplifying
-    mesh = P.Mesh.from_list([(v, f)])
+    mesh = results.Mesh.from_list([(v, f)])
     calls = []
-    with pytest.raises(P.Cancelled):
+    with pytest.raises(hooks.Cancelled):
         P.postprocess(mesh, True, 0.5, True, True, should_stop=lambda: calls.append(1) or len(calls) >= 2)
 
 
 def test_chunked_vae_decode_polls_every_chunk(models):
     vae = models.sparse_vae_1024  # tiny: chunk_size 2 -> 8 chunks
     coords = torch.stack(torch.meshgrid(*[torch.arange(0, 32, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    st = P.make_structure(torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1), 1024, 32)
+    st = results.make_structure(torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1), 1024, 32)
     x = st.sparse(torch.randn(st.num_tokens, 16, generator=torch.Generator().manual_seed(0)))
     check = stop_at(10**9)
     with torch.inference_mode():

@@ -1,15 +1,23 @@
-"""Coarse stage end to end on the tiny config: image + mask in, a block-sorted sparse index out."""
+"""Coarse stage end to end on the tiny config: image + mask in, a block-sorted sparse index out, through the
+pipeline's stage functions (`encode_image` -> `sample_dense` -> `decode_dense`)."""
 import pytest
 import torch
 
+from s2core import pipeline
 from s2core.config import tiny_release
 from s2core.dense_dit import DenseDiT
 from s2core.dense_vae import DenseVAE
 from s2core.dinov2 import ImageConditioner
-from s2core.structure import decode_dense, encode_image, run_coarse, sample_dense, sort_block
-from s2core.image import preprocess_image
+from s2core.loading import Models, Placement
+from s2core.results import Conditioning
+from s2core.structure import decode_occupancy, encode_pixels, sort_block
 from s2core.testing import deterministic_state_dict
 from tolerances import rel_rms, reorder_rel_rms
+
+
+def coarse_models(cfg, enc, dit, vae, dtype):
+    """The three coarse networks as `Models` (CPU placement), computing latents in `dtype`."""
+    return Models(cfg, "tiny-random", dtype, Placement("cpu"), image_encoder=enc, dense_vae=vae, dense_dit=dit)
 
 
 @pytest.fixture(scope="module")
@@ -34,58 +42,54 @@ def comfy_inputs():
     return image, mask
 
 
-def test_run_coarse_gives_sorted_in_range_deterministic_index(models):
+def run_coarse(m, image, mask, steps, seed, callback=None):
+    cond = pipeline.encode_image(m, image, mask)
+    latent = pipeline.sample_dense(m, cond, seed, steps, 7.0, callback)
+    return cond, latent, pipeline.decode_dense(m, latent)
+
+
+def test_coarse_stage_gives_sorted_in_range_deterministic_index(models):
     cfg, enc, dit, vae = models
+    m = coarse_models(cfg, enc, dit, vae, torch.float32)
     image, mask = comfy_inputs()
     steps = []
-    res = run_coarse(image, mask, enc, dit, vae, steps=4, guidance=7.0, seed=123, latent_dtype=torch.float32,
-                     callback=lambda i, n: steps.append((i, n)))
+    cond, latent, structure = run_coarse(m, image, mask, 4, 123, lambda i, n: steps.append((i, n)))
     R = cfg.dense_dit.resolution * 4
-    assert R == cfg.sparse_dit_512.resolution  # the index lands on the 512 stage's latent grid
-    c = res.coords
+    assert R == cfg.sparse_dit_512.resolution == structure.grid  # the index lands on the 512 stage's latent grid
+    c = structure.coords
     assert c.dtype == torch.int32 and c.ndim == 2 and c.shape[1] == 4 and 0 < len(c) < R ** 3
     assert (c[:, 0] == 0).all() and c[:, 1:].min() >= 0 and c[:, 1:].max() < R
     assert torch.equal(c, sort_block(c, cfg.sparse_dit_512.selection_block_size)[0])
     assert len(torch.unique(c, dim=0)) == len(c)
     assert steps == [(i, 4) for i in range(1, 5)]
     T = 1 + 4 + (cfg.dense_image_encoder.size // 14) ** 2
-    assert res.cond.shape == (1, T, cfg.dense_image_encoder.embed_dim) and res.patch_mask.any()
-    assert res.latent.shape == (1, *cfg.dense_dit.latent_shape)
-    again = run_coarse(image, mask, enc, dit, vae, steps=4, guidance=7.0, seed=123, latent_dtype=torch.float32)
-    other = run_coarse(image, mask, enc, dit, vae, steps=4, guidance=7.0, seed=124, latent_dtype=torch.float32)
-    assert torch.equal(again.coords, c) and torch.equal(again.latent, res.latent)
-    assert not torch.equal(other.latent, res.latent)
-
-
-def test_stage_functions_compose_like_run_coarse(models):
-    cfg, enc, dit, vae = models
-    image, mask = comfy_inputs()
-    pixels = preprocess_image(image, mask, size=cfg.dense_image_encoder.size)
-    cond, patch_mask = encode_image(enc, pixels)
-    latent = sample_dense(dit, cond, None, steps=3, guidance=7.0, seed=5, latent_dtype=torch.float32)
-    coords = decode_dense(vae, latent)
-    ref = run_coarse(image, mask, enc, dit, vae, steps=3, guidance=7.0, seed=5, latent_dtype=torch.float32)
-    assert torch.equal(coords, ref.coords) and torch.equal(cond, ref.cond)
+    assert cond.tokens.shape == (1, T, cfg.dense_image_encoder.embed_dim) and cond.patch_mask.any()
+    assert latent.latents.shape == (1, *cfg.dense_dit.latent_shape)
+    _, again, again_structure = run_coarse(m, image, mask, 4, 123)
+    _, other, _ = run_coarse(m, image, mask, 4, 124)
+    assert torch.equal(again_structure.coords, c) and torch.equal(again.latents, latent.latents)
+    assert not torch.equal(other.latents, latent.latents)
 
 
 def test_fp16_latents_run_on_cpu(models):
     """The release's fp16 latent path (fp32 tiny weights, fp16 noise/latents like the original pipeline)."""
     cfg, enc, dit, vae = models
     image, mask = comfy_inputs()
-    res = run_coarse(image, mask, enc, dit, vae, steps=2, seed=0, latent_dtype=torch.float16)
-    assert res.latent.dtype == torch.float16 and len(res.coords) > 0
+    _, latent, structure = run_coarse(coarse_models(cfg, enc, dit, vae, torch.float16), image, mask, 2, 0)
+    assert latent.latents.dtype == torch.float16 and structure.num_tokens > 0
 
 
 def test_bad_input_fails_before_any_model_runs(models):
     cfg, enc, dit, vae = models
     image, _ = comfy_inputs()
     calls = []
-    hook = dit.register_forward_hook(lambda *a: calls.append(1))
+    hooks = [n.register_forward_hook(lambda *a: calls.append(1)) for n in (enc, dit)]
     try:
         with pytest.raises(ValueError, match="mask is empty"):
-            run_coarse(image, torch.zeros(1, 48, 64), enc, dit, vae, steps=2)
+            run_coarse(coarse_models(cfg, enc, dit, vae, torch.float32), image, torch.zeros(1, 48, 64), 2, 0)
     finally:
-        hook.remove()
+        for h in hooks:
+            h.remove()
     assert not calls
 
 
@@ -126,12 +130,14 @@ def test_matches_the_original_pipeline_on_the_tiny_config():
     vae.load_state_dict(deterministic_state_dict(vae), strict=True)
     with torch.no_grad():
         vae.decoder.out_layer[2].bias.fill_(gen.DECODER_BIAS)
-    cond, _ = encode_image(enc.eval(), gen.pixels())  # 518² input resized to the tiny 56² as torchvision does
+    cond, _ = encode_pixels(enc.eval(), gen.pixels())  # 518² input resized to the tiny 56² as torchvision does
     # fp32 DINOv2 with the same op sequence (the antialiased resize included): only summation order and
     # vectorised libm differ between CPUs; widest dot product 256 (MLP), ~9 layers.
     assert rel_rms(cond, ref["out.cond"]) < reorder_rel_rms(k=256, depth=9)
-    latent = sample_dense(dit.eval(), ref["out.cond"], None, steps=gen.STEPS, guidance=gen.GUIDANCE,
-                          generator=torch.Generator().manual_seed(gen.NOISE_SEED), latent_dtype=torch.float16)
+    # the pipeline's dense stage: item 0 draws its noise from a CPU generator seeded NOISE_SEED, as the recording
+    m = coarse_models(cfg, enc.eval(), dit.eval(), vae, torch.float16)
+    cond_in = Conditioning(ref["out.cond"], torch.ones(1, 1, 1, dtype=torch.bool))  # patch_mask: read by v1.0 sparse only
+    latent = pipeline.sample_dense(m, cond_in, gen.NOISE_SEED, gen.STEPS, gen.GUIDANCE).latents
     # Same fp16 noise draw, fp16-rounded timesteps, CFG order and Euler step as the original (each pinned exactly
     # in test_parity_coarse.py): bitwise equal on the recording CPU. Elsewhere the fp16 DiT's GEMMs (fp32
     # accumulation in another order) move outputs by an fp16 ulp per layer (~22 layers, widest 256 inputs), and
@@ -144,7 +150,7 @@ def test_matches_the_original_pipeline_on_the_tiny_config():
     vae = vae.eval()
     with torch.no_grad():
         logits = vae.decode(ref["out.latent"])[0, 0].float()  # [16, 16, 16]
-    coords = decode_dense(vae, ref["out.latent"], block_size=8)
+    coords = decode_occupancy(vae, ref["out.latent"], block_size=8)
     assert torch.equal(coords, sort_block(coords, 8)[0])
     ours, theirs = torch.zeros(16, 16, 16, dtype=torch.bool), torch.zeros(16, 16, 16, dtype=torch.bool)
     ours[tuple(coords[:, 1:].long().T)] = True

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from kernels.raster import rasterize
-from s2core import pipeline
+from s2core import hooks, pipeline, results
 from s2core.colour import Camera, colour_mesh, fill_colours, mirror_seeds, project_colours, render_preview
 from s2core.colour.paint import symmetry_plane
 from s2core.colour.scene import bumpy_shape, shape_colours
@@ -49,7 +49,7 @@ def test_recovers_camera_and_colours(shape, az, el, fov):
     camera = Camera(az, el, fov, (0.0, 0.0, 0.0), radius, 110.0, 150.0, 135.0, 290, 270)
     image, mask = _picture(v, f, truth, camera)
     steps = []
-    out, (report,) = colour_mesh(pipeline.Mesh.from_list([(v, f)]), image, mask, frame=512,
+    out, (report,) = colour_mesh(results.Mesh.from_list([(v, f)]), image, mask, frame=512,
                                  callback=lambda i, n: steps.append((i, n)))
     found = report.camera
     assert _angle(found.azimuth, az) <= 5 and abs(found.elevation - el) <= 5, report.describe()
@@ -99,16 +99,16 @@ def test_clear_errors_and_cancel(shape):
     v, f, truth = shape
     camera = Camera(0.0, 0.0, 0.0, (0.0, 0.0, 0.0), 1.0, 100.0, 64.0, 64.0, 128, 128)
     image, mask = _picture(v, f, truth, camera)
-    mesh = pipeline.Mesh.from_list([(v, f)])
+    mesh = results.Mesh.from_list([(v, f)])
     with pytest.raises(ValueError, match="The mask is empty"):
         colour_mesh(mesh, image, torch.zeros_like(mask))
     with pytest.raises(ValueError, match="no faces"):
-        colour_mesh(pipeline.Mesh.from_list([(v, f[:0])]), image, mask)
+        colour_mesh(results.Mesh.from_list([(v, f[:0])]), image, mask)
     with pytest.raises(ValueError, match="no mask and no alpha"):  # a busy background and nothing to key on
         colour_mesh(mesh, torch.rand(1, 64, 64, 3, generator=torch.Generator().manual_seed(0)))
     with pytest.raises(ValueError, match="2 pictures for 1 meshes"):
         colour_mesh(mesh, image.expand(2, -1, -1, -1), mask.expand(2, -1, -1))
-    with pytest.raises(pipeline.Cancelled):
+    with pytest.raises(hooks.Cancelled):
         colour_mesh(mesh, image, mask, should_stop=lambda: True)
 
 
@@ -118,7 +118,7 @@ def test_glb_and_ply_carry_the_colours(tmp_path):
     v = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
     f = torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
     c = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.25, 0.75]])
-    mesh = pipeline.Mesh.from_list([(v, f)], colors=[c])
+    mesh = results.Mesh.from_list([(v, f)], colors=[c])
     expected = np.concatenate([np.rint(c.numpy() * 255), np.full((4, 1), 255)], 1).astype(np.uint8)
     for suffix in ("glb", "ply"):
         (path,) = pipeline.save(mesh, tmp_path / f"m.{suffix}")
@@ -126,8 +126,8 @@ def test_glb_and_ply_carry_the_colours(tmp_path):
         np.testing.assert_allclose(loaded.vertices, v.numpy(), atol=1e-6)
         np.testing.assert_array_equal(np.asarray(loaded.visual.vertex_colors), expected)
     with pytest.raises(ValueError, match="one RGB row per vertex"):
-        pipeline.Mesh.from_list([(v, f)], colors=[c[:3]])
-    assert pipeline.Mesh.from_list([(v, f)]).to("cpu").vertex_colors is None
+        results.Mesh.from_list([(v, f)], colors=[c[:3]])
+    assert results.Mesh.from_list([(v, f)]).to("cpu").vertex_colors is None
 
 
 def test_camera_projection_conventions():
@@ -168,7 +168,7 @@ def test_cli_colour_flag_writes_coloured_glb(tmp_path, monkeypatch):
     rgba = torch.cat([picture[0], alpha[0][..., None]], -1)
     png = tmp_path / "object.png"
     Image.fromarray((rgba.numpy() * 255).round().astype(np.uint8), "RGBA").save(png)
-    monkeypatch.setattr(cli.pipeline, "image_to_mesh", lambda *a, **k: pipeline.Mesh.from_list([(v, f)]))
+    monkeypatch.setattr(cli.pipeline, "image_to_mesh", lambda *a, **k: results.Mesh.from_list([(v, f)]))
     out = tmp_path / "out.glb"
     assert cli.main([str(png), "--demo", "--colour", "-q", "-o", str(out)]) == 0
     got = np.asarray(trimesh.load(out, process=False, force="mesh").visual.vertex_colors)[:, :3] / 255.0

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from s2core import pipeline as P
+from s2core import results
 from tiny_chain import models, picture  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -39,13 +40,13 @@ def test_refined_decode_without_surface_suggests_turning_refine_off(models, late
 
 def test_postprocess_of_an_empty_mesh_is_refused():
     with pytest.raises(ValueError, match="given to post-processing has no faces; connect a mesh with triangles"):
-        P.postprocess(P.Mesh.from_list([EMPTY]))
+        P.postprocess(results.Mesh.from_list([EMPTY]))
 
 
 def test_saving_an_empty_mesh_writes_nothing(tmp_path):
     out = tmp_path / "empty.glb"
     with pytest.raises(ValueError, match="nothing to save"):
-        P.save(P.Mesh.from_list([EMPTY]), out)
+        P.save(results.Mesh.from_list([EMPTY]), out)
     assert not any(tmp_path.iterdir())
 
 
@@ -53,4 +54,4 @@ def test_batch_names_the_empty_item(tmp_path):
     v = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
     f = torch.tensor([[0, 1, 2]])
     with pytest.raises(ValueError, match=r"^Mesh 1 is empty"):
-        P.save(P.Mesh.from_list([(v, f), EMPTY]), tmp_path / "b.glb")
+        P.save(results.Mesh.from_list([(v, f), EMPTY]), tmp_path / "b.glb")

@@ -2,7 +2,7 @@
 network, names a corrupt, truncated or wrong-release file with what to do, and fails fast without network.
 
 Building the official networks costs ~20 s and ~10 GB of RAM, so every test here replaces
-`pipeline.build_part` by one that fails the test: the error must come before it.
+`loading.build_part` by one that fails the test: the error must come before it.
 """
 import logging
 import threading
@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from s2core import checkpoints as ck
-from s2core import pipeline as P
+from s2core import loading
 from s2core.manifest import manifest
 
 
@@ -21,7 +21,7 @@ def no_build(monkeypatch):
     def build_part(*args, **kwargs):
         raise AssertionError("a network was built before the weight files were checked")
 
-    monkeypatch.setattr(P, "build_part", build_part)
+    monkeypatch.setattr(loading, "build_part", build_part)
 
 
 def _zero_stride(key):
@@ -45,14 +45,14 @@ def test_missing_files_are_reported_before_any_network_is_built(tmp_path, monkey
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
     t = time.perf_counter()
     with pytest.raises(FileNotFoundError, match="model_dense.ckpt"):
-        P.load_models("v1.1", ("dense",), weights_dir=tmp_path, allow_download=False)
+        loading.load_models("v1.1", ("dense",), weights_dir=tmp_path, allow_download=False)
     assert time.perf_counter() - t < 10
 
 
 def test_truncated_release_file_is_named_before_any_network_is_built(tmp_path, no_build):
     folder = _dense_folder(tmp_path, lambda b: b[:len(b) // 2])
     with pytest.raises(ValueError, match=r"model_dense\.ckpt` is not a readable PyTorch checkpoint.*download it again"):
-        P.load_models("v1.1", ("dense",), weights_dir=folder, allow_download=False)
+        loading.load_models("v1.1", ("dense",), weights_dir=folder, allow_download=False)
 
 
 @pytest.mark.parametrize("have,selected", [("v1.0", "v1.1"), ("v1.1", "v1.0")])

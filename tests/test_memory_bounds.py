@@ -4,7 +4,7 @@
     under a TorchDispatchMode that records every tensor an op returns. Nothing may scale with the volume of the
     grid: the bound for any one tensor is the largest of (i) one streamed slab of the field in fp32, (ii) a few
     words per active voxel / output face, (iii) one refiner cube; all far below a dense fp32 grid R³.
-(b) `pipeline.Placement`: which networks are on the compute device during each stage and what goes back to the
+(b) `loading.Placement`: which networks are on the compute device during each stage and what goes back to the
     CPU afterwards (recorded by wrapping `Module.to`, so no GPU is needed).
 """
 from __future__ import annotations
@@ -14,6 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from s2core import loading
 from s2core import pipeline as P
 from s2core.config import RefinerConfig, SparseVAEConfig
 from s2core.refiner import CubeGrid, VoxelRefinerSign, mesh_refined_field, remove_interior_1024
@@ -108,9 +109,9 @@ def test_1024_stage_allocates_nothing_grid_sized():
 
 def test_placement_defaults():
     # the pipeline's own default (outside ComfyUI): one stage's weights on an accelerator at a time
-    assert P.Placement("cuda").offload is True and P.Placement("cuda:1").offload is True
-    assert P.Placement("cuda", offload=False).offload is False  # the CLI's --keep-weights-on-gpu
-    assert P.Placement("cpu").offload is False and P.Placement("cpu", offload=True).offload is False
+    assert loading.Placement("cuda").offload is True and loading.Placement("cuda:1").offload is True
+    assert loading.Placement("cuda", offload=False).offload is False  # the CLI's --keep-weights-on-gpu
+    assert loading.Placement("cpu").offload is False and loading.Placement("cpu", offload=True).offload is False
 
 
 @pytest.mark.parametrize("offload", [True, False])
@@ -119,7 +120,7 @@ def test_offloading_stage_returns_cached_memory(offload, monkeypatch):
     # ComfyUI's next model, can then use); a resident placement keeps them for the next stage
     calls = []
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
-    placement = P.Placement("cuda", offload=offload)
+    placement = loading.Placement("cuda", offload=offload)
     with placement.use([]):
         assert not calls
     assert len(calls) == (1 if offload else 0)
@@ -134,16 +135,16 @@ def test_activation_estimates_cover_the_measured_peaks():
     sampling_1024 = (3.30 - 0.96) * GiB  # 108,862 tokens, 1024 DiT weights ~0.96 GiB
     decode_1024 = (5.30 - 0.5) * GiB  # VAE + sign refiner weights ~0.5 GiB
     decode_512 = (4.09 - 0.5) * GiB  # 27,126 tokens
-    for need, est in [(sampling_1024, P.activation_bytes("sparse sampling", tokens=108862)),
-                      (decode_1024, P.activation_bytes("sparse 1024 decoding", 1, 108862)),
-                      (decode_512, P.activation_bytes("sparse 512 decoding", 1, 27126))]:
+    for need, est in [(sampling_1024, loading.activation_bytes("sparse sampling", tokens=108862)),
+                      (decode_1024, loading.activation_bytes("sparse 1024 decoding", 1, 108862)),
+                      (decode_512, loading.activation_bytes("sparse 512 decoding", 1, 27126))]:
         assert need <= est <= 2 * need, (need / GiB, est / GiB)
     # linear in tokens and samples: twice the work asks twice the room
-    assert P.activation_bytes("sparse sampling", tokens=2000) == 2 * P.activation_bytes("sparse sampling", tokens=1000)
-    assert P.activation_bytes("dense sampling", 4) == 4 * P.activation_bytes("dense sampling", 1)
+    assert loading.activation_bytes("sparse sampling", tokens=2000) == 2 * loading.activation_bytes("sparse sampling", tokens=1000)
+    assert loading.activation_bytes("dense sampling", 4) == 4 * loading.activation_bytes("dense sampling", 1)
 
 
-class _RecordingPlacement(P.Placement):
+class _RecordingPlacement(loading.Placement):
     """Placement on the CPU that behaves as an offloading GPU placement and logs every move."""
 
     def __init__(self, offload: bool):
@@ -154,7 +155,7 @@ class _RecordingPlacement(P.Placement):
         self.max_on_device: list[set[str]] = []
 
 
-def _record_moves(models: P.Models, placement: _RecordingPlacement, monkeypatch) -> None:
+def _record_moves(models: loading.Models, placement: _RecordingPlacement, monkeypatch) -> None:
     for name, module in models.loaded_parts().items():
         real_to = module.to
 
@@ -171,7 +172,7 @@ def _record_moves(models: P.Models, placement: _RecordingPlacement, monkeypatch)
 
 @pytest.fixture(scope="module")
 def dense_models():
-    return P.load_models("tiny-random", ("dense",))
+    return loading.load_models("tiny-random", ("dense",))
 
 
 @pytest.mark.parametrize("offload", [True, False], ids=["offload", "resident"])
@@ -217,7 +218,7 @@ def test_cli_keeps_weights_only_when_asked(tmp_path, monkeypatch):
         seen.append(placement)
         raise ValueError("stop here")
 
-    monkeypatch.setattr(P, "load_models", fake_load_models)
+    monkeypatch.setattr(loading, "load_models", fake_load_models)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # the CLI checks --device before loading
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     base = [str(tmp_path / "in.png"), "-o", str(tmp_path / "out.glb"), "--demo", "-q", "--device", "cuda"]
@@ -233,7 +234,7 @@ def test_max_vram_budget_evicts_least_recently_used(monkeypatch):
     for name, m in nets.items():
         monkeypatch.setattr(m, "to", lambda target, _n=name, _m=m: (moves.append((_n, str(target))), _m)[1])
     kib = 2**10 / 2**30
-    pl = P.Placement("cuda", max_vram_gb=600 * kib)  # room for two of them
+    pl = loading.Placement("cuda", max_vram_gb=600 * kib)  # room for two of them
     assert pl.budget == 600 * 2**10 and not pl.offload
     with pl.use([nets["a"]]):
         pass
@@ -251,5 +252,5 @@ def test_max_vram_budget_evicts_least_recently_used(monkeypatch):
         pass
     assert ("a", "cpu") not in moves and ("c", "cpu") not in moves and moves.count(("b", "cuda")) == 1
     with pytest.raises(ValueError, match=r"max_vram_gb must be a finite number above 0 \(GiB\)"):
-        P.Placement("cuda", max_vram_gb=0)
-    assert P.Placement("cpu", max_vram_gb=1).budget is None  # no budget on the CPU
+        loading.Placement("cuda", max_vram_gb=0)
+    assert loading.Placement("cpu", max_vram_gb=1).budget is None  # no budget on the CPU

@@ -110,9 +110,9 @@ def test_chain_of_separate_nodes_saves_glb(pack, tmp_path):
     latent = run_v1(pack, "D3DS2SampleSparse", model=model, conditioning=cond, structure=structure, seed=3, steps=2,
                     guidance=7.0, max_tokens=0)[0]
     # every stage told ComfyUI what it needs beyond the weights; the sparse DiT's need grows with the tokens
-    pipeline = sys.modules[type(latent).__module__]
+    loading = sys.modules[type(latent).__module__.replace(".results", ".loading")]  # the pack's own copy
     assert len(mm.memory_requests) == len(mm.loaded) and all(r > 0 for r in mm.memory_requests)
-    assert mm.memory_requests[-1] == pipeline.activation_bytes("sparse sampling", tokens=latent.structure.num_tokens)
+    assert mm.memory_requests[-1] == loading.activation_bytes("sparse sampling", tokens=latent.structure.num_tokens)
     mesh = run_v1(pack, "D3DS2DecodeSparse", model=model, sparse_latent=latent, refine=False, threshold=0.2)[0]
     # core MESH layout: [B, N, 3] / [B, M, 3] on the intermediate device
     assert mesh.vertices.ndim == 3 and mesh.faces.ndim == 3 and mesh.vertices.shape[0] == 1

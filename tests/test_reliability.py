@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from s2core import hooks, loading  # noqa: F401 (loading: HASH_SNIPPET)
 from s2core import pipeline as P
 from tiny_chain import STEPS, mesh_hash, models, picture  # noqa: F401 (fixtures)
 
@@ -23,7 +24,7 @@ import torch, sys
 torch.set_num_threads(1)
 sys.path.insert(0, {tests!r})
 import test_reliability as t
-m = t.P.load_models("tiny-random", ("dense", "sparse_512"))
+m = t.loading.load_models("tiny-random", ("dense", "sparse_512"))
 img, mask = t.picture()
 print(t.mesh_hash(t.P.image_to_mesh(m, img, mask, seed=7, **t.STEPS)))
 """
@@ -80,7 +81,7 @@ def test_cancel_keeps_nothing_alive_and_writes_nothing(models, tmp_path):
         P.image_to_mesh(models, img, mask, seed=1, dense_steps=6, sparse_512_steps=2, resolution=512,
                         callback=lambda i, n: calls.append(i), should_stop=lambda: len(calls) >= 3)
         pytest.fail("the run was not cancelled")
-    except P.Cancelled as e:
+    except hooks.Cancelled as e:
         assert "nothing was written" in str(e)
     finally:
         del models.dense_dit.forward  # back to the class's forward

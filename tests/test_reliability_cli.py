@@ -13,7 +13,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s2core import cli, files, pipeline
+from s2core import cli, files, loading, pipeline, results
 
 REPO = Path(__file__).resolve().parents[1]
 TETRA = ([[0., 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
@@ -29,8 +29,8 @@ def fast(monkeypatch):
 
     def image_to_mesh(models, image, mask, *a, **k):
         seen.update(image=image, mask=mask, args=a)
-        return pipeline.Mesh.from_list([(torch.tensor(TETRA[0]), torch.tensor(TETRA[1]))], 512)
-    monkeypatch.setattr(pipeline, "load_models", load_models)
+        return results.Mesh.from_list([(torch.tensor(TETRA[0]), torch.tensor(TETRA[1]))], 512)
+    monkeypatch.setattr(loading, "load_models", load_models)
     monkeypatch.setattr(pipeline, "image_to_mesh", image_to_mesh)
     return seen
 
@@ -236,13 +236,13 @@ def test_device_cuda_without_cuda_is_one_sentence(png, tmp_path, fast, monkeypat
 def test_out_of_memory_and_unexpected_errors_are_one_line(png, tmp_path, fast, monkeypatch, capsys):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
-    monkeypatch.setattr(pipeline, "load_models", oom)
+    monkeypatch.setattr(loading, "load_models", oom)
     rc, err = run([png, "-o", tmp_path / "m.glb"], capsys)
     assert rc == 1 and one_line(err).startswith("error: Out of GPU memory while moving the weights to the GPU; ")
 
     def bug(*a, **k):
         raise KeyError("dense_dit")
-    monkeypatch.setattr(pipeline, "load_models", bug)
+    monkeypatch.setattr(loading, "load_models", bug)
     rc, err = run([png, "-o", tmp_path / "m.glb"], capsys)
     assert rc == 1 and one_line(err) == "error: unexpected KeyError: 'dense_dit' (a bug: run again with --debug " \
                                         "and report the traceback)."

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from s2core import loading
 from s2core import pipeline as P
 from s2core.sparse import SparseTensor
 from s2core.sparse.conv import sparse_conv3d
@@ -51,7 +52,7 @@ def test_whole_chain_runs_in_deterministic_mode_and_matches_default():
     n = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        models = P.load_models("tiny-random", ("dense", "sparse_512"))
+        models = loading.load_models("tiny-random", ("dense", "sparse_512"))
         img, mask = picture()
         default = mesh_hash(P.image_to_mesh(models, img, mask, seed=5, **STEPS))
         torch.use_deterministic_algorithms(True)
@@ -69,7 +70,7 @@ import sys, torch
 torch.use_deterministic_algorithms(True)
 sys.path.insert(0, {tests!r})
 import test_reliability_determinism as t
-m = t.P.load_models("tiny-random", ("dense", "sparse_512"), device="cuda")
+m = t.loading.load_models("tiny-random", ("dense", "sparse_512"), device="cuda")
 img, mask = t.picture()
 print(t.mesh_hash(t.P.image_to_mesh(m, img.cuda(), mask.cuda(), seed=5, **t.STEPS)))
 """

@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from s2core import image_file
+from s2core import loading
 from s2core import pipeline as P
 from s2core.image import preprocess_image
 from s2core.image_file import convert_pil, read_image_and_mask, read_image_file
@@ -174,8 +175,8 @@ STRUCTURE = SimpleNamespace(resolution=512, max_seqlen=10, batch_size=1)
     (lambda: P.image_to_mesh(None, None, max_tokens=-5), "max_tokens must be a whole number of at least 0"),
     (lambda: P.image_to_mesh(None, None, mc_threshold=float("nan")), "mc_threshold must be a finite number"),
     (lambda: P.image_to_mesh(None, None, resolution=1024, sparse_1024_steps=0), "sparse_1024_steps must be a whole"),
-    (lambda: P.Placement("cpu", max_vram_gb=float("inf")), "max_vram_gb must be a finite number above 0 (GiB)"),
-    (lambda: P.Placement("tpu9"), "device 'tpu9' is not a device name; use cpu, cuda or cuda:N."),
+    (lambda: loading.Placement("cpu", max_vram_gb=float("inf")), "max_vram_gb must be a finite number above 0 (GiB)"),
+    (lambda: loading.Placement("tpu9"), "device 'tpu9' is not a device name; use cpu, cuda or cuda:N."),
 ], ids=["dense-guidance-inf", "dense-guidance-nan", "dense-steps-float", "max-tokens-negative", "sparse-guidance",
         "dense-threshold-nan", "sparse-threshold-inf", "chain-guidance-inf", "chain-max-tokens", "chain-mc-nan",
         "chain-steps-0", "vram-inf", "device-name"])
@@ -188,9 +189,9 @@ def test_settings_are_checked_first(call, words):
 def test_cuda_models_without_cuda(monkeypatch):
     """A placement policy for CUDA can be built anywhere (tests of the policy do); loading onto it cannot."""
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert P.Placement("cuda").device.type == "cuda"
+    assert loading.Placement("cuda").device.type == "cuda"
     with pytest.raises(ValueError, match=r"device 'cuda' asks for a CUDA GPU, but .*; use cpu \(slow\)"):
-        P.load_models("tiny-random", device="cuda")
+        loading.load_models("tiny-random", device="cuda")
 
 
 # ---------------------------------------------------------------------------------------------

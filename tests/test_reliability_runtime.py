@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from s2core import hooks
 from s2core import pipeline as P
 from tiny_chain import models, picture  # noqa: F401 (fixtures)
 
@@ -30,7 +31,7 @@ def latent(models):
 
 def test_cancel_during_refiner_decode_stops_within_one_cube(models, latent):
     cubes = []
-    with pytest.raises(P.Cancelled, match="nothing was written"):
+    with pytest.raises(hooks.Cancelled, match="nothing was written"):
         P.decode_sparse(models, latent, refine=True, callback=lambda i, n: cubes.append((i, n)),
                         should_stop=lambda: len(cubes) >= 1)
     assert cubes == [(1, 27)]  # polled after every cube: the second of 27 never ran
@@ -46,10 +47,9 @@ def test_cancel_during_vae_decode_stops_before_meshing(models, latent, monkeypat
         return real(*a, **k)
 
     monkeypatch.setattr(vae, "decode", decode_then_cancel)
-    real_function, mc = P._function, []
-    monkeypatch.setattr(P, "_function", lambda m, n: (lambda *a, **k: mc.append(1)) if n == "meshes_from_sparse_sdf"
-                        else real_function(m, n))
-    with pytest.raises(P.Cancelled):
+    mc = []
+    monkeypatch.setattr(P, "meshes_from_sparse_sdf", lambda *a, **k: mc.append(1))
+    with pytest.raises(hooks.Cancelled):
         P.decode_sparse(models, latent, refine=False, should_stop=lambda: bool(calls))
     assert calls == ["decode"] and not mc  # the decode step finished, meshing never started
 

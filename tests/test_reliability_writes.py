@@ -183,10 +183,10 @@ def test_sigterm_from_outside_while_writing_leaves_no_temp_file(tmp_path):
     out, ready = tmp_path / "o" / "m.glb", tmp_path / "writing"
     script = f"""
 import os, sys, time, torch
-from s2core import cli, files, pipeline
-tetra = pipeline.Mesh.from_list([(torch.tensor([[0., 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]),
+from s2core import cli, files, loading, pipeline, results
+tetra = results.Mesh.from_list([(torch.tensor([[0., 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]),
                                   torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]))], 512)
-pipeline.load_models = lambda *a, **k: None
+loading.load_models = lambda *a, **k: None
 pipeline.image_to_mesh = lambda *a, **k: tetra
 def slow_fsync(fd):
     open({str(ready)!r}, "w").close()

@@ -1,10 +1,10 @@
-"""Index helpers of the coarse→fine glue: sort_block, extract_tokens_and_coords, occupancy, decode_dense."""
+"""Index helpers of the coarse→fine glue: sort_block, extract_tokens_and_coords, occupancy, decode_occupancy."""
 import pytest
 import torch
 
 from s2core.config import tiny_release
 from s2core.dense_vae import DenseVAE
-from s2core.structure import decode_dense, extract_tokens_and_coords, occupancy_coords, sort_block
+from s2core.structure import decode_occupancy, extract_tokens_and_coords, occupancy_coords, sort_block
 from s2core.testing import deterministic_state_dict
 
 
@@ -91,10 +91,10 @@ def _tiny_vae(bias):
     return vae.eval()
 
 
-def test_decode_dense_returns_sorted_in_range_index():
+def test_decode_occupancy_returns_sorted_in_range_index():
     vae = _tiny_vae(0.0)
     latent = torch.randn(2, 8, 4, 4, 4, generator=torch.Generator().manual_seed(1))
-    coords = decode_dense(vae, latent, block_size=8)
+    coords = decode_occupancy(vae, latent, block_size=8)
     assert coords.dtype == torch.int32 and coords.shape[1] == 4 and len(coords) > 0
     assert set(coords[:, 0].tolist()) == {0, 1}
     assert coords[:, 1:].min() >= 0 and coords[:, 1:].max() < 16
@@ -102,7 +102,7 @@ def test_decode_dense_returns_sorted_in_range_index():
     assert (coords[1:, 0] >= coords[:-1, 0]).all()  # batch elements contiguous
 
 
-def test_decode_dense_rejects_empty_occupancy():
+def test_decode_occupancy_rejects_empty_occupancy():
     vae = _tiny_vae(-100.0)
     with pytest.raises(ValueError, match="no occupied voxel"):
-        decode_dense(vae, torch.zeros(1, 8, 4, 4, 4))
+        decode_occupancy(vae, torch.zeros(1, 8, 4, 4, 4))

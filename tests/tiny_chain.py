@@ -7,14 +7,14 @@ import hashlib
 import pytest
 import torch
 
-from s2core import pipeline as P
+from s2core import loading, results
 
 STEPS = dict(dense_steps=2, sparse_512_steps=2, resolution=512, refine_512=False)
 
 
 @pytest.fixture(scope="module")
 def models():
-    return P.load_models("tiny-random", ("dense", "sparse_512"))
+    return loading.load_models("tiny-random", ("dense", "sparse_512"))
 
 
 def picture(shift=0):
@@ -26,7 +26,7 @@ def picture(shift=0):
     return img, mask
 
 
-def mesh_hash(mesh: P.Mesh) -> str:
+def mesh_hash(mesh: results.Mesh) -> str:
     h = hashlib.sha256()
     for v, f in mesh.items():
         h.update(v.contiguous().cpu().numpy().tobytes())

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s2core import pipeline  # noqa: E402
+from s2core import results  # noqa: E402
 from s2core.colour import Camera, colour_mesh, render_preview  # noqa: E402
 from s2core.colour.scene import bumpy_shape, shape_colours  # noqa: E402
 
@@ -32,7 +32,7 @@ def main():
     cam = Camera(35.0, 20.0, 30.0, (0.0, 0.0, 0.0), radius, 115.0, SIZE / 2, SIZE / 2, SIZE, SIZE)
     picture = render_preview(v, f, cam, truth, shade=False)
     mask = (picture < 0.999).any(-1).float()
-    out, (report,) = colour_mesh(pipeline.Mesh.from_list([(v, f)]), picture[None], mask[None], frame=512)
+    out, (report,) = colour_mesh(results.Mesh.from_list([(v, f)]), picture[None], mask[None], frame=512)
     found = report.camera
     view = Camera(found.azimuth, found.elevation, found.fov, found.centre, radius, 115.0, SIZE / 2, SIZE / 2, SIZE, SIZE)
     back = Camera(found.azimuth + 180.0, found.elevation, found.fov, found.centre, radius, 115.0, SIZE / 2, SIZE / 2,

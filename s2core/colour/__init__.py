@@ -16,7 +16,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .camera import Callback, Camera, ShouldStop, find_camera
+from ..hooks import Callback, ShouldStop
+from ..results import Mesh
+from .camera import Camera, find_camera
 from .paint import fill_colours, mirror_seeds, project_colours
 from .render import render_preview
 
@@ -46,12 +48,11 @@ class ColourReport:
 def colour_mesh(mesh, image, mask=None, *, invert_mask: bool = False, symmetry: bool = True,
                 frame: int = FRAME, callback: Callback | None = None,
                 should_stop: ShouldStop | None = None):
-    """(`pipeline.Mesh` with vertex_colors [V, 3] float32 in [0, 1], list of ColourReport) for a Mesh of B items
+    """(`results.Mesh` with vertex_colors [V, 3] float32 in [0, 1], list of ColourReport) for a Mesh of B items
     and one picture (used for every item) or B pictures. `image`/`mask` take every form `preprocess_image`
     takes; errors (empty mask, no mask, empty mesh, batch mismatch) are one ValueError sentence.
     `callback(done, total)` counts search rounds and the projection/fill of every item."""
     from ..image import preprocess_image
-    from ..pipeline import Mesh
 
     if mesh.batch_size == 0 or sum(mesh.face_counts) == 0:
         raise ValueError("The mesh is empty (no faces), so there is nothing to colour; connect a decoded mesh.")

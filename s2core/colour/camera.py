@@ -26,16 +26,13 @@ view when the object's outline is left-right symmetric; ties go to the earlier g
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
 from .._kernels import raster
-
-Callback = Callable[[int, int], None]
-ShouldStop = Callable[[], bool]
+from ..hooks import Callback, ShouldStop, poll
 
 AZIMUTHS = tuple(range(0, 360, 15))  # coarse grid, degrees; 0 = front
 ELEVATIONS = (0, 15, 30, -15, 45, 60, -30)  # common photo elevations first: earlier wins ties
@@ -245,7 +242,4 @@ def find_camera(vertices: torch.Tensor, faces: torch.Tensor, mask: torch.Tensor,
 
 
 def _poll(should_stop: ShouldStop | None) -> None:
-    if should_stop is not None and should_stop():
-        from ..pipeline import Cancelled
-
-        raise Cancelled("The colouring was cancelled; nothing was written.")
+    poll(should_stop, "colouring")

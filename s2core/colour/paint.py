@@ -22,7 +22,8 @@ import torch
 import torch.nn.functional as F
 
 from .._kernels import raster
-from .camera import Camera, ShouldStop, _poll
+from ..hooks import ShouldStop
+from .camera import Camera, _poll
 
 LAMBDA = 100.0  # screening weight of a fully trusted colour against one neighbour
 SEAM_PIXELS = 2
