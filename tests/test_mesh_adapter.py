@@ -31,6 +31,11 @@ def _load(tmp_path, v3):
     return mods[f"{stubs.NAME}.nodes._mesh"], mods[f"{stubs.NAME}.s2core.pipeline"], mods[f"{stubs.NAME}.nodes"]
 
 
+def _results(P):
+    """The pack's own s2core.results beside its pipeline module P (package-mode classes, not the top-level ones)."""
+    return sys.modules[P.__name__.replace(".pipeline", ".results")]
+
+
 @pytest.fixture
 def v3(tmp_path):
     yield _load(tmp_path, True)
@@ -50,7 +55,7 @@ def two_meshes(P):
     tet_v = torch.tensor([[0., 0, 0], [0.9, 0, 0], [0, 0.7, 0], [0, 0, 0.5]])
     tet_f = torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
     box = trimesh.creation.box(extents=(1.0, 0.6, 0.4))
-    return P.Mesh.from_list([(tet_v, tet_f), (torch.tensor(box.vertices, dtype=torch.float32),
+    return _results(P).Mesh.from_list([(tet_v, tet_f), (torch.tensor(box.vertices, dtype=torch.float32),
                                               torch.tensor(box.faces))], resolution=512, info={"seed": 7})
 
 
@@ -217,7 +222,7 @@ def test_frame_round_trip_is_exact_and_mesh_to_structure_inverts_it(v3, monkeypa
     assert np.array_equal(frame.ORIGINAL_TO_GLTF, np.eye(3))  # Direct3D-S2's frame is glTF's (frame.py)
     monkeypatch.setattr(frame, "ORIGINAL_TO_GLTF", SWAP)  # the plumbing must hold for any signed permutation
     src = two_meshes(P)
-    src = P.Mesh.from_list([(v + torch.rand(v.shape) * 1e-3, f) for v, f in src.items()])
+    src = _results(P).Mesh.from_list([(v + torch.rand(v.shape) * 1e-3, f) for v, f in src.items()])
     out = _mesh.to_comfy_mesh(src)
     v0 = src.item(0)[0]
     assert torch.equal(out.vertices[0, :4], torch.stack([v0[:, 0], v0[:, 2], -v0[:, 1]], 1))
@@ -225,7 +230,7 @@ def test_frame_round_trip_is_exact_and_mesh_to_structure_inverts_it(v3, monkeypa
     assert torch.equal(back.vertices, src.vertices) and torch.equal(back.faces, src.faces)  # bit for bit
     # Mesh to Structure voxelizes exactly the original-frame mesh (the voxelizer itself: test_voxelize.py)
     seen = []
-    monkeypatch.setattr(P, "mesh_to_structure", lambda model, mesh, should_stop=None: seen.append(mesh) or P.make_structure(
+    monkeypatch.setattr(P, "mesh_to_structure", lambda model, mesh, should_stop=None: seen.append(mesh) or _results(P).make_structure(
         torch.zeros(1, 4, dtype=torch.int32), 1024, 32))
     m2s = next(n for n in nodes.NODES if n.node_id == "D3DS2MeshToStructure")
     m2s.run("model", out)
@@ -240,6 +245,6 @@ def test_file_and_mesh_agree_on_the_frame(v3, tmp_path, monkeypatch):
     frame = sys.modules[f"{stubs.NAME}.s2core.mesh.frame"]
     monkeypatch.setattr(frame, "ORIGINAL_TO_GLTF", SWAP)
     src = two_meshes(P)
-    P.save(P.Mesh.from_list([src.item(1)]), tmp_path / "cli.glb")
+    P.save(_results(P).Mesh.from_list([src.item(1)]), tmp_path / "cli.glb")
     from_file = trimesh.load(tmp_path / "cli.glb", force="mesh", process=False).vertices
     np.testing.assert_array_equal(from_file, _mesh.to_comfy_mesh(src).vertices[1].numpy())

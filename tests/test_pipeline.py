@@ -201,7 +201,7 @@ def test_refiner_path_512(models):
 def test_tiny_refiners_pass_the_sdf_through():
     """tiny-random's refiners are increasing in the SDF: the 512 field is 2 x mc_threshold where the SDF is
     mc_threshold (the level it is meshed at), the 1024 sign flips there; the latent features do not matter."""
-    cfg = P.tiny_release()
+    cfg = config.tiny_release()
     sds = loading.tiny_state_dicts(cfg, ("refiner_512", "refiner_1024"))
     r512, r1024 = loading.build_part("refiner_512", cfg), loading.build_part("refiner_1024", cfg)
     r512.load_state_dict(sds["refiner_512"])
@@ -221,7 +221,7 @@ def test_v1_0_sparse_conditions_run():
     """The v1.0 sparse DiTs take only the masked patch tokens (a SparseTensor); tiny weights, v1.0 layout."""
     from dataclasses import replace
 
-    cfg = P.tiny_release()
+    cfg = config.tiny_release()
     cfg = replace(cfg, sparse_dit_512=replace(cfg.sparse_dit_512, compression_block_size=4, topk=32,
                                               compression_version="v2", sparse_conditions=True))
     parts = loading.STAGE_PARTS["dense"] + loading.STAGE_PARTS["sparse_512"]
