@@ -3,8 +3,9 @@
 Voxel sets are 3-voxel-thick spherical shells (like a latent structure), either as is ("shell") or
 shrunk 4x and subdivided twice ("subdiv2": 8x8-voxel-ish dense blocks, like the decoder's fine levels),
 sized to hit each target N; every row reports the kernel-map build once and the conv forward (map cached, as in a model).
-Algorithms: `gather` (one [rows, 27*Cin] GEMM per block, the default) and `per_offset` (27 GEMMs +
-index_add); spconv's SubMConv3d on the same set and weights when spconv is importable.
+Ours (one [rows, 27*Cin] GEMM per block) beside spconv's SubMConv3d on the same set and weights when spconv is
+importable. The per-offset variant (27 GEMMs + index_add) was measured here too and removed: see
+bench/results/sparse_conv.md.
 
     python bench/bench_sparse_conv.py              # GPU, fp16, writes bench/results/<date>-<gpu>-sparse_conv.md
     python bench/bench_sparse_conv.py --tiny       # CPU smoke run (small sizes, fp32), no results file
@@ -93,8 +94,8 @@ def main():
     lines = [f"# sparse conv 3x3x3 benchmark ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
              f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
              f"torch {torch.__version__}", f"command: `python {' '.join(sys.argv)}`", "",
-             "| set | N | Cin->Cout | avg nbrs | kmap ms | gather ms | per_offset ms | spconv ms | gather TFLOP/s (dense 27-tap) | max abs diff per_offset |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             "| set | N | Cin->Cout | avg nbrs | kmap ms | gather ms | spconv ms | gather TFLOP/s (dense 27-tap) |",
+             "|---|---|---|---|---|---|---|---|"]
     print("\n".join(lines))
     g = torch.Generator(device="cpu").manual_seed(0)
     for n_target, kind in [(n, k) for n in sizes for k in ("shell", "subdiv2")]:
@@ -107,16 +108,11 @@ def main():
             kernel = (torch.randn(27, cin, cout, generator=g) / math.sqrt(27 * cin)).to(device, dtype)
             bias = torch.randn(cout, generator=g).to(device, dtype) * 0.02
             x = SparseTensor(feats, coords, 1)
-            res = {}
-            for algo in ("gather", "per_offset"):
-                res[algo] = timeit(lambda a=algo: sparse_conv3d(x, kernel, bias, a), device, reps)
-            diff = (sparse_conv3d(x, kernel, bias, "gather").float()
-                    - sparse_conv3d(x, kernel, bias, "per_offset").float()).abs().max().item()
+            gather_ms = timeit(lambda: sparse_conv3d(x, kernel, bias), device, reps)
             run, _ = spconv_runner(coords, feats, kernel, bias)
             sp_ms = f"{timeit(run, device, reps):.2f}" if run is not None else "n/a"
-            tflops = 2 * n * 27 * cin * cout / (res["gather"] * 1e-3) / 1e12
-            row = (f"| {kind} | {n} | {cin}->{cout} | {nbrs:.1f} | {kmap_ms:.2f} | {res['gather']:.2f} | "
-                   f"{res['per_offset']:.2f} | {sp_ms} | {tflops:.1f} | {diff:.2e} |")
+            tflops = 2 * n * 27 * cin * cout / (gather_ms * 1e-3) / 1e12
+            row = f"| {kind} | {n} | {cin}->{cout} | {nbrs:.1f} | {kmap_ms:.2f} | {gather_ms:.2f} | {sp_ms} | {tflops:.1f} |"
             print(row, flush=True)
             lines.append(row)
             del feats, kernel, x

@@ -25,8 +25,7 @@ def test_kernel_offset_order_is_x_fastest():
     assert off[3].tolist() == [-1, 0, -1] and off[9].tolist() == [-1, -1, 0] and off[13].tolist() == [0, 0, 0]
 
 
-@pytest.mark.parametrize("algo", ["gather", "per_offset"])
-def test_single_neighbour_lands_through_the_right_slice(algo):
+def test_single_neighbour_lands_through_the_right_slice():
     # one output voxel p at (5,5,5) and one input at p+off; only slice k of the kernel is one-hot.
     for k, (dx, dy, dz) in enumerate(kernel_offsets().tolist()):
         coords = torch.tensor([[0, 5, 5, 5], [0, 5 + dx, 5 + dy, 5 + dz]], dtype=torch.int32)
@@ -36,14 +35,13 @@ def test_single_neighbour_lands_through_the_right_slice(algo):
         feats[-1] = torch.tensor([1.0, 2.0])
         kernel = torch.zeros(27, 2, 3)
         kernel[k] = torch.tensor([[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
-        out = sparse_conv3d(SparseTensor(feats, coords), kernel, algo=algo)
+        out = sparse_conv3d(SparseTensor(feats, coords), kernel)
         assert out[0].tolist() == [1.0, 2.0, 0.0], f"offset {k} = {(dx, dy, dz)}"
         if k != 13:  # the reverse direction goes through the mirrored slice, not k
             assert out[1].tolist() == [0.0, 0.0, 0.0]
 
 
-@pytest.mark.parametrize("algo", ["gather", "per_offset"])
-def test_random_two_batch_set_matches_brute_force(algo):
+def test_random_two_batch_set_matches_brute_force():
     g = torch.Generator().manual_seed(0)
     coords = _random_set(g, 2, 150, 7, offset=0)  # dense enough for many neighbours; b=0 and b=1 overlap in space
     perm = torch.cat([torch.randperm(150, generator=g), 150 + torch.randperm(150, generator=g)])
@@ -51,7 +49,7 @@ def test_random_two_batch_set_matches_brute_force(algo):
     feats = torch.randn(coords.shape[0], 5, generator=g)
     kernel = torch.randn(27, 5, 4, generator=g)
     bias = torch.randn(4, generator=g)
-    out = sparse_conv3d(SparseTensor(feats, coords), kernel, bias, algo=algo)
+    out = sparse_conv3d(SparseTensor(feats, coords), kernel, bias)
     ref = sparse_conv3d_reference(feats, coords, kernel, bias)
     torch.testing.assert_close(out.double(), ref, atol=1e-4, rtol=1e-4)
 
@@ -98,15 +96,14 @@ def test_subdivide_order():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("algo", ["gather", "per_offset"])
-def test_cuda_fp16_matches_fp64_reference(algo):
+def test_cuda_fp16_matches_fp64_reference():
     # fp16 inputs/weights, fp32-accumulating GEMMs: error ~ fp16 rounding of the output (|out| ~ 1)
     g = torch.Generator().manual_seed(5)
     coords = _random_set(g, 2, 400, 9)
     feats = torch.randn(coords.shape[0], 32, generator=g).half()
     kernel = (torch.randn(27, 32, 16, generator=g) / 30).half()
     ref = sparse_conv3d_reference(feats, coords, kernel)
-    out = sparse_conv3d(SparseTensor(feats.cuda(), coords.cuda()), kernel.cuda(), algo=algo)
+    out = sparse_conv3d(SparseTensor(feats.cuda(), coords.cuda()), kernel.cuda())
     assert out.dtype == torch.float16
     torch.testing.assert_close(out.double().cpu(), ref, atol=5e-3, rtol=5e-3)
 

@@ -8,12 +8,11 @@ the object spans ~2 m.
 Files are written by `s2core.files.write_atomic`: a complete temp file in the destination folder takes
 the final name by an exclusive hard link (never over an existing file, one winner among racing writers)
 or, when overwriting is asked for, by `os.replace`; a crash never leaves half a file or loses the old one.
-`next_output_path` picks `prefix_00001_.glb`-style names like ComfyUI's savers and refuses prefixes that
-would escape the output folder or make a file name longer than file systems allow.
+`check_filename_prefix` refuses a save node's prefix that would escape the output folder or make a file name
+longer than file systems allow (ComfyUI's own helper then picks the `prefix_00001_.glb`-style name).
 """
 from __future__ import annotations
 
-import logging
 import os
 import re
 from pathlib import Path
@@ -25,8 +24,6 @@ from ..files import NAME_MAX, write_atomic
 from .frame import ORIGINAL_TO_GLTF as ORIGINAL_TO_YUP
 from .frame import to_gltf
 from .voxelize import check_mesh
-
-log = logging.getLogger(__name__)
 
 FORMATS = ("glb", "obj", "ply", "stl")
 _DRIVE = re.compile(r"^[A-Za-z]:")
@@ -115,39 +112,3 @@ def check_filename_prefix(filename_prefix: str) -> list[str]:
             raise ValueError(f"filename_prefix part {part[:30]!r}... is {len(part.encode('utf-8'))} bytes long; "
                              f"file names can have at most {NAME_MAX} bytes, so shorten it to {limit} or fewer.")
     return parts
-
-
-def next_output_path(output_dir: str | os.PathLike, filename_prefix: str, fmt: str = "glb") -> Path:
-    """`output_dir/<sub>/<name>_<counter:05>_.<fmt>` with counter = 1 + the highest one already used.
-
-    filename_prefix may contain subfolders ("mesh/ComfyUI") but must stay inside output_dir: absolute
-    paths, drive letters and `..` are refused with a ValueError.
-    """
-    fmt = fmt.lower().lstrip(".")
-    if fmt not in FORMATS:
-        raise ValueError(f"Unknown mesh format {fmt!r}; choose one of {', '.join(FORMATS)}.")
-    parts = check_filename_prefix(filename_prefix)
-    root = Path(output_dir).resolve()
-    folder = root.joinpath(*parts[:-1])
-    if not folder.resolve().is_relative_to(root):  # e.g. through a symlink
-        raise ValueError(f"filename_prefix {filename_prefix!r} leads outside the output folder {root}.")
-    name = parts[-1]
-    pattern = re.compile(re.escape(name) + r"_(\d{5,})_\.")
-    used = [int(m.group(1)) for p in (folder.iterdir() if folder.is_dir() else []) if (m := pattern.match(p.name))]
-    return folder / f"{name}_{max(used, default=0) + 1:05d}_.{fmt}"
-
-
-def export_mesh(vertices, faces, output_dir: str | os.PathLike, filename_prefix: str = "mesh/D3DS2",
-                fmt: str = "glb", normals=None, extras: dict | None = None, colors=None) -> Path:
-    """Save under the next free counter name in output_dir (retrying if another writer wins the name)."""
-    data = mesh_bytes(vertices, faces, fmt, normals, extras, colors)
-    for _ in range(100):
-        path = next_output_path(output_dir, filename_prefix, fmt)
-        try:
-            out = write_atomic(data, path)
-            log.info("Saved mesh to %s", out)
-            return out
-        except FileExistsError:
-            continue
-    raise RuntimeError(f"Could not find a free file name for {filename_prefix!r} in {output_dir}; "
-                       "clean the folder or change the prefix.")

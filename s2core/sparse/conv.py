@@ -19,14 +19,11 @@ keeps the parent's map, and each conv derives the rows of the children's map it 
 (all 8 children of a parent exist), block by block; the decoder's last level (13.9 M voxels at 512) thus
 never holds a [N, 27] map (1.5 GB).
 
-Compute ("gather" algo, the default): gather the 27 neighbour rows of a block of outputs into
-[rows, 27*Cin] (a zero row stands for inactive neighbours) and do one GEMM with W viewed as
-[27*Cin, Cout]: one fp32-accumulated reduction over all taps with a single rounding, as torchsparse's
-implicit GEMM does. Output blocks bound the gathered buffer's memory. The "per_offset" algo instead
-runs one GEMM per tap over only the active pairs and scatter-adds them (less work on thin surfaces,
-but 27 roundings in half precision); `bench/bench_sparse_conv.py` compares them. Its scatter-add uses
-CUDA atomics, so it is not bitwise repeatable on a GPU; with `torch.use_deterministic_algorithms(True)`
-(ComfyUI's --deterministic) "per_offset" runs as "gather", which has no atomics.
+Compute: gather the 27 neighbour rows of a block of outputs into [rows, 27*Cin] (a zero row stands for
+inactive neighbours) and do one GEMM with W viewed as [27*Cin, Cout]: one fp32-accumulated reduction over all
+taps with a single rounding, as torchsparse's implicit GEMM does. Output blocks bound the gathered buffer's
+memory. No atomics, so it is bitwise repeatable. (One GEMM per tap plus a scatter-add was slower at every
+size measured and not repeatable on a GPU: bench/results/sparse_conv.md.)
 """
 from __future__ import annotations
 
@@ -98,24 +95,7 @@ def kernel_map_rows(x: SparseTensor):
     return lambda s, e: subdivided_kernel_map(parent[s // 8:(e + 7) // 8], parent.shape[0])
 
 
-def _per_offset_pairs(x: SparseTensor, nbr: torch.Tensor) -> list:
-    """[(k, in_rows, out_rows)] for taps with active pairs; one host sync per coordinate set (memoised)."""
-    pairs = x.cache.get("kernel_pairs_3")
-    if pairs is None:
-        n = nbr.shape[0]
-        pairs = []
-        active = nbr < n
-        counts = active.sum(0).tolist()
-        for k in range(27):
-            if counts[k]:
-                out_rows = torch.nonzero(active[:, k]).squeeze(1)
-                pairs.append((k, nbr[out_rows, k].long(), out_rows))
-        x.cache["kernel_pairs_3"] = pairs
-    return pairs
-
-
-def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | None = None,
-                  algo: str = "gather") -> torch.Tensor:
+def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """Submanifold conv of x.feats [N, Cin] with kernel [27, Cin, Cout] (or [Cin, Cout]) -> [N, Cout]."""
     feats = x.feats
     if kernel.ndim == 2:  # 1x1x1: a plain matmul
@@ -124,25 +104,13 @@ def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | No
         assert kernel.shape[0] == 27, f"only 3x3x3 kernels are supported, got {tuple(kernel.shape)}"
         n, cin = feats.shape
         cout = kernel.shape[2]
-        if algo == "per_offset" and torch.are_deterministic_algorithms_enabled():
-            # per_offset accumulates with index_add_ (CUDA atomics: run-to-run bit noise); gather has no
-            # atomics, so under torch.use_deterministic_algorithms (ComfyUI --deterministic) it is the choice
-            algo = "gather"
-        if algo == "gather":
-            w = kernel.reshape(27 * cin, cout)
-            padded = torch.cat([feats, feats.new_zeros(1, cin)], 0)  # row N = inactive neighbour
-            out = feats.new_empty(n, cout)
-            step = max(8, _MAX_GATHER // (27 * cin) // 8 * 8)  # a multiple of 8: whole families of children
-            rows = kernel_map_rows(x)
-            for s in range(0, n, step):  # blocks of rows bound the [rows, 27*Cin] buffer
-                out[s:s + step] = padded[rows(s, min(s + step, n)).long()].reshape(-1, 27 * cin) @ w
-        elif algo == "per_offset":
-            out = feats @ kernel[13]  # centre tap: every voxel is its own neighbour
-            for k, rows_in, rows_out in _per_offset_pairs(x, kernel_map(x)):
-                if k != 13:
-                    out.index_add_(0, rows_out, feats[rows_in] @ kernel[k])
-        else:
-            raise ValueError(f"unknown sparse conv algo {algo!r}; use 'gather' or 'per_offset'")
+        w = kernel.reshape(27 * cin, cout)
+        padded = torch.cat([feats, feats.new_zeros(1, cin)], 0)  # row N = inactive neighbour
+        out = feats.new_empty(n, cout)
+        step = max(8, _MAX_GATHER // (27 * cin) // 8 * 8)  # a multiple of 8: whole families of children
+        rows = kernel_map_rows(x)
+        for s in range(0, n, step):  # blocks of rows bound the [rows, 27*Cin] buffer
+            out[s:s + step] = padded[rows(s, min(s + step, n)).long()].reshape(-1, 27 * cin) @ w
     if bias is not None:
         out = out + bias
     return out
@@ -179,14 +147,12 @@ class TorchsparseConv3d(nn.Module):
 class SparseConv3d(nn.Module):
     """Stride-1 submanifold conv; checkpoint keys `<prefix>.conv.kernel`, `<prefix>.conv.bias`."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True,
-                 algo: str = "gather"):
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, bias: bool = True):
         super().__init__()
         self.conv = TorchsparseConv3d(in_channels, out_channels, kernel_size, bias)  # name = checkpoint's
-        self.algo = algo
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.replace(sparse_conv3d(x, self.conv.kernel, self.conv.bias, self.algo))
+        return x.replace(sparse_conv3d(x, self.conv.kernel, self.conv.bias))
 
 
 # ------------------------------------------------------------------------------------------------
