@@ -5,7 +5,7 @@ with the released config (config.json next to its direct3d_s2 package, i.e. test
 into .scratch: fp16 networks, fp32 DINOv2 x2, every model resident on the device as the original keeps them), the official step counts and guidance (dense 50, 512: 30, 1024: 15,
 CFG 7) and deterministic random weights: `s2core.testing.deterministic_tensor` under the original modules' own
 parameter names with the seeds bench/e2e.py gives our networks (seed*100 + the part's index in
-s2core.pipeline.PARTS), so both pipelines hold identical values. The 1024 sign refiner's conv_out is pinned to
+s2core.loading.PARTS), so both pipelines hold identical values. The 1024 sign refiner's conv_out is pinned to
 "outside" exactly as bench/e2e.py pins ours (weight * 0.01, bias 1), so both mesh a surface of the same size.
 
 What runs is the original's own code: `Direct3DS2Pipeline.prepare_image`, `inference()` (its encode, its DiT
@@ -58,7 +58,7 @@ STEPS = {"dense": 50, "sparse512": 30, "sparse1024": 15}
 GUIDANCE = 7.0
 SMOKE_TOKENS = 96  # --cpu-smoke: sparse structures cropped to this many rows (whole 8³ blocks first)
 MC_THRESHOLD = 0.2  # the original __call__'s default; its dense stage uses 0.1
-# bench/e2e.py seeds our networks with seed * 100 + index in s2core.pipeline.PARTS; same here, same names
+# bench/e2e.py seeds our networks with seed * 100 + index in s2core.loading.PARTS; same here, same names
 PART_INDEX = {"dense_image_encoder": 0, "sparse_image_encoder": 0, "dense_vae": 1, "dense_dit": 2,
               "sparse_vae_512": 3, "sparse_dit_512": 4, "refiner": 5, "sparse_vae_1024": 6, "sparse_dit_1024": 7,
               "refiner_1024": 8}

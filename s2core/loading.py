@@ -64,18 +64,13 @@ class SparseStage:
     scheduler: Callable[[ReleaseConfig], SchedulerConfig]
     steps: int  # the original's sampling steps
     refine_level: float  # the refiner meshes at this multiple of the threshold (SPEC.md §11)
-    decode_bytes: tuple[float, float]  # decode + refiner activations: (bytes per sample, bytes per token)
+    decoding: str  # its decode in messages and in ACTIVATION_BYTES
 
 
-# What a stage needs on the GPU beyond its weights, in bytes: peaks measured on an H100 at the official sizes
-# (bench/results/e2e.md: fp16, the default placement) minus the stage's weights, plus 25% headroom. The
-# sparse DiTs need ~23 KiB a token at both resolutions; a refiner holds one UNet cube (192³ / 256³) per sample;
-# the decoded voxels add what the decode emits per token (512 decodes unchunked, with 32 feature channels).
-_GiB, _KiB = 2**30, 2**10
 SPARSE_512 = SparseStage("sparse_512", 512, "sparse_dit_512", "sparse_vae_512", "refiner_512",
-                         lambda c: c.sparse_scheduler_512, SPARSE_512_STEPS, 2.0, (2.2 * _GiB, 56 * _KiB))
+                         lambda c: c.sparse_scheduler_512, SPARSE_512_STEPS, 2.0, "sparse 512 decoding")
 SPARSE_1024 = SparseStage("sparse_1024", 1024, "sparse_dit_1024", "sparse_vae_1024", "refiner_1024",
-                          lambda c: c.sparse_scheduler_1024, SPARSE_1024_STEPS, 1.0, (4.3 * _GiB, 8 * _KiB))
+                          lambda c: c.sparse_scheduler_1024, SPARSE_1024_STEPS, 1.0, "sparse 1024 decoding")
 STAGE_PARTS: dict[str, tuple[str, ...]] = {
     "dense": ("image_encoder", "dense_vae", "dense_dit"),
     **{s.name: ("image_encoder", s.vae, s.dit, s.refiner) for s in (SPARSE_512, SPARSE_1024)},
@@ -90,13 +85,18 @@ def sparse_stage(resolution: int) -> SparseStage:
     return SPARSE_512 if resolution == 512 else SPARSE_1024
 
 
-ACTIVATION_BYTES = {  # stage: (bytes per sample, bytes per sparse token); see SPARSE_512 for how they were measured
+# What a stage needs on the GPU beyond its weights, in bytes: peaks measured on an H100 at the official sizes
+# (bench/results/e2e.md: fp16, the default placement) minus the stage's weights, plus 25% headroom. The
+# sparse DiTs need ~23 KiB a token at both resolutions; a refiner holds one UNet cube (192³ / 256³) per sample;
+# the decoded voxels add what the decode emits per token (512 decodes unchunked, with 32 feature channels).
+_GiB, _KiB = 2**30, 2**10
+ACTIVATION_BYTES = {  # stage: (bytes per sample, bytes per sparse token)
     "image encoding": (0.1 * _GiB, 0),
     "dense sampling": (0.25 * _GiB, 0),
     "dense decoding": (0.5 * _GiB, 0),
     "sparse sampling": (0, 24 * _KiB),
-    "sparse 512 decoding": SPARSE_512.decode_bytes,  # the refiner cube per sample, decoded voxels per token
-    "sparse 1024 decoding": SPARSE_1024.decode_bytes,
+    SPARSE_512.decoding: (2.2 * _GiB, 56 * _KiB),  # the refiner cube per sample, decoded voxels per token
+    SPARSE_1024.decoding: (4.3 * _GiB, 8 * _KiB),
 }
 
 

@@ -175,8 +175,8 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
     vae = models.part(stage.vae)
     hint = "turn the refiner off or stop at 512"
     poll(should_stop)
-    need = activation_bytes(f"sparse {res} decoding", latent.structure.batch_size, latent.structure.num_tokens)
-    with stage_guard(f"sparse {res} decoding", hint), models.placement.use([vae], need) as dev:
+    need = activation_bytes(stage.decoding, latent.structure.batch_size, latent.structure.num_tokens)
+    with stage_guard(stage.decoding, hint), models.placement.use([vae], need) as dev:
         x = latent.structure.to(dev).sparse(latent.feats.to(dev, torch.float16 if vae.cfg.use_fp16 else torch.float32))
         out = vae.decode(x, return_feat=refine, check_cancel=lambda: poll(should_stop))
     sdf, feat = out if isinstance(out, tuple) else (out, None)

@@ -22,9 +22,7 @@ def latent(models):
 
 
 def test_decode_without_surface_names_the_stage(models, latent, monkeypatch):
-    import s2core.mesh.marching_cubes as mc
-
-    monkeypatch.setattr(mc, "meshes_from_sparse_sdf", lambda *a, **k: [EMPTY])
+    monkeypatch.setattr(P, "meshes_from_sparse_sdf", lambda *a, **k: [EMPTY])
     with pytest.raises(ValueError, match=r"^The mesh is empty because the 512 stage's field has no surface at level "
                                          r"0\.3; try another seed or threshold\.$"):
         P.decode_sparse(models, latent, refine=False, threshold=0.3)

@@ -155,12 +155,12 @@ def test_ctrl_c_during_sampling_in_the_cli_exits_130_and_writes_nothing(tmp_path
     """Ctrl-C (KeyboardInterrupt) arriving inside a sampling step: exit code 130, one line, no file at all."""
     from PIL import Image
 
-    from s2core import cli, flow_sampler
+    from s2core import cli
 
     Image.fromarray((picture()[0][0] * 255).byte().numpy()).save(tmp_path / "in.png")
     m = (picture()[1][0] * 255).byte().numpy()
     Image.fromarray(m).save(tmp_path / "mask.png")
-    real, steps = flow_sampler.sample_flow, []
+    real, steps = P.sample_flow, []
 
     def interrupted_at_step_2(*a, callback=None, **k):
         def cb(i, n):
@@ -169,7 +169,7 @@ def test_ctrl_c_during_sampling_in_the_cli_exits_130_and_writes_nothing(tmp_path
                 raise KeyboardInterrupt
         return real(*a, callback=cb, **k)
 
-    monkeypatch.setattr(flow_sampler, "sample_flow", interrupted_at_step_2)
+    monkeypatch.setattr(P, "sample_flow", interrupted_at_step_2)  # the sampler the stages call
     out = tmp_path / "o" / "x.glb"
     rc = cli.main([str(tmp_path / "in.png"), "--mask", str(tmp_path / "mask.png"), "--demo", "-q", "-o", str(out),
                    "--steps", "4,2,2"])

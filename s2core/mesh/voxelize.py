@@ -118,24 +118,13 @@ def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 
     # Level 2 (`kernels/voxelize.mark_cells`): for each pair whose cell is unmarked, the box's lattice points
     # inside that cell (at most factor³) get a distance; the cell is marked when one is under the limit.
     # A point can only mark its own cell, so points in marked cells never need a distance.
-    kern = _kernel
     clo, chi = lo // factor, hi // factor
-    for t, cell in kern.box_windows(clo, chi - clo + 1, max_candidates):  # [n] triangle ids, [n, 3] cells
+    for t, cell in _kernel.box_windows(clo, chi - clo + 1, max_candidates):  # [n] triangle ids, [n, 3] cells
         if check_cancel is not None:
             check_cancel()
-        kern.mark_cells(occupied, tris, coord, lo, hi, t, cell, factor, limit, max_points=max_candidates,
+        _kernel.mark_cells(occupied, tris, coord, lo, hi, t, cell, factor, limit, max_points=max_candidates,
                         backend=backend, check_cancel=check_cancel)
     cells = occupied.nonzero()  # lexicographic, as torch.unique orders the original's rows
     return torch.cat([torch.zeros_like(cells[:, :1]), cells], 1).int()
-
-
-def candidate_count(vertices, faces, resolution: int = 1024) -> int:
-    """How many lattice points `mesh_to_latent_index` would examine before skipping (for benchmarks)."""
-    verts = normalize_vertices(_as_tensor(vertices, torch.float64, torch.device("cpu"))).float() * 0.5
-    tris = verts[_as_tensor(faces, torch.int64, torch.device("cpu"))]
-    D = resolution
-    lo = (torch.floor((tris.min(1).values.double() + 0.5) * (D - 1)).long() - GROW).clamp(0, D - 1)
-    hi = (torch.floor((tris.max(1).values.double() + 0.5) * (D - 1)).long() + GROW).clamp(0, D - 1)
-    return int((hi - lo + 1).prod(1).sum())
 
 
