@@ -14,9 +14,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
 from ..hooks import Callback, ShouldStop
+from ..image import preprocess_image
 from ..results import Mesh
 from .camera import Camera, find_camera
 from .paint import fill_colours, mirror_seeds, project_colours
@@ -52,8 +51,6 @@ def colour_mesh(mesh, image, mask=None, *, invert_mask: bool = False, symmetry: 
     and one picture (used for every item) or B pictures. `image`/`mask` take every form `preprocess_image`
     takes; errors (empty mask, no mask, empty mesh, batch mismatch) are one ValueError sentence.
     `callback(done, total)` counts search rounds and the projection/fill of every item."""
-    from ..image import preprocess_image
-
     if mesh.batch_size == 0 or sum(mesh.face_counts) == 0:
         raise ValueError("The mesh is empty (no faces), so there is nothing to colour; connect a decoded mesh.")
     frames = preprocess_image(image, mask, invert_mask=invert_mask, size=frame)  # [N, 4, S, S]

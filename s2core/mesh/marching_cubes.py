@@ -41,7 +41,8 @@ import logging
 import numpy as np
 import torch
 
-from .mc_tables import CENTRE, CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, loop_table, max_centres, triangle_table
+from ..sparse.tensor import SparseTensor
+from .mc_tables import CENTRE, CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, loop_table, triangle_table
 
 log = logging.getLogger(__name__)
 
@@ -281,8 +282,6 @@ def sparse_sdf_to_mesh(coords, sdf, resolution=None, threshold=None):
       any batch size) -> list of (vertices, faces), one per batch element (what pipeline.decode_sparse calls).
     Everything stays on the input's device. An empty result logs a warning (no voxel below the threshold).
     """
-    from ..sparse import SparseTensor
-
     if isinstance(coords, SparseTensor):
         return meshes_from_sparse_sdf(coords, sdf, resolution)
     if coords.shape[1] == 4:
