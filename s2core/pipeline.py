@@ -759,6 +759,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
     if refine:
         refiner = models.part(f"refiner_{key}")
         remove_interior = _function("refiner", "remove_interior")
+        grid = _function("refiner", "cube_grid")(refiner.cfg, sdf_res)  # RefinerConfig.patch_size over this grid
         iso = 2 * threshold if res == 512 else threshold
 
         def progress(i, n):
@@ -768,7 +769,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
 
         with stage_guard(f"{res} refinement", hint), models.placement.use([refiner], need) as dev:
             sdf, feat = sdf.to(dev), None if feat is None else feat.to(dev)
-            field_ = remove_interior(refiner, sdf, feat, iso, progress=progress, grid=_cube_grid(res, sdf_res),
+            field_ = remove_interior(refiner, sdf, feat, iso, progress=progress, grid=grid,
                                      consume=True)
             items = _function("refiner", "mesh_refined_field")(field_, check_cancel=lambda: _poll(should_stop))
     else:
@@ -791,17 +792,6 @@ def _check_surfaces(items: list[tuple[torch.Tensor, torch.Tensor]], why: str, fi
     if empty:
         which = f"Mesh {empty[0]}" if len(items) > 1 else "The mesh"
         raise ValueError(f"{which} is empty because {why}; {fix}.")
-
-
-def _cube_grid(res: int, sdf_res: int):
-    """The refiner's cube tiling, scaled down when the SDF grid is smaller than the official one (tiny-random)."""
-    refiner = importlib.import_module(f"{__package__}.refiner")
-    g = refiner.GRID_512 if res == 512 else refiner.GRID_1024_SIGN
-    official = 512 if res == 512 else 1024
-    if sdf_res == official:
-        return g
-    return refiner.CubeGrid(g.resolution * sdf_res // official, g.patch * sdf_res // official,
-                            g.stride * sdf_res // official)
 
 
 def mesh_to_structure(models: Models, mesh: Mesh, should_stop: ShouldStop | None = None) -> Structure:
