@@ -16,10 +16,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import RefinerConfig
+from ..layers import cast_layers
 from ..sparse.tensor import SparseTensor
 from .cubes import CubeGrid, Progress, check_sparse, cube_grid, densify, in_cube, take
 from .refined_field import CrossingCollector, RefinedField
-from .unet import OFFICIAL_CHANNELS, UNet3D, half_convs
+from .unet import FP16_LAYERS, OFFICIAL_CHANNELS, UNet3D
 
 
 class LatentMLP(nn.Module):
@@ -76,7 +77,7 @@ class VoxelRefiner(nn.Module):
         self.mid_conv = nn.Conv3d(c0, c0, 3, padding=1)
         self.conv_out = nn.Conv3d(c0, cfg.out_channels, 3, padding=1)
         if cfg.use_fp16:
-            half_convs(self)
+            cast_layers(self, torch.float16, FP16_LAYERS)
 
     @property
     def dtype(self) -> torch.dtype:

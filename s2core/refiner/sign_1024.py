@@ -14,10 +14,11 @@ import torch
 import torch.nn as nn
 
 from ..config import RefinerConfig
+from ..layers import cast_layers
 from ..sparse.tensor import SparseTensor
 from .cubes import CubeGrid, Progress, check_sparse, cube_grid, densify, in_cube, take
 from .refined_field import CrossingCollector, RefinedField
-from .unet import OFFICIAL_CHANNELS, UNet3D, half_convs
+from .unet import FP16_LAYERS, OFFICIAL_CHANNELS, UNet3D
 
 
 class VoxelRefinerSign(nn.Module):
@@ -33,7 +34,7 @@ class VoxelRefinerSign(nn.Module):
         self.conv_in = nn.Conv3d(cfg.in_channels, c0, 3, padding=1)
         self.conv_out = nn.Conv3d(c0, cfg.out_channels, 3, padding=1)
         if cfg.use_fp16:
-            half_convs(self)
+            cast_layers(self, torch.float16, FP16_LAYERS)
 
     @property
     def dtype(self) -> torch.dtype:

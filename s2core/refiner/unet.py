@@ -16,6 +16,8 @@ from .._kernels import kernel_module
 _gn = kernel_module("group_norm")
 
 OFFICIAL_CHANNELS = (8, 32, 128, 512)
+# the release's use_fp16 casts these to fp16; the GroupNorm parameters stay fp32, as in the original
+FP16_LAYERS = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -140,10 +142,3 @@ class UNet3D(nn.Module):
             if block.upsamplers is not None:
                 x = block.upsamplers[0](x)
         return _norm_silu(self.conv_norm_out, x, inplace=True)
-
-
-def half_convs(module: nn.Module) -> None:
-    """The release's use_fp16: convs and linears in fp16, GroupNorm parameters stay fp32 (as the original)."""
-    for m in module.modules():
-        if isinstance(m, (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)):
-            m.half()
