@@ -4,34 +4,22 @@ Decoding a sparse SDF and filling the rest of the grid with +1 leaves a second, 
 negative band meets the fill (SPARSE.md §4.6). The refiners replace that fill with a proper
 inside/outside field before marching cubes:
 
-* `VoxelRefiner` (config key `refiner`, 512³): per cube, `tanh` of a UNet over the SDF and the
-  decoder's 32-channel features, with three "adaptive" per-voxel 3×3×3 filters (§8.2). The 27 cube
-  outputs are cross-faded along z, then y, then x into the refined field, meshed at 2 × mc_threshold.
-* `VoxelRefinerSign` (config key `refiner_1024`): per cube of the 2×-downsampled SDF, a hard
-  inside/outside sign; later cubes overwrite earlier ones. The 1024³ field is `|sdf| · sign` with the
-  decoded values restored at the decoded voxels (§8.3), meshed at mc_threshold.
+* `VoxelRefiner` (config key `refiner`, 512³, `remesh_512.py`): per cube, `tanh` of a UNet over the SDF
+  and the decoder's features; the cubes are cross-faded into the refined field, meshed at 2 × mc_threshold.
+* `VoxelRefinerSign` (config key `refiner_1024`, `sign_1024.py`): per cube of the 2×-downsampled SDF, a
+  hard inside/outside sign; the 1024³ field is `|sdf| · sign` with the decoded values restored, meshed
+  at mc_threshold.
 
 The original builds the whole grids densely (a 32-channel fp16 512³ feature grid, ~8.6 GB; fp16 1024³
 grids; a 4 GiB fp32 grid for CPU marching cubes). Here `remove_interior_512` / `remove_interior_1024`
-densify one cube at a time from the sparse voxels and never hold a whole 512³/1024³ tensor: the
-512 path keeps one row of 9 cube outputs (the original keeps all 27) and streams x-slabs of the blended
-field; the 1024 path keeps the sign bits of one row of cubes (1 bit per voxel, at most 8 MiB) and
-streams the 1024 x-slabs those rows settle before computing the next row. From each slab only the
-corners of marching-cubes cells whose corners straddle the level are kept (`RefinedField`), which is
-all a marching cubes pass needs; `mesh_refined_field` meshes it with `mesh.marching_cubes`'s tables.
-Cubes with no decoded voxel in them are computed once and reused: their inputs are bitwise equal, so
-are their outputs.
-
-Where: `unet.py` the UNet both share; `remesh_512.py` and `sign_1024.py` the two refiners and their
-streaming runs; `cubes.py` the cube tiling (read from `RefinerConfig.patch_size`) and the per-cube glue;
-`refined_field.py` the kept corners and their marching cubes.
+densify one cube at a time from the sparse voxels (`cubes.py`, tiling from `RefinerConfig.patch_size`),
+never hold a whole 512³/1024³ tensor, and stream x-slabs of the field; from each slab only the corners of
+marching-cubes cells that straddle the level are kept (`refined_field.py`), which is all marching cubes
+needs. Cubes with no decoded voxel in them are computed once and reused: their inputs are bitwise equal,
+so are their outputs. Both refiners share the UNet of `unet.py`.
 
 Use: `field = remove_interior(model, sdf, feats, level, progress, grid=cube_grid(model.cfg, sdf_res))` then
 `[(vertices, faces), ...] = mesh_refined_field(field)` (one mesh per batch element, original frame).
-
-Letters: B batch, P cube edge, S cube stride, O = P - S overlap, R grid edge (R = 2·S + P),
-N decoded voxels, M kept voxels. Attribute names are the checkpoint's (`unet3d1`, `latent_mlp.net`,
-`adaptive_conv1.0`), odd as some are.
 """
 from __future__ import annotations
 
@@ -52,6 +40,7 @@ __all__ = ["CubeGrid", "OFFICIAL_CHANNELS", "RefinedField", "UNet3D", "VoxelRefi
 
 
 def build_refiner(cfg: RefinerConfig, block_out_channels: tuple[int, ...] = OFFICIAL_CHANNELS) -> nn.Module:
+    """The refiner a config describes: `VoxelRefinerSign` when `cfg.sign`, else `VoxelRefiner`."""
     return (VoxelRefinerSign if cfg.sign else VoxelRefiner)(cfg, block_out_channels)
 
 

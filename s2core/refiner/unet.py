@@ -20,9 +20,6 @@ OFFICIAL_CHANNELS = (8, 32, 128, 512)
 FP16_LAYERS = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
 
 
-# ---------------------------------------------------------------------------------------------
-# The UNet (diffusers-style UNet3DModel without conv_out, §8.1)
-
 def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
     """silu(norm(x)): the norm in fp32 (fp64 for fp64 test models) cast back to x's dtype, as the original's
     fp32 norms do; inplace overwrites x. On CUDA in fp16 one Triton kernel (PyTorch's GroupNorm gives each of
