@@ -326,6 +326,18 @@ def test_remove_interior_errors():
         CubeGrid(40, 16, 10)
 
 
+def test_cube_grid_is_read_from_the_config():
+    """The tiling comes from RefinerConfig.patch_size: the original's hard-coded 512/192/160 and 512/256/128
+    at the release's sizes, a quarter of them for tiny-random's quarter-size SDF grids (128³ and 256³)."""
+    from s2core.config import ReleaseConfig, tiny_release
+
+    release, tiny = ReleaseConfig(), tiny_release()
+    assert cube_grid(release.refiner, 512) == CubeGrid(512, 192, 160)
+    assert cube_grid(release.refiner_1024, 1024) == CubeGrid(512, 256, 128)
+    assert cube_grid(tiny.refiner, 128) == CubeGrid(128, 48, 40)
+    assert cube_grid(tiny.refiner_1024, 256) == CubeGrid(128, 64, 32)
+
+
 def test_noise_field_is_refused_with_one_sentence(monkeypatch):
     """A field that crosses the level at more voxels than a surface can (noise from untrained or
     mismatched refiner weights) stops with a readable ValueError, before any large allocation."""
