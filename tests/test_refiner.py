@@ -336,6 +336,8 @@ def test_cube_grid_is_read_from_the_config():
     assert cube_grid(release.refiner_1024, 1024) == CubeGrid(512, 256, 128)
     assert cube_grid(tiny.refiner, 128) == CubeGrid(128, 48, 40)
     assert cube_grid(tiny.refiner_1024, 256) == CubeGrid(128, 64, 32)
+    with pytest.raises(ValueError, match="patch_size 100 does not tile its 512³ grid"):
+        cube_grid(RefinerConfig(patch_size=100), 512)
 
 
 def test_noise_field_is_refused_with_one_sentence(monkeypatch):

@@ -52,8 +52,12 @@ def cube_grid(cfg: RefinerConfig, sdf_resolution: int) -> CubeGrid:
     The original hard-codes its stride and grid; at the official sizes this gives the same 512/192/160
     (refiner) and 512/256/128 (sign refiner) tilings.
     """
-    R = sdf_resolution // 2 if cfg.sign else sdf_resolution
-    return CubeGrid(R, cfg.patch_size, (R - cfg.patch_size) // 2)
+    R, P = (sdf_resolution // 2 if cfg.sign else sdf_resolution), cfg.patch_size
+    S, odd = divmod(R - P, 2)
+    if odd or not S < P <= 2 * S:
+        raise ValueError(f"The refiner's patch_size {P} does not tile its {R}³ grid with 3 overlapping cubes per "
+                         f"axis; choose a patch_size P with {R} - P even and {R}/3 < P <= {R}/2 (the release: 192, 256).")
+    return CubeGrid(R, P, S)
 
 
 def in_cube(coords: torch.Tensor, origin: tuple[int, int, int], patch: int) -> torch.Tensor:
