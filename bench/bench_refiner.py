@@ -22,8 +22,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s2core.config import RefinerConfig  # noqa: E402
-from s2core.refiner import (GRID_512, GRID_1024_SIGN, CubeGrid, VoxelRefiner, VoxelRefinerSign,  # noqa: E402
+from s2core.config import ReleaseConfig, RefinerConfig  # noqa: E402
+from s2core.refiner import (CubeGrid, VoxelRefiner, VoxelRefinerSign, cube_grid,  # noqa: E402
                             mesh_refined_field, remove_interior_512, remove_interior_1024)
 from s2core.sparse.tensor import SparseTensor  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
@@ -135,7 +135,9 @@ def main():
     if args.tiny:
         widths, g512, g1024, fp16 = (4, 8, 8, 8), CubeGrid(40, 16, 12), CubeGrid(32, 16, 8), False
     else:
-        widths, g512, g1024, fp16 = (8, 32, 128, 512), GRID_512, GRID_1024_SIGN, True
+        release = ReleaseConfig()
+        widths, fp16 = (8, 32, 128, 512), True
+        g512, g1024 = cube_grid(release.refiner, 512), cube_grid(release.refiner_1024, 1024)
     dtype = torch.float16 if fp16 else torch.float32
     rows = []
     if args.only in (None, "512"):

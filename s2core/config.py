@@ -129,7 +129,7 @@ class RefinerConfig:
     out_channels: int = 1
     layers_per_block: int = 2
     layers_mid_block: int = 2
-    patch_size: int = 192
+    patch_size: int = 192  # cube edge; the UNet runs on 3 overlapping cubes per axis (refiner.cube_grid)
     use_fp16: bool = True
     sign: bool = False  # True for `refiner_1024` (Voxel_RefinerXL_sign)
 
@@ -235,8 +235,9 @@ def tiny_release() -> ReleaseConfig:
         sparse_dit_1024=SparseDiTConfig(resolution=32, model_channels=64, cond_channels=64, num_blocks=2,
                                         num_heads=4, num_kv_heads=2, factor=0.5, use_fp16=False),
         sparse_image_encoder=enc,
-        # one-level refiner UNets without per-level resnets: 27 cubes of 48³ (512) are the CPU demo's cost
-        refiner=RefinerConfig(layers_per_block=0, layers_mid_block=0, use_fp16=False),
-        refiner_1024=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=256, sign=True,
+        # one-level refiner UNets without per-level resnets: 27 cubes of 48³ (512) are the CPU demo's cost;
+        # cubes a quarter of the official ones, as the SDF grids (128³, 256³) are a quarter of 512³ / 1024³
+        refiner=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=48, use_fp16=False),
+        refiner_1024=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=64, sign=True,
                                    use_fp16=False),
     )

@@ -22,13 +22,7 @@ import torch.nn.functional as F
 
 from .attention import CrossAttention, SelfAttention
 from .config import DenseDiTConfig
-
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm computed in fp32 and cast back to the input dtype (fp16 models keep fp32 norms)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+from .layers import FeedForward, LayerNorm32, absolute_position_embedding, cast_layers
 
 
 def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
@@ -47,18 +41,11 @@ def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10
 
 
 def absolute_position_table(grid: int, channels: int) -> torch.Tensor:
-    """The `pos_emb` buffer (SPEC.md §8.2): `[grid³, channels]` fp32, computed on the CPU.
-
-    Row r = (i, j, k) row-major holds `sin(i ω) ‖ cos(i ω) ‖ sin(j ω) ‖ cos(j ω) ‖ sin(k ω) ‖ cos(k ω)` with
-    ω_f = 10000^(−f/F), F = channels // 6, zero-padded to `channels`.
-    """
-    F_ = channels // 3 // 2
-    omega = 1.0 / (10000 ** (torch.arange(F_, dtype=torch.float32) / F_))
+    """The `pos_emb` buffer (SPEC.md §8.2): `[grid³, channels]` fp32, computed on the CPU: the position
+    embedding of the voxels (i, j, k) in row-major order."""
     idx = torch.arange(grid)
     coords = torch.stack(torch.meshgrid(idx, idx, idx, indexing="ij"), dim=-1).reshape(-1, 3)  # [L, 3] int64
-    phase = torch.outer(coords.reshape(-1), omega)                                            # [3L, F]
-    emb = torch.cat([torch.sin(phase), torch.cos(phase)], dim=-1).reshape(coords.shape[0], -1)  # [L, 6F]
-    return F.pad(emb, (0, channels - emb.shape[1]))
+    return absolute_position_embedding(coords, channels)
 
 
 def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -89,18 +76,6 @@ class TimestepEmbedder(nn.Module):
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         return self.mlp(timestep_frequencies(t, self.frequency_dim).to(self.mlp[0].weight.dtype))
-
-
-class FeedForward(nn.Module):
-    """Linear C→rC, GELU (tanh), Linear rC→C; keys `mlp.0`, `mlp.2` as in the checkpoint."""
-
-    def __init__(self, channels: int, mlp_ratio: float):
-        super().__init__()
-        hidden = int(channels * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, channels))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
 
 
 class ModulatedCrossBlock(nn.Module):
@@ -169,10 +144,7 @@ class DenseDiT(nn.Module):
         Call it again after `load_state_dict(..., assign=True)`, which adopts the checkpoint's dtypes.
         """
         self.dtype = dtype
-        self.float()
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                m.to(dtype)
+        cast_layers(self.float(), dtype, (nn.Linear,))
         return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:

@@ -20,15 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import DenseVAEConfig
-
-
-class ChannelLayerNorm32(nn.LayerNorm):
-    """LayerNorm over the channel axis of `[B, C, D, H, W]`, in fp32, cast back to the input dtype."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.permute(0, 2, 3, 4, 1).contiguous()                                # [B, D, H, W, C]
-        h = super().forward(h.float()).type(x.dtype)
-        return h.permute(0, 4, 1, 2, 3).contiguous()                             # [B, C, D, H, W]
+from .layers import ChannelLayerNorm32, cast_layers
 
 
 class ResBlock3d(nn.Module):
@@ -73,12 +65,6 @@ class Downsample3d(nn.Module):
 
 def _out_layer(channels: int, out_channels: int) -> nn.Sequential:
     return nn.Sequential(ChannelLayerNorm32(channels, eps=1e-5), nn.SiLU(), nn.Conv3d(channels, out_channels, 3, padding=1))
-
-
-def _cast_convs(module: nn.Module, dtype: torch.dtype) -> None:
-    for m in module.modules():
-        if isinstance(m, nn.Conv3d):
-            m.to(dtype)
 
 
 class DenseDecoder(nn.Module):
@@ -150,9 +136,8 @@ class DenseVAE(nn.Module):
         `load_state_dict(..., assign=True)`, which adopts the checkpoint's dtypes."""
         self.encoder.dtype = self.decoder.dtype = dtype
         self.float()
-        _cast_convs(self.decoder, dtype)
-        _cast_convs(self.encoder.blocks, dtype)
-        _cast_convs(self.encoder.middle_block, dtype)
+        for part in (self.decoder, self.encoder.blocks, self.encoder.middle_block):
+            cast_layers(part, dtype, (nn.Conv3d,))
         return self
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

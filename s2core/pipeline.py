@@ -185,6 +185,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
     sdf_res = latent.structure.grid * 8  # 512 / 1024 official
     if refine:
         net = models.part(stage.refiner)
+        grid = refiner.cube_grid(net.cfg, sdf_res)  # RefinerConfig.patch_size over this grid
 
         def progress(i, n):
             poll(should_stop)
@@ -194,7 +195,7 @@ def decode_sparse(models: Models, latent: SparseLatent, refine: bool = True, thr
         with stage_guard(f"{res} refinement", hint), models.placement.use([net], need) as dev:
             sdf, feat = sdf.to(dev), None if feat is None else feat.to(dev)
             field_ = refiner.remove_interior(net, sdf, feat, stage.refine_level * threshold, progress=progress,
-                                             grid=_cube_grid(res, sdf_res), consume=True)
+                                             grid=grid, consume=True)
             items = refiner.mesh_refined_field(field_, check_cancel=lambda: poll(should_stop))
     else:
         with stage_guard(f"{res} surface extraction", hint):
@@ -215,16 +216,6 @@ def _check_surfaces(items: list[tuple[torch.Tensor, torch.Tensor]], why: str, fi
     if empty:
         which = f"Mesh {empty[0]}" if len(items) > 1 else "The mesh"
         raise ValueError(f"{which} is empty because {why}; {fix}.")
-
-
-def _cube_grid(res: int, sdf_res: int):
-    """The refiner's cube tiling, scaled down when the SDF grid is smaller than the official one (tiny-random)."""
-    g = refiner.GRID_512 if res == 512 else refiner.GRID_1024_SIGN
-    official = 512 if res == 512 else 1024
-    if sdf_res == official:
-        return g
-    return refiner.CubeGrid(g.resolution * sdf_res // official, g.patch * sdf_res // official,
-                            g.stride * sdf_res // official)
 
 
 def mesh_to_structure(models: Models, mesh: Mesh, should_stop: ShouldStop | None = None) -> Structure:

@@ -22,21 +22,12 @@ import torch.nn.functional as F
 
 from ._kernels import layer_norm as _ln
 from .config import SparseDiTConfig
-from .dense_dit import FeedForward, LayerNorm32, TimestepEmbedder
+from .dense_dit import TimestepEmbedder
+from .layers import FeedForward, LayerNorm32, absolute_position_embedding, cast_layers
 from .sparse import SparseTensor
 from .sparse.attention import sparse_cross_attention, varlen_attention
 from .ssa import SparseConv, SpatialSparseAttention, SSAPlan
 
-
-
-def absolute_position_embedding(pos: torch.Tensor, channels: int) -> torch.Tensor:
-    """`pos [N, 3]` → `[N, channels]` fp32: per axis `[sin(p ω) ‖ cos(p ω)]`, ω_f = 10000^(−f/F), F = C // 6,
-    zero-padded at the end (SPARSE.md §3)."""
-    f = channels // 3 // 2
-    omega = 1.0 / (10000 ** (torch.arange(f, dtype=torch.float32, device=pos.device) / f))
-    phase = torch.outer(pos.reshape(-1).float(), omega)  # [3N, F]
-    emb = torch.cat([torch.sin(phase), torch.cos(phase)], -1).reshape(pos.shape[0], -1)  # [N, 6F]
-    return F.pad(emb, (0, channels - emb.shape[1]))
 
 
 class SparseCrossAttention(nn.Module):
@@ -129,9 +120,7 @@ class SparseDiT(nn.Module):
     def set_dtype(self, dtype: torch.dtype) -> "SparseDiT":
         """Cast Linears and sparse-conv weights to `dtype`; norms and `intra_block_pe` stay fp32 (`convert_to_fp16`)."""
         self.dtype = dtype
-        for m in self.modules():
-            if isinstance(m, (nn.Linear, SparseConv)):
-                m.to(dtype)
+        cast_layers(self, dtype, (nn.Linear, SparseConv))
         return self
 
     def plan(self, x: SparseTensor) -> SSAPlan:

@@ -20,31 +20,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .config import SparseVAEConfig
-from .sparse import (LayerNorm32, SparseConv3d, SparseGroupNorm32, SparseLinear, SparseSiLU, SparseTensor,
-                     sparse_downsample, sparse_subdivide, windowed_self_attention)
+from .layers import FeedForward, LayerNorm32, absolute_position_embedding, cast_layers
+from .sparse import (SparseConv3d, SparseGroupNorm32, SparseLinear, SparseSiLU, SparseTensor, sparse_downsample,
+                     sparse_subdivide, windowed_self_attention)
 
 WINDOW_SIZE = 8  # SparseSDFEncoder/Decoder constructor default ("swin" mode); not in config.json
 MLP_RATIO = 4
 UPSAMPLE_RATIO = 8  # three subdivisions
 CHUNK_PADDING = 4  # latent cells of context around each chunk (the original's split_for_meshing)
-
-
-def absolute_position_embedding(pos: torch.Tensor, channels: int) -> torch.Tensor:
-    """[N, 3] positions -> [N, channels] fp32: per axis [sin(p f_j), cos(p f_j)], f_j = 10000^(-j/F),
-    F = channels // 6, axes x, y, z in order, zero padded at the end (SPARSE.md §3)."""
-    n = pos.shape[0]
-    freq_dim = channels // 3 // 2
-    freqs = 1.0 / (10000 ** (torch.arange(freq_dim, dtype=torch.float32, device=pos.device) / freq_dim))
-    angles = torch.outer(pos.reshape(-1).float(), freqs)  # [3N, F]
-    emb = torch.cat([torch.sin(angles), torch.cos(angles)], -1).reshape(n, 6 * freq_dim)
-    return F.pad(emb, (0, channels - emb.shape[1]))
-
-
-def _to_half(module: nn.Module) -> None:
-    """The original's convert_to_fp16: Linear and conv weights to fp16, norms untouched."""
-    for m in module.modules():
-        if isinstance(m, (nn.Linear, SparseConv3d)):
-            m.half()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -62,17 +45,6 @@ class WindowedSelfAttention(nn.Module):
         qkv = self.to_qkv(x.feats).view(n, 3, self.num_heads, c // self.num_heads)  # [N, 3, H, D]
         h = windowed_self_attention(qkv, x.coords, self.window_size, self.shift, x.cache)  # [N, H, D]
         return self.to_out(h.reshape(n, c))
-
-
-class FeedForward(nn.Module):
-    def __init__(self, channels: int, mlp_ratio: float):
-        super().__init__()
-        hidden = int(channels * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(channels, hidden), nn.GELU(approximate="tanh"),
-                                 nn.Linear(hidden, channels))  # keys mlp.mlp.0 / mlp.mlp.2
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.mlp(x)
 
 
 class SparseTransformerBlock(nn.Module):
@@ -142,7 +114,7 @@ class SparseSDFDecoder(SparseTransformerTrunk):
                                        SparseSubdivideBlock3d(c // 8, c // 16)])
         self.out_layer = SparseLinear(c // 16, cfg.out_channels)
         if cfg.use_fp16:
-            _to_half(self)
+            cast_layers(self, torch.float16, (nn.Linear, SparseConv3d))  # convert_to_fp16: norms stay fp32
 
     def head(self, h: SparseTensor, out_dtype: torch.dtype) -> tuple[SparseTensor, SparseTensor]:
         """Upsampling stack + out_layer + tanh -> (sdf [N*512, 1], features [N*512, C/16])."""
@@ -256,7 +228,7 @@ class SparseSDFEncoder(SparseTransformerTrunk):
         self._build_trunk(c, c, cfg.num_blocks_encoder, cfg.num_heads_encoder, cfg.use_fp16)
         self.out_layer = SparseLinear(c, 2 * cfg.embed_dim)
         if cfg.use_fp16:
-            _to_half(self)
+            cast_layers(self, torch.float16, (nn.Linear, SparseConv3d))  # convert_to_fp16: norms stay fp32
 
     def forward(self, x: SparseTensor, factor: float | None = None) -> SparseTensor:
         """Sparse SDF x (feats [N, 1] at the fine grid) -> [N', 2*embed_dim] (mean, logvar) at the latent grid."""

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from ._kernels import ssa_compressed as _cmp
 from ._kernels import ssa_selection as _sel
 from ._kernels import ssa_window as _win
+from .layers import group_norm_per_sample
 from .sparse import SparseTensor
 
 
@@ -201,21 +202,6 @@ def pool_cells(x: torch.Tensor, plan: SSAPlan) -> torch.Tensor:
     return (acc / plan.cell_divisor).to(x.dtype)
 
 
-def group_norm_per_sample(x: torch.Tensor, batch: torch.Tensor, batch_size: int, norm: nn.GroupNorm) -> torch.Tensor:
-    """GroupNorm whose statistics run over all rows of one sample (SparseGroupNorm32), fp32 inside."""
-    r, c = x.shape
-    g = norm.num_groups
-    xf = x.float().view(r, g, c // g)
-    cnt = torch.bincount(batch, minlength=batch_size).clamp(min=1).float()[:, None] * (c // g)  # [B, 1]
-    s1 = torch.zeros(batch_size, g, device=x.device).index_add_(0, batch, xf.sum(-1))
-    mean = s1 / cnt
-    s2 = torch.zeros(batch_size, g, device=x.device).index_add_(0, batch, ((xf - mean[batch][..., None]) ** 2).sum(-1))
-    rstd = torch.rsqrt(s2 / cnt + norm.eps)
-    y = (xf - mean[batch][..., None]) * rstd[batch][..., None]
-    y = y.view(r, c) * norm.weight.float() + norm.bias.float()
-    return y.to(x.dtype)
-
-
 class CompressionV1(nn.Module):
     """v1.1: `Down_cbs(SiLU(conv1x1(x)))` (`act_layers.0` = the 1x1x1 conv)."""
 
@@ -238,10 +224,12 @@ class CompressionV2(nn.Module):
 
     def forward(self, x: torch.Tensor, plan: SSAPlan) -> torch.Tensor:  # [N, C] -> [M, C]
         tok_batch = plan.cell_batch[plan.cell_of_token]
-        h = F.silu(group_norm_per_sample(x, tok_batch, plan.batch_size, self.act_layers[0]))
+        gn1, gn2 = self.act_layers[0], self.out_layers[1]
+        h = F.silu(group_norm_per_sample(x, tok_batch, plan.batch_size, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps))
         h = pool_cells(h, plan)
         h = self.out_layers[0].submanifold(h, plan.cell_neighbors)
-        h = F.silu(group_norm_per_sample(h, plan.cell_batch, plan.batch_size, self.out_layers[1]))
+        h = F.silu(group_norm_per_sample(h, plan.cell_batch, plan.batch_size, gn2.num_groups, gn2.weight, gn2.bias,
+                                         gn2.eps))
         h = self.out_layers[3].submanifold(h, plan.cell_neighbors)
         return h + pool_cells(x, plan)
 

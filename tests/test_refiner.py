@@ -13,8 +13,8 @@ import pytest
 import torch
 
 from s2core.config import RefinerConfig
-import s2core.refiner as refiner_module
-from s2core.refiner import (CubeGrid, RefinedField, VoxelRefiner, VoxelRefinerSign, max_crossing_corners,
+import s2core.refiner.refined_field as refined_field_module
+from s2core.refiner import (CubeGrid, RefinedField, VoxelRefiner, VoxelRefinerSign, cube_grid, max_crossing_corners,
                             mesh_refined_field, remove_interior, remove_interior_512, remove_interior_1024)
 from s2core.sparse.tensor import SparseTensor
 from s2core.testing import deterministic_state_dict
@@ -275,7 +275,7 @@ def test_official_size_512_equals_dense_gpu():
     model.load_state_dict(deterministic_state_dict("model_refiner.refiner"))
     coords, values = _official_band(512, "cuda")
     feats = torch.randn(len(coords), 32, device="cuda", dtype=torch.float16)
-    dense = _dense_refine_512(model, coords, values, feats, CubeGrid(), 1)
+    dense = _dense_refine_512(model, coords, values, feats, cube_grid(model.cfg, 512), 1)
     level = 0.4 if dense.min() < 0.4 < dense.max() else float(dense.float().median())
     # a random network's field at its own median straddles almost everywhere (a volume-filling "surface"
     # that the noise guard refuses, test_noise_field_is_refused_with_one_sentence); lift the guard here,
@@ -326,6 +326,20 @@ def test_remove_interior_errors():
         CubeGrid(40, 16, 10)
 
 
+def test_cube_grid_is_read_from_the_config():
+    """The tiling comes from RefinerConfig.patch_size: the original's hard-coded 512/192/160 and 512/256/128
+    at the release's sizes, a quarter of them for tiny-random's quarter-size SDF grids (128³ and 256³)."""
+    from s2core.config import ReleaseConfig, tiny_release
+
+    release, tiny = ReleaseConfig(), tiny_release()
+    assert cube_grid(release.refiner, 512) == CubeGrid(512, 192, 160)
+    assert cube_grid(release.refiner_1024, 1024) == CubeGrid(512, 256, 128)
+    assert cube_grid(tiny.refiner, 128) == CubeGrid(128, 48, 40)
+    assert cube_grid(tiny.refiner_1024, 256) == CubeGrid(128, 64, 32)
+    with pytest.raises(ValueError, match="patch_size 100 does not tile its 512³ grid"):
+        cube_grid(RefinerConfig(patch_size=100), 512)
+
+
 def test_noise_field_is_refused_with_one_sentence(monkeypatch):
     """A field that crosses the level at more voxels than a surface can (noise from untrained or
     mismatched refiner weights) stops with a readable ValueError, before any large allocation."""
@@ -339,7 +353,7 @@ def test_noise_field_is_refused_with_one_sentence(monkeypatch):
     # the default bound is 128·R² voxels: far above a surface, far below the R³ grid at official sizes
     assert max_crossing_corners(1024) == 1024 ** 3 // 8 and max_crossing_corners(512) == 512 ** 3 // 4
     field = RefinedField(torch.arange(2000, dtype=torch.int64), torch.zeros(2000), 16, 0.2)
-    monkeypatch.setattr(refiner_module, "max_crossing_corners", lambda r: 1000)
+    monkeypatch.setattr(refined_field_module, "max_crossing_corners", lambda r: 1000)
     with pytest.raises(ValueError, match="crosses the level at 2000 of the 16³ grid's voxels"):
         mesh_refined_field(field)
 

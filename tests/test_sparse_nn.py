@@ -4,7 +4,8 @@ GroupNorm vs torch's nn.GroupNorm run per batch element: both fp32, different re
 """
 import torch
 
-from s2core.sparse import LayerNorm32, SparseGroupNorm32, SparseLinear, SparseTensor
+from s2core.layers import LayerNorm32
+from s2core.sparse import SparseGroupNorm32, SparseLinear, SparseTensor
 
 
 def _tensor(g, lens, c, dtype=torch.float32):

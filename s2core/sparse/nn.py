@@ -1,8 +1,8 @@
 """Pointwise sparse layers and norms (SPARSE.md §1.2): they act on `feats` and keep coords and cache.
 
 `SparseGroupNorm32` normalises each batch element separately (statistics over all its voxels and
-the channels of a group), in fp32, without a Python loop over batch elements; `LayerNorm32` is the
-usual per-row LayerNorm in fp32. Both cast back to the input dtype, as the original's `*32` norms.
+the channels of a group), in fp32, cast back to the input dtype, as the original's `*32` norm
+(`layers.group_norm_per_sample`). Row-wise LayerNorm of feats: `layers.LayerNorm32`.
 """
 from __future__ import annotations
 
@@ -10,10 +10,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import group_norm_per_sample
 from .tensor import SparseTensor
 
 __all__ = ["SparseLinear", "SparseSiLU", "SparseGELU", "SparseTanh", "SparseReLU", "SparseSigmoid",
-           "SparseGroupNorm32", "LayerNorm32", "sparse_group_norm"]
+           "SparseGroupNorm32"]
 
 
 class SparseLinear(nn.Linear):
@@ -62,34 +63,9 @@ class SparseGELU(nn.Module):
         return x.replace(F.gelu(x.feats, approximate=self.approximate))
 
 
-def sparse_group_norm(x: SparseTensor, num_groups: int, weight: torch.Tensor | None,
-                      bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
-    """GroupNorm of each batch element's [C, N_b] slab, fp32, two-pass variance -> [N, C] in x.dtype."""
-    n, c = x.feats.shape
-    b = x.batch_size
-    f = x.feats.float().reshape(n, num_groups, c // num_groups)  # [N, G, C/G]
-    bid = x.batch_ids()
-    count = (x.offsets[1:] - x.offsets[:-1]).double()[:, None] * (c // num_groups)  # [B, 1]
-    sums = f.new_zeros(b, num_groups, dtype=torch.float64).index_add_(0, bid, f.sum(2, dtype=torch.float64))
-    mean = (sums / count).float()  # [B, G]
-    dev = f - mean[bid][:, :, None]
-    sq = dev.new_zeros(b, num_groups, dtype=torch.float64).index_add_(0, bid, dev.square().sum(2, dtype=torch.float64))
-    rstd = torch.rsqrt((sq / count).float() + eps)  # biased variance, as nn.GroupNorm
-    y = (dev * rstd[bid][:, :, None]).reshape(n, c)
-    if weight is not None:
-        y = y * weight.float() + bias.float()
-    return y.to(x.dtype)
-
-
 class SparseGroupNorm32(nn.GroupNorm):
     """GroupNorm per batch element in fp32 (keys `weight`, `bias`)."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.replace(sparse_group_norm(x, self.num_groups, self.weight, self.bias, self.eps))
-
-
-class LayerNorm32(nn.LayerNorm):
-    """LayerNorm over the last dim in fp32, cast back; works on dense tensors (apply to `x.feats`)."""
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).to(x.dtype)
+        return x.replace(group_norm_per_sample(x.feats, x.batch_ids(), x.batch_size, self.num_groups, self.weight,
+                                               self.bias, self.eps))

@@ -1,0 +1,140 @@
+"""The refiners' dense 3D UNet: diffusers-style `UNet3DModel` without `conv_out` (SPARSE.md §8.1).
+
+conv_in → down blocks (resnets, then a stride-2 conv) → mid block → up blocks on cat(h, skip) (resnets,
+then a stride-2 transposed conv) → GroupNorm + SiLU. Both refiners run it on one cube at a time.
+
+Letters: B batch, Cin / C0 input / first-level channels, P cube edge (divisible by 2^(levels-1)).
+Attribute names are the checkpoint's (`down_blocks.0.resnets.1.norm1`, `downsamplers.0.conv`, ...).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .._kernels import group_norm as _gn
+
+
+OFFICIAL_CHANNELS = (8, 32, 128, 512)
+# the release's use_fp16 casts these to fp16; the GroupNorm parameters stay fp32, as in the original
+FP16_LAYERS = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
+
+
+def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> torch.Tensor:
+    """silu(norm(x)): the norm in fp32 (fp64 for fp64 test models) cast back to x's dtype, as the original's
+    fp32 norms do; inplace overwrites x. On CUDA in fp16 one Triton kernel (PyTorch's GroupNorm gives each of
+    the 4 groups of a 256³ cube to a single thread block)."""
+    return _gn.group_norm_silu(x, norm.weight, norm.bias, norm.num_groups, norm.eps, out=x if inplace else None)
+
+
+class ResnetBlock3D(nn.Module):
+    """GN → SiLU → conv3 → GN → SiLU → conv3, plus a 1×1×1 shortcut when channels change.
+
+    """
+
+    def __init__(self, cin: int, cout: int, groups: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm1 = nn.GroupNorm(groups, cin, eps=eps)
+        self.conv1 = nn.Conv3d(cin, cout, 3, padding=1)
+        self.norm2 = nn.GroupNorm(groups, cout, eps=eps)
+        self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
+        self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
+
+    def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
+        """consume: x is the caller's to discard (an up block's concatenation), so with a shortcut conv the
+        first norm overwrites it instead of allocating a copy (40 channels at 256³: 1.3 GB in fp16)."""
+        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        h = _norm_silu(self.norm1, x, inplace=consume and self.conv_shortcut is not None)
+        h = self.conv1(h)
+        h = _norm_silu(self.norm2, h, inplace=True)
+        h = self.conv2(h)
+        return skip + h if self.conv_shortcut is None else skip.add_(h)
+
+
+class _Resample(nn.Module):
+    """Holds `conv` so the key reads `downsamplers.0.conv` / `upsamplers.0.conv`."""
+
+    def __init__(self, conv: nn.Module):
+        super().__init__()
+        self.conv = conv
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class DownBlock3D(nn.Module):
+    def __init__(self, cin: int, cout: int, layers: int, groups: int, downsample: bool):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock3D(cin if i == 0 else cout, cout, groups) for i in range(layers))
+        # kernel 2, stride 2, no padding: halves every edge exactly
+        self.downsamplers = nn.ModuleList([_Resample(nn.Conv3d(cout, cout, 2, stride=2))]) if downsample else None
+
+    def forward(self, x: torch.Tensor, skips: list[torch.Tensor]) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+            skips.append(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+            skips.append(x)
+        return x
+
+
+class UpBlock3D(nn.Module):
+    def __init__(self, cprev: int, cout: int, cskip_last: int, layers: int, groups: int, upsample: bool):
+        super().__init__()
+        # resnet i sees cat(h, skip): h has cprev (first) or cout channels, the skip cout or, for the
+        # last resnet, the next-shallower level's width
+        self.resnets = nn.ModuleList(
+            ResnetBlock3D((cprev if i == 0 else cout) + (cskip_last if i == layers - 1 else cout), cout, groups)
+            for i in range(layers))
+        self.upsamplers = (nn.ModuleList([_Resample(nn.ConvTranspose3d(cout, cout, 2, stride=2))])
+                           if upsample else None)
+
+    # no forward: UNet3D runs the resnets in its own frame, so that no caller still holds a consumed input
+
+
+class MidBlock3D(nn.Module):
+    def __init__(self, channels: int, layers: int, groups: int):
+        super().__init__()
+        self.resnets = nn.ModuleList(ResnetBlock3D(channels, channels, groups) for _ in range(1 + layers))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for resnet in self.resnets:
+            x = resnet(x)
+        return x
+
+
+class UNet3D(nn.Module):
+    """[B, Cin, P, P, P] → [B, C0, P, P, P] features (P divisible by 2^(levels-1)); no output conv."""
+
+    def __init__(self, cin: int, channels: tuple[int, ...], layers_per_block: int, layers_mid_block: int,
+                 groups: int = 4):
+        super().__init__()
+        n = len(channels)
+        self.conv_in = nn.Conv3d(cin, channels[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList(
+            DownBlock3D(channels[max(i - 1, 0)], channels[i], layers_per_block, groups, downsample=i < n - 1)
+            for i in range(n))
+        self.mid_block = MidBlock3D(channels[-1], layers_mid_block, groups)
+        rev = channels[::-1]
+        self.up_blocks = nn.ModuleList(
+            UpBlock3D(rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)], layers_per_block + 1, groups,
+                      upsample=i < n - 1)
+            for i in range(n))
+        self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=1e-5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.conv_in(x)
+        skips = [x]  # consumed last-in-first-out, layers_per_block + 1 per up block
+        for block in self.down_blocks:
+            x = block(x, skips)
+        x = self.mid_block(x)
+        # the up path runs here rather than in UpBlock3D.forward: rebinding x in this one frame frees each
+        # input (up to 32 channels at 256³) as soon as it is concatenated, and the concatenation itself is
+        # normalised in place (at 256³ the two saved 1.3 GB each)
+        for block in self.up_blocks:
+            for resnet in block.resnets:
+                x = torch.cat([x, skips.pop()], dim=1)
+                x = resnet(x, consume=True)
+            if block.upsamplers is not None:
+                x = block.upsamplers[0](x)
+        return _norm_silu(self.conv_norm_out, x, inplace=True)
