@@ -5,19 +5,11 @@ import pytest
 import torch
 
 from s2core import pipeline as P
-from tiny_chain import models, picture  # noqa: F401 (fixtures)
+from tiny_chain import latent, models  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 EMPTY = (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))
-
-
-@pytest.fixture(scope="module")
-def latent(models):
-    img, mask = picture()
-    cond = P.encode_image(models, img, mask)
-    st = P.decode_dense(models, P.sample_dense(models, cond, seed=1, steps=1))
-    return P.sample_sparse(models, cond, st, seed=1, steps=1)
 
 
 def test_decode_without_surface_names_the_stage(models, latent, monkeypatch):

@@ -17,17 +17,13 @@ from s2core.dense_vae import DenseVAE
 from s2core.dinov2 import ImageConditioner
 from s2core.flow_sampler import flow_schedule, sample_flow
 from s2core.structure import extract_tokens_and_coords, occupancy_coords, sort_block
-from s2core.testing import golden_state_dict, load_golden
+from s2core.testing import golden_state_dict
 
-from conftest import GOLDEN
+from conftest import golden
 from tolerances import reorder_rel_rms
 
 
-def fixture(name):
-    path = GOLDEN / f"{name}.safetensors"
-    if not path.exists():
-        pytest.skip(f"golden fixture {name} not generated yet (tools/golden/make_golden.py)")
-    return load_golden(path)
+fixture = golden
 
 
 def rel_rms(a, b):

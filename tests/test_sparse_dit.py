@@ -14,8 +14,8 @@ from s2core.manifest import read_manifest_tsv
 from s2core.sparse import SparseTensor
 from s2core.sparse_dit import SparseDiT, absolute_position_embedding
 from s2core.structure import sort_block
-from s2core.testing import deterministic_state_dict, golden_state_dict, load_golden
-from tests.conftest import GOLDEN, MANIFESTS
+from s2core.testing import deterministic_state_dict, golden_state_dict
+from tests.conftest import MANIFESTS, golden
 from tests.kernels.ssa_cases import assert_close
 
 
@@ -52,10 +52,7 @@ def test_position_embedding_layout():
 
 
 def _parity(name, device, backend):
-    path = GOLDEN / name
-    if not path.with_suffix(".json").exists():
-        pytest.skip(f"fixture {name} not generated yet")
-    t, meta = load_golden(path)
+    t, meta = golden(name)
     cfg = _component_from_params(SparseDiTConfig, meta["config"]["params"], SparseDiTConfig())
     model = SparseDiT(cfg)
     model.load_state_dict(golden_state_dict(meta), strict=True)
