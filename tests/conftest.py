@@ -14,6 +14,8 @@ REPO = Path(__file__).resolve().parents[1]
 UPSTREAM = REPO / "tests" / "data" / "upstream"
 MANIFESTS = UPSTREAM / "manifests"
 GOLDEN = REPO / "tests" / "golden"
+# Every script that writes a fixture from the original code (docs/TESTING.md, "Where fixtures come from").
+GENERATORS = REPO / "tools" / "golden"
 
 # tests/stubs/pack.py by path: a top-level `stubs` package could shadow or be shadowed by an installed one.
 _spec = importlib.util.spec_from_file_location("d3ds2_stub_loader", REPO / "tests" / "stubs" / "pack.py")
