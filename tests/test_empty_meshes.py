@@ -24,6 +24,8 @@ def test_decode_without_surface_names_the_stage(models, latent, monkeypatch):
 def test_refined_decode_without_surface_suggests_turning_refine_off(models, latent, monkeypatch):
     import s2core.refiner as rf
 
+    # the refiner's 27 cubes are run by tests/test_pipeline.py::test_refiner_path_512; here only what follows them
+    monkeypatch.setattr(rf, "remove_interior", lambda *a, **k: None)
     monkeypatch.setattr(rf, "mesh_refined_field", lambda *a, **k: [EMPTY])
     with pytest.raises(ValueError, match=r"512 stage's refined field has no surface at level 0\.4; turn refine off"):
         P.decode_sparse(models, latent, refine=True, threshold=0.2)
