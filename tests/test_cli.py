@@ -32,10 +32,10 @@ def _env(tmp_path, **extra):
 
 
 def test_demo_writes_valid_glb(png, tmp_path):
-    """The whole demo (512 with its refiner, default steps) with --deterministic: this file's one CLI run of the
-    full chain, in that mode (the default mode's demo runs in tests/test_no_triton.py)."""
+    """The demo at its default steps, without the 512 refiner (its 27 cubes are most of the demo's time); the
+    whole demo, refiner included, runs in tests/test_no_triton.py::test_cli_demo_without_triton."""
     out = tmp_path / "out.glb"
-    r = subprocess.run([sys.executable, "-m", "s2core", str(png), "--demo", "--deterministic", "-o", str(out)],
+    r = subprocess.run([sys.executable, "-m", "s2core", str(png), "--demo", "--no-refine-512", "-o", str(out)],
                        cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "meaningless" in r.stderr and "50/80 steps" not in r.stdout  # progress goes to stderr, not stdout
@@ -86,7 +86,8 @@ def test_refuses_to_overwrite_and_bad_arguments(png, tmp_path, capsys):
 
 def test_deterministic_flag_turns_on_deterministic_algorithms(png, tmp_path, monkeypatch):
     """--deterministic switches PyTorch to deterministic algorithms (and cuBLAS's workspace setting)
-    before any work; the demo chain still writes its mesh (the whole chain in that mode: the test above)."""
+    before any work; the demo chain still writes its mesh (the whole demo in that mode, refiner included:
+    tests/test_no_triton.py::test_cli_demo_without_triton)."""
     import torch
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
