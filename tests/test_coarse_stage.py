@@ -114,7 +114,8 @@ def test_matches_the_original_pipeline_on_the_tiny_config():
     from safetensors.torch import load_file
 
     data = Path(__file__).parent / "data"
-    spec = importlib.util.spec_from_file_location("make_coarse_stage_golden", GENERATORS / "make_coarse_stage_golden.py")
+    spec = importlib.util.spec_from_file_location("make_coarse_stage_golden",
+                                                  GENERATORS / "make_coarse_stage_golden.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     ref = load_file(str(data / "coarse_stage_tiny_original.safetensors"))
