@@ -14,7 +14,7 @@ moved to the CPU so its peak memory counts only its own weights, inputs and acti
 
     python bench/bench_sparse_vae.py                      # GPU, writes bench/results/sparse_vae.md
     python bench/bench_sparse_vae.py --mesh --upstream .scratch
-    python bench/bench_sparse_vae.py --tiny --upstream /work/upstream/Direct3D-S2   # CPU smoke run, no file
+    python bench/bench_sparse_vae.py --tiny --upstream UPSTREAM/Direct3D-S2   # CPU smoke run, no file
 """
 from __future__ import annotations
 

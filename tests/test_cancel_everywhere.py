@@ -2,10 +2,8 @@
 Structure took 441 s to honour Cancel), post-processing, the chunked 1024 VAE decode, marching cubes (plain
 and refined) and downloads. Each test cancels a run that would otherwise go on and checks it stops at the
 next poll (within 2 s for the long node, measured)."""
-import importlib.util
 import threading
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,11 +12,9 @@ from s2core import checkpoints as ck
 from s2core import hooks, loading, results
 from s2core import pipeline as P
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+from conftest import stubs
 
-_spec = importlib.util.spec_from_file_location("d3ds2_stub_loader_c", Path(__file__).parent / "stubs" / "pack.py")
-stubs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stubs)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 class Stop(Exception):

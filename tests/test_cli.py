@@ -12,6 +12,8 @@ import pytest
 from s2core import cli
 
 REPO = Path(__file__).resolve().parents[1]
+# The shortest demo chain (512 without its refiner, 2 steps a stage) for tests of what happens around it.
+FAST = ["--resolution", "512", "--no-refine-512", "--steps", "2,2,2"]
 
 
 @pytest.fixture
@@ -30,9 +32,11 @@ def _env(tmp_path, **extra):
 
 
 def test_demo_writes_valid_glb(png, tmp_path):
+    """The demo at its default steps, without the 512 refiner (its 27 cubes are most of the demo's time); the
+    whole demo, refiner included, runs in tests/test_no_triton.py::test_cli_demo_without_triton."""
     out = tmp_path / "out.glb"
-    r = subprocess.run([sys.executable, "-m", "s2core", str(png), "--demo", "-o", str(out)], cwd=tmp_path,
-                       env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "-m", "s2core", str(png), "--demo", "--no-refine-512", "-o", str(out)],
+                       cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert "meaningless" in r.stderr and "50/80 steps" not in r.stdout  # progress goes to stderr, not stdout
     data = out.read_bytes()
@@ -64,7 +68,7 @@ def test_ctrl_c_while_writing_leaves_no_file(png, tmp_path, monkeypatch):
 
     monkeypatch.setattr(export.os, "fsync", interrupted)  # Ctrl-C arrives mid-write
     out = tmp_path / "o" / "x.glb"
-    rc = cli.main([str(png), "--demo", "-q", "-o", str(out), "--steps", "2,2,2"])
+    rc = cli.main([str(png), "--demo", "-q", "-o", str(out), *FAST])
     assert rc == cli.EXIT_INTERRUPTED
     assert not out.exists() and not any(p.is_file() for p in tmp_path.joinpath("o").rglob("*"))
 
@@ -82,7 +86,8 @@ def test_refuses_to_overwrite_and_bad_arguments(png, tmp_path, capsys):
 
 def test_deterministic_flag_turns_on_deterministic_algorithms(png, tmp_path, monkeypatch):
     """--deterministic switches PyTorch to deterministic algorithms (and cuBLAS's workspace setting)
-    before any work; the demo chain still writes its mesh."""
+    before any work; the demo chain still writes its mesh (the whole demo in that mode, refiner included:
+    tests/test_no_triton.py::test_cli_demo_without_triton)."""
     import torch
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
@@ -97,7 +102,7 @@ def test_deterministic_flag_turns_on_deterministic_algorithms(png, tmp_path, mon
     monkeypatch.setattr(cli.pipeline, "image_to_mesh", spy)
     out = tmp_path / "out.glb"
     try:
-        assert cli.main([str(png), "--demo", "--deterministic", "-q", "--steps", "2,2,2", "-o", str(out)]) == 0
+        assert cli.main([str(png), "--demo", "--deterministic", "-q", *FAST, "-o", str(out)]) == 0
     finally:
         torch.use_deterministic_algorithms(False)
     assert seen == {"deterministic": True, "cublas": ":4096:8"}

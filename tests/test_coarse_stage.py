@@ -12,6 +12,7 @@ from s2core.loading import Models, Placement
 from s2core.results import Conditioning
 from s2core.structure import decode_occupancy, encode_pixels, sort_block
 from s2core.testing import deterministic_state_dict
+from conftest import GENERATORS
 from tolerances import rel_rms, reorder_rel_rms
 
 
@@ -110,14 +111,15 @@ def test_bench_coarse_tiny_runs_on_cpu(tmp_path):
 
 def test_matches_the_original_pipeline_on_the_tiny_config():
     """The original `Direct3DS2Pipeline.inference(mode="dense")` + sort_block, recorded by
-    tests/data/make_coarse_stage_golden.py (tiny config in fp16, seed-0 weights, 3 steps, CFG 7, noise seed 7)."""
+    tools/golden/make_coarse_stage_golden.py (tiny config in fp16, seed-0 weights, 3 steps, CFG 7, noise seed 7)."""
     import importlib.util
     from pathlib import Path
 
     from safetensors.torch import load_file
 
     data = Path(__file__).parent / "data"
-    spec = importlib.util.spec_from_file_location("make_coarse_stage_golden", data / "make_coarse_stage_golden.py")
+    spec = importlib.util.spec_from_file_location("make_coarse_stage_golden",
+                                                  GENERATORS / "make_coarse_stage_golden.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     ref = load_file(str(data / "coarse_stage_tiny_original.safetensors"))

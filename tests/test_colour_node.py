@@ -1,8 +1,6 @@
 """The Colour From Image node with ComfyUI stubbed (tests/stubs): a core-style MESH and LoadImage's
 1 - alpha MASK in, a MESH with `vertex_colors`, the camera text and a preview out; Save Mesh then writes
 the colours as GLB COLOR_0, which trimesh reads back exactly (8-bit rounding of the node's colours)."""
-import importlib.util
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -13,21 +11,6 @@ from s2core.colour import Camera, render_preview
 from s2core.colour.scene import bumpy_shape, shape_colours
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-_spec = importlib.util.spec_from_file_location("d3ds2_stub_loader_colour", Path(__file__).parent / "stubs" / "pack.py")
-stubs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stubs)
-
-
-@pytest.fixture
-def pack(tmp_path):
-    mod = stubs.load_pack(v3=False)
-    import folder_paths
-
-    folder_paths.models_dir = str(tmp_path / "models")
-    folder_paths.output_directory = str(tmp_path / "output")
-    yield mod
-    stubs.unload()
 
 
 def test_colour_node_then_save(pack, tmp_path):

@@ -6,19 +6,11 @@ import torch
 
 from s2core import pipeline as P
 from s2core import results
-from tiny_chain import models, picture  # noqa: F401 (fixtures)
+from tiny_chain import latent, models  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 EMPTY = (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))
-
-
-@pytest.fixture(scope="module")
-def latent(models):
-    img, mask = picture()
-    cond = P.encode_image(models, img, mask)
-    st = P.decode_dense(models, P.sample_dense(models, cond, seed=1, steps=1))
-    return P.sample_sparse(models, cond, st, seed=1, steps=1)
 
 
 def test_decode_without_surface_names_the_stage(models, latent, monkeypatch):
@@ -31,6 +23,8 @@ def test_decode_without_surface_names_the_stage(models, latent, monkeypatch):
 def test_refined_decode_without_surface_suggests_turning_refine_off(models, latent, monkeypatch):
     import s2core.refiner as rf
 
+    # the refiner's 27 cubes are run by tests/test_pipeline.py::test_refiner_path_512; here only what follows them
+    monkeypatch.setattr(rf, "remove_interior", lambda *a, **k: None)
     monkeypatch.setattr(rf, "mesh_refined_field", lambda *a, **k: [EMPTY])
     with pytest.raises(ValueError, match=r"512 stage's refined field has no surface at level 0\.4; turn refine off"):
         P.decode_sparse(models, latent, refine=True, threshold=0.2)

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from s2core.manifest import read_manifest_tsv
-from s2core.testing import golden_state_dict, load_golden
+from s2core.testing import golden_state_dict
 
-from conftest import GOLDEN, MANIFESTS
+from conftest import GOLDEN, MANIFESTS, golden, golden_path
 
 SPARSE_FIXTURES = [
     "sparse_conv__k3", "sparse_conv__k1", "sparse_downsample__mean", "sparse_subdivide__x2",
@@ -39,15 +39,9 @@ MANIFEST_OF = {
 }
 
 
-def _present(name):
-    return (GOLDEN / f"{name}.json").exists()
-
-
 @pytest.mark.parametrize("name", SPARSE_FIXTURES)
 def test_sidecar_complete(name):
-    if not _present(name):
-        pytest.skip(f"{name} not generated yet")
-    meta = json.loads((GOLDEN / f"{name}.json").read_text())
+    meta = json.loads(golden_path(name).with_suffix(".json").read_text())  # a missing fixture fails
     assert all(k in meta for k in REQUIRED), [k for k in REQUIRED if k not in meta]
     assert f"{meta['component']}__{meta['config_name']}" == name
     from safetensors import safe_open
@@ -61,9 +55,7 @@ def test_sidecar_complete(name):
 
 @pytest.mark.parametrize("name", sorted(MANIFEST_OF))
 def test_weights_specs_are_official(name):
-    if not _present(name):
-        pytest.skip(f"{name} not generated yet")
-    meta = json.loads((GOLDEN / f"{name}.json").read_text())
+    meta = json.loads(golden_path(name).with_suffix(".json").read_text())
     tsv, prefix, whole = MANIFEST_OF[name]
     official = {s.name: (tuple(s.shape), s.dtype) for s in read_manifest_tsv(MANIFESTS / tsv)}
     mine = {prefix + n: (tuple(s), d) for n, s, d in meta["weights_specs"]}
@@ -90,10 +82,7 @@ def _subm_conv_reference(feats, coords, kernel, bias):
     return out
 
 
-def _load(name):
-    if not _present(name):
-        pytest.fail(f"fixture {name} missing: run tools/golden/make_golden.py --only {name}")
-    return load_golden(GOLDEN / name)
+_load = golden
 
 
 def test_conv3x3_fixture_matches_torchsparse_semantics():

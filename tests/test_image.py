@@ -8,6 +8,8 @@ from PIL import Image
 
 from s2core.image import preprocess_image
 
+from conftest import GENERATORS
+
 
 def scene(W=200, H=120, box=(50, 40, 150, 80), color=(220, 30, 10), alpha=255):
     """RGBA uint8 array: transparent background (grey colour underneath), an opaque box (x0, y0, x1, y1)."""
@@ -120,12 +122,12 @@ def test_validation_errors(image, mask, message):
 
 
 def test_matches_the_original_on_a_soft_edged_scene():
-    """The original `preprocess_image` output recorded by tests/data/make_preprocess_golden.py (exact: uint8 ops)."""
+    """The original `preprocess_image` output recorded by tools/golden/make_preprocess_golden.py (exact: uint8 ops)."""
     import importlib.util
     from pathlib import Path
 
     data = Path(__file__).parent / "data"
-    spec = importlib.util.spec_from_file_location("make_preprocess_golden", data / "make_preprocess_golden.py")
+    spec = importlib.util.spec_from_file_location("make_preprocess_golden", GENERATORS / "make_preprocess_golden.py")
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     ref = torch.from_numpy(np.array(Image.open(data / "preprocess_original.png"))).permute(2, 0, 1).float() / 255

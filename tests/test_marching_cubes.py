@@ -9,7 +9,6 @@ and triangle-for-triangle parity in unambiguous cells: test_marching_cubes_manif
 """
 import logging
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,6 +16,7 @@ import torch
 import trimesh
 from skimage import measure
 
+from conftest import golden
 from s2core.mesh.marching_cubes import marching_cubes_naive, marching_cubes_sparse, sparse_sdf_to_mesh
 
 
@@ -211,12 +211,8 @@ def test_real_decoder_output_matches_the_originals_sparse2mesh_exactly():
     # dense fp32 grid of +1 (here only up to the object's max corner: the rest is +1 and meshless),
     # Lewiner at 0.2, v / 512 * 2 - 1 in fp32. Our vertices must be bitwise the same set.
     from s2core.sparse import SparseTensor
-    from s2core.testing import load_golden
-
-    path = Path(__file__).resolve().parent / "golden" / "sparse_vae_512__decode.safetensors"
-    if not path.exists():
-        pytest.skip("golden fixture sparse_vae_512__decode not generated yet")
-    t, _ = load_golden(path)
+    
+    t, _ = golden("sparse_vae_512__decode")
     sdf, coords = t["out.sdf"], t["out.coords"]
     v, f = sparse_sdf_to_mesh(SparseTensor(sdf, coords), 512, 0.2)[1]
     sel = coords[:, 0] == 1

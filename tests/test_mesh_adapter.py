@@ -14,11 +14,9 @@ import numpy as np
 import pytest
 import torch
 
-pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+from conftest import stubs
 
-_spec = importlib.util.spec_from_file_location("d3ds2_stub_loader", Path(__file__).parent / "stubs" / "pack.py")
-stubs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stubs)
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def _load(tmp_path, v3):

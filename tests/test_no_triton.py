@@ -67,6 +67,9 @@ print("OK")
 
 
 def test_cli_demo_without_triton(tmp_path):
+    """The suite's one run of the whole CLI demo (512 refiner included; its 27 cubes are most of a demo's time),
+    so --deterministic is on too: on a CPU it only reroutes the sparse convolution, and this run shows the whole
+    demo works in that mode as well as without Triton."""
     from PIL import Image, ImageDraw
 
     im = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
@@ -74,7 +77,7 @@ def test_cli_demo_without_triton(tmp_path):
     im.save(tmp_path / "object.png")
     out = tmp_path / "x.glb"
     r = subprocess.run([sys.executable, str(RUNNER), "-m", "s2core", str(tmp_path / "object.png"), "--demo",
-                        "-q", "--steps", "2,2,2", "-o", str(out)], cwd=tmp_path, env=_env(tmp_path),
+                        "--deterministic", "-q", "--steps", "2,2,2", "-o", str(out)], cwd=tmp_path, env=_env(tmp_path),
                        capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     data = out.read_bytes()

@@ -7,7 +7,6 @@ keep, and checks the word is an input of a node schema (or a CLI option). It cau
 users to "set invert_mask", which no node has.
 """
 import ast
-import importlib.util
 import re
 from pathlib import Path
 
@@ -17,20 +16,6 @@ import torch
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
-_spec = importlib.util.spec_from_file_location("d3ds2_stub_loader", REPO / "tests" / "stubs" / "pack.py")
-stubs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stubs)
-
-
-@pytest.fixture
-def pack(tmp_path):
-    mod = stubs.load_pack(v3=False)
-    import folder_paths
-
-    folder_paths.models_dir = str(tmp_path / "models")
-    folder_paths.output_directory = str(tmp_path / "output")
-    yield mod
-    stubs.unload()
 
 
 def _run(pack, node_id, **kwargs):

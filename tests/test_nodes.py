@@ -4,39 +4,17 @@ and execution of the whole chain with `tiny-random` on CPU down to a saved file 
 A real ComfyUI is exercised by tools/comfyui_headless_check.py (tests/test_nodes_headless.py).
 """
 import asyncio
-import importlib.util
 import json
 import struct
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
+from conftest import stubs
+
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-_spec = importlib.util.spec_from_file_location("d3ds2_stub_loader", Path(__file__).parent / "stubs" / "pack.py")
-stubs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stubs)
-
-
-@pytest.fixture
-def pack(tmp_path):
-    mod = stubs.load_pack(v3=False)
-    import folder_paths
-
-    folder_paths.models_dir = str(tmp_path / "models")
-    folder_paths.output_directory = str(tmp_path / "output")
-    yield mod
-    stubs.unload()
-
-
-@pytest.fixture
-def pack_v3():
-    mod = stubs.load_pack(v3=True)
-    yield mod
-    stubs.unload()
 
 
 def v3_classes(mod):

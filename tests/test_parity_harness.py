@@ -14,7 +14,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import GOLDEN, REPO
+from conftest import GOLDEN, REPO, golden
 
 from s2core.testing import golden_state_dict, load_golden
 
@@ -103,11 +103,7 @@ def _t_embedder(sd, t):
     return F.linear(h, sd["mlp.2.weight"], sd["mlp.2.bias"])
 
 
-def _load(name):
-    path = GOLDEN / name
-    if not path.with_suffix(".json").exists():
-        pytest.fail(f"{path}.json is missing; regenerate with tools/golden/make_golden.py --only {name}")
-    return load_golden(path)
+_load = golden
 
 
 def test_fixture_reproduced_and_perturbation_detected():

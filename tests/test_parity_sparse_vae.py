@@ -11,22 +11,15 @@ Tolerances and why:
   the tanh SDF, < 5e-3 on the 32-ch features; measured 8.4e-4 / 1.7e-4 / 1.5e-3, i.e. about one fp16
   rounding (eps 9.8e-4) from GEMMs that sum in another order. Coordinates must match exactly, in order.
 """
-from pathlib import Path
-
 import pytest
 import torch
 
 from s2core.sparse import SparseConv3d, SparseTensor, sparse_downsample, sparse_subdivide
-from s2core.testing import golden_state_dict, load_golden
+from s2core.testing import golden_state_dict
 
-GOLDEN = Path(__file__).resolve().parent / "golden"
+from conftest import golden
 
-
-def _fixture(name):
-    path = GOLDEN / f"{name}.safetensors"
-    if not path.exists():
-        pytest.skip(f"golden fixture {name} not generated yet (tools/golden/make_golden.py)")
-    return load_golden(path)
+_fixture = golden
 
 
 def _rel_rms(a, b):

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from s2core.ssa import SparseConv, SpatialSparseAttention, ssa_plan
-from s2core.testing import golden_state_dict, load_golden
+from s2core.testing import golden_state_dict
 from kernels import ssa_compressed as _cmp
-from tests.conftest import GOLDEN
+from tests.conftest import golden
 from tests.kernels.ssa_cases import assert_close
 
 FIXTURES = ["ssa__v11_512", "ssa__v11_512_shift4", "ssa__v10_1024"]
@@ -65,10 +65,7 @@ def _block_scores(t, plan, meta):
 
 
 def _run(name, device, backend):
-    path = GOLDEN / name
-    if not path.with_suffix(".json").exists():
-        pytest.skip(f"fixture {name} not generated yet")
-    t, meta = load_golden(path)
+    t, meta = golden(name)
     m, p = _build(meta, device)
     coords, x = t["in.coords"].to(device), t["in.feats"].to(device)
     plan = ssa_plan(coords, int(coords[:, 0].max()) + 1, p["compression_block_size"], p["selection_block_size"],

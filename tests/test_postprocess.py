@@ -66,7 +66,6 @@ def test_components_long_strip():
 
 @pytest.mark.parametrize("target", [2000, 777])
 def test_simplify_hits_target(target):
-    pytest.importorskip("fast_simplification")
     v, f = _sphere(5)  # 20480 faces
     sv, sf = simplify_mesh(v, f, target_faces=target)
     assert abs(sf.shape[0] - target) <= 0.01 * target

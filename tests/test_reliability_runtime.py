@@ -2,31 +2,18 @@
 node) stops within one refiner cube and frees the cache; out-of-memory during decoding names what to lower
 and the process then produces the same mesh as before; a batch through the ImageToMesh NODE equals single
 runs with seeds s + i. All on `tiny-random` on CPU (random weights: only sameness is asserted)."""
-import importlib.util
 import weakref
-from pathlib import Path
 
 import pytest
 import torch
 
 from s2core import hooks
 from s2core import pipeline as P
-from tiny_chain import models, picture  # noqa: F401 (fixtures)
+from tiny_chain import latent, models, picture  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
-_spec = importlib.util.spec_from_file_location("d3ds2_stub_loader_q", Path(__file__).parent / "stubs" / "pack.py")
-stubs = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(stubs)
 FAST = dict(resolution="512", dense_steps=2, sparse_512_steps=2, refine_512=False)
-
-
-@pytest.fixture(scope="module")
-def latent(models):
-    img, mask = picture()
-    cond = P.encode_image(models, img, mask)
-    st = P.decode_dense(models, P.sample_dense(models, cond, seed=1, steps=1))
-    return P.sample_sparse(models, cond, st, seed=1, steps=1)
 
 
 def test_cancel_during_refiner_decode_stops_within_one_cube(models, latent):
@@ -77,17 +64,6 @@ def test_out_of_memory_in_decode_is_one_sentence_and_the_next_run_is_unchanged(m
 
 
 # --- nodes ------------------------------------------------------------------------------------
-
-@pytest.fixture
-def pack(tmp_path):
-    mod = stubs.load_pack(v3=False)
-    import folder_paths
-
-    folder_paths.models_dir = str(tmp_path / "models")
-    folder_paths.output_directory = str(tmp_path / "output")
-    yield mod
-    stubs.unload()
-
 
 def node(pack, node_id, **kwargs):
     cls = pack.NODE_CLASS_MAPPINGS[node_id]

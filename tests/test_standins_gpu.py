@@ -316,7 +316,7 @@ def test_flow_match_standin_steps_with_the_schedules_sigmas():
 
 
 def test_flow_match_standin_equals_diffusers():
-    # diffusers' own outputs, recorded by tests/data/make_scheduler_golden.py (diffusers 0.33.1): timesteps and
+    # diffusers' own outputs, recorded by tools/golden/make_scheduler_golden.py (diffusers 0.33.1): timesteps and
     # 64 fp16 values stepped through the dense (50, 6.0) and 1024 (15, 8.0) schedules
     from safetensors.torch import load_file
 

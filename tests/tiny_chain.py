@@ -17,6 +17,15 @@ def models():
     return loading.load_models("tiny-random", ("dense", "sparse_512"))
 
 
+@pytest.fixture(scope="module")
+def latent(models):
+    """The 512 sparse latent of `picture()` (seed 1, one step per stage): the input of the decode tests."""
+    img, mask = picture()
+    cond = P.encode_image(models, img, mask)
+    st = P.decode_dense(models, P.sample_dense(models, cond, seed=1, steps=1))
+    return P.sample_sparse(models, cond, st, seed=1, steps=1)
+
+
 def picture(shift=0):
     """A red block on white with its object mask (1 = object), IMAGE [1, 64, 64, 3] and MASK [1, 64, 64]."""
     img = torch.ones(1, 64, 64, 3)

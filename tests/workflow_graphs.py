@@ -220,39 +220,59 @@ def _image_to_512_mesh(g: Graph, image: dict, mask: dict, mask_is_background: bo
     return model
 
 
-def workflow_text_to_mesh(ours) -> dict:
+def _text_to_mesh(ours, note: str, mask_from_image, mask_is_background: bool) -> dict:
+    """Note, core text-to-image, `mask_from_image(g, vae)` (adds the mask nodes, returns the MASK node), then
+    our 512 chain."""
     g = Graph(ours)
-    g.add("Note", (20, 560), ["Text to image with core nodes, then image to mesh. Works on any ComfyUI. The mask "
-                              "path here is a placeholder made of core nodes (near-white pixels = background, for "
-                              "prompts asking for a plain white background). On ComfyUI " + CORE_3D_VERSION +
-                              " or newer use direct3d_s2_text_to_image_rembg_to_mesh (core Remove Background) "
-                              "instead, or connect any background-removal node's MASK to Encode Image and switch "
-                              "'mask_is_background' off (those masks are 1 on the object). " + NOTE_TINY + NOTE_SDXL],
-          size=(420, 220))
+    g.add("Note", (20, 560), [note + NOTE_TINY + NOTE_SDXL], size=(420, 220))
     vae = _text_to_image(g)
+    _image_to_512_mesh(g, vae, mask_from_image(g, vae), mask_is_background)
+    return g.workflow()
+
+
+def _near_white_is_background(g: Graph, vae: dict) -> dict:
     to_mask = g.add("ImageToMask", (720, 120), ["red"], size=(240, 60))
     thr = g.add("ThresholdMask", (720, 220), [0.95], size=(240, 60))
     g.link(vae, 0, to_mask, "image")
     g.link(to_mask, 0, thr, "mask")
-    _image_to_512_mesh(g, vae, thr, mask_is_background=True)
-    return g.workflow()
+    return thr
 
 
-def workflow_text_to_mesh_rembg(ours) -> dict:
-    g = Graph(ours)
-    g.add("Note", (20, 560), ["Needs ComfyUI " + CORE_3D_VERSION + " or newer (core Load Background Removal Model "
-                              "and Remove Background; put birefnet.safetensors from Comfy-Org/BiRefNet into "
-                              "models/background_removal/). Text to image with core nodes; Remove Background's "
-                              "MASK is 1 on the object, so Encode Image has 'mask_is_background' off. Older "
-                              "ComfyUI: use direct3d_s2_text_to_image_to_mesh. " + NOTE_TINY + NOTE_SDXL],
-          size=(420, 220))
-    vae = _text_to_image(g)
+def _remove_background(g: Graph, vae: dict) -> dict:
     bg = g.add("LoadBackgroundRemovalModel", (720, 120), ["birefnet.safetensors"], size=(240, 60))
     rm = g.add("RemoveBackground", (720, 220), [1024], size=(240, 80))
     g.link(bg, 0, rm, "bg_removal_model")
     g.link(vae, 0, rm, "image")
-    _image_to_512_mesh(g, vae, rm, mask_is_background=False)
-    return g.workflow()
+    return rm
+
+
+def workflow_text_to_mesh(ours) -> dict:
+    note = ("Text to image with core nodes, then image to mesh. Works on any ComfyUI. The mask path here is a "
+            "placeholder made of core nodes (near-white pixels = background, for prompts asking for a plain white "
+            "background). On ComfyUI " + CORE_3D_VERSION + " or newer use direct3d_s2_text_to_image_rembg_to_mesh "
+            "(core Remove Background) instead, or connect any background-removal node's MASK to Encode Image and "
+            "switch 'mask_is_background' off (those masks are 1 on the object). ")
+    return _text_to_mesh(ours, note, _near_white_is_background, mask_is_background=True)
+
+
+def workflow_text_to_mesh_rembg(ours) -> dict:
+    note = ("Needs ComfyUI " + CORE_3D_VERSION + " or newer (core Load Background Removal Model and Remove "
+            "Background; put birefnet.safetensors from Comfy-Org/BiRefNet into models/background_removal/). Text to "
+            "image with core nodes; Remove Background's MASK is 1 on the object, so Encode Image has "
+            "'mask_is_background' off. Older ComfyUI: use direct3d_s2_text_to_image_to_mesh. ")
+    return _text_to_mesh(ours, note, _remove_background, mask_is_background=False)
+
+
+def _image_to_mesh_node(g: Graph) -> dict:
+    """LoadImage and Load Model into the all-in-one Image To Mesh node; returns it (MESH output 0). Node and
+    link ids follow the order of the calls, so the saved workflows depend on this order."""
+    img = g.add("LoadImage", (20, 20), ["example.png", "image"], size=(320, 360))
+    model = g.add("D3DS2LoadModel", (380, 20), size=(320, 200))
+    i2m = g.add("D3DS2ImageToMesh", (380, 260), size=(340, 420))
+    g.link(model, 0, i2m, "model")
+    g.link(img, 0, i2m, "image")
+    g.link(img, 1, i2m, "mask")
+    return i2m
 
 
 def workflow_decimate_unwrap(ours) -> dict:
@@ -261,15 +281,10 @@ def workflow_decimate_unwrap(ours) -> dict:
                               "UVs). Our mesh is a core MESH, so core's mesh tools take it directly: decimate the "
                               "1024 mesh to 50k faces, add a UV atlas, save with core Save 3D Model. " + NOTE_TINY],
           size=(360, 160))
-    img = g.add("LoadImage", (20, 20), ["example.png", "image"], size=(320, 360))
-    model = g.add("D3DS2LoadModel", (380, 20), size=(320, 200))
-    i2m = g.add("D3DS2ImageToMesh", (380, 260), size=(340, 420))
+    i2m = _image_to_mesh_node(g)
     dec = g.add("DecimateMesh", (760, 20), [50000, "midpoint"], size=(300, 110))
     uv = g.add("UnwrapMesh", (760, 170), ["pec", 1024, 1, 0.0], size=(300, 160))
     save = g.add("SaveGLB", (1100, 20), ["mesh/Direct3D-S2"], size=(360, 400))
-    g.link(model, 0, i2m, "model")
-    g.link(img, 0, i2m, "image")
-    g.link(img, 1, i2m, "mask")
     g.link(i2m, 0, dec, "mesh")
     g.link(dec, 0, uv, "mesh")
     g.link(uv, 0, save, "mesh")
@@ -279,13 +294,8 @@ def workflow_decimate_unwrap(ours) -> dict:
 def workflow_all_in_one(ours) -> dict:
     g = Graph(ours)
     g.add("Note", (20, 420), [NOTE_TINY], size=(360, 120))
-    img = g.add("LoadImage", (20, 20), ["example.png", "image"], size=(320, 360))
-    model = g.add("D3DS2LoadModel", (380, 20), size=(320, 200))
-    i2m = g.add("D3DS2ImageToMesh", (380, 260), size=(340, 420))
+    i2m = _image_to_mesh_node(g)
     save = g.add("D3DS2SaveMesh", (760, 20), size=(360, 400))
-    g.link(model, 0, i2m, "model")
-    g.link(img, 0, i2m, "image")
-    g.link(img, 1, i2m, "mask")
     g.link(i2m, 0, save, "mesh")
     return g.workflow()
 

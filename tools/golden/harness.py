@@ -12,7 +12,7 @@ puts substitutes in `sys.modules` BEFORE the first `import direct3d_s2`; each is
 | placeholders       | udf_ext, utils3d, pymeshfix, igraph, pyvista imported by `direct3d_s2.utils` | raise if called; unused |
 | `sort_block` patch | CPU `.cpu()` aliases; the original edits it in place | `.cpu()` made to copy, as on CUDA   |
 
-Usage (from make_golden.py, run with /work/venv-up/bin/python):
+Usage (from make_golden.py, run with UPSTREAM_VENV/bin/python):
 
     harness.install_stand_ins(upstream_dir, dinov2_dir)     # before importing direct3d_s2
     model, specs = harness.build_original(target, params, seed=0)   # deterministic weights, strict=True

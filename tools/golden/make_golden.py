@@ -1,7 +1,7 @@
 """Record golden fixtures from the ORIGINAL Direct3D-S2 code (run with the venv that can import it).
 
-    /work/venv-up/bin/python tools/golden/make_golden.py --upstream /work/upstream/Direct3D-S2 \\
-        --dinov2 /work/upstream/dinov2 [--only NAME ...] [--out tests/golden] [--list]
+    UPSTREAM_VENV/bin/python tools/golden/make_golden.py --upstream UPSTREAM/Direct3D-S2 \\
+        --dinov2 UPSTREAM/dinov2 [--only NAME ...] [--out tests/golden] [--list]
 
 Generators are the modules `tools/golden/gen_*.py`; each exposes `COMPONENTS: dict[str, callable]` keyed
 `<component>__<config>`. A callable returns `(tensors, meta)`: tensors named `in.*`, `out.*` or `mid.*`,

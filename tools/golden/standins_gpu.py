@@ -27,7 +27,7 @@ causal attention, dropout) raises instead of computing something else.
 
     import standins_gpu
     standins_gpu.install_standins(upstream)  # before the first `import direct3d_s2...`
-    python tools/golden/standins_gpu.py --check --upstream /work/upstream/Direct3D-S2
+    python tools/golden/standins_gpu.py --check --upstream UPSTREAM/Direct3D-S2
         # the original SparseSDFVAE decoder on these stand-ins vs the golden fixtures (spconv + exact attention)
 """
 from __future__ import annotations
@@ -675,7 +675,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--check", action="store_true", help="run the original decoder on the stand-ins against "
                     "the golden fixtures tests/golden/sparse_vae_512__decode, sparse_vae_1024__decode_chunked")
-    ap.add_argument("--upstream", default="/work/upstream/Direct3D-S2", help="DreamTechAI/Direct3D-S2 checkout")
+    ap.add_argument("--upstream", default=".scratch", help="folder holding a DreamTechAI/Direct3D-S2 checkout")
     args = ap.parse_args()
     if not args.check:
         ap.print_help()

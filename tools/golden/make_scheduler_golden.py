@@ -4,7 +4,7 @@ For (steps, shift) = (50, 6.0) and (15, 8.0) (the dense and 1024 stages' schedul
 timesteps, and 64 fp16 values stepped through the whole schedule with seeded fp16 velocities (the same
 generator draws as the test). Run in an environment with diffusers (the upstream one):
 
-    /work/venv-up/bin/python tests/data/make_scheduler_golden.py
+    UPSTREAM_VENV/bin/python tools/golden/make_scheduler_golden.py
 
 Writes tests/data/flow_match_diffusers.safetensors: timesteps.<steps> [steps] fp32, x0.<steps> [64] fp16 (the
 start), x.<steps> [64] fp16 (after the last step); the velocities are re-drawn by the test from seed 0.
@@ -25,4 +25,4 @@ for steps, shift in ((50, 6.0), (15, 8.0)):
     for t in s.timesteps:
         x = s.step(torch.randn(64, generator=g).half(), t, x).prev_sample
     out[f"x.{steps}"] = x
-save_file(out, str(Path(__file__).with_name("flow_match_diffusers.safetensors")))
+save_file(out, str(Path(__file__).resolve().parents[2] / "tests" / "data" / "flow_match_diffusers.safetensors"))

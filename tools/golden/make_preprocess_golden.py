@@ -3,7 +3,7 @@
 Run with the upstream environment (see tools/golden/harness.py for the torchvision stand-in, whose PIL path
 is PIL itself):
 
-    /work/venv-up/bin/python tests/data/make_preprocess_golden.py --upstream /work/upstream/Direct3D-S2
+    UPSTREAM_VENV/bin/python tools/golden/make_preprocess_golden.py --upstream UPSTREAM/Direct3D-S2
 
 Writes tests/data/preprocess_original.png: the original's `[4, 518, 518]` output (RGB on white ‖ mask) as
 an RGBA PNG; every value is k/255, so 8 bits store it losslessly.
@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 HERE = Path(__file__).resolve().parent
+DATA = HERE.parents[1] / "tests" / "data"
 
 
 def scene() -> np.ndarray:
@@ -31,7 +32,7 @@ if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--upstream", required=True)
     args = ap.parse_args()
-    sys.path.insert(0, str(HERE.parents[1] / "tools" / "golden"))
+    sys.path.insert(0, str(HERE))
     import harness
     harness.install_stand_ins(args.upstream)
     from direct3d_s2.utils.image import preprocess_image
@@ -40,4 +41,4 @@ if __name__ == "__main__":
     out = preprocess_image(scene())                      # [4, 518, 518] float32, values k/255
     u8 = (out.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert np.array_equal(u8.astype(np.float32) / 255, out.permute(1, 2, 0).numpy())
-    Image.fromarray(u8, "RGBA").save(HERE / "preprocess_original.png", optimize=True)
+    Image.fromarray(u8, "RGBA").save(DATA / "preprocess_original.png", optimize=True)

@@ -7,8 +7,8 @@ weights (seed 0), and the decoder's output bias set to -3 so the occupancy is pa
 tests/data/preprocess_original.png (the original's own 518² preprocessing output), which the tiny 56² DINOv2
 resizes. Run with the upstream environment:
 
-    /work/venv-up/bin/python tests/data/make_coarse_stage_golden.py --upstream /work/upstream/Direct3D-S2 \
-        --dinov2 /work/upstream/dinov2
+    UPSTREAM_VENV/bin/python tools/golden/make_coarse_stage_golden.py --upstream UPSTREAM/Direct3D-S2 \
+        --dinov2 UPSTREAM/dinov2
 
 Writes tests/data/coarse_stage_tiny_original.safetensors: out.cond [1, T, C] fp32, out.latent [1, 8, 4, 4, 4]
 fp16 (the decoder's input), out.index [N, 4] int64 (block-sorted).
@@ -22,8 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-HERE = Path(__file__).resolve().parent
-REPO = HERE.parents[1]
+REPO = Path(__file__).resolve().parents[2]
+DATA = REPO / "tests" / "data"
 STEPS, GUIDANCE, NOISE_SEED, DECODER_BIAS = 3, 7.0, 7, -3.0
 
 
@@ -36,7 +36,7 @@ def tiny_fp16_config():
 
 def pixels() -> torch.Tensor:
     from PIL import Image
-    arr = np.array(Image.open(HERE / "preprocess_original.png"))
+    arr = np.array(Image.open(DATA / "preprocess_original.png"))
     return torch.from_numpy(arr).permute(2, 0, 1)[None].float() / 255  # [1, 4, 518, 518]
 
 
@@ -90,6 +90,6 @@ if __name__ == "__main__":
     index = sort_block(index, cfg.sparse_dit_512.selection_block_size)
     assert 0 < len(index) < 16 ** 3, len(index)
     save_file({"out.cond": cond.contiguous(), "out.latent": seen["latent"].contiguous(), "out.index": index.contiguous()},
-              str(HERE / "coarse_stage_tiny_original.safetensors"),
+              str(DATA / "coarse_stage_tiny_original.safetensors"),
               metadata={"command": " ".join(sys.argv), "upstream_commit": harness.upstream_commit(args.upstream)})
     print(len(index), "voxels")
