@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from s2core import loading, results
+from s2core import pipeline as P
 
 STEPS = dict(dense_steps=2, sparse_512_steps=2, resolution=512, refine_512=False)
 
