@@ -7,7 +7,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 
 from s2core.colour import Camera, render_preview
 from s2core.colour.scene import bumpy_shape, shape_colours
