@@ -134,7 +134,7 @@ def download_progress_class():
         def update(self, n=1):
             out = super().update(n)
             self._bar.update_absolute(int(self.n), int(self.total or 0) or None)
-            should_stop()  # Cancel stops a multi-GB download (checkpoints._from_hub lets it through)
+            should_stop()  # Cancel stops a multi-GB download (find_weights._from_hub lets it through)
             return out
 
     return _ProgressTqdm

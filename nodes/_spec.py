@@ -3,11 +3,11 @@
 A node is a subclass of `Node` with a schema (class attributes) and a `run` classmethod that calls one
 s2core function. `nodes/_v3.py` builds `io.ComfyNode` classes from it (ComfyUI with `comfy_api`),
 `nodes/_v1.py` builds classic classes (older ComfyUI); both call the same `run`. Keeping the schema as
-plain data also lets the tests snapshot it without ComfyUI.
+plain data also lets the tests snapshot it without ComfyUI (tests/test_node_schema.py).
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import Any, ClassVar
 
 CATEGORY = "Direct3D-S2"
@@ -39,14 +39,6 @@ class In:
     optional: bool = False
     seed: bool = False  # adds ComfyUI's "control after generate" widget
 
-    def as_dict(self) -> dict:
-        out = {}
-        for k, v in asdict(self).items():
-            if v is None or (isinstance(v, tuple) and not v) or (v is False and k != "default"):
-                continue
-            out[k] = list(v) if isinstance(v, tuple) else v
-        return out
-
 
 @dataclass(frozen=True)
 class Out:
@@ -69,10 +61,3 @@ class Node:
     def run(cls, **inputs) -> tuple[tuple, dict | None]:
         """Return (outputs, ui dict or None)."""
         raise NotImplementedError
-
-    @classmethod
-    def schema_dict(cls) -> dict:
-        return {"node_id": cls.node_id, "display_name": cls.display_name, "category": CATEGORY,
-                "output_node": cls.output_node, "hidden_prompt": cls.hidden_prompt,
-                "inputs": [i.as_dict() for i in cls.inputs],
-                "outputs": [{"type": o.type, "name": o.name} for o in cls.outputs]}

@@ -5,7 +5,8 @@ import torch
 
 from ..s2core.colour import colour_mesh, render_preview
 from . import _comfy
-from ._spec import IMAGE, MASK, MESH, In, Node, Out
+from ._mask import MASK_INPUTS, object_mask
+from ._spec import IMAGE, MESH, In, Node, Out
 
 PREVIEW = 512  # side of the preview render, pixels
 
@@ -20,10 +21,7 @@ class ColourFromImage(Node):
     inputs = (
         In("mesh", MESH, "The mesh made from this picture (any mesh works if the picture shows it)."),
         In("image", IMAGE, "The same picture given to Encode Image."),
-        In("mask", MASK, "Where the object is (the same mask as for Encode Image). Without it the image's "
-           "transparency or a plain background is used.", optional=True),
-        In("mask_is_background", "BOOLEAN", "On: the mask is 1 on the background, as Load Image gives it "
-           "(1 - alpha). Off: the mask is 1 on the object.", default=True),
+        *MASK_INPUTS,
         In("mirror_symmetry", "BOOLEAN", "Copy colours across the object's mirror plane to the hidden side when "
            "the shape is clearly symmetric (a face, a car); off: the hidden side only blends its surroundings.",
            default=True),
@@ -36,8 +34,7 @@ class ColourFromImage(Node):
 
     @classmethod
     def run(cls, mesh, image, mask=None, mask_is_background=True, mirror_symmetry=True):
-        if mask is not None and mask_is_background:
-            mask = 1.0 - mask
+        mask = object_mask(mask, mask_is_background)
         m = _comfy.from_comfy_mesh(mesh).to(_comfy.compute_device())
         out, reports = colour_mesh(m, image, mask, symmetry=mirror_symmetry, callback=_comfy.progress(1),
                                    should_stop=_comfy.should_stop)

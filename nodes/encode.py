@@ -3,24 +3,8 @@ from __future__ import annotations
 
 from ..s2core import pipeline
 from . import _comfy
-from ._spec import COND, IMAGE, MASK, MODEL, In, Node, Out
-
-
-# LoadImage's MASK for a file without alpha (JPG, RGB PNG): 64x64 zeros whatever the image size
-LOAD_IMAGE_NO_ALPHA = (64, 64)
-
-
-def object_mask(mask, mask_is_background: bool):
-    """The MASK input as s2core wants it (1 = object), or None for "no mask".
-
-    LoadImage's 64x64 all-zero MASK for images without alpha means no mask: the image's own background is
-    keyed out then, as when nothing is connected (it is not resized to the image, nor inverted into
-    "everything is the object")."""
-    if mask is None:
-        return None
-    if tuple(mask.shape[-2:]) == LOAD_IMAGE_NO_ALPHA and not bool(mask.any()):
-        return None
-    return 1.0 - mask if mask_is_background else mask
+from ._mask import MASK_INPUTS, object_mask
+from ._spec import COND, IMAGE, MODEL, In, Node, Out
 
 
 class EncodeImage(Node):
@@ -31,11 +15,7 @@ class EncodeImage(Node):
     inputs = (
         In("model", MODEL, "The model from Load Direct3D-S2 Model."),
         In("image", IMAGE, "The picture of one object. Several images make a batch: one mesh each."),
-        In("mask", MASK, "Where the object is. Without it the whole image is treated as the object, so use a "
-           "background-removal node or an image with transparency.", optional=True),
-        In("mask_is_background", "BOOLEAN", "On: the mask is 1 on the background, as Load Image gives it "
-           "(1 - alpha). Off: the mask is 1 on the object, as most background-removal nodes give it.",
-           default=True),
+        *MASK_INPUTS,
     )
     outputs = (Out(COND, "conditioning", "Image features for the samplers."),)
 

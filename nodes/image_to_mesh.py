@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from ..s2core import pipeline
 from . import _comfy
-from ._spec import IMAGE, MASK, MESH, MODEL, SEED_MAX, In, Node, Out
-from .encode import object_mask
+from ._mask import MASK_INPUTS, object_mask
+from ._spec import IMAGE, MESH, MODEL, SEED_MAX, In, Node, Out
 
 
 class ImageToMesh(Node):
@@ -15,10 +15,7 @@ class ImageToMesh(Node):
     inputs = (
         In("model", MODEL, "The model from Load Direct3D-S2 Model (with the stages this resolution needs)."),
         In("image", IMAGE, "The picture of one object; a batch gives one mesh per image."),
-        In("mask", MASK, "Where the object is (see mask_is_background). Without it the whole image is the object.",
-           optional=True),
-        In("mask_is_background", "BOOLEAN", "On: the mask is 1 on the background, as Load Image gives it "
-           "(1 - alpha). Off: the mask is 1 on the object, as most background-removal nodes give it.", default=True),
+        *MASK_INPUTS,
         In("seed", "INT", "Noise seed of every stage; batch item i uses seed + i.", default=0, min=0, max=SEED_MAX,
            seed=True),
         In("resolution", "COMBO", "1024: finest detail (measured peak 5.3 GiB of GPU memory allocated, H100, "

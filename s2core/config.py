@@ -2,15 +2,13 @@
 
 Defaults are the official v1.1 release (its config.json, kept as `tests/data/upstream/config.json`; docs/ORIGINAL.md); the same classes
 describe the tiny smoke-test configs (`tiny_release()`). Field names follow the original's
-constructor arguments so a config entry maps one to one; `use_checkpoint` (gradient checkpointing)
-is dropped because it has no effect at inference.
+constructor arguments so a config entry maps one to one (`tests/test_manifests.py` reads both official
+config files into these classes and compares); `use_checkpoint` (gradient checkpointing) is dropped because
+it has no effect at inference.
 """
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass, field, fields, replace
-from pathlib import Path
-from typing import Any
+from dataclasses import dataclass, field, replace
 
 
 # How the original samples and meshes (SPEC.md §3.1, §3.2, SPARSE.md §8): the defaults of s2core.pipeline.
@@ -153,43 +151,6 @@ class ReleaseConfig:
     sparse_image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
     refiner_1024: RefinerConfig = field(default_factory=lambda: RefinerConfig(patch_size=256, sign=True))
-
-
-_COMPONENT_TYPES = {f.name: f.type for f in fields(ReleaseConfig) if f.name != "name"}
-_CLASSES = {
-    "DenseVAEConfig": DenseVAEConfig, "DenseDiTConfig": DenseDiTConfig,
-    "ImageEncoderConfig": ImageEncoderConfig, "SchedulerConfig": SchedulerConfig,
-    "SparseVAEConfig": SparseVAEConfig, "SparseDiTConfig": SparseDiTConfig,
-    "RefinerConfig": RefinerConfig,
-}
-# Original constructor arguments that do not change inference results.
-_IGNORED_PARAMS = {"use_checkpoint"}
-
-
-def _component_from_params(cls, params: dict[str, Any], default):
-    known = {f.name for f in fields(cls)}
-    unknown = set(params) - known - _IGNORED_PARAMS
-    if unknown:
-        raise ValueError(f"{cls.__name__} has no field(s) {sorted(unknown)}; the config file is not a Direct3D-S2 config.")
-    values = {k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in known}
-    return replace(default, **values)
-
-
-def release_from_json(path: str | Path, name: str | None = None) -> ReleaseConfig:
-    """Read an official-format config (`{component: {target, params}}`) into a ReleaseConfig."""
-    raw = json.loads(Path(path).read_text())
-    base = ReleaseConfig()
-    comps = {}
-    for comp, typ in _COMPONENT_TYPES.items():
-        if comp not in raw:
-            continue
-        cls = _CLASSES[typ] if isinstance(typ, str) else typ
-        default = getattr(base, comp)
-        params = dict(raw[comp].get("params", {}))
-        if comp == "refiner_1024" or raw[comp].get("target", "").endswith("_sign"):
-            params.setdefault("sign", True)
-        comps[comp] = _component_from_params(cls, params, default)
-    return replace(base, name=name or Path(path).stem, **comps)
 
 
 def official_v1_1() -> ReleaseConfig:

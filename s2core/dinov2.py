@@ -253,18 +253,3 @@ def hub_state_dict(state_dict) -> dict[str, torch.Tensor]:
         raise ValueError(f"The DINOv2 checkpoint has {len(extra)} unexpected weight(s) (first: {extra[0]!r}); it is "
                          "not a ViT with registers as Direct3D-S2 uses — use dinov2-with-registers-large.")
     return out
-
-
-def hf_state_dict(hub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of `hub_state_dict`: a hub-layout state dict in the Hugging Face layout (for tests/export)."""
-    depth = _depth(hub, "blocks.{i}.norm1.weight")
-    out = {}
-    for hf, hub_key in HF_TO_HUB:
-        for i in range(depth) if "{i}" in hub_key else [None]:
-            t = hub[hub_key.format(i=i)]
-            if isinstance(hf, str):
-                out[hf.format(i=i)] = t
-            else:
-                for name, part in zip(hf, t.chunk(len(hf), dim=0)):
-                    out[name.format(i=i)] = part.clone()
-    return out

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from . import checkpoints, checks
+from . import checkpoints, checks, find_weights, release
 from .config import (MC_THRESHOLD, SPARSE_512_STEPS, SPARSE_1024_STEPS, ReleaseConfig, SchedulerConfig, official_v1_0,
                      official_v1_1, tiny_release)
 from .dense_dit import DenseDiT
@@ -35,7 +35,7 @@ class Part:
     """One network of a release: how to build it and where its weights are."""
     build: Callable[..., torch.nn.Module]  # called as build(config, **kwargs)
     config: Callable[[ReleaseConfig], object]  # its config inside the release's
-    stem: str | None  # release file (checkpoints.FILE_PARTS), None for DINOv2 (not in the release)
+    stem: str | None  # release file (release.FILE_PARTS), None for DINOv2 (not in the release)
     key: str | None  # key inside the release file
     takes_dtype: bool = False  # the class computes in a `dtype=` argument (else in its config's use_fp16)
 
@@ -273,16 +273,16 @@ def tiny_state_dicts(config: ReleaseConfig, parts: tuple[str, ...], seed: int = 
 
 def _release_state_dicts(variant: str, parts: tuple[str, ...], stages: tuple[str, ...], weights_dir, models_dir,
                          allow_download: bool, progress) -> dict[str, dict[str, torch.Tensor]]:
-    paths = checkpoints.resolve_weights(variant, stages=stages, local_dir=weights_dir, models_dir=models_dir,
-                                        allow_download=allow_download, with_dinov2="image_encoder" in parts,
-                                        tqdm_class=progress)
+    paths = find_weights.resolve_weights(variant, stages=stages, local_dir=weights_dir, models_dir=models_dir,
+                                         allow_download=allow_download, with_dinov2="image_encoder" in parts,
+                                         tqdm_class=progress)
     out = {}
     for name in parts:
         p = PARTS[name]
         if p.stem is None:
             out[name] = checkpoints.load_dinov2(paths["dinov2"])
         else:
-            out[name] = checkpoints.load_part(paths[p.stem], p.key, checkpoints.manifest_key(p.stem, p.key, variant))
+            out[name] = checkpoints.load_part(paths[p.stem], p.key, release.manifest_key(p.stem, p.key, variant))
     return out
 
 
@@ -294,7 +294,7 @@ def load_models(variant: str = "v1.1", stages: tuple[str, ...] = STAGES, device:
     """Build our networks for `stages` and load their weights with strict=True.
 
     Weights come from `state_dicts` (`{part: state_dict}`), or for `tiny-random` from `seed` (no file; its
-    meshes are meaningless), or via `checkpoints.resolve_weights` (`weights_dir`, ComfyUI's `models_dir`,
+    meshes are meaningless), or via `find_weights.resolve_weights` (`weights_dir`, ComfyUI's `models_dir`,
     the Hugging Face cache or a download). `dtype` defaults to fp16 on CUDA for the official variants and
     fp32 otherwise. Networks are built on CPU; `placement` (default: move to `device`) places them per stage.
     """

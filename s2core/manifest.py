@@ -48,5 +48,5 @@ def manifest(key: str) -> list[TensorSpec]:
     """The manifest of one checkpoint part, e.g. `manifest("model_dense.vae")`."""
     table = _compact()
     if key not in table:
-        raise KeyError(f"No manifest named {key!r}; known: {', '.join(sorted(table))}.")
+        raise KeyError(f"No manifest named {key!r}; known: {', '.join(known_parts())}.")
     return [TensorSpec(n, tuple(s), d) for n, s, d in table[key]]

@@ -8,8 +8,7 @@ import time
 import pytest
 import torch
 
-from s2core import checkpoints as ck
-from s2core import hooks, loading, results
+from s2core import find_weights, hooks, loading, results
 from s2core import pipeline as P
 
 from conftest import stubs
@@ -132,7 +131,7 @@ def test_download_cancel_is_not_swallowed(tmp_path, monkeypatch):
         raise InterruptProcessingException()
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(ck, "hub_reachable", lambda timeout=5.0: True)
+    monkeypatch.setattr(find_weights, "hub_reachable", lambda timeout=5.0: True)
     monkeypatch.setattr(huggingface_hub, "hf_hub_download", hf_hub_download)
     with pytest.raises(InterruptProcessingException):
-        ck.resolve_weights("v1.1", stages=("dense",), models_dir=tmp_path / "models", with_dinov2=False)
+        find_weights.resolve_weights("v1.1", stages=("dense",), models_dir=tmp_path / "models", with_dinov2=False)

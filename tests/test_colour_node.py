@@ -36,3 +36,22 @@ def test_colour_node_then_save(pack, tmp_path):
     loaded = trimesh.load(path, process=False, force="mesh")
     expected = np.rint(coloured.vertex_colors[0].numpy() * 255).astype(np.uint8)
     np.testing.assert_array_equal(np.asarray(loaded.visual.vertex_colors)[:, :3], expected)
+
+
+def test_loadimage_no_alpha_mask_counts_as_no_mask(pack):
+    """Load Image's MASK for a picture without alpha (64x64 zeros) means "no mask", as for Encode Image: it
+    was inverted into a 64x64 all-object mask and refused as the wrong size for the picture."""
+    v, f = bumpy_shape(20)
+    cam = Camera(-40.0, 15.0, 0.0, (0.0, 0.0, 0.0), float(v.norm(dim=1).max()), 70.0, 80.0, 80.0, 160, 160)
+    picture = render_preview(v, f, cam, shape_colours(v), shade=False)
+    picture = torch.nn.functional.pad(picture.permute(2, 0, 1), (16,) * 4, value=1.0).permute(1, 2, 0)[None]
+    mesh = SimpleNamespace(vertices=v[None], faces=f[None])  # picture: on a white margin, keyed out without a mask
+    node = pack.NODE_CLASS_MAPPINGS["D3DS2ColourFromImage"]
+
+    def colour(**mask):
+        out = getattr(node(), node.FUNCTION)(mesh=mesh, image=picture, mirror_symmetry=False, **mask)
+        return (out["result"] if isinstance(out, dict) else out)[0].vertex_colors
+
+    alone = colour()
+    wired = colour(mask=torch.zeros(1, 64, 64), mask_is_background=True)
+    assert torch.equal(wired, alone)

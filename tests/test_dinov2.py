@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from s2core.config import ImageEncoderConfig, tiny_release
-from s2core.dinov2 import DinoV2, ImageConditioner, hf_state_dict, hub_state_dict
+from s2core.dinov2 import HF_TO_HUB, DinoV2, ImageConditioner, hub_state_dict
 from s2core.manifest import read_manifest_tsv
 from s2core.testing import deterministic_state_dict
 
@@ -25,6 +25,22 @@ HF_LAYER0 = {f"encoder.layer.0.{n}" for n in (
     "attention.attention.value.bias", "attention.output.dense.weight", "attention.output.dense.bias",
     "layer_scale1.lambda1", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
     "mlp.fc2.bias", "layer_scale2.lambda1")}
+
+
+def hf_state_dict(hub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A hub-layout state dict in the Hugging Face layout: `HF_TO_HUB` read backwards (the loader's
+    `hub_state_dict` reads it forwards), so the tests can feed the loader HF files without transformers."""
+    depth = 1 + max(int(k.split(".")[1]) for k in hub if k.startswith("blocks."))
+    out = {}
+    for hf, hub_key in HF_TO_HUB:
+        for i in range(depth) if "{i}" in hub_key else [None]:
+            t = hub[hub_key.format(i=i)]
+            if isinstance(hf, str):
+                out[hf.format(i=i)] = t
+            else:  # query, key, value: the row blocks of the hub's packed qkv
+                for name, part in zip(hf, t.chunk(len(hf), dim=0)):
+                    out[name.format(i=i)] = part.clone()
+    return out
 
 
 def meta_hub_state_dict():

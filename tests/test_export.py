@@ -7,8 +7,8 @@ import pytest
 import torch
 import trimesh
 
-from s2core.mesh.export import (FORMATS, ORIGINAL_TO_YUP, check_filename_prefix, mesh_bytes, save_mesh,
-                                write_atomic)
+from s2core.mesh.export import FORMATS, check_filename_prefix, mesh_bytes, save_mesh, write_atomic
+from s2core.mesh.frame import ORIGINAL_TO_GLTF
 
 
 def _asymmetric():
@@ -40,12 +40,12 @@ def test_axis_convention_gltf(tmp_path):
     back = trimesh.load(path, force="mesh", process=False)
     # glTF is Y-up: the tip (original +y) is the highest vertex, +x stays the long side, and the
     # mapping is a rotation (volume stays positive, i.e. faces still wind outward)
-    want = v.double().numpy() @ ORIGINAL_TO_YUP.T
+    want = v.double().numpy() @ ORIGINAL_TO_GLTF.T
     np.testing.assert_allclose(back.vertices, want, atol=1e-6)
     assert np.argmax(back.vertices[:, 1]) == 3
     assert np.ptp(back.vertices[:, 0]) > np.ptp(back.vertices[:, 2])
     assert back.volume > 0
-    assert np.isclose(np.linalg.det(ORIGINAL_TO_YUP), 1.0)
+    assert np.isclose(np.linalg.det(ORIGINAL_TO_GLTF), 1.0)
 
 
 def test_glb_extras(tmp_path):

@@ -12,8 +12,9 @@ import pytest
 import torch
 
 from s2core import checkpoints as ck
-from s2core import loading
+from s2core import find_weights, loading
 from s2core.manifest import manifest
+from s2core.release import DINOV2_HUB_FILE, FILE_PARTS, manifest_key
 
 
 @pytest.fixture
@@ -33,9 +34,9 @@ def _dense_folder(tmp_path, dense_bytes=None):
     """A weights folder with a valid DINOv2 stand-in and model_dense.ckpt (replaced by `dense_bytes`)."""
     d = tmp_path / "weights"
     d.mkdir()
-    torch.save({"cls_token": torch.zeros(1, 1, 4)}, d / ck.DINOV2_HUB_FILE)
+    torch.save({"cls_token": torch.zeros(1, 1, 4)}, d / DINOV2_HUB_FILE)
     path = d / "model_dense.ckpt"
-    torch.save({p: _zero_stride(f"model_dense.{p}") for p in ck.FILE_PARTS["model_dense"]}, path)
+    torch.save({p: _zero_stride(f"model_dense.{p}") for p in FILE_PARTS["model_dense"]}, path)
     if dense_bytes is not None:
         path.write_bytes(dense_bytes(path.read_bytes()))
     return d
@@ -59,9 +60,9 @@ def test_truncated_release_file_is_named_before_any_network_is_built(tmp_path, n
 def test_other_release_through_the_loader_path_says_which_release(tmp_path, have, selected):
     """`load_part` (what load_models uses) said "missing 96 weights" for the other release's sparse DiT."""
     path = tmp_path / "model_sparse_512.ckpt"
-    torch.save({p: _zero_stride(ck.manifest_key("model_sparse_512", p, have)) for p in ("vae", "dit")}, path)
+    torch.save({p: _zero_stride(manifest_key("model_sparse_512", p, have)) for p in ("vae", "dit")}, path)
     with pytest.raises(ValueError, match=rf"this is the {have} release; choose {have}") as e:
-        ck.load_part(path, "dit", ck.manifest_key("model_sparse_512", "dit", selected))
+        ck.load_part(path, "dit", manifest_key("model_sparse_512", "dit", selected))
     assert "missing" not in str(e.value)
 
 
@@ -86,7 +87,7 @@ class _Exploit:
 
 
 def test_unsafe_dinov2_pth_is_refused_in_one_sentence(tmp_path):
-    path = tmp_path / ck.DINOV2_HUB_FILE
+    path = tmp_path / DINOV2_HUB_FILE
     torch.save({"cls_token": torch.zeros(1), "x": _Exploit()}, path)
     with pytest.raises(ValueError, match="unsafe unpickling to load; it was refused") as e:
         ck.load_dinov2(path)
@@ -105,7 +106,7 @@ def test_no_network_fails_fast_with_one_line(tmp_path, monkeypatch, caplog):
     threads = set(threading.enumerate())
     t = time.perf_counter()
     with pytest.raises(FileNotFoundError, match=r"cannot be reached \(no network\?\)"):
-        ck.resolve_weights("v1.1", models_dir=tmp_path / "models")
+        find_weights.resolve_weights("v1.1", models_dir=tmp_path / "models")
     assert time.perf_counter() - t < 15
     assert len([r for r in caplog.records if r.levelno >= logging.WARNING]) <= 1
     # nothing left running that could outlive the failed load (ComfyUI aborted at exit after one)

@@ -7,6 +7,7 @@ fails and the change is intended, regenerate the snapshot with
 import importlib.util
 import json
 import sys
+from dataclasses import asdict
 from pathlib import Path
 
 SNAPSHOT = Path(__file__).parent / "data" / "node_schema.json"
@@ -15,11 +16,28 @@ stubs = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(stubs)
 
 
+def _input(i) -> dict:
+    """An `In` as plain data: fields left at their empty default (None, (), False) are omitted."""
+    out = {}
+    for k, v in asdict(i).items():
+        if v is None or (isinstance(v, tuple) and not v) or (v is False and k != "default"):
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
+def _schema(n, category: str) -> dict:
+    return {"display_name": n.display_name, "category": category, "output_node": n.output_node,
+            "hidden_prompt": n.hidden_prompt, "inputs": [_input(i) for i in n.inputs],
+            "outputs": [{"type": o.type, "name": o.name} for o in n.outputs]}
+
+
 def current_schema() -> dict:
     pack = stubs.load_pack(v3=False)
     try:
         nodes = sys.modules[f"{stubs.NAME}.nodes"].NODES
-        return {n.node_id: {k: v for k, v in n.schema_dict().items() if k != "node_id"} for n in nodes}
+        category = sys.modules[f"{stubs.NAME}.nodes._spec"].CATEGORY
+        return {n.node_id: _schema(n, category) for n in nodes}
     finally:
         stubs.unload()
         del pack

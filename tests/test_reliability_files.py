@@ -3,7 +3,7 @@ an interrupted weights download never leaves a complete-looking file, and the ne
 gets the whole file. The network is faked one level below huggingface_hub (its httpx client gets a
 MockTransport that plays the Hub: HEAD gives commit, ETag and size; GET streams the bytes, honours Range,
 and can drop the connection part way), so the real `hf_hub_download` → temp `.incomplete` file → size
-check → rename path runs unchanged through `checkpoints.resolve_weights`."""
+check → rename path runs unchanged through `find_weights.resolve_weights`."""
 import hashlib
 
 import pytest
@@ -14,6 +14,8 @@ from huggingface_hub import close_session, file_download, set_client_factory  # 
 from huggingface_hub.utils import _http  # noqa: E402
 
 from s2core import checkpoints as ck
+from s2core import find_weights
+from s2core.release import FILE_PARTS, manifest_key
 
 BODY = bytes(range(256)) * 4096  # 1 MiB stands in for model_dense.ckpt
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -81,7 +83,7 @@ def hub(monkeypatch, tmp_path):
 
 
 def _resolve(models):
-    return ck.resolve_weights("v1.1", stages=("dense",), models_dir=models, with_dinov2=False)
+    return find_weights.resolve_weights("v1.1", stages=("dense",), models_dir=models, with_dinov2=False)
 
 
 def _files(folder):
@@ -144,12 +146,12 @@ def test_wrong_variant_for_the_selected_stage_is_named(tmp_path):
     for have, selected in (("v1.0", "v1.1"), ("v1.1", "v1.0")):
         one = torch.zeros(1, dtype=torch.float16)  # zero-stride views: full shapes for a few bytes on disk
         parts = {p: {s.name: one.expand(*s.shape) if s.shape else one.reshape(())
-                     for s in manifest(ck.manifest_key("model_sparse_512", p, have))}
-                 for p in ck.FILE_PARTS["model_sparse_512"]}
+                     for s in manifest(manifest_key("model_sparse_512", p, have))}
+                 for p in FILE_PARTS["model_sparse_512"]}
         path = tmp_path / have / "model_sparse_512.ckpt"
         path.parent.mkdir()
         torch.save(parts, path)
-        assert ck.load_release_file(path, have)  # loads as what it is
+        assert ck.load_part(path, "dit", manifest_key("model_sparse_512", "dit", have))  # loads as what it is
         with pytest.raises(ValueError, match=rf"is the Direct3D-S2 {have} release of this file but {selected} is "
                                              rf"selected: this is the {have} release; choose {have}"):
-            ck.load_release_file(path, selected)
+            ck.load_part(path, "dit", manifest_key("model_sparse_512", "dit", selected))

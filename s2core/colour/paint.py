@@ -122,7 +122,7 @@ def fill_colours(vertices: torch.Tensor, faces: torch.Tensor, colours: torch.Ten
     e = v[faces[:, 1]] - v[faces[:, 0]] if faces.shape[0] else v[:0]
     edge = float(e.norm(dim=1).mean()) if e.shape[0] else extent
     known = conf > 0
-    x = None
+    x = prev = None  # prev: each vertex's cluster at the last level (set with x)
     cells = COARSEST
     while extent / cells > 2 * edge:  # cluster levels: cells of at least two edges, halving
         key = ((v - lo) / (extent / cells)).floor().long().clamp(0, cells - 1)

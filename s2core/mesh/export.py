@@ -21,7 +21,6 @@ import numpy as np
 import torch
 
 from ..files import NAME_MAX, write_atomic
-from .frame import ORIGINAL_TO_GLTF as ORIGINAL_TO_YUP
 from .frame import to_gltf
 from .voxelize import check_mesh
 
