@@ -212,6 +212,12 @@ def adaptive_filter(x: torch.Tensor, head: nn.Module, source: torch.Tensor | Non
     return x
 
 
+def unet_groups(c0: int) -> int:
+    """GroupNorm groups of a refiner UNet whose first width is c0: 4 as released (c0 = 8); narrower
+    (tiny) UNets keep two channels a group, which tiny-random's pass-through weights rely on."""
+    return min(4, c0 // 2)
+
+
 def _half_convs(module: nn.Module) -> None:
     """The release's use_fp16: convs and linears in fp16, GroupNorm parameters stay fp32 (as the original)."""
     for m in module.modules():
@@ -228,7 +234,7 @@ class VoxelRefiner(nn.Module):
         assert not cfg.sign, "use VoxelRefinerSign for the refiner_1024 config"
         self.cfg = cfg
         c0 = block_out_channels[0]
-        self.unet3d1 = UNet3D(c0 + 8, block_out_channels, cfg.layers_per_block, cfg.layers_mid_block)
+        self.unet3d1 = UNet3D(c0 + 8, block_out_channels, cfg.layers_per_block, cfg.layers_mid_block, unet_groups(c0))
         self.conv_in = nn.Conv3d(cfg.in_channels, c0, 3, padding=1)
         self.latent_mlp = LatentMLP(32, 32, 8)
         self.adaptive_conv1 = _filter_head(c0)
@@ -269,7 +275,7 @@ class VoxelRefinerSign(nn.Module):
         assert cfg.sign, "use VoxelRefiner for the refiner (512) config"
         self.cfg = cfg
         c0 = block_out_channels[0]
-        self.unet3d1 = UNet3D(c0, block_out_channels, cfg.layers_per_block, cfg.layers_mid_block)
+        self.unet3d1 = UNet3D(c0, block_out_channels, cfg.layers_per_block, cfg.layers_mid_block, unet_groups(c0))
         self.conv_in = nn.Conv3d(cfg.in_channels, c0, 3, padding=1)
         self.conv_out = nn.Conv3d(c0, cfg.out_channels, 3, padding=1)
         if cfg.use_fp16:
