@@ -213,9 +213,9 @@ def adaptive_filter(x: torch.Tensor, head: nn.Module, source: torch.Tensor | Non
 
 
 def unet_groups(c0: int) -> int:
-    """GroupNorm groups of a refiner UNet whose first width is c0: 4 as released (c0 = 8); narrower
-    (tiny) UNets keep two channels a group, which tiny-random's pass-through weights rely on."""
-    return min(4, c0 // 2)
+    """GroupNorm groups of a refiner UNet whose first width is c0: 4 as released; one for UNets narrower
+    than 4 channels (tiny-random's 2, whose pass-through weights need channels 0 and 1 in one group)."""
+    return 4 if c0 >= 4 else 1
 
 
 def _half_convs(module: nn.Module) -> None:
