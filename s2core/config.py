@@ -191,14 +191,14 @@ def tiny_release() -> ReleaseConfig:
                                        num_heads=4, num_kv_heads=2, use_fp16=False),
         sparse_vae_1024=SparseVAEConfig(model_channels_encoder=64, num_heads_encoder=2, num_head_channels_encoder=32,
                                         num_blocks_encoder=1, model_channels_decoder=64, num_heads_decoder=2,
-                                        num_head_channels_decoder=32, num_blocks_decoder=1, resolution=32,
-                                        chunk_size=2, use_fp16=False),
-        sparse_dit_1024=SparseDiTConfig(resolution=32, model_channels=64, cond_channels=64, num_blocks=2,
+                                        num_head_channels_decoder=32, num_blocks_decoder=1, resolution=16,
+                                        chunk_size=2, use_fp16=False),  # 1024 stage on a 16³ grid: the mesh fills it
+        sparse_dit_1024=SparseDiTConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=2,
                                         num_heads=4, num_kv_heads=2, factor=0.5, use_fp16=False),
         sparse_image_encoder=enc,
-        # one-level refiner UNets without per-level resnets: 27 cubes of 48³ (512) are the CPU demo's cost;
-        # cubes a quarter of the official ones, as the SDF grids (128³, 256³) are a quarter of 512³ / 1024³
+        # one-level refiner UNets (2 channels, loading.TINY_REFINER_CHANNELS) without per-level resnets: 27 cubes
+        # of 48³ (512) and of 32³ (1024 sign), an eighth of the official 256³, as its 128³ SDF grid is of 1024³
         refiner=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=48, use_fp16=False),
-        refiner_1024=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=64, sign=True,
+        refiner_1024=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=32, sign=True,
                                    use_fp16=False),
     )

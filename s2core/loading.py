@@ -23,11 +23,11 @@ from .refiner import build_refiner
 from .sparse_dit import SparseDiT
 from .sparse_vae import SparseSDFVAE
 from .testing import deterministic_state_dict
-from .tiny_weights import pass_through_refiner
+from .tiny_weights import flat_sdf_head, pass_through_refiner
 
 VARIANTS = ("v1.1", "v1.0", "tiny-random")
-TINY_REFINER_CHANNELS = (8,)  # refiner UNet widths of tiny-random: one level (official: 8, 32, 128, 512)
-TINY_DENSE_OUT_BIAS = -3.1  # tiny dense decoder output bias (see tiny_state_dicts)
+TINY_REFINER_CHANNELS = (2,)  # refiner UNet widths of tiny-random: one level (official: 8, 32, 128, 512)
+TINY_DENSE_OUT_BIAS = -3.5  # tiny dense decoder output bias (see tiny_state_dicts)
 
 
 @dataclass(frozen=True)
@@ -261,9 +261,12 @@ def tiny_state_dicts(config: ReleaseConfig, parts: tuple[str, ...], seed: int = 
             out[name] = deterministic_state_dict(module, seed=seed * 100 + i)
     if "dense_vae" in out:
         # Random decoders call ~every cell occupied at the official 0.1 threshold; this one bias keeps
-        # about 5 % of the 16³ cells so the sparse stages run on ~200 tokens and the chain takes seconds.
+        # about 1 % of the 16³ cells so the sparse stages run on ~50 tokens and the chain takes seconds.
         out["dense_vae"]["decoder.out_layer.2.bias"].fill_(TINY_DENSE_OUT_BIAS)
-    # random refiners never reach the iso-level (empty refined meshes): pass the SDF through instead
+    # random SDF heads give noise meshes, random refiners never reach the iso-level: see tiny_weights
+    for name in ("sparse_vae_512", "sparse_vae_1024"):
+        if name in out:
+            flat_sdf_head(out[name])
     for name, sign in (("refiner_512", False), ("refiner_1024", True)):
         if name in out:
             pass_through_refiner(out[name], TINY_REFINER_CHANNELS[0], sign, MC_THRESHOLD,

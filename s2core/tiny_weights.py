@@ -1,4 +1,11 @@
-"""Refiner weights for `tiny-random` that pass the decoded SDF through (same network code path).
+"""Weights for `tiny-random` that make every stage's surface well defined and cheap (same code paths).
+
+Sparse VAEs (`flat_sdf_head`): random decoders give an SDF that flips sign from voxel to voxel, so the
+512 mesh was ~140k faces of noise, and voxelizing it for the 1024 stage took minutes on a CPU. The
+tiny decoders' output layer instead gives every decoded voxel the same inside value, so each stage's
+surface is the boundary of the voxels it decoded, i.e. the shape of its sparse structure.
+
+Refiners (`pass_through_refiner`) pass the decoded SDF through:
 
 Random refiner weights give a field that never reaches the iso-level, so the demo's refined meshes were
 empty. These weights route the SDF channel through every layer of the refiner unchanged in shape:
@@ -24,6 +31,16 @@ import torch
 _A = 1e-4  # SDF scale before the UNet's last GroupNorm: variance <= 1e-8, against eps = 1e-5
 _SHIFT = 2.0  # silu(sdf + 2) is increasing for sdf > -3.28; the decoded SDF lies in [-1, 1]
 _GAIN = 2.0  # conv_out's scale on silu(sdf + 2): about 1.8 refined-field units per SDF unit at the level
+
+
+_INSIDE = -0.5  # the tiny VAEs' SDF on every decoded voxel: below both iso-levels, background is +1
+
+
+def flat_sdf_head(sd: dict[str, torch.Tensor]) -> None:
+    """Overwrite (in place) a sparse VAE state dict's decoder output layer so tanh(out) = _INSIDE on
+    every decoded voxel (the refiner's per-voxel features, from the layers before it, stay random)."""
+    sd["decoder.out_layer.weight"].zero_()
+    sd["decoder.out_layer.bias"].fill_(math.atanh(_INSIDE))
 
 
 def _centre(w: torch.Tensor, out: int, inp: int, value: float) -> None:

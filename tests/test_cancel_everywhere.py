@@ -93,8 +93,8 @@ def test_postprocess_polls_between_steps_and_component_passes():
 
 def test_chunked_vae_decode_polls_every_chunk(models):
     vae = models.sparse_vae_1024  # tiny: chunk_size 2 -> 8 chunks
-    coords = torch.stack(torch.meshgrid(*[torch.arange(0, 32, 4)] * 3, indexing="ij"), -1).reshape(-1, 3)
-    st = results.make_structure(torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1), 1024, 32)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(0, 16, 2)] * 3, indexing="ij"), -1).reshape(-1, 3)
+    st = results.make_structure(torch.cat([torch.zeros(len(coords), 1, dtype=torch.int32), coords.int()], 1), 1024, 16)
     x = st.sparse(torch.randn(st.num_tokens, 16, generator=torch.Generator().manual_seed(0)))
     check = stop_at(10**9)
     with torch.inference_mode():

@@ -94,10 +94,21 @@ def test_combo_options_of_every_object_info_form():
 def test_record_is_dated_markdown(tmp_path):
     results = [{"name": "a", "result": "PASS", "seconds": 12.3, "faces": [40]},
                {"name": "b", "result": "SKIP", "why": "this ComfyUI has no DecimateMesh"}]
-    hc.record(tmp_path / "r.md", results, {"comfyui_version": "0.3.64", "pytorch_version": "2.13.0"}, "cmd", 2)
+    hc.record(tmp_path / "r.md", results, {"comfyui_version": "0.3.64", "pytorch_version": "2.13.0"}, "cmd", 2, 1,
+              "3.10 2.00 1.00")
     text = (tmp_path / "r.md").read_text()
     assert "* date: 20" in text and "ComfyUI: 0.3.64" in text and "| a | PASS | 12.3 | 40 |" in text
+    assert "1 PyTorch thread(s)" in text and "load average after the run: 3.10 2.00 1.00" in text
     assert "| b | SKIP | - | - | this ComfyUI has no DecimateMesh |" in text
+
+
+def test_import_failed_means_our_pack_only():
+    ours = "   0.1 seconds: /tmp/b/custom_nodes/ComfyUI-Direct3D-S2"
+    core = "IMPORT FAILED: nodes_audio.py"  # ComfyUI's own module without torchaudio, in the same log
+    assert not hc.import_failed("\n".join([core, ours]))
+    assert hc.import_failed("   0.1 seconds (IMPORT FAILED): /tmp/b/custom_nodes/ComfyUI-Direct3D-S2")
+    assert hc.import_failed("   0.1 seconds (IMPORT FAILED): C:\\b\\custom_nodes\\ComfyUI-Direct3D-S2")
+    assert not hc.import_failed("   0.1 seconds (IMPORT FAILED): /tmp/b/custom_nodes/other-pack")
 
 
 @pytest.mark.slow

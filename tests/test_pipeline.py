@@ -103,14 +103,14 @@ def test_chain_512_to_file(models, tmp_path):
 
 
 def test_stage_1024_from_structure(models):
-    """Sparse 1024 sampling + decode on a small hand-made structure (two 8³ blocks of the 32³ grid)."""
+    """Sparse 1024 sampling + decode on a small hand-made structure (the 8³ blocks of the 16³ tiny grid)."""
     img, mask = picture()
     cond = P.encode_image(models, img, mask)
-    x, y, z = torch.meshgrid(*[torch.arange(8, 16)] * 3, indexing="ij")
+    x, y, z = torch.meshgrid(*[torch.arange(4, 12)] * 3, indexing="ij")
     xyz = torch.stack([x.flatten(), y.flatten(), z.flatten()], 1)
-    xyz = xyz[((xyz - 11.5) ** 2).sum(1) < 12]  # a small ball of cells
+    xyz = xyz[((xyz - 7.5) ** 2).sum(1) < 12]  # a small ball of cells across the 8³ blocks
     coords = torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long), xyz], 1)
-    st = results.make_structure(coords, 1024, 32, 8)
+    st = results.make_structure(coords, 1024, 16, 8)
     lat = P.sample_sparse(models, cond, st, seed=1, steps=1)
     mesh = P.decode_sparse(models, lat, refine=False)
     assert mesh.resolution == 1024 and mesh.face_counts[0] > 0
@@ -122,8 +122,8 @@ def test_mesh_to_structure_icosphere(models):
     ico = trimesh.creation.icosphere(subdivisions=1)
     mesh = results.Mesh.from_list([(torch.tensor(ico.vertices, dtype=torch.float32), torch.tensor(ico.faces))])
     st = P.mesh_to_structure(models, mesh)
-    assert st.resolution == 1024 and st.grid == 32 and st.num_tokens > 100
-    assert int(st.coords[:, 1:].min()) >= 0 and int(st.coords[:, 1:].max()) < 32
+    assert st.resolution == 1024 and st.grid == 16 and st.num_tokens > 100
+    assert int(st.coords[:, 1:].min()) >= 0 and int(st.coords[:, 1:].max()) < 16
     empty = results.Mesh.from_list([(torch.zeros(3, 3), torch.zeros(0, 3, dtype=torch.int64))])
     with pytest.raises(ValueError, match="no faces"):
         P.mesh_to_structure(models, empty)

@@ -65,7 +65,7 @@ def test_decode_shapes_and_children():
 
 
 def test_chunked_decode_equals_unchunked_with_seam_duplicates():
-    cfg = tiny_release().sparse_vae_1024  # resolution 32, chunk_size 2 -> chunks of 16 cells
+    cfg = replace(tiny_release().sparse_vae_1024, resolution=32)  # chunk_size 2 -> chunks of 16 cells
     vae = _tiny_vae(cfg)
     g = torch.Generator().manual_seed(1)
     lat = _latent(g, cfg, 60)

@@ -133,8 +133,8 @@ class Graph:
 
 
 NOTE_TINY = ("Direct3D-S2: the model loader downloads about 5 GB of weights into models/direct3d_s2/ the first time "
-             "(or put the files there yourself). Choose variant 'tiny-random' to try the graph in seconds without "
-             "weights: its meshes are meaningless.")
+             "(or put the files there yourself). Choose variant 'tiny-random' to try the graph without weights "
+             "(13-17 s measured on a 2-core CPU, see the README): its meshes are meaningless.")
 
 
 def workflow_separate_nodes(ours) -> dict:

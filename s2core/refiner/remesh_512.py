@@ -68,7 +68,7 @@ class VoxelRefiner(nn.Module):
         assert not cfg.sign, "use VoxelRefinerSign for the refiner_1024 config"
         self.cfg = cfg
         c0 = block_out_channels[0]
-        self.unet3d1 = UNet3D(c0 + 8, block_out_channels, cfg.layers_per_block, cfg.layers_mid_block)
+        self.unet3d1 = UNet3D(c0 + 8, block_out_channels, cfg.layers_per_block, cfg.layers_mid_block, unet_groups(c0))
         self.conv_in = nn.Conv3d(cfg.in_channels, c0, 3, padding=1)
         self.latent_mlp = LatentMLP(32, 32, 8)
         self.adaptive_conv1 = _filter_head(c0)

@@ -30,7 +30,7 @@ class VoxelRefinerSign(nn.Module):
         assert cfg.sign, "use VoxelRefiner for the refiner (512) config"
         self.cfg = cfg
         c0 = block_out_channels[0]
-        self.unet3d1 = UNet3D(c0, block_out_channels, cfg.layers_per_block, cfg.layers_mid_block)
+        self.unet3d1 = UNet3D(c0, block_out_channels, cfg.layers_per_block, cfg.layers_mid_block, unet_groups(c0))
         self.conv_in = nn.Conv3d(cfg.in_channels, c0, 3, padding=1)
         self.conv_out = nn.Conv3d(c0, cfg.out_channels, 3, padding=1)
         if cfg.use_fp16:

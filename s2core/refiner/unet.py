@@ -103,6 +103,12 @@ class MidBlock3D(nn.Module):
         return x
 
 
+def unet_groups(c0: int) -> int:
+    """GroupNorm groups of a refiner UNet whose first width is c0: 4 as released; one for UNets narrower
+    than 4 channels (tiny-random's 2, whose pass-through weights need channels 0 and 1 in one group)."""
+    return 4 if c0 >= 4 else 1
+
+
 class UNet3D(nn.Module):
     """[B, Cin, P, P, P] → [B, C0, P, P, P] features (P divisible by 2^(levels-1)); no output conv."""
 
