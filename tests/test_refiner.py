@@ -326,14 +326,15 @@ def test_remove_interior_errors():
 
 def test_cube_grid_is_read_from_the_config():
     """The tiling comes from RefinerConfig.patch_size: the original's hard-coded 512/192/160 and 512/256/128
-    at the release's sizes, a quarter of them for tiny-random's quarter-size SDF grids (128³ and 256³)."""
+    at the release's sizes; for tiny-random's 128³ SDF grids a quarter of the 512 tiling and an eighth of the
+    1024 sign tiling (its sign refiner runs at half the SDF grid: 64³)."""
     from s2core.config import ReleaseConfig, tiny_release
 
     release, tiny = ReleaseConfig(), tiny_release()
     assert cube_grid(release.refiner, 512) == CubeGrid(512, 192, 160)
     assert cube_grid(release.refiner_1024, 1024) == CubeGrid(512, 256, 128)
     assert cube_grid(tiny.refiner, 128) == CubeGrid(128, 48, 40)
-    assert cube_grid(tiny.refiner_1024, 256) == CubeGrid(128, 64, 32)
+    assert cube_grid(tiny.refiner_1024, 128) == CubeGrid(64, 32, 16)
     with pytest.raises(ValueError, match="patch_size 100 does not tile its 512³ grid"):
         cube_grid(RefinerConfig(patch_size=100), 512)
 

@@ -18,7 +18,7 @@ from ..layers import cast_layers
 from ..sparse.tensor import SparseTensor
 from .cubes import CubeGrid, Progress, check_sparse, cube_grid, densify, in_cube, take
 from .refined_field import CrossingCollector, RefinedField
-from .unet import FP16_LAYERS, OFFICIAL_CHANNELS, UNet3D
+from .unet import FP16_LAYERS, OFFICIAL_CHANNELS, UNet3D, unet_groups
 
 
 class VoxelRefinerSign(nn.Module):
