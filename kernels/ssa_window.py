@@ -24,11 +24,14 @@ import torch
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
 from ._common import LOG2E as _LOG2E
+from ._common import attend_finish as _attend_finish
+from ._common import attend_step as _attend_step
 from ._common import check_heads as _check_heads
 from ._common import chunk_rows as _chunk_rows
 from ._common import fitting as _fitting
 from ._common import gated as _gated
 from ._common import smem_limit as _smem_limit
+from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
 
@@ -155,19 +158,11 @@ def _window_kernel(
         # [BLOCK_R, BLOCK_K]
         b_s = tl.dot(b_q, b_k) * scale_log2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.exp2(b_m - b_mn)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = b_mn
-    b_acc = b_acc / b_l[:, None]
-    if HAS_GATE:  # the SSA gate of this branch, fused
-        b_acc = b_acc * tl.load(gate + o_tok * stride_g, mask=m_r, other=0.0).to(tl.float32)[:, None]
-    p_o = o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :]
-    if ACCUMULATE:
-        b_acc += tl.load(p_o, mask=m_r[:, None], other=0.0).to(tl.float32)
-    tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
+        b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
+    b_acc = _attend_finish(b_acc, b_l)
+    # the SSA gate of this branch, fused
+    _store_gated(o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :], b_acc, m_r,
+                 gate + o_tok * stride_g, HAS_GATE, ACCUMULATE)
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
