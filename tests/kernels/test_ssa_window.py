@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kernels import ssa_window as K
+from s2core.sparse.coords import window_partition
 from tests.kernels.ssa_cases import assert_close, block_sorted_coords, poisoned_outputs
 
 TOL = {torch.float16: (1e-2, 2e-2), torch.bfloat16: (3e-2, 6e-2)}
@@ -33,7 +34,7 @@ def _run(lens, grid, hq, h, d, shift, dtype, device, seed, monkeypatch):
     q = torch.randn(n, hq, d, generator=gen).to(dtype).to(device)
     k = torch.randn(n, h, d, generator=gen).to(dtype).to(device)
     v = torch.randn(n, h, d, generator=gen).to(dtype).to(device)
-    perm, cu_w, max_w = K.window_partition(coords, 8, shift)
+    perm, cu_w, max_w = window_partition(coords, 8, shift)
     tiles = K.window_tiles(cu_w)
     with poisoned_outputs(monkeypatch):
         o = K.ssa_window_attention(q, k, v, perm, cu_w, max_w, tiles, backend="triton")
@@ -103,7 +104,7 @@ def test_window_single_token_windows(shift, monkeypatch):
     q = torch.randn(n, hq, d, generator=gen).half()
     k = torch.randn(n, h, d, generator=gen).half()
     v = torch.randn(n, h, d, generator=gen).half()
-    perm, cu_w, max_w = K.window_partition(coords, 8, shift)
+    perm, cu_w, max_w = window_partition(coords, 8, shift)
     assert max_w == 1 and cu_w.numel() == n + 1
     with poisoned_outputs(monkeypatch):
         o = K.ssa_window_attention(q, k, v, perm, cu_w, max_w, backend="triton")
