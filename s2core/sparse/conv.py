@@ -36,7 +36,8 @@ import torch.nn as nn
 from .coords import coords_to_keys, key_deltas, keys_to_coords
 from .tensor import SparseTensor
 
-__all__ = ["kernel_offsets", "kernel_map", "kernel_map_rows", "subdivided_kernel_map", "sparse_conv3d", "sparse_conv3d_reference",
+__all__ = ["kernel_offsets", "kernel_map", "kernel_map_rows", "subdivided_kernel_map", "sparse_conv3d",
+           "sparse_conv3d_reference",
            "SparseConv3d", "TorchsparseConv3d", "sparse_downsample", "SparseDownsample", "sparse_subdivide",
            "SparseSubdivide"]
 
