@@ -31,7 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from s2core.config import SparseVAEConfig, tiny_release  # noqa: E402
 from s2core.mesh import sparse_sdf_to_mesh  # noqa: E402
 from s2core.sparse import SparseTensor  # noqa: E402
-from s2core.sparse.conv import coords_to_keys, kernel_offsets  # noqa: E402
+from s2core.sparse.conv import kernel_offsets  # noqa: E402
+from s2core.sparse.coords import coords_to_keys  # noqa: E402
 from s2core.sparse_vae import SparseSDFVAE  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
 

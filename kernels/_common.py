@@ -1,5 +1,6 @@
 """Small pieces every kernel module shares: Triton (or its stand-in), the dispatch rule, the shared-memory
-limits autotune configs are pruned by, constants, the SSA layout checks and gated write-out.
+limits autotune configs are pruned by, constants, the SSA layout checks and gated write-out, and the SSA
+kernels' `@triton.jit` steps (online softmax, normalisation, gated store).
 
 Triton is optional at run time. Windows has no `triton` wheel (ComfyUI portable installs `triton-windows` only
 when asked) and CPU-only installs need none: without it every kernel module still imports, its Triton kernels
@@ -136,6 +137,52 @@ def gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
         return o.to(dtype)
     out.copy_((out.float() + o).to(out.dtype))
     return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The SSA kernels' shared steps. Triton inlines a `@triton.jit` function into the kernel that calls it, so these
+# compile to the same instructions as a copy in each kernel. Without Triton they are stand-ins like the kernels
+# (never called: nothing launches).
+
+@triton.jit
+def softmax_step(b_s, b_m, b_l):
+    """One online-softmax step over a [ROWS, COLS] tile of base-2 logits `b_s` (-inf where masked), given the
+    running row max `b_m` and sum `b_l` [ROWS] -> (max, sum, p = exp2(s - max) [ROWS, COLS], alpha
+    [ROWS] = exp2(old max - max), the factor that rescales what was accumulated before this tile)."""
+    b_mn = tl.maximum(b_m, tl.max(b_s, 1))
+    # a row masked in every tile so far has max -inf: subtract 0 instead, so that p and alpha are
+    # exp2(-inf) = 0 and not exp2(-inf + inf) = NaN, and the row stays empty (sum 0) until a key arrives
+    b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
+    b_p = tl.exp2(b_s - b_ms[:, None])
+    b_alpha = tl.exp2(b_m - b_ms)
+    return b_mn, b_l * b_alpha + tl.sum(b_p, 1), b_p, b_alpha
+
+
+@triton.jit
+def attend_step(b_s, b_v, b_m, b_l, b_acc):
+    """`softmax_step`, then acc = alpha * acc + p @ v ([ROWS, D] fp32; p rounded to v's dtype for tl.dot as the
+    flash kernels do) -> (max, sum, acc)."""
+    b_m, b_l, b_p, b_alpha = softmax_step(b_s, b_m, b_l)
+    b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
+    return b_m, b_l, b_acc
+
+
+@triton.jit
+def attend_finish(b_acc, b_l):
+    """acc / sum: the softmax-weighted mean of the values; 0 for a row that never saw a key (sum 0)."""
+    return b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
+
+
+@triton.jit
+def store_gated(p_o, b_o, m_o, p_g, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr):
+    """Write the fp32 output tile `b_o` [ROWS, D] to the pointers `p_o` (rows masked by `m_o` [ROWS]) in o's
+    dtype: times the gate at `p_g` [ROWS] when HAS_GATE, plus what `p_o` holds when ACCUMULATE (the SSA module's
+    gated sum of its three branches, fused into each branch's epilogue; `gated` is the references' form)."""
+    if HAS_GATE:
+        b_o = b_o * tl.load(p_g, mask=m_o, other=0.0).to(tl.float32)[:, None]
+    if ACCUMULATE:
+        b_o += tl.load(p_o, mask=m_o[:, None], other=0.0).to(tl.float32)
+    tl.store(p_o, b_o.to(p_o.dtype.element_ty), mask=m_o[:, None])
 
 
 # The references' working set: a chunk of queries (or windows) is sized so that its largest fp32 temporary has

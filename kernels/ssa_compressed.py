@@ -42,6 +42,8 @@ from ._common import chunk_rows as _chunk_rows
 from ._common import fitting as _fitting
 from ._common import gated as _gated
 from ._common import smem_limit as _smem_limit
+from ._common import softmax_step as _softmax_step
+from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
 
@@ -179,10 +181,7 @@ def _cmp_attn_topk_kernel(
         # [BLOCK_R, BLOCK_K]
         b_s = tl.dot(b_q, b_k) * scale_log2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-        b_l = b_l * tl.exp2(b_m - b_ms) + tl.sum(tl.exp2(b_s - b_ms[:, None]), 1)
-        b_m = b_mn
+        b_m, b_l, _, _ = _softmax_step(b_s, b_m, b_l)
     b_lse2 = b_m + tl.log2(b_l)  # -inf for a sample without keys
 
     # pass 2: normalised output, block scores, running top-k per query token
@@ -231,13 +230,9 @@ def _cmp_attn_topk_kernel(
             b_best, i_best = tl.max(b_sc, 1, return_indices=True)
             b_min, i_min = tl.min(b_tv, 1, return_indices=True)
 
-    p_o = o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :]
-    if HAS_GATE:  # the SSA gate of this branch, fused: o = g * o_cmp (+ o when accumulating)
-        b_g = tl.load(gate + (q_start + o_t).to(tl.int64) * stride_g, mask=m_r, other=0.0).to(tl.float32)
-        b_acc = b_acc * b_g[:, None]
-    if ACCUMULATE:
-        b_acc += tl.load(p_o, mask=m_r[:, None], other=0.0).to(tl.float32)
-    tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
+    # the SSA gate of this branch, fused: o = g * o_cmp (+ o when accumulating)
+    _store_gated(o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :],
+                 b_acc, m_r, gate + (q_start + o_t).to(tl.int64) * stride_g, HAS_GATE, ACCUMULATE)
     if STORE_LSE:
         tl.store(lse + o_hq.to(tl.int64) * stride_lh + q_start + o_t, b_lse2 * 0.6931471805599453, mask=m_r)
     b_key = tl.where(b_ti < 0, BIG, b_ti)

@@ -30,11 +30,14 @@ import torch
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
 from ._common import LOG2E as _LOG2E
+from ._common import attend_finish as _attend_finish
+from ._common import attend_step as _attend_step
 from ._common import check_heads as _check_heads
 from ._common import chunk_rows as _chunk_rows
 from ._common import fitting as _fitting
 from ._common import gated as _gated
 from ._common import smem_limit as _smem_limit
+from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
 
@@ -167,23 +170,16 @@ def _selection_kernel(
                     b_v = b_v.to(tl.float32)
                 # [BLOCK_R, BLOCK_K]
                 b_s = tl.dot(b_q, b_k) * scale_log2
+                # rows whose token did not pick this block are masked whole (-inf), so a row's first tiles
+                # may be empty: softmax_step keeps them at 0
                 b_s = tl.where(m_hit[:, None] & m_k[None, :], b_s, float("-inf"))
-                b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-                b_p = tl.exp2(b_s - b_ms[:, None])
-                b_alpha = tl.exp2(b_m - b_ms)
-                b_l = b_l * b_alpha + tl.sum(b_p, 1)
-                b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-                b_m = b_mn
+                b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
             cur = tl.min(tl.min(tl.where(b_idx > cur, b_idx, BIG), 1), 0)
-        b_acc = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
-        if HAS_GATE:  # the SSA gate of this branch, fused
-            b_acc = b_acc * tl.load(gate + (q_start + o_t).to(tl.int64) * stride_g, mask=m_r,
-                                    other=0.0).to(tl.float32)[:, None]
-        p_o = o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :]
-        if ACCUMULATE:
-            b_acc += tl.load(p_o, mask=m_r[:, None], other=0.0).to(tl.float32)
-        tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
+        b_acc = _attend_finish(b_acc, b_l)  # a token without blocks gets 0
+        # the SSA gate of this branch, fused
+        _store_gated(o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh
+                     + o_d[None, :], b_acc, m_r, gate + (q_start + o_t).to(tl.int64) * stride_g,
+                     HAS_GATE, ACCUMULATE)
     else:
         # one token at a time: rows = the G heads (padded to GP >= 16 for tl.dot)
         o_g = tl.arange(0, GP)
@@ -218,19 +214,11 @@ def _selection_kernel(
                             # [GP, BLOCK_K]
                             b_s = tl.dot(b_q, b_k) * scale_log2
                             b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-                            b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-                            b_p = tl.exp2(b_s - b_mn[:, None])
-                            b_alpha = tl.exp2(b_m - b_mn)
-                            b_l = b_l * b_alpha + tl.sum(b_p, 1)
-                            b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-                            b_m = b_mn
-                b_acc = b_acc / tl.where(b_l > 0, b_l, 1.0)[:, None]
-                if HAS_GATE:
-                    b_acc = b_acc * tl.load(gate + row * stride_g).to(tl.float32)
-                p_o = o + row * stride_on + (i_h * G + o_g)[:, None] * stride_oh + o_d[None, :]
-                if ACCUMULATE:
-                    b_acc += tl.load(p_o, mask=m_g[:, None], other=0.0).to(tl.float32)
-                tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_g[:, None])
+                            b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
+                b_acc = _attend_finish(b_acc, b_l)
+                # every row reads the token's one gate value
+                _store_gated(o + row * stride_on + (i_h * G + o_g)[:, None] * stride_oh + o_d[None, :], b_acc,
+                             m_g, gate + row * stride_g + o_g * 0, HAS_GATE, ACCUMULATE)
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)

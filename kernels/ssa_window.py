@@ -5,9 +5,10 @@ added, nothing rolls or is masked). For the tokens T_w of window w and query hea
 
     o[i,h] = softmax_{t in T_w}(scale * q[i,h] . k[t,kh]) v[t,kh]          for i in T_w
 
-`window_partition` lists the tokens window by window (`perm`, `cu_windows`); the kernel reads q/k/v rows
-through `perm` and writes o rows through it, so nothing is permuted in memory (with block-sorted tokens and
-shift 0 the windows are the selection blocks and `perm` is the identity). One program owns a tile of up to
+The caller lists the tokens window by window (`perm`, `cu_windows`; the SSA plan takes them from
+`s2core.sparse.coords.window_partition`, the partition the VAE's SDPA windows use too); the kernel reads q/k/v
+rows through `perm` and writes o rows through it, so nothing is permuted in memory (with block-sorted tokens
+and shift 0 the windows are the selection blocks and `perm` is the identity). One program owns a tile of up to
 WINDOW_TILE_Q tokens of one window x the G heads of one KV head (rows = tokens x heads, so each K/V tile is
 shared by the group); `window_tiles` lists the tiles once per coordinate set.
 
@@ -24,30 +25,20 @@ import torch
 
 from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
 from ._common import LOG2E as _LOG2E
+from ._common import attend_finish as _attend_finish
+from ._common import attend_step as _attend_step
 from ._common import check_heads as _check_heads
 from ._common import chunk_rows as _chunk_rows
 from ._common import fitting as _fitting
 from ._common import gated as _gated
 from ._common import smem_limit as _smem_limit
+from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
 
-__all__ = ["ssa_window_attention", "ssa_window_attention_reference", "window_partition", "window_tiles",
-           "WINDOW_TILE_Q"]
+__all__ = ["ssa_window_attention", "ssa_window_attention_reference", "window_tiles", "WINDOW_TILE_Q"]
 
 WINDOW_TILE_Q = 8  # query tokens per program (x G heads = 128 rows for G = 16)
-
-
-def window_partition(coords: torch.Tensor, window_size: int, shift: int):
-    """(perm [N] int32, cu_windows [W+1] int32, max_window: int) of a coordinate set (host syncs: call once)."""
-    c = coords.long()
-    w = (c[:, 1:] + shift) // window_size
-    key = (((c[:, 0] << 20 | w[:, 0]) << 20 | w[:, 1]) << 20) | w[:, 2]  # lexicographic (b, wx, wy, wz)
-    perm = torch.argsort(key, stable=True)
-    _, counts = torch.unique_consecutive(key[perm], return_counts=True)
-    cu = torch.zeros(counts.numel() + 1, dtype=torch.int32, device=coords.device)
-    cu[1:] = torch.cumsum(counts, 0)
-    return perm.to(torch.int32), cu, int(counts.max()) if counts.numel() else 0
 
 
 def window_tiles(cu_windows: torch.Tensor, tile_q: int = WINDOW_TILE_Q) -> torch.Tensor:
@@ -155,19 +146,11 @@ def _window_kernel(
         # [BLOCK_R, BLOCK_K]
         b_s = tl.dot(b_q, b_k) * scale_log2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_mn = tl.maximum(b_m, tl.max(b_s, 1))
-        b_p = tl.exp2(b_s - b_mn[:, None])
-        b_alpha = tl.exp2(b_m - b_mn)
-        b_l = b_l * b_alpha + tl.sum(b_p, 1)
-        b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
-        b_m = b_mn
-    b_acc = b_acc / b_l[:, None]
-    if HAS_GATE:  # the SSA gate of this branch, fused
-        b_acc = b_acc * tl.load(gate + o_tok * stride_g, mask=m_r, other=0.0).to(tl.float32)[:, None]
-    p_o = o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :]
-    if ACCUMULATE:
-        b_acc += tl.load(p_o, mask=m_r[:, None], other=0.0).to(tl.float32)
-    tl.store(p_o, b_acc.to(o.dtype.element_ty), mask=m_r[:, None])
+        b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
+    b_acc = _attend_finish(b_acc, b_l)
+    # the SSA gate of this branch, fused
+    _store_gated(o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :], b_acc, m_r,
+                 gate + o_tok * stride_g, HAS_GATE, ACCUMULATE)
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)

@@ -33,14 +33,7 @@ from ._kernels import ssa_selection as _sel
 from ._kernels import ssa_window as _win
 from .layers import group_norm_per_sample
 from .sparse import SparseTensor
-
-
-_BITS = 20  # per-axis bits of the packed (b, x, y, z) keys below: coordinates < 2^20
-
-
-def _pack(b: torch.Tensor, xyz: torch.Tensor) -> torch.Tensor:
-    """int64 key ordering rows lexicographically by (b, x, y, z)."""
-    return (((b << _BITS | xyz[:, 0]) << _BITS | xyz[:, 1]) << _BITS) | xyz[:, 2]
+from .sparse.coords import keys_to_coords, pack_keys, window_partition
 
 
 @dataclass
@@ -96,7 +89,7 @@ def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int 
     n = c.shape[0]
     tokens_per_sample = torch.bincount(b, minlength=batch_size)
     cu_seqlens = _cu(tokens_per_sample)
-    blk_key = _pack(b, xyz // sbs)
+    blk_key = pack_keys(b, xyz // sbs)
     if n > 1 and bool((blk_key[1:] < blk_key[:-1]).any()):
         raise ValueError("SSA needs block-sorted tokens (each 8^3 selection block contiguous, blocks in ascending "
                          "x, y, z order); reorder the coordinates with structure.sort_block(coords, 8) first.")
@@ -106,10 +99,11 @@ def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int 
     cu_block_tokens = _cu(block_counts)
 
     cell_xyz = xyz // cbs
-    cell_key = _pack(b, cell_xyz)
+    cell_key = pack_keys(b, cell_xyz)
     cells, cell_of_token, cell_counts = torch.unique(cell_key, return_inverse=True, return_counts=True)
     m = cells.numel()
-    cell_batch = cells >> (3 * _BITS)
+    cell_bxyz = keys_to_coords(cells)  # [M, 4]
+    cell_batch = cell_bxyz[:, 0]
     cu_cells = _cu(torch.bincount(cell_batch, minlength=batch_size))
     inb = xyz % cbs
     pe_index = (inb[:, 0] * cbs + inb[:, 1]) * cbs + inb[:, 2]
@@ -117,9 +111,8 @@ def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int 
     block_keys = None
     if cbs != sbs:  # v1.0: several compression cells per selection block
         r = sbs // cbs
-        mask = (1 << _BITS) - 1
-        cxyz = torch.stack([(cells >> 2 * _BITS) & mask, (cells >> _BITS) & mask, cells & mask], 1)
-        cblk = _pack(cell_batch, cxyz // r)  # the cell's block key
+        cxyz = cell_bxyz[:, 1:]
+        cblk = pack_keys(cell_batch, cxyz // r)  # the cell's block key
         blk_keys_sorted = blk_key[block_first]  # [NB] ascending
         blk_of_cell = torch.searchsorted(blk_keys_sorted, cblk)  # global block index
         order = torch.sort(blk_of_cell, stable=True).indices
@@ -130,13 +123,13 @@ def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int 
 
     neighbors = None
     if conv_neighbors:
-        mask = (1 << _BITS) - 1
-        cxyz = torch.stack([(cells >> 2 * _BITS) & mask, (cells >> _BITS) & mask, cells & mask], 1)
+        cxyz = cell_bxyz[:, 1:]
         d = torch.arange(-1, 2, device=device)
         offs = torch.stack(torch.meshgrid(d, d, d, indexing="ij"), -1).reshape(27, 3).flip(1)  # x fastest
         nb = cxyz[:, None, :] + offs[None]  # [M, 27, 3]
         valid = (nb >= 0).all(-1)
-        nkey = _pack(cell_batch[:, None].expand(-1, 27).reshape(-1), nb.clamp(min=0).reshape(-1, 3)).view(m, 27)
+        nkey = pack_keys(cell_batch[:, None].expand(-1, 27).reshape(-1),
+                         nb.clamp(min=0).reshape(-1, 3)).view(m, 27)
         pos = torch.searchsorted(cells, nkey).clamp(max=max(m - 1, 0))
         found = valid & (cells[pos] == nkey)
         neighbors = torch.where(found, pos, m)
@@ -147,7 +140,7 @@ def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int 
                    cu_cells=cu_cells, cell_neighbors=neighbors, cu_blocks=cu_blocks,
                    cu_block_tokens=cu_block_tokens, block_keys=block_keys, batch_size=batch_size)
     for s in shifts:
-        perm, cu_w, max_w = _win.window_partition(coords, window_size, s)
+        perm, cu_w, max_w = window_partition(coords, window_size, s)
         plan.windows[s] = (perm, cu_w, _win.window_tiles(cu_w), max_w)
     return plan
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-_BLOCK_BITS = 12  # block coordinates < 4096 (grids up to 4096·block_size voxels per side) and batch < 2^18
+from .sparse.coords import pack_keys
 
 
 def sort_block(coords: torch.Tensor, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -35,9 +35,9 @@ def sort_block(coords: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
         return coords, torch.zeros(0, dtype=torch.int64, device=coords.device)
     c = coords.long()
     blk, inb = c[:, 1:] // block_size, c[:, 1:] % block_size
-    key = c[:, 0]
-    for a in range(3):
-        key = (key << _BLOCK_BITS) + blk[:, a]
+    # the block's coordinate key, then the within-block digits below it: 36 + 3·log2(bs) bits (45 at bs = 8, so
+    # batch < 2^18; see sparse/coords.py for the per-axis range)
+    key = pack_keys(c[:, 0], blk)
     for a in range(3):
         key = key * block_size + inb[:, a]
     order = torch.sort(key, stable=True).indices

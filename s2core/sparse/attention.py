@@ -37,6 +37,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .coords import window_keys, window_partition
+
 __all__ = ["varlen_attention", "sparse_cross_attention", "windowed_self_attention", "WindowPlan",
            "window_plan", "padded_attention"]
 
@@ -133,30 +135,22 @@ class WindowPlan:
     max_len: int
 
 
-def window_keys(coords: torch.Tensor, window_size: int, shift: int) -> torch.Tensor:
-    """[N] int64 window id (b, (x+s)//w, (y+s)//w, (z+s)//w), lexicographic like the original's."""
-    c = coords.long()
-    w = (c[:, 1:] + shift) // window_size  # [N, 3], < 2^16 for coordinates below 2^16
-    return (((c[:, 0] << 16 | w[:, 0]) << 16 | w[:, 1]) << 16) | w[:, 2]  # batch in the top 15 bits
-
-
 def window_plan(coords: torch.Tensor, window_size: int, shift: int = 0) -> WindowPlan:
     """Build the WindowPlan of a coordinate set (a few host syncs: done once per coords, then cached)."""
     device = coords.device
     n = coords.shape[0]
-    keys = window_keys(coords, window_size, shift)
-    order = torch.argsort(keys, stable=True)  # tokens grouped window-contiguous
-    _, counts = torch.unique_consecutive(keys[order], return_counts=True)  # [W]
-    starts = torch.cumsum(counts, 0) - counts
-    counts_host = counts.tolist()
-    num_windows = len(counts_host)
+    perm, cu_windows, max_len = window_partition(coords, window_size, shift)
+    order = perm.long()  # tokens grouped window-contiguous
+    counts = (cu_windows[1:] - cu_windows[:-1]).long()  # [W]
+    starts = cu_windows[:-1].long()
+    num_windows = counts.numel()
     # bucket b holds windows with 2^(b-1) < count <= 2^b (smallest bucket: count <= 16)
     bucket_of = torch.clamp(torch.ceil(torch.log2(counts.double())).long(), min=4)  # [W]
     buckets, base = [], torch.zeros(num_windows, dtype=torch.int64, device=device)
     flat = 0
     for b in sorted(set(bucket_of.tolist())):
         win = torch.nonzero(bucket_of == b).squeeze(1)  # [W_b]
-        size = min(1 << b, -(-max(counts_host) // 8) * 8)  # a multiple of 8 keeps SDPA's fused kernels eligible
+        size = min(1 << b, -(-max_len // 8) * 8)  # a multiple of 8 keeps SDPA's fused kernels eligible
         pos = torch.arange(size, device=device)
         valid = pos[None, :] < counts[win][:, None]  # [W_b, L_b]
         rows = torch.where(valid, starts[win][:, None] + pos[None, :], 0)
@@ -167,7 +161,7 @@ def window_plan(coords: torch.Tensor, window_size: int, shift: int = 0) -> Windo
     pos_sorted = torch.arange(n, device=device) - starts[win_of_sorted]
     gather = torch.empty(n, dtype=torch.int64, device=device)
     gather[order] = base[win_of_sorted] + pos_sorted
-    return WindowPlan(buckets, gather, num_windows, max(counts_host) if counts_host else 0)
+    return WindowPlan(buckets, gather, num_windows, max_len)
 
 
 def windowed_self_attention(qkv: torch.Tensor, coords: torch.Tensor, window_size: int, shift: int = 0,

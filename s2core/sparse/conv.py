@@ -10,8 +10,8 @@ Convolution (stride 1, output set = input set, same order), torchsparse semantic
 so the input at p + off(k) reaches output p through slice k; centre tap k = 13. A 1x1x1 conv keeps a
 2-D kernel [Cin, Cout]. Neighbours never cross batch elements.
 
-Kernel map: each voxel (b, x, y, z) becomes one int64 key (16 bits per field, coordinates shifted by
-+1 so a -1 neighbour stays non-negative); keys are sorted once and `searchsorted` finds all 27
+Kernel map: each voxel (b, x, y, z) becomes one int64 key (`coords.coords_to_keys`, whose +1 shift keeps a
+-1 neighbour a valid key); keys are sorted once and `searchsorted` finds all 27
 neighbours at once -> `nbr [N, 27]` int32 (row index of the neighbour, N where inactive). The map is built
 on the tensor's device and memoised in `SparseTensor.cache`, which every tensor with the same coords
 shares, so the convs at one resolution build it once. `sparse_subdivide` does not search: its output
@@ -30,13 +30,14 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .coords import coords_to_keys, key_deltas, keys_to_coords
 from .tensor import SparseTensor
 
-__all__ = ["kernel_offsets", "coords_to_keys", "kernel_map", "kernel_map_rows", "subdivided_kernel_map", "sparse_conv3d", "sparse_conv3d_reference",
+__all__ = ["kernel_offsets", "kernel_map", "kernel_map_rows", "subdivided_kernel_map", "sparse_conv3d",
+           "sparse_conv3d_reference",
            "SparseConv3d", "TorchsparseConv3d", "sparse_downsample", "SparseDownsample", "sparse_subdivide",
            "SparseSubdivide"]
 
-_BITS = 16  # per coordinate field of a key; coordinates must stay below 2^16 - 2
 _MAX_GATHER = 1 << 26  # elements of the gathered [rows, 27*Cin] block (128 MiB in fp16)
 
 
@@ -44,17 +45,6 @@ def kernel_offsets(device=None) -> torch.Tensor:
     """[27, 3] int64 (dx, dy, dz) of tap k = (dx+1) + 3(dy+1) + 9(dz+1)."""
     k = torch.arange(27, device=device)
     return torch.stack([k % 3, k // 3 % 3, k // 9], 1) - 1
-
-
-def coords_to_keys(coords: torch.Tensor) -> torch.Tensor:
-    """[N, 4] (b, x, y, z) -> [N] int64 keys, lexicographic in (b, x, y, z)."""
-    c = coords.long()
-    return (((c[:, 0] << _BITS | (c[:, 1] + 1)) << _BITS | (c[:, 2] + 1)) << _BITS) | (c[:, 3] + 1)
-
-
-def _offset_key_deltas(device) -> torch.Tensor:
-    off = kernel_offsets(device)
-    return (off[:, 0] << (2 * _BITS)) + (off[:, 1] << _BITS) + off[:, 2]  # [27]
 
 
 def build_kernel_map(coords: torch.Tensor, block: int = 1 << 20) -> torch.Tensor:
@@ -66,7 +56,7 @@ def build_kernel_map(coords: torch.Tensor, block: int = 1 << 20) -> torch.Tensor
     keys = coords_to_keys(coords)
     sorted_keys, order = torch.sort(keys)
     order = order.int()
-    deltas = _offset_key_deltas(coords.device)
+    deltas = key_deltas(kernel_offsets(coords.device))  # [27]
     nbr = torch.empty(n, 27, dtype=torch.int32, device=coords.device)
     for s in range(0, n, block):  # blocks of rows, not voxels
         query = keys[s:s + block, None] + deltas[None, :]  # [rows, 27]
@@ -170,9 +160,7 @@ def sparse_downsample(x: SparseTensor, factor: int = 2) -> SparseTensor:
         parent = torch.cat([x.coords[:, :1], torch.div(x.coords[:, 1:], factor, rounding_mode="floor")], 1)
         pkeys, inverse = torch.unique(coords_to_keys(parent), return_inverse=True)
         m = pkeys.numel()
-        mask = (1 << _BITS) - 1
-        out_coords = torch.stack([pkeys >> 3 * _BITS, (pkeys >> 2 * _BITS & mask) - 1,
-                                  (pkeys >> _BITS & mask) - 1, (pkeys & mask) - 1], 1).int()
+        out_coords = keys_to_coords(pkeys).int()
         denom = torch.bincount(inverse, minlength=m).double() + 1.0  # the "+1": zero init joins the mean
         hit = x.cache[key] = (out_coords, inverse, denom)
     out_coords, inverse, denom = hit

@@ -5,6 +5,8 @@ import contextlib
 
 import torch
 
+from s2core.sparse.coords import pack_keys
+
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor, rel_rms: float, max_abs: float, what: str = "") -> None:
     """Relative RMS error (||out - ref|| / ||ref||) and max-abs error, both bounded; NaN fails."""
@@ -51,7 +53,7 @@ def block_sorted_coords(tokens_per_sample, grid: int, block: int = 8, seed: int 
 def block_layout(coords: torch.Tensor, block: int = 8):
     """(cu_seqlens [B+1], cu_blocks [B+1], cu_block_tokens [NB+1]) int32 of block-sorted coords."""
     c = coords.long()
-    key = (c[:, 0] << 60) | ((c[:, 1] // block) << 40) | ((c[:, 2] // block) << 20) | (c[:, 3] // block)
+    key = pack_keys(c[:, 0], c[:, 1:] // block)
     _, counts = torch.unique_consecutive(key, return_counts=True)
     first = torch.cumsum(counts, 0) - counts
     bsz = int(c[:, 0].max()) + 1

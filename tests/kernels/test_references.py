@@ -15,6 +15,7 @@ from kernels import group_norm as GN
 from kernels import ssa_compressed as CMP
 from kernels import ssa_selection as SEL
 from kernels import ssa_window as WIN
+from s2core.sparse.coords import window_partition
 from tests.kernels.ssa_cases import block_layout, block_sorted_coords
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -90,7 +91,7 @@ def test_compressed_reference_chunking_changes_nothing(monkeypatch):
 def test_window_reference_chunking_changes_nothing(monkeypatch):
     gen = torch.Generator().manual_seed(9)
     coords = block_sorted_coords([120, 47], 20, 8, 9)
-    perm, cu_w, max_w = WIN.window_partition(coords, 8, 4)
+    perm, cu_w, max_w = window_partition(coords, 8, 4)
     n = coords.shape[0]
     q, k, v = torch.randn(n, 8, 16, generator=gen), torch.randn(n, 2, 16, generator=gen), torch.randn(n, 2, 16,
                                                                                                     generator=gen)
@@ -141,7 +142,7 @@ def test_references_stay_within_the_chunk_bound(monkeypatch):
     with _Largest() as seen:
         CMP.ssa_compressed_attention_reference(q, k[:600], v[:600], cu_q, cu_k, n, 4)
     assert seen.numel <= bound, f"compressed: a tensor of {seen.numel} elements (bound {bound})"
-    perm, cu_w, max_w = WIN.window_partition(block_sorted_coords([3000], 24, 8, 7), 8, 0)
+    perm, cu_w, max_w = window_partition(block_sorted_coords([3000], 24, 8, 7), 8, 0)
     with _Largest() as seen:
         WIN.ssa_window_attention_reference(q, k, v, perm, cu_w, max_w)
     assert seen.numel <= bound, f"window: a tensor of {seen.numel} elements (bound {bound})"

@@ -161,3 +161,32 @@ def test_dispatch_uses_reference_on_cpu():
     a = K.ssa_compressed_attention(q, ck, ck, cu_q, cu_k, 3, 2)
     b = K.ssa_compressed_attention_reference(q, ck, ck, cu_q, cu_k, 3, 2)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+@pytest.mark.triton
+def test_compressed_samples_without_keys(monkeypatch):
+    """Samples without compressed keys (first and last): their rows have no key in any tile. They get o exactly
+    0, lse -inf and no blocks, and the gated accumulation leaves `out` as it was; the sample between is exact
+    to the reference."""
+    gen = torch.Generator().manual_seed(16)
+    lens, mlens, hq, h, d, topk = [6, 5, 3], [0, 4, 0], 4, 2, 16, 2
+    n, m = sum(lens), sum(mlens)
+    q = (torch.randn(n, hq, d, generator=gen) * 2).half()
+    ck = (torch.randn(m, h, d, generator=gen) * 2).half()
+    cv = torch.randn(m, h, d, generator=gen).half()
+    cu_q = torch.tensor([0] + lens).cumsum(0).to(torch.int32)
+    cu_k = torch.tensor([0] + mlens).cumsum(0).to(torch.int32)
+    none = torch.zeros(n, dtype=torch.bool)
+    none[:6] = none[11:] = True
+    with poisoned_outputs(monkeypatch):
+        o, lse, bidx = K.ssa_compressed_attention(q, ck, cv, cu_q, cu_k, max(lens), topk, backend="triton")
+    assert torch.equal(o[none], torch.zeros_like(o[none]))
+    assert torch.isneginf(lse[:, none]).all() and (bidx[:, none] == -1).all()
+    ro, rlse, rbidx = K.ssa_compressed_attention_reference(q, ck, cv, cu_q, cu_k, max(lens), topk)
+    assert_close(o, ro, *TOL[torch.float16], "o")
+    assert_close(lse[:, ~none], rlse[:, ~none], 1e-4, 1e-2, "lse")
+    base = torch.randn(n, hq, d, generator=gen).half()
+    gate = torch.rand(n, generator=gen).half()
+    got, _, _ = K.ssa_compressed_attention(q, ck, cv, cu_q, cu_k, max(lens), topk, gate=gate, out=base.clone(),
+                                           backend="triton")
+    assert torch.equal(got[none], base[none])

@@ -100,3 +100,34 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_id(c) for c in GPU_CASES])
 def test_selection_gpu(case, monkeypatch):
     _run(*case, device="cuda", seed=zlib.crc32(_id(case).encode()), monkeypatch=monkeypatch)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("union_max", [None, 0], ids=["union", "per-token"])
+def test_selection_tokens_without_blocks(union_max, monkeypatch):
+    """Tokens that chose no block (all -1) beside tokens that did, and a sample where none did: their rows are
+    masked (-inf) in every tile the program walks, which an unguarded online softmax turns into NaN. They get
+    exactly 0, so the gated accumulation leaves `out` as it was."""
+    gen = torch.Generator().manual_seed(16)
+    h, hq, d, topk = 2, 4, 16, 3
+    coords = block_sorted_coords([30, 9], 16, 8, 16)
+    cu_q, cu_blocks, cu_tok = block_layout(coords)
+    n = coords.shape[0]
+    q = torch.randn(n, hq, d, generator=gen).half()
+    k = torch.randn(n, h, d, generator=gen).half()
+    v = torch.randn(n, h, d, generator=gen).half()
+    bidx = _choices(cu_q, cu_blocks, h, topk, True, gen)
+    empty = torch.rand(h, n, generator=gen) < 0.4  # [H, N]
+    empty[:, 30:] = True  # the second sample: no token chose a block
+    bidx[empty] = -1
+    rows = empty.repeat_interleave(hq // h, 0).T  # [N, HQ]: query head j reads KV head j // G
+    with poisoned_outputs(monkeypatch):
+        o = K._ssa_selection_attention_triton(q, k, v, bidx, cu_q, cu_blocks, cu_tok, 30, union_max=union_max)
+    assert torch.equal(o[rows], torch.zeros_like(o[rows]))
+    assert_close(o, K.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, 30),
+                 *TOL[torch.float16], "o")
+    base = torch.randn(n, hq, d, generator=gen).half()
+    gate = torch.rand(n, generator=gen).half()
+    got = K._ssa_selection_attention_triton(q, k, v, bidx, cu_q, cu_blocks, cu_tok, 30, gate=gate, out=base.clone(),
+                                            union_max=union_max)
+    assert torch.equal(got[rows], base[rows])

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from kernels import ssa_window as K
+from s2core.sparse.coords import window_partition
 from tests.kernels.ssa_cases import assert_close, block_sorted_coords, poisoned_outputs
 
 TOL = {torch.float16: (1e-2, 2e-2), torch.bfloat16: (3e-2, 6e-2)}
@@ -33,7 +34,7 @@ def _run(lens, grid, hq, h, d, shift, dtype, device, seed, monkeypatch):
     q = torch.randn(n, hq, d, generator=gen).to(dtype).to(device)
     k = torch.randn(n, h, d, generator=gen).to(dtype).to(device)
     v = torch.randn(n, h, d, generator=gen).to(dtype).to(device)
-    perm, cu_w, max_w = K.window_partition(coords, 8, shift)
+    perm, cu_w, max_w = window_partition(coords, 8, shift)
     tiles = K.window_tiles(cu_w)
     with poisoned_outputs(monkeypatch):
         o = K.ssa_window_attention(q, k, v, perm, cu_w, max_w, tiles, backend="triton")
@@ -85,3 +86,26 @@ GPU_CASES = [
 @pytest.mark.parametrize("case", GPU_CASES, ids=[_id(c) for c in GPU_CASES])
 def test_window_gpu(case, monkeypatch):
     _run(*case, device="cuda", seed=zlib.crc32(_id(case).encode()), monkeypatch=monkeypatch)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("shift", [0, 4], ids=["S0", "S4"])
+def test_window_single_token_windows(shift, monkeypatch):
+    """Isolated voxels, one per window: each tile has one token and rows without one (masked, never stored), and
+    a softmax over one key is exactly its value, so o is v repeated over each KV head's G query heads. (A window
+    row always has its own token as a key, so window rows are never masked whole; the shared softmax step guards
+    them all the same.)"""
+    gen = torch.Generator().manual_seed(16)
+    h, hq, d = 2, 4, 16
+    ax = torch.arange(3) * 8
+    xyz = torch.stack(torch.meshgrid(ax, ax, ax, indexing="ij"), -1).reshape(-1, 3)
+    coords = torch.cat([torch.zeros(xyz.shape[0], 1, dtype=torch.long), xyz], 1).to(torch.int32)
+    n = coords.shape[0]
+    q = torch.randn(n, hq, d, generator=gen).half()
+    k = torch.randn(n, h, d, generator=gen).half()
+    v = torch.randn(n, h, d, generator=gen).half()
+    perm, cu_w, max_w = window_partition(coords, 8, shift)
+    assert max_w == 1 and cu_w.numel() == n + 1
+    with poisoned_outputs(monkeypatch):
+        o = K.ssa_window_attention(q, k, v, perm, cu_w, max_w, backend="triton")
+    assert torch.equal(o, v.repeat_interleave(hq // h, 1))
