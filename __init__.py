@@ -6,6 +6,7 @@ names exactly one of the two, because ComfyUI ignores `comfy_entrypoint` when ma
 Importing it without ComfyUI installed (tests, the CLI) must not fail.
 No import-time work: no downloads, no kernel probing, no GPU.
 """
+
 if __package__:
     from .nodes import *  # noqa: F401,F403
     from .nodes import __all__  # noqa: F401

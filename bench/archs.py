@@ -15,6 +15,7 @@ Writes bench/results/archs.md (date, GPU, torch/Triton versions, command). The s
 models': G = HQ / H = 16, D = 32, top-k 32 (512) and 8 (1024), CELLS 8 (v1.1) and 1 (v1.0); C = 1024 rows
 for the LayerNorm kernel; 8³ voxelization cells.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,6 +40,7 @@ REGISTERS_PER_BLOCK = 65536
 @dataclass
 class Case:
     """One kernel at one set of sizes: the argument types of its signature and its constexprs."""
+
     module: str
     kernel: str
     label: str
@@ -62,51 +64,168 @@ def cases() -> list[Case]:
 
     f16, i32, f32 = "*fp16", "*i32", "*fp32"
     out = []
-    for label, cells, topk in [("v1.1 512: CELLS 8, top-k 32", 8, 32), ("v1.1 1024: CELLS 8, top-k 8", 8, 8),
-                               ("v1.0: CELLS 1, top-k 8", 1, 8)]:
-        out.append(Case(
-            "ssa_compressed", "_cmp_attn_topk_kernel", label,
-            dict(q=f16, ck=f16, cv=f16, o=f16, lse=f32, bidx=i32, cu_q=i32, cu_k=i32, cu_blk=i32, blk_keys=i32,
-                 gate=f16, scale_log2="fp32"),
-            dict(G=16, HEAD_DIM=32, TOPK=topk, TOPK_P=topk, CELLS=cells, HAS_BLOCK_KEYS=cells > 1, HAS_GATE=True,
-                 ACCUMULATE=False, STORE_LSE=False, UPCAST=False),
-            _autotuned(ssa_compressed, "_configs"),
-            smem_estimate=lambda m, meta, w, s: m._smem(_cfg(meta, w, s), 32)))
+    for label, cells, topk in [
+        ("v1.1 512: CELLS 8, top-k 32", 8, 32),
+        ("v1.1 1024: CELLS 8, top-k 8", 8, 8),
+        ("v1.0: CELLS 1, top-k 8", 1, 8),
+    ]:
+        out.append(
+            Case(
+                "ssa_compressed",
+                "_cmp_attn_topk_kernel",
+                label,
+                dict(
+                    q=f16,
+                    ck=f16,
+                    cv=f16,
+                    o=f16,
+                    lse=f32,
+                    bidx=i32,
+                    cu_q=i32,
+                    cu_k=i32,
+                    cu_blk=i32,
+                    blk_keys=i32,
+                    gate=f16,
+                    scale_log2="fp32",
+                ),
+                dict(
+                    G=16,
+                    HEAD_DIM=32,
+                    TOPK=topk,
+                    TOPK_P=topk,
+                    CELLS=cells,
+                    HAS_BLOCK_KEYS=cells > 1,
+                    HAS_GATE=True,
+                    ACCUMULATE=False,
+                    STORE_LSE=False,
+                    UPCAST=False,
+                ),
+                _autotuned(ssa_compressed, "_configs"),
+                smem_estimate=lambda m, meta, w, s: m._smem(_cfg(meta, w, s), 32),
+            )
+        )
     for label, topk in [("top-k 32", 32), ("top-k 8", 8)]:
-        out.append(Case(
-            "ssa_selection", "_selection_kernel", label,
-            dict(q=f16, k=f16, v=f16, o=f16, bidx=i32, cu_q=i32, cu_blk=i32, cu_blk_tok=i32, gate=f16,
-                 scale_log2="fp32"),
-            dict(G=16, GP=16, HEAD_DIM=32, TOPK=topk, TOPK_P=topk, UNION_MAX=2 * topk, HAS_GATE=True,
-                 ACCUMULATE=True, UPCAST=False),
-            _autotuned(ssa_selection, "_configs"),
-            smem_estimate=lambda m, meta, w, s: m._smem(_cfg(meta, w, s), 32)))
-    out.append(Case(
-        "ssa_window", "_window_kernel", "8³ windows",
-        dict(q=f16, k=f16, v=f16, o=f16, perm=i32, cu_win=i32, tiles=i32, gate=f16, scale_log2="fp32"),
-        dict(G=16, HEAD_DIM=32, TILE_Q=ssa_window.WINDOW_TILE_Q, HAS_GATE=True, ACCUMULATE=True, UPCAST=False),
-        _autotuned(ssa_window, "_configs"),
-        smem_estimate=lambda m, meta, w, s: m._smem(_cfg(meta, w, s), 32, m.WINDOW_TILE_Q * 16)))
+        out.append(
+            Case(
+                "ssa_selection",
+                "_selection_kernel",
+                label,
+                dict(
+                    q=f16,
+                    k=f16,
+                    v=f16,
+                    o=f16,
+                    bidx=i32,
+                    cu_q=i32,
+                    cu_blk=i32,
+                    cu_blk_tok=i32,
+                    gate=f16,
+                    scale_log2="fp32",
+                ),
+                dict(
+                    G=16,
+                    GP=16,
+                    HEAD_DIM=32,
+                    TOPK=topk,
+                    TOPK_P=topk,
+                    UNION_MAX=2 * topk,
+                    HAS_GATE=True,
+                    ACCUMULATE=True,
+                    UPCAST=False,
+                ),
+                _autotuned(ssa_selection, "_configs"),
+                smem_estimate=lambda m, meta, w, s: m._smem(_cfg(meta, w, s), 32),
+            )
+        )
+    out.append(
+        Case(
+            "ssa_window",
+            "_window_kernel",
+            "8³ windows",
+            dict(q=f16, k=f16, v=f16, o=f16, perm=i32, cu_win=i32, tiles=i32, gate=f16, scale_log2="fp32"),
+            dict(G=16, HEAD_DIM=32, TILE_Q=ssa_window.WINDOW_TILE_Q, HAS_GATE=True, ACCUMULATE=True, UPCAST=False),
+            _autotuned(ssa_window, "_configs"),
+            smem_estimate=lambda m, meta, w, s: m._smem(_cfg(meta, w, s), 32, m.WINDOW_TILE_Q * 16),
+        )
+    )
     # fixed launches (no autotuning): the configs their launchers use
     from kernels import group_norm, voxelize
 
-    out.append(Case("group_norm", "_stats_kernel", "fp16", dict(x=f16, partial=f32, L="i32", n_tiles="i32"), {},
-                    [(f"TILE={group_norm.STATS_TILE}, w8", dict(TILE=group_norm.STATS_TILE), 8, 3)]))
-    out.append(Case("group_norm", "_apply_kernel", "fp16", dict(x=f16, out=f16, scale=f32, shift=f32, S="i32"), {},
-                    [(f"BLOCK={group_norm.APPLY_BLOCK}, w4", dict(BLOCK=group_norm.APPLY_BLOCK), 4, 3)]))
+    out.append(
+        Case(
+            "group_norm",
+            "_stats_kernel",
+            "fp16",
+            dict(x=f16, partial=f32, L="i32", n_tiles="i32"),
+            {},
+            [(f"TILE={group_norm.STATS_TILE}, w8", dict(TILE=group_norm.STATS_TILE), 8, 3)],
+        )
+    )
+    out.append(
+        Case(
+            "group_norm",
+            "_apply_kernel",
+            "fp16",
+            dict(x=f16, out=f16, scale=f32, shift=f32, S="i32"),
+            {},
+            [(f"BLOCK={group_norm.APPLY_BLOCK}, w4", dict(BLOCK=group_norm.APPLY_BLOCK), 4, 3)],
+        )
+    )
     for c in (1024, 16384):  # the DiT's width, and the largest row the launcher accepts
         w = 4 if c <= 2048 else 8
-        out.append(Case("layer_norm", "_add_ln_kernel", f"C={c}, residual+affine+modulation per sample",
-                        dict(x=f16, r=f16, w=f16, b=f16, s=f16, t=f16, rb="*i64", x_out=f16, y_out=f16, C="i32",
-                             eps="fp32", stride_m="i32"),
-                        dict(HAS_RES=True, AFFINE=True, MODULATE=True, PER_ROW=True),
-                        [(f"BLOCK_C={c}, w{w}", dict(BLOCK_C=c), w, 3)], dict(enable_fp_fusion=False)))
-    out.append(Case("voxelize", "_mark_kernel", "factor 8",
-                    dict(occ="*u8", tris=f32, coord=f32, lo="*i64", hi="*i64", pair_tri="*i64", pair_cell="*i64",
-                         n_pairs="i32", L="i32", limit="fp32"),
-                    dict(FACTOR=8, TINY=voxelize._TINY),
-                    [(f"PAIRS={voxelize.PAIRS}, BLOCK={voxelize.BLOCK}, w4",
-                      dict(PAIRS=voxelize.PAIRS, BLOCK=voxelize.BLOCK), 4, 3)], dict(enable_fp_fusion=False)))
+        out.append(
+            Case(
+                "layer_norm",
+                "_add_ln_kernel",
+                f"C={c}, residual+affine+modulation per sample",
+                dict(
+                    x=f16,
+                    r=f16,
+                    w=f16,
+                    b=f16,
+                    s=f16,
+                    t=f16,
+                    rb="*i64",
+                    x_out=f16,
+                    y_out=f16,
+                    C="i32",
+                    eps="fp32",
+                    stride_m="i32",
+                ),
+                dict(HAS_RES=True, AFFINE=True, MODULATE=True, PER_ROW=True),
+                [(f"BLOCK_C={c}, w{w}", dict(BLOCK_C=c), w, 3)],
+                dict(enable_fp_fusion=False),
+            )
+        )
+    out.append(
+        Case(
+            "voxelize",
+            "_mark_kernel",
+            "factor 8",
+            dict(
+                occ="*u8",
+                tris=f32,
+                coord=f32,
+                lo="*i64",
+                hi="*i64",
+                pair_tri="*i64",
+                pair_cell="*i64",
+                n_pairs="i32",
+                L="i32",
+                limit="fp32",
+            ),
+            dict(FACTOR=8, TINY=voxelize._TINY),
+            [
+                (
+                    f"PAIRS={voxelize.PAIRS}, BLOCK={voxelize.BLOCK}, w4",
+                    dict(PAIRS=voxelize.PAIRS, BLOCK=voxelize.BLOCK),
+                    4,
+                    3,
+                )
+            ],
+            dict(enable_fp_fusion=False),
+        )
+    )
     return out
 
 
@@ -151,16 +270,22 @@ def compile_one(job) -> dict:
     row = dict(kernel=f"{module}.{kernel}", case=label, config=name, arch=cc, threads=32 * warps)
     t = time.perf_counter()
     try:
-        k = triton.compile(ASTSource(fn, sig, constexprs=consts), target=GPUTarget("cuda", cc, 32),
-                           options=dict(num_warps=warps, num_stages=stages, **options))
+        k = triton.compile(
+            ASTSource(fn, sig, constexprs=consts),
+            target=GPUTarget("cuda", cc, 32),
+            options=dict(num_warps=warps, num_stages=stages, **options),
+        )
         row["shared"] = int(k.metadata.shared)
         ptx = k.asm["ptx"]
         target = re.search(r"^\.target\s+(\S+)", ptx, re.M).group(1)
         with tempfile.TemporaryDirectory() as d:
             src = os.path.join(d, "k.ptx")
             Path(src).write_text(ptx)
-            r = subprocess.run([_ptxas(cc), "-v", f"--gpu-name={target}", src, "-o", os.path.join(d, "k.cubin")],
-                               capture_output=True, text=True)
+            r = subprocess.run(
+                [_ptxas(cc), "-v", f"--gpu-name={target}", src, "-o", os.path.join(d, "k.cubin")],
+                capture_output=True,
+                text=True,
+            )
         row["registers"], row["spills"] = ptxas_usage(r.stdout + r.stderr)
         row["error"] = None if r.returncode == 0 else f"ptxas: {(r.stderr or r.stdout).strip()[-200:]}"
     except Exception as e:  # a config that does not compile for an architecture is a finding, not a crash
@@ -186,8 +311,11 @@ def verdict(row: dict, smem_limits: dict) -> str:
 def table(rows: list[dict], smem_limits: dict) -> list[str]:
     """Markdown: one line per (kernel, case, config), one column group per architecture."""
     archs = sorted({r["arch"] for r in rows})
-    head = "| kernel | sizes | config | estimate B | " + " | ".join(
-        f"sm_{a}: fits / shared B / regs" for a in archs) + " |"
+    head = (
+        "| kernel | sizes | config | estimate B | "
+        + " | ".join(f"sm_{a}: fits / shared B / regs" for a in archs)
+        + " |"
+    )
     lines = [head, "|" + "---|" * (4 + len(archs))]
     groups: dict = {}
     for r in rows:
@@ -204,8 +332,10 @@ def table(rows: list[dict], smem_limits: dict) -> list[str]:
             else:
                 v = verdict(r, smem_limits)
                 low = est is not None and est < r["shared"]
-                cells.append(f"{'yes' if v == 'yes' else '**' + v + '**'} / {r['shared']}"
-                             f"{' (**above the estimate**)' if low else ''} / {r['registers']}")
+                cells.append(
+                    f"{'yes' if v == 'yes' else '**' + v + '**'} / {r['shared']}"
+                    f"{' (**above the estimate**)' if low else ''} / {r['registers']}"
+                )
         lines.append(f"| {kernel} | {case} | {config} | {'—' if est is None else est} | " + " | ".join(cells) + " |")
     return lines
 
@@ -213,15 +343,20 @@ def table(rows: list[dict], smem_limits: dict) -> list[str]:
 def summary(rows: list[dict], smem_limits: dict) -> list[str]:
     bad = [r for r in rows if verdict(r, smem_limits) != "yes"]
     under = [r for r in rows if r["estimate"] is not None and r["shared"] is not None and r["estimate"] < r["shared"]]
-    return [f"- {len(rows)} compilations ({len({(r['kernel'], r['case'], r['config']) for r in rows})} kernel configs "
-            f"x {len({r['arch'] for r in rows})} architectures): {len(rows) - len(bad)} fit, {len(bad)} do not"
-            + ("" if not bad else ": " + "; ".join(f"{r['kernel']} {r['config']} sm_{r['arch']}" for r in bad[:12])),
-            f"- runtime estimate below the compiled shared memory: {len(under)} "
-            + ("(none: pruning by the estimate never keeps a config that does not fit)" if not under else
-               "(the estimate must be raised): " + "; ".join(f"{r['kernel']} {r['config']} sm_{r['arch']}"
-                                                            for r in under[:12])),
-            f"- largest shared memory: {max((r['shared'] or 0) for r in rows)} B; most registers: "
-            f"{max((r['registers'] or 0) for r in rows)}; spills: {sum((r['spills'] or 0) for r in rows)} B in all"]
+    return [
+        f"- {len(rows)} compilations ({len({(r['kernel'], r['case'], r['config']) for r in rows})} kernel configs "
+        f"x {len({r['arch'] for r in rows})} architectures): {len(rows) - len(bad)} fit, {len(bad)} do not"
+        + ("" if not bad else ": " + "; ".join(f"{r['kernel']} {r['config']} sm_{r['arch']}" for r in bad[:12])),
+        f"- runtime estimate below the compiled shared memory: {len(under)} "
+        + (
+            "(none: pruning by the estimate never keeps a config that does not fit)"
+            if not under
+            else "(the estimate must be raised): "
+            + "; ".join(f"{r['kernel']} {r['config']} sm_{r['arch']}" for r in under[:12])
+        ),
+        f"- largest shared memory: {max((r['shared'] or 0) for r in rows)} B; most registers: "
+        f"{max((r['registers'] or 0) for r in rows)}; spills: {sum((r['spills'] or 0) for r in rows)} B in all",
+    ]
 
 
 def main(argv=None):
@@ -253,15 +388,20 @@ def main(argv=None):
         r["estimate"] = est
     wall = time.perf_counter() - t
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "none (compiled on the CPU)"
-    lines = ["# Every Triton kernel x every config x architecture: compiles? shared memory, registers", "",
-             f"- date: {datetime.date.today().isoformat()}; machine GPU: {gpu}; torch {torch.__version__}; "
-             f"Triton {triton.__version__}",
-             f"- command: `python bench/archs.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
-             f"({len(jobs)} compilations in {wall:.0f} s, {args.jobs} processes)",
-             "- limits (shared memory per block, opt-in): " + ", ".join(f"sm_{a} {SMEM_LIMIT[a]} B" for a in archs)
-             + "; 64K registers a block; `fits` also needs no spills",
-             "- estimate B: the shared memory the runtime pruning assumes for the config (SSA kernels; it must not be "
-             "below the compiled figure)", ""]
+    lines = [
+        "# Every Triton kernel x every config x architecture: compiles? shared memory, registers",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; machine GPU: {gpu}; torch {torch.__version__}; "
+        f"Triton {triton.__version__}",
+        f"- command: `python bench/archs.py {' '.join(sys.argv[1:] if argv is None else argv)}` "
+        f"({len(jobs)} compilations in {wall:.0f} s, {args.jobs} processes)",
+        "- limits (shared memory per block, opt-in): "
+        + ", ".join(f"sm_{a} {SMEM_LIMIT[a]} B" for a in archs)
+        + "; 64K registers a block; `fits` also needs no spills",
+        "- estimate B: the shared memory the runtime pruning assumes for the config (SSA kernels; it must not be "
+        "below the compiled figure)",
+        "",
+    ]
     lines += summary(rows, SMEM_LIMIT) + [""] + table(rows, SMEM_LIMIT)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = args.out.with_suffix(".tmp")

@@ -17,6 +17,7 @@ path), `tqdm` (pass-through),
 `diffusers` (FlowMatchEulerDiscreteScheduler re-stated from s2core.flow_sampler, bit-exact per the tests).
 The original's dense attention uses flash-attn when installed (its default), else its own `sdpa` backend.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -82,6 +83,7 @@ def test_image(size=640):
 # ---------------------------------------------------------------------------------------------
 # ours
 
+
 def build_ours(cfg: ReleaseConfig, device, seed=0):
     enc = ImageConditioner(cfg.dense_image_encoder)
     with torch.device("meta"):
@@ -96,29 +98,46 @@ def build_ours(cfg: ReleaseConfig, device, seed=0):
 def sample_dense(dit, cond, shift, steps, guidance, seed, device, latent_dtype, batch_cfg=False):
     """The dense sampler as `pipeline.sample_dense` runs it for one image (noise from a generator seeded `seed`
     on the device), with the sampler's batched-CFG option exposed to time it."""
-    noise = make_noise((cond.shape[0], dit.cfg.in_channels, *[dit.cfg.resolution] * 3),
-                       seeded_generator(seed, device), latent_dtype, device)
+    noise = make_noise(
+        (cond.shape[0], dit.cfg.in_channels, *[dit.cfg.resolution] * 3),
+        seeded_generator(seed, device),
+        latent_dtype,
+        device,
+    )
     with torch.no_grad():
-        return sample_flow(dit, noise, cond, torch.zeros_like(cond), num_steps=steps, shift=shift, guidance=guidance,
-                           batch_cfg=batch_cfg)
+        return sample_flow(
+            dit,
+            noise,
+            cond,
+            torch.zeros_like(cond),
+            num_steps=steps,
+            shift=shift,
+            guidance=guidance,
+            batch_cfg=batch_cfg,
+        )
 
 
 def run_ours(cfg, enc, dit, vae, pixels, steps, guidance, seed, device, repeats, latent_dtype):
     rows = {}
     (cond, _), rows["encode"], m1 = measure(lambda: encode_pixels(enc, pixels), device, repeats)
     shift = cfg.dense_scheduler.shift
-    latent, rows["sample"], m2 = measure(lambda: sample_dense(
-        dit, cond, shift, steps, guidance, seed, device, latent_dtype), device, repeats)
+    latent, rows["sample"], m2 = measure(
+        lambda: sample_dense(dit, cond, shift, steps, guidance, seed, device, latent_dtype), device, repeats
+    )
     rows["latent"] = latent
     coords, rows["decode"], m3 = measure(lambda: decode_occupancy(vae, latent), device, repeats)
-    latent_b, rows["sample_batched"], m4 = measure(lambda: sample_dense(
-        dit, cond, shift, steps, guidance, seed, device, latent_dtype, batch_cfg=True), device, repeats)
+    latent_b, rows["sample_batched"], m4 = measure(
+        lambda: sample_dense(dit, cond, shift, steps, guidance, seed, device, latent_dtype, batch_cfg=True),
+        device,
+        repeats,
+    )
     rows["batched_max_diff"] = (latent_b.float() - latent.float()).abs().max().item()
     return coords, rows, {"encode": m1, "sample": m2, "decode": m3, "sample_batched": m4}
 
 
 # ---------------------------------------------------------------------------------------------
 # the original
+
 
 def _stub(name, **attrs):
     m = types.ModuleType(name)
@@ -135,6 +154,7 @@ class _Placeholder(types.ModuleType):
 
         def _raise(*a, **k):
             raise RuntimeError(f"{self.__name__}.{attr} is an import-only placeholder in bench_coarse.py")
+
         return _raise
 
 
@@ -163,6 +183,7 @@ def install_original(upstream: Path, dinov2: Path | None, stand_ins: list[str]):
     """Import what the original's dense path needs, with stand-ins only for packages that are missing."""
     try:
         import flash_attn  # noqa: F401
+
         os.environ.setdefault("ATTN_BACKEND", "flash_attn")
     except Exception:
         os.environ["ATTN_BACKEND"] = "sdpa"
@@ -177,10 +198,22 @@ def install_original(upstream: Path, dinov2: Path | None, stand_ins: list[str]):
             del sys.modules[name]
         sys.path.insert(0, str(REPO / "tools" / "golden"))
         import harness
+
         sys.modules.update(harness._make_torchvision())
         stand_ins.append("torchvision: tools/golden/harness.py shim (518² → Resize/CenterCrop identities + Normalize)")
-    for name in ("torchsparse", "udf_ext", "utils3d", "pymeshfix", "igraph", "pyvista", "skimage", "omegaconf",
-                 "transformers", "trimesh", "huggingface_hub"):
+    for name in (
+        "torchsparse",
+        "udf_ext",
+        "utils3d",
+        "pymeshfix",
+        "igraph",
+        "pyvista",
+        "skimage",
+        "omegaconf",
+        "transformers",
+        "trimesh",
+        "huggingface_hub",
+    ):
         try:
             importlib.import_module(name)
         except Exception:
@@ -213,12 +246,24 @@ def _dino_builder(cfg, dinov2: Path | None, tiny: bool, real_hub_load):
         from dinov2.layers import MemEffAttention
         from dinov2.layers import NestedTensorBlock as Block
         from dinov2.models.vision_transformer import DinoVisionTransformer
+
         e = cfg.dense_image_encoder
-        return DinoVisionTransformer(img_size=e.pretrain_img_size, patch_size=e.patch_size, embed_dim=e.embed_dim,
-                                     depth=e.depth, num_heads=e.num_heads, mlp_ratio=e.mlp_ratio,
-                                     block_fn=partial(Block, attn_class=MemEffAttention),
-                                     num_register_tokens=e.num_register_tokens, init_values=1.0, ffn_layer="mlp",
-                                     block_chunks=0, interpolate_antialias=True, interpolate_offset=0.0)
+        return DinoVisionTransformer(
+            img_size=e.pretrain_img_size,
+            patch_size=e.patch_size,
+            embed_dim=e.embed_dim,
+            depth=e.depth,
+            num_heads=e.num_heads,
+            mlp_ratio=e.mlp_ratio,
+            block_fn=partial(Block, attn_class=MemEffAttention),
+            num_register_tokens=e.num_register_tokens,
+            init_values=1.0,
+            ffn_layer="mlp",
+            block_chunks=0,
+            interpolate_antialias=True,
+            interpolate_offset=0.0,
+        )
+
     return build
 
 
@@ -235,6 +280,7 @@ def run_original(cfg, args, pixels, device, stand_ins):
             return _orig_sort_block(index, block_size)
         # On CPU `.cpu()` aliases and the original overwrites its input (SPEC.md §9.1); give it CUDA's copy.
         return _orig_sort_block(index.as_subclass(_CopyingCpu), block_size).as_subclass(torch.Tensor)
+
     if device.type == "cpu":
         stand_ins.append("sort_block on CPU called with a copying .cpu() (CUDA semantics)")
 
@@ -263,10 +309,20 @@ def run_original(cfg, args, pixels, device, stand_ins):
         _, rows["encode"], mem["encode"] = measure(lambda: pipe.encode_image(image, enc, True), device, args.repeats)
 
         def stage():
-            idx = pipe.inference(image, vae, dit, enc, sched, num_inference_steps=args.steps,
-                                 guidance_scale=args.guidance, generator=seeded_generator(args.seed, device),
-                                 mode="dense", mc_threshold=0.1)[0]
+            idx = pipe.inference(
+                image,
+                vae,
+                dit,
+                enc,
+                sched,
+                num_inference_steps=args.steps,
+                guidance_scale=args.guidance,
+                generator=seeded_generator(args.seed, device),
+                mode="dense",
+                mc_threshold=0.1,
+            )[0]
             return orig_sort_block(idx, cfg.sparse_dit_512.selection_block_size)
+
         seen = {}
         hook = vae.decoder.register_forward_pre_hook(lambda m, a: seen.update(latent=a[0]))
         index, total, mem["sample"] = measure(stage, device, args.repeats)
@@ -275,12 +331,15 @@ def run_original(cfg, args, pixels, device, stand_ins):
         latent = torch.randn(1, *cfg.dense_dit.latent_shape, dtype=torch.float16, device=device)
         _, rows["decode"], mem["decode"] = measure(
             lambda: orig_sort_block(vae.decode_mesh(latent, mc_threshold=0.1, return_index=True)[0], 8),
-            device, args.repeats)
+            device,
+            args.repeats,
+        )
     rows["sample"] = total - rows["encode"] - rows["decode"]  # inference() = encode + sampling + decode
     return index, rows, mem
 
 
 # ---------------------------------------------------------------------------------------------
+
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -298,14 +357,17 @@ def main(argv=None):
     device = torch.device(args.device)
     cfg = tiny_release() if args.tiny else official_v1_1()
     if args.tiny:
-        cfg = replace(cfg, dense_dit=replace(cfg.dense_dit, use_fp16=True), dense_vae=replace(cfg.dense_vae, use_fp16=True))
+        cfg = replace(
+            cfg, dense_dit=replace(cfg.dense_dit, use_fp16=True), dense_vae=replace(cfg.dense_vae, use_fp16=True)
+        )
     rgb, mask = test_image()
     pixels = preprocess_image(rgb, mask, size=cfg.dense_image_encoder.size)
 
     enc, dit, vae = build_ours(cfg, device, args.seed)
     weights = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-    coords, ours, ours_mem = run_ours(cfg, enc, dit, vae, pixels, args.steps, args.guidance, args.seed, device,
-                                      args.repeats, torch.float16)
+    coords, ours, ours_mem = run_ours(
+        cfg, enc, dit, vae, pixels, args.steps, args.guidance, args.seed, device, args.repeats, torch.float16
+    )
     del enc, dit, vae
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -322,33 +384,53 @@ def main(argv=None):
         latent_diff = ((la - lb).norm() / lb.norm()).item()
 
     dev_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
-    lines = [f"# Coarse stage benchmark ({'tiny config' if args.tiny else 'official v1.1 config'})", "",
-             f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
-             f"- device: {dev_name}; torch {torch.__version__}",
-             f"- command: `python bench/bench_coarse.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
-             f"- {args.steps} steps, CFG {args.guidance}, seed {args.seed}; DiT/VAE fp16, DINOv2 fp32; best of {args.repeats}",
-             f"- our weights resident on the device: {weights / 2**20:.0f} MiB", "",
-             "| stage | ours (s) | ours peak above weights (MiB) | original (s) | original peak above weights (MiB) |",
-             "|---|---:|---:|---:|---:|"]
-    for k, label in (("encode", "DINOv2 encode"), ("sample", f"dense sampling ({args.steps} steps, CFG)"),
-                     ("decode", "dense decode → sorted index")):
+    lines = [
+        f"# Coarse stage benchmark ({'tiny config' if args.tiny else 'official v1.1 config'})",
+        "",
+        f"- date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}",
+        f"- device: {dev_name}; torch {torch.__version__}",
+        f"- command: `python bench/bench_coarse.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        f"- {args.steps} steps, CFG {args.guidance}, seed {args.seed}; DiT/VAE fp16, DINOv2 fp32; best of {args.repeats}",
+        f"- our weights resident on the device: {weights / 2**20:.0f} MiB",
+        "",
+        "| stage | ours (s) | ours peak above weights (MiB) | original (s) | original peak above weights (MiB) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for k, label in (
+        ("encode", "DINOv2 encode"),
+        ("sample", f"dense sampling ({args.steps} steps, CFG)"),
+        ("decode", "dense decode → sorted index"),
+    ):
         o = f"{orig[k]:.3f}" if orig else "—"
         om = f"{orig_mem[k] / 2**20:.0f}" if orig_mem else "—"
         lines.append(f"| {label} | {ours[k]:.3f} | {ours_mem[k] / 2**20:.0f} | {o} | {om} |")
-    lines.append(f"| dense sampling, cond+uncond batched (ours only) | {ours['sample_batched']:.3f} | "
-                 f"{ours_mem['sample_batched'] / 2**20:.0f} | — | — |")
+    lines.append(
+        f"| dense sampling, cond+uncond batched (ours only) | {ours['sample_batched']:.3f} | "
+        f"{ours_mem['sample_batched'] / 2**20:.0f} | — | — |"
+    )
     lines += ["", f"- batched CFG latent vs two-forward latent: max |diff| {ours['batched_max_diff']:.2e}"]
-    lines += [f"- our index: {len(coords)} voxels" + (f"; IoU with the original's index: {iou:.4f}" if iou is not None else "")]
+    lines += [
+        f"- our index: {len(coords)} voxels"
+        + (f"; IoU with the original's index: {iou:.4f}" if iou is not None else "")
+    ]
     if orig:
-        lines.append(f"- sampled latent, ours vs original: relative RMS difference {latent_diff:.2e} "
-                     "(same noise; differences are attention/GEMM kernel rounding amplified over the steps)")
+        lines.append(
+            f"- sampled latent, ours vs original: relative RMS difference {latent_diff:.2e} "
+            "(same noise; differences are attention/GEMM kernel rounding amplified over the steps)"
+        )
         lines.append("- original 'sampling' = inference(mode='dense') total − encode − decode (it runs all three)")
     if stand_ins:
         lines += ["- stand-ins for the original: " + "; ".join(stand_ins)]
     text = "\n".join(lines) + "\n"
     print(text)
-    out = Path(args.out) if args.out else REPO / "bench" / "results" / (
-        f"{datetime.date.today()}-{dev_name.replace(' ', '_')}-coarse{'-tiny' if args.tiny else ''}.md")
+    out = (
+        Path(args.out)
+        if args.out
+        else REPO
+        / "bench"
+        / "results"
+        / (f"{datetime.date.today()}-{dev_name.replace(' ', '_')}-coarse{'-tiny' if args.tiny else ''}.md")
+    )
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     tmp.write_text(text)

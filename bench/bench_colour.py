@@ -10,6 +10,7 @@ mirror test, fill. Reported: wall time of each part (CUDA synchronised), peak al
 error and the seen-colour error; plus the rasterizer's time per call at the search and projection sizes.
 The rasterizer has no Triton kernel (see kernels/raster.py): these rows are what a kernel would have to beat.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -25,7 +26,8 @@ sys.path.insert(0, str(REPO))
 
 from kernels.raster import rasterize  # noqa: E402
 from s2core import results  # noqa: E402
-from s2core.colour import Camera, camera as camera_mod, colour_mesh, paint, render_preview  # noqa: E402
+from s2core.colour import Camera, colour_mesh, paint, render_preview  # noqa: E402
+from s2core.colour import camera as camera_mod
 from s2core.colour.scene import bumpy_shape, shape_colours  # noqa: E402
 
 
@@ -59,8 +61,15 @@ def main():
 
     # the parts, as colour_mesh runs them
     parts = {}
-    orig = {k: getattr(m, k) for m, k in ((camera_mod, "find_camera"), (paint, "project_colours"),
-                                           (paint, "mirror_seeds"), (paint, "fill_colours"))}
+    orig = {
+        k: getattr(m, k)
+        for m, k in (
+            (camera_mod, "find_camera"),
+            (paint, "project_colours"),
+            (paint, "mirror_seeds"),
+            (paint, "fill_colours"),
+        )
+    }
     import s2core.colour as colour_pkg
 
     def wrap(name, fn):
@@ -68,6 +77,7 @@ def main():
             out, dt = timed(device, fn, *a, **k)
             parts[name] = parts.get(name, 0.0) + dt
             return out
+
         return inner
 
     for name, fn in orig.items():
@@ -100,13 +110,17 @@ def main():
         pv, pf = camera_mod.cluster_mesh(v, f, 2 * size) if size <= 128 else (v, f)
         ps = cam_s.project(pv)[0]
         _, dtp = timed(device, lambda: [rasterize(ps, pf, size, size) for _ in range(reps)])
-        rows.append(f"| rasterize {size}² | {1e3 * dt / reps:.1f} ms ({f.shape[0]:,} faces) | "
-                    f"{1e3 * dtp / reps:.1f} ms ({pf.shape[0]:,} faces, stand-in) |")
+        rows.append(
+            f"| rasterize {size}² | {1e3 * dt / reps:.1f} ms ({f.shape[0]:,} faces) | "
+            f"{1e3 * dtp / reps:.1f} ms ({pf.shape[0]:,} faces, stand-in) |"
+        )
 
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu"
-    head = (f"# colour from image, {v.shape[0]:,} vertices / {f.shape[0]:,} faces\n\n{datetime.date.today()}, {gpu}, "
-            f"torch {torch.__version__}, `python bench/bench_colour.py{''.join(' ' + a for a in sys.argv[1:])}`\n\n"
-            "| what | time | note |\n|---|---|---|\n")
+    head = (
+        f"# colour from image, {v.shape[0]:,} vertices / {f.shape[0]:,} faces\n\n{datetime.date.today()}, {gpu}, "
+        f"torch {torch.__version__}, `python bench/bench_colour.py{''.join(' ' + a for a in sys.argv[1:])}`\n\n"
+        "| what | time | note |\n|---|---|---|\n"
+    )
     text = head + "\n".join(rows) + "\n\n" + report.describe() + "\n"
     print(text)
     if device.type == "cuda" and not args.tiny:

@@ -9,6 +9,7 @@ so that a realistic share of cells is ambiguous. Each row: faces, vertices, the 
 vertex, median wall time of --repeat runs (after one warm-up), peak device memory, and the mesh's edge
 check (non-manifold / boundary edge counts, both must be 0; the script exits 1 otherwise).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,11 +59,14 @@ def main():
     args = ap.parse_args()
     device = torch.device(args.device)
     sizes = args.res or ([512, 1024] if device.type == "cuda" else [128])
-    lines = [f"`python bench/bench_marching_cubes.py {' '.join(sys.argv[1:])}` on "
-             f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
-             f"{torch.get_num_threads()} CPU threads", "",
-             "| R | active voxels | faces | vertices | centre vertices | median s | peak MiB | non-manifold / boundary |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"`python bench/bench_marching_cubes.py {' '.join(sys.argv[1:])}` on "
+        f"{torch.cuda.get_device_name() if device.type == 'cuda' else 'CPU'}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} CPU threads",
+        "",
+        "| R | active voxels | faces | vertices | centre vertices | median s | peak MiB | non-manifold / boundary |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     ok = True
     for res in sizes:
         coords, sdf = noisy_sphere_band(res, args.noise, device)
@@ -81,12 +85,19 @@ def main():
         centres = int(((v == v.round()).sum(1) < 2).sum())
         bad = edge_check(f)
         ok &= bad == (0, 0)
-        lines.append(f"| {res} | {len(coords)} | {len(f)} | {len(v)} | {centres} | {statistics.median(times):.3f} | "
-                     f"{peak:.0f} | {bad[0]} / {bad[1]} |")
+        lines.append(
+            f"| {res} | {len(coords)} | {len(f)} | {len(v)} | {centres} | {statistics.median(times):.3f} | "
+            f"{peak:.0f} | {bad[0]} / {bad[1]} |"
+        )
         del coords, sdf, v, f
     print("\n".join(lines))
     if device.type == "cuda":
-        out = REPO / "bench" / "results" / f"{datetime.date.today()}-{torch.cuda.get_device_name().replace(' ', '_')}-marching_cubes.md"
+        out = (
+            REPO
+            / "bench"
+            / "results"
+            / f"{datetime.date.today()}-{torch.cuda.get_device_name().replace(' ', '_')}-marching_cubes.md"
+        )
         out.write_text("\n".join(lines) + "\n")
         print(f"wrote {out}")
     sys.exit(0 if ok else 1)

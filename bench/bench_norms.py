@@ -9,6 +9,7 @@
 
 Reports the median time (triton.testing.do_bench) and the peak extra memory of each, and the max difference.
 """
+
 from __future__ import annotations
 
 import datetime
@@ -55,7 +56,7 @@ def main():
     x = torch.randn(N, C, device=dev, generator=g).half()
     r = torch.randn(N, C, device=dev, generator=g).half()
     mod = (0.3 * torch.randn(1, 6 * C, device=dev, generator=g)).half()
-    sh, sc, gate = mod[:, :C], mod[:, C:2 * C], mod[:, 2 * C:3 * C]
+    sh, sc, gate = mod[:, :C], mod[:, C : 2 * C], mod[:, 2 * C : 3 * C]
     w, bias = torch.randn(C, device=dev, generator=g), torch.randn(C, device=dev, generator=g)
     forms = {
         "norm1(x)·(1+sc)+sh": dict(scale=None, shift=sh),
@@ -70,11 +71,15 @@ def main():
         a, b_ = LN.add_layer_norm(x, **kw, eps=1e-6), LN.add_layer_norm_reference(x, **kw, eps=1e-6)
         diff = max((a[0].float() - b_[0].float()).abs().max().item(), (a[1].float() - b_[1].float()).abs().max().item())
         rows.append((f"{name} [{N}, {C}]", ours, ref, diff))
-    lines = [f"# Fused norm kernels vs the PyTorch ops they replace ({datetime.date.today().isoformat()})", "",
-             f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, Triton {triton.__version__}",
-             "- command: `python bench/bench_norms.py`", "",
-             "| op | ours ms | PyTorch ms | speed-up | ours extra MiB | PyTorch extra MiB | max abs diff |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Fused norm kernels vs the PyTorch ops they replace ({datetime.date.today().isoformat()})",
+        "",
+        f"- GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}, Triton {triton.__version__}",
+        "- command: `python bench/bench_norms.py`",
+        "",
+        "| op | ours ms | PyTorch ms | speed-up | ours extra MiB | PyTorch extra MiB | max abs diff |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, (t, m), (tr, mr), d in rows:
         lines.append(f"| {name} | {t:.3f} | {tr:.3f} | {tr / t:.1f}× | {m:.0f} | {mr:.0f} | {d:.3g} |")
     text = "\n".join(lines) + "\n"

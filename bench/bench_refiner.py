@@ -9,6 +9,7 @@ features), official-size fp16 refiners with deterministic weights. Reports time 
 `remove_interior_512/1024` + `mesh_refined_field`; `--dense` runs a dense re-statement of the original's
 `run()` (full grids, 27 cubes, blend/overwrite; no CPU marching cubes) for the memory comparison.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -22,9 +23,16 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from s2core.config import ReleaseConfig, RefinerConfig  # noqa: E402
-from s2core.refiner import (CubeGrid, VoxelRefiner, VoxelRefinerSign, cube_grid,  # noqa: E402
-                            mesh_refined_field, remove_interior_512, remove_interior_1024)
+from s2core.config import RefinerConfig, ReleaseConfig  # noqa: E402
+from s2core.refiner import (
+    CubeGrid,
+    VoxelRefiner,
+    VoxelRefinerSign,
+    cube_grid,  # noqa: E402
+    mesh_refined_field,
+    remove_interior_512,
+    remove_interior_1024,
+)
 from s2core.sparse.tensor import SparseTensor  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
 
@@ -33,8 +41,9 @@ def sphere_band(res: int, radius: float, band: float, device, dtype):
     """Voxels within `band` of a sphere (built slab by slab, never a dense res³ tensor)."""
     coords, values = [], []
     c = (res - 1) / 2
-    yz = torch.stack(torch.meshgrid(torch.arange(res, device=device), torch.arange(res, device=device),
-                                    indexing="ij"), -1).float()
+    yz = torch.stack(
+        torch.meshgrid(torch.arange(res, device=device), torch.arange(res, device=device), indexing="ij"), -1
+    ).float()
     for x in range(res):
         d = ((yz - c).square().sum(-1) + (x - c) ** 2).sqrt() - radius
         idx = (d.abs() < band).nonzero()
@@ -54,9 +63,15 @@ def dense_512(model, sdf, feats, grid):
     sd[0, 0, c[:, 1], c[:, 2], c[:, 3]] = sdf.feats[:, 0].to(dt)
     fe = torch.zeros(1, feats.shape[1], R, R, R, dtype=dt, device=dev)
     fe[0, :, c[:, 1], c[:, 2], c[:, 3]] = feats.to(dt).T
-    patches = [model(sd[..., S * i:S * i + P, S * j:S * j + P, S * k:S * k + P],
-                     fe[..., S * i:S * i + P, S * j:S * j + P, S * k:S * k + P])
-               for i in range(3) for j in range(3) for k in range(3)]
+    patches = [
+        model(
+            sd[..., S * i : S * i + P, S * j : S * j + P, S * k : S * k + P],
+            fe[..., S * i : S * i + P, S * j : S * j + P, S * k : S * k + P],
+        )
+        for i in range(3)
+        for j in range(3)
+        for k in range(3)
+    ]
     w = torch.linspace(0, 1, O, device=dev, dtype=dt)
 
     def join(a, b, cc, dim):
@@ -64,11 +79,19 @@ def dense_512(model, sdf, feats, grid):
         shape[dim] = -1
         ww = w.view(shape)
         n = lambda t, lo, hi: t.narrow(dim, lo, hi - lo)  # noqa: E731
-        return torch.cat([n(a, 0, S), n(a, S, P) * (1 - ww) + n(b, 0, O) * ww, n(b, O, S),
-                          n(b, S, P) * (1 - ww) + n(cc, 0, O) * ww, n(cc, O, P)], dim)
+        return torch.cat(
+            [
+                n(a, 0, S),
+                n(a, S, P) * (1 - ww) + n(b, 0, O) * ww,
+                n(b, O, S),
+                n(b, S, P) * (1 - ww) + n(cc, 0, O) * ww,
+                n(cc, O, P),
+            ],
+            dim,
+        )
 
-    lines = [join(*patches[3 * q:3 * q + 3], 4) for q in range(9)]
-    layers = [join(*lines[3 * q:3 * q + 3], 3) for q in range(3)]
+    lines = [join(*patches[3 * q : 3 * q + 3], 4) for q in range(9)]
+    layers = [join(*lines[3 * q : 3 * q + 3], 3) for q in range(3)]
     return join(*layers, 2)
 
 
@@ -121,7 +144,7 @@ def measure(fn, device):
     out = fn()
     if device.type == "cuda":
         torch.cuda.synchronize()
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device.type == "cuda" else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device.type == "cuda" else float("nan")
     return out, time.perf_counter() - t, peak
 
 
@@ -158,11 +181,17 @@ def main():
             (mesh,), dtm, peakm = measure(lambda: mesh_refined_field(field), device)
             rows.append((f"512 mesh_refined_field ({mesh[1].shape[0]} faces)", dtm, peakm, field.coords.shape[0]))
         except ValueError as e:
-            rows.append((f"512 mesh_refined_field: refused ({str(e).split(';')[0]})", float("nan"), float("nan"),
-                         field.coords.shape[0]))
+            rows.append(
+                (
+                    f"512 mesh_refined_field: refused ({str(e).split(';')[0]})",
+                    float("nan"),
+                    float("nan"),
+                    field.coords.shape[0],
+                )
+            )
         if args.dense:
             _, dtd, peakd = measure(lambda: dense_512(model, sdf, feats, g512), device)
-            rows.append(("512 refiner, original's dense grids", dtd, peakd, R ** 3))
+            rows.append(("512 refiner, original's dense grids", dtd, peakd, R**3))
         del model
     if args.only in (None, "1024"):
         model = VoxelRefinerSign(RefinerConfig(patch_size=g1024.patch, sign=True, use_fp16=fp16), widths).eval()
@@ -181,7 +210,7 @@ def main():
         rows.append((f"1024 mesh_refined_field ({mesh[1].shape[0]} faces)", dtm, peakm, field.coords.shape[0]))
         if args.dense:
             _, dtd, peakd = measure(lambda: dense_1024(model, sdf, g1024), device)
-            rows.append(("1024 sign refiner, original's dense grids", dtd, peakd, R2 ** 3))
+            rows.append(("1024 sign refiner, original's dense grids", dtd, peakd, R2**3))
     table = ["| step | time (s) | peak extra GPU memory (MiB) | field voxels kept |", "|---|---|---|---|"]
     table += [f"| {n} | {t:.2f} | {p:.0f} | {k} |" for n, t, p, k in rows]
     print("\n".join(table))
@@ -189,8 +218,10 @@ def main():
         gpu = torch.cuda.get_device_name().replace(" ", "-")
         out = REPO / "bench" / "results" / f"{datetime.date.today()}-{gpu}-refiner.md"
         out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(f"# Interior removal, official refiner sizes, synthetic sphere band ({gpu})\n\n"
-                       f"Command: `python {' '.join(sys.argv)}`\n\n" + "\n".join(table) + "\n")
+        out.write_text(
+            f"# Interior removal, official refiner sizes, synthetic sphere band ({gpu})\n\n"
+            f"Command: `python {' '.join(sys.argv)}`\n\n" + "\n".join(table) + "\n"
+        )
         print(f"wrote {out}")
 
 

@@ -10,6 +10,7 @@ bench/results/sparse_conv.md.
     python bench/bench_sparse_conv.py              # GPU, fp16, writes bench/results/<date>-<gpu>-sparse_conv.md
     python bench/bench_sparse_conv.py --tiny       # CPU smoke run (small sizes, fp32), no results file
 """
+
 from __future__ import annotations
 
 import argparse
@@ -76,6 +77,7 @@ def spconv_runner(coords, feats, kernel, bias):
     def run():
         x = spconv.SparseConvTensor(feats, coords, shape, 1)
         return conv(x).features
+
     return run, "spconv SubMConv3d"
 
 
@@ -92,11 +94,16 @@ def main():
         sizes = [50_000, 200_000, 1_000_000]
         chans = [(512, 128), (128, 128), (128, 64), (64, 64), (64, 32), (32, 32), (256, 256)]
         reps = args.reps
-    lines = [f"# sparse conv 3x3x3 benchmark ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)", "",
-             f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
-             f"torch {torch.__version__}", f"command: `python {' '.join(sys.argv)}`", "",
-             "| set | N | Cin->Cout | avg nbrs | kmap ms | gather ms | spconv ms | gather TFLOP/s (dense 27-tap) |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# sparse conv 3x3x3 benchmark ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, dtype {dtype}, "
+        f"torch {torch.__version__}",
+        f"command: `python {' '.join(sys.argv)}`",
+        "",
+        "| set | N | Cin->Cout | avg nbrs | kmap ms | gather ms | spconv ms | gather TFLOP/s (dense 27-tap) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     print("\n".join(lines))
     g = torch.Generator(device="cpu").manual_seed(0)
     for n_target, kind in [(n, k) for n in sizes for k in ("shell", "subdiv2")]:

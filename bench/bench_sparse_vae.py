@@ -16,6 +16,7 @@ moved to the CPU so its peak memory counts only its own weights, inputs and acti
     python bench/bench_sparse_vae.py --mesh --upstream .scratch
     python bench/bench_sparse_vae.py --tiny --upstream UPSTREAM/Direct3D-S2   # CPU smoke run, no file
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,11 +42,21 @@ def latent_structure(resolution: int, min_tokens: int, device) -> torch.Tensor:
     """[N, 4] int32 (0, x, y, z): voxelized primitive surfaces, dilated to >= min_tokens."""
     import trimesh
 
-    meshes = [trimesh.creation.icosphere(subdivisions=5, radius=0.8),
-              trimesh.creation.torus(major_radius=0.5, minor_radius=0.15).apply_translation([0, 0, 0.1]),
-              trimesh.creation.box(extents=[1.2, 0.9, 0.5])]
-    pts = torch.cat([torch.from_numpy(trimesh.sample.sample_surface_even(m, 40 * resolution ** 2 // 64, seed=0)[0])
-                     for m in meshes]).float().to(device)
+    meshes = [
+        trimesh.creation.icosphere(subdivisions=5, radius=0.8),
+        trimesh.creation.torus(major_radius=0.5, minor_radius=0.15).apply_translation([0, 0, 0.1]),
+        trimesh.creation.box(extents=[1.2, 0.9, 0.5]),
+    ]
+    pts = (
+        torch.cat(
+            [
+                torch.from_numpy(trimesh.sample.sample_surface_even(m, 40 * resolution**2 // 64, seed=0)[0])
+                for m in meshes
+            ]
+        )
+        .float()
+        .to(device)
+    )
     xyz = ((pts + 1) / 2 * resolution).floor().clamp(0, resolution - 1).long()
     coords = torch.unique(torch.cat([torch.zeros(len(xyz), 1, dtype=torch.long, device=device), xyz], 1), dim=0)
     offs = torch.cat([torch.zeros(27, 1, dtype=torch.long), kernel_offsets()], 1).to(device)
@@ -74,7 +85,7 @@ def run_ours(vae, latent, device):
         sdf = vae.decode(latent)
     sync(device)
     ms = (time.perf_counter() - t) * 1e3
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return sdf, ms, peak
 
 
@@ -83,8 +94,10 @@ def run_upstream(path: str, cfg: SparseVAEConfig, state: dict, latent: SparseTen
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools" / "golden"))
     try:
         import standins_gpu
+
         used = standins_gpu.install_standins(path)  # only for packages that are not importable
         from direct3d_s2.modules import sparse as sp
+
         params = {k: getattr(cfg, k) for k in cfg.__dataclass_fields__}
         model = standins_gpu.load_original_vae(params, state, device)
     except Exception as e:
@@ -101,7 +114,7 @@ def run_upstream(path: str, cfg: SparseVAEConfig, state: dict, latent: SparseTen
         out = model.decoder(x, factor=1.0)
     sync(device)
     ms = (time.perf_counter() - t) * 1e3
-    peak = torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == "cuda" else float("nan")
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else float("nan")
     return (out.feats.cpu(), out.coords.cpu(), ms, peak), used
 
 
@@ -111,10 +124,16 @@ def main():
     ap.add_argument("--tokens", type=int, default=150_000, help="minimum latent tokens")
     ap.add_argument("--mesh", action="store_true", help="also time marching cubes on the decoded SDF")
     ap.add_argument("--threshold", type=float, default=0.2, help="mc threshold (pipeline default 0.2)")
-    ap.add_argument("--upstream", help="path to a DreamTechAI/Direct3D-S2 checkout (or the folder holding its "
-                    "direct3d_s2 package, e.g. .scratch) to compare against")
-    ap.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "sparse_vae.md"),
-                    help="results file (not written with --tiny)")
+    ap.add_argument(
+        "--upstream",
+        help="path to a DreamTechAI/Direct3D-S2 checkout (or the folder holding its "
+        "direct3d_s2 package, e.g. .scratch) to compare against",
+    )
+    ap.add_argument(
+        "--out",
+        default=str(Path(__file__).resolve().parent / "results" / "sparse_vae.md"),
+        help="results file (not written with --tiny)",
+    )
     args = ap.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     if args.tiny:
@@ -134,11 +153,17 @@ def main():
     g = torch.Generator().manual_seed(0)
     latent = SparseTensor(torch.randn(len(coords), cfg.embed_dim, generator=g).to(device, wdtype), coords, 1)
 
-    lines = [f"# sparse VAE 1024 decode benchmark ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
-             "", f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, weights {wdtype}, "
-             f"torch {torch.__version__}", f"command: `python {' '.join(sys.argv)}`",
-             f"structure: {len(coords)} latent tokens at {cfg.resolution}^3 (primitive surfaces, dilated)", "",
-             "| run | decode ms | peak GiB | output voxels | notes |", "|---|---|---|---|---|"]
+    lines = [
+        f"# sparse VAE 1024 decode benchmark ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
+        "",
+        f"device: {torch.cuda.get_device_name() if device.type == 'cuda' else 'cpu'}, weights {wdtype}, "
+        f"torch {torch.__version__}",
+        f"command: `python {' '.join(sys.argv)}`",
+        f"structure: {len(coords)} latent tokens at {cfg.resolution}^3 (primitive surfaces, dilated)",
+        "",
+        "| run | decode ms | peak GiB | output voxels | notes |",
+        "|---|---|---|---|---|",
+    ]
     run_ours(vae, SparseTensor(latent.feats[:64], latent.coords[:64], 1), device)  # warm-up (kernels, tables)
     sdf, ms, peak = run_ours(vae, latent, device)
     n_unique = torch.unique(coords_to_keys(sdf.coords)).numel()
@@ -148,9 +173,11 @@ def main():
         t = time.perf_counter()
         v, f = sparse_sdf_to_mesh(sdf.coords, sdf.feats, cfg.resolution * 8, args.threshold)
         sync(device)
-        lines.append(f"| ours marching cubes | {(time.perf_counter() - t) * 1e3:.0f} | "
-                     f"{torch.cuda.max_memory_allocated() / 2 ** 30 if device.type == 'cuda' else float('nan'):.2f} | "
-                     f"{len(v)} verts / {len(f)} faces | threshold {args.threshold} |")
+        lines.append(
+            f"| ours marching cubes | {(time.perf_counter() - t) * 1e3:.0f} | "
+            f"{torch.cuda.max_memory_allocated() / 2**30 if device.type == 'cuda' else float('nan'):.2f} | "
+            f"{len(v)} verts / {len(f)} faces | threshold {args.threshold} |"
+        )
     if args.upstream:
         sdf_c, sdf_f = sdf.coords.cpu(), sdf.feats.cpu()
         del sdf
@@ -165,11 +192,17 @@ def main():
             same = torch.equal(ucoords.int(), sdf_c.int())
             err = _rel_rms(sdf_f, feats) if same else float("nan")
             backend = "on stand-ins (see below)" if used else "torchsparse + flash_attn"
-            lines.append(f"| original ({backend}) | {ums:.0f} | {upeak:.2f} | {len(ucoords)} | coords identical "
-                         f"(same order): {same}, rel RMS ours vs original {err:.2e} |")
+            lines.append(
+                f"| original ({backend}) | {ums:.0f} | {upeak:.2f} | {len(ucoords)} | coords identical "
+                f"(same order): {same}, rel RMS ours vs original {err:.2e} |"
+            )
             if used:
-                lines += ["", "Stand-ins used for the original (its numbers measure the original's algorithm "
-                          "and memory behaviour on our kernels, not torchsparse's or flash-attn's):", ""]
+                lines += [
+                    "",
+                    "Stand-ins used for the original (its numbers measure the original's algorithm "
+                    "and memory behaviour on our kernels, not torchsparse's or flash-attn's):",
+                    "",
+                ]
                 lines += [f"* `{name}`: {why}" for name, why in used.items()]
     print("\n".join(lines))
     if not args.tiny:

@@ -12,6 +12,7 @@ flash-attn calls are served by PyTorch's FlashAttention-2 varlen kernel (`aten._
 
     python bench/bench_ssa.py --upstream .scratch --out bench/results/ssa.md
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,15 +30,16 @@ import torch.nn.functional as F
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from kernels import ssa_compressed, ssa_selection, ssa_window  # noqa: E402
 from s2core.ssa import SpatialSparseAttention, ssa_plan  # noqa: E402
 from s2core.structure import sort_block  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
-from kernels import ssa_compressed, ssa_selection, ssa_window  # noqa: E402
 
 H, HK, D, CBS, SBS, TOPK, WIN, SHIFT, GRID = 32, 2, 32, 8, 8, 8, 8, 4, 128
 
 
 # ------------------------------------------------------------------------------------------------ inputs
+
 
 def surface_band(n: int, grid: int = GRID, seed: int = 0, device="cuda") -> torch.Tensor:
     """The n voxels of a grid^3 nearest to a bumpy sphere's surface, block-sorted: coords [n, 4] int32."""
@@ -47,11 +49,16 @@ def surface_band(n: int, grid: int = GRID, seed: int = 0, device="cuda") -> torc
     x, y, z = torch.meshgrid(ax, ax, ax, indexing="ij")
     c = (grid - 1) / 2
     r = torch.sqrt((x - c) ** 2 + (y - c) ** 2 + (z - c) ** 2)
-    bump = 0.08 * grid * torch.sin(x / grid * 9 + phase[0]) * torch.sin(y / grid * 7 + phase[1]) \
+    bump = (
+        0.08
+        * grid
+        * torch.sin(x / grid * 9 + phase[0])
+        * torch.sin(y / grid * 7 + phase[1])
         * torch.sin(z / grid * 8 + phase[2])
+    )
     sdf = (r - 0.36 * grid + bump).abs().flatten()
     idx = torch.topk(sdf, n, largest=False).indices
-    coords = torch.stack([torch.zeros_like(idx), idx // grid ** 2, idx // grid % grid, idx % grid], 1).to(torch.int32)
+    coords = torch.stack([torch.zeros_like(idx), idx // grid**2, idx // grid % grid, idx % grid], 1).to(torch.int32)
     return sort_block(coords, SBS)[0]
 
 
@@ -65,22 +72,28 @@ def make_inputs(coords: torch.Tensor, smooth: bool, seed: int = 0):
         def proj(cout, noise):
             m = torch.randn(128, cout, device=coords.device, generator=g) / math.sqrt(128) * 3.0
             return (base @ m + noise * torch.randn(n, cout, device=coords.device, generator=g)).half()
+
         q, k, v, x = proj(H * D, 0.5), proj(HK * D, 0.5), proj(HK * D, 1.0), proj(1024, 1.0)
     else:
-        q, k, v, x = (torch.randn(n, c, device=coords.device, generator=g).half() * s
-                      for c, s in ((H * D, 1.5), (HK * D, 1.5), (HK * D, 1.0), (1024, 1.0)))
+        q, k, v, x = (
+            torch.randn(n, c, device=coords.device, generator=g).half() * s
+            for c, s in ((H * D, 1.5), (HK * D, 1.5), (HK * D, 1.0), (1024, 1.0))
+        )
     return q.view(n, H, D), k.view(n, HK, D), v.view(n, HK, D), x
 
 
 # ------------------------------------------------------------------------------------------------ ours
 
+
 def ours_forward(m: SpatialSparseAttention, plan, q, k, v, x, marks=None):
     """SSA from q/k/v to the gated sum (what SpatialSparseAttention.forward does between its projections)."""
+
     def mark():
         if marks is not None:
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             marks.append(e)
+
     n = q.shape[0]
     mark()
     kf, vf = k.reshape(n, HK * D), v.reshape(n, HK * D)
@@ -90,12 +103,23 @@ def ours_forward(m: SpatialSparseAttention, plan, q, k, v, x, marks=None):
     mark()
     g = torch.sigmoid(m.gate(x))
     mark()
-    o, _, bidx = ssa_compressed.ssa_compressed_attention(q, ck, cv, plan.cu_seqlens, plan.cu_cells, plan.max_seqlen,
-                                                         TOPK, plan.block_keys, plan.cu_blocks, gate=g[:, 0],
-                                                         return_lse=False)
+    o, _, bidx = ssa_compressed.ssa_compressed_attention(
+        q,
+        ck,
+        cv,
+        plan.cu_seqlens,
+        plan.cu_cells,
+        plan.max_seqlen,
+        TOPK,
+        plan.block_keys,
+        plan.cu_blocks,
+        gate=g[:, 0],
+        return_lse=False,
+    )
     mark()
-    ssa_selection.ssa_selection_attention(q, k, v, bidx, plan.cu_seqlens, plan.cu_blocks, plan.cu_block_tokens,
-                                          plan.max_seqlen, gate=g[:, 1], out=o)
+    ssa_selection.ssa_selection_attention(
+        q, k, v, bidx, plan.cu_seqlens, plan.cu_blocks, plan.cu_block_tokens, plan.max_seqlen, gate=g[:, 1], out=o
+    )
     mark()
     perm, cu_w, tiles, max_w = plan.windows[SHIFT]
     ssa_window.ssa_window_attention(q, k, v, perm, cu_w, max_w, tiles, gate=g[:, 2], out=o)
@@ -105,25 +129,42 @@ def ours_forward(m: SpatialSparseAttention, plan, q, k, v, x, marks=None):
 
 # ------------------------------------------------------------------------------------------------ original
 
+
 class _FlashVarlen:
     """flash_attn stand-in on PyTorch's FlashAttention-2 varlen kernel (GQA native, else expanded)."""
+
     gqa_ok = None
 
     @classmethod
-    def varlen(cls, q, k, v, cu_q, cu_k, max_q, max_k, dropout_p=0.0, softmax_scale=None, causal=False,
-               return_attn_probs=False, **_):
+    def varlen(
+        cls,
+        q,
+        k,
+        v,
+        cu_q,
+        cu_k,
+        max_q,
+        max_k,
+        dropout_p=0.0,
+        softmax_scale=None,
+        causal=False,
+        return_attn_probs=False,
+        **_,
+    ):
         if cls.gqa_ok is not False and k.shape[1] != q.shape[1]:
             try:
-                res = torch.ops.aten._flash_attention_forward(q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-                                                              scale=softmax_scale)
+                res = torch.ops.aten._flash_attention_forward(
+                    q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=softmax_scale
+                )
                 cls.gqa_ok = True
             except RuntimeError:
                 cls.gqa_ok = False
         if k.shape[1] == q.shape[1] or cls.gqa_ok is False:
             g = q.shape[1] // k.shape[1]
             k2, v2 = (t.repeat_interleave(g, 1) if g > 1 else t for t in (k, v))
-            res = torch.ops.aten._flash_attention_forward(q, k2, v2, cu_q, cu_k, max_q, max_k, 0.0, causal, False,
-                                                          scale=softmax_scale)
+            res = torch.ops.aten._flash_attention_forward(
+                q, k2, v2, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=softmax_scale
+            )
         out, lse = res[0], res[1]
         if lse.shape[0] != q.shape[1]:  # [total_q, H] -> [H, total_q]
             lse = lse.transpose(0, 1).contiguous()
@@ -134,20 +175,34 @@ class _FlashVarlen:
         b, s = q.shape[:2]
         cu = torch.arange(b + 1, device=q.device, dtype=torch.int32) * s
         cuk = torch.arange(b + 1, device=q.device, dtype=torch.int32) * k.shape[1]
-        out = cls.varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu, cuk, s, k.shape[1],
-                         softmax_scale=softmax_scale, causal=causal)
+        out = cls.varlen(
+            q.flatten(0, 1),
+            k.flatten(0, 1),
+            v.flatten(0, 1),
+            cu,
+            cuk,
+            s,
+            k.shape[1],
+            softmax_scale=softmax_scale,
+            causal=causal,
+        )
         return out.unflatten(0, (b, s))
 
 
 def import_original(upstream: Path):
     """The original's SSA ops (get_block_score, spatial_selection_attention, sparse_window_attention)."""
     import os
+
     os.environ.setdefault("ATTN_BACKEND", "sdpa")
     fa = types.ModuleType("flash_attn")
     fa.flash_attn_varlen_func = _FlashVarlen.varlen
     fa.flash_attn_func = _FlashVarlen.batched
-    for name in ("flash_attn_varlen_qkvpacked_func", "flash_attn_varlen_kvpacked_func", "flash_attn_qkvpacked_func",
-                 "flash_attn_kvpacked_func"):
+    for name in (
+        "flash_attn_varlen_qkvpacked_func",
+        "flash_attn_varlen_kvpacked_func",
+        "flash_attn_qkvpacked_func",
+        "flash_attn_kvpacked_func",
+    ):
         setattr(fa, name, lambda *a, **k: (_ for _ in ()).throw(NotImplementedError(name)))
     sys.modules.setdefault("flash_attn", fa)
     try:
@@ -158,6 +213,7 @@ def import_original(upstream: Path):
         sys.modules["einops"] = einops
     sys.path.insert(0, str(upstream))
     from direct3d_s2.modules.sparse.attention.spatial_sparse_attention import ops
+
     return ops
 
 
@@ -191,9 +247,13 @@ def _orig_downsample(feats, coords, factor):
     offset = torch.cumprod(torch.tensor(mx[::-1]), 0).tolist()[::-1] + [1]
     code = sum(c * o for c, o in zip(coord, offset))
     code, idx = code.unique(return_inverse=True)
-    new = torch.scatter_reduce(torch.zeros(code.shape[0], feats.shape[1], device=feats.device, dtype=torch.float64),
-                               dim=0, index=idx.unsqueeze(1).expand(-1, feats.shape[1]), src=feats.double(),
-                               reduce="mean").to(feats.dtype)
+    new = torch.scatter_reduce(
+        torch.zeros(code.shape[0], feats.shape[1], device=feats.device, dtype=torch.float64),
+        dim=0,
+        index=idx.unsqueeze(1).expand(-1, feats.shape[1]),
+        src=feats.double(),
+        reduce="mean",
+    ).to(feats.dtype)
     new_coords = torch.stack([code // offset[0]] + [(code // offset[i + 1]) % mx[i] for i in range(3)], -1)
     return new, new_coords.int()
 
@@ -213,6 +273,7 @@ def original_forward(ops, m: SpatialSparseAttention, q, k, v, x, coords, cache, 
             e = torch.cuda.Event(enable_timing=True)
             e.record()
             marks.append(e)
+
     n = q.shape[0]
     mark()
     intra = coords[:, 1:] % CBS
@@ -226,17 +287,20 @@ def original_forward(ops, m: SpatialSparseAttention, q, k, v, x, coords, cache, 
     cu = _layout_cu(coords)
     seqlens, cseqlens = cu[1:] - cu[:-1], ccu[1:] - ccu[:-1]
     mark()
-    o_cmp, lse, _ = _FlashVarlen.varlen(q, ck, cv, cu, ccu, seqlens.max().item(), cseqlens.max().item(),
-                                        causal=False, return_attn_probs=True)
+    o_cmp, lse, _ = _FlashVarlen.varlen(
+        q, ck, cv, cu, ccu, seqlens.max().item(), cseqlens.max().item(), causal=False, return_attn_probs=True
+    )
     mark()
     with torch.no_grad():
-        topk, cu_blocks, cu_tok = ops.get_block_score(_ST(q, coords), _ST(ck, ccoords), lse, GRID, CBS, SBS, TOPK,
-                                                      cu, ccu, seqlens, cseqlens, None)
+        topk, cu_blocks, cu_tok = ops.get_block_score(
+            _ST(q, coords), _ST(ck, ccoords), lse, GRID, CBS, SBS, TOPK, cu, ccu, seqlens, cseqlens, None
+        )
     mark()
     o_slc = ops.spatial_selection_attention(q, k, v, topk, cu_blocks, cu_tok, SBS, cu, None)
     mark()
-    o_win = ops.sparse_window_attention(_ST(q, coords, cache), _ST(k, coords, cache), _ST(v, coords, cache),
-                                        window_size=WIN, shift_window=SHIFT).feats
+    o_win = ops.sparse_window_attention(
+        _ST(q, coords, cache), _ST(k, coords, cache), _ST(v, coords, cache), window_size=WIN, shift_window=SHIFT
+    ).feats
     mark()
     g = torch.sigmoid(m.gate(x))
     o = g[:, 0:1, None] * o_cmp + g[:, 1:2, None] * o_slc + g[:, 2:3, None] * o_win
@@ -245,6 +309,7 @@ def original_forward(ops, m: SpatialSparseAttention, q, k, v, x, coords, cache, 
 
 
 # ------------------------------------------------------------------------------------------------ timing
+
 
 def timed(fn, reps: int, n_marks: int):
     """Run fn(marks) reps times after 2 warm-ups; -> (median total ms, [median ms per segment], peak MiB)."""
@@ -261,7 +326,7 @@ def timed(fn, reps: int, n_marks: int):
         ts = [marks[i].elapsed_time(marks[i + 1]) for i in range(len(marks) - 1)]
         totals.append(marks[0].elapsed_time(marks[-1]))
         segs.append(ts)
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20
     seg_med = [statistics.median(s[i] for s in segs) for i in range(len(segs[0]))] if segs else []
     return statistics.median(totals), seg_med, peak
 
@@ -284,6 +349,7 @@ def sdpa_full(q, k, v):
             e.record()
             marks.append(e)
         return out
+
     return run
 
 
@@ -346,12 +412,18 @@ def main():
                 cache = {}
                 try:
                     orig_t, orig_seg, orig_mem = timed(
-                        lambda mk: original_forward(ops, m, q, k, v, x, coords, cache, mk), max(3, args.reps // 2), 7)
+                        lambda mk: original_forward(ops, m, q, k, v, x, coords, cache, mk), max(3, args.reps // 2), 7
+                    )
                     o_orig, topk_orig = original_forward(ops, m, q, k, v, x, coords, cache)
                     same = (topk_orig == bidx).all(-1).all(0)
                     d = (o_ours.float() - o_orig.float())[same]
-                    row.update(orig=orig_t, orig_seg=orig_seg, orig_mem=orig_mem, topk_same=same.float().mean().item(),
-                               relrms=(d.pow(2).mean().sqrt() / o_orig.float()[same].pow(2).mean().sqrt()).item())
+                    row.update(
+                        orig=orig_t,
+                        orig_seg=orig_seg,
+                        orig_mem=orig_mem,
+                        topk_same=same.float().mean().item(),
+                        relrms=(d.pow(2).mean().sqrt() / o_orig.float()[same].pow(2).mean().sqrt()).item(),
+                    )
                 except Exception as e:  # noqa: BLE001
                     row["orig_err"] = repr(e)[:200]
                     print("original failed:", repr(e))
@@ -370,13 +442,15 @@ def main():
 def write_report(rows, args):
     gpu = torch.cuda.get_device_name()
     lines = [
-        f"# SSA forward: ours vs the original vs SDPA flash ({datetime.date.today()}, {gpu})", "",
+        f"# SSA forward: ours vs the original vs SDPA flash ({datetime.date.today()}, {gpu})",
+        "",
         f"Command: `python bench/bench_ssa.py {' '.join(sys.argv[1:])}`  ",
         f"torch {torch.__version__}, triton {__import__('triton').__version__}; v1.1 sparse_dit_1024 SSA shape "
         f"(32 q heads x D 32, 2 KV heads, blocks 8, top-k 8, window 8 shift {SHIFT}), fp16, batch 1, "
         f"surface band on {GRID}^3, {'i.i.d. random' if args.random_inputs else 'spatially smooth'} inputs. "
         "Times: median ms of one forward from q/k/v to the gated sum (projections excluded). Extra peak = peak "
-        "allocation above the inputs during one forward.", "",
+        "allocation above the inputs during one forward.",
+        "",
         "| N tokens | " + " | ".join(f"{r['n'] // 1024}k" for r in rows) + " |",
         "|---|" + "---|" * len(rows),
     ]
@@ -389,16 +463,28 @@ def write_report(rows, args):
             except (KeyError, IndexError, TypeError):
                 cells.append("—")
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    seg_names = ["compress K,V", "gate (linear + sigmoid)", "compressed attn + score + top-k (gated)",
-                 "selection attention (gated, accumulates)", "window attention (gated, accumulates)"]
+
+    seg_names = [
+        "compress K,V",
+        "gate (linear + sigmoid)",
+        "compressed attn + score + top-k (gated)",
+        "selection attention (gated, accumulates)",
+        "window attention (gated, accumulates)",
+    ]
     line("**ours SSA fwd (ms)**", lambda r: f"**{r['ours']:.2f}**")
     for i, s in enumerate(seg_names):
         line(f"· {s}", lambda r, i=i: f"{r['ours_seg'][i]:.2f}")
     line("ours extra peak memory (MiB)", lambda r: f"{r['ours_mem']:.0f}")
     line("ours useful TFLOP/s", lambda r: f"{r['tflops']:.0f}")
     line("**original SSA fwd (ms)**", lambda r: f"**{r['orig']:.2f}**")
-    orig_names = ["compress K,V", "compressed attention (+lse)", "block score + top-k", "selection attention",
-                  "window attention", "gate + combine"]
+    orig_names = [
+        "compress K,V",
+        "compressed attention (+lse)",
+        "block score + top-k",
+        "selection attention",
+        "window attention",
+        "gate + combine",
+    ]
     for i, s in enumerate(orig_names):
         line(f"· {s}", lambda r, i=i: f"{r['orig_seg'][i]:.2f}")
     line("original extra peak memory (MiB)", lambda r: f"{r['orig_mem']:.0f}")
@@ -408,8 +494,10 @@ def write_report(rows, args):
     line("rows with the original's top-k", lambda r: f"{r['topk_same']:.1%}")
     line("output rel-RMS vs original (those rows)", lambda r: f"{r['relrms']:.1e}")
     line("M compressed keys / mean K_sel / mean K_win", lambda r: f"{r['M']} / {r['K_sel']:.0f} / {r['K_win']:.0f}")
-    line("selection: mean union of 8-token tiles / tiles on the shared path",
-         lambda r: f"{r['union_mean']:.1f} / {r['union_ok']:.0%}")
+    line(
+        "selection: mean union of 8-token tiles / tiles on the shared path",
+        lambda r: f"{r['union_mean']:.1f} / {r['union_ok']:.0%}",
+    )
     line("plan build, once per structure (ms, host)", lambda r: f"{r['plan_ms']:.0f}")
     for r in rows:
         for key in ("orig_err", "sdpa_err"):

@@ -11,6 +11,7 @@ and backend="triton" (level 2 in `kernels/voxelize.py`, one program per tile of 
 timed per tile shape PAIRSxBLOCK). Every index set must equal the first reference row's; the script
 prints the table, writes it (GPU runs), and exits with status 1 if any row disagrees.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,8 +42,9 @@ def make_mesh(subdivisions: int) -> trimesh.Trimesh:
 
 
 @torch.no_grad()
-def dense_mesh_to_latent_index(vertices, faces, resolution=1024, factor=8, threshold=4.0, device="cuda",
-                               window=1 << 22):
+def dense_mesh_to_latent_index(
+    vertices, faces, resolution=1024, factor=8, threshold=4.0, device="cuda", window=1 << 22
+):
     """The original's dense algorithm (int32 D³ grid of distances × 1e7, atomic min), in torch."""
     verts = normalize_vertices(torch.as_tensor(np.asarray(vertices), dtype=torch.float64, device=device)).float() * 0.5
     tris = verts[torch.as_tensor(np.asarray(faces), dtype=torch.int64, device=device)]
@@ -53,7 +55,7 @@ def dense_mesh_to_latent_index(vertices, faces, resolution=1024, factor=8, thres
     counts = dims.prod(1)
     ends = torch.cumsum(counts, 0)
     starts = ends - counts
-    udf = torch.full((D ** 3,), 10_000_000, dtype=torch.int32, device=device)
+    udf = torch.full((D**3,), 10_000_000, dtype=torch.int32, device=device)
     coord = K.lattice_coordinates(D, device)  # the same lattice coordinates as ours (i/(D-1) - 0.5 in float32)
     for first in range(0, int(ends[-1]), window):
         flat = torch.arange(first, min(first + window, int(ends[-1])), device=device)
@@ -82,7 +84,7 @@ def upstream_mesh_to_latent_index(upstream: Path, vertices, faces, resolution=10
     ext = load("udf_ext", [str(src / "udf_cuda.cpp"), str(src / "udf_kernel.cu")], verbose=False)
     v = normalize_vertices(torch.as_tensor(np.asarray(vertices), dtype=torch.float64)).float().cuda() * 0.5
     f = torch.as_tensor(np.asarray(faces)).int().cuda()
-    udf = torch.zeros(resolution ** 3, device="cuda").int() + 10_000_000
+    udf = torch.zeros(resolution**3, device="cuda").int() + 10_000_000
     ext.compute_valid_udf(v, f, udf, f.shape[0], resolution, 4.0)
     sdf = (udf.float() / 10_000_000).reshape(1, resolution, resolution, resolution)
     index = (sdf < 4 / resolution).nonzero()
@@ -101,22 +103,37 @@ def measure(fn, device):
     if device == "cuda":
         torch.cuda.synchronize()
     dt = time.perf_counter() - t
-    peak = (torch.cuda.max_memory_allocated() - base) / 2 ** 20 if device == "cuda" else float("nan")
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**20 if device == "cuda" else float("nan")
     return out, dt, peak
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tiny", action="store_true", help="CPU smoke run: small mesh at 128³, no results file "
-                    "(the kernel rows need TRITON_INTERPRET=1 on a CPU)")
+    ap.add_argument(
+        "--tiny",
+        action="store_true",
+        help="CPU smoke run: small mesh at 128³, no results file (the kernel rows need TRITON_INTERPRET=1 on a CPU)",
+    )
     ap.add_argument("--resolution", type=int, default=None)
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere level (7 → 328k faces, 8 → 1.3M)")
-    ap.add_argument("--windows", type=str, default=None,
-                    help="log2 candidate-window sizes of the reference path (default 18,20,21,22; --tiny 18)")
-    ap.add_argument("--kernel-windows", type=str, default=None,
-                    help="log2 pair-window sizes of the kernel path (default 21,23; --tiny 18)")
-    ap.add_argument("--tiles", type=str, default=None,
-                    help="kernel tiles PAIRSxBLOCK to time (default 1x128,1x64,2x64,4x32; --tiny 1024x128)")
+    ap.add_argument(
+        "--windows",
+        type=str,
+        default=None,
+        help="log2 candidate-window sizes of the reference path (default 18,20,21,22; --tiny 18)",
+    )
+    ap.add_argument(
+        "--kernel-windows",
+        type=str,
+        default=None,
+        help="log2 pair-window sizes of the kernel path (default 21,23; --tiny 18)",
+    )
+    ap.add_argument(
+        "--tiles",
+        type=str,
+        default=None,
+        help="kernel tiles PAIRSxBLOCK to time (default 1x128,1x64,2x64,4x32; --tiny 1024x128)",
+    )
     ap.add_argument("--upstream", type=Path, default=None, help="checkout of DreamTechAI/Direct3D-S2 to also time")
     ap.add_argument("--skip-dense", action="store_true")
     args = ap.parse_args()
@@ -128,8 +145,9 @@ def main():
     print(f"mesh: {len(mesh.faces)} faces, resolution {res}, device {device}")
 
     def run(backend, w):
-        return mesh_to_latent_index(mesh.vertices, mesh.faces, res, device=device, max_candidates=1 << w,
-                                    backend=backend)
+        return mesh_to_latent_index(
+            mesh.vertices, mesh.faces, res, device=device, max_candidates=1 << w, backend=backend
+        )
 
     ref = None
     for w in [int(x) for x in (args.windows or ("18" if args.tiny else "18,20,21,22")).split(",")]:
@@ -146,35 +164,51 @@ def main():
         for w in [int(x) for x in (args.kernel_windows or ("18" if args.tiny else "21,23")).split(",")]:
             run("triton", w)  # warm-up (compiles once per tile)
             out, dt, peak = measure(lambda: run("triton", w), device)
-            rows.append((f"sparse Triton kernel, tile {tile}, window 2^{w}", dt, peak, out.shape[0],
-                         torch.equal(out.cpu(), ref)))
+            rows.append(
+                (
+                    f"sparse Triton kernel, tile {tile}, window 2^{w}",
+                    dt,
+                    peak,
+                    out.shape[0],
+                    torch.equal(out.cpu(), ref),
+                )
+            )
             print(rows[-1])
     K.PAIRS, K.BLOCK, K.PAIRS_INTERPRETED = defaults
     if not args.skip_dense:
-        out, dt, peak = measure(lambda: dense_mesh_to_latent_index(mesh.vertices, mesh.faces, res, device=device), device)
+        out, dt, peak = measure(
+            lambda: dense_mesh_to_latent_index(mesh.vertices, mesh.faces, res, device=device), device
+        )
         rows.append(("dense (original's method in torch)", dt, peak, out.shape[0], torch.equal(out.cpu(), ref)))
         print(rows[-1])
     if args.upstream is not None and device == "cuda":
         try:
-            out, dt, peak = measure(lambda: upstream_mesh_to_latent_index(args.upstream, mesh.vertices, mesh.faces, res),
-                                    device)
+            out, dt, peak = measure(
+                lambda: upstream_mesh_to_latent_index(args.upstream, mesh.vertices, mesh.faces, res), device
+            )
             diff = len(set(map(tuple, out.cpu().tolist())) ^ set(map(tuple, ref.tolist())))
             rows.append(("original CUDA kernel (udf_ext)", dt, peak, out.shape[0], f"{diff} cells differ"))
             print(rows[-1])
         except Exception as e:  # the extension may not build here
             print(f"original kernel not timed: {e}")
 
-    table = ["| method | time (s) | peak extra GPU memory (MiB) | latent tokens | same cells as the reference |",
-             "|---|---|---|---|---|"]
-    table += [f"| {n} | {t:.3f} | {p:.0f} | {k} | {'yes' if same is True else 'NO' if same is False else same} |"
-              for n, t, p, k, same in rows]
+    table = [
+        "| method | time (s) | peak extra GPU memory (MiB) | latent tokens | same cells as the reference |",
+        "|---|---|---|---|---|",
+    ]
+    table += [
+        f"| {n} | {t:.3f} | {p:.0f} | {k} | {'yes' if same is True else 'NO' if same is False else same} |"
+        for n, t, p, k, same in rows
+    ]
     print("\n".join(table))
     if not args.tiny and device == "cuda":
         gpu = torch.cuda.get_device_name().replace(" ", "-")
         out_path = REPO / "bench" / "results" / f"{datetime.date.today()}-{gpu}-voxelize.md"
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        out_path.write_text(f"# mesh → latent index, {len(mesh.faces)} faces at {res}³ ({gpu})\n\n"
-                            f"Command: `python {' '.join(sys.argv)}`\n\n" + "\n".join(table) + "\n")
+        out_path.write_text(
+            f"# mesh → latent index, {len(mesh.faces)} faces at {res}³ ({gpu})\n\n"
+            f"Command: `python {' '.join(sys.argv)}`\n\n" + "\n".join(table) + "\n"
+        )
         print(f"wrote {out_path}")
     bad = [n for n, *_, same in rows if same is False]
     if bad:

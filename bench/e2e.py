@@ -21,6 +21,7 @@ Without --original the original is not run and its numbers come from PERF.md (sa
 2026-11-25). With it, bench/e2e_original.py times the original on stand-ins (torchsparse, flash-attn and
 its CUDA voxelizer do not install on the GPU machine; the stand-ins are listed in the results file).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,10 +48,15 @@ from s2core.testing import deterministic_state_dict  # noqa: E402
 GiB = 2**30
 T0 = time.perf_counter()  # --budget-s counts from here
 ORIGINAL = {  # PERF.md "The original pipeline end to end" (H100, warm run): seconds, peak allocated GiB
-    "image encode": (0.07, 6.3), "dense sampling": (5.8, 6.4), "dense decode": (0.02, 6.5),
-    "sparse-512 sampling": (15.4, 6.8), "sparse-512 decode + refiner": (17.0, 21.7),
-    "mesh -> 1024 structure": (0.2, 18.3), "sparse-1024 sampling": (26.1, 8.9),
-    "sparse-1024 decode + refiner": (50.3, 20.4), "total": (115.2, 21.7),
+    "image encode": (0.07, 6.3),
+    "dense sampling": (5.8, 6.4),
+    "dense decode": (0.02, 6.5),
+    "sparse-512 sampling": (15.4, 6.8),
+    "sparse-512 decode + refiner": (17.0, 21.7),
+    "mesh -> 1024 structure": (0.2, 18.3),
+    "sparse-1024 sampling": (26.1, 8.9),
+    "sparse-1024 decode + refiner": (50.3, 20.4),
+    "total": (115.2, 21.7),
 }
 
 
@@ -83,8 +89,9 @@ def build_models(variant: str, device, dtype, offload: bool | None, seed: int = 
     # decoded band's boundary, about the size of a real mesh's.
     sds["refiner_1024"]["conv_out.weight"].mul_(0.01)
     sds["refiner_1024"]["conv_out.bias"].fill_(1.0)
-    return loading.load_models(variant, loading.STAGES, device, dtype, state_dicts=sds,
-                         placement=loading.Placement(device, offload=offload))
+    return loading.load_models(
+        variant, loading.STAGES, device, dtype, state_dicts=sds, placement=loading.Placement(device, offload=offload)
+    )
 
 
 class Timer:
@@ -105,13 +112,15 @@ class Timer:
         alloc = torch.cuda.max_memory_allocated() / GiB if cuda else float("nan")
         res = torch.cuda.max_memory_reserved() / GiB if cuda else float("nan")
         self.rows.append((name, dt, alloc, res, note() if callable(note) else note))
-        print(f"{name:32s} {dt:8.2f} s  peak {alloc:6.2f} GiB alloc  {res:6.2f} GiB reserved  "
-              f"{self.rows[-1][4]}", flush=True)
+        print(
+            f"{name:32s} {dt:8.2f} s  peak {alloc:6.2f} GiB alloc  {res:6.2f} GiB reserved  {self.rows[-1][4]}",
+            flush=True,
+        )
         return out
 
 
 def run_chain(models: loading.Models, v, f, device, tiny: bool, timer: Timer) -> dict:
-    res512, res1024 = (models.config.sparse_dit_512.resolution * 8, models.config.sparse_dit_1024.resolution * 8)
+    res512 = models.config.sparse_dit_512.resolution * 8
     steps = (2, 2, 2) if tiny else (config.DENSE_STEPS, config.SPARSE_512_STEPS, config.SPARSE_1024_STEPS)
     img = torch.ones(1, 256, 256, 4)
     yy, xx = torch.meshgrid(torch.linspace(-1, 1, 256), torch.linspace(-1, 1, 256), indexing="ij")
@@ -127,15 +136,17 @@ def run_chain(models: loading.Models, v, f, device, tiny: bool, timer: Timer) ->
     idx512 = mesh_to_latent_index(v, f, resolution=res512, device=device).to(torch.int32).cpu()
     s512 = results.make_structure(idx512, 512, res512 // 8, models.config.sparse_dit_512.selection_block_size)
     info["tokens_512"] = s512.num_tokens
-    lat512 = timer.run("sparse-512 sampling", lambda: P.sample_sparse(models, cond, s512, 0, steps[1]),
-                       f"{s512.num_tokens} tokens")
+    lat512 = timer.run(
+        "sparse-512 sampling", lambda: P.sample_sparse(models, cond, s512, 0, steps[1]), f"{s512.num_tokens} tokens"
+    )
     mesh512 = timer.run("sparse-512 decode + refiner", lambda: P.decode_sparse(models, lat512, refine=True))
     info["faces_512"] = int(sum(mesh512.face_counts)) if hasattr(mesh512, "face_counts") else -1
     real = results.Mesh.from_list([(v, f)], 512, {})
     s1024 = timer.run("mesh -> 1024 structure", lambda: P.mesh_to_structure(models, real))
     info["tokens_1024"] = s1024.num_tokens
-    lat1024 = timer.run("sparse-1024 sampling", lambda: P.sample_sparse(models, cond, s1024, 0, steps[2]),
-                        f"{s1024.num_tokens} tokens")
+    lat1024 = timer.run(
+        "sparse-1024 sampling", lambda: P.sample_sparse(models, cond, s1024, 0, steps[2]), f"{s1024.num_tokens} tokens"
+    )
     mesh1024 = timer.run("sparse-1024 decode + refiner", lambda: P.decode_sparse(models, lat1024, refine=True))
     info["faces_1024"] = int(sum(mesh1024.face_counts)) if hasattr(mesh1024, "face_counts") else -1
     return info
@@ -149,16 +160,31 @@ def main():
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere subdivisions (default 8, tiny 3)")
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--original", metavar="UPSTREAM", default=None,
-                    help="also time the original pipeline (folder holding its direct3d_s2 package, e.g. .scratch) "
-                         "in a subprocess after ours, and write the combined table")
-    ap.add_argument("--original-python", default=sys.executable,
-                    help="interpreter for the original's subprocess (default: this one)")
-    ap.add_argument("--original-json", type=Path, default=None,
-                    help="keep the original's per-stage JSON here (default: a temporary file)")
-    ap.add_argument("--budget-s", type=float, default=None,
-                    help="wall-clock budget of this whole command: the original's subprocess is stopped in time to "
-                         "write the table with the stages it finished (each is saved as it ends)")
+    ap.add_argument(
+        "--original",
+        metavar="UPSTREAM",
+        default=None,
+        help="also time the original pipeline (folder holding its direct3d_s2 package, e.g. .scratch) "
+        "in a subprocess after ours, and write the combined table",
+    )
+    ap.add_argument(
+        "--original-python",
+        default=sys.executable,
+        help="interpreter for the original's subprocess (default: this one)",
+    )
+    ap.add_argument(
+        "--original-json",
+        type=Path,
+        default=None,
+        help="keep the original's per-stage JSON here (default: a temporary file)",
+    )
+    ap.add_argument(
+        "--budget-s",
+        type=float,
+        default=None,
+        help="wall-clock budget of this whole command: the original's subprocess is stopped in time to "
+        "write the table with the stages it finished (each is saved as it ends)",
+    )
     args = ap.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
@@ -177,7 +203,7 @@ def main():
             m.to(device)  # everything resident, as the original keeps it
         torch.cuda.synchronize()
     runs = 2 if args.warm else 1
-    for r in range(runs):
+    for _ in range(runs):
         timer = Timer(device)
         with torch.inference_mode():
             info = run_chain(models, v, f, device, args.tiny, timer)
@@ -198,14 +224,18 @@ def main():
     gpu = torch.cuda.get_device_name().replace(" ", "_")
     date = datetime.date.today().isoformat()
     out = args.out or REPO / "bench" / "results" / f"{date}-{gpu}-e2e{'-offload' if args.offload else ''}.md"
-    lines = [f"# End-to-end 1024³ ({'offload: one stage on the GPU' if args.offload else 'all weights resident'})",
-             "", f"- date: {date}; GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}",
-             f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
-             f"- mesh: bumpy icosphere, {f.shape[0]} faces; tokens: {info['tokens_512']} at 512, "
-             f"{info['tokens_1024']} at 1024; {'warm (second) run' if args.warm else 'first run'}",
-             "- original: PERF.md (same kind of H100, not this run; 18,872 / 91,538 tokens)", "",
-             "| stage | ours s | ours peak alloc GiB | ours peak reserved GiB | original s | original peak GiB | note |",
-             "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# End-to-end 1024³ ({'offload: one stage on the GPU' if args.offload else 'all weights resident'})",
+        "",
+        f"- date: {date}; GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}",
+        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
+        f"- mesh: bumpy icosphere, {f.shape[0]} faces; tokens: {info['tokens_512']} at 512, "
+        f"{info['tokens_1024']} at 1024; {'warm (second) run' if args.warm else 'first run'}",
+        "- original: PERF.md (same kind of H100, not this run; 18,872 / 91,538 tokens)",
+        "",
+        "| stage | ours s | ours peak alloc GiB | ours peak reserved GiB | original s | original peak GiB | note |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for name, dt, a, rsv, note in timer.rows:
         o = ORIGINAL.get(name, (math.nan, math.nan))
         lines.append(f"| {name} | {dt:.2f} | {a:.2f} | {rsv:.2f} | {o[0]} | {o[1]} | {note} |")
@@ -219,8 +249,16 @@ def run_original(args, faces: int) -> dict:
     """bench/e2e_original.py in a subprocess (its own CUDA context: clean memory statistics); its JSON, or as much
     of it as was written before it failed (each stage is saved as it ends)."""
     out = args.original_json or Path(tempfile.mkdtemp(prefix="e2e_original_")) / "original.json"
-    cmd = [args.original_python, str(REPO / "bench" / "e2e_original.py"), "--upstream", args.original,
-           "--json", str(out), "--subdivisions", str(args.subdivisions or (3 if args.tiny else 8))]
+    cmd = [
+        args.original_python,
+        str(REPO / "bench" / "e2e_original.py"),
+        "--upstream",
+        args.original,
+        "--json",
+        str(out),
+        "--subdivisions",
+        str(args.subdivisions or (3 if args.tiny else 8)),
+    ]
     if args.warm:
         cmd.append("--warm")
     if args.tiny:
@@ -252,48 +290,66 @@ def write_comparison(args, rows, info: dict, orig: dict, faces: int, device) -> 
     gpu = torch.cuda.get_device_name() if cuda else "cpu"
     date = datetime.date.today().isoformat()
     complete = orig.get("complete", False)
-    lines = [f"# End-to-end 1024³: ours vs the original Direct3D-S2, same run "
-             f"({'all weights resident' if not args.offload else 'ours: offload, one stage on the GPU'})", "",
-             f"- date: {date}; GPU: {gpu}; torch {torch.__version__}; triton {triton.__version__}"
-             + (f" (original's subprocess: torch {orig.get('torch')}, triton {orig.get('triton')}, "
-                f"{orig.get('device')})" if orig.get("torch") else ""),
-             f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
-             f"- structure (both): bumpy icosphere, {faces} faces; {'warm (second) run' if args.warm else 'first run'}"
-             f" of each chain; " + ("TINY CPU SMOKE (tiny configs, 2 steps ours / 1 step original, original's sparse "
-                                    "structures cropped): times mean nothing" if args.tiny else
-                                    "official steps (50 / 30 / 15), CFG 7, fp16, deterministic weights (same values, "
-                                    "same names); the 1024 sign refiner pinned to 'outside' in both"),
-             f"- tokens: ours {info.get('tokens_512')} at 512, {info.get('tokens_1024')} at 1024; original "
-             f"{orig.get('tokens_512')} at 512, {orig.get('tokens_1024')} at 1024",
-             f"- faces meshed: ours {info.get('faces_512')} at 512, {info.get('faces_1024')} at 1024; original "
-             f"{orig.get('faces_512')} at 512, {orig.get('faces_1024')} at 1024",
-             f"- original: models built in {orig.get('build_s', math.nan):.0f} s, resident weights "
-             f"{orig.get('resident_weights_gib', math.nan):.2f} GiB; "
-             + ("complete" if complete else f"INCOMPLETE (exit status {orig.get('returncode')}): missing stages "
-                "show —"), "",
-             "| stage | ours s | ours peak alloc GiB | ours peak reserved GiB | original s | original peak alloc GiB "
-             "| original peak reserved GiB | speedup | memory ratio | note |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# End-to-end 1024³: ours vs the original Direct3D-S2, same run "
+        f"({'all weights resident' if not args.offload else 'ours: offload, one stage on the GPU'})",
+        "",
+        f"- date: {date}; GPU: {gpu}; torch {torch.__version__}; triton {triton.__version__}"
+        + (
+            f" (original's subprocess: torch {orig.get('torch')}, triton {orig.get('triton')}, {orig.get('device')})"
+            if orig.get("torch")
+            else ""
+        ),
+        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
+        f"- structure (both): bumpy icosphere, {faces} faces; {'warm (second) run' if args.warm else 'first run'}"
+        f" of each chain; "
+        + (
+            "TINY CPU SMOKE (tiny configs, 2 steps ours / 1 step original, original's sparse "
+            "structures cropped): times mean nothing"
+            if args.tiny
+            else "official steps (50 / 30 / 15), CFG 7, fp16, deterministic weights (same values, "
+            "same names); the 1024 sign refiner pinned to 'outside' in both"
+        ),
+        f"- tokens: ours {info.get('tokens_512')} at 512, {info.get('tokens_1024')} at 1024; original "
+        f"{orig.get('tokens_512')} at 512, {orig.get('tokens_1024')} at 1024",
+        f"- faces meshed: ours {info.get('faces_512')} at 512, {info.get('faces_1024')} at 1024; original "
+        f"{orig.get('faces_512')} at 512, {orig.get('faces_1024')} at 1024",
+        f"- original: models built in {orig.get('build_s', math.nan):.0f} s, resident weights "
+        f"{orig.get('resident_weights_gib', math.nan):.2f} GiB; "
+        + ("complete" if complete else f"INCOMPLETE (exit status {orig.get('returncode')}): missing stages show —"),
+        "",
+        "| stage | ours s | ours peak alloc GiB | ours peak reserved GiB | original s | original peak alloc GiB "
+        "| original peak reserved GiB | speedup | memory ratio | note |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for name, dt, a, rsv, note in rows:
         o = o_rows.get(name)
         if o is None:
             lines.append(f"| {name} | {dt:.2f} | {a:.2f} | {rsv:.2f} | — | — | — | — | — | {note} |")
             continue
         both = "; ".join(x for x in (f"ours: {note}" if note else "", f"original: {o[4]}" if o[4] else "") if x)
-        lines.append(f"| {name} | {dt:.2f} | {a:.2f} | {rsv:.2f} | {o[1]:.2f} | {o[2]:.2f} | {o[3]:.2f} | "
-                     f"{_ratio(o[1], dt)} | {_ratio(o[2], a)} | {both} |")
+        lines.append(
+            f"| {name} | {dt:.2f} | {a:.2f} | {rsv:.2f} | {o[1]:.2f} | {o[2]:.2f} | {o[3]:.2f} | "
+            f"{_ratio(o[1], dt)} | {_ratio(o[2], a)} | {both} |"
+        )
     total = sum(r[1] for r in rows)
     pa, pr = max(r[2] for r in rows), max(r[3] for r in rows)
     if o_rows:
         ot = sum(r[1] for r in o_rows.values())
         oa, orr = max(r[2] for r in o_rows.values()), max(r[3] for r in o_rows.values())
-        lines.append(f"| **total** | **{total:.2f}** | **{pa:.2f}** | **{pr:.2f}** | **{ot:.2f}** | **{oa:.2f}** | "
-                     f"**{orr:.2f}** | **{_ratio(ot, total)}** | **{_ratio(oa, pa)}** | "
-                     f"{'' if complete else 'original incomplete: its total covers only the stages shown'} |")
-    lines += ["", "speedup = original s / ours s; memory ratio = original peak allocated / ours. Peaks are per "
-              "stage (reset before each), including resident weights.", "",
-              "Stand-ins used for the original (its numbers measure the original's code on these, not the real "
-              "packages):", ""]
+        lines.append(
+            f"| **total** | **{total:.2f}** | **{pa:.2f}** | **{pr:.2f}** | **{ot:.2f}** | **{oa:.2f}** | "
+            f"**{orr:.2f}** | **{_ratio(ot, total)}** | **{_ratio(oa, pa)}** | "
+            f"{'' if complete else 'original incomplete: its total covers only the stages shown'} |"
+        )
+    lines += [
+        "",
+        "speedup = original s / ours s; memory ratio = original peak allocated / ours. Peaks are per "
+        "stage (reset before each), including resident weights.",
+        "",
+        "Stand-ins used for the original (its numbers measure the original's code on these, not the real packages):",
+        "",
+    ]
     lines += [f"* {s}" for s in orig.get("stand_ins", [])]
     text = "\n".join(lines) + "\n"
     print(text)

@@ -27,6 +27,7 @@ placeholders / a scheduler stand-in for packages the GPU machine lacks.
 
 `python bench/e2e.py --original .scratch` runs this in a subprocess after our chain and writes the combined table.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -59,11 +60,30 @@ GUIDANCE = 7.0
 SMOKE_TOKENS = 96  # --cpu-smoke: sparse structures cropped to this many rows (whole 8³ blocks first)
 MC_THRESHOLD = 0.2  # the original __call__'s default; its dense stage uses 0.1
 # bench/e2e.py seeds our networks with seed * 100 + index in s2core.loading.PARTS; same here, same names
-PART_INDEX = {"dense_image_encoder": 0, "sparse_image_encoder": 0, "dense_vae": 1, "dense_dit": 2,
-              "sparse_vae_512": 3, "sparse_dit_512": 4, "refiner": 5, "sparse_vae_1024": 6, "sparse_dit_1024": 7,
-              "refiner_1024": 8}
-NETWORKS = ("dense_vae", "dense_dit", "sparse_vae_512", "sparse_dit_512", "sparse_vae_1024", "sparse_dit_1024",
-            "refiner", "refiner_1024", "dense_image_encoder", "sparse_image_encoder")
+PART_INDEX = {
+    "dense_image_encoder": 0,
+    "sparse_image_encoder": 0,
+    "dense_vae": 1,
+    "dense_dit": 2,
+    "sparse_vae_512": 3,
+    "sparse_dit_512": 4,
+    "refiner": 5,
+    "sparse_vae_1024": 6,
+    "sparse_dit_1024": 7,
+    "refiner_1024": 8,
+}
+NETWORKS = (
+    "dense_vae",
+    "dense_dit",
+    "sparse_vae_512",
+    "sparse_dit_512",
+    "sparse_vae_1024",
+    "sparse_dit_1024",
+    "refiner",
+    "refiner_1024",
+    "dense_image_encoder",
+    "sparse_image_encoder",
+)
 
 
 def release_config(upstream: Path, given: str | None) -> tuple[dict, Path]:
@@ -73,8 +93,10 @@ def release_config(upstream: Path, given: str | None) -> tuple[dict, Path]:
     for path in candidates:
         if path.is_file():
             return json.loads(path.read_text()), path
-    sys.exit(f"The released config.json is not at {', '.join(map(str, candidates))}; copy "
-             f"tests/data/upstream/config.json (the v1.1 release's config.yaml as JSON) to {upstream / 'config.json'}.")
+    sys.exit(
+        f"The released config.json is not at {', '.join(map(str, candidates))}; copy "
+        f"tests/data/upstream/config.json (the v1.1 release's config.yaml as JSON) to {upstream / 'config.json'}."
+    )
 
 
 def smoke_config(cfg: dict) -> dict:
@@ -138,6 +160,7 @@ class Laps:
 # ---------------------------------------------------------------------------------------------
 # the original, its stand-ins and its networks
 
+
 def install(upstream: Path, cpu: bool) -> tuple[list[str], type]:
     import standins_gpu
 
@@ -145,6 +168,7 @@ def install(upstream: Path, cpu: bool) -> tuple[list[str], type]:
     notes = []
     try:
         import flash_attn  # noqa: F401
+
         real_fa = True
     except Exception:
         real_fa = False
@@ -154,8 +178,10 @@ def install(upstream: Path, cpu: bool) -> tuple[list[str], type]:
         used["flash_attn (kernel)"] = standins_gpu.TORCH_FLASH_NOTE
     if not real_fa:
         os.environ["ATTN_BACKEND"] = "sdpa"  # dense side only: SPARSE_ATTN_BACKEND is set to flash_attn above
-        notes.append("dense attention (DINOv2 aside): ATTN_BACKEND=sdpa, the original's own torch SDPA backend "
-                     "(flash-attn not installed); the sparse side stays on the flash_attn stand-in")
+        notes.append(
+            "dense attention (DINOv2 aside): ATTN_BACKEND=sdpa, the original's own torch SDPA backend "
+            "(flash-attn not installed); the sparse side stays on the flash_attn stand-in"
+        )
     more, sched = standins_gpu.install_pipeline_standins()
     used.update(more)
     notes = [f"{k}: {v}" for k, v in used.items()] + notes
@@ -171,7 +197,8 @@ def cpu_patches() -> list[str]:
     import harness
 
     ca = importlib.import_module(
-        "direct3d_s2.modules.sparse.attention.spatial_sparse_attention.ops.compressed_attention")
+        "direct3d_s2.modules.sparse.attention.spatial_sparse_attention.ops.compressed_attention"
+    )
     ca.torch = harness._CudaLiteralsOnCpu("torch")
     su = importlib.import_module("direct3d_s2.utils.sparse")
     original = su.sort_block
@@ -182,12 +209,15 @@ def cpu_patches() -> list[str]:
 
     def sort_block(index, block_size):
         return original(index.as_subclass(CopyingCpu), block_size).as_subclass(torch.Tensor)
+
     for name in ("direct3d_s2.utils.sparse", "direct3d_s2.utils", "direct3d_s2.pipeline"):
         if hasattr(sys.modules.get(name), "sort_block"):
             sys.modules[name].sort_block = sort_block
-    return ["CPU smoke only: compressed_attention's torch.zeros(device='cuda') built on the CPU and int histc as "
-            "bincount (tools/golden/harness.py); sort_block given a copying .cpu() (CUDA semantics); refiners' "
-            "run() not called (hard-coded 512/1024 grids); mesh2index's .cuda()/is_cuda bypassed"]
+    return [
+        "CPU smoke only: compressed_attention's torch.zeros(device='cuda') built on the CPU and int histc as "
+        "bincount (tools/golden/harness.py); sort_block given a copying .cpu() (CUDA semantics); refiners' "
+        "run() not called (hard-coded 512/1024 grids); mesh2index's .cuda()/is_cuda bypassed"
+    ]
 
 
 def _import(target: str):
@@ -204,6 +234,7 @@ def deterministic_weights(module: torch.nn.Module, seed: int, device, workers: i
     def one(spec):
         name, shape, dtype = spec
         return deterministic_tensor(name, shape, dtype, seed).to(device)
+
     with ThreadPoolExecutor(workers) as pool:
         return dict(zip([s[0] for s in specs], pool.map(one, specs)))
 
@@ -216,8 +247,10 @@ def build_dino(entry: dict, dinov2: Path | None):
     def load(repo, version, *a, **k):
         if tiny is None:
             if dinov2 is None:
-                raise RuntimeError("DINOv2 needs a facebookresearch/dinov2 checkout: pass --dinov2 (none was found "
-                                   "next to --upstream).")
+                raise RuntimeError(
+                    "DINOv2 needs a facebookresearch/dinov2 checkout: pass --dinov2 (none was found "
+                    "next to --upstream)."
+                )
             return real(str(dinov2), version, source="local", pretrained=False)
         from functools import partial
 
@@ -225,13 +258,23 @@ def build_dino(entry: dict, dinov2: Path | None):
             sys.path.insert(0, str(dinov2))
         from dinov2.layers import MemEffAttention, NestedTensorBlock
         from dinov2.models.vision_transformer import DinoVisionTransformer
-        return DinoVisionTransformer(img_size=tiny["pretrain_img_size"], patch_size=tiny["patch_size"],
-                                     embed_dim=tiny["embed_dim"], depth=tiny["depth"], num_heads=tiny["num_heads"],
-                                     mlp_ratio=tiny["mlp_ratio"], block_fn=partial(NestedTensorBlock,
-                                                                                   attn_class=MemEffAttention),
-                                     num_register_tokens=tiny["num_register_tokens"], init_values=1.0,
-                                     ffn_layer="mlp", block_chunks=0, interpolate_antialias=True,
-                                     interpolate_offset=0.0)
+
+        return DinoVisionTransformer(
+            img_size=tiny["pretrain_img_size"],
+            patch_size=tiny["patch_size"],
+            embed_dim=tiny["embed_dim"],
+            depth=tiny["depth"],
+            num_heads=tiny["num_heads"],
+            mlp_ratio=tiny["mlp_ratio"],
+            block_fn=partial(NestedTensorBlock, attn_class=MemEffAttention),
+            num_register_tokens=tiny["num_register_tokens"],
+            init_values=1.0,
+            ffn_layer="mlp",
+            block_chunks=0,
+            interpolate_antialias=True,
+            interpolate_offset=0.0,
+        )
+
     torch.hub.load = load
     try:
         params = entry["params"] if tiny is None else {**entry["params"], "size": tiny["size"]}
@@ -260,8 +303,9 @@ def build_pipeline(cfg: dict, device, dinov2: Path | None, sched_cls, seed: int,
         target.load_state_dict(sd, strict=True)
         del sd
         nets[key] = m.to(device).eval().requires_grad_(False)  # .to: any buffer a constructor made on the CPU
-    scheds = {k: sched_cls(**cfg[k]["params"]) for k in ("dense_scheduler", "sparse_scheduler_512",
-                                                         "sparse_scheduler_1024")}
+    scheds = {
+        k: sched_cls(**cfg[k]["params"]) for k in ("dense_scheduler", "sparse_scheduler_512", "sparse_scheduler_1024")
+    }
     pipe = Direct3DS2Pipeline(**nets, **scheds, dtype=torch.float16)
     pipe.device = torch.device(device)  # what pipe.to() sets; everything is already there
     return pipe
@@ -269,6 +313,7 @@ def build_pipeline(cfg: dict, device, dinov2: Path | None, sched_cls, seed: int,
 
 # ---------------------------------------------------------------------------------------------
 # the chain
+
 
 def test_image():
     """bench/e2e.py's picture (a shaded disk on white, 256²) as the RGBA PIL image the original takes."""
@@ -303,6 +348,7 @@ class Wrappers:
             self.laps.sync()
             self.sub["encode"] = time.perf_counter() - t
             return out
+
         pipe.encode_image = encode_image
         for vae, name in ((pipe.dense_vae, "dense"), (pipe.sparse_vae_512, "512"), (pipe.sparse_vae_1024, "1024")):
             self._wrap_decode(vae, name)
@@ -323,10 +369,15 @@ class Wrappers:
 
                 self.sub["mc_note"] = f"field never reaches the level {k.get('level')}: empty mesh (as ours)"
                 print("  marching cubes:", self.sub["mc_note"], flush=True)
-                out = (np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int64), np.zeros((0, 3), np.float32),
-                       np.zeros((0,), np.float32))
+                out = (
+                    np.zeros((0, 3), np.float32),
+                    np.zeros((0, 3), np.int64),
+                    np.zeros((0, 3), np.float32),
+                    np.zeros((0,), np.float32),
+                )
             self.sub["mc"] = self.sub.get("mc", 0.0) + time.perf_counter() - t
             return out
+
         ur.measure = types.SimpleNamespace(marching_cubes=marching_cubes)  # the refiners' `measure` only
         udf = sys.modules["udf_ext"]  # mesh2index calls udf_ext.compute_valid_udf through the module
         real_udf = udf.compute_valid_udf
@@ -337,6 +388,7 @@ class Wrappers:
             real_udf(*a, **k)
             self.laps.sync()
             self.sub["udf"] = time.perf_counter() - t
+
         udf.compute_valid_udf = compute_valid_udf
 
     def _wrap_decode(self, vae, name):
@@ -347,10 +399,13 @@ class Wrappers:
                 self.laps.lap("dense sampling", f"{self.steps['dense']} steps x 2 forwards (CFG)")
             else:
                 n = len(k["latents"].coords) if "latents" in k else len(a[0].coords)
-                self.laps.lap(f"sparse-{name} sampling", f"{n} tokens; incl. the original's image re-encode "
-                              f"({self.sub.pop('encode', 0.0):.2f} s)")
+                self.laps.lap(
+                    f"sparse-{name} sampling",
+                    f"{n} tokens; incl. the original's image re-encode ({self.sub.pop('encode', 0.0):.2f} s)",
+                )
             self.sub["decode_start"] = time.perf_counter()
             return real(*a, **k)
+
         vae.decode_mesh = decode_mesh
 
     def _wrap_run(self, refiner, smoke: bool):
@@ -369,16 +424,20 @@ class Wrappers:
 
                 return [trimesh.creation.icosphere(subdivisions=1)]
             return real(reconst_x, feat, mc_threshold=mc_threshold)
+
         refiner.run = run
 
     def decode_note(self) -> str:
         s, self.sub = self.sub, {}
-        return (f"VAE {s.get('vae', math.nan):.2f} s ({s.get('voxels', 0)} voxels), then refiner incl. marching "
-                f"cubes {s.get('mc', math.nan):.2f} s (CPU)" + (f"; {s['mc_note']}" if "mc_note" in s else ""))
+        return (
+            f"VAE {s.get('vae', math.nan):.2f} s ({s.get('voxels', 0)} voxels), then refiner incl. marching "
+            f"cubes {s.get('mc', math.nan):.2f} s (CPU)" + (f"; {s['mc_note']}" if "mc_note" in s else "")
+        )
 
 
-def run_chain(pipe, cfg: dict, v, f, idx512: torch.Tensor, device, laps: Laps, w: Wrappers, smoke: bool,
-              seed: int) -> dict:
+def run_chain(
+    pipe, cfg: dict, v, f, idx512: torch.Tensor, device, laps: Laps, w: Wrappers, smoke: bool, seed: int
+) -> dict:
     import trimesh
     from direct3d_s2.utils.mesh import mesh2index, normalize_mesh
 
@@ -396,9 +455,18 @@ def run_chain(pipe, cfg: dict, v, f, idx512: torch.Tensor, device, laps: Laps, w
     laps.start()
     w.stage = "dense"
     image = pipe.prepare_image(image_in)
-    dense = pipe.inference(image, pipe.dense_vae, pipe.dense_dit, pipe.dense_image_encoder, pipe.dense_scheduler,
-                           generator=gen, mode="dense", mc_threshold=0.1, num_inference_steps=steps["dense"],
-                           guidance_scale=GUIDANCE)[0]
+    dense = pipe.inference(
+        image,
+        pipe.dense_vae,
+        pipe.dense_dit,
+        pipe.dense_image_encoder,
+        pipe.dense_scheduler,
+        generator=gen,
+        mode="dense",
+        mc_threshold=0.1,
+        num_inference_steps=steps["dense"],
+        guidance_scale=GUIDANCE,
+    )[0]
     dense = sort_block(dense, bs512)
     info["dense_decode_cells"] = len(dense)
     laps.lap("dense decode", f"{len(dense)} cells (discarded: the 512 stage gets the mesh's index)")
@@ -411,10 +479,20 @@ def run_chain(pipe, cfg: dict, v, f, idx512: torch.Tensor, device, laps: Laps, w
         latent_index = latent_index[:SMOKE_TOKENS]  # a slab of blocks: SSA under the Triton interpreter is slow
     info["tokens_512"] = len(latent_index)
     laps.start()
-    mesh = pipe.inference(image, pipe.sparse_vae_512, pipe.sparse_dit_512, pipe.sparse_image_encoder,
-                          pipe.sparse_scheduler_512, generator=gen, mode="sparse512", mc_threshold=MC_THRESHOLD,
-                          latent_index=latent_index, remove_interior=True, num_inference_steps=steps["sparse512"],
-                          guidance_scale=GUIDANCE)[0]
+    mesh = pipe.inference(
+        image,
+        pipe.sparse_vae_512,
+        pipe.sparse_dit_512,
+        pipe.sparse_image_encoder,
+        pipe.sparse_scheduler_512,
+        generator=gen,
+        mode="sparse512",
+        mc_threshold=MC_THRESHOLD,
+        latent_index=latent_index,
+        remove_interior=True,
+        num_inference_steps=steps["sparse512"],
+        guidance_scale=GUIDANCE,
+    )[0]
     info["faces_512"] = int(len(mesh.faces))
     laps.lap("sparse-512 decode + refiner", w.decode_note() + f"; {info['faces_512']} faces")
 
@@ -430,12 +508,25 @@ def run_chain(pipe, cfg: dict, v, f, idx512: torch.Tensor, device, laps: Laps, w
     if smoke:
         latent_index = latent_index[:SMOKE_TOKENS]
     info["tokens_1024"] = len(latent_index)
-    laps.lap("mesh -> 1024 structure", f"{len(latent_index)} tokens; of which udf_ext stand-in "
-             f"{w.sub.pop('udf', math.nan):.2f} s (the CUDA extension: 0.2 s for the whole stage in PERF.md)")
-    mesh = pipe.inference(image, pipe.sparse_vae_1024, pipe.sparse_dit_1024, pipe.sparse_image_encoder,
-                          pipe.sparse_scheduler_1024, generator=gen, mode="sparse1024", mc_threshold=MC_THRESHOLD,
-                          latent_index=latent_index, remove_interior=True, num_inference_steps=steps["sparse1024"],
-                          guidance_scale=GUIDANCE)[0]
+    laps.lap(
+        "mesh -> 1024 structure",
+        f"{len(latent_index)} tokens; of which udf_ext stand-in "
+        f"{w.sub.pop('udf', math.nan):.2f} s (the CUDA extension: 0.2 s for the whole stage in PERF.md)",
+    )
+    mesh = pipe.inference(
+        image,
+        pipe.sparse_vae_1024,
+        pipe.sparse_dit_1024,
+        pipe.sparse_image_encoder,
+        pipe.sparse_scheduler_1024,
+        generator=gen,
+        mode="sparse1024",
+        mc_threshold=MC_THRESHOLD,
+        latent_index=latent_index,
+        remove_interior=True,
+        num_inference_steps=steps["sparse1024"],
+        guidance_scale=GUIDANCE,
+    )[0]
     info["faces_1024"] = int(len(mesh.faces))
     laps.lap("sparse-1024 decode + refiner", w.decode_note() + f"; {info['faces_1024']} faces")
     return info
@@ -460,26 +551,38 @@ class _cuda_literals_on_cpu:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--upstream", default=str(REPO / ".scratch"),
-                    help="folder holding the original's direct3d_s2 package (a checkout, or .scratch)")
+    ap.add_argument(
+        "--upstream",
+        default=str(REPO / ".scratch"),
+        help="folder holding the original's direct3d_s2 package (a checkout, or .scratch)",
+    )
     ap.add_argument("--dinov2", default=None, help="facebookresearch/dinov2 checkout (default: <upstream>/dinov2)")
-    ap.add_argument("--config", default=None, help="the release's config.json (default: <upstream>/config.json, "
-                    "else tests/data/upstream/config.json)")
+    ap.add_argument(
+        "--config",
+        default=None,
+        help="the release's config.json (default: <upstream>/config.json, else tests/data/upstream/config.json)",
+    )
     ap.add_argument("--json", type=Path, default=None, help="write rows, tokens, faces and stand-ins here")
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere subdivisions (default 8, smoke 2)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="CPU threads drawing weights")
-    ap.add_argument("--cpu-smoke", action="store_true",
-                    help="CPU, tiny configs, 1 step per stage, small mesh, refiners' run() not called: a crash "
-                         "test of imports, stand-ins, shapes and the stage plumbing (times mean nothing)")
+    ap.add_argument(
+        "--cpu-smoke",
+        action="store_true",
+        help="CPU, tiny configs, 1 step per stage, small mesh, refiners' run() not called: a crash "
+        "test of imports, stand-ins, shapes and the stage plumbing (times mean nothing)",
+    )
     args = ap.parse_args(argv)
 
     upstream = Path(args.upstream).resolve()
     if not (upstream / "direct3d_s2").is_dir():
         sys.exit(f"No original Direct3D-S2 at {upstream} (expected a direct3d_s2/ folder there); pass --upstream.")
-    dinov2 = Path(args.dinov2).resolve() if args.dinov2 else (upstream / "dinov2" if (upstream / "dinov2").is_dir()
-                                                               else None)
+    dinov2 = (
+        Path(args.dinov2).resolve()
+        if args.dinov2
+        else (upstream / "dinov2" if (upstream / "dinov2").is_dir() else None)
+    )
     smoke = args.cpu_smoke
     device = torch.device("cpu" if smoke else "cuda")
     if not smoke and not torch.cuda.is_available():
@@ -489,17 +592,26 @@ def main(argv=None):
         cfg = smoke_config(cfg)
     stand_ins, sched_cls = install(upstream, smoke)
     import triton
-
     from e2e import bumpy_sphere
+
     from s2core.mesh.voxelize import mesh_to_latent_index
 
     v, f = bumpy_sphere(args.subdivisions or (2 if smoke else 8))
     res512 = cfg["sparse_dit_512"]["params"]["resolution"] * 8
     idx512 = mesh_to_latent_index(v, f, resolution=res512, device=device).to(torch.int32).cpu()
-    result = {"device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
-              "torch": torch.__version__, "triton": triton.__version__, "upstream": str(upstream),
-              "warm": args.warm, "smoke": smoke, "config": str(cfg_path), "mesh_faces": int(f.shape[0]), "stand_ins": stand_ins,
-              "rows": [], "complete": False}
+    result = {
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "upstream": str(upstream),
+        "warm": args.warm,
+        "smoke": smoke,
+        "config": str(cfg_path),
+        "mesh_faces": int(f.shape[0]),
+        "stand_ins": stand_ins,
+        "rows": [],
+        "complete": False,
+    }
 
     def save(rows=None):
         if rows is not None:

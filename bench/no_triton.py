@@ -14,6 +14,7 @@ Sampling time is proportional to the step count (the per-step column compares ru
 memory peaks do not depend on it. --budget-s bounds the whole command: a run still going when the budget is
 spent is stopped, and the table shows the stages it finished (each is saved as it ends).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,9 +41,9 @@ def child(args) -> None:
 
         block_triton()
     sys.path.insert(0, str(REPO / "bench"))
+    import e2e  # noqa: E402  (bench/e2e.py: mesh, models, timer)
     import torch
 
-    import e2e  # noqa: E402  (bench/e2e.py: mesh, models, timer)
     from kernels import _common
     from s2core import pipeline as P
     from s2core import results
@@ -54,12 +55,19 @@ def child(args) -> None:
     logging.getLogger(_common.__name__).addHandler(handler)
     device = torch.device("cpu" if args.tiny else "cuda")
     v, f = e2e.bumpy_sphere(args.subdivisions or (3 if args.tiny else 8))
-    models = e2e.build_models("tiny-random" if args.tiny else "v1.1", device,
-                              torch.float32 if args.tiny else torch.float16, offload=None)
+    models = e2e.build_models(
+        "tiny-random" if args.tiny else "v1.1", device, torch.float32 if args.tiny else torch.float16, offload=None
+    )
     steps = [int(s) for s in args.steps.split(",")]
-    res512, res1024 = (models.config.sparse_dit_512.resolution * 8, models.config.sparse_dit_1024.resolution * 8)
-    out = {"mode": args.mode, "triton": _common.triton.__version__ if _common.HAS_TRITON else None,
-           "torch": torch.__version__, "rows": [], "info": {}, "complete": False}
+    res512 = models.config.sparse_dit_512.resolution * 8
+    out = {
+        "mode": args.mode,
+        "triton": _common.triton.__version__ if _common.HAS_TRITON else None,
+        "torch": torch.__version__,
+        "rows": [],
+        "info": {},
+        "complete": False,
+    }
     timer = e2e.Timer(device)
 
     def run(name, fn, note=""):
@@ -80,13 +88,21 @@ def child(args) -> None:
         idx512 = mesh_to_latent_index(v, f, resolution=res512, device=device).to(torch.int32).cpu()
         s512 = results.make_structure(idx512, 512, res512 // 8, models.config.sparse_dit_512.selection_block_size)
         out["info"]["tokens_512"] = s512.num_tokens
-        lat = run("sparse-512 sampling", lambda: P.sample_sparse(models, cond, s512, 0, steps[1]),
-                  f"{steps[1]} steps, {s512.num_tokens} tokens")
+        lat = run(
+            "sparse-512 sampling",
+            lambda: P.sample_sparse(models, cond, s512, 0, steps[1]),
+            f"{steps[1]} steps, {s512.num_tokens} tokens",
+        )
         run("sparse-512 decode + refiner", lambda: P.decode_sparse(models, lat, refine=True))
-        s1024 = run("mesh -> 1024 structure", lambda: P.mesh_to_structure(models, results.Mesh.from_list([(v, f)], 512, {})))
+        s1024 = run(
+            "mesh -> 1024 structure", lambda: P.mesh_to_structure(models, results.Mesh.from_list([(v, f)], 512, {}))
+        )
         out["info"]["tokens_1024"] = s1024.num_tokens
-        lat = run("sparse-1024 sampling", lambda: P.sample_sparse(models, cond, s1024, 0, steps[2]),
-                  f"{steps[2]} steps, {s1024.num_tokens} tokens")
+        lat = run(
+            "sparse-1024 sampling",
+            lambda: P.sample_sparse(models, cond, s1024, 0, steps[2]),
+            f"{steps[2]} steps, {s1024.num_tokens} tokens",
+        )
         mesh = run("sparse-1024 decode + refiner", lambda: P.decode_sparse(models, lat, refine=True))
     out["info"]["faces_1024"] = int(sum(mesh.face_counts)) if hasattr(mesh, "face_counts") else -1
     out["complete"] = True
@@ -119,38 +135,52 @@ def report(args, runs: dict) -> str:
     t, n = ({r[0]: r for r in runs[m].get("rows", [])} for m in ("triton", "no-triton"))
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     info = runs["triton"].get("info") or runs["no-triton"].get("info", {})
-    lines = ["# The 1024 chain without Triton (PyTorch references) beside the Triton path, same run", "",
-             f"- date: {datetime.date.today().isoformat()}; GPU: {gpu}; torch {runs['triton'].get('torch')}; "
-             f"Triton {runs['triton'].get('triton')} (blocked in the second run: "
-             f"{'yes' if runs['no-triton'].get('triton') is None else 'NO'})",
-             f"- command: `python bench/no_triton.py {' '.join(sys.argv[1:])}`",
-             f"- chain: bench/e2e.py's (v1.1, fp16, deterministic weights, bumpy icosphere), steps {args.steps} "
-             f"(dense, 512, 1024), CFG 7; tokens {info.get('tokens_512')} at 512, {info.get('tokens_1024')} at 1024; "
-             "each run in its own process; peaks are per stage (reset before each), weights included",
-             "- runs: " + "; ".join(f"{m}: {'complete' if runs[m].get('complete') else 'INCOMPLETE'} "
-                                    f"(exit {runs[m].get('returncode')}, {runs[m].get('wall', math.nan):.0f} s)"
-                                    for m in ("triton", "no-triton")),
-             f"- fallback log line(s) in the no-Triton run: {len(runs['no-triton'].get('fallback_warnings', []))} "
-             + (f"(\"{runs['no-triton']['fallback_warnings'][0]}\")" if runs["no-triton"].get("fallback_warnings")
-                else ""), "",
-             "| stage | Triton s | Triton peak alloc GiB | no Triton s | no Triton peak alloc GiB | no Triton peak "
-             "reserved GiB | slowdown | s per step (Triton / none) | note |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "# The 1024 chain without Triton (PyTorch references) beside the Triton path, same run",
+        "",
+        f"- date: {datetime.date.today().isoformat()}; GPU: {gpu}; torch {runs['triton'].get('torch')}; "
+        f"Triton {runs['triton'].get('triton')} (blocked in the second run: "
+        f"{'yes' if runs['no-triton'].get('triton') is None else 'NO'})",
+        f"- command: `python bench/no_triton.py {' '.join(sys.argv[1:])}`",
+        f"- chain: bench/e2e.py's (v1.1, fp16, deterministic weights, bumpy icosphere), steps {args.steps} "
+        f"(dense, 512, 1024), CFG 7; tokens {info.get('tokens_512')} at 512, {info.get('tokens_1024')} at 1024; "
+        "each run in its own process; peaks are per stage (reset before each), weights included",
+        "- runs: "
+        + "; ".join(
+            f"{m}: {'complete' if runs[m].get('complete') else 'INCOMPLETE'} "
+            f"(exit {runs[m].get('returncode')}, {runs[m].get('wall', math.nan):.0f} s)"
+            for m in ("triton", "no-triton")
+        ),
+        f"- fallback log line(s) in the no-Triton run: {len(runs['no-triton'].get('fallback_warnings', []))} "
+        + (f'("{runs["no-triton"]["fallback_warnings"][0]}")' if runs["no-triton"].get("fallback_warnings") else ""),
+        "",
+        "| stage | Triton s | Triton peak alloc GiB | no Triton s | no Triton peak alloc GiB | no Triton peak "
+        "reserved GiB | slowdown | s per step (Triton / none) | note |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for name in dict.fromkeys([*t, *n]):
         a, b = t.get(name), n.get(name)
         steps = _steps_of((a or b)[4])
         per = f"{a[1] / steps:.3f} / {b[1] / steps:.3f}" if a and b and steps else "—"
         slow = f"{b[1] / a[1]:.1f}x" if a and b and a[1] > 0 else "—"
-        lines.append(f"| {name} | {a[1] if a else math.nan:.2f} | {a[2] if a else math.nan:.2f} | "
-                     f"{b[1] if b else math.nan:.2f} | {b[2] if b else math.nan:.2f} | {b[3] if b else math.nan:.2f} | "
-                     f"{slow} | {per} | {(a or b)[4]} |")
+        lines.append(
+            f"| {name} | {a[1] if a else math.nan:.2f} | {a[2] if a else math.nan:.2f} | "
+            f"{b[1] if b else math.nan:.2f} | {b[2] if b else math.nan:.2f} | {b[3] if b else math.nan:.2f} | "
+            f"{slow} | {per} | {(a or b)[4]} |"
+        )
     ta, tb = (sum(r[1] for r in x.values()) for x in (t, n))
     pa, pb = (max((r[2] for r in x.values()), default=math.nan) for x in (t, n))
-    lines.append(f"| **total** | **{ta:.2f}** | **{pa:.2f}** | **{tb:.2f}** | **{pb:.2f}** | | "
-                 f"**{tb / ta if ta else math.nan:.1f}x** | | |")
+    lines.append(
+        f"| **total** | **{ta:.2f}** | **{pa:.2f}** | **{tb:.2f}** | **{pb:.2f}** | | "
+        f"**{tb / ta if ta else math.nan:.1f}x** | | |"
+    )
     ok = runs["no-triton"].get("complete") and pb <= TARGET_GIB
-    lines += ["", f"Target (issue 20): the chain completes at 1024 without Triton within {TARGET_GIB:.0f} GiB peak "
-              f"allocated: **{'met' if ok else 'NOT met'}** (peak {pb:.2f} GiB, "
-              f"{'complete' if runs['no-triton'].get('complete') else 'incomplete'})."]
+    lines += [
+        "",
+        f"Target (issue 20): the chain completes at 1024 without Triton within {TARGET_GIB:.0f} GiB peak "
+        f"allocated: **{'met' if ok else 'NOT met'}** (peak {pb:.2f} GiB, "
+        f"{'complete' if runs['no-triton'].get('complete') else 'incomplete'}).",
+    ]
     return "\n".join(lines) + "\n"
 
 

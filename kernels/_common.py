@@ -7,6 +7,7 @@ when asked) and CPU-only installs need none: without it every kernel module stil
 become stand-ins that refuse to launch, and `use_triton` sends every call to the module's PyTorch reference on
 the tensors' own device (CUDA, CPU, MPS), with one log line the first time a CUDA tensor takes that path.
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,10 @@ log = logging.getLogger(__name__)
 LOG2E = 1.4426950408889634  # kernels use exp2: exp(x) = exp2(x * log2 e)
 HALF = (torch.float16, torch.bfloat16)  # "auto" runs Triton on CUDA for these; fp32 models use the reference
 HAS_TRITON = triton is not None
-NO_TRITON = ("Triton is not installed; install it (Linux: `pip install triton`, Windows: `pip install "
-             "triton-windows`) or use backend='auto', which runs the PyTorch reference instead")
+NO_TRITON = (
+    "Triton is not installed; install it (Linux: `pip install triton`, Windows: `pip install "
+    "triton-windows`) or use backend='auto', which runs the PyTorch reference instead"
+)
 
 
 class _NoTriton:
@@ -66,9 +69,11 @@ if triton is None:
 
 @functools.lru_cache(maxsize=1)
 def _warn_reference_on_cuda() -> None:
-    log.warning("Triton is not installed, so the sparse stages run their PyTorch references on the GPU: several "
-                "times slower, same results. For the fast kernels install it (Linux: `pip install triton`, "
-                "Windows: `pip install triton-windows`) and restart.")
+    log.warning(
+        "Triton is not installed, so the sparse stages run their PyTorch references on the GPU: several "
+        "times slower, same results. For the fast kernels install it (Linux: `pip install triton`, "
+        "Windows: `pip install triton-windows`) and restart."
+    )
 
 
 def use_triton(backend: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...] | None = HALF) -> bool:
@@ -144,6 +149,7 @@ def gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
 # compile to the same instructions as a copy in each kernel. Without Triton they are stand-ins like the kernels
 # (never called: nothing launches).
 
+
 @triton.jit
 def softmax_step(b_s, b_m, b_l):
     """One online-softmax step over a [ROWS, COLS] tile of base-2 logits `b_s` (-inf where masked), given the
@@ -198,5 +204,6 @@ def chunk_rows(per_row: int, budget: int | None = None) -> int:
 
 # keep autotuning results in Triton's on-disk cache where this Triton can (3.3+), so a new process skips the
 # benchmarking (the first sparse sampling of a process otherwise spends seconds on it)
-AUTOTUNE_CACHE = ({"cache_results": True} if HAS_TRITON and "cache_results" in
-                  inspect.signature(triton.autotune).parameters else {})
+AUTOTUNE_CACHE = (
+    {"cache_results": True} if HAS_TRITON and "cache_results" in inspect.signature(triton.autotune).parameters else {}
+)

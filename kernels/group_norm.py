@@ -20,6 +20,7 @@ Layouts: x contiguous [B, C, *spatial] fp16/bf16; weight, bias [C] (any float dt
 be x itself (the statistics are complete before any element is overwritten; each element is read before it
 is written, by the same program).
 """
+
 from __future__ import annotations
 
 import math
@@ -37,8 +38,14 @@ STATS_TILE = 4096  # elements a stats program reduces
 APPLY_BLOCK = 2048  # elements an apply program writes
 
 
-def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                              eps: float = 1e-5, out: torch.Tensor | None = None) -> torch.Tensor:
+def group_norm_silu_reference(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    eps: float = 1e-5,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """silu(group_norm(x) in fp32 (fp64 for fp64 x), rounded to x's dtype) in x's dtype (written into out).
 
     One (sample, group) at a time, so the widened copy is one group's, not the whole tensor's (this is the
@@ -51,9 +58,9 @@ def group_norm_silu_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch
     out = torch.empty_like(x) if out is None else out
     for b in range(B):
         for c0 in range(0, C, cpg):
-            part = x[b:b + 1, c0:c0 + cpg]
-            y = F.group_norm(part.to(wide), 1, weight[c0:c0 + cpg].to(wide), bias[c0:c0 + cpg].to(wide), eps)
-            out[b:b + 1, c0:c0 + cpg] = F.silu(y.to(x.dtype))
+            part = x[b : b + 1, c0 : c0 + cpg]
+            y = F.group_norm(part.to(wide), 1, weight[c0 : c0 + cpg].to(wide), bias[c0 : c0 + cpg].to(wide), eps)
+            out[b : b + 1, c0 : c0 + cpg] = F.silu(y.to(x.dtype))
     return out
 
 
@@ -103,8 +110,9 @@ def _merge(partial: torch.Tensor, L: int, tile: int) -> tuple[torch.Tensor, torc
     return mean, m2 / L
 
 
-def _group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int,
-                            eps: float, out: torch.Tensor | None = None) -> torch.Tensor:
+def _group_norm_silu_triton(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float, out: torch.Tensor | None = None
+) -> torch.Tensor:
     assert x.dtype in _HALF and x.is_contiguous(), "x must be contiguous fp16/bf16"
     assert out is None or (out.shape == x.shape and out.dtype == x.dtype and out.is_contiguous())
     B, C = x.shape[:2]
@@ -121,13 +129,21 @@ def _group_norm_silu_triton(x: torch.Tensor, weight: torch.Tensor, bias: torch.T
     rstd = torch.rsqrt(var.float() + eps).view(B, groups, 1)
     a = (rstd * weight.float().view(1, groups, -1)).reshape(B * C)  # per (b, c) scale and shift
     b = (bias.float().view(1, groups, -1) - a.view(B, groups, -1) * mean.float().view(B, groups, 1)).reshape(B * C)
-    _apply_kernel[(triton.cdiv(S, APPLY_BLOCK), B * C)](x, out, a.contiguous(), b.contiguous(), S,
-                                                         BLOCK=APPLY_BLOCK, num_warps=4)
+    _apply_kernel[(triton.cdiv(S, APPLY_BLOCK), B * C)](
+        x, out, a.contiguous(), b.contiguous(), S, BLOCK=APPLY_BLOCK, num_warps=4
+    )
     return out
 
 
-def group_norm_silu(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, groups: int, eps: float = 1e-5,
-                    out: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+def group_norm_silu(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    groups: int,
+    eps: float = 1e-5,
+    out: torch.Tensor | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
     """silu(group_norm(x)) in x's dtype, statistics in fp32 (see module doc); written into `out` when given
     (out=x normalises in place).
 

@@ -19,6 +19,7 @@ Welford), so an element of y may round to the neighbouring fp16 value.
 Layouts: x, r [N, C] row-major (C <= 16384); g, s, t [B, C] (B = 1: shared; else
 `row_batch` [N] int32/int64 gives each row's sample); w, b [C] (any float dtype). Outputs are new tensors.
 """
+
 from __future__ import annotations
 
 import torch
@@ -31,12 +32,20 @@ from ._common import use_triton as _use_triton
 __all__ = ["add_layer_norm", "add_layer_norm_reference"]
 
 
-def add_layer_norm_reference(x: torch.Tensor, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                             weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                             scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                             row_batch: torch.Tensor | None = None, eps: float = 1e-6):
+def add_layer_norm_reference(
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    row_batch: torch.Tensor | None = None,
+    eps: float = 1e-6,
+):
     """The module ops in order: (x + r·g, round(layernorm_fp32(x + r·g)) · s + t). scale is s (= 1 + adaLN
     scale, already in x's dtype); gate/scale/shift are [B, C] rows picked by row_batch (B = 1: broadcast)."""
+
     def rows(m):
         return m if row_batch is None else m[row_batch]
 
@@ -58,9 +67,25 @@ def _rounded(v, dt: tl.constexpr):
 
 
 @triton.jit
-def _add_ln_kernel(x, r, w, b, s, t, rb, x_out, y_out, C, eps, stride_m,
-                   HAS_RES: tl.constexpr, AFFINE: tl.constexpr, MODULATE: tl.constexpr,
-                   PER_ROW: tl.constexpr, BLOCK_C: tl.constexpr):
+def _add_ln_kernel(
+    x,
+    r,
+    w,
+    b,
+    s,
+    t,
+    rb,
+    x_out,
+    y_out,
+    C,
+    eps,
+    stride_m,
+    HAS_RES: tl.constexpr,
+    AFFINE: tl.constexpr,
+    MODULATE: tl.constexpr,
+    PER_ROW: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK_C)
     mask = cols < C
@@ -101,19 +126,42 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
     if N == 0:
         return x_out, y
     block = triton.next_power_of_2(C)
-    _add_ln_kernel[(N,)](x, x if residual is None else residual, x if weight is None else weight,
-                         x if bias is None else bias, x if scale is None else scale, x if shift is None else shift,
-                         row_batch if per_row else x, x_out, y, C, eps, C,
-                         HAS_RES=residual is not None, AFFINE=weight is not None,
-                         MODULATE=scale is not None, PER_ROW=per_row, BLOCK_C=block,
-                         num_warps=4 if block <= 2048 else 8, enable_fp_fusion=False)
+    _add_ln_kernel[(N,)](
+        x,
+        x if residual is None else residual,
+        x if weight is None else weight,
+        x if bias is None else bias,
+        x if scale is None else scale,
+        x if shift is None else shift,
+        row_batch if per_row else x,
+        x_out,
+        y,
+        C,
+        eps,
+        C,
+        HAS_RES=residual is not None,
+        AFFINE=weight is not None,
+        MODULATE=scale is not None,
+        PER_ROW=per_row,
+        BLOCK_C=block,
+        num_warps=4 if block <= 2048 else 8,
+        enable_fp_fusion=False,
+    )
     return x_out, y
 
 
-def add_layer_norm(x: torch.Tensor, residual: torch.Tensor | None = None, gate: torch.Tensor | None = None,
-                   weight: torch.Tensor | None = None, bias: torch.Tensor | None = None,
-                   scale: torch.Tensor | None = None, shift: torch.Tensor | None = None,
-                   row_batch: torch.Tensor | None = None, eps: float = 1e-6, backend: str = "auto"):
+def add_layer_norm(
+    x: torch.Tensor,
+    residual: torch.Tensor | None = None,
+    gate: torch.Tensor | None = None,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    scale: torch.Tensor | None = None,
+    shift: torch.Tensor | None = None,
+    row_batch: torch.Tensor | None = None,
+    eps: float = 1e-6,
+    backend: str = "auto",
+):
     """(x + r·g, layernorm(x + r·g)·s + t) with the module's roundings (see module doc); returns x itself as
     the first output when there is no residual.
 

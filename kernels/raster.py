@@ -25,6 +25,7 @@ so most triangles list zero or one pair and the work is the per-triangle setup, 
 already does at memory speed. A binned Triton kernel stays out until `bench/bench_colour.py` shows it winning.
 This module imports no Triton.
 """
+
 from __future__ import annotations
 
 import torch
@@ -67,8 +68,9 @@ def _setup(tri: torch.Tensor, height: int, width: int):
     return coef, z, c0, r0, nx, ny
 
 
-def rasterize_reference(screen: torch.Tensor, faces: torch.Tensor, height: int, width: int,
-                        max_pairs: int = MAX_PAIRS, tris: int = TRIS) -> tuple[torch.Tensor, torch.Tensor]:
+def rasterize_reference(
+    screen: torch.Tensor, faces: torch.Tensor, height: int, width: int, max_pairs: int = MAX_PAIRS, tris: int = TRIS
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(depth [H, W] float32, face [H, W] int64) of the nearest triangle per pixel; see the module docstring."""
     device = screen.device
     screen = screen.float()
@@ -76,7 +78,7 @@ def rasterize_reference(screen: torch.Tensor, faces: torch.Tensor, height: int, 
     keys = torch.full((height * width,), _EMPTY, dtype=torch.int64, device=device)
     max_pairs = max(int(max_pairs), height * width)
     for f0 in range(0, faces.shape[0], tris):  # host loop over chunks of triangles: bounds the setup memory
-        fc = faces[f0:f0 + tris]
+        fc = faces[f0 : f0 + tris]
         coef, z, c0, r0, nx, ny = _setup(screen[fc], height, width)
         count = nx * ny  # pairs per triangle
         live = torch.nonzero(count > 0).squeeze(1)
@@ -90,8 +92,9 @@ def rasterize_reference(screen: torch.Tensor, faces: torch.Tensor, height: int, 
             base = int(cum[start - 1]) if start else 0
             end = max(int(torch.searchsorted(cum, base + max_pairs, right=True)), start + 1)
             n_pairs = int(cum[end - 1]) - base
-            t = torch.repeat_interleave(torch.arange(start, end, device=device), count[start:end],
-                                        output_size=n_pairs)  # [P] triangle of each pair
+            t = torch.repeat_interleave(
+                torch.arange(start, end, device=device), count[start:end], output_size=n_pairs
+            )  # [P] triangle of each pair
             off = torch.arange(n_pairs, device=device) + base - (cum[t] - count[t])
             px, py = c0[t] + off % nx[t], r0[t] + off // nx[t]
             cx, cy = px.float() + 0.5, py.float() + 0.5
@@ -108,8 +111,14 @@ def rasterize_reference(screen: torch.Tensor, faces: torch.Tensor, height: int, 
     return depth.view(height, width), face.view(height, width)
 
 
-def rasterize(screen: torch.Tensor, faces: torch.Tensor, height: int, width: int, max_pairs: int = MAX_PAIRS,
-              backend: str = "auto") -> tuple[torch.Tensor, torch.Tensor]:
+def rasterize(
+    screen: torch.Tensor,
+    faces: torch.Tensor,
+    height: int,
+    width: int,
+    max_pairs: int = MAX_PAIRS,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The public entry: same contract as `rasterize_reference` (the only backend so far; see the docstring)."""
     if backend not in ("auto", "reference"):
         raise ValueError(f"Unknown rasterizer backend {backend!r}; use 'auto' or 'reference'.")

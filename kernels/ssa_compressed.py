@@ -29,6 +29,7 @@ receives `out += gate * o` in place: the SSA module's gated sum of its three bra
 Constraints: HQ % H == 0 and G a power of two (rows are token-major, head-minor tiles); D a power of two
 >= 16 (tile size of tl.dot); CELLS a power of two.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,9 +53,21 @@ __all__ = ["ssa_compressed_attention", "ssa_compressed_attention_reference"]
 _LN2 = 0.6931471805599453
 
 
-def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
-                                       block_keys=None, cu_blocks=None, scale: float | None = None, gate=None,
-                                       out=None, return_lse: bool = True):
+def ssa_compressed_attention_reference(
+    q,
+    ck,
+    cv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q: int,
+    topk: int,
+    block_keys=None,
+    cu_blocks=None,
+    scale: float | None = None,
+    gate=None,
+    out=None,
+    return_lse: bool = True,
+):
     """Plain PyTorch, fp32 inside; loops over samples and chunks of queries whose [HQ, chunk, M] score matrix
     stays within the working-set bound (`_common.CHUNK_ELEMENTS`): the fallback when Triton is missing."""
     n, hq, d = q.shape
@@ -73,7 +86,7 @@ def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, ma
         k_b, v_b = ck[m0:m1].float(), cv[m0:m1].float()  # [m, H, D]
         nblk = cb[b + 1] - cb[b]
         if block_keys is not None:  # [nblk, CELLS] local key rows of each selection block
-            bk = block_keys[cb[b]:cb[b + 1]].long()
+            bk = block_keys[cb[b] : cb[b + 1]].long()
             cell_blk = torch.arange(nblk, device=q.device)[:, None].expand_as(bk)[bk >= 0]
             cell_key = bk[bk >= 0] - m0
         step = _chunk_rows(hq * (m1 - m0))
@@ -100,10 +113,19 @@ def ssa_compressed_attention_reference(q, ck, cv, cu_seqlens_q, cu_seqlens_k, ma
 # ------------------------------------------------------------------------------------------------
 # autotune: rows = BLOCK_Q tokens x G heads of one KV head; BLOCK_K compressed keys (CELLS-aligned)
 
+
 def _configs():
-    return [triton.Config({"BLOCK_R": r, "BLOCK_K": kb}, num_warps=w, num_stages=s)
-            for r, kb, w, s in [(64, 64, 4, 2), (64, 64, 2, 2), (128, 64, 4, 2), (128, 64, 8, 2), (64, 128, 4, 2),
-                                (32, 64, 2, 2)]]
+    return [
+        triton.Config({"BLOCK_R": r, "BLOCK_K": kb}, num_warps=w, num_stages=s)
+        for r, kb, w, s in [
+            (64, 64, 4, 2),
+            (64, 64, 2, 2),
+            (128, 64, 4, 2),
+            (128, 64, 8, 2),
+            (64, 128, 4, 2),
+            (32, 64, 2, 2),
+        ]
+    ]
 
 
 def _smem(config, head_dim: int) -> int:
@@ -124,14 +146,42 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _cmp_attn_topk_kernel(
-    q, ck, cv, o, lse, bidx, cu_q, cu_k, cu_blk, blk_keys, gate,
+    q,
+    ck,
+    cv,
+    o,
+    lse,
+    bidx,
+    cu_q,
+    cu_k,
+    cu_blk,
+    blk_keys,
+    gate,
     scale_log2,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
-    stride_lh, stride_bh, stride_bn, stride_g,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-    CELLS: tl.constexpr, HAS_BLOCK_KEYS: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr,
-    STORE_LSE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_on,
+    stride_oh,
+    stride_lh,
+    stride_bh,
+    stride_bn,
+    stride_g,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    CELLS: tl.constexpr,
+    HAS_BLOCK_KEYS: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    STORE_LSE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # q [N, HQ, D]; ck/cv [M, H, D]; o [N, HQ, D]; lse [HQ, N] fp32; bidx [H, N, TOPK] int32;
     # cu_q/cu_k/cu_blk [B+1] int32; blk_keys [NB, CELLS] int32 (when HAS_BLOCK_KEYS); gate [N] (stride_g)
@@ -174,8 +224,9 @@ def _cmp_attn_topk_kernel(
             o_row = tl.where(o_k < n_slot, k_start + o_k, -1)
         m_k = o_row >= 0
         # [HEAD_DIM, BLOCK_K]
-        b_k = tl.load(ck + o_row[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
-                      mask=m_k[None, :], other=0.0)
+        b_k = tl.load(
+            ck + o_row[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None], mask=m_k[None, :], other=0.0
+        )
         if UPCAST:
             b_k = b_k.to(tl.float32)
         # [BLOCK_R, BLOCK_K]
@@ -200,8 +251,9 @@ def _cmp_attn_topk_kernel(
         else:
             o_row = tl.where(o_k < n_slot, k_start + o_k, -1)
         m_k = o_row >= 0
-        b_k = tl.load(ck + o_row[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
-                      mask=m_k[None, :], other=0.0)
+        b_k = tl.load(
+            ck + o_row[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None], mask=m_k[None, :], other=0.0
+        )
         if UPCAST:
             b_k = b_k.to(tl.float32)
         b_s = tl.dot(b_q, b_k) * scale_log2
@@ -209,8 +261,9 @@ def _cmp_attn_topk_kernel(
         # [BLOCK_R, BLOCK_K]
         b_p = tl.exp2(b_s - b_lse2[:, None])
         # [BLOCK_K, HEAD_DIM]
-        b_v = tl.load(cv + o_row[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
-                      mask=m_k[:, None], other=0.0)
+        b_v = tl.load(
+            cv + o_row[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :], mask=m_k[:, None], other=0.0
+        )
         if UPCAST:
             b_v = b_v.to(tl.float32)
         b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
@@ -231,8 +284,14 @@ def _cmp_attn_topk_kernel(
             b_min, i_min = tl.min(b_tv, 1, return_indices=True)
 
     # the SSA gate of this branch, fused: o = g * o_cmp (+ o when accumulating)
-    _store_gated(o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :],
-                 b_acc, m_r, gate + (q_start + o_t).to(tl.int64) * stride_g, HAS_GATE, ACCUMULATE)
+    _store_gated(
+        o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :],
+        b_acc,
+        m_r,
+        gate + (q_start + o_t).to(tl.int64) * stride_g,
+        HAS_GATE,
+        ACCUMULATE,
+    )
     if STORE_LSE:
         tl.store(lse + o_hq.to(tl.int64) * stride_lh + q_start + o_t, b_lse2 * 0.6931471805599453, mask=m_r)
     b_key = tl.where(b_ti < 0, BIG, b_ti)
@@ -243,14 +302,30 @@ def _cmp_attn_topk_kernel(
 
 
 # restore_value: benchmarking a config must not add into `o` when the kernel accumulates into it
-_cmp_attn_topk_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "CELLS", "TOPK"], restore_value=["o"],
-                                       prune_configs_by={"early_config_prune": _prune},
-                                       **_AUTOTUNE_CACHE)(_cmp_attn_topk_kernel)
+_cmp_attn_topk_tuned = triton.autotune(
+    _configs(),
+    key=["G", "HEAD_DIM", "CELLS", "TOPK"],
+    restore_value=["o"],
+    prune_configs_by={"early_config_prune": _prune},
+    **_AUTOTUNE_CACHE,
+)(_cmp_attn_topk_kernel)
 
 
-def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
-                                     block_keys=None, cu_blocks=None, scale: float | None = None, gate=None,
-                                     out=None, return_lse: bool = True):
+def _ssa_compressed_attention_triton(
+    q,
+    ck,
+    cv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q: int,
+    topk: int,
+    block_keys=None,
+    cu_blocks=None,
+    scale: float | None = None,
+    gate=None,
+    out=None,
+    return_lse: bool = True,
+):
     n, hq, d = q.shape
     h = ck.shape[1]
     g = _check_heads(q, ck, cv)
@@ -269,16 +344,42 @@ def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_
     has_bk = block_keys is not None
     if has_bk:
         assert block_keys.dtype == torch.int32 and block_keys.is_contiguous() and cu_blocks.dtype == torch.int32
-    args = dict(q=q, ck=ck, cv=cv, o=o, lse=lse, bidx=bidx, cu_q=cu_seqlens_q, cu_k=cu_seqlens_k,
-                cu_blk=cu_blocks if has_bk else cu_seqlens_k, blk_keys=block_keys if has_bk else cu_seqlens_k,
-                gate=q if gate is None else gate, stride_g=0 if gate is None else gate.stride(0),
-                scale_log2=scale * _LOG2E,
-                stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=ck.stride(0), stride_kh=ck.stride(1),
-                stride_vn=cv.stride(0), stride_vh=cv.stride(1), stride_on=o.stride(0), stride_oh=o.stride(1),
-                stride_lh=lse.stride(0), stride_bh=bidx.stride(0), stride_bn=bidx.stride(1),
-                G=g, HEAD_DIM=d, TOPK=topk, TOPK_P=max(2, triton.next_power_of_2(topk)), CELLS=cells,
-                HAS_BLOCK_KEYS=has_bk, HAS_GATE=gate is not None, ACCUMULATE=out is not None,
-                STORE_LSE=return_lse, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
+    args = dict(
+        q=q,
+        ck=ck,
+        cv=cv,
+        o=o,
+        lse=lse,
+        bidx=bidx,
+        cu_q=cu_seqlens_q,
+        cu_k=cu_seqlens_k,
+        cu_blk=cu_blocks if has_bk else cu_seqlens_k,
+        blk_keys=block_keys if has_bk else cu_seqlens_k,
+        gate=q if gate is None else gate,
+        stride_g=0 if gate is None else gate.stride(0),
+        scale_log2=scale * _LOG2E,
+        stride_qn=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_kn=ck.stride(0),
+        stride_kh=ck.stride(1),
+        stride_vn=cv.stride(0),
+        stride_vh=cv.stride(1),
+        stride_on=o.stride(0),
+        stride_oh=o.stride(1),
+        stride_lh=lse.stride(0),
+        stride_bh=bidx.stride(0),
+        stride_bn=bidx.stride(1),
+        G=g,
+        HEAD_DIM=d,
+        TOPK=topk,
+        TOPK_P=max(2, triton.next_power_of_2(topk)),
+        CELLS=cells,
+        HAS_BLOCK_KEYS=has_bk,
+        HAS_GATE=gate is not None,
+        ACCUMULATE=out is not None,
+        STORE_LSE=return_lse,
+        UPCAST=not q.is_cuda and q.dtype == torch.bfloat16,
+    )
 
     def grid(meta):
         return (triton.cdiv(max_seqlen_q, meta["BLOCK_R"] // g), b, h)
@@ -290,9 +391,22 @@ def _ssa_compressed_attention_triton(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_
     return o, lse if return_lse else None, bidx
 
 
-def ssa_compressed_attention(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q: int, topk: int,
-                             block_keys=None, cu_blocks=None, scale: float | None = None, gate=None, out=None,
-                             return_lse: bool = True, backend: str = "auto"):
+def ssa_compressed_attention(
+    q,
+    ck,
+    cv,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q: int,
+    topk: int,
+    block_keys=None,
+    cu_blocks=None,
+    scale: float | None = None,
+    gate=None,
+    out=None,
+    return_lse: bool = True,
+    backend: str = "auto",
+):
     """Compressed attention + lse + top-k selection blocks: -> (o [N,HQ,D], lse [HQ,N] fp32, block_idx [H,N,topk]).
 
     gate [N] (any stride): return gate * o instead of o (the SSA gate, fused); out [N,HQ,D]: add the result into
@@ -301,5 +415,6 @@ def ssa_compressed_attention(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q
     TRITON_INTERPRET=1) or "reference".
     """
     fn = _ssa_compressed_attention_triton if _use_triton(backend, q) else ssa_compressed_attention_reference
-    return fn(q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, topk, block_keys, cu_blocks, scale, gate, out,
-              return_lse)
+    return fn(
+        q, ck, cv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, topk, block_keys, cu_blocks, scale, gate, out, return_lse
+    )

@@ -22,6 +22,7 @@ no blocks gets 0.
 Constraints: tokens of a block contiguous (block-sorted order, §6.8); HQ % H == 0, G a power of two; D a power
 of two >= 16.
 """
+
 from __future__ import annotations
 
 import math
@@ -44,8 +45,19 @@ from ._common import use_triton as _use_triton
 __all__ = ["ssa_selection_attention", "ssa_selection_attention_reference"]
 
 
-def ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
-                                      max_seqlen: int, scale: float | None = None, gate=None, out=None):
+def ssa_selection_attention_reference(
+    q,
+    k,
+    v,
+    block_idx,
+    cu_seqlens,
+    cu_blocks,
+    cu_block_tokens,
+    max_seqlen: int,
+    scale: float | None = None,
+    gate=None,
+    out=None,
+):
     """Plain PyTorch, fp32 inside: every (query, KV head) gathers the tokens of its selected blocks (distinct,
     as top-k gives them), padded to the longest selection of its chunk, and takes one masked softmax over them.
     Chunks of queries keep the gathered keys within the working-set bound (`_common.CHUNK_ELEMENTS`): no
@@ -84,9 +96,17 @@ def ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks,
 
 
 def _configs():
-    return [triton.Config({"BLOCK_R": r, "BLOCK_K": kb}, num_warps=w, num_stages=s)
-            for r, kb, w, s in [(32, 64, 2, 2), (32, 64, 2, 3), (32, 32, 2, 2), (64, 64, 2, 2), (64, 64, 4, 2),
-                                (32, 64, 1, 2)]]
+    return [
+        triton.Config({"BLOCK_R": r, "BLOCK_K": kb}, num_warps=w, num_stages=s)
+        for r, kb, w, s in [
+            (32, 64, 2, 2),
+            (32, 64, 2, 3),
+            (32, 32, 2, 2),
+            (64, 64, 2, 2),
+            (64, 64, 4, 2),
+            (32, 64, 1, 2),
+        ]
+    ]
 
 
 def _smem(config, head_dim: int) -> int:
@@ -106,13 +126,38 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _selection_kernel(
-    q, k, v, o, bidx, cu_q, cu_blk, cu_blk_tok, gate,
+    q,
+    k,
+    v,
+    o,
+    bidx,
+    cu_q,
+    cu_blk,
+    cu_blk_tok,
+    gate,
     scale_log2,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_bh, stride_bn,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_on,
+    stride_oh,
+    stride_bh,
+    stride_bn,
     stride_g,
-    G: tl.constexpr, GP: tl.constexpr, HEAD_DIM: tl.constexpr, TOPK: tl.constexpr, TOPK_P: tl.constexpr,
-    UNION_MAX: tl.constexpr, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    G: tl.constexpr,
+    GP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    UNION_MAX: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # q [N, HQ, D]; k/v [N, H, D]; o [N, HQ, D]; bidx [H, N, TOPK] int32; cu_q/cu_blk [B+1]; cu_blk_tok [NB+1]
     BLOCK_Q: tl.constexpr = BLOCK_R // G
@@ -132,8 +177,11 @@ def _selection_kernel(
     o_hq = i_h * G + o_r % G
     m_r = o_t < q_len
     # [BLOCK_R, TOPK_P] block choices of each row's token (BIG = none)
-    b_idx = tl.load(bidx + i_h * stride_bh + (q_start + o_t)[:, None].to(tl.int64) * stride_bn + o_tk[None, :],
-                    mask=m_r[:, None] & (o_tk[None, :] < TOPK), other=-1)
+    b_idx = tl.load(
+        bidx + i_h * stride_bh + (q_start + o_t)[:, None].to(tl.int64) * stride_bn + o_tk[None, :],
+        mask=m_r[:, None] & (o_tk[None, :] < TOPK),
+        other=-1,
+    )
     b_idx = tl.where(b_idx < 0, BIG, b_idx)
     n_union = 0
     cur = tl.min(tl.min(b_idx, 1), 0)
@@ -144,8 +192,11 @@ def _selection_kernel(
     if n_union <= UNION_MAX:
         # shared walk over the union of the tile's blocks
         # [BLOCK_R, HEAD_DIM]
-        b_q = tl.load(q + (q_start + o_t)[:, None].to(tl.int64) * stride_qn + o_hq[:, None] * stride_qh
-                      + o_d[None, :], mask=m_r[:, None], other=0.0)
+        b_q = tl.load(
+            q + (q_start + o_t)[:, None].to(tl.int64) * stride_qn + o_hq[:, None] * stride_qh + o_d[None, :],
+            mask=m_r[:, None],
+            other=0.0,
+        )
         if UPCAST:  # the interpreter's tl.dot mishandles bf16; CPU tests run the same math in fp32 tiles
             b_q = b_q.to(tl.float32)
         b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -160,11 +211,17 @@ def _selection_kernel(
                 o_k = k0 + o_kk
                 m_k = o_k < t1
                 # [HEAD_DIM, BLOCK_K]
-                b_k = tl.load(k + o_k[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
-                              mask=m_k[None, :], other=0.0)
+                b_k = tl.load(
+                    k + o_k[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
+                    mask=m_k[None, :],
+                    other=0.0,
+                )
                 # [BLOCK_K, HEAD_DIM]
-                b_v = tl.load(v + o_k[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
-                              mask=m_k[:, None], other=0.0)
+                b_v = tl.load(
+                    v + o_k[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
+                    mask=m_k[:, None],
+                    other=0.0,
+                )
                 if UPCAST:
                     b_k = b_k.to(tl.float32)
                     b_v = b_v.to(tl.float32)
@@ -177,9 +234,14 @@ def _selection_kernel(
             cur = tl.min(tl.min(tl.where(b_idx > cur, b_idx, BIG), 1), 0)
         b_acc = _attend_finish(b_acc, b_l)  # a token without blocks gets 0
         # the SSA gate of this branch, fused
-        _store_gated(o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh
-                     + o_d[None, :], b_acc, m_r, gate + (q_start + o_t).to(tl.int64) * stride_g,
-                     HAS_GATE, ACCUMULATE)
+        _store_gated(
+            o + (q_start + o_t)[:, None].to(tl.int64) * stride_on + o_hq[:, None] * stride_oh + o_d[None, :],
+            b_acc,
+            m_r,
+            gate + (q_start + o_t).to(tl.int64) * stride_g,
+            HAS_GATE,
+            ACCUMULATE,
+        )
     else:
         # one token at a time: rows = the G heads (padded to GP >= 16 for tl.dot)
         o_g = tl.arange(0, GP)
@@ -189,8 +251,11 @@ def _selection_kernel(
             if i_t < q_len:
                 row = (q_start + i_t).to(tl.int64)
                 # [GP, HEAD_DIM]
-                b_q = tl.load(q + row * stride_qn + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :],
-                              mask=m_g[:, None], other=0.0)
+                b_q = tl.load(
+                    q + row * stride_qn + (i_h * G + o_g)[:, None] * stride_qh + o_d[None, :],
+                    mask=m_g[:, None],
+                    other=0.0,
+                )
                 if UPCAST:
                     b_q = b_q.to(tl.float32)
                 b_m = tl.full([GP], float("-inf"), tl.float32)
@@ -204,10 +269,16 @@ def _selection_kernel(
                         for k0 in range(t0, t1, BLOCK_K):
                             o_k = k0 + o_kk
                             m_k = o_k < t1
-                            b_k = tl.load(k + o_k[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
-                                          mask=m_k[None, :], other=0.0)
-                            b_v = tl.load(v + o_k[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
-                                          mask=m_k[:, None], other=0.0)
+                            b_k = tl.load(
+                                k + o_k[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
+                                mask=m_k[None, :],
+                                other=0.0,
+                            )
+                            b_v = tl.load(
+                                v + o_k[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
+                                mask=m_k[:, None],
+                                other=0.0,
+                            )
                             if UPCAST:
                                 b_k = b_k.to(tl.float32)
                                 b_v = b_v.to(tl.float32)
@@ -217,19 +288,40 @@ def _selection_kernel(
                             b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
                 b_acc = _attend_finish(b_acc, b_l)
                 # every row reads the token's one gate value
-                _store_gated(o + row * stride_on + (i_h * G + o_g)[:, None] * stride_oh + o_d[None, :], b_acc,
-                             m_g, gate + row * stride_g + o_g * 0, HAS_GATE, ACCUMULATE)
+                _store_gated(
+                    o + row * stride_on + (i_h * G + o_g)[:, None] * stride_oh + o_d[None, :],
+                    b_acc,
+                    m_g,
+                    gate + row * stride_g + o_g * 0,
+                    HAS_GATE,
+                    ACCUMULATE,
+                )
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
-_selection_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM", "TOPK"], restore_value=["o"],
-                                   prune_configs_by={"early_config_prune": _prune},
-                                   **_AUTOTUNE_CACHE)(_selection_kernel)
+_selection_tuned = triton.autotune(
+    _configs(),
+    key=["G", "HEAD_DIM", "TOPK"],
+    restore_value=["o"],
+    prune_configs_by={"early_config_prune": _prune},
+    **_AUTOTUNE_CACHE,
+)(_selection_kernel)
 
 
-def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
-                                    max_seqlen: int, scale: float | None = None, gate=None, out=None,
-                                    union_max: int | None = None):
+def _ssa_selection_attention_triton(
+    q,
+    k,
+    v,
+    block_idx,
+    cu_seqlens,
+    cu_blocks,
+    cu_block_tokens,
+    max_seqlen: int,
+    scale: float | None = None,
+    gate=None,
+    out=None,
+    union_max: int | None = None,
+):
     n, hq, d = q.shape
     h = k.shape[1]
     g = _check_heads(q, k, v)
@@ -242,15 +334,38 @@ def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, c
     if n == 0:
         return o
     scale = 1.0 / math.sqrt(d) if scale is None else scale
-    args = dict(q=q, k=k, v=v, o=o, bidx=block_idx, cu_q=cu_seqlens, cu_blk=cu_blocks, cu_blk_tok=cu_block_tokens,
-                gate=q if gate is None else gate, stride_g=0 if gate is None else gate.stride(0),
-                HAS_GATE=gate is not None, ACCUMULATE=out is not None,
-                scale_log2=scale * _LOG2E, stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k.stride(0),
-                stride_kh=k.stride(1), stride_vn=v.stride(0), stride_vh=v.stride(1), stride_on=o.stride(0),
-                stride_oh=o.stride(1), stride_bh=block_idx.stride(0), stride_bn=block_idx.stride(1),
-                G=g, GP=max(16, g), HEAD_DIM=d, TOPK=topk, TOPK_P=max(2, triton.next_power_of_2(topk)),
-                UNION_MAX=2 * topk if union_max is None else union_max,
-                UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        o=o,
+        bidx=block_idx,
+        cu_q=cu_seqlens,
+        cu_blk=cu_blocks,
+        cu_blk_tok=cu_block_tokens,
+        gate=q if gate is None else gate,
+        stride_g=0 if gate is None else gate.stride(0),
+        HAS_GATE=gate is not None,
+        ACCUMULATE=out is not None,
+        scale_log2=scale * _LOG2E,
+        stride_qn=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_kn=k.stride(0),
+        stride_kh=k.stride(1),
+        stride_vn=v.stride(0),
+        stride_vh=v.stride(1),
+        stride_on=o.stride(0),
+        stride_oh=o.stride(1),
+        stride_bh=block_idx.stride(0),
+        stride_bn=block_idx.stride(1),
+        G=g,
+        GP=max(16, g),
+        HEAD_DIM=d,
+        TOPK=topk,
+        TOPK_P=max(2, triton.next_power_of_2(topk)),
+        UNION_MAX=2 * topk if union_max is None else union_max,
+        UPCAST=not q.is_cuda and q.dtype == torch.bfloat16,
+    )
 
     def grid(meta):
         return (triton.cdiv(max_seqlen, meta["BLOCK_R"] // g), cu_seqlens.numel() - 1, h)
@@ -262,8 +377,20 @@ def _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, c
     return o
 
 
-def ssa_selection_attention(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens, max_seqlen: int,
-                            scale: float | None = None, gate=None, out=None, backend: str = "auto"):
+def ssa_selection_attention(
+    q,
+    k,
+    v,
+    block_idx,
+    cu_seqlens,
+    cu_blocks,
+    cu_block_tokens,
+    max_seqlen: int,
+    scale: float | None = None,
+    gate=None,
+    out=None,
+    backend: str = "auto",
+):
     """Attention of every query to the tokens of its selected blocks -> o [N, HQ, D] (see module doc).
 
     gate [N] (any stride): return gate * o (the SSA gate, fused); out [N,HQ,D]: add into it in place, return it.
@@ -271,7 +398,9 @@ def ssa_selection_attention(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_
     TRITON_INTERPRET=1) or "reference".
     """
     if _use_triton(backend, q):
-        return _ssa_selection_attention_triton(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
-                                               max_seqlen, scale, gate, out)
-    return ssa_selection_attention_reference(q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens,
-                                             max_seqlen, scale, gate, out)
+        return _ssa_selection_attention_triton(
+            q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens, max_seqlen, scale, gate, out
+        )
+    return ssa_selection_attention_reference(
+        q, k, v, block_idx, cu_seqlens, cu_blocks, cu_block_tokens, max_seqlen, scale, gate, out
+    )

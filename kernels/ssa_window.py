@@ -17,6 +17,7 @@ tiles [T, 2] int32 (window, first position); out o [N, HQ, D] in q.dtype;
 optional gate [N] (any stride) and out: `out += gate * o` in place (the SSA gated sum, fused).
 Constraints: HQ % H == 0, G a power of two; D a power of two >= 16.
 """
+
 from __future__ import annotations
 
 import math
@@ -52,8 +53,9 @@ def window_tiles(cu_windows: torch.Tensor, tile_q: int = WINDOW_TILE_Q) -> torch
     return torch.stack([win, pos], 1).to(torch.int32).contiguous()
 
 
-def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, tiles=None,
-                                   scale: float | None = None, gate=None, out=None):
+def ssa_window_attention_reference(
+    q, k, v, perm, cu_windows, max_window: int, tiles=None, scale: float | None = None, gate=None, out=None
+):
     """Plain PyTorch, fp32 inside: windows padded to a power-of-two length bucket, one batched softmax per chunk
     of a bucket's windows (chunks within the working-set bound `_common.CHUNK_ELEMENTS`)."""
     n, hq, d = q.shape
@@ -72,7 +74,7 @@ def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, t
         in_bucket = torch.nonzero(bucket == bk).squeeze(1)
         step = _chunk_rows(2 * hq * size * size)  # scores and probabilities of a window
         for w0 in range(0, in_bucket.numel(), step):
-            win = in_bucket[w0:w0 + step]
+            win = in_bucket[w0 : w0 + step]
             valid = pos[None, :] < lens[win][:, None]  # [W, L]
             rows = perm[torch.where(valid, cu_windows[win].long()[:, None] + pos[None, :], 0)]  # [W, L]
             qw = q[rows].float().view(*rows.shape, h, g, d)  # [W, L, H, G, D]
@@ -84,8 +86,9 @@ def ssa_window_attention_reference(q, k, v, perm, cu_windows, max_window: int, t
 
 
 def _configs():
-    return [triton.Config({"BLOCK_K": kb}, num_warps=w, num_stages=s)
-            for kb, w, s in [(64, 4, 2), (32, 4, 2), (64, 8, 2)]]
+    return [
+        triton.Config({"BLOCK_K": kb}, num_warps=w, num_stages=s) for kb, w, s in [(64, 4, 2), (32, 4, 2), (64, 8, 2)]
+    ]
 
 
 def _smem(config, head_dim: int, rows: int) -> int:
@@ -105,11 +108,31 @@ def _prune(configs, named_args, **kwargs):
 
 @triton.jit
 def _window_kernel(
-    q, k, v, o, perm, cu_win, tiles, gate,
+    q,
+    k,
+    v,
+    o,
+    perm,
+    cu_win,
+    tiles,
+    gate,
     scale_log2,
-    stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh, stride_g,
-    G: tl.constexpr, HEAD_DIM: tl.constexpr, TILE_Q: tl.constexpr, HAS_GATE: tl.constexpr,
-    ACCUMULATE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_K: tl.constexpr,
+    stride_qn,
+    stride_qh,
+    stride_kn,
+    stride_kh,
+    stride_vn,
+    stride_vh,
+    stride_on,
+    stride_oh,
+    stride_g,
+    G: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    TILE_Q: tl.constexpr,
+    HAS_GATE: tl.constexpr,
+    ACCUMULATE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_K: tl.constexpr,
 ):
     # q [N, HQ, D]; k/v [N, H, D]; o [N, HQ, D]; perm [N] int32; cu_win [W+1] int32; tiles [T, 2] int32
     BLOCK_R: tl.constexpr = TILE_Q * G
@@ -125,8 +148,9 @@ def _window_kernel(
     o_d = tl.arange(0, HEAD_DIM)
     o_tok = tl.load(perm + o_p, mask=m_r, other=0).to(tl.int64)
     # [BLOCK_R, HEAD_DIM]
-    b_q = tl.load(q + o_tok[:, None] * stride_qn + o_hq[:, None] * stride_qh + o_d[None, :], mask=m_r[:, None],
-                  other=0.0)
+    b_q = tl.load(
+        q + o_tok[:, None] * stride_qn + o_hq[:, None] * stride_qh + o_d[None, :], mask=m_r[:, None], other=0.0
+    )
     if UPCAST:  # the interpreter's tl.dot mishandles bf16; CPU tests run the same math in fp32 tiles
         b_q = b_q.to(tl.float32)
     b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
@@ -149,18 +173,29 @@ def _window_kernel(
         b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
     b_acc = _attend_finish(b_acc, b_l)
     # the SSA gate of this branch, fused
-    _store_gated(o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :], b_acc, m_r,
-                 gate + o_tok * stride_g, HAS_GATE, ACCUMULATE)
+    _store_gated(
+        o + o_tok[:, None] * stride_on + o_hq[:, None] * stride_oh + o_d[None, :],
+        b_acc,
+        m_r,
+        gate + o_tok * stride_g,
+        HAS_GATE,
+        ACCUMULATE,
+    )
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
-_window_tuned = triton.autotune(_configs(), key=["G", "HEAD_DIM"], restore_value=["o"],
-                                prune_configs_by={"early_config_prune": _prune},
-                                **_AUTOTUNE_CACHE)(_window_kernel)
+_window_tuned = triton.autotune(
+    _configs(),
+    key=["G", "HEAD_DIM"],
+    restore_value=["o"],
+    prune_configs_by={"early_config_prune": _prune},
+    **_AUTOTUNE_CACHE,
+)(_window_kernel)
 
 
-def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, tiles=None,
-                                 scale: float | None = None, gate=None, out=None):
+def _ssa_window_attention_triton(
+    q, k, v, perm, cu_windows, max_window: int, tiles=None, scale: float | None = None, gate=None, out=None
+):
     n, hq, d = q.shape
     h = k.shape[1]
     g = _check_heads(q, k, v)
@@ -177,12 +212,32 @@ def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, til
         tiles = window_tiles(cu_windows, tile_q)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
     assert tile_q * g >= 16, "a tile needs at least 16 rows for tl.dot"
-    args = dict(q=q, k=k, v=v, o=o, perm=perm, cu_win=cu_windows, tiles=tiles, scale_log2=scale * _LOG2E,
-                gate=q if gate is None else gate, stride_g=0 if gate is None else gate.stride(0),
-                HAS_GATE=gate is not None, ACCUMULATE=out is not None,
-                stride_qn=q.stride(0), stride_qh=q.stride(1), stride_kn=k.stride(0), stride_kh=k.stride(1),
-                stride_vn=v.stride(0), stride_vh=v.stride(1), stride_on=o.stride(0), stride_oh=o.stride(1),
-                G=g, HEAD_DIM=d, TILE_Q=tile_q, UPCAST=not q.is_cuda and q.dtype == torch.bfloat16)
+    args = dict(
+        q=q,
+        k=k,
+        v=v,
+        o=o,
+        perm=perm,
+        cu_win=cu_windows,
+        tiles=tiles,
+        scale_log2=scale * _LOG2E,
+        gate=q if gate is None else gate,
+        stride_g=0 if gate is None else gate.stride(0),
+        HAS_GATE=gate is not None,
+        ACCUMULATE=out is not None,
+        stride_qn=q.stride(0),
+        stride_qh=q.stride(1),
+        stride_kn=k.stride(0),
+        stride_kh=k.stride(1),
+        stride_vn=v.stride(0),
+        stride_vh=v.stride(1),
+        stride_on=o.stride(0),
+        stride_oh=o.stride(1),
+        G=g,
+        HEAD_DIM=d,
+        TILE_Q=tile_q,
+        UPCAST=not q.is_cuda and q.dtype == torch.bfloat16,
+    )
     grid = (tiles.shape[0], h)
     if q.is_cuda:
         _window_tuned[grid](**args)
@@ -191,8 +246,19 @@ def _ssa_window_attention_triton(q, k, v, perm, cu_windows, max_window: int, til
     return o
 
 
-def ssa_window_attention(q, k, v, perm, cu_windows, max_window: int, tiles=None, scale: float | None = None,
-                         gate=None, out=None, backend: str = "auto"):
+def ssa_window_attention(
+    q,
+    k,
+    v,
+    perm,
+    cu_windows,
+    max_window: int,
+    tiles=None,
+    scale: float | None = None,
+    gate=None,
+    out=None,
+    backend: str = "auto",
+):
     """Full attention inside every window listed by (perm, cu_windows) -> o [N, HQ, D] (see module doc).
 
     gate [N] (any stride): return gate * o (the SSA gate, fused); out [N,HQ,D]: add into it in place, return it.

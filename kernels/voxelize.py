@@ -52,6 +52,7 @@ lattice points: it reads each pair's cell flag and drops pairs already marked, t
 (at most factor³ points each) in chunks of BLOCK points until each pair has a point close enough or no
 points left, and stores True for the pairs that found one.
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,8 +61,15 @@ import torch
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
 
-__all__ = ["mark_cells", "mark_cells_reference", "point_triangle_distance", "lattice_coordinates", "box_windows",
-           "PAIRS", "BLOCK"]
+__all__ = [
+    "mark_cells",
+    "mark_cells_reference",
+    "point_triangle_distance",
+    "lattice_coordinates",
+    "box_windows",
+    "PAIRS",
+    "BLOCK",
+]
 
 PAIRS = 1  # pairs a program owns on CUDA (its rows)
 BLOCK = 128  # lattice points per pair tested at once on CUDA (a clipped box has at most factor³ = 512)
@@ -70,6 +78,7 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 
 # ---------------------------------------------------------------- reference (PyTorch, one op per kernel)
+
 
 def _sub3(a, b):
     return a[0] - b[0], a[1] - b[1], a[2] - b[2]
@@ -161,8 +170,9 @@ def _limit32(limit: float) -> float:
     return float(np.float32(limit))  # the threshold both backends compare against, as float32
 
 
-def mark_cells_reference(occupied, tris, coord, lo, hi, tri, cell, factor: int, limit: float,
-                         max_points: int = 1 << 21, check_cancel=None):
+def mark_cells_reference(
+    occupied, tris, coord, lo, hi, tri, cell, factor: int, limit: float, max_points: int = 1 << 21, check_cancel=None
+):
     """PyTorch: pairs whose cell is unmarked, then their clipped boxes' points in windows of max_points;
     check_cancel() (raises to stop) before each window, as a CPU run can take minutes."""
     L = occupied.shape[0]
@@ -185,6 +195,7 @@ def mark_cells_reference(occupied, tris, coord, lo, hi, tri, cell, factor: int, 
 
 
 # ---------------------------------------------------------------- Triton
+
 
 @triton.jit
 def _dot(ax, ay, az, bx, by, bz):
@@ -209,8 +220,22 @@ def _segment(px, py, pz, ax, ay, az, bx, by, bz, dx, dy, dz, dd):
 
 
 @triton.jit
-def _mark_kernel(occ, tris, coord, lo, hi, pair_tri, pair_cell, n_pairs, L, limit,
-                 FACTOR: tl.constexpr, PAIRS: tl.constexpr, BLOCK: tl.constexpr, TINY: tl.constexpr):
+def _mark_kernel(
+    occ,
+    tris,
+    coord,
+    lo,
+    hi,
+    pair_tri,
+    pair_cell,
+    n_pairs,
+    L,
+    limit,
+    FACTOR: tl.constexpr,
+    PAIRS: tl.constexpr,
+    BLOCK: tl.constexpr,
+    TINY: tl.constexpr,
+):
     # occ [L³] uint8 (the bool grid); tris [F, 9] f32; coord [D] f32; lo/hi [F, 3] i64; pair_tri [n]; pair_cell [n, 3]
     # program p: pairs [p·PAIRS, (p+1)·PAIRS) (rows) x BLOCK lattice points of each one's clipped box (columns)
     i = tl.program_id(0).to(tl.int64) * PAIRS + tl.arange(0, PAIRS)
@@ -271,14 +296,18 @@ def _mark_kernel(occ, tris, coord, lo, hi, pair_tri, pair_cell, n_pairs, L, limi
         c0x, c0y, c0z = _cross(abx, aby, abz, ax - jx, ay - jy, az - jz)
         c1x, c1y, c1z = _cross(bcx, bcy, bcz, bx - jx, by - jy, bz - jz)
         c2x, c2y, c2z = _cross(cax, cay, caz, cx - jx, cy - jy, cz - jz)
-        inside = ((_dot(c0x, c0y, c0z, c1x, c1y, c1z) > 0) & (_dot(c1x, c1y, c1z, c2x, c2y, c2z) > 0)
-                  & (_dot(c0x, c0y, c0z, c2x, c2y, c2z) > 0))
+        inside = (
+            (_dot(c0x, c0y, c0z, c1x, c1y, c1z) > 0)
+            & (_dot(c1x, c1y, c1z, c2x, c2y, c2z) > 0)
+            & (_dot(c0x, c0y, c0z, c2x, c2y, c2z) > 0)
+        )
         s01 = _segment(px, py, pz, ax, ay, az, bx, by, bz, e0x, e0y, e0z, dd01)
         s02 = _segment(px, py, pz, ax, ay, az, cx, cy, cz, e1x, e1y, e1z, dd02)
         s12 = _segment(px, py, pz, bx, by, bz, cx, cy, cz, e2x, e2y, e2z, dd12)
         to_v0 = tl.sqrt_rn(_dot(qx, qy, qz, qx, qy, qz))
-        edges = tl.minimum(tl.minimum(s01, s02, propagate_nan=tl.PropagateNan.ALL), s12,
-                           propagate_nan=tl.PropagateNan.ALL)
+        edges = tl.minimum(
+            tl.minimum(s01, s02, propagate_nan=tl.PropagateNan.ALL), s12, propagate_nan=tl.PropagateNan.ALL
+        )
         d = tl.where(inside, tl.abs(plane), edges)
         d = tl.where(flat, to_v0, d)
         d = tl.where(eq12 | eq02, s01, d)
@@ -290,27 +319,66 @@ def _mark_kernel(occ, tris, coord, lo, hi, pair_tri, pair_cell, n_pairs, L, limi
     tl.store(occ + key, hit.to(tl.uint8), mask=pm & (hit != 0))
 
 
-def _mark_cells_triton(occupied, tris, coord, lo, hi, tri, cell, factor: int, limit: float,
-                       pairs: int | None = None, block: int | None = None):
+def _mark_cells_triton(
+    occupied,
+    tris,
+    coord,
+    lo,
+    hi,
+    tri,
+    cell,
+    factor: int,
+    limit: float,
+    pairs: int | None = None,
+    block: int | None = None,
+):
     assert occupied.dtype == torch.bool and occupied.is_contiguous() and occupied.ndim == 3
     assert tris.dtype == torch.float32 and tris.is_contiguous() and tris.shape[1:] == (3, 3)
     assert coord.dtype == torch.float32 and coord.is_contiguous()
     assert lo.is_contiguous() and hi.is_contiguous() and cell.is_contiguous() and cell.shape[1:] == (3,)
     pairs = pairs or (PAIRS if occupied.is_cuda else PAIRS_INTERPRETED)
-    block = block or (BLOCK if occupied.is_cuda else max(16, triton.next_power_of_2(factor ** 3) // 4))
+    block = block or (BLOCK if occupied.is_cuda else max(16, triton.next_power_of_2(factor**3) // 4))
     assert pairs & (pairs - 1) == 0 and block & (block - 1) == 0, "pairs and block must be powers of two"
     n = tri.shape[0]
     if n == 0:
         return occupied
     _mark_kernel[(triton.cdiv(n, pairs),)](
-        occupied.view(torch.uint8), tris, coord, lo, hi, tri.contiguous(), cell, n, occupied.shape[0],
-        _limit32(limit), FACTOR=factor, PAIRS=pairs, BLOCK=block, TINY=_TINY,
-        num_warps=max(1, min(8, pairs * block // 32)), enable_fp_fusion=False)
+        occupied.view(torch.uint8),
+        tris,
+        coord,
+        lo,
+        hi,
+        tri.contiguous(),
+        cell,
+        n,
+        occupied.shape[0],
+        _limit32(limit),
+        FACTOR=factor,
+        PAIRS=pairs,
+        BLOCK=block,
+        TINY=_TINY,
+        num_warps=max(1, min(8, pairs * block // 32)),
+        enable_fp_fusion=False,
+    )
     return occupied
 
 
-def mark_cells(occupied, tris, coord, lo, hi, tri, cell, factor: int, limit: float, max_points: int = 1 << 21,
-               backend: str = "auto", pairs: int | None = None, block: int | None = None, check_cancel=None):
+def mark_cells(
+    occupied,
+    tris,
+    coord,
+    lo,
+    hi,
+    tri,
+    cell,
+    factor: int,
+    limit: float,
+    max_points: int = 1 << 21,
+    backend: str = "auto",
+    pairs: int | None = None,
+    block: int | None = None,
+    check_cancel=None,
+):
     """Mark (in place) occupied[cell[i]] when a lattice point of triangle tri[i]'s box [lo, hi] inside that cell is
     closer than `limit` to the triangle (see module doc); returns occupied.
 

@@ -6,6 +6,7 @@ exists and then ignores `comfy_entrypoint` (COMFYUI.md §1.3), so `__all__` name
 and the pack's root `__init__.py` star-imports it. Without ComfyUI at all (tests, the CLI) the V1
 mappings are built: they are plain classes and import nothing from ComfyUI.
 """
+
 from __future__ import annotations
 
 from ._spec import Node
@@ -17,8 +18,19 @@ from .mesh import MeshToStructure, PostprocessMesh, SaveMesh
 from .model import LoadModel
 from .sparse import DecodeSparse, SampleSparse
 
-NODES: list[type[Node]] = [LoadModel, EncodeImage, SampleDense, DecodeDense, SampleSparse, DecodeSparse,
-                           MeshToStructure, PostprocessMesh, SaveMesh, ImageToMesh, ColourFromImage]
+NODES: list[type[Node]] = [
+    LoadModel,
+    EncodeImage,
+    SampleDense,
+    DecodeDense,
+    SampleSparse,
+    DecodeSparse,
+    MeshToStructure,
+    PostprocessMesh,
+    SaveMesh,
+    ImageToMesh,
+    ColourFromImage,
+]
 
 
 def has_v3() -> bool:

@@ -5,6 +5,7 @@ Progress goes to `comfy.utils.ProgressBar`, Cancel is polled with
 ModelPatcher + `load_models_gpu` (so ComfyUI can evict them for other models), outputs move to
 `intermediate_device()`, and our weights live in `models/direct3d_s2/` (COMFYUI.md §4-6).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -92,8 +93,11 @@ class ComfyPlacement(loading.Placement):
         if key not in self._patchers:
             mm = model_management()
             self._patchers[key] = comfy.model_patcher.ModelPatcher(
-                module, load_device=mm.get_torch_device(), offload_device=mm.unet_offload_device(),
-                size=mm.module_size(module))
+                module,
+                load_device=mm.get_torch_device(),
+                offload_device=mm.unet_offload_device(),
+                size=mm.module_size(module),
+            )
         return self._patchers[key]
 
     @contextlib.contextmanager

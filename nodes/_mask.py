@@ -4,6 +4,7 @@
 and Colour From Image, which all hand the mask to `s2core.image.preprocess_image`); `object_mask` turns
 their values into the mask s2core wants.
 """
+
 from __future__ import annotations
 
 from ._spec import MASK, In
@@ -12,11 +13,20 @@ from ._spec import MASK, In
 LOAD_IMAGE_NO_ALPHA = (64, 64)
 
 MASK_INPUTS = (
-    In("mask", MASK, "Where the object is. Without it the image's transparency is used, or else a plain "
-       "background is keyed out; for any other picture connect a background-removal node.", optional=True),
-    In("mask_is_background", "BOOLEAN", "On: the mask is 1 on the background, as Load Image gives it "
-       "(1 - alpha). Off: the mask is 1 on the object, as most background-removal nodes give it.",
-       default=True),
+    In(
+        "mask",
+        MASK,
+        "Where the object is. Without it the image's transparency is used, or else a plain "
+        "background is keyed out; for any other picture connect a background-removal node.",
+        optional=True,
+    ),
+    In(
+        "mask_is_background",
+        "BOOLEAN",
+        "On: the mask is 1 on the background, as Load Image gives it "
+        "(1 - alpha). Off: the mask is 1 on the object, as most background-removal nodes give it.",
+        default=True,
+    ),
 )
 
 

@@ -13,6 +13,7 @@ normals and textures are not used by our nodes (our save writes geometry and ver
 Coordinates: MESH vertices are in glTF's frame (Y up, front +Z); s2core works in the original's frame,
 and `s2core.mesh.frame` converts (exactly) on the way out and back in.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,18 +26,43 @@ from ..s2core.mesh import frame
 
 # Types.MESH's optional fields (ComfyUI 0.38) and their defaults; we set each of them on every mesh
 FIELDS: dict[str, object] = {
-    "uvs": None, "vertex_colors": None, "texture": None, "metallic_roughness": None, "vertex_counts": None,
-    "face_counts": None, "unlit": False, "normals": None, "tangents": None, "normal_map": None,
-    "occlusion_in_mr": False, "material": None, "emissive": None,
+    "uvs": None,
+    "vertex_colors": None,
+    "texture": None,
+    "metallic_roughness": None,
+    "vertex_counts": None,
+    "face_counts": None,
+    "unlit": False,
+    "normals": None,
+    "tangents": None,
+    "normal_map": None,
+    "occlusion_in_mr": False,
+    "material": None,
+    "emissive": None,
 }
 
 
 class LocalMesh:
     """A look-alike of `Types.MESH` for ComfyUI without it (0.3.x): the same constructor and attributes."""
 
-    def __init__(self, vertices, faces, uvs=None, vertex_colors=None, texture=None, metallic_roughness=None,
-                 vertex_counts=None, face_counts=None, unlit=False, normals=None, tangents=None, normal_map=None,
-                 occlusion_in_mr=False, material=None, emissive=None):
+    def __init__(
+        self,
+        vertices,
+        faces,
+        uvs=None,
+        vertex_colors=None,
+        texture=None,
+        metallic_roughness=None,
+        vertex_counts=None,
+        face_counts=None,
+        unlit=False,
+        normals=None,
+        tangents=None,
+        normal_map=None,
+        occlusion_in_mr=False,
+        material=None,
+        emissive=None,
+    ):
         if (vertex_counts is None) != (face_counts is None):
             raise ValueError("vertex_counts and face_counts go together: pass both or neither.")
         self.vertices, self.faces = vertices, faces
@@ -82,7 +108,7 @@ def make_mesh(vertices: torch.Tensor, faces: torch.Tensor, **fields):
 def _pad(items: list[torch.Tensor], width: int, dtype: torch.dtype) -> torch.Tensor:
     out = torch.zeros(len(items), max((x.shape[0] for x in items), default=0), width, dtype=dtype)
     for b, x in enumerate(items):  # host loop over batch items: padding for ComfyUI's batched layout
-        out[b, :x.shape[0]] = x
+        out[b, : x.shape[0]] = x
     return out
 
 
@@ -97,8 +123,10 @@ def to_comfy_mesh(mesh: results.Mesh):
     items = mesh.items()
     verts = _pad([frame.to_gltf(v.float()) for v, _ in items], 3, torch.float32).to(mesh.vertices.device)
     faces = _pad([f for _, f in items], 3, torch.int64).to(mesh.vertices.device)
-    fields = {"vertex_counts": torch.tensor(mesh.vertex_counts, dtype=torch.int64),
-              "face_counts": torch.tensor(mesh.face_counts, dtype=torch.int64)}
+    fields = {
+        "vertex_counts": torch.tensor(mesh.vertex_counts, dtype=torch.int64),
+        "face_counts": torch.tensor(mesh.face_counts, dtype=torch.int64),
+    }
     colors = _colors_of(mesh)
     if colors is not None:
         parts = torch.split(colors.float(), list(mesh.vertex_counts))
@@ -116,8 +144,9 @@ def _batched(x, name: str) -> list[torch.Tensor]:
     if x.ndim == 2:
         return [x]
     if x.ndim != 3:
-        raise ValueError(f"The mesh's {name} have shape {tuple(x.shape)}; connect a MESH whose {name} are "
-                         "[batch, count, 3].")
+        raise ValueError(
+            f"The mesh's {name} have shape {tuple(x.shape)}; connect a MESH whose {name} are [batch, count, 3]."
+        )
     return list(x.unbind(0))
 
 
@@ -127,16 +156,20 @@ def from_comfy_mesh(mesh) -> results.Mesh:
         raise ValueError(f"The mesh input is a {type(mesh).__name__}, not a MESH; connect a node that outputs MESH.")
     verts, faces = _batched(mesh.vertices, "vertices"), _batched(mesh.faces, "faces")
     if len(verts) != len(faces) or any(v.shape[-1] != 3 for v in verts) or any(f.shape[-1] != 3 for f in faces):
-        raise ValueError("The mesh's vertices and faces do not match (need [batch, N, 3] and [batch, M, 3] with the "
-                         "same batch); connect a triangle MESH.")
+        raise ValueError(
+            "The mesh's vertices and faces do not match (need [batch, N, 3] and [batch, M, 3] with the "
+            "same batch); connect a triangle MESH."
+        )
     vc, fc = getattr(mesh, "vertex_counts", None), getattr(mesh, "face_counts", None)
     vc = [int(x) for x in vc] if vc is not None else [v.shape[0] for v in verts]
     fc = [int(x) for x in fc] if fc is not None else [f.shape[0] for f in faces]
-    items = [(frame.from_gltf(verts[i][:vc[i]].detach().float().cpu()), faces[i][:fc[i]].detach().long().cpu())
-             for i in range(len(verts))]
+    items = [
+        (frame.from_gltf(verts[i][: vc[i]].detach().float().cpu()), faces[i][: fc[i]].detach().long().cpu())
+        for i in range(len(verts))
+    ]
     out = results.Mesh.from_list(items, info=dict(getattr(mesh, "info", None) or {}))
     colors = getattr(mesh, "vertex_colors", None)
     if colors is not None and any(f.name == "vertex_colors" for f in dataclasses.fields(results.Mesh)):
-        parts = [c[:vc[i]].detach().float().cpu() for i, c in enumerate(_batched(colors, "vertex_colors"))]
+        parts = [c[: vc[i]].detach().float().cpu() for i, c in enumerate(_batched(colors, "vertex_colors"))]
         out = dataclasses.replace(out, vertex_colors=torch.cat(parts))
     return out

@@ -5,6 +5,7 @@ s2core function. `nodes/_v3.py` builds `io.ComfyNode` classes from it (ComfyUI w
 `nodes/_v1.py` builds classic classes (older ComfyUI); both call the same `run`. Keeping the schema as
 plain data also lets the tests snapshot it without ComfyUI (tests/test_node_schema.py).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ SEED_MAX = 0xFFFFFFFFFFFFFFFF
 @dataclass(frozen=True)
 class In:
     """One input: a socket (`type` a socket type) or a widget (`INT`, `FLOAT`, `BOOLEAN`, `STRING`, `COMBO`)."""
+
     name: str
     type: str
     tooltip: str
@@ -49,6 +51,7 @@ class Out:
 
 class Node:
     """Base of every node description. Subclasses set the schema and implement `run`."""
+
     node_id: ClassVar[str]
     display_name: ClassVar[str]
     description: ClassVar[str]

@@ -1,4 +1,5 @@
 """V3 (`comfy_api`) ComfyUI classes built from the node descriptions."""
+
 from __future__ import annotations
 
 from ._spec import CATEGORY, In, Node
@@ -7,8 +8,15 @@ from ._spec import CATEGORY, In, Node
 def _v3_input(io, i: In):
     common = dict(optional=i.optional, tooltip=i.tooltip)
     if i.type == "INT":
-        return io.Int.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step,
-                            control_after_generate=True if i.seed else None, **common)
+        return io.Int.Input(
+            i.name,
+            default=i.default,
+            min=i.min,
+            max=i.max,
+            step=i.step,
+            control_after_generate=True if i.seed else None,
+            **common,
+        )
     if i.type == "FLOAT":
         return io.Float.Input(i.name, default=i.default, min=i.min, max=i.max, step=i.step, **common)
     if i.type == "BOOLEAN":
@@ -30,11 +38,15 @@ def make_v3(node: type[Node]) -> type:
 
     def define_schema(cls):
         return io.Schema(
-            node_id=node.node_id, display_name=node.display_name, category=CATEGORY,
-            description=node.description, inputs=[_v3_input(io, i) for i in node.inputs],
+            node_id=node.node_id,
+            display_name=node.display_name,
+            category=CATEGORY,
+            description=node.description,
+            inputs=[_v3_input(io, i) for i in node.inputs],
             outputs=[_socket(io, o.type).Output(display_name=o.name, tooltip=o.tooltip) for o in node.outputs],
             hidden=[io.Hidden.prompt, io.Hidden.extra_pnginfo] if node.hidden_prompt else [],
-            is_output_node=node.output_node)
+            is_output_node=node.output_node,
+        )
 
     def execute(cls, **kwargs):
         if node.hidden_prompt:
@@ -43,8 +55,11 @@ def make_v3(node: type[Node]) -> type:
         result, ui = node.run(**kwargs)
         return io.NodeOutput(*result, ui=ui)
 
-    return type(node.node_id, (io.ComfyNode,), {
-        "define_schema": classmethod(define_schema), "execute": classmethod(execute), "NODE": node})
+    return type(
+        node.node_id,
+        (io.ComfyNode,),
+        {"define_schema": classmethod(define_schema), "execute": classmethod(execute), "NODE": node},
+    )
 
 
 def make_extension(nodes: list[type[Node]]):

@@ -1,4 +1,5 @@
 """Mesh nodes: mesh -> 1024 structure, post-processing, saving."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -20,8 +21,10 @@ log = logging.getLogger(__name__)
 class MeshToStructure(Node):
     node_id = "D3DS2MeshToStructure"
     display_name = "Direct3D-S2 Mesh to 1024 Structure"
-    description = ("Normalises a mesh and voxelizes its surface into the sparse cells of the 1024 stage "
-                   "(the original's step between 512 and 1024). Any MESH works, not only ours.")
+    description = (
+        "Normalises a mesh and voxelizes its surface into the sparse cells of the 1024 stage "
+        "(the original's step between 512 and 1024). Any MESH works, not only ours."
+    )
     inputs = (
         In("model", MODEL, "The model from Load Direct3D-S2 Model (its 1024 stage sets the grid)."),
         In("mesh", MESH, "Usually the 512 mesh from Sparse Decode; any closed mesh can be refined."),
@@ -40,10 +43,21 @@ class PostprocessMesh(Node):
     description = "Fills small holes and simplifies the mesh (the original's optional remesh step)."
     inputs = (
         In("mesh", MESH, "Any mesh."),
-        In("simplify", "BOOLEAN", "Reduce the face count. Off keeps every face (1024 meshes have millions).",
-           default=True),
-        In("simplify_ratio", "FLOAT", "Fraction of faces to remove. 0.95 (the original) keeps 5 %: a much "
-           "smaller file with less fine detail.", default=0.95, min=0.0, max=0.999, step=0.005),
+        In(
+            "simplify",
+            "BOOLEAN",
+            "Reduce the face count. Off keeps every face (1024 meshes have millions).",
+            default=True,
+        ),
+        In(
+            "simplify_ratio",
+            "FLOAT",
+            "Fraction of faces to remove. 0.95 (the original) keeps 5 %: a much smaller file with less fine detail.",
+            default=0.95,
+            min=0.0,
+            max=0.999,
+            step=0.005,
+        ),
         In("fill_holes", "BOOLEAN", "Close small holes in the surface.", default=False),
         In("remove_debris", "BOOLEAN", "Delete small disconnected pieces (under 1 % of the faces).", default=False),
     )
@@ -51,24 +65,36 @@ class PostprocessMesh(Node):
 
     @classmethod
     def run(cls, mesh, simplify=True, simplify_ratio=0.95, fill_holes=False, remove_debris=False):
-        out = pipeline.postprocess(_comfy.from_comfy_mesh(mesh), simplify, simplify_ratio, fill_holes, remove_debris,
-                                   _comfy.should_stop)
+        out = pipeline.postprocess(
+            _comfy.from_comfy_mesh(mesh), simplify, simplify_ratio, fill_holes, remove_debris, _comfy.should_stop
+        )
         return (_comfy.to_comfy_mesh(out),), None
 
 
 class SaveMesh(Node):
     node_id = "D3DS2SaveMesh"
     display_name = "Direct3D-S2 Save Mesh"
-    description = ("Saves each mesh of the batch to its own file <prefix>_00001_.<format>, <prefix>_00002_..., "
-                   "without the batch's zero padding (items without faces are skipped), and shows them in the 3D "
-                   "viewer. GLB files record the workflow (unless --disable-metadata), seed, resolution and model "
-                   "variant. Writes geometry (and vertex colours); for UVs and textures use core Save 3D Model.")
+    description = (
+        "Saves each mesh of the batch to its own file <prefix>_00001_.<format>, <prefix>_00002_..., "
+        "without the batch's zero padding (items without faces are skipped), and shows them in the 3D "
+        "viewer. GLB files record the workflow (unless --disable-metadata), seed, resolution and model "
+        "variant. Writes geometry (and vertex colours); for UVs and textures use core Save 3D Model."
+    )
     inputs = (
         In("mesh", MESH, "The mesh (or batch of meshes) to save; any MESH works, not only ours."),
-        In("filename_prefix", "STRING", "Sub-folder and file name start inside ComfyUI's output folder; "
-           "%date% style fields work as in Save Image.", default="mesh/Direct3D-S2"),
-        In("format", "COMBO", "glb: one file with provenance, opens in the 3D viewer; obj/ply/stl for other "
-           "tools.", default="glb", options=FORMATS),
+        In(
+            "filename_prefix",
+            "STRING",
+            "Sub-folder and file name start inside ComfyUI's output folder; %date% style fields work as in Save Image.",
+            default="mesh/Direct3D-S2",
+        ),
+        In(
+            "format",
+            "COMBO",
+            "glb: one file with provenance, opens in the 3D viewer; obj/ply/stl for other tools.",
+            default="glb",
+            options=FORMATS,
+        ),
     )
     outputs = (Out("STRING", "model_file", "Path relative to the output folder (for Preview 3D)."),)
     output_node = True
@@ -86,8 +112,10 @@ class SaveMesh(Node):
         check_filename_prefix(filename_prefix)  # one clear sentence before ComfyUI's generic refusal
         keep = [i for i in range(mesh.batch_size) if mesh.face_counts[i] > 0]
         if not keep:
-            raise ValueError("The mesh input has no faces in any batch item, so there is nothing to save; "
-                             "check the upstream decode (a lower threshold keeps more surface).")
+            raise ValueError(
+                "The mesh input has no faces in any batch item, so there is nothing to save; "
+                "check the upstream decode (a lower threshold keeps more surface)."
+            )
         for i in sorted(set(range(mesh.batch_size)) - set(keep)):
             log.warning("Direct3D-S2 Save Mesh: batch item %d has no faces; skipped.", i)
         folder, name, counter, subfolder = _comfy.output_path(filename_prefix)
@@ -113,5 +141,5 @@ def _item(mesh: results.Mesh, i: int) -> results.Mesh:
     colors = getattr(mesh, "vertex_colors", None)
     if isinstance(colors, torch.Tensor):
         start = sum(mesh.vertex_counts[:i])
-        out = dataclasses.replace(out, vertex_colors=colors[start:start + mesh.vertex_counts[i]])
+        out = dataclasses.replace(out, vertex_colors=colors[start : start + mesh.vertex_counts[i]])
     return out

@@ -2,6 +2,7 @@
 
 Importing the CLI imports torch (seconds): Ctrl-C or SIGTERM then also end in one line and exit 130 / 143.
 """
+
 import signal
 import sys
 

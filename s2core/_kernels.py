@@ -6,6 +6,7 @@ finds `<pack>.kernels`, never a pip package that happens to be called `kernels`.
 `s2core` and `kernels` are top-level packages: there `..kernels` reaches above the top-level package, which
 raises ImportError, and the plain import is the right one.
 """
+
 try:
     from ..kernels import group_norm, layer_norm, raster, ssa_compressed, ssa_selection, ssa_window, voxelize
 except ImportError:

@@ -10,6 +10,7 @@ Letters: `B` batch, `L` query tokens, `Lc` context tokens, `C` channels, `H` hea
 Parameter names are the checkpoint's (`to_qkv`, `to_q`, `to_kv`, `to_out`, `q_rms_norm.gamma`, ...), so
 official state dicts load unchanged (SPEC.md §8.4).
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,7 +36,7 @@ class MultiHeadRMSNorm(nn.Module):
 
     def __init__(self, head_dim: int, num_heads: int):
         super().__init__()
-        self.scale = head_dim ** 0.5
+        self.scale = head_dim**0.5
         self.gamma = nn.Parameter(torch.ones(num_heads, head_dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # x [B, L, H, D]
@@ -76,8 +77,9 @@ class CrossAttention(nn.Module):
     `to_kv` packs `[k | v]` along its output channels.
     """
 
-    def __init__(self, channels: int, ctx_channels: int, num_heads: int, qk_rms_norm: bool = False,
-                 qkv_bias: bool = True):
+    def __init__(
+        self, channels: int, ctx_channels: int, num_heads: int, qk_rms_norm: bool = False, qkv_bias: bool = True
+    ):
         super().__init__()
         assert channels % num_heads == 0, "channels must be a multiple of num_heads"
         self.num_heads = num_heads
@@ -92,7 +94,7 @@ class CrossAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         B, L, C = x.shape
-        q = self.to_q(x).view(B, L, self.num_heads, -1)                                     # [B, L, H, D]
+        q = self.to_q(x).view(B, L, self.num_heads, -1)  # [B, L, H, D]
         k, v = self.to_kv(context).view(B, context.shape[1], 2, self.num_heads, -1).unbind(dim=2)  # [B, Lc, H, D]
         if self.qk_rms_norm:
             q, k = self.q_rms_norm(q), self.k_rms_norm(k)

@@ -10,6 +10,7 @@ and plain containers is refused, never executed. `.safetensors` files made by
 `convert_to_safetensors` hold every part in one file with keys prefixed `<part>.`. Finding or downloading
 the files is `s2core.find_weights`.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,9 +29,11 @@ from .release import DINOV2_HUB_FILE, VARIANT_FOLDERS, manifest_key
 # ---------------------------------------------------------------------------------------------
 # Readable state-dict diffs
 
+
 @dataclass
 class StateDictDiff:
     """Difference between a loaded state dict and the expected names/shapes."""
+
     missing: list[str] = field(default_factory=list)
     unexpected: list[str] = field(default_factory=list)
     shape_mismatch: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # name, expected, found
@@ -61,8 +64,9 @@ class StateDictDiff:
         return "\n".join(lines)
 
 
-def diff_state_dict(state_dict: Mapping[str, torch.Tensor],
-                    expected: list[TensorSpec] | Mapping[str, torch.Tensor] | str) -> StateDictDiff:
+def diff_state_dict(
+    state_dict: Mapping[str, torch.Tensor], expected: list[TensorSpec] | Mapping[str, torch.Tensor] | str
+) -> StateDictDiff:
     """Compare names and shapes (not dtypes: loading casts) with a manifest key, specs or a reference dict."""
     if isinstance(expected, str):
         expected = manifest(expected)
@@ -93,38 +97,50 @@ def check_part(state_dict: Mapping[str, torch.Tensor], key: str, file_label: str
         what = f"{len(d.shape_mismatch)} weights have the wrong shape (first: `{k}` is {tuple(f)}, expected {tuple(e)})"
     else:
         what = f"it has {len(d.unexpected)} unknown weights (first: `{d.unexpected[0]}`)"
-    raise ValueError(f"`{file_label}` does not match `{key}`: {what}; re-download it or choose the right "
-                     f"file for this stage.\n{d.report()}")
+    raise ValueError(
+        f"`{file_label}` does not match `{key}`: {what}; re-download it or choose the right "
+        f"file for this stage.\n{d.report()}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Loading files
+
 
 def _load_ckpt(path: Path) -> dict:
     with open(path, "rb") as f:
         head = f.read(4)
     # torch.save writes a zip archive (PK\x03\x04) or, in the legacy format, a pickle (0x80 protocol byte)
     if not (head.startswith(b"PK") or head[:1] == b"\x80"):
-        raise ValueError(f"`{path}` is not a readable PyTorch checkpoint (it starts with {head!r}, not a "
-                         f"torch.save archive); it may be an error page or a truncated download — delete it and "
-                         f"download it again.")
+        raise ValueError(
+            f"`{path}` is not a readable PyTorch checkpoint (it starts with {head!r}, not a "
+            f"torch.save archive); it may be an error page or a truncated download — delete it and "
+            f"download it again."
+        )
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True, mmap=zipfile.is_zipfile(path))
     except pickle.UnpicklingError as e:
         msg = str(e)
         if "Weights only load failed" in msg or "Unsupported" in msg or "global" in msg.lower():
-            raise ValueError(f"`{path}` contains Python objects that would need unsafe unpickling to load; it "
-                             f"was refused and nothing in it was run — use the official checkpoint or a "
-                             f".safetensors file.") from None
-        raise ValueError(f"`{path}` is not a readable PyTorch checkpoint ({msg.splitlines()[0][:120]}); "
-                         f"it may be truncated or corrupt — delete it and download it again.") from None
+            raise ValueError(
+                f"`{path}` contains Python objects that would need unsafe unpickling to load; it "
+                f"was refused and nothing in it was run — use the official checkpoint or a "
+                f".safetensors file."
+            ) from None
+        raise ValueError(
+            f"`{path}` is not a readable PyTorch checkpoint ({msg.splitlines()[0][:120]}); "
+            f"it may be truncated or corrupt — delete it and download it again."
+        ) from None
     except (RuntimeError, EOFError, OSError, zipfile.BadZipFile, ValueError, KeyError) as e:
-        raise ValueError(f"`{path}` is not a readable PyTorch checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:120] if str(e) else 'no details'}); it may be truncated or "
-                         f"corrupt — delete it and download it again.") from None
+        raise ValueError(
+            f"`{path}` is not a readable PyTorch checkpoint ({type(e).__name__}: "
+            f"{str(e).splitlines()[0][:120] if str(e) else 'no details'}); it may be truncated or "
+            f"corrupt — delete it and download it again."
+        ) from None
     if not isinstance(obj, dict):
-        raise ValueError(f"`{path}` holds a {type(obj).__name__}, not a dictionary of weights; it is not a "
-                         f"Direct3D-S2 checkpoint.")
+        raise ValueError(
+            f"`{path}` holds a {type(obj).__name__}, not a dictionary of weights; it is not a Direct3D-S2 checkpoint."
+        )
     return obj
 
 
@@ -135,8 +151,9 @@ def _read_safetensors(path: Path, fix: str) -> dict[str, torch.Tensor]:
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ValueError(f"`{path}` is not a readable .safetensors file ({str(e)[:120]}); it may be truncated "
-                         f"or corrupt — {fix}.") from None
+        raise ValueError(
+            f"`{path}` is not a readable .safetensors file ({str(e)[:120]}); it may be truncated or corrupt — {fix}."
+        ) from None
 
 
 def _load_safetensors(path: Path) -> dict:
@@ -161,8 +178,7 @@ def load_dinov2(path: str | Path) -> dict[str, torch.Tensor]:
     else:
         sd = _load_ckpt(path)
     if not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
-        raise ValueError(f"`{path}` does not hold a DINOv2 state dict; delete it and download "
-                         f"{DINOV2_HUB_FILE} again.")
+        raise ValueError(f"`{path}` does not hold a DINOv2 state dict; delete it and download {DINOV2_HUB_FILE} again.")
     return sd
 
 
@@ -179,8 +195,10 @@ def load_checkpoint(path: str | Path) -> dict[str, dict[str, torch.Tensor]]:
         if isinstance(sd, Mapping) and all(isinstance(v, torch.Tensor) for v in sd.values()):
             parts[str(name)] = dict(sd)
     if not parts and obj and all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise ValueError(f"`{path}` is a flat state dict without the `vae`/`dit`/`refiner` parts of a "
-                         f"Direct3D-S2 release file; it is not a Direct3D-S2 checkpoint.")
+        raise ValueError(
+            f"`{path}` is a flat state dict without the `vae`/`dit`/`refiner` parts of a "
+            f"Direct3D-S2 release file; it is not a Direct3D-S2 checkpoint."
+        )
     return parts
 
 
@@ -190,8 +208,10 @@ def load_part(path: str | Path, part: str, key: str | None = None) -> dict[str, 
     parts = load_checkpoint(path)
     if part not in parts:
         have = ", ".join(sorted(parts)) or "none"
-        raise ValueError(f"`{path.name}` has no `{part}` weights (it has: {have}); it is not the right "
-                         f"Direct3D-S2 file for this stage.")
+        raise ValueError(
+            f"`{path.name}` has no `{part}` weights (it has: {have}); it is not the right "
+            f"Direct3D-S2 file for this stage."
+        )
     sd = parts[part]
     if key is not None:
         _check_not_other_variant(sd, key, path.name)
@@ -209,16 +229,20 @@ def _check_not_other_variant(state_dict: Mapping[str, torch.Tensor], key: str, f
     for other in VARIANT_FOLDERS:
         okey = manifest_key(stem, part, other)
         if okey != key and diff_state_dict(state_dict, okey).ok:
-            raise ValueError(f"`{file_label}` is the Direct3D-S2 {other} release of this file but {selected} is "
-                             f"selected: this is the {other} release; choose {other} as the variant, or put the "
-                             f"{selected} file there instead.")
+            raise ValueError(
+                f"`{file_label}` is the Direct3D-S2 {other} release of this file but {selected} is "
+                f"selected: this is the {other} release; choose {other} as the variant, or put the "
+                f"{selected} file there instead."
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Conversion
 
-def convert_to_safetensors(ckpt_path: str | Path, out_path: str | Path | None = None,
-                           dtype: torch.dtype | None = torch.float16) -> Path:
+
+def convert_to_safetensors(
+    ckpt_path: str | Path, out_path: str | Path | None = None, dtype: torch.dtype | None = torch.float16
+) -> Path:
     """One-time conversion of a release `.ckpt` to `.safetensors` (fp16 by default) for memory-mapped loading.
 
     Refuses to overwrite an existing file with different content; writes to a temp file and renames.
@@ -240,12 +264,17 @@ def convert_to_safetensors(ckpt_path: str | Path, out_path: str | Path | None = 
             old = load_file(str(out_path))
         except Exception:
             old = None
-        same = old is not None and old.keys() == flat.keys() and all(
-            old[k].dtype == flat[k].dtype and torch.equal(old[k], flat[k]) for k in flat)
+        same = (
+            old is not None
+            and old.keys() == flat.keys()
+            and all(old[k].dtype == flat[k].dtype and torch.equal(old[k], flat[k]) for k in flat)
+        )
         if same:
             return out_path
-        raise FileExistsError(f"`{out_path}` already exists with different content; move it away or choose "
-                              f"another output name (it was not overwritten).")
+        raise FileExistsError(
+            f"`{out_path}` already exists with different content; move it away or choose "
+            f"another output name (it was not overwritten)."
+        )
     tmp = out_path.with_name(f".{out_path.name}.tmp{os.getpid()}")
     try:
         save_file(flat, str(tmp), metadata={"source": ckpt_path.name, "format": "direct3d-s2 parts"})

@@ -5,6 +5,7 @@ it before loading any weights), and so the nodes — so that a bad number fails 
 later as "found no occupied voxel (max occupancy nan)". Every float must be finite: Python's `inf`
 and `nan` pass naive range checks (`nan >= 0` is False but `not nan < 0` is True, `inf >= 0` is True).
 """
+
 from __future__ import annotations
 
 import math
@@ -13,8 +14,16 @@ import operator
 import torch
 
 
-def number(name: str, value, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-           high_open: bool = False, hint: str = "") -> float:
+def number(
+    name: str,
+    value,
+    low: float | None = None,
+    high: float | None = None,
+    *,
+    low_open: bool = False,
+    high_open: bool = False,
+    hint: str = "",
+) -> float:
     """`value` as a finite float within the bounds, else ValueError naming `name`, the range and the value."""
     try:
         v = float(value)
@@ -57,13 +66,20 @@ def device(value, name: str = "device", present: bool = True) -> torch.device:
         return dev
     if dev.type == "cuda":
         if not torch.cuda.is_available():
-            why = ("this PyTorch build has no CUDA support" if torch.version.cuda is None
-                   else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)")
-            raise ValueError(f"{name} {value!r} asks for a CUDA GPU, but {why}; use cpu (slow), or install a "
-                             "CUDA build of PyTorch on a machine with an NVIDIA GPU.")
+            why = (
+                "this PyTorch build has no CUDA support"
+                if torch.version.cuda is None
+                else "no CUDA GPU is visible (check the driver and CUDA_VISIBLE_DEVICES)"
+            )
+            raise ValueError(
+                f"{name} {value!r} asks for a CUDA GPU, but {why}; use cpu (slow), or install a "
+                "CUDA build of PyTorch on a machine with an NVIDIA GPU."
+            )
         n = torch.cuda.device_count()
         if dev.index is not None and dev.index >= n:
-            raise ValueError(f"{name} {value!r} names GPU {dev.index}, but only {n} CUDA GPU(s) are visible; "
-                             f"use cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}.")
+            raise ValueError(
+                f"{name} {value!r} names GPU {dev.index}, but only {n} CUDA GPU(s) are visible; "
+                f"use cuda:0{f' to cuda:{n - 1}' if n > 1 else ''}."
+            )
         return dev
     return dev  # other backends (mps, xpu): torch says what is missing when it is used

@@ -12,6 +12,7 @@ Ctrl-C, 143 SIGTERM — at any moment, start-up included (`__main__.py`). The fi
 `files.write_atomic`: never half a file, never over an existing one unless --overwrite, and then the old
 file stays whole until the complete new one replaces it; SIGINT/SIGTERM remove the temp file.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -45,37 +46,68 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("image", type=Path, help="picture of one object (PNG with transparency, or give --mask)")
     p.add_argument("--mask", type=Path, help="object mask image (white = object); default: the image's alpha")
     p.add_argument("-o", "--output", type=Path, required=True, help="output mesh: .glb, .obj, .ply or .stl")
-    p.add_argument("--resolution", type=int, choices=(512, 1024), default=None,
-                   help="1024 (default; measured peak 5.3 GiB of GPU memory) or 512 (faster, 4.1 GiB); --demo defaults to 512")
+    p.add_argument(
+        "--resolution",
+        type=int,
+        choices=(512, 1024),
+        default=None,
+        help="1024 (default; measured peak 5.3 GiB of GPU memory) or 512 (faster, 4.1 GiB); --demo defaults to 512",
+    )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
-    p.add_argument("--steps", type=str, default=None, metavar="D,S512,S1024",
-                   help=f"sampling steps per stage (default {config.DENSE_STEPS},{config.SPARSE_512_STEPS},"
-                        f"{config.SPARSE_1024_STEPS})")
+    p.add_argument(
+        "--steps",
+        type=str,
+        default=None,
+        metavar="D,S512,S1024",
+        help=f"sampling steps per stage (default {config.DENSE_STEPS},{config.SPARSE_512_STEPS},"
+        f"{config.SPARSE_1024_STEPS})",
+    )
     p.add_argument("--guidance", type=float, default=config.GUIDANCE, help="classifier-free guidance (default 7)")
     p.add_argument("--mc-threshold", type=float, default=config.MC_THRESHOLD, help="surface iso-level (0.2)")
     p.add_argument("--no-remove-interior", action="store_true", help="skip the 1024 interior-removal refiner")
     p.add_argument("--remesh", action="store_true", help="simplify the mesh (removes 95%% of the faces)")
-    p.add_argument("--colour", "--color", action="store_true",
-                   help="paint vertex colours from the image (camera found from the silhouette; .glb/.ply/.obj keep them)")
+    p.add_argument(
+        "--colour",
+        "--color",
+        action="store_true",
+        help="paint vertex colours from the image (camera found from the silhouette; .glb/.ply/.obj keep them)",
+    )
     p.add_argument("--weights", type=Path, help="folder holding the Direct3D-S2 files (default: HF cache/download)")
     p.add_argument("--variant", choices=("v1.1", "v1.0"), default="v1.1", help="official release (default v1.1)")
     p.add_argument("--no-download", action="store_true", help="never download; only use files on disk")
     p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda if available)")
-    p.add_argument("--keep-weights-on-gpu", action="store_true",
-                   help="keep every network on the GPU once used (faster; needs ~6.4 GB more VRAM). Default: "
-                        "only the running stage's networks are on the GPU")
-    p.add_argument("--max-vram-gb", type=float, default=None, metavar="GIB",
-                   help="keep networks on the GPU while their weights fit in GIB (least recently used ones go "
-                        "back to the CPU); activations need room on top")
-    p.add_argument("--demo", action="store_true",
-                   help="tiny random model: no download, seconds on a CPU, meaningless mesh (smoke test); "
-                        "defaults to 512, refiners on")
+    p.add_argument(
+        "--keep-weights-on-gpu",
+        action="store_true",
+        help="keep every network on the GPU once used (faster; needs ~6.4 GB more VRAM). Default: "
+        "only the running stage's networks are on the GPU",
+    )
+    p.add_argument(
+        "--max-vram-gb",
+        type=float,
+        default=None,
+        metavar="GIB",
+        help="keep networks on the GPU while their weights fit in GIB (least recently used ones go "
+        "back to the CPU); activations need room on top",
+    )
+    p.add_argument(
+        "--demo",
+        action="store_true",
+        help="tiny random model: no download, seconds on a CPU, meaningless mesh (smoke test); "
+        "defaults to 512, refiners on",
+    )
     p.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (default: refuse)")
-    p.add_argument("--no-refine-512", action="store_true",
-                   help="skip the 512 refiner (faster on a CPU; the mesh keeps an inner shell)")
-    p.add_argument("--deterministic", action="store_true",
-                   help="repeatable GPU results: deterministic PyTorch algorithms (a little slower; "
-                        "tests/RELIABILITY.md lists what changes)")
+    p.add_argument(
+        "--no-refine-512",
+        action="store_true",
+        help="skip the 512 refiner (faster on a CPU; the mesh keeps an inner shell)",
+    )
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="repeatable GPU results: deterministic PyTorch algorithms (a little slower; "
+        "tests/RELIABILITY.md lists what changes)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress output")
     p.add_argument("--debug", action="store_true", help="show the Python traceback of an error (for bug reports)")
     return p
@@ -155,6 +187,7 @@ def _signals_interrupt() -> Iterator[None]:
     `finally`/`except` blocks (temp files above all) runs; the previous handlers come back afterwards. A
     signal the parent set to be ignored stays ignored. Only the main thread can set handlers: elsewhere this
     does nothing. (Inside ComfyUI no handler is ever installed: the nodes never call this.)"""
+
     def terminate(signum, frame):
         raise _Terminated()
 
@@ -218,8 +251,11 @@ def _run(args: argparse.Namespace) -> int:
         _check_output(args.output, args.overwrite)
         dense, s512, s1024 = _steps(args.steps)
         pipeline.check_chain_settings(resolution, dense, s512, s1024, args.guidance, args.mc_threshold)
-        device = checks.device(args.device, "--device") if args.device else torch.device(
-            "cuda" if torch.cuda.is_available() else "cpu")
+        device = (
+            checks.device(args.device, "--device")
+            if args.device
+            else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         placement = loading.Placement(device, offload=not args.keep_weights_on_gpu, max_vram_gb=args.max_vram_gb)
         pixels, alpha = image_file.read_image_and_mask(args.image, args.mask)
         image = torch.from_numpy(pixels).float().div_(255)[None]  # IMAGE [1, H, W, 3|4], at most 4096 px a side
@@ -229,11 +265,25 @@ def _run(args: argparse.Namespace) -> int:
     try:
         if args.demo:
             progress.note("Demo mode: a tiny model with random weights; the mesh is meaningless.")
-        models = loading.load_models(variant, stages, device, weights_dir=args.weights,
-                                      allow_download=not args.no_download, placement=placement)
-        mesh = pipeline.image_to_mesh(models, image, mask, args.seed, resolution, dense, s512, s1024,
-                                      args.guidance, args.mc_threshold, refine and not args.no_remove_interior,
-                                      args.remesh, refine_512=refine and not args.no_refine_512, callback=progress)
+        models = loading.load_models(
+            variant, stages, device, weights_dir=args.weights, allow_download=not args.no_download, placement=placement
+        )
+        mesh = pipeline.image_to_mesh(
+            models,
+            image,
+            mask,
+            args.seed,
+            resolution,
+            dense,
+            s512,
+            s1024,
+            args.guidance,
+            args.mc_threshold,
+            refine and not args.no_remove_interior,
+            args.remesh,
+            refine_512=refine and not args.no_refine_512,
+            callback=progress,
+        )
         if args.colour:
             from .colour import colour_mesh
 
@@ -243,8 +293,10 @@ def _run(args: argparse.Namespace) -> int:
     except FileNotFoundError as e:  # weights missing (offline): the message lists what to put where
         return _error(e, EXIT_MISSING_WEIGHTS)
     except torch.OutOfMemoryError:  # outside a stage (loading weights); stages name their own setting
-        return _error("Out of GPU memory while moving the weights to the GPU; use --resolution 512, leave out "
-                      "--keep-weights-on-gpu, or close other programs using the GPU.")
+        return _error(
+            "Out of GPU memory while moving the weights to the GPU; use --resolution 512, leave out "
+            "--keep-weights-on-gpu, or close other programs using the GPU."
+        )
     except (ValueError, RuntimeError, OSError) as e:
         if args.debug:
             raise
@@ -253,7 +305,8 @@ def _run(args: argparse.Namespace) -> int:
         if args.debug:
             raise
         first = (str(e).strip().splitlines() or [""])[0][:300]
-        return _error(f"unexpected {type(e).__name__}: {first} (a bug: run again with --debug and report the "
-                      "traceback).")
+        return _error(
+            f"unexpected {type(e).__name__}: {first} (a bug: run again with --debug and report the traceback)."
+        )
     progress.note(f"Wrote {args.output} ({mesh.vertex_counts[0]} vertices, {mesh.face_counts[0]} faces).")
     return 0

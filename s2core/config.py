@@ -6,10 +6,10 @@ constructor arguments so a config entry maps one to one (`tests/test_manifests.p
 config files into these classes and compares); `use_checkpoint` (gradient checkpointing) is dropped because
 it has no effect at inference.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
-
 
 # How the original samples and meshes (SPEC.md §3.1, §3.2, SPARSE.md §8): the defaults of s2core.pipeline.
 DENSE_STEPS, SPARSE_512_STEPS, SPARSE_1024_STEPS = 50, 30, 15
@@ -17,6 +17,7 @@ GUIDANCE = 7.0
 DENSE_THRESHOLD = 0.1  # occupancy probability of the dense decode
 MC_THRESHOLD = 0.2  # sparse SDF iso-level; the 512 refiner meshes at 2x this (SPEC.md §11)
 SIMPLIFY_RATIO = 0.95  # fraction of faces removed by `postprocess(simplify=True)`
+
 
 @dataclass(frozen=True)
 class DenseVAEConfig:
@@ -56,6 +57,7 @@ class DenseDiTConfig:
 @dataclass(frozen=True)
 class ImageEncoderConfig:
     """DINOv2 ViT-L/14 with 4 registers (`dinov2_vitl14_reg`), run at 518x518."""
+
     model: str = "facebookresearch/dinov2"
     version: str = "dinov2_vitl14_reg"
     size: int = 518
@@ -72,6 +74,7 @@ class ImageEncoderConfig:
 @dataclass(frozen=True)
 class SchedulerConfig:
     """Flow-matching Euler (diffusers FlowMatchEulerDiscreteScheduler semantics)."""
+
     num_train_timesteps: int = 1000
     shift: float = 6.0
 
@@ -135,6 +138,7 @@ class RefinerConfig:
 @dataclass(frozen=True)
 class ReleaseConfig:
     """Every component of one released model (v1.1 by default)."""
+
     name: str = "v1.1"
     dense_vae: DenseVAEConfig = field(default_factory=DenseVAEConfig)
     dense_dit: DenseDiTConfig = field(default_factory=DenseDiTConfig)
@@ -143,10 +147,8 @@ class ReleaseConfig:
     sparse_vae_512: SparseVAEConfig = field(default_factory=SparseVAEConfig)
     sparse_dit_512: SparseDiTConfig = field(default_factory=SparseDiTConfig)
     sparse_scheduler_512: SchedulerConfig = field(default_factory=SchedulerConfig)
-    sparse_vae_1024: SparseVAEConfig = field(
-        default_factory=lambda: SparseVAEConfig(resolution=128, chunk_size=4))
-    sparse_dit_1024: SparseDiTConfig = field(
-        default_factory=lambda: SparseDiTConfig(resolution=128, factor=0.5))
+    sparse_vae_1024: SparseVAEConfig = field(default_factory=lambda: SparseVAEConfig(resolution=128, chunk_size=4))
+    sparse_dit_1024: SparseDiTConfig = field(default_factory=lambda: SparseDiTConfig(resolution=128, factor=0.5))
     sparse_scheduler_1024: SchedulerConfig = field(default_factory=lambda: SchedulerConfig(shift=8.0))
     sparse_image_encoder: ImageEncoderConfig = field(default_factory=ImageEncoderConfig)
     refiner: RefinerConfig = field(default_factory=RefinerConfig)
@@ -162,10 +164,12 @@ def official_v1_0() -> ReleaseConfig:
     base = ReleaseConfig(name="v1.0")
     return replace(
         base,
-        sparse_dit_512=replace(base.sparse_dit_512, compression_block_size=4, topk=32,
-                               compression_version="v2", sparse_conditions=True),
-        sparse_dit_1024=replace(base.sparse_dit_1024, compression_block_size=4, topk=8,
-                                compression_version="v2", sparse_conditions=True),
+        sparse_dit_512=replace(
+            base.sparse_dit_512, compression_block_size=4, topk=32, compression_version="v2", sparse_conditions=True
+        ),
+        sparse_dit_1024=replace(
+            base.sparse_dit_1024, compression_block_size=4, topk=8, compression_version="v2", sparse_conditions=True
+        ),
     )
 
 
@@ -177,28 +181,72 @@ def tiny_release() -> ReleaseConfig:
     enc = ImageEncoderConfig(embed_dim=64, depth=2, num_heads=2, size=56, pretrain_img_size=56)
     return ReleaseConfig(
         name="tiny-random",
-        dense_vae=DenseVAEConfig(model_channels_encoder=(8, 16, 32), num_res_blocks_encoder=1,
-                                 num_res_blocks_middle_encoder=1, model_channels_decoder=(32, 16, 8),
-                                 num_res_blocks_decoder=1, num_res_blocks_middle_decoder=1, use_fp16=False),
-        dense_dit=DenseDiTConfig(resolution=4, latent_shape=(8, 4, 4, 4), model_channels=64, cond_channels=64,
-                                 num_blocks=2, num_heads=2, use_fp16=False),  # 4³ latent -> 16³ index = sparse_dit_512 grid
+        dense_vae=DenseVAEConfig(
+            model_channels_encoder=(8, 16, 32),
+            num_res_blocks_encoder=1,
+            num_res_blocks_middle_encoder=1,
+            model_channels_decoder=(32, 16, 8),
+            num_res_blocks_decoder=1,
+            num_res_blocks_middle_decoder=1,
+            use_fp16=False,
+        ),
+        dense_dit=DenseDiTConfig(
+            resolution=4,
+            latent_shape=(8, 4, 4, 4),
+            model_channels=64,
+            cond_channels=64,
+            num_blocks=2,
+            num_heads=2,
+            use_fp16=False,
+        ),  # 4³ latent -> 16³ index = sparse_dit_512 grid
         dense_image_encoder=enc,
-        sparse_vae_512=SparseVAEConfig(model_channels_encoder=64, num_heads_encoder=2, num_head_channels_encoder=32,
-                                       num_blocks_encoder=1, model_channels_decoder=512, num_heads_decoder=2,
-                                       num_head_channels_decoder=32, num_blocks_decoder=1, resolution=16,
-                                       use_fp16=False),  # decoder 512 wide: its 512/16 = 32-ch features feed the 512 refiner
-        sparse_dit_512=SparseDiTConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=2,
-                                       num_heads=4, num_kv_heads=2, use_fp16=False),
-        sparse_vae_1024=SparseVAEConfig(model_channels_encoder=64, num_heads_encoder=2, num_head_channels_encoder=32,
-                                        num_blocks_encoder=1, model_channels_decoder=64, num_heads_decoder=2,
-                                        num_head_channels_decoder=32, num_blocks_decoder=1, resolution=16,
-                                        chunk_size=2, use_fp16=False),  # 1024 stage on a 16³ grid: the mesh fills it
-        sparse_dit_1024=SparseDiTConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=2,
-                                        num_heads=4, num_kv_heads=2, factor=0.5, use_fp16=False),
+        sparse_vae_512=SparseVAEConfig(
+            model_channels_encoder=64,
+            num_heads_encoder=2,
+            num_head_channels_encoder=32,
+            num_blocks_encoder=1,
+            model_channels_decoder=512,
+            num_heads_decoder=2,
+            num_head_channels_decoder=32,
+            num_blocks_decoder=1,
+            resolution=16,
+            use_fp16=False,
+        ),  # decoder 512 wide: its 512/16 = 32-ch features feed the 512 refiner
+        sparse_dit_512=SparseDiTConfig(
+            resolution=16,
+            model_channels=64,
+            cond_channels=64,
+            num_blocks=2,
+            num_heads=4,
+            num_kv_heads=2,
+            use_fp16=False,
+        ),
+        sparse_vae_1024=SparseVAEConfig(
+            model_channels_encoder=64,
+            num_heads_encoder=2,
+            num_head_channels_encoder=32,
+            num_blocks_encoder=1,
+            model_channels_decoder=64,
+            num_heads_decoder=2,
+            num_head_channels_decoder=32,
+            num_blocks_decoder=1,
+            resolution=16,
+            chunk_size=2,
+            use_fp16=False,
+        ),  # 1024 stage on a 16³ grid: the mesh fills it
+        sparse_dit_1024=SparseDiTConfig(
+            resolution=16,
+            model_channels=64,
+            cond_channels=64,
+            num_blocks=2,
+            num_heads=4,
+            num_kv_heads=2,
+            factor=0.5,
+            use_fp16=False,
+        ),
         sparse_image_encoder=enc,
         # one-level refiner UNets (2 channels, loading.TINY_REFINER_CHANNELS) without per-level resnets: 27 cubes
         # of 48³ (512) and of 32³ (1024 sign), an eighth of the official 256³, as its 128³ SDF grid is of 1024³
         refiner=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=48, use_fp16=False),
-        refiner_1024=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=32, sign=True,
-                                   use_fp16=False),
+        refiner_1024=RefinerConfig(layers_per_block=0, layers_mid_block=0, patch_size=32, sign=True, use_fp16=False),
     )

@@ -12,6 +12,7 @@ Precision (SPEC.md §8.5): with `dtype=float16` (the release) every Linear holds
 affine params, RMS-norm gammas and `pos_emb` stay fp32, norms compute in fp32 and cast back. `bfloat16`
 works the same way; `float32` runs everything in fp32.
 """
+
 from __future__ import annotations
 
 import math
@@ -54,7 +55,7 @@ def patchify(x: torch.Tensor, p: int) -> torch.Tensor:
         return x
     B, C, D, H, W = x.shape
     x = x.reshape(B, C, D // p, p, H // p, p, W // p, p).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(B, C * p ** 3, D // p, H // p, W // p)
+    return x.reshape(B, C * p**3, D // p, H // p, W // p)
 
 
 def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
@@ -62,8 +63,8 @@ def unpatchify(x: torch.Tensor, p: int) -> torch.Tensor:
     if p == 1:
         return x
     B, Cp, D, H, W = x.shape
-    x = x.reshape(B, Cp // p ** 3, p, p, p, D, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    return x.reshape(B, Cp // p ** 3, D * p, H * p, W * p)
+    x = x.reshape(B, Cp // p**3, p, p, p, D, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(B, Cp // p**3, D * p, H * p, W * p)
 
 
 class TimestepEmbedder(nn.Module):
@@ -85,8 +86,16 @@ class ModulatedCrossBlock(nn.Module):
     maps SiLU(t_emb) to (shift, scale, gate) for attention then MLP, in that order.
     """
 
-    def __init__(self, channels: int, ctx_channels: int, num_heads: int, mlp_ratio: float,
-                 qk_rms_norm: bool, qk_rms_norm_cross: bool, share_mod: bool):
+    def __init__(
+        self,
+        channels: int,
+        ctx_channels: int,
+        num_heads: int,
+        mlp_ratio: float,
+        qk_rms_norm: bool,
+        qk_rms_norm_cross: bool,
+        share_mod: bool,
+    ):
         super().__init__()
         self.share_mod = share_mod
         self.norm1 = LayerNorm32(channels, elementwise_affine=False, eps=1e-6)
@@ -129,13 +138,22 @@ class DenseDiT(nn.Module):
         if cfg.share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         self.register_buffer("pos_emb", absolute_position_table(self.grid, C))  # [L, C] fp32, in the checkpoint
-        self.input_layer = nn.Linear(cfg.in_channels * p ** 3, C)
-        self.blocks = nn.ModuleList([
-            ModulatedCrossBlock(C, cfg.cond_channels, cfg.num_heads, cfg.mlp_ratio, cfg.qk_rms_norm,
-                                cfg.qk_rms_norm_cross, cfg.share_mod)
-            for _ in range(cfg.num_blocks)
-        ])
-        self.out_layer = nn.Linear(C, cfg.out_channels * p ** 3)
+        self.input_layer = nn.Linear(cfg.in_channels * p**3, C)
+        self.blocks = nn.ModuleList(
+            [
+                ModulatedCrossBlock(
+                    C,
+                    cfg.cond_channels,
+                    cfg.num_heads,
+                    cfg.mlp_ratio,
+                    cfg.qk_rms_norm,
+                    cfg.qk_rms_norm_cross,
+                    cfg.share_mod,
+                )
+                for _ in range(cfg.num_blocks)
+            ]
+        )
+        self.out_layer = nn.Linear(C, cfg.out_channels * p**3)
         self.set_dtype(self.dtype)
 
     def set_dtype(self, dtype: torch.dtype) -> "DenseDiT":
@@ -151,14 +169,14 @@ class DenseDiT(nn.Module):
         cfg, B = self.cfg, x.shape[0]
         assert tuple(x.shape[1:]) == (cfg.in_channels, *[cfg.resolution] * 3), f"bad latent shape {tuple(x.shape)}"
         h = patchify(x, cfg.patch_size).flatten(2).transpose(1, 2).contiguous()  # [B, L, 8p³]
-        h = self.input_layer(h.to(self.dtype)) + self.pos_emb[None]   # [B, L, C], promoted to fp32 like the original
-        t_emb = self.t_embedder(t)                                      # [1 or B, C]
+        h = self.input_layer(h.to(self.dtype)) + self.pos_emb[None]  # [B, L, C], promoted to fp32 like the original
+        t_emb = self.t_embedder(t)  # [1 or B, C]
         if cfg.share_mod:
             t_emb = self.adaLN_modulation(t_emb)
         t_emb, h, cond = t_emb.to(self.dtype), h.to(self.dtype), cond.to(self.dtype)
         for block in self.blocks:
             h = block(h, t_emb, cond)
-        h = F.layer_norm(h.to(x.dtype), h.shape[-1:])                  # no affine, eps 1e-5, in x's dtype
-        h = self.out_layer(h.to(self.dtype)).to(x.dtype)                # [B, L, 8p³]
+        h = F.layer_norm(h.to(x.dtype), h.shape[-1:])  # no affine, eps 1e-5, in x's dtype
+        h = self.out_layer(h.to(self.dtype)).to(x.dtype)  # [B, L, 8p³]
         h = h.transpose(1, 2).reshape(B, -1, *[self.grid] * 3)
         return unpatchify(h, cfg.patch_size)

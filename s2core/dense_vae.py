@@ -13,6 +13,7 @@ checkpoint (`encoder.*`, `decoder.*`; `middle_block.i`, `blocks.i`, `out_layer.0
 Precision (SPEC.md §7.2-7.3): with `use_fp16` the decoder runs every Conv3d in fp16 (norms in fp32, cast
 back); the encoder runs only `blocks`/`middle_block` convs in fp16. `dtype=` picks fp16/bf16/fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -41,8 +42,8 @@ def pixel_shuffle_3d(x: torch.Tensor, r: int = 2) -> torch.Tensor:
     """`[B, C·r³, D, H, W]` → `[B, C, rD, rH, rW]`; input channel `c·r³ + a·r² + b·r + e` lands at
     output voxel `(r·d + a, r·h + b, r·w + e)` (SPEC.md §7.1)."""
     B, Cr, D, H, W = x.shape
-    x = x.reshape(B, Cr // r ** 3, r, r, r, D, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
-    return x.reshape(B, Cr // r ** 3, D * r, H * r, W * r)
+    x = x.reshape(B, Cr // r**3, r, r, r, D, H, W).permute(0, 1, 5, 2, 6, 3, 7, 4)
+    return x.reshape(B, Cr // r**3, D * r, H * r, W * r)
 
 
 class Upsample3d(nn.Module):
@@ -64,7 +65,9 @@ class Downsample3d(nn.Module):
 
 
 def _out_layer(channels: int, out_channels: int) -> nn.Sequential:
-    return nn.Sequential(ChannelLayerNorm32(channels, eps=1e-5), nn.SiLU(), nn.Conv3d(channels, out_channels, 3, padding=1))
+    return nn.Sequential(
+        ChannelLayerNorm32(channels, eps=1e-5), nn.SiLU(), nn.Conv3d(channels, out_channels, 3, padding=1)
+    )
 
 
 class DenseDecoder(nn.Module):
@@ -85,10 +88,10 @@ class DenseDecoder(nn.Module):
         self.out_layer = _out_layer(ch[-1], cfg.out_channels)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
-        h = self.middle_block(self.input_layer(z.to(self.dtype)))   # [B, C0, 16³]
+        h = self.middle_block(self.input_layer(z.to(self.dtype)))  # [B, C0, 16³]
         for block in self.blocks:
-            h = block(h)                                            # … → [B, C_last, 64³]
-        return self.out_layer(h)                                    # [B, 1, 64³]
+            h = block(h)  # … → [B, C_last, 64³]
+        return self.out_layer(h)  # [B, 1, 64³]
 
 
 class DenseEncoder(nn.Module):
@@ -109,14 +112,14 @@ class DenseEncoder(nn.Module):
         self.out_layer = _out_layer(ch[-1], cfg.embed_dim * 2)
 
     def forward(self, occupancy: torch.Tensor) -> torch.Tensor:
-        h = self.input_layer(occupancy.float() * 2.0 - 1.0)         # [B, C0, 64³] fp32
+        h = self.input_layer(occupancy.float() * 2.0 - 1.0)  # [B, C0, 64³] fp32
         # The original has no cast here (its fp16 encoder only ran under autocast in training); we cast
         # at the boundary so the fp16 torso gets fp16 inputs.
         h = h.to(self.dtype)
         for block in self.blocks:
             h = block(h)
-        h = self.middle_block(h)                                    # [B, C_last, 16³]
-        return self.out_layer(h.float())                            # [B, 2E, 16³] fp32
+        h = self.middle_block(h)  # [B, C_last, 16³]
+        return self.out_layer(h.float())  # [B, 2E, 16³] fp32
 
 
 class DenseVAE(nn.Module):
@@ -145,8 +148,9 @@ class DenseVAE(nn.Module):
         z = (1.0 / self.cfg.latents_scale) * latents + self.cfg.latents_shift  # the original's order of ops
         return self.decoder(z)
 
-    def encode(self, occupancy: torch.Tensor, generator: torch.Generator | None = None,
-               sample_posterior: bool = False) -> torch.Tensor:
+    def encode(
+        self, occupancy: torch.Tensor, generator: torch.Generator | None = None, sample_posterior: bool = False
+    ) -> torch.Tensor:
         """Occupancy `[B, 1, 64³]` → latents `[B, E, 16³]` fp32: the posterior mean, or a sample with `generator`.
 
         logvar is clamped to [−30, 20] as in the original's `DiagonalGaussianDistribution`.

@@ -15,6 +15,7 @@ Weights: attribute names are the torch-hub checkpoint's (`dinov2_vitl14_reg4_pre
 Precision: fp32 as the original; `dtype=` may select fp16/bf16 (norms and attention softmax then run
 in that dtype).
 """
+
 from __future__ import annotations
 
 import re
@@ -122,21 +123,21 @@ class DinoV2(nn.Module):
         n = self.pos_embed.shape[1] - 1
         if ph * pw == n and ph == pw:
             return self.pos_embed
-        m = int(round(n ** 0.5))
-        patch = self.pos_embed[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)        # [1, C, m, m]
-        patch = F.interpolate(patch, size=(ph, pw), mode="bicubic", antialias=True)           # [1, C, ph, pw]
+        m = int(round(n**0.5))
+        patch = self.pos_embed[:, 1:].float().reshape(1, m, m, -1).permute(0, 3, 1, 2)  # [1, C, m, m]
+        patch = F.interpolate(patch, size=(ph, pw), mode="bicubic", antialias=True)  # [1, C, ph, pw]
         patch = patch.permute(0, 2, 3, 1).reshape(1, ph * pw, -1)
         return torch.cat([self.pos_embed[:, :1].float(), patch], dim=1).to(self.pos_embed.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         B, _, Hpx, Wpx = x.shape
-        h = self.patch_embed(x.to(self.dtype))                                                # [B, P², C]
-        h = torch.cat([self.cls_token.expand(B, -1, -1), h], dim=1)                           # [B, 1+P², C]
+        h = self.patch_embed(x.to(self.dtype))  # [B, P², C]
+        h = torch.cat([self.cls_token.expand(B, -1, -1), h], dim=1)  # [B, 1+P², C]
         h = h + self.position_table(Hpx // self.patch_size, Wpx // self.patch_size)
-        h = torch.cat([h[:, :1], self.register_tokens.expand(B, -1, -1), h[:, 1:]], dim=1)   # [B, T, C]
+        h = torch.cat([h[:, :1], self.register_tokens.expand(B, -1, -1), h[:, 1:]], dim=1)  # [B, T, C]
         for block in self.blocks:
             h = block(h)
-        return h                                                                              # x_prenorm
+        return h  # x_prenorm
 
 
 class ImageConditioner(nn.Module):
@@ -168,12 +169,12 @@ class ImageConditioner(nn.Module):
         size = (S, int(S * W / H)) if H <= W else (int(S * H / W), S)
         rgb = F.interpolate(rgb, size=size, mode="bilinear", align_corners=False, antialias=True)
         top, left = int(round((rgb.shape[-2] - S) / 2.0)), int(round((rgb.shape[-1] - S) / 2.0))
-        return rgb[..., top:top + S, left:left + S]
+        return rgb[..., top : top + S, left : left + S]
 
     def forward(self, rgb: torch.Tensor, mask: torch.Tensor | None = None):
         x = (self._resize(rgb.float()) - self.mean) / self.std
-        z = self.model(x)                                             # [B, T, C]
-        z = F.layer_norm(z.float(), z.shape[-1:])                     # parameter-free, eps 1e-5, fp32
+        z = self.model(x)  # [B, T, C]
+        z = F.layer_norm(z.float(), z.shape[-1:])  # parameter-free, eps 1e-5, fp32
         if mask is None:
             return z, None
         p = self.cfg.patch_size
@@ -195,10 +196,22 @@ HF_TO_HUB: tuple[tuple[str | tuple[str, ...], str], ...] = (
     ("embeddings.patch_embeddings.projection.bias", "patch_embed.proj.bias"),
     ("encoder.layer.{i}.norm1.weight", "blocks.{i}.norm1.weight"),
     ("encoder.layer.{i}.norm1.bias", "blocks.{i}.norm1.bias"),
-    (("encoder.layer.{i}.attention.attention.query.weight", "encoder.layer.{i}.attention.attention.key.weight",
-      "encoder.layer.{i}.attention.attention.value.weight"), "blocks.{i}.attn.qkv.weight"),
-    (("encoder.layer.{i}.attention.attention.query.bias", "encoder.layer.{i}.attention.attention.key.bias",
-      "encoder.layer.{i}.attention.attention.value.bias"), "blocks.{i}.attn.qkv.bias"),
+    (
+        (
+            "encoder.layer.{i}.attention.attention.query.weight",
+            "encoder.layer.{i}.attention.attention.key.weight",
+            "encoder.layer.{i}.attention.attention.value.weight",
+        ),
+        "blocks.{i}.attn.qkv.weight",
+    ),
+    (
+        (
+            "encoder.layer.{i}.attention.attention.query.bias",
+            "encoder.layer.{i}.attention.attention.key.bias",
+            "encoder.layer.{i}.attention.attention.value.bias",
+        ),
+        "blocks.{i}.attn.qkv.bias",
+    ),
     ("encoder.layer.{i}.attention.output.dense.weight", "blocks.{i}.attn.proj.weight"),
     ("encoder.layer.{i}.attention.output.dense.bias", "blocks.{i}.attn.proj.bias"),
     ("encoder.layer.{i}.layer_scale1.lambda1", "blocks.{i}.ls1.gamma"),
@@ -232,7 +245,7 @@ def hub_state_dict(state_dict) -> dict[str, torch.Tensor]:
     sd = {}
     for k, v in state_dict.items():
         pre = next((p for p in _HF_PREFIXES if k.startswith(p)), "")
-        k = k[len(pre):]
+        k = k[len(pre) :]
         if not k.startswith("classifier."):
             sd[k] = v
     depth = _depth(sd, "encoder.layer.{i}.norm1.weight")
@@ -243,13 +256,17 @@ def hub_state_dict(state_dict) -> dict[str, torch.Tensor]:
             names = [n.format(i=i) for n in names]
             if not all(n in sd for n in names):
                 missing = next(n for n in names if n not in sd)
-                raise ValueError(f"The DINOv2 checkpoint (Hugging Face layout) lacks {missing!r}; it is not a "
-                                 "dinov2-with-registers model — use facebook/dinov2-with-registers-large or the "
-                                 "torch-hub dinov2_vitl14_reg4 weights.")
+                raise ValueError(
+                    f"The DINOv2 checkpoint (Hugging Face layout) lacks {missing!r}; it is not a "
+                    "dinov2-with-registers model — use facebook/dinov2-with-registers-large or the "
+                    "torch-hub dinov2_vitl14_reg4 weights."
+                )
             out[hub.format(i=i)] = sd[names[0]] if len(names) == 1 else torch.cat([sd[n] for n in names], dim=0)
             used.update(names)
     extra = sorted(set(sd) - used)
     if extra:
-        raise ValueError(f"The DINOv2 checkpoint has {len(extra)} unexpected weight(s) (first: {extra[0]!r}); it is "
-                         "not a ViT with registers as Direct3D-S2 uses — use dinov2-with-registers-large.")
+        raise ValueError(
+            f"The DINOv2 checkpoint has {len(extra)} unexpected weight(s) (first: {extra[0]!r}); it is "
+            "not a ViT with registers as Direct3D-S2 uses — use dinov2-with-registers-large."
+        )
     return out

@@ -25,6 +25,7 @@ Every OSError leaves as the same exception type (same errno) with a sentence nam
 to do (`explain_os_error`): disk full, read-only file system, permission denied, a folder where the file
 should go, a name too long, a file where a folder should be.
 """
+
 from __future__ import annotations
 
 import errno
@@ -47,8 +48,10 @@ def explain_os_error(e: OSError, path: str | os.PathLike, doing: str = "write") 
     if code == errno.EEXIST:
         msg = f"{path} already exists; choose another name (meshes are never overwritten)."
     elif code in (errno.ENOSPC, getattr(errno, "EDQUOT", -1)):
-        msg = (f"Could not {doing} {path}: the disk is full (or the quota used up); free some space or choose "
-               "another folder.")
+        msg = (
+            f"Could not {doing} {path}: the disk is full (or the quota used up); free some space or choose "
+            "another folder."
+        )
     elif code == errno.EROFS:
         msg = f"Could not {doing} {path}: {path.parent} is on a read-only file system; choose another folder."
     elif code in (errno.EACCES, errno.EPERM):
@@ -58,9 +61,12 @@ def explain_os_error(e: OSError, path: str | os.PathLike, doing: str = "write") 
         msg = f"{path} is a folder, not a file; give a file name inside it (like {example})."
     elif code == errno.ENAMETOOLONG:
         n = len(os.fsencode(name))
-        msg = (f"The file name {name[:40]}... is {n} bytes long, more than the file system allows (usually "
-               f"{NAME_MAX}); use a shorter name." if n > NAME_MAX else
-               f"The path {str(path)[:60]}... is longer than the file system allows; use a shorter folder or name.")
+        msg = (
+            f"The file name {name[:40]}... is {n} bytes long, more than the file system allows (usually "
+            f"{NAME_MAX}); use a shorter name."
+            if n > NAME_MAX
+            else f"The path {str(path)[:60]}... is longer than the file system allows; use a shorter folder or name."
+        )
     elif code == errno.ENOTDIR:
         msg = f"Could not {doing} {path}: part of its folder path is a file, not a folder; choose another folder."
     elif code == errno.ENOENT:

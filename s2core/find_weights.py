@@ -6,14 +6,23 @@ never imports ComfyUI), then the Hugging Face cache / a resumable download (skip
 or `HF_HUB_OFFLINE=1`). A missing file is named with its size and where to put it. Nothing here touches the
 network at import time; reading the files is `s2core.checkpoints`.
 """
+
 from __future__ import annotations
 
 import logging
 import os
 from pathlib import Path
 
-from .release import (DINOV2_HF_FILE, DINOV2_HF_FOLDER, DINOV2_HF_REPO, DINOV2_HUB_FILE, OFFICIAL_REPO, STAGE_FILES,
-                      VARIANT_FOLDERS, approx_file_size)
+from .release import (
+    DINOV2_HF_FILE,
+    DINOV2_HF_FOLDER,
+    DINOV2_HF_REPO,
+    DINOV2_HUB_FILE,
+    OFFICIAL_REPO,
+    STAGE_FILES,
+    VARIANT_FOLDERS,
+    approx_file_size,
+)
 
 log = logging.getLogger(__name__)
 
@@ -42,20 +51,29 @@ def missing_files_message(stems: list[str], variant: str, folder: Path | None, r
     sub = VARIANT_FOLDERS[variant]
     for s in stems:
         if s == "dinov2":
-            lines.append(f"  {DINOV2_HUB_FILE} (about 1.22 GB; torch-hub DINOv2 ViT-L/14 reg4) — or "
-                         f"{DINOV2_HF_FILE} of https://huggingface.co/{DINOV2_HF_REPO} renamed to "
-                         f"dinov2_with_registers_large.safetensors")
+            lines.append(
+                f"  {DINOV2_HUB_FILE} (about 1.22 GB; torch-hub DINOv2 ViT-L/14 reg4) — or "
+                f"{DINOV2_HF_FILE} of https://huggingface.co/{DINOV2_HF_REPO} renamed to "
+                f"dinov2_with_registers_large.safetensors"
+            )
             continue
         h, f = approx_file_size(s, variant)
-        lines.append(f"  {s}.ckpt ({_gb(h)} if stored in fp16, {_gb(f)} in fp32) from "
-                     f"https://huggingface.co/{OFFICIAL_REPO}/tree/main/{sub}")
+        lines.append(
+            f"  {s}.ckpt ({_gb(h)} if stored in fp16, {_gb(f)} in fp32) from "
+            f"https://huggingface.co/{OFFICIAL_REPO}/tree/main/{sub}"
+        )
     return "\n".join(lines)
 
 
-def resolve_weights(variant: str = "v1.1", stages: tuple[str, ...] = ("dense", "sparse_512", "sparse_1024"),
-                    local_dir: str | Path | None = None, models_dir: str | Path | None = None,
-                    allow_download: bool = True, with_dinov2: bool = True,
-                    tqdm_class=None) -> dict[str, Path]:
+def resolve_weights(
+    variant: str = "v1.1",
+    stages: tuple[str, ...] = ("dense", "sparse_512", "sparse_1024"),
+    local_dir: str | Path | None = None,
+    models_dir: str | Path | None = None,
+    allow_download: bool = True,
+    with_dinov2: bool = True,
+    tqdm_class=None,
+) -> dict[str, Path]:
     """Paths of every file the stages need: `{"model_dense": Path, ..., "dinov2": Path}`.
 
     `local_dir` wins; then `models_dir/<variant>/` and `models_dir/` (ComfyUI's models/direct3d_s2);
@@ -73,8 +91,10 @@ def resolve_weights(variant: str = "v1.1", stages: tuple[str, ...] = ("dense", "
     if local_dir is not None:
         local_dir = Path(local_dir)
         if not local_dir.is_dir():
-            raise FileNotFoundError(f"The weights folder `{local_dir}` does not exist; create it and put the "
-                                    f"Direct3D-S2 files there, or choose another folder.")
+            raise FileNotFoundError(
+                f"The weights folder `{local_dir}` does not exist; create it and put the "
+                f"Direct3D-S2 files there, or choose another folder."
+            )
         folders += [local_dir, local_dir / variant]
     if models_dir is not None:
         m = Path(models_dir)
@@ -99,14 +119,23 @@ def resolve_weights(variant: str = "v1.1", stages: tuple[str, ...] = ("dense", "
     if allow_download and not offline and root is not None:  # a folder problem is worth saying with or without network
         _make_writable_folder(root)
     unreachable = allow_download and not offline and not hub_reachable()
-    found.update(_from_hub(missing, variant, root, local_only=offline or not allow_download or unreachable,
-                           tqdm_class=tqdm_class))
+    found.update(
+        _from_hub(
+            missing, variant, root, local_only=offline or not allow_download or unreachable, tqdm_class=tqdm_class
+        )
+    )
     target = root / variant if root is not None else local_dir
     still = [s for s in missing if s not in found]
     if still:
-        reason = ("downloading is off (HF_HUB_OFFLINE=1)" if offline else
-                  "downloading was not allowed" if not allow_download else
-                  "the Hugging Face Hub cannot be reached (no network?)" if unreachable else "the download failed")
+        reason = (
+            "downloading is off (HF_HUB_OFFLINE=1)"
+            if offline
+            else "downloading was not allowed"
+            if not allow_download
+            else "the Hugging Face Hub cannot be reached (no network?)"
+            if unreachable
+            else "the download failed"
+        )
         raise FileNotFoundError(missing_files_message(still, variant, target, reason))
     return found
 
@@ -115,11 +144,14 @@ def _make_writable_folder(target: Path) -> None:
     try:
         target.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise PermissionError(f"Cannot create the weights folder `{target}` ({e.strerror}); make it "
-                              f"writable or choose another models folder.") from None
+        raise PermissionError(
+            f"Cannot create the weights folder `{target}` ({e.strerror}); make it "
+            f"writable or choose another models folder."
+        ) from None
     if not os.access(target, os.W_OK):
-        raise PermissionError(f"The weights folder `{target}` is read-only; make it writable or choose "
-                              f"another models folder.")
+        raise PermissionError(
+            f"The weights folder `{target}` is read-only; make it writable or choose another models folder."
+        )
 
 
 def hub_reachable(timeout: float = 5.0) -> bool:

@@ -9,6 +9,7 @@ The sampler knows nothing about the model: it calls `model(x, t, cond)` with `x`
 (dense `[B, 8, 16, 16, 16]` or sparse feats `[N, 16]`), `t` a `[1]` tensor in the latent dtype, and
 whatever `cond` / `uncond` objects it was given.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,6 +27,7 @@ def _shift(u, shift: float):
 class FlowSchedule:
     """`timesteps [n]` fp32 (= 1000·σ, fed to the model after rounding to the latent dtype) and
     `sigmas [n+1]` fp32 (the last one is 0)."""
+
     timesteps: torch.Tensor
     sigmas: torch.Tensor
 
@@ -52,8 +54,12 @@ def flow_schedule(num_steps: int, shift: float, num_train_timesteps: int = 1000)
     return FlowSchedule(timesteps, torch.cat([sigmas, torch.zeros(1)]))
 
 
-def make_noise(shape: tuple[int, ...], generator: torch.Generator | None, dtype: torch.dtype = torch.float16,
-               device: torch.device | str = "cpu") -> torch.Tensor:
+def make_noise(
+    shape: tuple[int, ...],
+    generator: torch.Generator | None,
+    dtype: torch.dtype = torch.float16,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
     """Initial latent noise drawn as the original draws it: `randn(shape, dtype, device, generator)` directly in
     the latent dtype on the device (so the same generator state gives the same noise as the original)."""
     return torch.randn(shape, dtype=dtype, device=device, generator=generator)
@@ -64,10 +70,20 @@ def seeded_generator(seed: int, device: torch.device | str = "cpu") -> torch.Gen
     return torch.Generator(device=device).manual_seed(int(seed))
 
 
-def sample_flow(model: Callable, noise: torch.Tensor, cond, uncond=None, *, num_steps: int, shift: float,
-                guidance: float = 7.0, num_train_timesteps: int = 1000,
-                callback: Callable[[int, int], None] | None = None,
-                check_cancel: Callable[[], None] | None = None, batch_cfg: bool = False) -> torch.Tensor:
+def sample_flow(
+    model: Callable,
+    noise: torch.Tensor,
+    cond,
+    uncond=None,
+    *,
+    num_steps: int,
+    shift: float,
+    guidance: float = 7.0,
+    num_train_timesteps: int = 1000,
+    callback: Callable[[int, int], None] | None = None,
+    check_cancel: Callable[[], None] | None = None,
+    batch_cfg: bool = False,
+) -> torch.Tensor:
     """Integrate the flow from `noise` (σ = 1) to a clean latent (σ = 0) with Euler steps.
 
     model(x, t, cond) → velocity shaped like `x`; `noise` is the initial latent in the latent dtype (fp16 in
@@ -86,7 +102,7 @@ def sample_flow(model: Callable, noise: torch.Tensor, cond, uncond=None, *, num_
     for i in range(num_steps):
         if check_cancel is not None:
             check_cancel()
-        t = sched.timesteps[i:i + 1].to(x.dtype)  # the original feeds tensor([t], dtype=latent dtype): fp16-rounded
+        t = sched.timesteps[i : i + 1].to(x.dtype)  # the original feeds tensor([t], dtype=latent dtype): fp16-rounded
         if do_cfg and batch_cfg:
             v, v_u = model(torch.cat([x, x]), t, torch.cat([cond, uncond])).chunk(2)
         else:

@@ -4,6 +4,7 @@ Every loop polls `should_stop()` (return True, or raise your own exception, to c
 its interruption) and reports `callback(step, total)` after each step. Out-of-memory inside a stage becomes a
 RuntimeError naming what to lower.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,4 +44,6 @@ def stage_guard(stage: str, lower: str) -> Iterator[None]:
     except Exception as e:
         if not _is_oom(e):
             raise
-        raise RuntimeError(f"Out of GPU memory during {stage}; {lower}, or close other programs using the GPU.") from None
+        raise RuntimeError(
+            f"Out of GPU memory during {stage}; {lower}, or close other programs using the GPU."
+        ) from None

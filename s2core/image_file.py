@@ -17,6 +17,7 @@ Modes. 16-bit grey (`I;16*`, and 32-bit `I`, which older Pillow gives for 16-bit
 0..1 and must be finite; palette, bilevel, CMYK, YCbCr and grey(+alpha) convert through PIL; EXIF
 rotation is applied, as ComfyUI's LoadImage does.
 """
+
 from __future__ import annotations
 
 import logging
@@ -57,16 +58,20 @@ def _open(path: Path, what: str, max_pixels: int) -> Image.Image:
     except UnidentifiedImageError:
         raise ValueError(f"The {what} {path} is not an image file PIL can read; use a PNG or JPEG.") from None
     except Image.DecompressionBombError:
-        raise ValueError(f"The {what} {path} has more than {max_pixels:,} pixels, the most this reader decodes; "
-                         f"downscale it (to at most {MAX_SIDE} px on the longest side) first.") from None
+        raise ValueError(
+            f"The {what} {path} has more than {max_pixels:,} pixels, the most this reader decodes; "
+            f"downscale it (to at most {MAX_SIDE} px on the longest side) first."
+        ) from None
     except OSError as e:
         raise explain_os_error(e, path, "read") from None
     w, h = im.size
     if w * h > max_pixels:
         im.close()
-        raise ValueError(f"The {what} {path} is {w}x{h} pixels ({w * h / 1e6:.0f} million), more than the "
-                         f"{max_pixels / 1e6:.0f} million this reader decodes; downscale it (to at most {MAX_SIDE} "
-                         "px on the longest side) first.")
+        raise ValueError(
+            f"The {what} {path} is {w}x{h} pixels ({w * h / 1e6:.0f} million), more than the "
+            f"{max_pixels / 1e6:.0f} million this reader decodes; downscale it (to at most {MAX_SIDE} "
+            "px on the longest side) first."
+        )
     return im
 
 
@@ -84,8 +89,9 @@ def _decode(im: Image.Image, path: Path, what: str, max_side: int) -> bool:
         if isinstance(e, OSError) and e.errno is not None:  # a real I/O error, not a decoding one
             raise explain_os_error(e, path, "read") from None
         reason = str(e).strip().rstrip(".") or type(e).__name__
-        raise ValueError(f"The {what} {path} is damaged or incomplete (PIL: {reason}); export or download it "
-                         "again.") from None
+        raise ValueError(
+            f"The {what} {path} is damaged or incomplete (PIL: {reason}); export or download it again."
+        ) from None
 
 
 def _to_8bit_grey(im: Image.Image, what: str, target: tuple[int, int]) -> Image.Image:
@@ -102,8 +108,9 @@ def _to_8bit_grey(im: Image.Image, what: str, target: tuple[int, int]) -> Image.
     return Image.fromarray(((np.clip(a, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8))  # 65535 → 255
 
 
-def convert_pil(im: Image.Image, as_mask: bool = False, what: str = "image",
-                target: tuple[int, int] | None = None) -> Image.Image:
+def convert_pil(
+    im: Image.Image, as_mask: bool = False, what: str = "image", target: tuple[int, int] | None = None
+) -> Image.Image:
     """Any PIL mode → 'L' (mask), 'RGBA' (image with alpha or a transparent colour) or 'RGB', with 16-bit
     and float grey scaled (module docstring); resized to `target` (W, H) if given. `what` names the input
     in messages."""
@@ -119,15 +126,18 @@ def convert_pil(im: Image.Image, as_mask: bool = False, what: str = "image",
         try:
             im = im.convert(mode)
         except ValueError:
-            raise ValueError(f"The {what} uses the colour mode {im.mode}, which cannot be converted to {mode}; "
-                             "save it as an RGB(A) PNG.") from None
+            raise ValueError(
+                f"The {what} uses the colour mode {im.mode}, which cannot be converted to {mode}; "
+                "save it as an RGB(A) PNG."
+            ) from None
     if im.size != target:  # palette and bilevel images: resized after the conversion
         im = im.resize(target, Image.BILINEAR, reducing_gap=3.0)
     return im
 
 
-def read_image_file(path: str | os.PathLike, *, as_mask: bool = False, max_side: int = MAX_SIDE,
-                    max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, tuple[int, int]]:
+def read_image_file(
+    path: str | os.PathLike, *, as_mask: bool = False, max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS
+) -> tuple[np.ndarray, tuple[int, int]]:
     """One image or mask file → (uint8 array, the file's size (W, H)); see the module docstring.
 
     Image: `[h, w, 3]`, or `[h, w, 4]` when the file has alpha or a transparent colour. Mask: `[h, w]`,
@@ -145,14 +155,21 @@ def read_image_file(path: str | os.PathLike, *, as_mask: bool = False, max_side:
         return np.array(convert_pil(im, as_mask, f"{what} {path}", target)), size  # np.array: writable
 
 
-def read_image_and_mask(image_path: str | os.PathLike, mask_path: str | os.PathLike | None = None, *,
-                        max_side: int = MAX_SIDE, max_pixels: int = MAX_PIXELS) -> tuple[np.ndarray, np.ndarray | None]:
+def read_image_and_mask(
+    image_path: str | os.PathLike,
+    mask_path: str | os.PathLike | None = None,
+    *,
+    max_side: int = MAX_SIDE,
+    max_pixels: int = MAX_PIXELS,
+) -> tuple[np.ndarray, np.ndarray | None]:
     """The image `[h, w, 3|4]` uint8 and the mask `[h, w]` uint8 (or None), checked to be the same size."""
     image, size = read_image_file(image_path, max_side=max_side, max_pixels=max_pixels)
     if mask_path is None:
         return image, None
     mask, mask_size = read_image_file(mask_path, as_mask=True, max_side=max_side, max_pixels=max_pixels)
     if mask_size != size:
-        raise ValueError(f"The mask {mask_path} is {mask_size[0]}x{mask_size[1]} but the image {image_path} is "
-                         f"{size[0]}x{size[1]}; give a mask of the same size.")
+        raise ValueError(
+            f"The mask {mask_path} is {mask_size[0]}x{mask_size[1]} but the image {image_path} is "
+            f"{size[0]}x{size[1]}; give a mask of the same size."
+        )
     return image, mask

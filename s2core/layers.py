@@ -11,6 +11,7 @@
 
 Letters: `N` rows (tokens / voxels), `C` channels, `G` groups, `B` samples.
 """
+
 from __future__ import annotations
 
 import torch
@@ -53,11 +54,18 @@ class ChannelLayerNorm32(LayerNorm32):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = super().forward(x.permute(0, 2, 3, 4, 1).contiguous())  # [B, D, H, W, C]
-        return h.permute(0, 4, 1, 2, 3).contiguous()                 # [B, C, D, H, W]
+        return h.permute(0, 4, 1, 2, 3).contiguous()  # [B, C, D, H, W]
 
 
-def group_norm_per_sample(x: torch.Tensor, batch: torch.Tensor, batch_size: int, num_groups: int,
-                          weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float = 1e-5) -> torch.Tensor:
+def group_norm_per_sample(
+    x: torch.Tensor,
+    batch: torch.Tensor,
+    batch_size: int,
+    num_groups: int,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
     """GroupNorm of each sample's `[C, N_b]` slab: `x [N, C]`, `batch [N]` int64 sample of each row → `[N, C]`
     in x's dtype, without a Python loop over samples.
 
@@ -72,7 +80,8 @@ def group_norm_per_sample(x: torch.Tensor, batch: torch.Tensor, batch_size: int,
     mean = (sums / count).float()  # [B, G]
     dev = f - mean[batch][:, :, None]
     sq = f.new_zeros(batch_size, num_groups, dtype=torch.float64).index_add_(
-        0, batch, dev.square().sum(2, dtype=torch.float64))
+        0, batch, dev.square().sum(2, dtype=torch.float64)
+    )
     rstd = torch.rsqrt((sq / count).float() + eps)
     y = (dev * rstd[batch][:, :, None]).reshape(n, c)
     if weight is not None:

@@ -4,6 +4,7 @@
 every stage of `s2core.pipeline` runs inside `models.placement.use([...])`, which moves its networks to the
 device (and back, with offload). ComfyUI swaps `Placement` for its own (nodes/_comfy.py).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -14,8 +15,16 @@ from pathlib import Path
 import torch
 
 from . import checkpoints, checks, find_weights, release
-from .config import (MC_THRESHOLD, SPARSE_512_STEPS, SPARSE_1024_STEPS, ReleaseConfig, SchedulerConfig, official_v1_0,
-                     official_v1_1, tiny_release)
+from .config import (
+    MC_THRESHOLD,
+    SPARSE_512_STEPS,
+    SPARSE_1024_STEPS,
+    ReleaseConfig,
+    SchedulerConfig,
+    official_v1_0,
+    official_v1_1,
+    tiny_release,
+)
 from .dense_dit import DenseDiT
 from .dense_vae import DenseVAE
 from .dinov2 import ImageConditioner
@@ -33,6 +42,7 @@ TINY_DENSE_OUT_BIAS = -3.5  # tiny dense decoder output bias (see tiny_state_dic
 @dataclass(frozen=True)
 class Part:
     """One network of a release: how to build it and where its weights are."""
+
     build: Callable[..., torch.nn.Module]  # called as build(config, **kwargs)
     config: Callable[[ReleaseConfig], object]  # its config inside the release's
     stem: str | None  # release file (release.FILE_PARTS), None for DINOv2 (not in the release)
@@ -56,6 +66,7 @@ PARTS: dict[str, Part] = {  # the names are the `Models` attributes
 @dataclass(frozen=True)
 class SparseStage:
     """What differs between the 512 and the 1024 stage (SPEC.md §3.2); `sparse_stage(resolution)` picks one."""
+
     name: str  # as `load_models(stages=...)` takes it
     resolution: int  # official SDF resolution of its decode
     dit: str  # its networks (keys of PARTS)
@@ -67,10 +78,28 @@ class SparseStage:
     decoding: str  # its decode in messages and in ACTIVATION_BYTES
 
 
-SPARSE_512 = SparseStage("sparse_512", 512, "sparse_dit_512", "sparse_vae_512", "refiner_512",
-                         lambda c: c.sparse_scheduler_512, SPARSE_512_STEPS, 2.0, "sparse 512 decoding")
-SPARSE_1024 = SparseStage("sparse_1024", 1024, "sparse_dit_1024", "sparse_vae_1024", "refiner_1024",
-                          lambda c: c.sparse_scheduler_1024, SPARSE_1024_STEPS, 1.0, "sparse 1024 decoding")
+SPARSE_512 = SparseStage(
+    "sparse_512",
+    512,
+    "sparse_dit_512",
+    "sparse_vae_512",
+    "refiner_512",
+    lambda c: c.sparse_scheduler_512,
+    SPARSE_512_STEPS,
+    2.0,
+    "sparse 512 decoding",
+)
+SPARSE_1024 = SparseStage(
+    "sparse_1024",
+    1024,
+    "sparse_dit_1024",
+    "sparse_vae_1024",
+    "refiner_1024",
+    lambda c: c.sparse_scheduler_1024,
+    SPARSE_1024_STEPS,
+    1.0,
+    "sparse 1024 decoding",
+)
 STAGE_PARTS: dict[str, tuple[str, ...]] = {
     "dense": ("image_encoder", "dense_vae", "dense_dit"),
     **{s.name: ("image_encoder", s.vae, s.dit, s.refiner) for s in (SPARSE_512, SPARSE_1024)},
@@ -151,8 +180,9 @@ class Placement:
     load_models_gpu (nodes/_comfy.py).
     """
 
-    def __init__(self, device: torch.device | str = "cpu", offload: bool | None = None,
-                 max_vram_gb: float | None = None):
+    def __init__(
+        self, device: torch.device | str = "cpu", offload: bool | None = None, max_vram_gb: float | None = None
+    ):
         self.device = checks.device(device, present=False)  # load_models checks the device exists
         on_cpu = self.device.type == "cpu"
         if max_vram_gb is not None:
@@ -208,6 +238,7 @@ class Models:
     `dtype` is the compute dtype of the DiTs and VAEs (fp16 = the release; fp32 for the tiny model and CPU).
     `placement.use([modules])` is entered around every stage and yields the device to run on.
     """
+
     config: ReleaseConfig
     variant: str
     dtype: torch.dtype
@@ -247,11 +278,15 @@ def _load_weights(name: str, module: torch.nn.Module, state_dict: dict) -> None:
             module.load_state_dict(state_dict, strict=True)
     except RuntimeError as e:
         lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
-        raise ValueError(f"The weights for `{name}` do not fit this network ({(lines[1] if len(lines) > 1 else lines[0])[:200]}); "
-                         f"they are not the Direct3D-S2 weights of this variant — choose the matching files.") from None
+        raise ValueError(
+            f"The weights for `{name}` do not fit this network ({(lines[1] if len(lines) > 1 else lines[0])[:200]}); "
+            f"they are not the Direct3D-S2 weights of this variant — choose the matching files."
+        ) from None
 
 
-def tiny_state_dicts(config: ReleaseConfig, parts: tuple[str, ...], seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+def tiny_state_dicts(
+    config: ReleaseConfig, parts: tuple[str, ...], seed: int = 0
+) -> dict[str, dict[str, torch.Tensor]]:
     """Deterministic random weights for `tiny-random` (values depend only on seed, part, name and shape)."""
     out = {}
     for i, name in enumerate(PARTS):
@@ -269,16 +304,30 @@ def tiny_state_dicts(config: ReleaseConfig, parts: tuple[str, ...], seed: int = 
             flat_sdf_head(out[name])
     for name, sign in (("refiner_512", False), ("refiner_1024", True)):
         if name in out:
-            pass_through_refiner(out[name], TINY_REFINER_CHANNELS[0], sign, MC_THRESHOLD,
-                                 MC_THRESHOLD if sign else 2 * MC_THRESHOLD)
+            pass_through_refiner(
+                out[name], TINY_REFINER_CHANNELS[0], sign, MC_THRESHOLD, MC_THRESHOLD if sign else 2 * MC_THRESHOLD
+            )
     return out
 
 
-def _release_state_dicts(variant: str, parts: tuple[str, ...], stages: tuple[str, ...], weights_dir, models_dir,
-                         allow_download: bool, progress) -> dict[str, dict[str, torch.Tensor]]:
-    paths = find_weights.resolve_weights(variant, stages=stages, local_dir=weights_dir, models_dir=models_dir,
-                                         allow_download=allow_download, with_dinov2="image_encoder" in parts,
-                                         tqdm_class=progress)
+def _release_state_dicts(
+    variant: str,
+    parts: tuple[str, ...],
+    stages: tuple[str, ...],
+    weights_dir,
+    models_dir,
+    allow_download: bool,
+    progress,
+) -> dict[str, dict[str, torch.Tensor]]:
+    paths = find_weights.resolve_weights(
+        variant,
+        stages=stages,
+        local_dir=weights_dir,
+        models_dir=models_dir,
+        allow_download=allow_download,
+        with_dinov2="image_encoder" in parts,
+        tqdm_class=progress,
+    )
     out = {}
     for name in parts:
         p = PARTS[name]
@@ -289,11 +338,19 @@ def _release_state_dicts(variant: str, parts: tuple[str, ...], stages: tuple[str
     return out
 
 
-def load_models(variant: str = "v1.1", stages: tuple[str, ...] = STAGES, device: torch.device | str = "cpu",
-                dtype: torch.dtype | None = None, state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
-                weights_dir: str | Path | None = None, models_dir: str | Path | None = None,
-                allow_download: bool = True, progress=None, placement: Placement | None = None,
-                seed: int = 0) -> Models:
+def load_models(
+    variant: str = "v1.1",
+    stages: tuple[str, ...] = STAGES,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype | None = None,
+    state_dicts: dict[str, dict[str, torch.Tensor]] | None = None,
+    weights_dir: str | Path | None = None,
+    models_dir: str | Path | None = None,
+    allow_download: bool = True,
+    progress=None,
+    placement: Placement | None = None,
+    seed: int = 0,
+) -> Models:
     """Build our networks for `stages` and load their weights with strict=True.
 
     Weights come from `state_dicts` (`{part: state_dict}`), or for `tiny-random` from `seed` (no file; its
@@ -316,8 +373,9 @@ def load_models(variant: str = "v1.1", stages: tuple[str, ...] = STAGES, device:
         else:
             # files first: missing, corrupt or wrong-variant files are reported in seconds, before ~10 GB of
             # networks exist (.ckpt files are memory-mapped, so holding their state dicts costs little)
-            state_dicts = _release_state_dicts(variant, parts, stages, weights_dir, models_dir, allow_download,
-                                               progress)
+            state_dicts = _release_state_dicts(
+                variant, parts, stages, weights_dir, models_dir, allow_download, progress
+            )
     modules = {name: build_part(name, config, dtype) for name in parts}
     models = Models(config, variant, dtype, placement or Placement(device))
     for name, module in modules.items():

@@ -5,6 +5,7 @@ from the original code's freshly built modules). `s2core/data/manifests.json` is
 them by `tools/make_manifests.py`; the pack needs it at run time to explain a wrong checkpoint before any model
 is built, and `tests/test_manifests.py` checks that it equals the TSVs.
 """
+
 from __future__ import annotations
 
 import ast

@@ -17,6 +17,7 @@ The image encoder (DINOv2 ViT-L/14 + 4 registers) is not in the release: we take
 
 `s2core.find_weights` finds or downloads these files; `s2core.checkpoints` reads and checks them.
 """
+
 from __future__ import annotations
 
 from .manifest import TensorSpec, manifest

@@ -11,6 +11,7 @@ Batches are packed (ragged) like pytorch3d's `Meshes`: rows of item b are contig
 Example, B=2 with 3 and 2 tokens: `coords` rows 0-2 are (0, x, y, z), rows 3-4 are (1, x, y, z),
 `cu_seqlens = [0, 3, 5]`, `counts = (3, 2)`, `max_seqlen = 3`.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
@@ -32,6 +33,7 @@ class Conditioning:
 
     The unconditional branch is `zeros_like(tokens)` (built by the samplers, not stored).
     """
+
     tokens: torch.Tensor
     patch_mask: torch.Tensor
 
@@ -46,6 +48,7 @@ class Conditioning:
 @dataclass(frozen=True)
 class DenseLatent:
     """Coarse-stage latent: `latents [B, 8, 16, 16, 16]` (model dtype) after `steps` Euler steps from `seed`."""
+
     latents: torch.Tensor
     seed: int
 
@@ -74,6 +77,7 @@ class Structure:
     | `block_cu`   | [K+1] int32        | token rows of the k-th occupied block (all items, in row order) are block_cu[k]:block_cu[k+1] |
     | `cache`      | dict               | memo shared by every SparseTensor made from it (kernel maps, windows, SSA block ranges): computed on the first step, reused by all later steps |
     """
+
     coords: torch.Tensor
     resolution: int
     grid: int
@@ -97,8 +101,13 @@ class Structure:
         device = torch.device(device)
         if self.coords.device == device:
             return self
-        return replace(self, coords=self.coords.to(device), cu_seqlens=self.cu_seqlens.to(device),
-                       block_cu=self.block_cu.to(device), cache={})
+        return replace(
+            self,
+            coords=self.coords.to(device),
+            cu_seqlens=self.cu_seqlens.to(device),
+            block_cu=self.block_cu.to(device),
+            cache={},
+        )
 
     def sparse(self, feats: torch.Tensor):
         """A SparseTensor of `feats [N, C]` on these coords, sharing this structure's cache."""
@@ -108,6 +117,7 @@ class Structure:
 @dataclass(frozen=True)
 class SparseLatent:
     """Sparse-stage latent: `feats [N, 16]` (model dtype), one row per `structure.coords` row."""
+
     feats: torch.Tensor
     structure: Structure
     seed: int
@@ -134,6 +144,7 @@ class Mesh:
     | `info`          | dict            | provenance written into saved files: variant, seed, resolution   |
     | `vertex_colors` | [V, 3] float32 or None | RGB in [0, 1] per vertex (`s2core.colour`); saved as glTF COLOR_0 / PLY colours |
     """
+
     vertices: torch.Tensor
     faces: torch.Tensor
     vertex_counts: tuple[int, ...]
@@ -143,8 +154,13 @@ class Mesh:
     vertex_colors: torch.Tensor | None = field(default=None, compare=False)
 
     @classmethod
-    def from_list(cls, items: list[tuple[torch.Tensor, torch.Tensor]], resolution: int = 0,
-                  info: dict | None = None, colors: list[torch.Tensor] | None = None) -> "Mesh":
+    def from_list(
+        cls,
+        items: list[tuple[torch.Tensor, torch.Tensor]],
+        resolution: int = 0,
+        info: dict | None = None,
+        colors: list[torch.Tensor] | None = None,
+    ) -> "Mesh":
         """Pack (vertices, faces) items; `colors` (one [V_i, 3] per item) become `vertex_colors`."""
         v = [torch.as_tensor(a).to(torch.float32).reshape(-1, 3) for a, _ in items]
         f = [torch.as_tensor(b).to(torch.int64).reshape(-1, 3) for _, b in items]
@@ -154,8 +170,15 @@ class Mesh:
             if len(c) != len(v) or any(x.shape != a.shape for x, a in zip(c, v)):
                 raise ValueError("vertex colours must give one RGB row per vertex of every mesh item.")
             c = torch.cat(c) if c else torch.zeros(0, 3)
-        return cls(torch.cat(v) if v else torch.zeros(0, 3), torch.cat(f) if f else torch.zeros(0, 3, dtype=torch.int64),
-                   tuple(x.shape[0] for x in v), tuple(x.shape[0] for x in f), resolution, dict(info or {}), c)
+        return cls(
+            torch.cat(v) if v else torch.zeros(0, 3),
+            torch.cat(f) if f else torch.zeros(0, 3, dtype=torch.int64),
+            tuple(x.shape[0] for x in v),
+            tuple(x.shape[0] for x in f),
+            resolution,
+            dict(info or {}),
+            c,
+        )
 
     @property
     def batch_size(self) -> int:
@@ -164,7 +187,7 @@ class Mesh:
     def item(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(vertices [V_i, 3], faces [F_i, 3]) of item i."""
         va, fa = sum(self.vertex_counts[:i]), sum(self.face_counts[:i])
-        return (self.vertices[va:va + self.vertex_counts[i]], self.faces[fa:fa + self.face_counts[i]])
+        return (self.vertices[va : va + self.vertex_counts[i]], self.faces[fa : fa + self.face_counts[i]])
 
     def items(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
         return [self.item(i) for i in range(self.batch_size)]
@@ -174,15 +197,16 @@ class Mesh:
         if self.vertex_colors is None:
             return None
         va = sum(self.vertex_counts[:i])
-        return self.vertex_colors[va:va + self.vertex_counts[i]]
+        return self.vertex_colors[va : va + self.vertex_counts[i]]
 
     def to(self, device) -> "Mesh":
         c = self.vertex_colors.to(device) if self.vertex_colors is not None else None
         return replace(self, vertices=self.vertices.to(device), faces=self.faces.to(device), vertex_colors=c)
 
 
-def make_structure(coords: torch.Tensor, resolution: int, grid: int, block_size: int = 8,
-                   sort: bool = True) -> Structure:
+def make_structure(
+    coords: torch.Tensor, resolution: int, grid: int, block_size: int = 8, sort: bool = True
+) -> Structure:
     """Build a Structure for stage `resolution` (512|1024) from `coords [N, 4]` (batch, x, y, z) on a `grid`³ grid.
 
     With `sort`, rows are ordered by batch item, then block-sorted inside each item
@@ -206,5 +230,14 @@ def make_structure(coords: torch.Tensor, resolution: int, grid: int, block_size:
     block_cu = torch.cat([first, first.new_tensor([len(c)])]).to(torch.int32)
     nblk = torch.bincount(key[first, 0], minlength=bsz)
     counts = tuple(int(n) for n in counts_t.tolist())
-    return Structure(coords.contiguous(), resolution, grid, block_size, cu, counts,
-                     max(counts, default=0), tuple(int(n) for n in nblk.tolist()), block_cu)
+    return Structure(
+        coords.contiguous(),
+        resolution,
+        grid,
+        block_size,
+        cu,
+        counts,
+        max(counts, default=0),
+        tuple(int(n) for n in nblk.tolist()),
+        block_cu,
+    )

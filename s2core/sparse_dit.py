@@ -14,6 +14,7 @@ compression GroupNorms and `intra_block_pe` stay fp32; norms compute in fp32 and
 Parameter names are the checkpoint's (`blocks.i.self_attn.*`, `blocks.i.cross_attn.to_kv`, `mlp.mlp.0`,
 `adaLN_modulation.1`, ...), so official state dicts load with strict=True.
 """
+
 from __future__ import annotations
 
 import torch
@@ -27,7 +28,6 @@ from .layers import FeedForward, LayerNorm32, absolute_position_embedding, cast_
 from .sparse import SparseTensor
 from .sparse.attention import sparse_cross_attention, varlen_attention
 from .ssa import SparseConv, SpatialSparseAttention, SSAPlan
-
 
 
 class SparseCrossAttention(nn.Module):
@@ -48,8 +48,9 @@ class SparseCrossAttention(nn.Module):
             max_k = context.cache.get("max_len")
             if max_k is None:  # one host sync per condition set, memoised on it
                 max_k = context.cache["max_len"] = int((context.offsets[1:] - context.offsets[:-1]).max())
-            h = varlen_attention(q, kv[:, 0], kv[:, 1], offsets.to(torch.int32), context.offsets.to(torch.int32),
-                                 max_q, max_k)
+            h = varlen_attention(
+                q, kv[:, 0], kv[:, 1], offsets.to(torch.int32), context.offsets.to(torch.int32), max_q, max_k
+            )
         else:  # dense condition [B, L, Cc]
             b, l = context.shape[:2]
             k, v = self.to_kv(context).view(b, l, 2, self.num_heads, -1).unbind(2)  # [B, L, H, D]
@@ -68,16 +69,32 @@ class SparseDiTBlock(nn.Module):
         self.norm2 = LayerNorm32(C, elementwise_affine=True, eps=1e-6)
         self.norm3 = LayerNorm32(C, elementwise_affine=False, eps=1e-6)
         self.self_attn = SpatialSparseAttention(
-            C, cfg.num_heads, cfg.num_kv_heads, cfg.compression_block_size, cfg.selection_block_size, cfg.topk,
-            cfg.window_size, shift, cfg.compression_version)
+            C,
+            cfg.num_heads,
+            cfg.num_kv_heads,
+            cfg.compression_block_size,
+            cfg.selection_block_size,
+            cfg.topk,
+            cfg.window_size,
+            shift,
+            cfg.compression_version,
+        )
         self.cross_attn = SparseCrossAttention(C, cfg.cond_channels, cfg.num_heads)
         self.mlp = FeedForward(C, cfg.mlp_ratio)
         if not cfg.share_mod:
             self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(C, 6 * C))
         self.share_mod = cfg.share_mod
 
-    def forward(self, x: torch.Tensor, mod: torch.Tensor, per_token, context, plan: SSAPlan,
-                offsets: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        mod: torch.Tensor,
+        per_token,
+        context,
+        plan: SSAPlan,
+        offsets: torch.Tensor,
+        backend: str = "auto",
+    ) -> torch.Tensor:
         # x [N, C]; mod [B, C] (or [B, 6C] when shared); per_token: [N] sample of each token, or None when B == 1
         if not self.share_mod:
             mod = self.adaLN_modulation(mod)
@@ -86,10 +103,23 @@ class SparseDiTBlock(nn.Module):
         # pass over [N, C] on CUDA:
         #   h = norm1(x)·(1 + sc1) + sh1;  x += attn(h)·g1;  h = norm2(x);  x += cross(h);  h = norm3(x)·(1 + sc2) + sh2
         _, h = _ln.add_layer_norm(x, scale=1 + sc1, shift=sh1, row_batch=per_token, eps=self.norm1.eps)
-        x, h = _ln.add_layer_norm(x, self.self_attn(h, plan, backend), g1, self.norm2.weight, self.norm2.bias,
-                                  row_batch=per_token, eps=self.norm2.eps)
-        x, h = _ln.add_layer_norm(x, self.cross_attn(h, offsets, plan.max_seqlen, context), scale=1 + sc2,
-                                  shift=sh2, row_batch=per_token, eps=self.norm3.eps)
+        x, h = _ln.add_layer_norm(
+            x,
+            self.self_attn(h, plan, backend),
+            g1,
+            self.norm2.weight,
+            self.norm2.bias,
+            row_batch=per_token,
+            eps=self.norm2.eps,
+        )
+        x, h = _ln.add_layer_norm(
+            x,
+            self.cross_attn(h, offsets, plan.max_seqlen, context),
+            scale=1 + sc2,
+            shift=sh2,
+            row_batch=per_token,
+            eps=self.norm3.eps,
+        )
         return x + self.mlp(h) * (g2 if per_token is None else g2[per_token])
 
 

@@ -13,6 +13,7 @@ Dimension letters: `N` active voxels/tokens, `C` channels (512), `H` heads (8), 
 `conv.kernel`...), including the odd ones. With `use_fp16` every Linear and conv holds fp16 weights
 and GroupNorm stays fp32, as the original's `convert_to_fp16`; norms compute in fp32.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,8 +22,16 @@ import torch.nn.functional as F
 
 from .config import SparseVAEConfig
 from .layers import FeedForward, LayerNorm32, absolute_position_embedding, cast_layers
-from .sparse import (SparseConv3d, SparseGroupNorm32, SparseLinear, SparseSiLU, SparseTensor, sparse_downsample,
-                     sparse_subdivide, windowed_self_attention)
+from .sparse import (
+    SparseConv3d,
+    SparseGroupNorm32,
+    SparseLinear,
+    SparseSiLU,
+    SparseTensor,
+    sparse_downsample,
+    sparse_subdivide,
+    windowed_self_attention,
+)
 
 WINDOW_SIZE = 8  # SparseSDFEncoder/Decoder constructor default ("swin" mode); not in config.json
 MLP_RATIO = 4
@@ -32,6 +41,7 @@ CHUNK_PADDING = 4  # latent cells of context around each chunk (the original's s
 
 # ------------------------------------------------------------------------------------------------
 # transformer trunk
+
 
 class WindowedSelfAttention(nn.Module):
     def __init__(self, channels: int, num_heads: int, window_size: int, shift: int):
@@ -72,9 +82,12 @@ class SparseTransformerTrunk(nn.Module):
         self.channels = channels
         self.dtype = torch.float16 if use_fp16 else torch.float32
         self.input_layer = nn.Linear(in_channels, channels)
-        self.blocks = nn.ModuleList([
-            SparseTransformerBlock(channels, num_heads, WINDOW_SIZE, WINDOW_SIZE // 2 * (i % 2))
-            for i in range(num_blocks)])
+        self.blocks = nn.ModuleList(
+            [
+                SparseTransformerBlock(channels, num_heads, WINDOW_SIZE, WINDOW_SIZE // 2 * (i % 2))
+                for i in range(num_blocks)
+            ]
+        )
 
     def run_trunk(self, x: SparseTensor, factor: float | None = None) -> SparseTensor:
         h = self.input_layer(x.feats.to(self.input_layer.weight.dtype))  # [N, C]
@@ -89,6 +102,7 @@ class SparseTransformerTrunk(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # decoder
+
 
 class SparseSubdivideBlock3d(nn.Module):
     """SiLU(conv3(C -> C')) at the coarse grid, subdivide, SiLU(conv3(C' -> C')) at the fine grid."""
@@ -110,8 +124,13 @@ class SparseSDFDecoder(SparseTransformerTrunk):
         self.resolution = cfg.resolution
         self.chunk_size = cfg.chunk_size
         self._build_trunk(cfg.embed_dim, c, cfg.num_blocks_decoder, cfg.num_heads_decoder, cfg.use_fp16)
-        self.upsample = nn.ModuleList([SparseSubdivideBlock3d(c, c // 4), SparseSubdivideBlock3d(c // 4, c // 8),
-                                       SparseSubdivideBlock3d(c // 8, c // 16)])
+        self.upsample = nn.ModuleList(
+            [
+                SparseSubdivideBlock3d(c, c // 4),
+                SparseSubdivideBlock3d(c // 4, c // 8),
+                SparseSubdivideBlock3d(c // 8, c // 16),
+            ]
+        )
         self.out_layer = SparseLinear(c // 16, cfg.out_channels)
         if cfg.use_fp16:
             cast_layers(self, torch.float16, (nn.Linear, SparseConv3d))  # convert_to_fp16: norms stay fp32
@@ -124,8 +143,10 @@ class SparseSDFDecoder(SparseTransformerTrunk):
         sdf = torch.tanh(self.out_layer.forward(feat.type(self.out_layer.weight.dtype)).feats)
         # fresh caches: the fine grid's [N, 27] kernel map (108 bytes a voxel, more than the features) is
         # of no use after the decoder and would otherwise live as long as the caller keeps the outputs
-        return (SparseTensor(sdf, h.coords, h.batch_size, h.offsets),
-                SparseTensor(feat.feats, h.coords, h.batch_size, h.offsets))
+        return (
+            SparseTensor(sdf, h.coords, h.batch_size, h.offsets),
+            SparseTensor(feat.feats, h.coords, h.batch_size, h.offsets),
+        )
 
     def forward(self, x: SparseTensor, factor: float | None = None, return_feat: bool = False, check_cancel=None):
         """Latent tokens x (feats [N, 16], coords at the latent grid) -> sparse SDF at 8x the resolution.
@@ -161,8 +182,9 @@ class SparseSDFDecoder(SparseTransformerTrunk):
                     if check_cancel is not None:
                         check_cancel()
                     lo = torch.tensor([max(0, c * sub - pad) for c in (i, j, k)], device=h.device, dtype=xyz.dtype)
-                    hi = torch.tensor([min((c + 1) * sub + pad, res) for c in (i, j, k)], device=h.device,
-                                      dtype=xyz.dtype)
+                    hi = torch.tensor(
+                        [min((c + 1) * sub + pad, res) for c in (i, j, k)], device=h.device, dtype=xyz.dtype
+                    )
                     rows = torch.nonzero(((xyz >= lo) & (xyz < hi)).all(1)).squeeze(1)
                     if rows.numel() == 0:
                         continue
@@ -171,9 +193,12 @@ class SparseSDFDecoder(SparseTransformerTrunk):
                     chunk = SparseTensor(h.feats[rows], coords, h.batch_size)
                     sdf, _ = self.head(chunk, out_dtype)
                     out_xyz = sdf.coords[:, 1:] + lo * UPSAMPLE_RATIO
-                    keep_lo = torch.tensor([c * sub * UPSAMPLE_RATIO for c in (i, j, k)], device=h.device,
-                                           dtype=xyz.dtype)
-                    keep = ((out_xyz >= keep_lo) & (out_xyz < keep_lo + sub * UPSAMPLE_RATIO + UPSAMPLE_RATIO - 1)).all(1)
+                    keep_lo = torch.tensor(
+                        [c * sub * UPSAMPLE_RATIO for c in (i, j, k)], device=h.device, dtype=xyz.dtype
+                    )
+                    keep = ((out_xyz >= keep_lo) & (out_xyz < keep_lo + sub * UPSAMPLE_RATIO + UPSAMPLE_RATIO - 1)).all(
+                        1
+                    )
                     keep = torch.nonzero(keep).squeeze(1)
                     coords_out.append(torch.cat([sdf.coords[keep, :1], out_xyz[keep]], 1))
                     feats_out.append(sdf.feats[keep])
@@ -181,8 +206,9 @@ class SparseSDFDecoder(SparseTransformerTrunk):
                     # chunks' worth of upsampled voxels are alive at once)
                     del sdf, out_xyz, keep, chunk, coords, rows
         if not coords_out:
-            return SparseTensor(self.out_layer.weight.new_zeros(0, self.out_layer.out_features),
-                                h.coords.new_zeros(0, 4), h.batch_size)
+            return SparseTensor(
+                self.out_layer.weight.new_zeros(0, self.out_layer.out_features), h.coords.new_zeros(0, 4), h.batch_size
+            )
         coords = torch.cat(coords_out)
         del coords_out[:]  # concatenate one list at a time: at most one extra copy alive
         feats = torch.cat(feats_out)
@@ -195,6 +221,7 @@ class SparseSDFDecoder(SparseTransformerTrunk):
 
 # ------------------------------------------------------------------------------------------------
 # encoder (training only; kept for strict loading and round-trip tests)
+
 
 class SparseDownBlock3d(nn.Module):
     """h = SiLU(GN(x)); pool both h and x by 2 (sum/(n+1)); h = conv3, GN, SiLU, conv3; out = h + skip(x)."""
@@ -223,8 +250,9 @@ class SparseSDFEncoder(SparseTransformerTrunk):
         super().__init__()
         c = cfg.model_channels_encoder
         self.input_layer1 = SparseLinear(1, c // 16)
-        self.downsample = nn.ModuleList([SparseDownBlock3d(c // 16, c // 8), SparseDownBlock3d(c // 8, c // 4),
-                                         SparseDownBlock3d(c // 4, c)])
+        self.downsample = nn.ModuleList(
+            [SparseDownBlock3d(c // 16, c // 8), SparseDownBlock3d(c // 8, c // 4), SparseDownBlock3d(c // 4, c)]
+        )
         self._build_trunk(c, c, cfg.num_blocks_encoder, cfg.num_heads_encoder, cfg.use_fp16)
         self.out_layer = SparseLinear(c, 2 * cfg.embed_dim)
         if cfg.use_fp16:
@@ -249,8 +277,13 @@ class SparseSDFVAE(nn.Module):
         self.encoder = SparseSDFEncoder(cfg)
         self.decoder = SparseSDFDecoder(cfg)
 
-    def encode(self, sdf: SparseTensor, sample: bool = False, generator: torch.Generator | None = None,
-               factor: float | None = None) -> SparseTensor:
+    def encode(
+        self,
+        sdf: SparseTensor,
+        sample: bool = False,
+        generator: torch.Generator | None = None,
+        factor: float | None = None,
+    ) -> SparseTensor:
         """Posterior mean (or a sample) of the latent, logvar clamped to [-30, 20] as the original."""
         h = self.encoder(sdf, factor)
         mean, logvar = h.feats.float().chunk(2, dim=1)

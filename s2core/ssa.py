@@ -20,6 +20,7 @@ Parameter names are the checkpoint's (`proj_q`, `compression_key.act_layers.0.co
 The compression's sparse convolutions are torchsparse convs: a 1x1x1 conv stores a 2-D `kernel [Cin, Cout]`
 (a plain matmul here), a 3x3x3 submanifold conv `kernel [27, Cin, Cout]` with tap k = (dx+1) + 3(dy+1) + 9(dz+1).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -55,6 +56,7 @@ class SSAPlan:
     | block_keys | [NB, CELLS] int32 or None | cells of each block (-1 padded); None when cell = block |
     | windows | {shift: (perm [N] int32, cu_windows [W+1] int32, tiles [T,2] int32, max_window int)} | |
     """
+
     cu_seqlens: torch.Tensor
     max_seqlen: int
     pe_index: torch.Tensor
@@ -76,9 +78,15 @@ def _cu(counts: torch.Tensor) -> torch.Tensor:
     return cu
 
 
-def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int = 8,
-             selection_block_size: int = 8, window_size: int = 8, shifts: tuple[int, ...] = (0, 4),
-             conv_neighbors: bool = False) -> SSAPlan:
+def ssa_plan(
+    coords: torch.Tensor,
+    batch_size: int,
+    compression_block_size: int = 8,
+    selection_block_size: int = 8,
+    window_size: int = 8,
+    shifts: tuple[int, ...] = (0, 4),
+    conv_neighbors: bool = False,
+) -> SSAPlan:
     """Build the SSAPlan of block-sorted `coords [N, 4]` (host syncs here, never in forward)."""
     cbs, sbs = compression_block_size, selection_block_size
     if sbs % cbs:
@@ -91,8 +99,10 @@ def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int 
     cu_seqlens = _cu(tokens_per_sample)
     blk_key = pack_keys(b, xyz // sbs)
     if n > 1 and bool((blk_key[1:] < blk_key[:-1]).any()):
-        raise ValueError("SSA needs block-sorted tokens (each 8^3 selection block contiguous, blocks in ascending "
-                         "x, y, z order); reorder the coordinates with structure.sort_block(coords, 8) first.")
+        raise ValueError(
+            "SSA needs block-sorted tokens (each 8^3 selection block contiguous, blocks in ascending "
+            "x, y, z order); reorder the coordinates with structure.sort_block(coords, 8) first."
+        )
     _, block_counts = torch.unique_consecutive(blk_key, return_counts=True)
     block_first = torch.cumsum(block_counts, 0) - block_counts
     cu_blocks = _cu(torch.bincount(b[block_first], minlength=batch_size))
@@ -118,7 +128,7 @@ def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int 
         order = torch.sort(blk_of_cell, stable=True).indices
         first = torch.searchsorted(blk_of_cell[order], blk_of_cell[order], right=False)
         rank = torch.arange(m, device=device) - first
-        block_keys = torch.full((block_counts.numel(), r ** 3), -1, dtype=torch.int32, device=device)
+        block_keys = torch.full((block_counts.numel(), r**3), -1, dtype=torch.int32, device=device)
         block_keys[blk_of_cell[order], rank] = order.to(torch.int32)
 
     neighbors = None
@@ -128,37 +138,58 @@ def ssa_plan(coords: torch.Tensor, batch_size: int, compression_block_size: int 
         offs = torch.stack(torch.meshgrid(d, d, d, indexing="ij"), -1).reshape(27, 3).flip(1)  # x fastest
         nb = cxyz[:, None, :] + offs[None]  # [M, 27, 3]
         valid = (nb >= 0).all(-1)
-        nkey = pack_keys(cell_batch[:, None].expand(-1, 27).reshape(-1),
-                         nb.clamp(min=0).reshape(-1, 3)).view(m, 27)
+        nkey = pack_keys(cell_batch[:, None].expand(-1, 27).reshape(-1), nb.clamp(min=0).reshape(-1, 3)).view(m, 27)
         pos = torch.searchsorted(cells, nkey).clamp(max=max(m - 1, 0))
         found = valid & (cells[pos] == nkey)
         neighbors = torch.where(found, pos, m)
 
-    plan = SSAPlan(cu_seqlens=cu_seqlens, max_seqlen=int(tokens_per_sample.max()) if n else 0,
-                   pe_index=pe_index, cell_of_token=cell_of_token,
-                   cell_divisor=(cell_counts + 1).to(torch.float32)[:, None], cell_batch=cell_batch,
-                   cu_cells=cu_cells, cell_neighbors=neighbors, cu_blocks=cu_blocks,
-                   cu_block_tokens=cu_block_tokens, block_keys=block_keys, batch_size=batch_size)
+    plan = SSAPlan(
+        cu_seqlens=cu_seqlens,
+        max_seqlen=int(tokens_per_sample.max()) if n else 0,
+        pe_index=pe_index,
+        cell_of_token=cell_of_token,
+        cell_divisor=(cell_counts + 1).to(torch.float32)[:, None],
+        cell_batch=cell_batch,
+        cu_cells=cu_cells,
+        cell_neighbors=neighbors,
+        cu_blocks=cu_blocks,
+        cu_block_tokens=cu_block_tokens,
+        block_keys=block_keys,
+        batch_size=batch_size,
+    )
     for s in shifts:
         perm, cu_w, max_w = window_partition(coords, window_size, s)
         plan.windows[s] = (perm, cu_w, _win.window_tiles(cu_w), max_w)
     return plan
 
 
-def plan_for(x: SparseTensor, compression_block_size: int, selection_block_size: int, window_size: int,
-             conv_neighbors: bool = False) -> SSAPlan:
+def plan_for(
+    x: SparseTensor,
+    compression_block_size: int,
+    selection_block_size: int,
+    window_size: int,
+    conv_neighbors: bool = False,
+) -> SSAPlan:
     """The SSAPlan of x's coordinates, memoised in x.cache (shared by every layer and step on these coords)."""
     key = ("ssa_plan", compression_block_size, selection_block_size, window_size, conv_neighbors)
     plan = x.cache.get(key)
     if plan is None:
-        plan = ssa_plan(x.coords, x.batch_size, compression_block_size, selection_block_size, window_size,
-                        (0, window_size // 2), conv_neighbors)
+        plan = ssa_plan(
+            x.coords,
+            x.batch_size,
+            compression_block_size,
+            selection_block_size,
+            window_size,
+            (0, window_size // 2),
+            conv_neighbors,
+        )
         x.cache[key] = plan
     return plan
 
 
 # ------------------------------------------------------------------------------------------------
 # compression blocks (§6.2)
+
 
 class _ConvParams(nn.Module):
     """torchsparse Conv3d parameters: kernel [Cin, Cout] (1x1x1) or [27, Cin, Cout] (3x3x3), bias [Cout]."""
@@ -212,8 +243,14 @@ class CompressionV2(nn.Module):
     def __init__(self, channels: int, num_groups: int = 32):
         super().__init__()
         self.act_layers = nn.ModuleList([nn.GroupNorm(num_groups, channels), nn.SiLU()])
-        self.out_layers = nn.ModuleList([SparseConv(channels, channels, 27), nn.GroupNorm(num_groups, channels),
-                                         nn.SiLU(), SparseConv(channels, channels, 27)])
+        self.out_layers = nn.ModuleList(
+            [
+                SparseConv(channels, channels, 27),
+                nn.GroupNorm(num_groups, channels),
+                nn.SiLU(),
+                SparseConv(channels, channels, 27),
+            ]
+        )
 
     def forward(self, x: torch.Tensor, plan: SSAPlan) -> torch.Tensor:  # [N, C] -> [M, C]
         tok_batch = plan.cell_batch[plan.cell_of_token]
@@ -221,20 +258,31 @@ class CompressionV2(nn.Module):
         h = F.silu(group_norm_per_sample(x, tok_batch, plan.batch_size, gn1.num_groups, gn1.weight, gn1.bias, gn1.eps))
         h = pool_cells(h, plan)
         h = self.out_layers[0].submanifold(h, plan.cell_neighbors)
-        h = F.silu(group_norm_per_sample(h, plan.cell_batch, plan.batch_size, gn2.num_groups, gn2.weight, gn2.bias,
-                                         gn2.eps))
+        h = F.silu(
+            group_norm_per_sample(h, plan.cell_batch, plan.batch_size, gn2.num_groups, gn2.weight, gn2.bias, gn2.eps)
+        )
         h = self.out_layers[3].submanifold(h, plan.cell_neighbors)
         return h + pool_cells(x, plan)
 
 
 # ------------------------------------------------------------------------------------------------
 
+
 class SpatialSparseAttention(nn.Module):
     """SSA over block-sorted tokens: x [N, C] + its SSAPlan -> [N, C] (checkpoint key prefix `self_attn.`)."""
 
-    def __init__(self, channels: int = 1024, num_heads: int = 32, num_kv_heads: int = 2,
-                 compression_block_size: int = 8, selection_block_size: int = 8, topk: int = 8,
-                 window_size: int = 8, shift_window: int = 0, compression_version: str = "v1"):
+    def __init__(
+        self,
+        channels: int = 1024,
+        num_heads: int = 32,
+        num_kv_heads: int = 2,
+        compression_block_size: int = 8,
+        selection_block_size: int = 8,
+        topk: int = 8,
+        window_size: int = 8,
+        shift_window: int = 0,
+        compression_version: str = "v1",
+    ):
         super().__init__()
         if compression_version not in ("v1", "v2"):
             raise ValueError(f"compression_version must be 'v1' or 'v2', got {compression_version!r}.")
@@ -257,8 +305,13 @@ class SpatialSparseAttention(nn.Module):
         self.gate = nn.Sequential(nn.Linear(channels, 3, bias=False))  # key `gate.0.weight`; sigmoid in forward
 
     def plan(self, x: SparseTensor) -> SSAPlan:
-        return plan_for(x, self.compression_block_size, self.selection_block_size, self.window_size,
-                        conv_neighbors=self.compression_version == "v2")
+        return plan_for(
+            x,
+            self.compression_block_size,
+            self.selection_block_size,
+            self.window_size,
+            conv_neighbors=self.compression_version == "v2",
+        )
 
     def forward(self, x: torch.Tensor, plan: SSAPlan, backend: str = "auto") -> torch.Tensor:
         n = x.shape[0]
@@ -273,10 +326,32 @@ class SpatialSparseAttention(nn.Module):
         g = torch.sigmoid(self.gate(x))  # [N, 3] gates of (compressed, selected, window), shared by all heads
         # each branch kernel scales its output by its gate and adds it into `o` (one [N, HQ, D] buffer, no combine)
         o, _, block_idx = _cmp.ssa_compressed_attention(
-            q, ck, cv, plan.cu_seqlens, plan.cu_cells, plan.max_seqlen, self.topk, plan.block_keys, plan.cu_blocks,
-            gate=g[:, 0], return_lse=False, backend=backend)  # o [N, HQ, D], block_idx [H, N, topk]
-        _sel.ssa_selection_attention(q, k, v, block_idx, plan.cu_seqlens, plan.cu_blocks, plan.cu_block_tokens,
-                                     plan.max_seqlen, gate=g[:, 1], out=o, backend=backend)
+            q,
+            ck,
+            cv,
+            plan.cu_seqlens,
+            plan.cu_cells,
+            plan.max_seqlen,
+            self.topk,
+            plan.block_keys,
+            plan.cu_blocks,
+            gate=g[:, 0],
+            return_lse=False,
+            backend=backend,
+        )  # o [N, HQ, D], block_idx [H, N, topk]
+        _sel.ssa_selection_attention(
+            q,
+            k,
+            v,
+            block_idx,
+            plan.cu_seqlens,
+            plan.cu_blocks,
+            plan.cu_block_tokens,
+            plan.max_seqlen,
+            gate=g[:, 1],
+            out=o,
+            backend=backend,
+        )
         perm, cu_win, tiles, max_win = plan.windows[self.shift_window]
         _win.ssa_window_attention(q, k, v, perm, cu_win, max_win, tiles, gate=g[:, 2], out=o, backend=backend)
         return self.proj_o(o.reshape(n, HQ * D))

@@ -12,6 +12,7 @@ them, with seeds, placement and cancellation, are `s2core.pipeline.encode_image 
 Only sample 0 of the original's batch survives the dense stage; here every batch element keeps its own
 rows (batch column = element index), which for B = 1 is exactly the original's index.
 """
+
 from __future__ import annotations
 
 import torch
@@ -44,8 +45,9 @@ def sort_block(coords: torch.Tensor, block_size: int) -> tuple[torch.Tensor, tor
     return coords[order], order
 
 
-def extract_tokens_and_coords(z: torch.Tensor, patch_mask: torch.Tensor, num_cls: int = 1,
-                              num_reg: int = 4) -> tuple[torch.Tensor, torch.Tensor]:
+def extract_tokens_and_coords(
+    z: torch.Tensor, patch_mask: torch.Tensor, num_cls: int = 1, num_reg: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Select condition tokens for the v1.0 sparse conditions (SPEC.md §9.2), batch by batch.
 
     z `[B, num_cls + num_reg + P², C]`, patch_mask `[B, P, P]` bool → tokens `[T, C]` and coords `[T, 4]`
@@ -62,9 +64,9 @@ def extract_tokens_and_coords(z: torch.Tensor, patch_mask: torch.Tensor, num_cls
     h, w = torch.meshgrid(torch.arange(P, device=dev), torch.arange(P, device=dev), indexing="ij")
     patch_xyz = torch.stack([w.reshape(-1), h.reshape(-1), torch.zeros(P * P, dtype=torch.long, device=dev)], -1)
     lead_xyz = torch.tensor([0, 0, 1], device=dev).expand(lead, 3)
-    xyz = torch.cat([lead_xyz, patch_xyz], dim=0).expand(B, T, 3)                      # [B, T, 3]
+    xyz = torch.cat([lead_xyz, patch_xyz], dim=0).expand(B, T, 3)  # [B, T, 3]
     b = torch.arange(B, device=dev).view(B, 1, 1).expand(B, T, 1)
-    table = torch.cat([b, xyz], dim=-1)                                                 # [B, T, 4]
+    table = torch.cat([b, xyz], dim=-1)  # [B, T, 4]
     return z[keep], table[keep].int()
 
 
@@ -74,12 +76,13 @@ def occupancy_coords(logits: torch.Tensor, threshold: float = 0.1) -> torch.Tens
     A voxel is occupied when `sigmoid(logit) >= threshold`, evaluated in the logits' dtype exactly as the
     original `decode_mesh(return_index=True)` does (fp16 in the release; SPEC.md §7.4).
     """
-    occ = logits.sigmoid() >= threshold                          # [B, 1, R, R, R]
-    return occ[:, 0].nonzero().int()                             # [N, 4]
+    occ = logits.sigmoid() >= threshold  # [B, 1, R, R, R]
+    return occ[:, 0].nonzero().int()  # [N, 4]
 
 
 # ---------------------------------------------------------------------------------------------
 # Model calls of the coarse stage
+
 
 def encode_pixels(encoder, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """`pixels [B, 4, S, S]` (from `image.preprocess_image`) → `(cond [B, T, C] fp32, patch_mask [B, P, P])`.
@@ -106,7 +109,9 @@ def decode_occupancy(vae, latent: torch.Tensor, *, threshold: float = 0.1, block
     counts = torch.bincount(coords[:, 0].long(), minlength=latent.shape[0]).tolist()
     if min(counts) == 0:
         empty = counts.index(0)
-        raise ValueError(f"The coarse stage found no occupied voxel for image {empty} (max occupancy "
-                         f"{logits[empty].float().sigmoid().max().item():.3f} < {threshold}); try another seed, "
-                         "a higher guidance, or check that the mask covers the object.")
+        raise ValueError(
+            f"The coarse stage found no occupied voxel for image {empty} (max occupancy "
+            f"{logits[empty].float().sigmoid().max().item():.3f} < {threshold}); try another seed, "
+            "a higher guidance, or check that the mask covers the object."
+        )
     return sort_block(coords, block_size)[0]

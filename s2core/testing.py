@@ -17,6 +17,7 @@ Scales keep activations sane through deep stacks and leave no zeros that could h
 | `*.bias`                                    | 0.02 N                                   |
 | tokens, position tables, anything else      | 0.02 N (cls/register/mask/pos) or 0.1 N  |
 """
+
 from __future__ import annotations
 
 import math
@@ -33,8 +34,9 @@ _TOKEN_NAMES = ("cls_token", "register_tokens", "mask_token", "pos_embed", "pos_
 
 def _specs(source) -> list[TensorSpec]:
     if isinstance(source, torch.nn.Module):
-        return [TensorSpec(k, tuple(v.shape), str(v.dtype).removeprefix("torch."))
-                for k, v in source.state_dict().items()]
+        return [
+            TensorSpec(k, tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in source.state_dict().items()
+        ]
     if isinstance(source, (str, Path)):
         p = Path(source)
         return read_manifest_tsv(p) if p.suffix == ".tsv" else manifest(str(source))
@@ -73,8 +75,9 @@ def deterministic_tensor(name: str, shape: Iterable[int], dtype: torch.dtype | s
     return (torch.randn(shape, generator=gen, dtype=torch.float32) * scale + offset).to(dtype)
 
 
-def deterministic_state_dict(manifest_or_module, seed: int = 0,
-                             dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+def deterministic_state_dict(
+    manifest_or_module, seed: int = 0, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor]:
     """A full synthetic state dict for a manifest key/TSV path, a module, a name->tensor mapping or specs.
 
     `dtype` overrides every floating tensor's dtype (default: the manifest's / module's own).
@@ -93,6 +96,7 @@ def deterministic_state_dict(manifest_or_module, seed: int = 0,
 # tests/golden/README.md). The sidecar's "weights_specs" lists the original module's
 # [name, shape, dtype] in its state-dict order and "seed" the weights seed, so
 # `golden_state_dict(meta)` reproduces bitwise the tensors the original was loaded with.
+
 
 def load_golden(path: str | Path) -> tuple[dict[str, torch.Tensor], dict]:
     """Read one fixture: (tensors, sidecar dict). `path` may omit the suffix."""

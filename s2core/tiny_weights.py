@@ -22,6 +22,7 @@ empty. These weights route the SDF channel through every layer of the refiner un
 All taps but the centre are zero, so zero padding at cube borders changes nothing. Other weights (the
 down/mid path, `latent_mlp`) stay random: they run, but their outputs are multiplied by zero.
 """
+
 from __future__ import annotations
 
 import math
@@ -47,14 +48,27 @@ def _centre(w: torch.Tensor, out: int, inp: int, value: float) -> None:
     w[(out, inp) + (w.shape[2] // 2,) * (w.dim() - 2)] = value
 
 
-def pass_through_refiner(sd: dict[str, torch.Tensor], channels: int, sign: bool, sdf_level: float,
-                         field_level: float, eps: float = 1e-5) -> None:
+def pass_through_refiner(
+    sd: dict[str, torch.Tensor], channels: int, sign: bool, sdf_level: float, field_level: float, eps: float = 1e-5
+) -> None:
     """Overwrite (in place) a one-level refiner state dict (`layers_per_block` 0) so the refined field
     is an increasing function of the SDF equal to `field_level` at sdf = `sdf_level` (the sign refiner:
     +1 where sdf > sdf_level)."""
     for k, v in sd.items():
-        if k.startswith(("conv_in.", "unet3d1.conv_in.", "unet3d1.conv_norm_out.", "unet3d1.up_blocks.0.",
-                         "adaptive_conv", "mid_conv.", "conv_out.")) and v.is_floating_point():
+        if (
+            k.startswith(
+                (
+                    "conv_in.",
+                    "unet3d1.conv_in.",
+                    "unet3d1.conv_norm_out.",
+                    "unet3d1.up_blocks.0.",
+                    "adaptive_conv",
+                    "mid_conv.",
+                    "conv_out.",
+                )
+            )
+            and v.is_floating_point()
+        ):
             v.zero_()
     _centre(sd["conv_in.weight"], 0, 0, 1.0)
     _centre(sd["unet3d1.conv_in.weight"], 0, 0, _A)

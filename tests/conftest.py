@@ -2,6 +2,7 @@
 on Windows without triton-windows: the product then runs its PyTorch references), paths to the test data in the
 repository, `golden()` (a missing fixture fails, naming its generator), and the node pack loaded with ComfyUI
 stubbed (`stubs`, the `pack` and `pack_v3` fixtures)."""
+
 import importlib.util
 from pathlib import Path
 
@@ -29,8 +30,11 @@ def golden_path(name: str) -> Path:
     path = GOLDEN / f"{name}.safetensors"
     missing = [p.name for p in (path, path.with_suffix(".json")) if not p.exists()]
     if missing:
-        pytest.fail(f"Golden fixture {', '.join(missing)} is missing from tests/golden; restore it from git "
-                    f"(it is regenerated only from the original code: tools/golden/make_golden.py).", pytrace=False)
+        pytest.fail(
+            f"Golden fixture {', '.join(missing)} is missing from tests/golden; restore it from git "
+            f"(it is regenerated only from the original code: tools/golden/make_golden.py).",
+            pytrace=False,
+        )
     return path
 
 
@@ -45,8 +49,10 @@ def pytest_collection_modifyitems(config, items):
     from kernels._common import HAS_TRITON
 
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU (none found); runs on the device machine")
-    skip_triton = pytest.mark.skip(reason="runs a Triton kernel (the interpreter on a CPU) and Triton is not "
-                                          "installed; the PyTorch references are tested without it")
+    skip_triton = pytest.mark.skip(
+        reason="runs a Triton kernel (the interpreter on a CPU) and Triton is not "
+        "installed; the PyTorch references are tested without it"
+    )
     for item in items:
         if "gpu" in item.keywords and not torch.cuda.is_available():
             item.add_marker(skip_gpu)

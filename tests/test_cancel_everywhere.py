@@ -2,16 +2,16 @@
 Structure took 441 s to honour Cancel), post-processing, the chunked 1024 VAE decode, marching cubes (plain
 and refined) and downloads. Each test cancels a run that would otherwise go on and checks it stops at the
 next poll (within 2 s for the long node, measured)."""
+
 import threading
 import time
 
 import pytest
 import torch
+from conftest import stubs
 
 from s2core import find_weights, hooks, loading, results
 from s2core import pipeline as P
-
-from conftest import stubs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -22,10 +22,12 @@ class Stop(Exception):
 
 def stop_at(n):
     """A check_cancel that raises on its n-th call; `.calls` counts them."""
+
     def check():
         check.calls += 1
         if check.calls >= n:
             raise Stop()
+
     check.calls = 0
     return check
 
@@ -113,7 +115,7 @@ def test_marching_cubes_polls_every_slab():
     sdf = ((g.float() - R / 2).norm(dim=1) - R / 3) / R  # a sphere, every voxel active
     x = SparseTensor(sdf[:, None], torch.cat([torch.zeros(len(g), 1, dtype=torch.int64), g], 1).int(), 1)
     check = stop_at(10**9)
-    (v, f), = meshes_from_sparse_sdf(x, R, 0.0, check_cancel=check)
+    ((v, f),) = meshes_from_sparse_sdf(x, R, 0.0, check_cancel=check)
     assert f.shape[0] > 0 and check.calls >= 1
     with pytest.raises(Stop):
         meshes_from_sparse_sdf(x, R, 0.0, check_cancel=stop_at(1))

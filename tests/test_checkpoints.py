@@ -5,6 +5,7 @@ are zero-stride views of a single element (torch.save keeps the stride, so a 500
 bytes, yet `torch.load(weights_only=True)` returns tensors of the full shapes). `.safetensors` needs
 contiguous data, so that path writes real fp16 tensors of the smaller parts plus one DiT.
 """
+
 import os
 from pathlib import Path
 
@@ -57,8 +58,8 @@ def test_all_manifests_are_covered_by_release_files():
 def test_safetensors_conversion_round_trip(tmp_path, stem):
     # real (contiguous) tensors: deterministic values, so the round trip compares content too
     from s2core.testing import deterministic_state_dict
-    parts = {p: deterministic_state_dict(manifest_key(stem, p), seed=1, dtype=torch.float16)
-             for p in FILE_PARTS[stem]}
+
+    parts = {p: deterministic_state_dict(manifest_key(stem, p), seed=1, dtype=torch.float16) for p in FILE_PARTS[stem]}
     src = tmp_path / f"{stem}.ckpt"
     torch.save(parts, src)
     out = ck.convert_to_safetensors(src)
@@ -81,6 +82,7 @@ def test_safetensors_conversion_round_trip(tmp_path, stem):
 
 # --- bad input ------------------------------------------------------------------------------------
 
+
 def test_not_a_checkpoint(tmp_path):
     p = tmp_path / "model_dense.ckpt"
     p.write_text("<html>404 Not Found</html>")
@@ -97,6 +99,7 @@ def test_empty_file(tmp_path):
 
 def test_truncated_checkpoint(tmp_path):
     from s2core.testing import deterministic_state_dict
+
     p = tmp_path / "model_refiner.ckpt"
     torch.save({"refiner": deterministic_state_dict("model_refiner.refiner", 0, dtype=torch.float16)}, p)
     data = p.read_bytes()
@@ -107,6 +110,7 @@ def test_truncated_checkpoint(tmp_path):
 
 def test_truncated_safetensors(tmp_path):
     from safetensors.torch import save_file
+
     p = tmp_path / "model_refiner.safetensors"
     save_file({"refiner.x": torch.ones(1000)}, str(p))
     p.write_bytes(p.read_bytes()[:-100])
@@ -116,8 +120,13 @@ def test_truncated_safetensors(tmp_path):
 
 def test_checkpoint_of_another_model(tmp_path):
     p = tmp_path / "model_sparse_512.ckpt"
-    torch.save({"vae": {"conv1.weight": torch.ones(3, 3), "fc.bias": torch.ones(3)},
-                "dit": {"encoder.layer.0.weight": torch.ones(2)}}, p)
+    torch.save(
+        {
+            "vae": {"conv1.weight": torch.ones(3, 3), "fc.bias": torch.ones(3)},
+            "dit": {"encoder.layer.0.weight": torch.ones(2)},
+        },
+        p,
+    )
     with pytest.raises(ValueError) as e:
         _load_release_file(p)
     msg = str(e.value)
@@ -224,6 +233,7 @@ def _write_sparse_safetensors(path: Path, stem: str, variant: str) -> None:
     header by hand (format: 8-byte little-endian header length, JSON header, data), data left as a hole."""
     import json
     import struct
+
     header, offset = {}, 0
     for part in FILE_PARTS[stem]:
         for s in manifest(manifest_key(stem, part, variant)):
@@ -240,8 +250,10 @@ def _write_sparse_safetensors(path: Path, stem: str, variant: str) -> None:
 
 
 # v1.0 differs from v1.1 only in the sparse DiTs, so only those files get a v1.0 case
-@pytest.mark.parametrize("stem,variant", [(s, "v1.1") for s in sorted(FILE_PARTS)]
-                         + [("model_sparse_512", "v1.0"), ("model_sparse_1024", "v1.0")])
+@pytest.mark.parametrize(
+    "stem,variant",
+    [(s, "v1.1") for s in sorted(FILE_PARTS)] + [("model_sparse_512", "v1.0"), ("model_sparse_1024", "v1.0")],
+)
 def test_every_release_file_loads_through_safetensors_path(tmp_path, stem, variant):
     path = tmp_path / f"{stem}.safetensors"
     _write_sparse_safetensors(path, stem, variant)

@@ -1,5 +1,6 @@
 """`python -m s2core`: the demo writes a valid GLB, missing weights print which files to put where,
 Ctrl-C and errors leave no file behind."""
+
 import json
 import os
 import struct
@@ -35,14 +36,20 @@ def test_demo_writes_valid_glb(png, tmp_path):
     """The demo at its default steps, without the 512 refiner (its 27 cubes are most of the demo's time); the
     whole demo, refiner included, runs in tests/test_no_triton.py::test_cli_demo_without_triton."""
     out = tmp_path / "out.glb"
-    r = subprocess.run([sys.executable, "-m", "s2core", str(png), "--demo", "--no-refine-512", "-o", str(out)],
-                       cwd=tmp_path, env=_env(tmp_path), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(
+        [sys.executable, "-m", "s2core", str(png), "--demo", "--no-refine-512", "-o", str(out)],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert r.returncode == 0, r.stderr
     assert "meaningless" in r.stderr and "50/80 steps" not in r.stdout  # progress goes to stderr, not stdout
     data = out.read_bytes()
     assert data[:4] == b"glTF" and struct.unpack("<I", data[8:12])[0] == len(data)
     n = struct.unpack("<I", data[12:16])[0]
-    gltf = json.loads(data[20:20 + n])
+    gltf = json.loads(data[20 : 20 + n])
     assert gltf["asset"]["extras"]["variant"] == "tiny-random" and gltf["meshes"]
     assert sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".glb") == ["out.glb"]
 
@@ -50,9 +57,25 @@ def test_demo_writes_valid_glb(png, tmp_path):
 def test_offline_without_weights_says_which_files(png, tmp_path):
     weights = tmp_path / "weights"
     weights.mkdir()
-    r = subprocess.run([sys.executable, "-m", "s2core", str(png), "-o", str(tmp_path / "m.glb"), "--weights",
-                        str(weights), "--resolution", "512"], cwd=tmp_path, env=_env(tmp_path, HF_HUB_OFFLINE="1"),
-                       capture_output=True, text=True, timeout=120)
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "s2core",
+            str(png),
+            "-o",
+            str(tmp_path / "m.glb"),
+            "--weights",
+            str(weights),
+            "--resolution",
+            "512",
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path, HF_HUB_OFFLINE="1"),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert r.returncode == cli.EXIT_MISSING_WEIGHTS
     for name in ("model_dense.ckpt", "model_sparse_512.ckpt", "model_refiner.ckpt", "dinov2_vitl14_reg4_pretrain.pth"):
         assert name in r.stderr

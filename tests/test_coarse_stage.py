@@ -1,7 +1,10 @@
 """Coarse stage end to end on the tiny config: image + mask in, a block-sorted sparse index out, through the
 pipeline's stage functions (`encode_image` -> `sample_dense` -> `decode_dense`)."""
+
 import pytest
 import torch
+from conftest import GENERATORS
+from tolerances import rel_rms, reorder_rel_rms
 
 from s2core import pipeline
 from s2core.config import tiny_release
@@ -12,8 +15,6 @@ from s2core.loading import Models, Placement
 from s2core.results import Conditioning
 from s2core.structure import decode_occupancy, encode_pixels, sort_block
 from s2core.testing import deterministic_state_dict
-from conftest import GENERATORS
-from tolerances import rel_rms, reorder_rel_rms
 
 
 def coarse_models(cfg, enc, dit, vae, dtype):
@@ -58,7 +59,7 @@ def test_coarse_stage_gives_sorted_in_range_deterministic_index(models):
     R = cfg.dense_dit.resolution * 4
     assert R == cfg.sparse_dit_512.resolution == structure.grid  # the index lands on the 512 stage's latent grid
     c = structure.coords
-    assert c.dtype == torch.int32 and c.ndim == 2 and c.shape[1] == 4 and 0 < len(c) < R ** 3
+    assert c.dtype == torch.int32 and c.ndim == 2 and c.shape[1] == 4 and 0 < len(c) < R**3
     assert (c[:, 0] == 0).all() and c[:, 1:].min() >= 0 and c[:, 1:].max() < R
     assert torch.equal(c, sort_block(c, cfg.sparse_dit_512.selection_block_size)[0])
     assert len(torch.unique(c, dim=0)) == len(c)
@@ -118,8 +119,9 @@ def test_matches_the_original_pipeline_on_the_tiny_config():
     from safetensors.torch import load_file
 
     data = Path(__file__).parent / "data"
-    spec = importlib.util.spec_from_file_location("make_coarse_stage_golden",
-                                                  GENERATORS / "make_coarse_stage_golden.py")
+    spec = importlib.util.spec_from_file_location(
+        "make_coarse_stage_golden", GENERATORS / "make_coarse_stage_golden.py"
+    )
     gen = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(gen)
     ref = load_file(str(data / "coarse_stage_tiny_original.safetensors"))
@@ -138,7 +140,9 @@ def test_matches_the_original_pipeline_on_the_tiny_config():
     assert rel_rms(cond, ref["out.cond"]) < reorder_rel_rms(k=256, depth=9)
     # the pipeline's dense stage: item 0 draws its noise from a CPU generator seeded NOISE_SEED, as the recording
     m = coarse_models(cfg, enc.eval(), dit.eval(), vae, torch.float16)
-    cond_in = Conditioning(ref["out.cond"], torch.ones(1, 1, 1, dtype=torch.bool))  # patch_mask: read by v1.0 sparse only
+    cond_in = Conditioning(
+        ref["out.cond"], torch.ones(1, 1, 1, dtype=torch.bool)
+    )  # patch_mask: read by v1.0 sparse only
     latent = pipeline.sample_dense(m, cond_in, gen.NOISE_SEED, gen.STEPS, gen.GUIDANCE).latents
     # Same fp16 noise draw, fp16-rounded timesteps, CFG order and Euler step as the original (each pinned exactly
     # in test_parity_coarse.py): bitwise equal on the recording CPU. Elsewhere the fp16 DiT's GEMMs (fp32
@@ -159,5 +163,5 @@ def test_matches_the_original_pipeline_on_the_tiny_config():
     theirs[tuple(ref["out.index"][:, 1:].T)] = True
     tol = reorder_rel_rms(k=32 * 27, depth=12, store=torch.float16)  # tiny decoder: 32 channels x 27 taps, 12 layers
     sure = (logits - torch.logit(torch.tensor(0.1))).abs() > 4 * tol * logits.pow(2).mean().sqrt()
-    assert sure.float().mean() > 0.9 and 0 < int(theirs.sum()) < 16 ** 3
+    assert sure.float().mean() > 0.9 and 0 < int(theirs.sum()) < 16**3
     assert torch.equal(ours[sure], theirs[sure]), f"{int((ours != theirs)[sure].sum())} voxels differ"

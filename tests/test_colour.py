@@ -8,6 +8,7 @@ average and 0.12 at worst (bilinear sampling of a 512 px frame of a smooth field
 hidden colours continuous: no edge jump larger than twice the true field's largest, and inside the range of
 the seen colours (a harmonic fill cannot leave it).
 """
+
 import math
 
 import numpy as np
@@ -42,15 +43,18 @@ def shape():
     return v, f, shape_colours(v)
 
 
-@pytest.mark.parametrize("az,el,fov", [(35.0, 20.0, 30.0), (200.0, -10.0, 0.0)], ids=["persp-az35-el20", "ortho-az200-el-10"])
+@pytest.mark.parametrize(
+    "az,el,fov", [(35.0, 20.0, 30.0), (200.0, -10.0, 0.0)], ids=["persp-az35-el20", "ortho-az200-el-10"]
+)
 def test_recovers_camera_and_colours(shape, az, el, fov):
     v, f, truth = shape
     radius = float(v.norm(dim=1).max())
     camera = Camera(az, el, fov, (0.0, 0.0, 0.0), radius, 110.0, 150.0, 135.0, 290, 270)
     image, mask = _picture(v, f, truth, camera)
     steps = []
-    out, (report,) = colour_mesh(results.Mesh.from_list([(v, f)]), image, mask, frame=512,
-                                 callback=lambda i, n: steps.append((i, n)))
+    out, (report,) = colour_mesh(
+        results.Mesh.from_list([(v, f)]), image, mask, frame=512, callback=lambda i, n: steps.append((i, n))
+    )
     found = report.camera
     assert _angle(found.azimuth, az) <= 5 and abs(found.elevation - el) <= 5, report.describe()
     assert report.iou > 0.97 and "IoU" in report.describe()

@@ -1,6 +1,7 @@
 """The Colour From Image node with ComfyUI stubbed (tests/stubs): a core-style MESH and LoadImage's
 1 - alpha MASK in, a MESH with `vertex_colors`, the camera text and a preview out; Save Mesh then writes
 the colours as GLB COLOR_0, which trimesh reads back exactly (8-bit rounding of the node's colours)."""
+
 from types import SimpleNamespace
 
 import numpy as np
@@ -14,8 +15,8 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 
 def test_colour_node_then_save(pack, tmp_path):
-    import trimesh
     import comfy.utils
+    import trimesh
 
     v, f = bumpy_shape(20)
     cam = Camera(-40.0, 15.0, 0.0, (0.0, 0.0, 0.0), float(v.norm(dim=1).max()), 70.0, 80.0, 80.0, 160, 160)
@@ -24,8 +25,9 @@ def test_colour_node_then_save(pack, tmp_path):
     mesh = SimpleNamespace(vertices=v[None], faces=f[None])  # core MESH: no counts, no info
     node = pack.NODE_CLASS_MAPPINGS["D3DS2ColourFromImage"]
     comfy.utils.updates.clear()
-    out = getattr(node(), node.FUNCTION)(mesh=mesh, image=picture[None], mask=1.0 - alpha[None],
-                                         mask_is_background=True, mirror_symmetry=True)
+    out = getattr(node(), node.FUNCTION)(
+        mesh=mesh, image=picture[None], mask=1.0 - alpha[None], mask_is_background=True, mirror_symmetry=True
+    )
     coloured, text, preview = out["result"] if isinstance(out, dict) else out
     assert coloured.vertex_colors.shape == (1, v.shape[0], 3) and "silhouette IoU" in text and "mesh 0" in text
     assert preview.shape == (1, 512, 512, 3) and preview.min() >= 0 and preview.max() <= 1

@@ -1,4 +1,5 @@
 """Dense DiT: strict loading of the official layout, precision policy, embeddings, shapes."""
+
 import math
 
 import pytest
@@ -22,8 +23,9 @@ def test_state_dict_layout_equals_manifest():
 def test_strict_load_of_official_layout():
     # every checkpoint tensor as a shape-only meta tensor (560M random values would be most of the time and
     # cannot matter to a strict load), one with real values to show it lands under its own name
-    sd = {s.name: torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta")
-          for s in manifest("model_dense.dit")}
+    sd = {
+        s.name: torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta") for s in manifest("model_dense.dit")
+    }
     name = "blocks.23.adaLN_modulation.1.weight"
     sd[name] = deterministic_tensor(name, tuple(sd[name].shape), sd[name].dtype, 0)
     with torch.device("meta"):
@@ -42,8 +44,8 @@ def test_position_table_formula():
     R, C = 3, 20
     F_ = C // 6
     table = absolute_position_table(R, C)
-    assert table.shape == (R ** 3, C) and table.dtype == torch.float32
-    for r in range(R ** 3):
+    assert table.shape == (R**3, C) and table.dtype == torch.float32
+    for r in range(R**3):
         i, j, k = r // (R * R), (r // R) % R, r % R
         row = []
         for p in (i, j, k):

@@ -1,4 +1,5 @@
 """Dense VAE: strict loading of the official layout, precision policy, pixel shuffle, shapes."""
+
 import pytest
 import torch
 
@@ -16,9 +17,14 @@ def test_strict_load_of_official_layout():
     sd = deterministic_state_dict("model_dense.vae")
     vae.load_state_dict(sd, strict=True, assign=True)
     # decoder: every conv fp16, norms fp32; encoder: torso fp16, input/out layers fp32 (SPEC §7.2-7.3)
-    assert vae.decoder.input_layer.weight.dtype == torch.float16 and vae.decoder.out_layer[2].weight.dtype == torch.float16
+    assert (
+        vae.decoder.input_layer.weight.dtype == torch.float16 and vae.decoder.out_layer[2].weight.dtype == torch.float16
+    )
     assert vae.decoder.out_layer[0].weight.dtype == torch.float32
-    assert vae.encoder.input_layer.weight.dtype == torch.float32 and vae.encoder.blocks[0].conv1.weight.dtype == torch.float16
+    assert (
+        vae.encoder.input_layer.weight.dtype == torch.float32
+        and vae.encoder.blocks[0].conv1.weight.dtype == torch.float16
+    )
     assert torch.equal(vae.decoder.blocks[9].conv.weight, sd["decoder.blocks.9.conv.weight"])
     sd["decoder.extra.weight"] = torch.zeros(1)
     with pytest.raises(RuntimeError, match="Unexpected key"):
@@ -59,6 +65,11 @@ def test_set_dtype_restores_the_precision_policy_after_assign_load():
         vae = DenseVAE(tiny_release().dense_vae, dtype=torch.float16)
     vae.load_state_dict(deterministic_state_dict(vae, dtype=torch.float32), strict=True, assign=True)
     vae.set_dtype(torch.float16)
-    assert vae.decoder.input_layer.weight.dtype == torch.float16 and vae.decoder.out_layer[0].weight.dtype == torch.float32
-    assert vae.encoder.input_layer.weight.dtype == torch.float32 and vae.encoder.blocks[0].conv2.weight.dtype == torch.float16
+    assert (
+        vae.decoder.input_layer.weight.dtype == torch.float16 and vae.decoder.out_layer[0].weight.dtype == torch.float32
+    )
+    assert (
+        vae.encoder.input_layer.weight.dtype == torch.float32
+        and vae.encoder.blocks[0].conv2.weight.dtype == torch.float16
+    )
     assert vae.encoder.out_layer[2].weight.dtype == torch.float32

@@ -1,30 +1,52 @@
 """DINOv2-reg: torch-hub and Hugging Face checkpoint layouts, position table, conditioner outputs."""
+
 from dataclasses import replace
 
 import pytest
 import torch
+from conftest import MANIFESTS
 
 from s2core.config import ImageEncoderConfig, tiny_release
 from s2core.dinov2 import HF_TO_HUB, DinoV2, ImageConditioner, hub_state_dict
 from s2core.manifest import read_manifest_tsv
 from s2core.testing import deterministic_state_dict
 
-from conftest import MANIFESTS
-
 HUB_TSV = MANIFESTS / "dinov2_vitl14_reg4.tsv"
 
 # Key names of transformers' Dinov2WithRegistersModel (modeling_dinov2_with_registers.py): embeddings.*,
 # encoder.layer.N.{norm1, attention.attention.{query,key,value}, attention.output.dense, layer_scale1.lambda1,
 # norm2, mlp.fc1, mlp.fc2, layer_scale2.lambda1}, layernorm.
-HF_EMBEDDINGS = {"embeddings.cls_token", "embeddings.mask_token", "embeddings.register_tokens",
-                 "embeddings.position_embeddings", "embeddings.patch_embeddings.projection.weight",
-                 "embeddings.patch_embeddings.projection.bias"}
-HF_LAYER0 = {f"encoder.layer.0.{n}" for n in (
-    "norm1.weight", "norm1.bias", "attention.attention.query.weight", "attention.attention.query.bias",
-    "attention.attention.key.weight", "attention.attention.key.bias", "attention.attention.value.weight",
-    "attention.attention.value.bias", "attention.output.dense.weight", "attention.output.dense.bias",
-    "layer_scale1.lambda1", "norm2.weight", "norm2.bias", "mlp.fc1.weight", "mlp.fc1.bias", "mlp.fc2.weight",
-    "mlp.fc2.bias", "layer_scale2.lambda1")}
+HF_EMBEDDINGS = {
+    "embeddings.cls_token",
+    "embeddings.mask_token",
+    "embeddings.register_tokens",
+    "embeddings.position_embeddings",
+    "embeddings.patch_embeddings.projection.weight",
+    "embeddings.patch_embeddings.projection.bias",
+}
+HF_LAYER0 = {
+    f"encoder.layer.0.{n}"
+    for n in (
+        "norm1.weight",
+        "norm1.bias",
+        "attention.attention.query.weight",
+        "attention.attention.query.bias",
+        "attention.attention.key.weight",
+        "attention.attention.key.bias",
+        "attention.attention.value.weight",
+        "attention.attention.value.bias",
+        "attention.output.dense.weight",
+        "attention.output.dense.bias",
+        "layer_scale1.lambda1",
+        "norm2.weight",
+        "norm2.bias",
+        "mlp.fc1.weight",
+        "mlp.fc1.bias",
+        "mlp.fc2.weight",
+        "mlp.fc2.bias",
+        "layer_scale2.lambda1",
+    )
+}
 
 
 def hf_state_dict(hub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -44,7 +66,9 @@ def hf_state_dict(hub: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def meta_hub_state_dict():
-    return {s.name: torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta") for s in read_manifest_tsv(HUB_TSV)}
+    return {
+        s.name: torch.empty(s.shape, dtype=getattr(torch, s.dtype), device="meta") for s in read_manifest_tsv(HUB_TSV)
+    }
 
 
 def test_hub_layout_equals_manifest():
@@ -88,10 +112,12 @@ def test_hf_and_hub_layouts_give_identical_models():
     assert back.keys() == hub.keys() and all(torch.equal(back[k], hub[k]) for k in hub)
     # query/key/value are the three row blocks of the hub's packed qkv
     C = cfg.embed_dim
-    assert torch.equal(hf["encoder.layer.1.attention.attention.key.weight"], hub["blocks.1.attn.qkv.weight"][C:2 * C])
+    assert torch.equal(hf["encoder.layer.1.attention.attention.key.weight"], hub["blocks.1.attn.qkv.weight"][C : 2 * C])
     enc_hf = ImageConditioner(cfg)
     enc.load_backbone(hub)
-    enc_hf.load_backbone({"dinov2_with_registers." + k: v for k, v in hf.items()} | {"classifier.weight": torch.zeros(3)})
+    enc_hf.load_backbone(
+        {"dinov2_with_registers." + k: v for k, v in hf.items()} | {"classifier.weight": torch.zeros(3)}
+    )
     x = torch.rand(1, 3, cfg.size, cfg.size, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         assert torch.equal(enc.eval()(x)[0], enc_hf.eval()(x)[0])

@@ -1,12 +1,13 @@
 """Issue 15 item 4: an empty mesh is stopped where it appears, in one sentence naming the stage and what to
 change. It used to flow on until core SaveGLB raised "zero-size array to reduction operation maximum which
 has no identity" (or, in the chain, until Mesh To Structure said "Mesh 0 has no faces")."""
+
 import pytest
 import torch
+from tiny_chain import latent, models  # noqa: F401 (fixtures)
 
 from s2core import pipeline as P
 from s2core import results
-from tiny_chain import latent, models  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -15,8 +16,11 @@ EMPTY = (torch.zeros(0, 3), torch.zeros(0, 3, dtype=torch.int64))
 
 def test_decode_without_surface_names_the_stage(models, latent, monkeypatch):
     monkeypatch.setattr(P, "meshes_from_sparse_sdf", lambda *a, **k: [EMPTY])
-    with pytest.raises(ValueError, match=r"^The mesh is empty because the 512 stage's field has no surface at level "
-                                         r"0\.3; try another seed or threshold\.$"):
+    with pytest.raises(
+        ValueError,
+        match=r"^The mesh is empty because the 512 stage's field has no surface at level "
+        r"0\.3; try another seed or threshold\.$",
+    ):
         P.decode_sparse(models, latent, refine=False, threshold=0.3)
 
 

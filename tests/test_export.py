@@ -1,4 +1,5 @@
 """Mesh files: formats round-trip, axis convention, atomic no-overwrite writes, ComfyUI-style names, extras."""
+
 import json
 import struct
 
@@ -56,7 +57,7 @@ def test_glb_extras(tmp_path):
     magic, _, _ = struct.unpack("<4sII", data[:12])
     n, kind = struct.unpack("<I4s", data[12:20])
     assert magic == b"glTF" and kind == b"JSON"
-    tree = json.loads(data[20:20 + n])
+    tree = json.loads(data[20 : 20 + n])
     assert tree["asset"]["extras"] == extras
     assert len(trimesh.load(path, force="mesh", process=False).faces) == 4
 
@@ -73,14 +74,16 @@ def test_never_overwrites_and_atomic(tmp_path, monkeypatch):
 
     def boom(*a, **k):
         raise OSError("disk full")
+
     monkeypatch.setattr(os, "fsync", boom)
     with pytest.raises(OSError, match="disk full"):
         write_atomic(b"x" * 100, tmp_path / "b.glb")
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.obj"]
 
 
-@pytest.mark.parametrize("prefix", ["../evil", "mesh/../../evil", "/abs/evil", "\\\\server\\share\\x",
-                                    "C:\\evil", "c:evil", "", "mesh/"])
+@pytest.mark.parametrize(
+    "prefix", ["../evil", "mesh/../../evil", "/abs/evil", "\\\\server\\share\\x", "C:\\evil", "c:evil", "", "mesh/"]
+)
 def test_prefix_cannot_escape(prefix):
     with pytest.raises(ValueError, match="filename_prefix"):
         check_filename_prefix(prefix)

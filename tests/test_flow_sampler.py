@@ -1,15 +1,20 @@
 """Flow-matching Euler sampler: schedule vs. SPEC.md §6 test vectors, hooks, CFG wiring, noise."""
+
 import pytest
 import torch
 
 from s2core.flow_sampler import flow_schedule, make_noise, sample_flow, seeded_generator
 
 
-@pytest.mark.parametrize("n,shift,first,last,last_sigma", [
-    (50, 6.0, [1000.0, 996.5608, 993.0013, 989.3149, 985.4949], [226.5382, 139.2569, 34.7826], 0.0347826071),
-    (30, 6.0, [1000.0, 994.1192, 987.8821, 981.2553, 974.2010], [325.7593, 201.0283, 34.7826], 0.0347826071),
-    (15, 8.0, [1000.0, 990.5568, 979.7769, 967.3547, 952.8840], [584.7305, 406.3086, 60.2070], 0.0602069683),
-], ids=["n50-s6", "n30-s6", "n15-s8"])
+@pytest.mark.parametrize(
+    "n,shift,first,last,last_sigma",
+    [
+        (50, 6.0, [1000.0, 996.5608, 993.0013, 989.3149, 985.4949], [226.5382, 139.2569, 34.7826], 0.0347826071),
+        (30, 6.0, [1000.0, 994.1192, 987.8821, 981.2553, 974.2010], [325.7593, 201.0283, 34.7826], 0.0347826071),
+        (15, 8.0, [1000.0, 990.5568, 979.7769, 967.3547, 952.8840], [584.7305, 406.3086, 60.2070], 0.0602069683),
+    ],
+    ids=["n50-s6", "n30-s6", "n15-s8"],
+)
 def test_schedule_matches_spec_vectors(n, shift, first, last, last_sigma):
     s = flow_schedule(n, shift)
     assert s.timesteps.dtype == torch.float32 and s.timesteps.shape == (n,) and s.sigmas.shape == (n + 1,)
@@ -30,6 +35,7 @@ def _linear_model(calls):
     def model(x, t, cond):
         calls.append((t.clone(), cond))
         return 0.1 * x + (1.0 if cond == "c" else -1.0)
+
     return model
 
 
@@ -37,8 +43,15 @@ def test_cfg_runs_cond_then_uncond_and_combines():
     calls, inputs = [], []
     model = _linear_model(calls)
     x0 = torch.randn(2, 3, dtype=torch.float16)
-    out = sample_flow(lambda x, t, c: (inputs.append(x.clone()), model(x, t, c))[1], x0, "c", "u",
-                      num_steps=3, shift=6.0, guidance=7.0)
+    out = sample_flow(
+        lambda x, t, c: (inputs.append(x.clone()), model(x, t, c))[1],
+        x0,
+        "c",
+        "u",
+        num_steps=3,
+        shift=6.0,
+        guidance=7.0,
+    )
     assert [c for _, c in calls] == ["c", "u"] * 3 and out.dtype == torch.float16
     # step 0 by hand: v = v_u + 7 (v_c - v_u); x1 = x0 + (σ1 - σ0) v, dt·v in fp16 as diffusers computes it
     s = flow_schedule(3, 6.0)
@@ -66,8 +79,9 @@ def test_timestep_is_rounded_to_latent_dtype():
 
 def test_callback_and_cancel_hooks():
     seen = []
-    sample_flow(_linear_model([]), torch.zeros(3), "c", "u", num_steps=5, shift=6.0,
-                callback=lambda i, n: seen.append((i, n)))
+    sample_flow(
+        _linear_model([]), torch.zeros(3), "c", "u", num_steps=5, shift=6.0, callback=lambda i, n: seen.append((i, n))
+    )
     assert seen == [(i, 5) for i in range(1, 6)]
 
     class Stop(Exception):

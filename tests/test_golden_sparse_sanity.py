@@ -2,26 +2,49 @@
 names/shapes, and the single-layer fixtures re-derived from SPARSE.md semantics with a tiny reference
 written here. The conv check is what proves that the spconv run of the original saw our torchsparse-layout
 weights correctly permuted: a slice-swap of the kernel must break it."""
+
 import json
 
 import pytest
 import torch
+from conftest import GOLDEN, MANIFESTS, golden, golden_path
 
 from s2core.manifest import read_manifest_tsv
 from s2core.testing import golden_state_dict
 
-from conftest import GOLDEN, MANIFESTS, golden, golden_path
-
 SPARSE_FIXTURES = [
-    "sparse_conv__k3", "sparse_conv__k1", "sparse_downsample__mean", "sparse_subdivide__x2",
-    "ssa__v11_512", "ssa__v11_512_shift4", "ssa__v10_1024",
-    "sparse_dit_512__v11_2blocks", "sparse_dit_1024__v11_2blocks",
-    "sparse_dit_512__v11_2blocks_fewblocks", "sparse_dit_1024__v11_2blocks_fewblocks",
-    "sparse_vae_512__decode", "sparse_vae_1024__decode_chunked",
-    "refiner__cube16", "refiner_1024__cube32",
+    "sparse_conv__k3",
+    "sparse_conv__k1",
+    "sparse_downsample__mean",
+    "sparse_subdivide__x2",
+    "ssa__v11_512",
+    "ssa__v11_512_shift4",
+    "ssa__v10_1024",
+    "sparse_dit_512__v11_2blocks",
+    "sparse_dit_1024__v11_2blocks",
+    "sparse_dit_512__v11_2blocks_fewblocks",
+    "sparse_dit_1024__v11_2blocks_fewblocks",
+    "sparse_vae_512__decode",
+    "sparse_vae_1024__decode_chunked",
+    "refiner__cube16",
+    "refiner_1024__cube32",
 ]
-REQUIRED = ("component", "config_name", "config", "seed", "weights_specs", "input_seed", "dtype", "device",
-            "upstream_commit", "command", "date", "stand_ins", "tensors", "notes")
+REQUIRED = (
+    "component",
+    "config_name",
+    "config",
+    "seed",
+    "weights_specs",
+    "input_seed",
+    "dtype",
+    "device",
+    "upstream_commit",
+    "command",
+    "date",
+    "stand_ins",
+    "tensors",
+    "notes",
+)
 
 # fixture -> (manifest, prefix prepended to the fixture's names, whole manifest expected?)
 MANIFEST_OF = {
@@ -45,6 +68,7 @@ def test_sidecar_complete(name):
     assert all(k in meta for k in REQUIRED), [k for k in REQUIRED if k not in meta]
     assert f"{meta['component']}__{meta['config_name']}" == name
     from safetensors import safe_open
+
     with safe_open(str(GOLDEN / f"{name}.safetensors"), "pt") as f:
         keys = set(f.keys())
     assert keys == set(meta["tensors"]), keys ^ set(meta["tensors"])
@@ -68,6 +92,7 @@ def test_weights_specs_are_official(name):
 
 # ---------------------------------------------------------------------------------------------
 # Tiny references (torchsparse semantics, SPARSE.md sections 2.1-2.4)
+
 
 def _subm_conv_reference(feats, coords, kernel, bias):
     """out[p] = bias + sum_k [p + off(k) active] in[p + off(k)] @ kernel[k], k = (dx+1) + 3(dy+1) + 9(dz+1)."""
@@ -139,6 +164,7 @@ def test_subdivide_fixture_order():
 # Tolerance: the original works in fp16 (q/k/v projections, fp16 outputs), the reference in fp32 from the
 # same fp16 values, so differences are a few fp16 ulps of values of magnitude <= ~5.
 
+
 def _ssa_inputs(t, meta):
     w = {k: v.float() for k, v in golden_state_dict(meta).items()}
     x, c = t["in.feats"].float(), t["in.coords"].long()
@@ -152,7 +178,7 @@ def _ssa_inputs(t, meta):
 def _masked_attention(q, k, v, allowed):
     """q [N,32,d], k/v [M,2,d], allowed [2 or 1, N, M] bool -> out [N,32,d], lse [32,N] (GQA h -> h // 16)."""
     kk, vv = k.repeat_interleave(16, 1), v.repeat_interleave(16, 1)
-    s = torch.einsum("nhd,mhd->hnm", q, kk) / 32 ** 0.5
+    s = torch.einsum("nhd,mhd->hnm", q, kk) / 32**0.5
     mask = allowed.repeat_interleave(16, 0) if allowed.shape[0] == 2 else allowed
     s = s.masked_fill(~mask, float("-inf"))
     lse = torch.logsumexp(s, -1)
@@ -183,8 +209,10 @@ def test_ssa_fixture_branches_recompute(name):
         cbs = p["compression_block_size"]
         pe = w["intra_block_pe"][c[:, 1] % cbs, c[:, 2] % cbs, c[:, 3] % cbs]
         for key, feats in (("key", k.reshape(-1, 64) + pe), ("value", v.reshape(-1, 64))):
-            h = torch.nn.functional.silu(feats @ w[f"compression_{key}.act_layers.0.conv.kernel"]
-                                         + w[f"compression_{key}.act_layers.0.conv.bias"])
+            h = torch.nn.functional.silu(
+                feats @ w[f"compression_{key}.act_layers.0.conv.kernel"]
+                + w[f"compression_{key}.act_layers.0.conv.bias"]
+            )
             parent = torch.cat([c[:, :1], c[:, 1:] // cbs], 1)
             uniq, inv = torch.unique(parent, dim=0, return_inverse=True)
             assert torch.equal(uniq, cc)
@@ -202,7 +230,7 @@ def test_ssa_fixture_branches_recompute(name):
     M_off = torch.cat([torch.zeros(1, dtype=torch.long), torch.bincount(cc[:, 0]).cumsum(0)])
     for s_idx in range(int(b.max()) + 1):
         rows = (b == s_idx).nonzero().squeeze(1)
-        cells = cc[M_off[s_idx]:M_off[s_idx + 1]]
+        cells = cc[M_off[s_idx] : M_off[s_idx + 1]]
         sc = score[:, rows, : len(cells)]
         if sbs != cbs:  # v1.0: sum the cells of each selection block, occupied blocks in ascending order
             blk = cells[:, 1:] // (sbs // cbs)
@@ -219,7 +247,7 @@ def test_ssa_fixture_branches_recompute(name):
     for s_idx in range(int(b.max()) + 1):
         rows = (b == s_idx).nonzero().squeeze(1)
         local[rows] = torch.unique(blk[rows], dim=0, return_inverse=True)[1]
-    chosen = (topk[:, :, :, None] == local[None, None, None, :]).any(2)   # [2, N, N]
+    chosen = (topk[:, :, :, None] == local[None, None, None, :]).any(2)  # [2, N, N]
     o_slc, _ = _masked_attention(q, k, v, chosen & same_sample[None])
     _close(o_slc, t["mid.o_slc"], 6e-2)  # the Triton kernel rounds the softmax numerators to fp16 before P.V
 
@@ -232,8 +260,11 @@ def test_ssa_fixture_branches_recompute(name):
 
     # output projection of the gated sum of the recorded branches
     g = t["mid.gate"].float()
-    mix = g[:, :1, None] * t["mid.o_cmp"].float() + g[:, 1:2, None] * t["mid.o_slc"].float() \
+    mix = (
+        g[:, :1, None] * t["mid.o_cmp"].float()
+        + g[:, 1:2, None] * t["mid.o_slc"].float()
         + g[:, 2:3, None] * t["mid.o_win"].float()
+    )
     _close(mix.reshape(len(c), -1) @ w["proj_o.weight"].T, t["out.feats"], 5e-2)
 
 

@@ -1,14 +1,14 @@
 """Image preprocessing (SPEC.md §4.2): official geometry and compositing, input forms, validation errors."""
+
 import logging
 
 import numpy as np
 import pytest
 import torch
+from conftest import GENERATORS
 from PIL import Image
 
 from s2core.image import preprocess_image
-
-from conftest import GENERATORS
 
 
 def scene(W=200, H=120, box=(50, 40, 150, 80), color=(220, 30, 10), alpha=255):
@@ -52,12 +52,12 @@ def test_comfy_tensors_match_pil_rgba():
     arr = scene()
     ref = preprocess_image(Image.fromarray(arr))
     image = torch.from_numpy(arr[..., :3].astype(np.float32) / 255.0)[None]  # ComfyUI IMAGE [1, H, W, 3]
-    alpha = torch.from_numpy(arr[..., 3].astype(np.float32) / 255.0)[None]   # [1, H, W], 1 = object
+    alpha = torch.from_numpy(arr[..., 3].astype(np.float32) / 255.0)[None]  # [1, H, W], 1 = object
     assert torch.equal(preprocess_image(image, alpha), ref)
     assert torch.equal(preprocess_image(image, 1.0 - alpha, invert_mask=True), ref)  # LoadImage's MASK
     rgba = torch.from_numpy(arr.astype(np.float32) / 255.0)[None]
-    assert torch.equal(preprocess_image(rgba), ref)                                  # IMAGE with alpha channel
-    assert torch.equal(preprocess_image(arr), ref)                                   # uint8 NumPy RGBA
+    assert torch.equal(preprocess_image(rgba), ref)  # IMAGE with alpha channel
+    assert torch.equal(preprocess_image(arr), ref)  # uint8 NumPy RGBA
 
 
 def test_loadimage_mask_without_invert_is_flagged(caplog):
@@ -105,17 +105,21 @@ def test_batch_with_one_shared_mask_and_small_size():
     assert out.shape == (2, 4, 56, 56) and torch.equal(out[0], out[1])
 
 
-@pytest.mark.parametrize("image,mask,message", [
-    (torch.ones(1, 32, 32, 3), torch.zeros(1, 32, 32), "mask is empty"),
-    (Image.fromarray(np.zeros((32, 32, 4), np.uint8)), None, "mask is empty"),
-    (torch.ones(1, 32, 48, 3), torch.ones(1, 64, 64), "mask is 64x64 but the image is 48x32"),
-    (torch.ones(2, 32, 32, 3), torch.ones(3, 32, 32), "mask batch has 3 masks but the image batch has 2"),
-    (torch.ones(1, 1, 1, 3), None, "only 1x1 pixels"),
-    (torch.ones(1, 32, 32, 5), None, "5 channels"),
-    (torch.full((1, 32, 32, 3), float("nan")), None, "image contains NaN"),
-    (torch.ones(1, 32, 32, 3), torch.full((1, 32, 32), float("nan")), "mask contains NaN"),
-    ("photo.png", None, "must be a ComfyUI IMAGE"),
-], ids=["empty-mask", "transparent-rgba", "mask-size", "batch", "1x1", "channels", "nan-image", "nan-mask", "type"])
+@pytest.mark.parametrize(
+    "image,mask,message",
+    [
+        (torch.ones(1, 32, 32, 3), torch.zeros(1, 32, 32), "mask is empty"),
+        (Image.fromarray(np.zeros((32, 32, 4), np.uint8)), None, "mask is empty"),
+        (torch.ones(1, 32, 48, 3), torch.ones(1, 64, 64), "mask is 64x64 but the image is 48x32"),
+        (torch.ones(2, 32, 32, 3), torch.ones(3, 32, 32), "mask batch has 3 masks but the image batch has 2"),
+        (torch.ones(1, 1, 1, 3), None, "only 1x1 pixels"),
+        (torch.ones(1, 32, 32, 5), None, "5 channels"),
+        (torch.full((1, 32, 32, 3), float("nan")), None, "image contains NaN"),
+        (torch.ones(1, 32, 32, 3), torch.full((1, 32, 32), float("nan")), "mask contains NaN"),
+        ("photo.png", None, "must be a ComfyUI IMAGE"),
+    ],
+    ids=["empty-mask", "transparent-rgba", "mask-size", "batch", "1x1", "channels", "nan-image", "nan-mask", "type"],
+)
 def test_validation_errors(image, mask, message):
     with pytest.raises(ValueError, match=message):
         preprocess_image(image, mask)
@@ -161,5 +165,5 @@ def test_16k_pixel_side_is_bounded_and_keeps_the_object():
     assert out.shape == (1, 4, 518, 518) and out.isfinite().all()
     k = 518 / 550
     y0, y1, x0, x1 = bbox(out[0, 3])
-    assert abs(y0 - 16 * k) < 2 and abs(y1 + 1 - (16 + 518) * k) < 2   # the long side spans the frame
-    assert x1 - x0 <= 4 and abs((x0 + x1) / 2 - 258.5) < 2              # 16/8192 of the width, centred
+    assert abs(y0 - 16 * k) < 2 and abs(y1 + 1 - (16 + 518) * k) < 2  # the long side spans the frame
+    assert x1 - x0 <= 4 and abs((x0 + x1) / 2 - 258.5) < 2  # 16/8192 of the width, centred

@@ -9,6 +9,7 @@
 A relative import is resolved against the file's package; one that climbs above `s2core/` or `kernels/` lands in
 the pack (the repository root), named here without a prefix (`from ..kernels import x` in s2core -> `kernels`).
 """
+
 import ast
 import subprocess
 import sys
@@ -34,7 +35,7 @@ def imports(relpath: str, source: str):
             if node.level == 0:
                 base = node.module or ""
             else:
-                up = package[:len(package) - (node.level - 1)] if node.level - 1 <= len(package) else []
+                up = package[: len(package) - (node.level - 1)] if node.level - 1 <= len(package) else []
                 base = ".".join(up + ([node.module] if node.module else []))
             # `from . import x` / `from .. import kernels`: the names are modules too
             names = [f"{base}.{a.name}" if base else a.name for a in node.names] if not node.module else [base]
@@ -72,7 +73,9 @@ def violations(relpath: str, source: str) -> list[str]:
         if layer == "nodes" and top in ("s2core", "kernels") and not relative:
             bad.append(f"{where}: nodes/ imports the pack relatively (from ..s2core import ...)")
     if layer == "s2core":
-        bad += [f"{relpath}:{line}: s2core/ imports by string (importlib/__import__)" for line in dynamic_imports(source)]
+        bad += [
+            f"{relpath}:{line}: s2core/ imports by string (importlib/__import__)" for line in dynamic_imports(source)
+        ]
     return bad
 
 
@@ -87,21 +90,25 @@ def test_every_layer_keeps_its_import_rules():
     assert not bad, "\n".join(bad)
 
 
-@pytest.mark.parametrize("relpath,source", [
-    ("kernels/raster.py", "from s2core.results import Mesh\n"),
-    ("kernels/raster.py", "from ..s2core import results\n"),
-    ("kernels/ssa_window.py", "from kernels._common import tl\n"),
-    ("s2core/pipeline.py", "import folder_paths\n"),
-    ("s2core/mesh/export.py", "from comfy_api.latest import io\n"),
-    ("s2core/pipeline.py", "from ..nodes import _comfy\n"),
-    ("s2core/ssa.py", "from ..kernels import ssa_window\n"),
-    ("s2core/ssa.py", "import kernels.ssa_window\n"),
-    ("s2core/pipeline.py", "import importlib\n"),
-    ("s2core/pipeline.py", "def f():\n    from importlib import import_module\n"),
-    ("s2core/pipeline.py", "x = __import__('s2core.refiner')\n"),
-    ("nodes/dense.py", "from s2core import pipeline\n"),
-    ("nodes/dense.py", "import kernels\n"),
-], ids=lambda v: v.replace("/", "_").replace("\n", " ").strip()[:40])
+@pytest.mark.parametrize(
+    "relpath,source",
+    [
+        ("kernels/raster.py", "from s2core.results import Mesh\n"),
+        ("kernels/raster.py", "from ..s2core import results\n"),
+        ("kernels/ssa_window.py", "from kernels._common import tl\n"),
+        ("s2core/pipeline.py", "import folder_paths\n"),
+        ("s2core/mesh/export.py", "from comfy_api.latest import io\n"),
+        ("s2core/pipeline.py", "from ..nodes import _comfy\n"),
+        ("s2core/ssa.py", "from ..kernels import ssa_window\n"),
+        ("s2core/ssa.py", "import kernels.ssa_window\n"),
+        ("s2core/pipeline.py", "import importlib\n"),
+        ("s2core/pipeline.py", "def f():\n    from importlib import import_module\n"),
+        ("s2core/pipeline.py", "x = __import__('s2core.refiner')\n"),
+        ("nodes/dense.py", "from s2core import pipeline\n"),
+        ("nodes/dense.py", "import kernels\n"),
+    ],
+    ids=lambda v: v.replace("/", "_").replace("\n", " ").strip()[:40],
+)
 def test_a_planted_violation_is_caught(relpath, source):
     assert violations(relpath, source)
 
@@ -109,8 +116,9 @@ def test_a_planted_violation_is_caught(relpath, source):
 def test_the_allowed_forms_pass():
     assert not violations("s2core/ssa.py", "from ._kernels import ssa_window as _win\n")
     assert not violations("s2core/colour/camera.py", "from .._kernels import raster\nfrom ..hooks import poll\n")
-    assert not violations(KERNELS_DOOR, "try:\n    from ..kernels import raster\nexcept ImportError:\n"
-                                        "    from kernels import raster\n")
+    assert not violations(
+        KERNELS_DOOR, "try:\n    from ..kernels import raster\nexcept ImportError:\n    from kernels import raster\n"
+    )
     assert not violations("nodes/dense.py", "from ..s2core import pipeline\nfrom . import _comfy\nimport comfy.utils\n")
     assert not violations("kernels/ssa_window.py", "from ._common import tl, triton\nimport torch\n")
 
@@ -136,6 +144,17 @@ def test_inside_comfyui_the_pack_uses_its_own_kernels_package():
     """Loaded as ComfyUI loads it (a package from the repository root), every s2core module imports and the
     kernels come from `<pack>.kernels`, never a top-level `kernels` (HuggingFace ships a pip package of that name)."""
     code = PACKAGE_MODE.format(pack=str(REPO / "tests" / "stubs" / "pack.py"))
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO / "tests" / "stubs", capture_output=True,
-                         text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO / "tests" / "stubs", capture_output=True, text=True, timeout=300
+    )
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+MAX_LINES = 450  # a product module is read in one sitting (CONTRIBUTING.md)
+
+
+def test_product_modules_stay_short():
+    files = [p for layer in LAYERS for p in (REPO / layer).rglob("*.py")]
+    assert len(files) > 40, "the layers' modules were not found"
+    long = {str(p.relative_to(REPO)): n for p in files if (n := len(p.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"split these modules (over {MAX_LINES} lines): {long}"

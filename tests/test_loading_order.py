@@ -4,6 +4,7 @@ network, names a corrupt, truncated or wrong-release file with what to do, and f
 Building the official networks costs ~20 s and ~10 GB of RAM, so every test here replaces
 `loading.build_part` by one that fails the test: the error must come before it.
 """
+
 import logging
 import threading
 import time
@@ -51,7 +52,7 @@ def test_missing_files_are_reported_before_any_network_is_built(tmp_path, monkey
 
 
 def test_truncated_release_file_is_named_before_any_network_is_built(tmp_path, no_build):
-    folder = _dense_folder(tmp_path, lambda b: b[:len(b) // 2])
+    folder = _dense_folder(tmp_path, lambda b: b[: len(b) // 2])
     with pytest.raises(ValueError, match=r"model_dense\.ckpt` is not a readable PyTorch checkpoint.*download it again"):
         loading.load_models("v1.1", ("dense",), weights_dir=folder, allow_download=False)
 
@@ -76,7 +77,7 @@ def test_truncated_dinov2_is_named(tmp_path, suffix):
         torch.save(sd, path)
     else:
         save_file(sd, str(path))
-    path.write_bytes(path.read_bytes()[:len(path.read_bytes()) // 2])
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
     with pytest.raises(ValueError, match=rf"`{path}` is not a readable .*download it again"):
         ck.load_dinov2(path)
 

@@ -2,6 +2,7 @@
 
 The TSVs and config files are data from the original release, kept in tests/data/upstream/ (see docs/TESTING.md).
 """
+
 import json
 from dataclasses import fields, replace
 from pathlib import Path
@@ -28,8 +29,9 @@ def release_from_json(path: Path, name: str | None = None) -> ReleaseConfig:
         known = {f.name for f in fields(default)}
         unknown = set(params) - known - IGNORED_PARAMS
         assert not unknown, f"{type(default).__name__} has no field(s) {sorted(unknown)}"
-        comps[comp] = replace(default, **{k: tuple(v) if isinstance(v, list) else v
-                                          for k, v in params.items() if k in known})
+        comps[comp] = replace(
+            default, **{k: tuple(v) if isinstance(v, list) else v for k, v in params.items() if k in known}
+        )
     return replace(base, name=name or Path(path).stem, **comps)
 
 

@@ -7,6 +7,7 @@ against it we check the edge vertices (ours a subset) and a symmetric vertex-to-
 distance below one voxel (a centre vertex is the mean of edge vertices of its own cell). Manifoldness
 and triangle-for-triangle parity in unambiguous cells: test_marching_cubes_manifold.py.
 """
+
 import logging
 import math
 
@@ -14,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 import trimesh
+from conftest import golden
 from skimage import measure
 
-from conftest import golden
 from s2core.mesh.marching_cubes import marching_cubes_naive, marching_cubes_sparse, sparse_sdf_to_mesh
 
 
@@ -49,12 +50,17 @@ def _triangle_set(v, f):
 
 # (inside corners, expected vertices, triangles, outward normal direction, area); corner values -1 in, +1 out
 CANONICAL = {
-    "one-corner": ([0], [(.5, 0, 0), (0, .5, 0), (0, 0, .5)], 1, (1, 1, 1), math.sqrt(3) / 8),
-    "edge": ([0, 1], [(0, .5, 0), (1, .5, 0), (0, 0, .5), (1, 0, .5)], 2, (0, 1, 1), math.sqrt(.5)),
-    "face": ([0, 1, 2, 3], [(0, 0, .5), (1, 0, .5), (0, 1, .5), (1, 1, .5)], 2, (0, 0, 1), 1.0),
-    "three-corners": ([0, 1, 2], [(.5, 1, 0), (1, .5, 0), (0, 0, .5), (1, 0, .5), (0, 1, .5)], 3, (0, 0, 1), None),
-    "opposite-corners": ([0, 7], [(.5, 0, 0), (0, .5, 0), (0, 0, .5), (.5, 1, 1), (1, .5, 1), (1, 1, .5)], 2,
-                         None, math.sqrt(3) / 4),
+    "one-corner": ([0], [(0.5, 0, 0), (0, 0.5, 0), (0, 0, 0.5)], 1, (1, 1, 1), math.sqrt(3) / 8),
+    "edge": ([0, 1], [(0, 0.5, 0), (1, 0.5, 0), (0, 0, 0.5), (1, 0, 0.5)], 2, (0, 1, 1), math.sqrt(0.5)),
+    "face": ([0, 1, 2, 3], [(0, 0, 0.5), (1, 0, 0.5), (0, 1, 0.5), (1, 1, 0.5)], 2, (0, 0, 1), 1.0),
+    "three-corners": ([0, 1, 2], [(0.5, 1, 0), (1, 0.5, 0), (0, 0, 0.5), (1, 0, 0.5), (0, 1, 0.5)], 3, (0, 0, 1), None),
+    "opposite-corners": (
+        [0, 7],
+        [(0.5, 0, 0), (0, 0.5, 0), (0, 0, 0.5), (0.5, 1, 1), (1, 0.5, 1), (1, 1, 0.5)],
+        2,
+        None,
+        math.sqrt(3) / 4,
+    ),
 }
 
 
@@ -112,7 +118,9 @@ def test_vertices_bitwise_equal_to_scikit_image_and_hausdorff(seed):
     # centre vertices on both sides are means of edge vertices of their own cell: within one voxel
     for a, b in [(sk_v, v), (v, sk_v)]:
         extra = np.asarray(sorted(set(map(tuple, a.tolist())) - set(map(tuple, b.tolist()))), np.float32)
-        d = torch.cdist(torch.from_numpy(extra.reshape(-1, 3)).double(), torch.from_numpy(np.ascontiguousarray(b)).double())
+        d = torch.cdist(
+            torch.from_numpy(extra.reshape(-1, 3)).double(), torch.from_numpy(np.ascontiguousarray(b)).double()
+        )
         assert d.numel() == 0 or d.min(1).values.max() < 1.0
 
 
@@ -121,10 +129,10 @@ def test_vertices_bitwise_equal_to_scikit_image_and_hausdorff(seed):
 def test_analytic_shapes_watertight_euler_area(shape, r):
     g = (np.mgrid[:r, :r, :r].astype(np.float64) + 0.5) / r * 2 - 1
     if shape == "sphere":
-        sdf, euler, area = np.sqrt((g ** 2).sum(0)) - 0.6, 2, 4 * math.pi * 0.36
+        sdf, euler, area = np.sqrt((g**2).sum(0)) - 0.6, 2, 4 * math.pi * 0.36
     elif shape == "torus":
         q = np.sqrt(g[0] ** 2 + g[1] ** 2) - 0.5
-        sdf, euler, area = np.sqrt(q ** 2 + g[2] ** 2) - 0.2, 0, 4 * math.pi ** 2 * 0.5 * 0.2
+        sdf, euler, area = np.sqrt(q**2 + g[2] ** 2) - 0.2, 0, 4 * math.pi**2 * 0.5 * 0.2
     else:
         q = np.abs(g) - 0.5
         sdf = np.sqrt((np.maximum(q, 0) ** 2).sum(0)) + np.minimum(q.max(0), 0)
@@ -211,7 +219,7 @@ def test_real_decoder_output_matches_the_originals_sparse2mesh_exactly():
     # dense fp32 grid of +1 (here only up to the object's max corner: the rest is +1 and meshless),
     # Lewiner at 0.2, v / 512 * 2 - 1 in fp32. Our vertices must be bitwise the same set.
     from s2core.sparse import SparseTensor
-    
+
     t, _ = golden("sparse_vae_512__decode")
     sdf, coords = t["out.sdf"], t["out.coords"]
     v, f = sparse_sdf_to_mesh(SparseTensor(sdf, coords), 512, 0.2)[1]

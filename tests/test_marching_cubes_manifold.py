@@ -5,6 +5,7 @@ Before the fix a contour loop crossing an ambiguous face twice was fanned from i
 laid a triangle flat in that face: 5-9 non-manifold edges per ~17k faces on the noisy spheres below
 (0 with scikit-image), the area 1.4% low, and quads split along the other diagonal than Lewiner's.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -102,8 +103,10 @@ def test_unambiguous_cells_match_scikit_image_triangle_for_triangle():
             vol[x, y, z] = rng.uniform(0.1, 1.0) * (-1 if inside[i] else 1)
         sk_v, sk_f, _, _ = measure.marching_cubes(vol, 0.0, method="lewiner")
         want = _oriented_triangles(sk_v.astype(np.float32), sk_f)
-        for v, f in [marching_cubes_naive(vol, 0.0),
-                     [t.numpy() for t in marching_cubes_sparse(*_sparse(vol, np.ones(vol.shape, bool)), 2, 0.0)]]:
+        for v, f in [
+            marching_cubes_naive(vol, 0.0),
+            [t.numpy() for t in marching_cubes_sparse(*_sparse(vol, np.ones(vol.shape, bool)), 2, 0.0)],
+        ]:
             got = _oriented_triangles(v, f)
             if sum(inside) == 4 and len(f) == 4 and got != want:
                 hexagons.append(c)  # same vertices, orientation and count; another split of the hexagon
@@ -140,12 +143,13 @@ def _refined_field(vol_batch, level):
         a = m[:, :-1] & m[:, 1:]
         a = a[:, :, :-1] & a[:, :, 1:]
         return a[:, :, :, :-1] & a[:, :, :, 1:]
+
     cross = ~(cell_all(above) | cell_all(below))
     keep = torch.zeros(v.shape, dtype=torch.bool)
     for a in (0, 1):
         for b in (0, 1):
             for c in (0, 1):
-                keep[:, a:a + R - 1, b:b + R - 1, c:c + R - 1] |= cross
+                keep[:, a : a + R - 1, b : b + R - 1, c : c + R - 1] |= cross
     idx = keep.nonzero()
     keys = ((idx[:, 0] * R + idx[:, 1]) * R + idx[:, 2]) * R + idx[:, 3]
     return RefinedField(keys, v[keep], R, level)
@@ -161,5 +165,5 @@ def test_refiner_mesh_path_is_edge_manifold_across_chunks():
     assert len(meshes) == 2
     for b, (v, f) in enumerate(meshes):
         assert_closed_manifold(v.numpy(), f.numpy())
-        whole, = mesh_refined_field(_refined_field(vols[b:b + 1], level))  # one chunk, one element
+        (whole,) = mesh_refined_field(_refined_field(vols[b : b + 1], level))  # one chunk, one element
         assert _oriented_triangles(v.numpy(), f.numpy()) == _oriented_triangles(whole[0].numpy(), whole[1].numpy())

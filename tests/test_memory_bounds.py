@@ -7,6 +7,7 @@
 (b) `loading.Placement`: which networks are on the compute device during each stage and what goes back to the
     CPU afterwards (recorded by wrapping `Module.to`, so no GPU is needed).
 """
+
 from __future__ import annotations
 
 import pytest
@@ -34,8 +35,9 @@ class LargestTensors(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        inputs = {a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0]
-                  if isinstance(a, torch.Tensor)}
+        inputs = {
+            a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)
+        }
         for t in tree_flatten(out)[0]:
             # views and in-place results share an input's storage: not an allocation
             if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
@@ -58,17 +60,27 @@ def _shell_tokens(res: int, radius: float) -> torch.Tensor:
 def test_1024_stage_allocates_nothing_grid_sized():
     # reduced 1024 stage: latent 32³ → SDF 256³ (official: 128³ → 1024³), VAE chunked 4×4×4 as the official one
     latent_res, R2, slab_rows = 32, 256, 16
-    cfg = SparseVAEConfig(model_channels_decoder=32, num_heads_decoder=1, num_blocks_decoder=1,
-                          model_channels_encoder=32, num_heads_encoder=1, num_blocks_encoder=1,
-                          resolution=latent_res, use_fp16=False, chunk_size=4)
+    cfg = SparseVAEConfig(
+        model_channels_decoder=32,
+        num_heads_decoder=1,
+        num_blocks_decoder=1,
+        model_channels_encoder=32,
+        num_heads_encoder=1,
+        num_blocks_encoder=1,
+        resolution=latent_res,
+        use_fp16=False,
+        chunk_size=4,
+    )
     vae = SparseSDFVAE(cfg).eval()
     vae.load_state_dict(deterministic_state_dict(vae, 0))
     tokens = _shell_tokens(latent_res, 11.0)
     latent = SparseTensor(torch.randn(len(tokens), 16, generator=torch.Generator().manual_seed(0)), tokens, 1)
     # the refiner's UNet is dense per cube by design; its cost is not what is measured here, so the sign
     # network is replaced by the sign of its input (inside where the downsampled SDF is negative)
-    refiner = VoxelRefinerSign(RefinerConfig(patch_size=64, sign=True, use_fp16=False, layers_per_block=1,
-                                             layers_mid_block=0), block_out_channels=(4, 4)).eval()
+    refiner = VoxelRefinerSign(
+        RefinerConfig(patch_size=64, sign=True, use_fp16=False, layers_per_block=1, layers_mid_block=0),
+        block_out_channels=(4, 4),
+    ).eval()
     refiner.forward = lambda sdf: torch.where(sdf < 0, -1.0, 1.0).to(sdf.dtype)
     grid = CubeGrid(R2 // 2, 64, 32)
 
@@ -80,11 +92,11 @@ def test_1024_stage_allocates_nothing_grid_sized():
         with rec_ref:
             field = remove_interior_1024(refiner, sdf, level=0.2, grid=grid, slab_rows=slab_rows)
         with rec_mc:
-            (verts, faces), = mesh_refined_field(field, max_cells=1 << 16)
+            ((verts, faces),) = mesh_refined_field(field, max_cells=1 << 16)
     n_field, n_faces = field.keys.numel(), faces.shape[0]
     assert n_faces > 1000 and n_field > 1000 and n_out > 100_000  # a real surface was decoded and meshed
 
-    dense_fp32 = 4 * R2 ** 3  # the original's CPU marching-cubes grid at this size (64 MiB)
+    dense_fp32 = 4 * R2**3  # the original's CPU marching-cubes grid at this size (64 MiB)
     # (a) VAE: per fine voxel at most the [N, 27] int32 kernel map of the voxels being upsampled, plus
     #     the decoded [N, 4] int32 coordinates (16 B a voxel); both scale with active voxels
     b, op, shape, dtype = rec_vae.largest()
@@ -93,7 +105,7 @@ def test_1024_stage_allocates_nothing_grid_sized():
     #     each), or one refiner cube input (B·P³ in the model dtype)
     slab = 4 * (slab_rows + 1) * R2 * R2
     b, op, shape, dtype = rec_ref.largest()
-    assert b <= max(slab, 8 * n_out, 8 * grid.patch ** 3), f"refiner allocated {b} B ({op} {shape} {dtype})"
+    assert b <= max(slab, 8 * n_out, 8 * grid.patch**3), f"refiner allocated {b} B ({op} {shape} {dtype})"
     # (c) meshing: the [cells, 8] int64 corner lookups of one chunk, or the output faces [F, 3] int64
     b, op, shape, dtype = rec_mc.largest()
     assert b <= max(64 * (1 << 16), 24 * n_faces, 8 * n_field), f"meshing allocated {b} B ({op} {shape} {dtype})"
@@ -135,12 +147,16 @@ def test_activation_estimates_cover_the_measured_peaks():
     sampling_1024 = (3.30 - 0.96) * GiB  # 108,862 tokens, 1024 DiT weights ~0.96 GiB
     decode_1024 = (5.30 - 0.5) * GiB  # VAE + sign refiner weights ~0.5 GiB
     decode_512 = (4.09 - 0.5) * GiB  # 27,126 tokens
-    for need, est in [(sampling_1024, loading.activation_bytes("sparse sampling", tokens=108862)),
-                      (decode_1024, loading.activation_bytes("sparse 1024 decoding", 1, 108862)),
-                      (decode_512, loading.activation_bytes("sparse 512 decoding", 1, 27126))]:
+    for need, est in [
+        (sampling_1024, loading.activation_bytes("sparse sampling", tokens=108862)),
+        (decode_1024, loading.activation_bytes("sparse 1024 decoding", 1, 108862)),
+        (decode_512, loading.activation_bytes("sparse 512 decoding", 1, 27126)),
+    ]:
         assert need <= est <= 2 * need, (need / GiB, est / GiB)
     # linear in tokens and samples: twice the work asks twice the room
-    assert loading.activation_bytes("sparse sampling", tokens=2000) == 2 * loading.activation_bytes("sparse sampling", tokens=1000)
+    assert loading.activation_bytes("sparse sampling", tokens=2000) == 2 * loading.activation_bytes(
+        "sparse sampling", tokens=1000
+    )
     assert loading.activation_bytes("dense sampling", 4) == 4 * loading.activation_bytes("dense sampling", 1)
 
 
@@ -188,8 +204,14 @@ def test_one_stage_on_the_device_at_a_time(dense_models, monkeypatch, offload):
     P.decode_dense(dense_models, latent)
     stages = [("image_encoder", "device"), ("dense_dit", "device"), ("dense_vae", "device")]
     if offload:  # each network goes to the device for its stage and back to the CPU right after
-        assert placement.log == [stages[0], ("image_encoder", "cpu"), stages[1], ("dense_dit", "cpu"),
-                                 stages[2], ("dense_vae", "cpu")]
+        assert placement.log == [
+            stages[0],
+            ("image_encoder", "cpu"),
+            stages[1],
+            ("dense_dit", "cpu"),
+            stages[2],
+            ("dense_vae", "cpu"),
+        ]
         assert max(len(s) for s in placement.max_on_device) == 1 and not placement.on_device
     else:  # resident: moved once per stage, never back
         assert placement.log == stages

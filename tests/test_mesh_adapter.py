@@ -4,6 +4,7 @@ exists, a look-alike otherwise, driven here through the access pattern of core's
 writer's attribute reads). Also: any core MESH goes into our nodes (UVs, colours, padded batches), Save
 writes each batch item without padding, and the axis conversion round-trips exactly.
 """
+
 import copy
 import importlib.util
 import inspect
@@ -13,7 +14,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import stubs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
@@ -50,11 +50,14 @@ def two_meshes(P):
     """A batch of two meshes of different sizes (a tetrahedron and a cube), in the original's frame."""
     import trimesh
 
-    tet_v = torch.tensor([[0., 0, 0], [0.9, 0, 0], [0, 0.7, 0], [0, 0, 0.5]])
+    tet_v = torch.tensor([[0.0, 0, 0], [0.9, 0, 0], [0, 0.7, 0], [0, 0, 0.5]])
     tet_f = torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
     box = trimesh.creation.box(extents=(1.0, 0.6, 0.4))
-    return _results(P).Mesh.from_list([(tet_v, tet_f), (torch.tensor(box.vertices, dtype=torch.float32),
-                                              torch.tensor(box.faces))], resolution=512, info={"seed": 7})
+    return _results(P).Mesh.from_list(
+        [(tet_v, tet_f), (torch.tensor(box.vertices, dtype=torch.float32), torch.tensor(box.faces))],
+        resolution=512,
+        info={"seed": 7},
+    )
 
 
 # --- core's access pattern, restated from reading ComfyUI 0.38 (comfy_extras/nodes_save_3d.py,
@@ -64,14 +67,14 @@ def two_meshes(P):
 def core_batch_item(mesh, i):
     n = mesh.vertices.shape[1] if mesh.vertex_counts is None else int(mesh.vertex_counts[i].item())
     m = mesh.faces.shape[1] if mesh.face_counts is None else int(mesh.face_counts[i].item())
-    cut = (lambda t: None if t is None else t[i, :n])
+    cut = lambda t: None if t is None else t[i, :n]
     return mesh.vertices[i, :n], mesh.faces[i, :m], cut(mesh.vertex_colors), cut(mesh.uvs), cut(mesh.normals)
 
 
 def core_glb_fields(mesh, i):
     """What core's GLB writer reads besides the batch item (SaveGLB, MeshToFile3D)."""
     v, f, c, uv, nrm = core_batch_item(mesh, i)
-    tan = None if mesh.tangents is None else mesh.tangents[i, :v.shape[0]]
+    tan = None if mesh.tangents is None else mesh.tangents[i, : v.shape[0]]
     images = [getattr(mesh, k, None) for k in ("texture", "metallic_roughness", "normal_map", "emissive")]
     return v, f, c, uv, nrm, tan, images, mesh.unlit, mesh.occlusion_in_mr, mesh.material
 
@@ -88,9 +91,10 @@ def core_decimate_like(mesh, keep_faces):
     n, m = max(v.shape[0] for v in vs), max(f.shape[0] for f in fs)
     pv, pf = vs[0].new_zeros(len(vs), n, 3), fs[0].new_zeros(len(fs), m, 3)
     for i, (v, f) in enumerate(zip(vs, fs)):
-        pv[i, :len(v)], pf[i, :len(f)] = v, f
-    packed = MESH(pv, pf, vertex_counts=torch.tensor([len(v) for v in vs]),
-                  face_counts=torch.tensor([len(f) for f in fs]))
+        pv[i, : len(v)], pf[i, : len(f)] = v, f
+    packed = MESH(
+        pv, pf, vertex_counts=torch.tensor([len(v) for v in vs]), face_counts=torch.tensor([len(f) for f in fs])
+    )
     out.vertices, out.faces, out.vertex_colors = packed.vertices, packed.faces, packed.vertex_colors
     out.vertex_counts, out.face_counts = packed.vertex_counts, packed.face_counts
     out.uvs = out.normals = out.tangents = None
@@ -115,7 +119,8 @@ def test_mesh_output_is_types_mesh_with_every_field(v3):
 def test_local_mesh_matches_the_core_signature_where_types_mesh_is_missing(v1):
     _mesh_v1, P, _ = v1
     spec = importlib.util.spec_from_file_location(
-        "d3ds2_geometry_standin", Path(__file__).parent / "stubs" / "v3" / "comfy_api" / "latest" / "_geometry.py")
+        "d3ds2_geometry_standin", Path(__file__).parent / "stubs" / "v3" / "comfy_api" / "latest" / "_geometry.py"
+    )
     geometry = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(geometry)
     stand_in = inspect.signature(geometry.MESH).parameters
@@ -173,8 +178,14 @@ def test_core_mesh_with_uvs_colours_and_padding_goes_into_our_nodes(v3, tmp_path
 
     src = two_meshes(P)
     out = _mesh.to_comfy_mesh(src)
-    core = Types.MESH(out.vertices, out.faces.int(), uvs=torch.rand(2, 8, 2), vertex_colors=torch.rand(2, 8, 4),
-                      vertex_counts=out.vertex_counts, face_counts=out.face_counts)  # no `info`: a core mesh
+    core = Types.MESH(
+        out.vertices,
+        out.faces.int(),
+        uvs=torch.rand(2, 8, 2),
+        vertex_colors=torch.rand(2, 8, 4),
+        vertex_counts=out.vertex_counts,
+        face_counts=out.face_counts,
+    )  # no `info`: a core mesh
     back = _mesh.from_comfy_mesh(core)
     assert back.vertex_counts == (4, 8) and back.face_counts == (4, 12)
     assert torch.equal(back.vertices, src.vertices) and torch.equal(back.faces, src.faces)
@@ -197,8 +208,12 @@ def test_save_writes_each_batch_item_without_padding(v3, tmp_path):
 
     out = _mesh.to_comfy_mesh(two_meshes(P))
     empty = torch.zeros(1, 8, 3), torch.zeros(1, 12, 3, dtype=torch.long)
-    batch = Types.MESH(torch.cat([out.vertices, empty[0]]), torch.cat([out.faces, empty[1]]),
-                       vertex_counts=torch.tensor([4, 8, 0]), face_counts=torch.tensor([4, 12, 0]))
+    batch = Types.MESH(
+        torch.cat([out.vertices, empty[0]]),
+        torch.cat([out.faces, empty[1]]),
+        vertex_counts=torch.tensor([4, 8, 0]),
+        face_counts=torch.tensor([4, 12, 0]),
+    )
     save = next(n for n in nodes.NODES if n.node_id == "D3DS2SaveMesh")
     (path,), ui = save.run(batch, filename_prefix="mesh/b", format="glb")
     names = [e["filename"] for e in ui["3d"]]
@@ -207,8 +222,9 @@ def test_save_writes_each_batch_item_without_padding(v3, tmp_path):
     assert [len(m.faces) for m in got] == [4, 12] and [len(m.vertices) for m in got] == [4, 8]
     np.testing.assert_array_equal(got[0].vertices, out.vertices[0, :4].numpy())
     with pytest.raises(ValueError, match="no faces in any batch item"):
-        save.run(Types.MESH(*empty, vertex_counts=torch.tensor([0]), face_counts=torch.tensor([0])),
-                 filename_prefix="mesh/e")
+        save.run(
+            Types.MESH(*empty, vertex_counts=torch.tensor([0]), face_counts=torch.tensor([0])), filename_prefix="mesh/e"
+        )
 
 
 SWAP = np.array([[1, 0, 0], [0, 0, 1], [0, -1, 0]])  # a Z-up -> Y-up style rotation (core TRELLIS.2's)
@@ -228,8 +244,13 @@ def test_frame_round_trip_is_exact_and_mesh_to_structure_inverts_it(v3, monkeypa
     assert torch.equal(back.vertices, src.vertices) and torch.equal(back.faces, src.faces)  # bit for bit
     # Mesh to Structure voxelizes exactly the original-frame mesh (the voxelizer itself: test_voxelize.py)
     seen = []
-    monkeypatch.setattr(P, "mesh_to_structure", lambda model, mesh, should_stop=None: seen.append(mesh) or _results(P).make_structure(
-        torch.zeros(1, 4, dtype=torch.int32), 1024, 32))
+    monkeypatch.setattr(
+        P,
+        "mesh_to_structure",
+        lambda model, mesh, should_stop=None: (
+            seen.append(mesh) or _results(P).make_structure(torch.zeros(1, 4, dtype=torch.int32), 1024, 32)
+        ),
+    )
     m2s = next(n for n in nodes.NODES if n.node_id == "D3DS2MeshToStructure")
     m2s.run("model", out)
     assert torch.equal(seen[0].vertices, src.vertices) and seen[0].face_counts == src.face_counts

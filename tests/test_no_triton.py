@@ -2,6 +2,7 @@
 kernel falls back to its PyTorch reference. Each test runs a fresh Python with `import triton` blocked by
 tools/without_triton.py (this process may have imported triton already), so nothing here needs a GPU.
 """
+
 import json
 import os
 import struct
@@ -24,14 +25,23 @@ def _env(tmp_path):
 
 
 def _python(code: str, tmp_path) -> subprocess.CompletedProcess:
-    prelude = (f"import sys; sys.path.insert(0, {str(REPO)!r}); from tools.without_triton import block_triton; "
-               "block_triton()\n")
-    return subprocess.run([sys.executable, "-c", prelude + code], cwd=REPO, env=_env(tmp_path),
-                          capture_output=True, text=True, timeout=300)
+    prelude = (
+        f"import sys; sys.path.insert(0, {str(REPO)!r}); from tools.without_triton import block_triton; "
+        "block_triton()\n"
+    )
+    return subprocess.run(
+        [sys.executable, "-c", prelude + code],
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 def test_imports_and_dispatch_without_triton(tmp_path):
-    r = _python("""
+    r = _python(
+        """
 import importlib.util, torch
 try:
     import triton
@@ -59,7 +69,9 @@ try:
 except RuntimeError as e:
     print("ERR", e)
 print("OK")
-""", tmp_path)
+""",
+        tmp_path,
+    )
     assert r.returncode == 0, r.stderr
     errors = [line for line in r.stdout.splitlines() if line.startswith("ERR")]
     assert len(errors) == 2 and all("pip install triton-windows" in e for e in errors), r.stdout
@@ -76,23 +88,50 @@ def test_cli_demo_without_triton(tmp_path):
     ImageDraw.Draw(im).ellipse((16, 10, 64, 72), fill=(200, 60, 40, 255))
     im.save(tmp_path / "object.png")
     out = tmp_path / "x.glb"
-    r = subprocess.run([sys.executable, str(RUNNER), "-m", "s2core", str(tmp_path / "object.png"), "--demo",
-                        "--deterministic", "-q", "--steps", "2,2,2", "-o", str(out)], cwd=tmp_path, env=_env(tmp_path),
-                       capture_output=True, text=True, timeout=600)
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(RUNNER),
+            "-m",
+            "s2core",
+            str(tmp_path / "object.png"),
+            "--demo",
+            "--deterministic",
+            "-q",
+            "--steps",
+            "2,2,2",
+            "-o",
+            str(out),
+        ],
+        cwd=tmp_path,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stderr
     data = out.read_bytes()
     assert data[:4] == b"glTF" and struct.unpack("<I", data[8:12])[0] == len(data)
-    gltf = json.loads(data[20:20 + struct.unpack("<I", data[12:16])[0]])
+    gltf = json.loads(data[20 : 20 + struct.unpack("<I", data[12:16])[0]])
     assert gltf["meshes"] and gltf["accessors"][0]["count"] > 0
 
 
 def test_tiny_chain_and_nodes_without_triton(tmp_path):
     # the existing chain tests, unchanged, in a process where Triton cannot be imported
-    tests = ["tests/test_pipeline.py::test_chain_512_to_file", "tests/test_pipeline.py::test_stage_1024_from_structure",
-             "tests/test_nodes.py::test_chain_of_separate_nodes_saves_glb",
-             "tests/test_nodes.py::test_v3_execute_all_in_one_and_save"]
-    r = subprocess.run([sys.executable, str(RUNNER), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
-                       cwd=REPO, env=_env(tmp_path), capture_output=True, text=True, timeout=600)
+    tests = [
+        "tests/test_pipeline.py::test_chain_512_to_file",
+        "tests/test_pipeline.py::test_stage_1024_from_structure",
+        "tests/test_nodes.py::test_chain_of_separate_nodes_saves_glb",
+        "tests/test_nodes.py::test_v3_execute_all_in_one_and_save",
+    ]
+    r = subprocess.run(
+        [sys.executable, str(RUNNER), "-m", "pytest", "-q", "-p", "no:cacheprovider", *tests],
+        cwd=REPO,
+        env=_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert f"{len(tests)} passed" in r.stdout
 

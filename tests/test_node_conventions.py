@@ -6,6 +6,7 @@ exception or a log warning, takes each identifier-looking word it tells the user
 keep, and checks the word is an input of a node schema (or a CLI option). It caught two messages telling
 users to "set invert_mask", which no node has.
 """
+
 import ast
 import re
 from pathlib import Path
@@ -34,11 +35,20 @@ def _jpg_like_picture():
 def test_loadimage_no_alpha_mask_counts_as_no_mask(pack, mask_is_background):
     """The examples' wiring (LoadImage IMAGE + MASK into Encode Image) with a JPG failed with "The mask is
     64x64 but the image is 96x96"; now it equals encoding with nothing connected."""
-    model = _run(pack, "D3DS2LoadModel", variant="tiny-random", dense=True, sparse_512=False, sparse_1024=False,
-                 precision="fp32", allow_download=False)[0]
+    model = _run(
+        pack,
+        "D3DS2LoadModel",
+        variant="tiny-random",
+        dense=True,
+        sparse_512=False,
+        sparse_1024=False,
+        precision="fp32",
+        allow_download=False,
+    )[0]
     img, load_image_mask = _jpg_like_picture()
-    wired = _run(pack, "D3DS2EncodeImage", model=model, image=img, mask=load_image_mask,
-                 mask_is_background=mask_is_background)[0]
+    wired = _run(
+        pack, "D3DS2EncodeImage", model=model, image=img, mask=load_image_mask, mask_is_background=mask_is_background
+    )[0]
     alone = _run(pack, "D3DS2EncodeImage", model=model, image=img)[0]
     assert torch.equal(wired.tokens, alone.tokens) and torch.equal(wired.patch_mask, alone.patch_mask)
 
@@ -69,8 +79,11 @@ def _user_strings():
             call = None
             if isinstance(node, ast.Raise) and isinstance(node.exc, ast.Call):
                 call = node.exc
-            elif (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
-                  and node.func.attr in ("warning", "error")):
+            elif (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in ("warning", "error")
+            ):
                 call = node
             if call is None:
                 continue

@@ -4,6 +4,7 @@ A change to a node's interface breaks users' saved workflows, so it must be deli
 fails and the change is intended, regenerate the snapshot with
 `python tests/test_node_schema.py --update` and commit it with the change.
 """
+
 import importlib.util
 import json
 import sys
@@ -27,9 +28,14 @@ def _input(i) -> dict:
 
 
 def _schema(n, category: str) -> dict:
-    return {"display_name": n.display_name, "category": category, "output_node": n.output_node,
-            "hidden_prompt": n.hidden_prompt, "inputs": [_input(i) for i in n.inputs],
-            "outputs": [{"type": o.type, "name": o.name} for o in n.outputs]}
+    return {
+        "display_name": n.display_name,
+        "category": category,
+        "output_node": n.output_node,
+        "hidden_prompt": n.hidden_prompt,
+        "inputs": [_input(i) for i in n.inputs],
+        "outputs": [{"type": o.type, "name": o.name} for o in n.outputs],
+    }
 
 
 def current_schema() -> dict:
@@ -50,7 +56,8 @@ def test_node_schema_unchanged():
         assert node_id in got, f"node {node_id} was removed"
         assert node_id in expected, f"node {node_id} is new: update tests/data/node_schema.json"
         assert got[node_id] == expected[node_id], (
-            f"{node_id} changed its interface; if intended run `python tests/test_node_schema.py --update`")
+            f"{node_id} changed its interface; if intended run `python tests/test_node_schema.py --update`"
+        )
 
 
 if __name__ == "__main__" and "--update" in sys.argv:

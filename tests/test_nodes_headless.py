@@ -5,6 +5,7 @@ workflows whose core nodes or model files a ComfyUI lacks) runs always. The real
 checkout with its requirements: set COMFYUI_DIR (and COMFYUI_PYTHON to its interpreter); its last result
 is recorded in tests/HEADLESS_CHECK.md.
 """
+
 import importlib.util
 import json
 import os
@@ -46,8 +47,17 @@ def object_info(graphs, ours, core_types, files=()):
     return info
 
 
-OLD_CORE = ["LoadImage", "CheckpointLoaderSimple", "CLIPTextEncode", "EmptyLatentImage", "KSampler", "VAEDecode",
-            "ImageToMask", "ThresholdMask", "SaveGLB"]
+OLD_CORE = [
+    "LoadImage",
+    "CheckpointLoaderSimple",
+    "CLIPTextEncode",
+    "EmptyLatentImage",
+    "KSampler",
+    "VAEDecode",
+    "ImageToMask",
+    "ThresholdMask",
+    "SaveGLB",
+]
 NEW_CORE = OLD_CORE + ["DecimateMesh", "UnwrapMesh", "LoadBackgroundRemovalModel", "RemoveBackground"]
 
 
@@ -55,8 +65,9 @@ NEW_CORE = OLD_CORE + ["DecimateMesh", "UnwrapMesh", "LoadBackgroundRemovalModel
 def test_prompt_changes_only_the_model_choice(path, graphs, ours):
     wf = json.loads(path.read_text())
     plain, tiny = graphs.to_api_prompt(wf, ours), graphs.to_api_prompt(wf, ours, hc.MODEL_CHOICE)
-    diff = {(k, name) for k in plain for name in plain[k]["inputs"]
-            if plain[k]["inputs"][name] != tiny[k]["inputs"][name]}
+    diff = {
+        (k, name) for k in plain for name in plain[k]["inputs"] if plain[k]["inputs"][name] != tiny[k]["inputs"][name]
+    }
     loaders = [k for k, v in plain.items() if v["class_type"] == "D3DS2LoadModel"]
     assert diff == {(k, "variant") for k in loaders} and len(loaders) == 1
     assert tiny[loaders[0]]["inputs"]["variant"] == "tiny-random"
@@ -64,8 +75,11 @@ def test_prompt_changes_only_the_model_choice(path, graphs, ours):
 
 def test_skip_decisions_on_old_and_new_comfyui(graphs, ours):
     decide = {}
-    for label, core, files in (("0.3", OLD_CORE, ()), ("0.38", NEW_CORE, ()),
-                               ("0.38+files", NEW_CORE, ("sd_xl_base_1.0.safetensors", "birefnet.safetensors"))):
+    for label, core, files in (
+        ("0.3", OLD_CORE, ()),
+        ("0.38", NEW_CORE, ()),
+        ("0.38+files", NEW_CORE, ("sd_xl_base_1.0.safetensors", "birefnet.safetensors")),
+    ):
         info = object_info(graphs, ours, core, files)
         for path in WORKFLOWS:
             prompt = graphs.to_api_prompt(json.loads(path.read_text()), ours, hc.MODEL_CHOICE)
@@ -87,15 +101,26 @@ def test_combo_options_of_every_object_info_form():
     assert hc.combo_options([["a.safetensors"], {}]) == ["a.safetensors"]  # 0.3.x
     assert hc.combo_options(["COMBO", {"options": ["pec", "adaptive"]}]) == ["pec", "adaptive"]  # V3 schema
     assert hc.combo_options(["COMFY_DYNAMICCOMBO_V3", {"options": [{"key": "midpoint"}, {"key": "qem"}]}]) == [
-        "midpoint", "qem"]
+        "midpoint",
+        "qem",
+    ]
     assert hc.combo_options(["INT", {"default": 1}]) is None
 
 
 def test_record_is_dated_markdown(tmp_path):
-    results = [{"name": "a", "result": "PASS", "seconds": 12.3, "faces": [40]},
-               {"name": "b", "result": "SKIP", "why": "this ComfyUI has no DecimateMesh"}]
-    hc.record(tmp_path / "r.md", results, {"comfyui_version": "0.3.64", "pytorch_version": "2.13.0"}, "cmd", 2, 1,
-              "3.10 2.00 1.00")
+    results = [
+        {"name": "a", "result": "PASS", "seconds": 12.3, "faces": [40]},
+        {"name": "b", "result": "SKIP", "why": "this ComfyUI has no DecimateMesh"},
+    ]
+    hc.record(
+        tmp_path / "r.md",
+        results,
+        {"comfyui_version": "0.3.64", "pytorch_version": "2.13.0"},
+        "cmd",
+        2,
+        1,
+        "3.10 2.00 1.00",
+    )
     text = (tmp_path / "r.md").read_text()
     assert "* date: 20" in text and "ComfyUI: 0.3.64" in text and "| a | PASS | 12.3 | 40 |" in text
     assert "1 PyTorch thread(s)" in text and "load average after the run: 3.10 2.00 1.00" in text
@@ -114,7 +139,11 @@ def test_import_failed_means_our_pack_only():
 @pytest.mark.slow
 @pytest.mark.skipif(not os.environ.get("COMFYUI_DIR"), reason="set COMFYUI_DIR to a ComfyUI checkout to run it")
 def test_headless_comfyui_runs_every_example_workflow():
-    r = subprocess.run([sys.executable, str(REPO / "tools" / "comfyui_headless_check.py"), "--timeout", "900"],
-                       capture_output=True, text=True, timeout=5000)
+    r = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "comfyui_headless_check.py"), "--timeout", "900"],
+        capture_output=True,
+        text=True,
+        timeout=5000,
+    )
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert r.stdout.splitlines()[-1].startswith("OK")

@@ -6,10 +6,13 @@ the computation is (integer keys, orderings, elementwise IEEE arithmetic), else 
 from the widest dot product and the depth, since the fixtures were recorded on one CPU and BLAS summation
 order, FMA use and vectorised libm differ between CPUs (docs/TESTING.md).
 """
+
 from dataclasses import replace
 
 import pytest
 import torch
+from conftest import golden
+from tolerances import reorder_rel_rms
 
 from s2core.config import DenseDiTConfig, DenseVAEConfig, ImageEncoderConfig
 from s2core.dense_dit import DenseDiT
@@ -18,10 +21,6 @@ from s2core.dinov2 import ImageConditioner
 from s2core.flow_sampler import flow_schedule, sample_flow
 from s2core.structure import extract_tokens_and_coords, occupancy_coords, sort_block
 from s2core.testing import golden_state_dict
-
-from conftest import golden
-from tolerances import reorder_rel_rms
-
 
 fixture = golden
 
@@ -47,6 +46,7 @@ def build(cls, cfg, meta, **kw):
 # ---------------------------------------------------------------------------------------------
 # scheduler + CFG
 
+
 @pytest.mark.parametrize("tag,steps,shift", [("s6_n50", 50, 6.0), ("s6_n30", 30, 6.0), ("s8_n15", 15, 8.0)])
 def test_flow_sampler_matches_diffusers_and_pipeline(tag, steps, shift):
     t, _ = fixture("flow_scheduler__official")
@@ -68,13 +68,16 @@ def test_flow_sampler_matches_diffusers_and_pipeline(tag, steps, shift):
 
         out = sample_flow(toy, t[key], True, False, num_steps=steps, shift=shift, guidance=7.0)
         # Exact: the sampler uses the same tensor expressions/dtypes as diffusers' step and the pipeline's CFG.
-        assert torch.equal(out, t[f"out.final_{tag}_{dname}"]), f"{dname}: rel {rel_rms(out, t[f'out.final_{tag}_{dname}'])}"
+        assert torch.equal(out, t[f"out.final_{tag}_{dname}"]), (
+            f"{dname}: rel {rel_rms(out, t[f'out.final_{tag}_{dname}'])}"
+        )
         if dname == "fp16":
             assert torch.equal(torch.cat(seen_t[::2]), t[f"out.model_t_{tag}"])  # fp16-rounded timesteps
 
 
 # ---------------------------------------------------------------------------------------------
 # index helpers and the dense → sparse glue (exact: integer results)
+
 
 def test_sort_block_matches_original():
     t, _ = fixture("sort_block__r64")
@@ -100,6 +103,7 @@ def test_dense_glue_matches_original():
 
 # ---------------------------------------------------------------------------------------------
 # dense VAE (the fp32 decode and encode fixtures share one weight set: built once)
+
 
 @pytest.fixture(scope="module")
 def vae_fp32():
@@ -196,6 +200,7 @@ def test_dense_vae_decoder_official_fp16_cuda():
 # ---------------------------------------------------------------------------------------------
 # dense DiT
 
+
 def _dit(meta):
     p = meta["config"]["params"]
     cfg = DenseDiTConfig(num_blocks=p["num_blocks"], use_fp16=p["use_fp16"])
@@ -205,6 +210,7 @@ def _dit(meta):
 def test_dense_dit_timestep_embedder():
     t, meta = fixture("dense_dit_t_embedder__fp32")
     from s2core.dense_dit import TimestepEmbedder
+
     with torch.device("meta"):
         emb = TimestepEmbedder(meta["config"]["params"]["hidden_size"])
     emb.load_state_dict(golden_state_dict(meta), strict=True, assign=True)
@@ -240,6 +246,7 @@ def test_dense_dit_fp16():
 
 # ---------------------------------------------------------------------------------------------
 # DINOv2 conditioner
+
 
 def _dino(name, depth, device="cpu"):
     t, meta = fixture(name)

@@ -6,6 +6,7 @@ rebuilds the listed weights, (iii) a fixture's computation re-stated in a few li
 stops matching when one weight is perturbed, (iv) the flash_attn stand-in the sparse fixtures were made
 with equals plain attention.
 """
+
 import importlib.util
 import json
 import math
@@ -18,10 +19,22 @@ from conftest import GOLDEN, REPO, golden
 
 from s2core.testing import golden_state_dict, load_golden
 
-REQUIRED = {"component": str, "config_name": str, "config": dict, "seed": (int, type(None)),
-            "weights_specs": list, "input_seed": (int, type(None)), "dtype": str, "device": str,
-            "upstream_commit": str, "command": str, "date": str, "stand_ins": dict, "tensors": dict,
-            "notes": str}
+REQUIRED = {
+    "component": str,
+    "config_name": str,
+    "config": dict,
+    "seed": (int, type(None)),
+    "weights_specs": list,
+    "input_seed": (int, type(None)),
+    "dtype": str,
+    "device": str,
+    "upstream_commit": str,
+    "command": str,
+    "date": str,
+    "stand_ins": dict,
+    "tensors": dict,
+    "notes": str,
+}
 SIDECARS = sorted(GOLDEN.glob("*.json"))
 
 
@@ -74,14 +87,18 @@ def test_golden_weights_match_specs(sidecar):
 
 # Fixtures of a checkpoint part use its manifest names, so golden weights = deterministic_state_dict(manifest)
 # restricted to those names: a module built from the manifest gets the very values the original had.
-MANIFEST_OF = {"dense_vae_decode": "model_dense.vae", "dense_vae_encode": "model_dense.vae",
-               "dense_dit": "model_dense.dit", "dinov2": "dinov2_vitl14_reg4"}
+MANIFEST_OF = {
+    "dense_vae_decode": "model_dense.vae",
+    "dense_vae_encode": "model_dense.vae",
+    "dense_dit": "model_dense.dit",
+    "dinov2": "dinov2_vitl14_reg4",
+}
 
 
-@pytest.mark.parametrize("sidecar", [p for p in SIDECARS if p.stem.split("__")[0] in MANIFEST_OF],
-                         ids=lambda p: p.stem)
+@pytest.mark.parametrize("sidecar", [p for p in SIDECARS if p.stem.split("__")[0] in MANIFEST_OF], ids=lambda p: p.stem)
 def test_weights_use_manifest_names(sidecar):
     from s2core.manifest import manifest
+
     meta = json.loads(sidecar.read_text())
     man = {s.name: (list(s.shape), s.dtype) for s in manifest(MANIFEST_OF[meta["component"]])}
     specs = meta["weights_specs"]
@@ -93,6 +110,7 @@ def test_weights_use_manifest_names(sidecar):
 
 
 # ---- (iii) the harness can fail: re-state dense_dit_t_embedder__fp32 in plain torch ------------------
+
 
 def _t_embedder(sd, t):
     half = 128
@@ -138,6 +156,7 @@ def test_sort_block_fixture_is_block_major():
 
 # ---- (iv) the flash_attn stand-in used for the sparse fixtures ---------------------------------------
 
+
 def _harness():
     spec = importlib.util.spec_from_file_location("golden_harness", REPO / "tools" / "golden" / "harness.py")
     mod = importlib.util.module_from_spec(spec)
@@ -156,7 +175,7 @@ def test_flash_attn_stand_in_matches_sdpa(H, Hk):
     v = torch.randn(23, Hk, 16, generator=g)
     out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu, cu, 17, 17, return_attn_probs=True)
     assert lse.shape == (H, 23) and lse.dtype == torch.float32
-    for i, n in enumerate(lens):
+    for i in range(len(lens)):
         s = slice(int(cu[i]), int(cu[i + 1]))
         kk = k[s].repeat_interleave(H // Hk, dim=1)  # query head h reads kv head h // (H / Hk)
         vv = v[s].repeat_interleave(H // Hk, dim=1)

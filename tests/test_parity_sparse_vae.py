@@ -11,13 +11,13 @@ Tolerances and why:
   the tanh SDF, < 5e-3 on the 32-ch features; measured 8.4e-4 / 1.7e-4 / 1.5e-3, i.e. about one fp16
   rounding (eps 9.8e-4) from GEMMs that sum in another order. Coordinates must match exactly, in order.
 """
+
 import pytest
 import torch
+from conftest import golden
 
 from s2core.sparse import SparseConv3d, SparseTensor, sparse_downsample, sparse_subdivide
 from s2core.testing import golden_state_dict
-
-from conftest import golden
 
 _fixture = golden
 
@@ -122,6 +122,7 @@ def test_vae_parity_fails_with_two_kernel_slices_swapped():
     def swap(vae):
         k = vae.decoder.upsample[1].act_layers[0].conv.kernel
         k[[12, 14]] = k[[14, 12]]  # off(12) = (-1,0,0) <-> off(14) = (+1,0,0): an x flip
+
     t, (sdf, _) = _decode("sparse_vae_512__decode", swap)
     assert _rel_rms(sdf.feats, t["out.sdf"]) > 10 * SDF_REL_RMS
 

@@ -12,12 +12,13 @@ probabilities; fp16 rounding of q and k moves it by up to ~2e-3, so closer block
 agree to rel-RMS 5e-3 on rows whose selection equals the original's (a swapped block changes only that
 token's selection branch), and at least 95% of rows must have equal selections.
 """
+
 import pytest
 import torch
 
+from kernels import ssa_compressed as _cmp
 from s2core.ssa import SparseConv, SpatialSparseAttention, ssa_plan
 from s2core.testing import golden_state_dict
-from kernels import ssa_compressed as _cmp
 from tests.conftest import golden
 from tests.kernels.ssa_cases import assert_close
 
@@ -26,9 +27,17 @@ FIXTURES = ["ssa__v11_512", "ssa__v11_512_shift4", "ssa__v10_1024"]
 
 def _build(meta, device):
     p = meta["config"]["params"]
-    m = SpatialSparseAttention(p["hidden_size"], p["num_q_heads"], p["num_kv_heads"], p["compression_block_size"],
-                               p["selection_block_size"], p["topk"], p["window_size"], p["shift_window"],
-                               p["compression_version"])
+    m = SpatialSparseAttention(
+        p["hidden_size"],
+        p["num_q_heads"],
+        p["num_kv_heads"],
+        p["compression_block_size"],
+        p["selection_block_size"],
+        p["topk"],
+        p["window_size"],
+        p["shift_window"],
+        p["compression_version"],
+    )
     m.load_state_dict(golden_state_dict(meta), strict=True)
     for mod in m.modules():  # fp16 as inside the fp16 DiT; intra_block_pe and GroupNorms stay fp32
         if isinstance(mod, (torch.nn.Linear, SparseConv)):
@@ -59,7 +68,7 @@ def _block_scores(t, plan, meta):
     out = torch.zeros(h, n, nbmax)
     for b in range(cu_q.numel() - 1):
         q0, q1, c0 = int(cu_q[b]), int(cu_q[b + 1]), int(cu_c[b])
-        for j, cells in enumerate(bk[int(cu_b[b]):int(cu_b[b + 1])].tolist()):
+        for j, cells in enumerate(bk[int(cu_b[b]) : int(cu_b[b + 1])].tolist()):
             out[:, q0:q1, j] = sum(s[:, q0:q1, c - c0] for c in cells if c >= 0)
     return out
 
@@ -68,8 +77,15 @@ def _run(name, device, backend):
     t, meta = golden(name)
     m, p = _build(meta, device)
     coords, x = t["in.coords"].to(device), t["in.feats"].to(device)
-    plan = ssa_plan(coords, int(coords[:, 0].max()) + 1, p["compression_block_size"], p["selection_block_size"],
-                    p["window_size"], (0, p["window_size"] // 2), p["compression_version"] == "v2")
+    plan = ssa_plan(
+        coords,
+        int(coords[:, 0].max()) + 1,
+        p["compression_block_size"],
+        p["selection_block_size"],
+        p["window_size"],
+        (0, p["window_size"] // 2),
+        p["compression_version"] == "v2",
+    )
     n, H, D = x.shape[0], p["num_kv_heads"], p["head_dim"]
     with torch.no_grad():
         out = m(x, plan, backend)
@@ -78,8 +94,18 @@ def _run(name, device, backend):
         ck = m.compression_key(k + pe, plan).view(-1, H, D)
         cv = m.compression_value(v, plan).view(-1, H, D)
         q = m.proj_q(x).view(n, -1, D)
-        o_cmp, lse, bidx = _cmp.ssa_compressed_attention(q, ck, cv, plan.cu_seqlens, plan.cu_cells, plan.max_seqlen,
-                                                         p["topk"], plan.block_keys, plan.cu_blocks, backend=backend)
+        o_cmp, lse, bidx = _cmp.ssa_compressed_attention(
+            q,
+            ck,
+            cv,
+            plan.cu_seqlens,
+            plan.cu_cells,
+            plan.max_seqlen,
+            p["topk"],
+            plan.block_keys,
+            plan.cu_blocks,
+            backend=backend,
+        )
     if "mid.cu_seqblocks" in t:
         assert torch.equal(plan.cu_blocks.cpu(), t["mid.cu_seqblocks"])
         assert torch.equal(plan.cu_block_tokens.cpu(), t["mid.cu_block_include_tokens"])

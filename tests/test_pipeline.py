@@ -5,6 +5,7 @@ The tiny model's weights are random, so no test looks at mesh quality: they chec
 files and messages. Steps are cut to 2-3 per stage to keep the suite fast; the defaults themselves are
 asserted on the function signatures.
 """
+
 import inspect
 
 import pytest
@@ -28,14 +29,18 @@ def picture(batch=1, size=64):
     mask = torch.zeros(batch, size, size)
     for b in range(batch):
         lo = 12 + 4 * b
-        img[b, lo:size - 12, 18:size - 18] = torch.tensor([0.8, 0.2, 0.1])
-        mask[b, lo:size - 12, 18:size - 18] = 1.0
+        img[b, lo : size - 12, 18 : size - 18] = torch.tensor([0.8, 0.2, 0.1])
+        mask[b, lo : size - 12, 18 : size - 18] = 1.0
     return img, mask
 
 
 def test_official_defaults():
     sig = inspect.signature(P.image_to_mesh).parameters
-    assert (sig["dense_steps"].default, sig["sparse_512_steps"].default, sig["sparse_1024_steps"].default) == (50, 30, 15)
+    assert (sig["dense_steps"].default, sig["sparse_512_steps"].default, sig["sparse_1024_steps"].default) == (
+        50,
+        30,
+        15,
+    )
     assert sig["guidance"].default == 7.0 and sig["mc_threshold"].default == 0.2 and sig["resolution"].default == 1024
     assert sig["remove_interior"].default is True and sig["remesh"].default is False
     assert inspect.signature(P.decode_dense).parameters["threshold"].default == 0.1
@@ -46,7 +51,9 @@ def test_official_defaults():
 def test_make_structure_block_sorted_and_counts():
     g = torch.Generator().manual_seed(0)
     xyz = torch.unique(torch.randint(0, 16, (300, 3), generator=g), dim=0)
-    coords = torch.cat([torch.cat([torch.zeros(len(xyz), 1), xyz], 1), torch.cat([torch.ones(40, 1), xyz[:40]], 1)]).int()
+    coords = torch.cat(
+        [torch.cat([torch.zeros(len(xyz), 1), xyz], 1), torch.cat([torch.ones(40, 1), xyz[:40]], 1)]
+    ).int()
     st = results.make_structure(coords[torch.randperm(len(coords), generator=g)], 512, 16, 8)
     assert st.counts == (len(xyz), 40) and st.max_seqlen == len(xyz) and st.batch_size == 2
     assert st.cu_seqlens.tolist() == [0, len(xyz), len(xyz) + 40] and st.cu_seqlens.dtype == torch.int32
@@ -54,7 +61,7 @@ def test_make_structure_block_sorted_and_counts():
     blocks = {tuple(r) for r in (xyz[:40] // 8).tolist()}
     assert st.num_blocks[1] == len(blocks) and st.block_cu.numel() == sum(st.num_blocks) + 1
     for k in range(len(st.block_cu) - 1):  # every block range holds one item's one 8³ block
-        rows = st.coords[st.block_cu[k]:st.block_cu[k + 1]].long()
+        rows = st.coords[st.block_cu[k] : st.block_cu[k + 1]].long()
         assert len(torch.unique(torch.cat([rows[:, :1], rows[:, 1:] // 8], 1), dim=0)) == 1
     assert st.to("cpu") is st
 
@@ -77,8 +84,11 @@ def test_tiny_weights_deterministic_and_strict():
     sd = loading.tiny_state_dicts(a.config, ("dense_dit",))["dense_dit"]
     sd.pop(next(iter(sd)))
     with pytest.raises(ValueError, match="do not fit this network"):
-        loading.load_models("tiny-random", ("dense",), state_dicts={**loading.tiny_state_dicts(a.config, loading.STAGE_PARTS["dense"]),
-                                                              "dense_dit": sd})
+        loading.load_models(
+            "tiny-random",
+            ("dense",),
+            state_dicts={**loading.tiny_state_dicts(a.config, loading.STAGE_PARTS["dense"]), "dense_dit": sd},
+        )
 
 
 def test_chain_512_to_file(models, tmp_path):
@@ -165,7 +175,9 @@ def test_bad_inputs_fail_before_any_model(models, monkeypatch):
     with pytest.raises(ValueError):
         P.encode_image(models, torch.full((1, 64, 64, 3), float("nan")), torch.ones(1, 64, 64))
     with pytest.raises(ValueError, match="steps"):
-        P.sample_dense(models, results.Conditioning(torch.zeros(1, 21, 64), torch.zeros(1, 4, 4, dtype=torch.bool)), steps=0)
+        P.sample_dense(
+            models, results.Conditioning(torch.zeros(1, 21, 64), torch.zeros(1, 4, 4, dtype=torch.bool)), steps=0
+        )
 
 
 def test_token_budget_refuses_early(models):
@@ -178,8 +190,17 @@ def test_token_budget_refuses_early(models):
 def test_image_to_mesh_progress_counts_all_stages(models):
     img, mask = picture()
     calls = []
-    mesh = P.image_to_mesh(models, img, mask, seed=2, resolution=512, dense_steps=2, sparse_512_steps=2,
-                           refine_512=False, callback=lambda i, n: calls.append((i, n)))
+    mesh = P.image_to_mesh(
+        models,
+        img,
+        mask,
+        seed=2,
+        resolution=512,
+        dense_steps=2,
+        sparse_512_steps=2,
+        refine_512=False,
+        callback=lambda i, n: calls.append((i, n)),
+    )
     assert calls == [(1, 4), (2, 4), (3, 4), (4, 4)]
     assert mesh.face_counts[0] > 0 and mesh.info["seed"] == 2
 
@@ -222,8 +243,12 @@ def test_v1_0_sparse_conditions_run():
     from dataclasses import replace
 
     cfg = config.tiny_release()
-    cfg = replace(cfg, sparse_dit_512=replace(cfg.sparse_dit_512, compression_block_size=4, topk=32,
-                                              compression_version="v2", sparse_conditions=True))
+    cfg = replace(
+        cfg,
+        sparse_dit_512=replace(
+            cfg.sparse_dit_512, compression_block_size=4, topk=32, compression_version="v2", sparse_conditions=True
+        ),
+    )
     parts = loading.STAGE_PARTS["dense"] + loading.STAGE_PARTS["sparse_512"]
     m = loading.Models(cfg, "tiny-random", torch.float32, loading.Placement("cpu"))
     for name, sd in loading.tiny_state_dicts(cfg, tuple(dict.fromkeys(parts))).items():

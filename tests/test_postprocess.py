@@ -1,4 +1,5 @@
 """Mesh cleanup (SPEC.md §10.4): debris, holes, simplification, normals, bad input."""
+
 import sys
 
 import numpy as np
@@ -6,8 +7,14 @@ import pytest
 import torch
 import trimesh
 
-from s2core.mesh.postprocess import (connected_components, fill_holes, postprocess_mesh, remove_small_components,
-                                     simplify_mesh, vertex_normals)
+from s2core.mesh.postprocess import (
+    connected_components,
+    fill_holes,
+    postprocess_mesh,
+    remove_small_components,
+    simplify_mesh,
+    vertex_normals,
+)
 
 
 def _sphere(sub=3, centre=(0, 0, 0), r=1.0):
@@ -109,6 +116,7 @@ def test_postprocess_defaults_and_steps():
 def _has_fast_simplification():
     try:
         import fast_simplification  # noqa: F401
+
         return True
     except ImportError:
         return False

@@ -9,27 +9,40 @@ would cut.
 import numpy as np
 import pytest
 import torch
-
-from s2core.config import RefinerConfig
-import s2core.refiner.refined_field as refined_field_module
-from s2core.refiner import (CubeGrid, RefinedField, VoxelRefiner, VoxelRefinerSign, cube_grid, max_crossing_corners,
-                            mesh_refined_field, remove_interior, remove_interior_512, remove_interior_1024)
-from s2core.sparse.tensor import SparseTensor
-from s2core.testing import deterministic_state_dict
-from s2core.manifest import manifest
-
 from conftest import golden
 from tolerances import rel_rms, reorder_rel_rms
+
+import s2core.refiner.refined_field as refined_field_module
+from s2core.config import RefinerConfig
+from s2core.manifest import manifest
+from s2core.refiner import (
+    CubeGrid,
+    RefinedField,
+    VoxelRefiner,
+    VoxelRefinerSign,
+    cube_grid,
+    max_crossing_corners,
+    mesh_refined_field,
+    remove_interior,
+    remove_interior_512,
+    remove_interior_1024,
+)
+from s2core.sparse.tensor import SparseTensor
+from s2core.testing import deterministic_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 SMALL = (4, 8, 8, 8)
 
 
-@pytest.mark.parametrize("key,cls,cfg", [
-    ("model_refiner.refiner", VoxelRefiner, RefinerConfig()),
-    ("model_refiner_1024.refiner", VoxelRefinerSign, RefinerConfig(patch_size=256, sign=True)),
-], ids=["refiner512", "refiner1024-sign"])
+@pytest.mark.parametrize(
+    "key,cls,cfg",
+    [
+        ("model_refiner.refiner", VoxelRefiner, RefinerConfig()),
+        ("model_refiner_1024.refiner", VoxelRefinerSign, RefinerConfig(patch_size=256, sign=True)),
+    ],
+    ids=["refiner512", "refiner1024-sign"],
+)
 def test_strict_load_official(key, cls, cfg):
     model = cls(cfg)
     sd = deterministic_state_dict(key)
@@ -63,14 +76,20 @@ def _model(cls, cfg, seed):
 def _crossing_corners(field, level):
     """Dense reference: corners of cells whose 8 corners are not all above / all below the level."""
     f = np.asarray(field)
-    cells = np.stack([f[..., a:f.shape[-3] - 1 + a, b:f.shape[-2] - 1 + b, c:f.shape[-1] - 1 + c]
-                      for a in (0, 1) for b in (0, 1) for c in (0, 1)])
+    cells = np.stack(
+        [
+            f[..., a : f.shape[-3] - 1 + a, b : f.shape[-2] - 1 + b, c : f.shape[-1] - 1 + c]
+            for a in (0, 1)
+            for b in (0, 1)
+            for c in (0, 1)
+        ]
+    )
     cross = ~((cells > level).all(0) | (cells < level).all(0))
     keep = np.zeros(f.shape, bool)
     for a in (0, 1):
         for b in (0, 1):
             for c in (0, 1):
-                keep[..., a:a + cross.shape[-3], b:b + cross.shape[-2], c:c + cross.shape[-1]] |= cross
+                keep[..., a : a + cross.shape[-3], b : b + cross.shape[-2], c : c + cross.shape[-1]] |= cross
     return keep
 
 
@@ -111,7 +130,13 @@ def _dense_refine_512(model, coords, values, feats, grid, B):
     for i in range(3):
         for j in range(3):
             for k in range(3):
-                sl = (slice(None), slice(None), slice(S * i, S * i + P), slice(S * j, S * j + P), slice(S * k, S * k + P))
+                sl = (
+                    slice(None),
+                    slice(None),
+                    slice(S * i, S * i + P),
+                    slice(S * j, S * j + P),
+                    slice(S * k, S * k + P),
+                )
                 patches[i, j, k] = model(sdf[sl], fe[sl])
     w = torch.linspace(0, 1, O, dtype=dt, device=dev)
 
@@ -119,7 +144,7 @@ def _dense_refine_512(model, coords, values, feats, grid, B):
         shape = [1] * 5
         shape[axis] = -1
         ww = w.view(shape)
-        out = torch.full(a.shape[:axis] + (R,) + a.shape[axis + 1:], 2.0, dtype=dt, device=dev)
+        out = torch.full(a.shape[:axis] + (R,) + a.shape[axis + 1 :], 2.0, dtype=dt, device=dev)
         take = lambda t, lo, hi: t.narrow(axis, lo, hi - lo)  # noqa: E731
         put = lambda lo, hi, v: out.narrow(axis, lo, hi - lo).copy_(v)  # noqa: E731
         put(0, S, take(a, 0, S))
@@ -148,8 +173,9 @@ def test_remove_interior_512_equals_dense(batch):
     # a level inside the random network's output range so the test has surfaces to compare
     dense = _dense_refine_512(model, coords, values, feats, grid, batch)
     level = float(dense.median())
-    out = remove_interior_512(model, sdf, feats, level=level, grid=grid, progress=lambda d, t: calls.append((d, t)),
-                              slab_rows=5)
+    out = remove_interior_512(
+        model, sdf, feats, level=level, grid=grid, progress=lambda d, t: calls.append((d, t)), slab_rows=5
+    )
     assert calls[-1] == (27, 27) and len(calls) == 27
     keep = _crossing_corners(dense.numpy(), level)
     ref_idx = np.argwhere(keep)
@@ -176,15 +202,24 @@ def _dense_refine_1024(model, coords, values, grid, B):
     s = torch.zeros(B, R, R, R, dtype=torch.float64, device=dev)
     n = torch.zeros(B, R, R, R, dtype=torch.float64, device=dev)
     s.index_put_((c[:, 0], c[:, 1] // 2, c[:, 2] // 2, c[:, 3] // 2), values[:, 0].to(dt).double(), accumulate=True)
-    n.index_put_((c[:, 0], c[:, 1] // 2, c[:, 2] // 2, c[:, 3] // 2),
-                 torch.ones(len(c), dtype=torch.float64, device=dev), accumulate=True)
+    n.index_put_(
+        (c[:, 0], c[:, 1] // 2, c[:, 2] // 2, c[:, 3] // 2),
+        torch.ones(len(c), dtype=torch.float64, device=dev),
+        accumulate=True,
+    )
     coarse = torch.where(n > 0, s / (n + 1), torch.ones_like(s)).to(dt)[:, None]
     del s, n
     sign = torch.ones(B, 1, R, R, R, dtype=dt, device=dev)
     for i in range(3):
         for j in range(3):
             for k in range(3):
-                sl = (slice(None), slice(None), slice(S * i, S * i + P), slice(S * j, S * j + P), slice(S * k, S * k + P))
+                sl = (
+                    slice(None),
+                    slice(None),
+                    slice(S * i, S * i + P),
+                    slice(S * j, S * j + P),
+                    slice(S * k, S * k + P),
+                )
                 sign[sl] = model(coarse[sl])
     up = sign.repeat_interleave(2, 2).repeat_interleave(2, 3).repeat_interleave(2, 4)
     field = fine.abs() * up
@@ -245,13 +280,14 @@ def _crossing_corners_torch(field, level):
         a = m[:, :-1] & m[:, 1:]
         a = a[:, :, :-1] & a[:, :, 1:]
         return a[:, :, :, :-1] & a[:, :, :, 1:]
+
     cross = ~(cell_all(above) | cell_all(below))
     del above, below
     keep = torch.zeros(field.shape, dtype=torch.bool, device=field.device)
     for a in (0, 1):
         for b in (0, 1):
             for c in (0, 1):
-                keep[:, a:a + cross.shape[1], b:b + cross.shape[2], c:c + cross.shape[3]] |= cross
+                keep[:, a : a + cross.shape[1], b : b + cross.shape[2], c : c + cross.shape[3]] |= cross
     return keep.nonzero()
 
 
@@ -315,7 +351,9 @@ def test_remove_interior_errors():
     far = SparseTensor(torch.zeros(1, 1, dtype=torch.float64), torch.tensor([[0, 3, 50, 3]], dtype=torch.int32))
     with pytest.raises(ValueError, match="outside the 40"):
         remove_interior_512(model, far, torch.zeros(1, 32), grid=grid)
-    ok = SparseTensor(torch.zeros(2, 1, dtype=torch.float64), torch.tensor([[0, 3, 5, 3], [0, 3, 5, 4]], dtype=torch.int32))
+    ok = SparseTensor(
+        torch.zeros(2, 1, dtype=torch.float64), torch.tensor([[0, 3, 5, 3], [0, 3, 5, 4]], dtype=torch.int32)
+    )
     with pytest.raises(ValueError, match="features have 1 rows"):
         remove_interior_512(model, ok, torch.zeros(1, 32), grid=grid)
     with pytest.raises(ValueError, match="return_feat"):
@@ -350,7 +388,7 @@ def test_noise_field_is_refused_with_one_sentence(monkeypatch):
     with pytest.raises(ValueError, match=r"noise filling the volume.*untrained or do not match"):
         remove_interior_1024(model, sdf, level=0.2, grid=grid, max_corners=n - 1)
     # the default bound is 128·R² voxels: far above a surface, far below the R³ grid at official sizes
-    assert max_crossing_corners(1024) == 1024 ** 3 // 8 and max_crossing_corners(512) == 512 ** 3 // 4
+    assert max_crossing_corners(1024) == 1024**3 // 8 and max_crossing_corners(512) == 512**3 // 4
     field = RefinedField(torch.arange(2000, dtype=torch.int64), torch.zeros(2000), 16, 0.2)
     monkeypatch.setattr(refined_field_module, "max_crossing_corners", lambda r: 1000)
     with pytest.raises(ValueError, match="crosses the level at 2000 of the 16³ grid's voxels"):
@@ -359,6 +397,7 @@ def test_noise_field_is_refused_with_one_sentence(monkeypatch):
 
 # ---------------------------------------------------------------------------------------------
 # Golden fixtures recorded from the original (tools/golden, tests/golden/README.md)
+
 
 @pytest.mark.parametrize("name", ["refiner__cube16", "refiner_1024__cube32"])
 def test_golden(name):

@@ -1,11 +1,12 @@
 """Registry readiness (pyproject `[project]` / `[tool.comfy]`, icon, changelog) and tooltips that quote
 measured numbers rather than guesses."""
+
 import importlib.util
 import re
 import sys
-import tomllib
 from pathlib import Path
 
+import tomllib
 from PIL import Image
 
 REPO = Path(__file__).resolve().parents[1]
@@ -19,8 +20,11 @@ def test_project_table_is_complete():
     assert len(p["description"]) > 30 and p["license"] == {"text": "MIT"}  # a table, not a bare string
     assert p["urls"]["Repository"].startswith("https://github.com/")
     # dependencies = requirements.txt (the registry installs from pyproject, users from requirements.txt)
-    reqs = [line.split(";")[0].strip() for line in (REPO / "requirements.txt").read_text().splitlines()
-            if line.strip() and not line.startswith(("#", "--"))]
+    reqs = [
+        line.split(";")[0].strip()
+        for line in (REPO / "requirements.txt").read_text().splitlines()
+        if line.strip() and not line.startswith(("#", "--"))
+    ]
     assert sorted(d.split(";")[0].strip() for d in p["dependencies"]) == sorted(reqs)
 
 
@@ -31,7 +35,7 @@ def test_tool_comfy_table_and_icon():
     repo_url = META["project"]["urls"]["Repository"].replace("https://github.com/", "")
     prefix = f"https://raw.githubusercontent.com/{repo_url}/main/"
     assert c["Icon"].startswith(prefix)
-    icon = REPO / c["Icon"][len(prefix):]
+    icon = REPO / c["Icon"][len(prefix) :]
     with Image.open(icon) as im:  # the registry takes PNG/JPG/GIF/SVG up to 800x400
         assert im.format == "PNG" and im.width <= 800 and im.height <= 400
     assert icon.stat().st_size < 20_000

@@ -1,5 +1,6 @@
 """Reliability on the tiny model (issue 11): determinism within and across processes, batch = singles,
 cancel and out-of-memory leave nothing behind (no file, no tensor kept alive by us)."""
+
 import gc
 import os
 import subprocess
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_chain import STEPS, mesh_hash, models, picture  # noqa: F401 (fixtures)
 
 from s2core import hooks, loading  # noqa: F401 (loading: HASH_SNIPPET)
 from s2core import pipeline as P
-from tiny_chain import STEPS, mesh_hash, models, picture  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -47,8 +48,14 @@ def test_same_seed_same_mesh_across_processes(models):
     img, mask = picture()
     here = mesh_hash(P.image_to_mesh(models, img, mask, seed=7, **STEPS))
     code = HASH_SNIPPET.format(tests=str(REPO / "tests"))
-    r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300,
-                       env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"))
+    r = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1"),
+    )
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip().splitlines()[-1] == here
 
@@ -78,8 +85,17 @@ def test_cancel_keeps_nothing_alive_and_writes_nothing(models, tmp_path):
     models.dense_dit.forward = spy
     calls = []
     try:
-        P.image_to_mesh(models, img, mask, seed=1, dense_steps=6, sparse_512_steps=2, resolution=512,
-                        callback=lambda i, n: calls.append(i), should_stop=lambda: len(calls) >= 3)
+        P.image_to_mesh(
+            models,
+            img,
+            mask,
+            seed=1,
+            dense_steps=6,
+            sparse_512_steps=2,
+            resolution=512,
+            callback=lambda i, n: calls.append(i),
+            should_stop=lambda: len(calls) >= 3,
+        )
         pytest.fail("the run was not cancelled")
     except hooks.Cancelled as e:
         assert "nothing was written" in str(e)

@@ -1,6 +1,7 @@
 """The CLI probes of issue 19 (items 2-4): every failure is one line on stderr (no traceback), with the right exit
 status, no temp file, no lost file and no accepted non-finite value. The chain itself is replaced by a
 tetrahedron (`fast` fixture) so each probe takes well under a second; the real chain is covered by test_cli.py."""
+
 import errno
 import os
 import signal
@@ -16,7 +17,7 @@ from PIL import Image
 from s2core import cli, files, loading, pipeline, results
 
 REPO = Path(__file__).resolve().parents[1]
-TETRA = ([[0., 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
+TETRA = ([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]], [[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
 
 
 @pytest.fixture
@@ -30,6 +31,7 @@ def fast(monkeypatch):
     def image_to_mesh(models, image, mask, *a, **k):
         seen.update(image=image, mask=mask, args=a)
         return results.Mesh.from_list([(torch.tensor(TETRA[0]), torch.tensor(TETRA[1]))], 512)
+
     monkeypatch.setattr(loading, "load_models", load_models)
     monkeypatch.setattr(pipeline, "image_to_mesh", image_to_mesh)
     return seen
@@ -65,14 +67,20 @@ def test_overwrite_with_disk_full_or_ctrl_c_keeps_the_old_file(png, tmp_path, fa
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(files.os, "fsync", disk_full)
     rc, err = run([png, "-o", out, "--overwrite"], capsys)
-    assert rc == 1 and one_line(err) == f"error: Could not write {out}: the disk is full (or the quota used up); " \
-                                         "free some space or choose another folder."
+    assert (
+        rc == 1
+        and one_line(err)
+        == f"error: Could not write {out}: the disk is full (or the quota used up); "
+        "free some space or choose another folder."
+    )
     assert out.read_bytes() == b"old mesh" and not tmp_left(tmp_path)
 
     def ctrl_c(fd):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(files.os, "fsync", ctrl_c)
     rc, err = run([png, "-o", out, "--overwrite"], capsys)
     assert rc == cli.EXIT_INTERRUPTED and one_line(err) == "Interrupted; nothing was written."
@@ -80,9 +88,11 @@ def test_overwrite_with_disk_full_or_ctrl_c_keeps_the_old_file(png, tmp_path, fa
     monkeypatch.undo()
 
 
-@pytest.mark.parametrize("sig, code, word", [(signal.SIGTERM, cli.EXIT_TERMINATED, "Terminated"),
-                                             (signal.SIGINT, cli.EXIT_INTERRUPTED, "Interrupted")],
-                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize(
+    "sig, code, word",
+    [(signal.SIGTERM, cli.EXIT_TERMINATED, "Terminated"), (signal.SIGINT, cli.EXIT_INTERRUPTED, "Interrupted")],
+    ids=["SIGTERM", "SIGINT"],
+)
 def test_signal_while_writing_removes_the_temp_file(png, tmp_path, fast, monkeypatch, capsys, sig, code, word):
     """A real signal to this process while the temp file is being written: the exit status of the signal, one
     line, no file, no temp file; and the handlers that were there before are back afterwards."""
@@ -94,6 +104,7 @@ def test_signal_while_writing_removes_the_temp_file(png, tmp_path, fast, monkeyp
         assert len(tmp_left(tmp_path)) == 1
         os.kill(os.getpid(), sig)  # the handler raises as soon as this returns
         raise AssertionError("the signal did not stop the write")
+
     monkeypatch.setattr(files.os, "fsync", signalled)
     out = tmp_path / "o" / "m.glb"
     rc, err = run([png, "-o", out], capsys)
@@ -114,8 +125,14 @@ sys.meta_path.insert(0, CtrlC())
 sys.argv = ["s2core", "x.png", "-o", "m.glb"]
 runpy.run_module("s2core", run_name="__main__")
 """
-    r = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=120,
-                       env=dict(os.environ, PYTHONPATH=str(REPO)))
+    r = subprocess.run(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(REPO)),
+    )
     assert r.returncode == 130 and r.stderr.strip() == "Interrupted while starting; nothing was written.", r.stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -141,10 +158,15 @@ def test_bad_outputs_are_refused_before_any_work(png, tmp_path, fast, monkeypatc
     # a read-only file system (root ignores chmod, so the flag statvfs reports is simulated)
     class ReadOnly:
         f_flag = os.ST_RDONLY
+
     monkeypatch.setattr(cli.os, "statvfs", lambda p: ReadOnly())
     rc, err = run([png, "-o", tmp_path / "ro" / "m.glb"], capsys)
-    assert rc == 1 and one_line(err) == f"error: Could not write {tmp_path / 'ro' / 'm.glb'}: {tmp_path / 'ro'} is " \
-                                        "on a read-only file system; choose another folder."
+    assert (
+        rc == 1
+        and one_line(err)
+        == f"error: Could not write {tmp_path / 'ro' / 'm.glb'}: {tmp_path / 'ro'} is "
+        "on a read-only file system; choose another folder."
+    )
     assert "loaded" not in fast and not (tmp_path / "ro").exists()
 
 
@@ -156,6 +178,7 @@ def test_read_only_at_write_time_is_one_line(png, tmp_path, fast, monkeypatch, c
         if str(path).endswith(".tmp"):
             raise OSError(errno.EROFS, "Read-only file system", str(path))
         return real_open(path, *a, **k)
+
     monkeypatch.setattr(files.os, "open", erofs)
     rc, err = run([png, "-o", tmp_path / "m.glb"], capsys)
     assert rc == 1 and "is on a read-only file system; choose another folder." in one_line(err)
@@ -205,16 +228,20 @@ def test_sixteen_bit_mask_is_scaled_not_emptied(png, tmp_path, fast, capsys):
     assert abs(mask[0, 0, 0].item() - 0.5) < 1 / 255
 
 
-@pytest.mark.parametrize("flag, value, words", [
-    ("--guidance", "inf", "guidance must be a finite number at least 0 (7 matches the original), got inf."),
-    ("--guidance", "nan", "guidance must be a finite number at least 0"),
-    ("--guidance", "-1", "guidance must be a finite number at least 0"),
-    ("--mc-threshold", "nan", "mc_threshold must be a finite number (0.2 matches the original), got nan."),
-    ("--mc-threshold", "-inf", "mc_threshold must be a finite number"),
-    ("--max-vram-gb", "inf", "max_vram_gb must be a finite number above 0 (GiB), got inf."),
-    ("--steps", "0,30,15", "dense_steps must be a whole number of at least 1, got 0."),
-    ("--device", "gpu", "--device 'gpu' is not a device name; use cpu, cuda or cuda:N."),
-], ids=lambda v: str(v))
+@pytest.mark.parametrize(
+    "flag, value, words",
+    [
+        ("--guidance", "inf", "guidance must be a finite number at least 0 (7 matches the original), got inf."),
+        ("--guidance", "nan", "guidance must be a finite number at least 0"),
+        ("--guidance", "-1", "guidance must be a finite number at least 0"),
+        ("--mc-threshold", "nan", "mc_threshold must be a finite number (0.2 matches the original), got nan."),
+        ("--mc-threshold", "-inf", "mc_threshold must be a finite number"),
+        ("--max-vram-gb", "inf", "max_vram_gb must be a finite number above 0 (GiB), got inf."),
+        ("--steps", "0,30,15", "dense_steps must be a whole number of at least 1, got 0."),
+        ("--device", "gpu", "--device 'gpu' is not a device name; use cpu, cuda or cuda:N."),
+    ],
+    ids=lambda v: str(v),
+)
 def test_bad_settings_are_refused_before_loading(png, tmp_path, fast, capsys, flag, value, words):
     rc, err = run([png, "-o", tmp_path / "m.glb", f"{flag}={value}"], capsys)
     assert rc == 1 and words in one_line(err), err
@@ -229,23 +256,30 @@ def test_device_cuda_without_cuda_is_one_sentence(png, tmp_path, fast, monkeypat
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     rc, err = run([png, "-o", tmp_path / "m.glb", "--device", "cuda:3"], capsys)
-    assert rc == 1 and one_line(err) == "error: --device 'cuda:3' names GPU 3, but only 1 CUDA GPU(s) are " \
-                                        "visible; use cuda:0."
+    assert (
+        rc == 1
+        and one_line(err) == "error: --device 'cuda:3' names GPU 3, but only 1 CUDA GPU(s) are visible; use cuda:0."
+    )
 
 
 def test_out_of_memory_and_unexpected_errors_are_one_line(png, tmp_path, fast, monkeypatch, capsys):
     def oom(*a, **k):
         raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB\nmore lines")
+
     monkeypatch.setattr(loading, "load_models", oom)
     rc, err = run([png, "-o", tmp_path / "m.glb"], capsys)
     assert rc == 1 and one_line(err).startswith("error: Out of GPU memory while moving the weights to the GPU; ")
 
     def bug(*a, **k):
         raise KeyError("dense_dit")
+
     monkeypatch.setattr(loading, "load_models", bug)
     rc, err = run([png, "-o", tmp_path / "m.glb"], capsys)
-    assert rc == 1 and one_line(err) == "error: unexpected KeyError: 'dense_dit' (a bug: run again with --debug " \
-                                        "and report the traceback)."
+    assert (
+        rc == 1
+        and one_line(err)
+        == "error: unexpected KeyError: 'dense_dit' (a bug: run again with --debug and report the traceback)."
+    )
     with pytest.raises(KeyError):
         cli.main([str(png), "-o", str(tmp_path / "m.glb"), "--debug"])
     assert not list(tmp_path.glob("*.glb"))

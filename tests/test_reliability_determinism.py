@@ -2,6 +2,7 @@
 --deterministic) the whole tiny chain runs without an op refusing, and it gives the same mesh as the default
 mode on CPU.
 On CUDA (gpu marker) two runs in deterministic mode, in fresh processes, give the same mesh bit for bit."""
+
 import os
 import subprocess
 import sys
@@ -9,10 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from tiny_chain import STEPS, mesh_hash, picture
 
 from s2core import loading
 from s2core import pipeline as P
-from tiny_chain import STEPS, mesh_hash, picture
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,8 +50,10 @@ print(t.mesh_hash(t.P.image_to_mesh(m, img.cuda(), mask.cuda(), seed=5, **t.STEP
 def test_gpu_deterministic_mode_same_mesh_across_processes():
     env = dict(os.environ, PYTHONPATH=str(REPO), CUBLAS_WORKSPACE_CONFIG=":4096:8")
     code = GPU_SNIPPET.format(tests=str(REPO / "tests"))
-    runs = [subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True,
-                           timeout=600) for _ in range(2)]
+    runs = [
+        subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+        for _ in range(2)
+    ]
     for r in runs:
         assert r.returncode == 0, r.stderr[-2000:]
     assert runs[0].stdout.split()[-1] == runs[1].stdout.split()[-1]

@@ -4,6 +4,7 @@ gets the whole file. The network is faked one level below huggingface_hub (its h
 MockTransport that plays the Hub: HEAD gives commit, ETag and size; GET streams the bytes, honours Range,
 and can drop the connection part way), so the real `hf_hub_download` → temp `.incomplete` file → size
 check → rename path runs unchanged through `find_weights.resolve_weights`."""
+
 import hashlib
 
 import pytest
@@ -13,9 +14,9 @@ httpx2 = pytest.importorskip("httpx2", reason="the fake Hub plugs into huggingfa
 from huggingface_hub import close_session, file_download, set_client_factory  # noqa: E402
 from huggingface_hub.utils import _http  # noqa: E402
 
-from s2core import checkpoints as ck
-from s2core import find_weights
-from s2core.release import FILE_PARTS, manifest_key
+from s2core import checkpoints as ck  # noqa: E402
+from s2core import find_weights  # noqa: E402
+from s2core.release import FILE_PARTS, manifest_key  # noqa: E402
 
 BODY = bytes(range(256)) * 4096  # 1 MiB stands in for model_dense.ckpt
 SHA = hashlib.sha256(BODY).hexdigest()
@@ -31,8 +32,12 @@ class FakeHub:
         self.cut_at, self.cut_gets, self.short, self.gets, self.ranges = None, 1, None, 0, []
 
     def __call__(self, request: httpx2.Request) -> httpx2.Response:
-        head = {"X-Repo-Commit": COMMIT, "X-Linked-Etag": f'"{SHA}"', "X-Linked-Size": str(len(BODY)),
-                "ETag": f'"{SHA}"'}
+        head = {
+            "X-Repo-Commit": COMMIT,
+            "X-Linked-Etag": f'"{SHA}"',
+            "X-Linked-Size": str(len(BODY)),
+            "ETag": f'"{SHA}"',
+        }
         if not request.url.path.endswith("/model_dense.ckpt"):
             return httpx2.Response(404, headers={"X-Error-Code": "EntryNotFound"}, request=request)
         if request.method == "HEAD":
@@ -50,12 +55,12 @@ class FakeHub:
             def __iter__(self):
                 sent = start
                 for i in range(0, len(body), 64 * 1024):
-                    chunk = body[i:i + 64 * 1024]
+                    chunk = body[i : i + 64 * 1024]
                     if hub.short is not None and sent + len(chunk) > hub.short:
-                        yield chunk[:hub.short - sent]
+                        yield chunk[: hub.short - sent]
                         return
                     if cut_at is not None and sent + len(chunk) > cut_at:
-                        yield chunk[:cut_at - sent]
+                        yield chunk[: cut_at - sent]
                         raise httpx2.RemoteProtocolError("peer closed connection without sending complete message body")
                     sent += len(chunk)
                     yield chunk
@@ -87,8 +92,9 @@ def _resolve(models):
 
 
 def _files(folder):
-    return sorted(p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()
-                  and ".cache" not in p.parts)
+    return sorted(
+        p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file() and ".cache" not in p.parts
+    )
 
 
 def test_download_complete_is_the_whole_file(hub, tmp_path):
@@ -117,7 +123,7 @@ def test_interrupted_download_leaves_nothing_complete_looking_and_next_call_redo
     assert "model_dense.ckpt" in str(e.value)
     assert not (models / "direct3d-s2-v-1-1" / "model_dense.ckpt").exists()
     assert not [f for f in _files(models) if f.endswith(".ckpt")]  # no complete-looking file
-    assert not list(models.rglob("*.incomplete"))                  # and no temp file left either
+    assert not list(models.rglob("*.incomplete"))  # and no temp file left either
 
     assert hub.gets == 6  # the first GET, then huggingface_hub's 5 resumes, all from byte len/2
     assert set(hub.ranges[1:]) == {f"bytes={len(BODY) // 2}-"}
@@ -141,17 +147,25 @@ def test_truncated_response_fails_the_size_check(hub, tmp_path):
 def test_wrong_variant_for_the_selected_stage_is_named(tmp_path):
     """A v1.0 sparse file with v1.1 selected (and the reverse) says which release it is, not just "wrong shape"."""
     import torch
+
     from s2core.manifest import manifest
 
     for have, selected in (("v1.0", "v1.1"), ("v1.1", "v1.0")):
         one = torch.zeros(1, dtype=torch.float16)  # zero-stride views: full shapes for a few bytes on disk
-        parts = {p: {s.name: one.expand(*s.shape) if s.shape else one.reshape(())
-                     for s in manifest(manifest_key("model_sparse_512", p, have))}
-                 for p in FILE_PARTS["model_sparse_512"]}
+        parts = {
+            p: {
+                s.name: one.expand(*s.shape) if s.shape else one.reshape(())
+                for s in manifest(manifest_key("model_sparse_512", p, have))
+            }
+            for p in FILE_PARTS["model_sparse_512"]
+        }
         path = tmp_path / have / "model_sparse_512.ckpt"
         path.parent.mkdir()
         torch.save(parts, path)
         assert ck.load_part(path, "dit", manifest_key("model_sparse_512", "dit", have))  # loads as what it is
-        with pytest.raises(ValueError, match=rf"is the Direct3D-S2 {have} release of this file but {selected} is "
-                                             rf"selected: this is the {have} release; choose {have}"):
+        with pytest.raises(
+            ValueError,
+            match=rf"is the Direct3D-S2 {have} release of this file but {selected} is "
+            rf"selected: this is the {have} release; choose {have}",
+        ):
             ck.load_part(path, "dit", manifest_key("model_sparse_512", "dit", selected))

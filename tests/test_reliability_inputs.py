@@ -2,6 +2,7 @@
 image tensors (non-finite pixels, empty batches), settings at every pipeline entry point and through the
 nodes. Validation comes before any network: the entry points are called with `models=None` below, so
 any work before the check would crash differently."""
+
 import importlib.util
 import json
 import os
@@ -16,8 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from s2core import image_file
-from s2core import loading
+from s2core import image_file, loading
 from s2core import pipeline as P
 from s2core.image import preprocess_image
 from s2core.image_file import convert_pil, read_image_and_mask, read_image_file
@@ -27,6 +27,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------------------------------------
 # Image files and PIL modes
+
 
 def _grey16(values) -> np.ndarray:
     return np.asarray(values, np.uint16)
@@ -48,8 +49,10 @@ def test_sixteen_bit_grey_is_scaled_as_mask_and_as_image(tmp_path):
     np.testing.assert_array_equal(np.asarray(convert_pil(pil.convert("I"), as_mask=True)), mask)
     rgba = np.zeros((8, 10, 4), np.uint8)
     rgba[..., :3], rgba[..., 3] = 255, mask
-    np.testing.assert_array_equal(preprocess_image(Image.fromarray(rgba[..., :3]), pil, size=28).numpy(),
-                                  preprocess_image(Image.fromarray(rgba[..., :3]), Image.fromarray(mask), size=28).numpy())
+    np.testing.assert_array_equal(
+        preprocess_image(Image.fromarray(rgba[..., :3]), pil, size=28).numpy(),
+        preprocess_image(Image.fromarray(rgba[..., :3]), Image.fromarray(mask), size=28).numpy(),
+    )
 
 
 @pytest.mark.parametrize("mode", ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "I;16B", "F"])
@@ -86,8 +89,11 @@ def test_non_finite_float_file_is_refused(tmp_path):
 
 def test_pixel_limit_and_pils_bomb_guard_without_a_warning(tmp_path, monkeypatch):
     Image.new("RGB", (100, 80), (255, 0, 0)).save(tmp_path / "a.png")
-    with pytest.raises(ValueError, match=r"is 100x80 pixels \(0 million\), more than the 0 million this reader "
-                                         r"decodes; downscale it \(to at most 4096 px on the longest side\) first\."):
+    with pytest.raises(
+        ValueError,
+        match=r"is 100x80 pixels \(0 million\), more than the 0 million this reader "
+        r"decodes; downscale it \(to at most 4096 px on the longest side\) first\.",
+    ):
         read_image_file(tmp_path / "a.png", max_pixels=5000)
     # between PIL's warning and error thresholds: read without PIL's raw DecompressionBombWarning
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
@@ -121,8 +127,14 @@ print(json.dumps([a.shape, size, peak_mb() - before]))
 """
     got = {}
     for name in ("big.jpg", "big.png"):
-        r = subprocess.run([sys.executable, "-c", script, name], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=120, env=dict(os.environ, PYTHONPATH=str(REPO)))
+        r = subprocess.run(
+            [sys.executable, "-c", script, name],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=dict(os.environ, PYTHONPATH=str(REPO)),
+        )
         assert r.returncode == 0, r.stderr
         got[name] = json.loads(r.stdout)
     assert got["big.jpg"][:2] == [[3072, 4096, 3], [12000, 9000]] and got["big.jpg"][2] < 300, got
@@ -139,8 +151,12 @@ def test_image_and_mask_of_different_sizes(tmp_path):
 # ---------------------------------------------------------------------------------------------
 # Image tensors
 
-@pytest.mark.parametrize("where, value", [("image", float("inf")), ("image", float("-inf")), ("mask", float("inf")),
-                                          ("image", float("nan"))], ids=["+inf", "-inf", "mask-inf", "nan"])
+
+@pytest.mark.parametrize(
+    "where, value",
+    [("image", float("inf")), ("image", float("-inf")), ("mask", float("inf")), ("image", float("nan"))],
+    ids=["+inf", "-inf", "mask-inf", "nan"],
+)
 def test_non_finite_pixels_are_refused(where, value):
     image, mask = torch.rand(1, 16, 16, 3), torch.ones(1, 16, 16)
     (image if where == "image" else mask)[0, 3, 3] = value
@@ -161,25 +177,51 @@ def test_empty_batches_are_one_sentence():
 STRUCTURE = SimpleNamespace(resolution=512, max_seqlen=10, batch_size=1)
 
 
-@pytest.mark.parametrize("call, words", [
-    (lambda: P.sample_dense(None, None, guidance=float("inf")), "guidance must be a finite number at least 0"),
-    (lambda: P.sample_dense(None, None, guidance=float("nan")), "guidance must be a finite number"),
-    (lambda: P.sample_dense(None, None, steps=2.5), "steps must be a whole number of at least 1, got 2.5."),
-    (lambda: P.sample_sparse(None, None, STRUCTURE, steps=2, max_tokens=-5),
-     "max_tokens must be a whole number of at least 0 (0: no limit), got -5."),
-    (lambda: P.sample_sparse(None, None, STRUCTURE, steps=2, guidance=float("-inf")), "guidance must be a finite"),
-    (lambda: P.decode_dense(None, None, float("nan")), "The occupancy threshold must be a finite number above 0 and "
-                                                       "below 1, got nan."),
-    (lambda: P.decode_sparse(None, None, threshold=float("inf")), "threshold must be a finite number (0.2 matches"),
-    (lambda: P.image_to_mesh(None, None, guidance=float("inf")), "guidance must be a finite number"),
-    (lambda: P.image_to_mesh(None, None, max_tokens=-5), "max_tokens must be a whole number of at least 0"),
-    (lambda: P.image_to_mesh(None, None, mc_threshold=float("nan")), "mc_threshold must be a finite number"),
-    (lambda: P.image_to_mesh(None, None, resolution=1024, sparse_1024_steps=0), "sparse_1024_steps must be a whole"),
-    (lambda: loading.Placement("cpu", max_vram_gb=float("inf")), "max_vram_gb must be a finite number above 0 (GiB)"),
-    (lambda: loading.Placement("tpu9"), "device 'tpu9' is not a device name; use cpu, cuda or cuda:N."),
-], ids=["dense-guidance-inf", "dense-guidance-nan", "dense-steps-float", "max-tokens-negative", "sparse-guidance",
-        "dense-threshold-nan", "sparse-threshold-inf", "chain-guidance-inf", "chain-max-tokens", "chain-mc-nan",
-        "chain-steps-0", "vram-inf", "device-name"])
+@pytest.mark.parametrize(
+    "call, words",
+    [
+        (lambda: P.sample_dense(None, None, guidance=float("inf")), "guidance must be a finite number at least 0"),
+        (lambda: P.sample_dense(None, None, guidance=float("nan")), "guidance must be a finite number"),
+        (lambda: P.sample_dense(None, None, steps=2.5), "steps must be a whole number of at least 1, got 2.5."),
+        (
+            lambda: P.sample_sparse(None, None, STRUCTURE, steps=2, max_tokens=-5),
+            "max_tokens must be a whole number of at least 0 (0: no limit), got -5.",
+        ),
+        (lambda: P.sample_sparse(None, None, STRUCTURE, steps=2, guidance=float("-inf")), "guidance must be a finite"),
+        (
+            lambda: P.decode_dense(None, None, float("nan")),
+            "The occupancy threshold must be a finite number above 0 and below 1, got nan.",
+        ),
+        (lambda: P.decode_sparse(None, None, threshold=float("inf")), "threshold must be a finite number (0.2 matches"),
+        (lambda: P.image_to_mesh(None, None, guidance=float("inf")), "guidance must be a finite number"),
+        (lambda: P.image_to_mesh(None, None, max_tokens=-5), "max_tokens must be a whole number of at least 0"),
+        (lambda: P.image_to_mesh(None, None, mc_threshold=float("nan")), "mc_threshold must be a finite number"),
+        (
+            lambda: P.image_to_mesh(None, None, resolution=1024, sparse_1024_steps=0),
+            "sparse_1024_steps must be a whole",
+        ),
+        (
+            lambda: loading.Placement("cpu", max_vram_gb=float("inf")),
+            "max_vram_gb must be a finite number above 0 (GiB)",
+        ),
+        (lambda: loading.Placement("tpu9"), "device 'tpu9' is not a device name; use cpu, cuda or cuda:N."),
+    ],
+    ids=[
+        "dense-guidance-inf",
+        "dense-guidance-nan",
+        "dense-steps-float",
+        "max-tokens-negative",
+        "sparse-guidance",
+        "dense-threshold-nan",
+        "sparse-threshold-inf",
+        "chain-guidance-inf",
+        "chain-max-tokens",
+        "chain-mc-nan",
+        "chain-steps-0",
+        "vram-inf",
+        "device-name",
+    ],
+)
 def test_settings_are_checked_first(call, words):
     with pytest.raises(ValueError) as e:
         call()
@@ -218,21 +260,28 @@ def node(pack, node_id, **kwargs):
 
 
 ENCODER = SimpleNamespace(part=lambda name: SimpleNamespace(cfg=SimpleNamespace(size=28)))
-TETRA = SimpleNamespace(vertices=torch.tensor([[[0., 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]]),
-                        faces=torch.tensor([[[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]]))
+TETRA = SimpleNamespace(
+    vertices=torch.tensor([[[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]]),
+    faces=torch.tensor([[[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]]),
+)
 
 
 def test_nodes_refuse_bad_values_with_one_sentence(pack):
     cases = [
         (dict(node_id="D3DS2SampleDense", model=None, conditioning=None, guidance=float("nan")), "guidance must be"),
-        (dict(node_id="D3DS2SampleSparse", model=None, conditioning=None, structure=STRUCTURE, steps=2,
-              max_tokens=-5), "max_tokens must be a whole number of at least 0"),
+        (
+            dict(
+                node_id="D3DS2SampleSparse", model=None, conditioning=None, structure=STRUCTURE, steps=2, max_tokens=-5
+            ),
+            "max_tokens must be a whole number of at least 0",
+        ),
         (dict(node_id="D3DS2DecodeSparse", model=None, sparse_latent=None, threshold=float("inf")), "threshold must"),
         (dict(node_id="D3DS2ImageToMesh", model=None, image=None, guidance=float("inf")), "guidance must be a finite"),
-        (dict(node_id="D3DS2EncodeImage", model=ENCODER, image=torch.zeros(0, 16, 16, 3)),
-         "The image batch is empty"),
-        (dict(node_id="D3DS2EncodeImage", model=ENCODER, image=torch.full((1, 16, 16, 3), float("inf"))),
-         "The image contains NaN or infinite values"),
+        (dict(node_id="D3DS2EncodeImage", model=ENCODER, image=torch.zeros(0, 16, 16, 3)), "The image batch is empty"),
+        (
+            dict(node_id="D3DS2EncodeImage", model=ENCODER, image=torch.full((1, 16, 16, 3), float("inf"))),
+            "The image contains NaN or infinite values",
+        ),
     ]
     for kwargs, words in cases:
         with pytest.raises(ValueError, match=words.replace("(", r"\(")):
@@ -241,8 +290,11 @@ def test_nodes_refuse_bad_values_with_one_sentence(pack):
 
 def test_save_node_long_prefix_and_a_taken_name(pack, tmp_path, monkeypatch):
     out = tmp_path / "output"
-    with pytest.raises(ValueError, match=r"filename_prefix part 'a{30}'\.\.\. is 300 bytes long; file names can have "
-                                         r"at most 255 bytes, so shorten it to 239 or fewer\."):
+    with pytest.raises(
+        ValueError,
+        match=r"filename_prefix part 'a{30}'\.\.\. is 300 bytes long; file names can have "
+        r"at most 255 bytes, so shorten it to 239 or fewer\.",
+    ):
         node(pack, "D3DS2SaveMesh", mesh=TETRA, filename_prefix="a" * 300, format="glb")
     assert not out.exists() or not any(out.rglob("*.*"))
     # another queue run takes the name after ComfyUI counted the files: ours takes the next number, theirs stays
@@ -254,6 +306,7 @@ def test_save_node_long_prefix_and_a_taken_name(pack, tmp_path, monkeypatch):
         folder, name, counter, sub, p = real(prefix, output_dir, *a)
         Path(folder, f"{name}_{counter:05}_.glb").write_bytes(b"other run")
         return folder, name, counter, sub, p
+
     monkeypatch.setattr(folder_paths, "get_save_image_path", counted_then_taken)
     saved = node(pack, "D3DS2SaveMesh", mesh=TETRA, filename_prefix="mesh/x", format="glb")
     assert saved["ui"]["3d"][0]["filename"] == "x_00002_.glb"

@@ -1,6 +1,7 @@
 """Writes that lose nothing (issue 19 item 2): exclusive create with one winner among racing processes,
 --overwrite that keeps the old file until the new one is complete, temp files removed on errors and
 signals, and every OS error as one sentence (s2core/files.py)."""
+
 import errno
 import multiprocessing as mp
 import os
@@ -19,8 +20,10 @@ def _leftovers(folder: Path) -> list[str]:
 
 def _racer(i: int, folder: str, trials: int, barrier, results, no_links: bool) -> None:
     if no_links:  # a file system without hard links: the O_EXCL placeholder path
+
         def refuse(*a, **k):
             raise OSError(errno.EPERM, "Operation not permitted")
+
         os.link = refuse
     won = []
     for t in range(trials):
@@ -40,8 +43,7 @@ def test_racing_writers_exactly_one_winner(tmp_path, no_links):
     n, trials = 8, 100
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     barrier, results = ctx.Barrier(n), ctx.Queue()
-    procs = [ctx.Process(target=_racer, args=(i, str(tmp_path), trials, barrier, results, no_links))
-             for i in range(n)]
+    procs = [ctx.Process(target=_racer, args=(i, str(tmp_path), trials, barrier, results, no_links)) for i in range(n)]
     for p in procs:
         p.start()
     outcome = [results.get(timeout=120) for _ in procs]
@@ -62,6 +64,7 @@ def test_overwrite_replaces_only_with_a_complete_file(tmp_path, monkeypatch):
 
     def disk_full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
+
     monkeypatch.setattr(files.os, "fsync", disk_full)
     with pytest.raises(OSError, match=r"^Could not write .*m\.glb: the disk is full") as e:
         write_atomic(b"new mesh", p, overwrite=True)
@@ -70,6 +73,7 @@ def test_overwrite_replaces_only_with_a_complete_file(tmp_path, monkeypatch):
 
     def ctrl_c(fd):
         raise KeyboardInterrupt
+
     monkeypatch.setattr(files.os, "fsync", ctrl_c)
     with pytest.raises(KeyboardInterrupt):
         write_atomic(b"new mesh", p, overwrite=True)
@@ -94,7 +98,9 @@ def test_name_taken_just_before_the_final_step_is_not_clobbered(tmp_path, monkey
             if not p.exists():
                 p.write_bytes(b"theirs")
             return real(src, dst, *a, **k)
+
         return step
+
     monkeypatch.setattr(files.os, "link", other_writer_first(real_link))
     monkeypatch.setattr(files.os, "replace", other_writer_first(real_replace))
     with pytest.raises(FileExistsError, match="already exists"):
@@ -116,6 +122,7 @@ def test_signal_cut_clean_up_is_finished_by_remove_temp_files(tmp_path, monkeypa
         if len(calls) == 1:
             raise KeyboardInterrupt
         real_unlink(path)
+
     monkeypatch.setattr(files.os, "fsync", fail)
     monkeypatch.setattr(files.os, "unlink", interrupted_once)
     with pytest.raises(KeyboardInterrupt):
@@ -125,12 +132,16 @@ def test_signal_cut_clean_up_is_finished_by_remove_temp_files(tmp_path, monkeypa
     assert _leftovers(tmp_path) == [] and not (tmp_path / "m.glb").exists() and not files._TEMP_FILES
 
 
-@pytest.mark.parametrize("code, words", [
-    (errno.ENOSPC, "the disk is full"),
-    (errno.EROFS, "read-only file system; choose another folder"),
-    (errno.EACCES, "permission denied; choose a file and folder"),
-    (errno.EIO, "Input/output error; check the folder"),
-], ids=["disk-full", "read-only", "permission", "other"])
+@pytest.mark.parametrize(
+    "code, words",
+    [
+        (errno.ENOSPC, "the disk is full"),
+        (errno.EROFS, "read-only file system; choose another folder"),
+        (errno.EACCES, "permission denied; choose a file and folder"),
+        (errno.EIO, "Input/output error; check the folder"),
+    ],
+    ids=["disk-full", "read-only", "permission", "other"],
+)
 def test_os_errors_are_one_sentence_with_the_same_type(tmp_path, monkeypatch, code, words):
     """(Root ignores chmod here, so the failing system call is replaced.) Same exception class and errno,
     one line naming the file and the fix; no temp file."""
@@ -140,6 +151,7 @@ def test_os_errors_are_one_sentence_with_the_same_type(tmp_path, monkeypatch, co
         if str(path).endswith(".tmp"):
             raise OSError(code, os.strerror(code), str(path))
         return real_open(path, *a, **k)
+
     monkeypatch.setattr(files.os, "open", failing_open)
     with pytest.raises(OSError) as e:
         write_atomic(b"x", tmp_path / "sub" / "m.glb")
@@ -192,11 +204,16 @@ def slow_fsync(fd):
     open({str(ready)!r}, "w").close()
     time.sleep(60)
 files.os.fsync = slow_fsync
-sys.exit(cli.main([{str(tmp_path / 'in.png')!r}, "-q", "--device", "cpu", "-o", {str(out)!r}]))
+sys.exit(cli.main([{str(tmp_path / "in.png")!r}, "-q", "--device", "cpu", "-o", {str(out)!r}]))
 """
     repo = Path(__file__).resolve().parents[1]
-    proc = subprocess.Popen([sys.executable, "-c", script], cwd=tmp_path, stderr=subprocess.PIPE, text=True,
-                            env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"))
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(repo), OMP_NUM_THREADS="1"),
+    )
     deadline = time.monotonic() + 120
     while not ready.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)

@@ -2,13 +2,19 @@
 
 Tolerance: fp32 inputs, SDPA vs einsum+softmax differ only by summation order -> 1e-5 abs.
 """
+
 import math
 
 import pytest
 import torch
 
-from s2core.sparse.attention import (sparse_cross_attention, varlen_attention, window_plan,
-                                     windowed_self_attention, windowed_self_attention_reference)
+from s2core.sparse.attention import (
+    sparse_cross_attention,
+    varlen_attention,
+    window_plan,
+    windowed_self_attention,
+    windowed_self_attention_reference,
+)
 from s2core.sparse.coords import window_keys
 
 
@@ -22,9 +28,11 @@ def _ref_attn(q, k, v, scale=None):
     return torch.einsum("hqk,khd->qhd", att, v)
 
 
-@pytest.mark.parametrize("lens_q,lens_k,h,hk", [
-    ([5, 1, 7], [3, 4, 9], 4, 4), ([2, 6], [6, 2], 4, 2), ([1], [1], 2, 1), ([3, 4], [0, 5], 2, 2)],
-    ids=["B3-H4-Hk4", "B2-H4-Hk2-gqa", "B1-single", "B2-emptykeys"])
+@pytest.mark.parametrize(
+    "lens_q,lens_k,h,hk",
+    [([5, 1, 7], [3, 4, 9], 4, 4), ([2, 6], [6, 2], 4, 2), ([1], [1], 2, 1), ([3, 4], [0, 5], 2, 2)],
+    ids=["B3-H4-Hk4", "B2-H4-Hk2-gqa", "B1-single", "B2-emptykeys"],
+)
 def test_varlen_attention_matches_per_sequence_loop(lens_q, lens_k, h, hk):
     g = torch.Generator().manual_seed(0)
     d = 8
@@ -35,11 +43,11 @@ def test_varlen_attention_matches_per_sequence_loop(lens_q, lens_k, h, hk):
     ck = torch.tensor([0] + lens_k).cumsum(0)
     out = varlen_attention(q, k, v, cq.int(), ck.int(), max(lens_q), max(lens_k))  # int32, as flash-attn
     for b in range(len(lens_q)):
-        o = out[cq[b]:cq[b + 1]]
+        o = out[cq[b] : cq[b + 1]]
         if lens_k[b] == 0:
             assert torch.equal(o, torch.zeros_like(o))
         else:
-            ref = _ref_attn(q[cq[b]:cq[b + 1]], k[ck[b]:ck[b + 1]], v[ck[b]:ck[b + 1]])
+            ref = _ref_attn(q[cq[b] : cq[b + 1]], k[ck[b] : ck[b + 1]], v[ck[b] : ck[b + 1]])
             torch.testing.assert_close(o, ref, atol=1e-5, rtol=1e-5)
 
 
@@ -59,14 +67,15 @@ def test_sparse_cross_attention(lens, max_q):
     off = torch.tensor([0] + lens).cumsum(0)
     out = sparse_cross_attention(q, k, v, off, max_q)
     for i in range(b):
-        torch.testing.assert_close(out[off[i]:off[i + 1]], _ref_attn(q[off[i]:off[i + 1]], k[i], v[i]),
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            out[off[i] : off[i + 1]], _ref_attn(q[off[i] : off[i + 1]], k[i], v[i]), atol=1e-5, rtol=1e-5
+        )
 
 
 def _random_coords(g, b, n, r):
     rows = []
     for i in range(b):
-        flat = torch.randperm(r ** 3, generator=g)[:n]
+        flat = torch.randperm(r**3, generator=g)[:n]
         xyz = torch.stack([flat // (r * r), flat // r % r, flat % r], 1)
         rows.append(torch.cat([torch.full((n, 1), i), xyz], 1))
     return torch.cat(rows).int()

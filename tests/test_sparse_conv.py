@@ -2,18 +2,28 @@
 
 Tolerances: fp32 vs an fp64 brute force, sums of <= 27*Cin products of O(1) values -> 1e-4 abs.
 """
+
 import pytest
 import torch
 
 from s2core.sparse import SparseTensor
-from s2core.sparse.conv import (SparseConv3d, build_kernel_map, kernel_map, kernel_map_rows, kernel_offsets,
-                                sparse_conv3d, sparse_conv3d_reference, sparse_downsample, sparse_subdivide)
+from s2core.sparse.conv import (
+    SparseConv3d,
+    build_kernel_map,
+    kernel_map,
+    kernel_map_rows,
+    kernel_offsets,
+    sparse_conv3d,
+    sparse_conv3d_reference,
+    sparse_downsample,
+    sparse_subdivide,
+)
 
 
 def _random_set(g, b, n, r, offset=0):
     rows = []
     for i in range(b):
-        flat = torch.randperm(r ** 3, generator=g)[:n]
+        flat = torch.randperm(r**3, generator=g)[:n]
         xyz = torch.stack([flat // (r * r), flat // r % r, flat % r], 1) + offset
         rows.append(torch.cat([torch.full((n, 1), i), xyz], 1))
     return torch.cat(rows).int()

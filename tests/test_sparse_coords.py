@@ -1,5 +1,6 @@
 """Coordinate keys (s2core/sparse/coords.py): order, round trip and neighbour deltas over the whole stated range
 (coordinates -1..4094, batch up to 2^27 - 1), and `sort_block` at the batch bound its within-block digits leave."""
+
 import torch
 
 from s2core.sparse.coords import coords_to_keys, key_deltas, keys_to_coords, window_keys, window_partition

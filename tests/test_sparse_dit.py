@@ -6,6 +6,7 @@ DiT the SSA input is normalised, so with synthetic weights top-k margins are tin
 below 1e-3) and a few tokens select a different block than the original under fp16 rounding; those tokens
 move by up to ~0.1 while the rest agree to fp16 precision.
 """
+
 import pytest
 import torch
 
@@ -86,13 +87,21 @@ def test_matches_original_gpu_triton(name):
 def test_batch_of_two_equals_two_single_calls():
     """Per-sample modulation, cross attention and SSA: a batch gives each sample its own result."""
     torch.manual_seed(0)
-    cfg = SparseDiTConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=2, num_heads=4,
-                          num_kv_heads=2, topk=3, use_fp16=False)
+    cfg = SparseDiTConfig(
+        resolution=16,
+        model_channels=64,
+        cond_channels=64,
+        num_blocks=2,
+        num_heads=4,
+        num_kv_heads=2,
+        topk=3,
+        use_fp16=False,
+    )
     model = SparseDiT(cfg, dtype=torch.float32)
     model.load_state_dict(deterministic_state_dict(model, 5), strict=True)
     parts = []
     for b, n in enumerate([70, 33]):
-        flat = torch.randperm(16 ** 3)[:n]
+        flat = torch.randperm(16**3)[:n]
         c = torch.stack([torch.full_like(flat, b), flat // 256, flat // 16 % 16, flat % 16], 1).int()
         parts.append(sort_block(c, 8)[0])
     coords = torch.cat(parts)
@@ -100,39 +109,59 @@ def test_batch_of_two_equals_two_single_calls():
     cond, t = torch.randn(2, 5, 64), torch.tensor([300.0, 700.0])
     with torch.no_grad():
         both = model(SparseTensor(feats, coords), t, cond).feats
-        one = [model(SparseTensor(feats[s], parts[b] * torch.tensor([0, 1, 1, 1], dtype=torch.int32)),
-                     t[b:b + 1], cond[b:b + 1]).feats for b, s in enumerate([slice(0, 70), slice(70, 103)])]
+        one = [
+            model(
+                SparseTensor(feats[s], parts[b] * torch.tensor([0, 1, 1, 1], dtype=torch.int32)),
+                t[b : b + 1],
+                cond[b : b + 1],
+            ).feats
+            for b, s in enumerate([slice(0, 70), slice(70, 103)])
+        ]
     assert_close(both, torch.cat(one), 1e-5, 1e-4, "batched vs single")
 
 
 def test_v1_0_sparse_conditions_and_v2_compression_run_ragged():
     """v1.0 path: cond_proj + APE on a ragged SparseTensor context, v2 compression (cells 4^3 inside blocks 8^3)."""
     torch.manual_seed(1)
-    cfg = SparseDiTConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=2, num_heads=4,
-                          num_kv_heads=2, compression_block_size=4, topk=3, compression_version="v2",
-                          sparse_conditions=True, use_fp16=False)
+    cfg = SparseDiTConfig(
+        resolution=16,
+        model_channels=64,
+        cond_channels=64,
+        num_blocks=2,
+        num_heads=4,
+        num_kv_heads=2,
+        compression_block_size=4,
+        topk=3,
+        compression_version="v2",
+        sparse_conditions=True,
+        use_fp16=False,
+    )
     model = SparseDiT(cfg, dtype=torch.float32)
     model.load_state_dict(deterministic_state_dict(model, 2), strict=True)
     parts = []
     for b, n in enumerate([50, 20]):
-        flat = torch.randperm(16 ** 3)[:n]
-        parts.append(sort_block(torch.stack([torch.full_like(flat, b), flat // 256, flat // 16 % 16, flat % 16],
-                                            1).int(), 8)[0])
+        flat = torch.randperm(16**3)[:n]
+        parts.append(
+            sort_block(torch.stack([torch.full_like(flat, b), flat // 256, flat // 16 % 16, flat % 16], 1).int(), 8)[0]
+        )
     x = SparseTensor(torch.randn(70, 16), torch.cat(parts))
     cc = torch.tensor([[0, 0, 0, 1], [0, 3, 4, 0], [0, 5, 1, 0], [1, 0, 0, 1], [1, 2, 2, 0]], dtype=torch.int32)
     cond = SparseTensor(torch.randn(5, 64), cc)
     with torch.no_grad():
         out = model(x, torch.tensor([10.0, 900.0]), cond)
-        alone = model(SparseTensor(x.feats[50:], parts[1] * torch.tensor([0, 1, 1, 1], dtype=torch.int32)),
-                      torch.tensor([900.0]), SparseTensor(cond.feats[3:], cc[3:] * torch.tensor([0, 1, 1, 1],
-                                                                                                dtype=torch.int32)))
+        alone = model(
+            SparseTensor(x.feats[50:], parts[1] * torch.tensor([0, 1, 1, 1], dtype=torch.int32)),
+            torch.tensor([900.0]),
+            SparseTensor(cond.feats[3:], cc[3:] * torch.tensor([0, 1, 1, 1], dtype=torch.int32)),
+        )
     assert out.feats.shape == (70, 16) and torch.isfinite(out.feats).all()
     assert_close(out.feats[50:], alone.feats, 1e-5, 1e-4, "sample 1 of the batch vs alone")
 
 
 def test_unsorted_tokens_are_rejected():
-    cfg = SparseDiTConfig(resolution=16, model_channels=64, cond_channels=64, num_blocks=1, num_heads=4,
-                          num_kv_heads=2, use_fp16=False)
+    cfg = SparseDiTConfig(
+        resolution=16, model_channels=64, cond_channels=64, num_blocks=1, num_heads=4, num_kv_heads=2, use_fp16=False
+    )
     model = SparseDiT(cfg, dtype=torch.float32)
     coords = torch.tensor([[0, 9, 0, 0], [0, 0, 0, 0]], dtype=torch.int32)
     with pytest.raises(ValueError, match="block-sorted"):

@@ -2,6 +2,7 @@
 
 Numerical parity with the original lives in tests/test_parity_sparse_vae.py (golden fixtures).
 """
+
 from dataclasses import replace
 
 import pytest
@@ -14,9 +15,14 @@ from s2core.sparse_vae import SparseSDFVAE, absolute_position_embedding
 from s2core.testing import deterministic_state_dict
 
 
-@pytest.mark.parametrize("key,cfg", [("model_sparse_512.vae", SparseVAEConfig()),
-                                     ("model_sparse_1024.vae", SparseVAEConfig(resolution=128, chunk_size=4))],
-                         ids=["512", "1024"])
+@pytest.mark.parametrize(
+    "key,cfg",
+    [
+        ("model_sparse_512.vae", SparseVAEConfig()),
+        ("model_sparse_1024.vae", SparseVAEConfig(resolution=128, chunk_size=4)),
+    ],
+    ids=["512", "1024"],
+)
 def test_official_keys_shapes_dtypes_and_strict_load(key, cfg):
     with torch.device("meta"):
         vae = SparseSDFVAE(cfg)
@@ -39,7 +45,7 @@ def test_ape_layout():
 def _latent(g, cfg, n, batch=1):
     rows = []
     for b in range(batch):
-        flat = torch.randperm(cfg.resolution ** 3, generator=g)[:n]
+        flat = torch.randperm(cfg.resolution**3, generator=g)[:n]
         r = cfg.resolution
         rows.append(torch.cat([torch.full((n, 1), b), torch.stack([flat // (r * r), flat // r % r, flat % r], 1)], 1))
     coords = torch.cat(rows).int()
@@ -60,8 +66,9 @@ def test_decode_shapes_and_children():
         sdf, feat = vae.decode(lat, return_feat=True)
     assert sdf.feats.shape == (40 * 512, 1) and feat.feats.shape == (40 * 512, cfg.model_channels_decoder // 16)
     assert sdf.feats.abs().max() < 1 and sdf.offsets.tolist() == [0, 20 * 512, 40 * 512]
-    assert torch.equal(torch.div(sdf.coords[:, 1:], 8, rounding_mode="floor"),
-                       lat.coords[:, 1:].repeat_interleave(512, 0))
+    assert torch.equal(
+        torch.div(sdf.coords[:, 1:], 8, rounding_mode="floor"), lat.coords[:, 1:].repeat_interleave(512, 0)
+    )
 
 
 def test_chunked_decode_equals_unchunked_with_seam_duplicates():
@@ -77,7 +84,7 @@ def test_chunked_decode_equals_unchunked_with_seam_duplicates():
     with torch.no_grad():
         out = vae.decode(lat)
         ref = unchunked.decode(lat)
-    keys = lambda c: ((c[:, 1].long() * 256 + c[:, 2]) * 256 + c[:, 3])
+    keys = lambda c: (c[:, 1].long() * 256 + c[:, 2]) * 256 + c[:, 3]
     ref_map = dict(zip(keys(ref.coords).tolist(), ref.feats[:, 0].tolist()))
     got = keys(out.coords).tolist()
     assert set(got) == set(ref_map)  # same voxels...

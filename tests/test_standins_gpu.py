@@ -5,13 +5,13 @@ them. (Their agreement with the original end to end needs the original checkout,
 
 Tolerances: fp32 on CPU against fp64 brute-force references -> 1e-5 (summation order only).
 """
+
 import importlib
 import importlib.util
 import math
 import os
 import sys
 import types
-
 from pathlib import Path
 
 import pytest
@@ -86,8 +86,9 @@ def test_torchsparse_functional_and_ntuple():
     feats = torch.randn(len(coords), 3)
     w, b = torch.randn(27, 3, 2), torch.randn(2)
     x = ts["torchsparse"].SparseTensor(feats, coords)
-    y = ts["torchsparse.nn.functional"].conv3d(x, w, kernel_size=(3, 3, 3), bias=b, stride=(1, 1, 1),
-                                                 padding=(1, 1, 1), dilation=1)
+    y = ts["torchsparse.nn.functional"].conv3d(
+        x, w, kernel_size=(3, 3, 3), bias=b, stride=(1, 1, 1), padding=(1, 1, 1), dilation=1
+    )
     torch.testing.assert_close(y.F.double(), sparse_conv3d_reference(feats, coords, w, b), atol=1e-5, rtol=1e-5)
 
 
@@ -105,19 +106,24 @@ def test_torchsparse_rejects_what_it_does_not_implement(kw):
 # ---------------------------------------------------------------------------------------------------
 # flash_attn
 
+
 def _softmax_ref(q, k, v, cu_q, cu_k, scale):
     """Per sequence, fp64: softmax(q k^T * scale) v with GQA head h -> kv head h // (H/Hk); and lse [H, Nq]."""
     h, hk = q.shape[1], k.shape[1]
     out = torch.zeros(q.shape, dtype=torch.float64)
     lse = torch.full((h, q.shape[0]), float("-inf"), dtype=torch.float64)
     for i in range(len(cu_q) - 1):
-        qs, ks, vs = q[cu_q[i]:cu_q[i + 1]].double(), k[cu_k[i]:cu_k[i + 1]].double(), v[cu_k[i]:cu_k[i + 1]].double()
+        qs, ks, vs = (
+            q[cu_q[i] : cu_q[i + 1]].double(),
+            k[cu_k[i] : cu_k[i + 1]].double(),
+            v[cu_k[i] : cu_k[i + 1]].double(),
+        )
         if len(ks) == 0:
             continue
         ks, vs = ks.repeat_interleave(h // hk, 1), vs.repeat_interleave(h // hk, 1)
         s = torch.einsum("qhd,khd->hqk", qs, ks) * scale
-        out[cu_q[i]:cu_q[i + 1]] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vs)
-        lse[:, cu_q[i]:cu_q[i + 1]] = s.logsumexp(-1)
+        out[cu_q[i] : cu_q[i + 1]] = torch.einsum("hqk,khd->qhd", s.softmax(-1), vs)
+        lse[:, cu_q[i] : cu_q[i + 1]] = s.logsumexp(-1)
     return out, lse
 
 
@@ -141,8 +147,9 @@ def test_flash_attn_varlen_matches_softmax_reference_across_buckets():
     ref, ref_lse = _softmax_ref(q, k, v, cu_q.tolist(), cu_k.tolist(), 0.3)
     out = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), softmax_scale=0.3)
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
-    out2, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), softmax_scale=0.3,
-                                             return_attn_probs=True)
+    out2, lse, _ = fa.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), softmax_scale=0.3, return_attn_probs=True
+    )
     assert lse.shape == (4, q.shape[0]) and lse.dtype == torch.float32
     torch.testing.assert_close(out2.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
@@ -155,8 +162,9 @@ def test_flash_attn_lse_path_in_query_chunks_matches_reference(monkeypatch):
     fa = standins.make_flash_attn()
     q, k, v, cu_q, cu_k = _ragged(LENS_Q, LENS_K, seed=3)
     ref, ref_lse = _softmax_ref(q, k, v, cu_q.tolist(), cu_k.tolist(), 0.25)
-    out, lse, _ = fa.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), softmax_scale=0.25,
-                                            return_attn_probs=True)
+    out, lse, _ = fa.flash_attn_varlen_func(
+        q, k, v, cu_q, cu_k, max(LENS_Q), max(LENS_K), softmax_scale=0.25, return_attn_probs=True
+    )
     torch.testing.assert_close(out.double(), ref, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(lse.double(), ref_lse, atol=1e-5, rtol=1e-5)
 
@@ -174,11 +182,13 @@ def test_flash_attn_packed_and_dense_entry_points():
     qb, kb, vb, cub, _ = _ragged([8] * 3, [8] * 3, h=4, hk=2)
     refb, refb_lse = _softmax_ref(qb, kb, vb, cub.tolist(), cub.tolist(), 0.25)
     shape = (3, 8)
-    outb = fa.flash_attn_func(qb.unflatten(0, shape), kb.unflatten(0, shape), vb.unflatten(0, shape),
-                              softmax_scale=0.25)
+    outb = fa.flash_attn_func(
+        qb.unflatten(0, shape), kb.unflatten(0, shape), vb.unflatten(0, shape), softmax_scale=0.25
+    )
     torch.testing.assert_close(outb.flatten(0, 1).double(), refb, atol=1e-5, rtol=1e-5)
-    o, lse, _ = fa.flash_attn_kvpacked_func(qb.unflatten(0, shape), torch.stack([kb, vb], 1).unflatten(0, shape),
-                                            softmax_scale=0.25, return_attn_probs=True)
+    o, lse, _ = fa.flash_attn_kvpacked_func(
+        qb.unflatten(0, shape), torch.stack([kb, vb], 1).unflatten(0, shape), softmax_scale=0.25, return_attn_probs=True
+    )
     assert lse.shape == (3, 4, 8)
     torch.testing.assert_close(lse.transpose(0, 1).flatten(1).double(), refb_lse, atol=1e-5, rtol=1e-5)
     qkv = torch.stack([q, q, q], 1)[:64].unflatten(0, (2, 32))
@@ -208,6 +218,7 @@ def test_install_puts_importable_packages_in_sys_modules(monkeypatch):
     standins.install_flash_attn_standin()
     ts = importlib.import_module("torchsparse")
     from torchsparse.utils import make_ntuple  # the original's import form
+
     assert make_ntuple(2, ndim=3) == (2, 2, 2)
     assert importlib.import_module("torchsparse.nn.functional").conv3d is standins.ts_conv3d
     assert ts.nn.Conv3d is standins.TSConv3d and ts.SparseTensor is standins.TSSparseTensor
@@ -239,9 +250,10 @@ def test_install_standins_refuses_after_the_original_was_imported(monkeypatch):
 # ---------------------------------------------------------------------------------------------
 # the whole-pipeline stand-ins (bench/e2e_original.py)
 
+
 def _udf_index(vertices, faces, dim, factor=8, threshold=4.0):
     """What the original's mesh2index does with the udf grid (re-stated here for the test only)."""
-    udf = torch.full((dim ** 3,), 10_000_000, dtype=torch.int32)
+    udf = torch.full((dim**3,), 10_000_000, dtype=torch.int32)
     standins.compute_valid_udf(vertices, faces.int(), udf, faces.shape[0], dim, threshold)
     idx = ((udf.float() / 1e7).view(1, dim, dim, dim) < threshold / dim).nonzero()
     idx[:, 1:] //= factor
@@ -271,7 +283,7 @@ def test_udf_ext_standin_writes_distance_times_1e7_with_atomic_min():
     closer = tri + torch.tensor([0.0, 0.0, 0.5 * s])
     v = torch.cat([tri, closer])
     f = torch.tensor([[0, 1, 2], [3, 4, 5]])
-    udf = torch.full((dim ** 3,), 10_000_000, dtype=torch.int32)
+    udf = torch.full((dim**3,), 10_000_000, dtype=torch.int32)
     standins.compute_valid_udf(v, f[:1].int(), udf, 1, dim, 4.0)
     i = j = 12  # (12 / 31 - 0.5) = -0.113: inside the triangle's x, y range
     for k, expect_near in ((16, True), (20, False)):  # z = 16/31 - 0.5 = 0.016 (< 4/32); 20/31 - 0.5 = 0.145
@@ -291,6 +303,7 @@ def test_pipeline_standins_install_voxelizer_placeholders_and_a_scheduler(monkey
     assert sys.modules["udf_ext"].compute_valid_udf is standins.compute_valid_udf
     if "pymeshfix" in used:
         from pymeshfix import _meshfix  # fill_hole.py's import form
+
         with pytest.raises(RuntimeError, match="import-only placeholder"):
             _meshfix()
     s = sched(num_train_timesteps=1000, shift=6.0)
@@ -349,9 +362,10 @@ def test_torch_flash_varlen_adapter_unpads_lse_and_falls_back_to_repeated_kv_hea
         if layout == "padded":
             b, pad = len(cq) - 1, torch.full((len(cq) - 1, q_.shape[1], mq), 7.0, dtype=torch.float64)
             for i in range(b):
-                pad[i, :, :cq[i + 1] - cq[i]] = lse[:, cq[i]:cq[i + 1]]
+                pad[i, :, : cq[i + 1] - cq[i]] = lse[:, cq[i] : cq[i + 1]]
             lse = pad
         return out.to(q_.dtype), lse.float(), None, None, None
+
     monkeypatch.setattr(torch.ops.aten, "_flash_attention_forward", fake)
     monkeypatch.setattr(standins, "_FAST_LSE", {})
     out, lse = standins._torch_flash_varlen(q, k, v, cu_q, cu_k, 9, 7, 0.5)

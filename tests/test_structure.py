@@ -1,4 +1,5 @@
 """Index helpers of the coarse→fine glue: sort_block, extract_tokens_and_coords, occupancy, decode_occupancy."""
+
 import pytest
 import torch
 
@@ -23,9 +24,11 @@ def random_coords(n, res, batches, seed, dtype=torch.int32):
     return torch.cat([b, xyz], 1).to(dtype)
 
 
-@pytest.mark.parametrize("n,res,bs,batches", [(1, 8, 8, 1), (500, 64, 8, 1), (700, 128, 8, 3), (300, 37, 4, 2),
-                                              (200, 20, 3, 1)],
-                         ids=["N1-R8-bs8", "N500-R64-bs8", "N700-R128-bs8-B3", "N300-R37-bs4-B2", "N200-R20-bs3"])
+@pytest.mark.parametrize(
+    "n,res,bs,batches",
+    [(1, 8, 8, 1), (500, 64, 8, 1), (700, 128, 8, 3), (300, 37, 4, 2), (200, 20, 3, 1)],
+    ids=["N1-R8-bs8", "N500-R64-bs8", "N700-R128-bs8-B3", "N300-R37-bs4-B2", "N200-R20-bs3"],
+)
 def test_sort_block_matches_loop_reference(n, res, bs, batches):
     coords = random_coords(n, res, batches, seed=n + res)  # duplicates included: checks stability
     out, order = sort_block(coords, bs)
@@ -55,11 +58,13 @@ def naive_extract(z, mask, num_cls=1, num_reg=4):
     P = mask.shape[-1]
     for b in range(z.shape[0]):
         for i in range(num_cls + num_reg):
-            toks.append(z[b, i]); coords.append([b, 0, 0, 1])
+            toks.append(z[b, i])
+            coords.append([b, 0, 0, 1])
         for h in range(P):
             for w in range(P):
                 if mask[b, h, w]:
-                    toks.append(z[b, num_cls + num_reg + h * P + w]); coords.append([b, w, h, 0])
+                    toks.append(z[b, num_cls + num_reg + h * P + w])
+                    coords.append([b, w, h, 0])
     return torch.stack(toks), torch.tensor(coords, dtype=torch.int32)
 
 
@@ -75,9 +80,9 @@ def test_extract_tokens_matches_loop_reference_with_an_empty_mask():
 
 def test_occupancy_coords_threshold_and_layout():
     logits = torch.full((2, 1, 4, 4, 4), -10.0)
-    logits[0, 0, 1, 2, 3] = 0.0     # p = 0.5
-    logits[1, 0, 3, 0, 1] = -2.19   # p = 0.1006 >= 0.1
-    logits[1, 0, 0, 0, 0] = -2.21   # p = 0.0988 < 0.1
+    logits[0, 0, 1, 2, 3] = 0.0  # p = 0.5
+    logits[1, 0, 3, 0, 1] = -2.19  # p = 0.1006 >= 0.1
+    logits[1, 0, 0, 0, 0] = -2.21  # p = 0.0988 < 0.1
     coords = occupancy_coords(logits, 0.1)
     assert coords.dtype == torch.int32
     assert coords.tolist() == [[0, 1, 2, 3], [1, 3, 0, 1]]

@@ -3,6 +3,7 @@
 Every parity test leans on two promises: the same (seed, name, shape) always gives the same bytes, and a
 fixture's sidecar regenerates exactly the weights the original module was loaded with.
 """
+
 import math
 from collections import defaultdict
 
@@ -77,8 +78,9 @@ def _fixtures_with_weights():
 
 def test_golden_round_trip():
     """A fixture's sidecar regenerates exactly the weights listed in it, as deterministic_state_dict does."""
-    cands = [p for p in _fixtures_with_weights()
-             if sum(math.prod(s) for _, s, _ in load_golden(p)[1]["weights_specs"]) < 5e6]
+    cands = [
+        p for p in _fixtures_with_weights() if sum(math.prod(s) for _, s, _ in load_golden(p)[1]["weights_specs"]) < 5e6
+    ]
     if not cands:
         pytest.fail("no golden fixture with weights under 5e6 elements in tests/golden")
     tensors, meta = load_golden(cands[0].with_suffix(""))

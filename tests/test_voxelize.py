@@ -7,6 +7,7 @@ triangle is below 4/D, latent cell = index // factor, unique and sorted. The ref
 lattice point against every triangle with an independent closest-point algorithm (Ericson's, float64); our
 path only visits grown triangle boxes in float32. Small D keeps it to a second or two on a CPU.
 """
+
 import numpy as np
 import pytest
 import torch
@@ -32,8 +33,10 @@ def _closest_point_distance(p, a, b, c):
             ((d6 >= 0) & (d5 <= d6), c + 0 * p),
             ((vc <= 0) & (d1 >= 0) & (d3 <= 0), a + (d1 / (d1 - d3))[..., None] * ab),
             ((vb <= 0) & (d2 >= 0) & (d6 <= 0), a + (d2 / (d2 - d6))[..., None] * ac),
-            ((va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0),
-             b + ((d4 - d3) / ((d4 - d3) + (d5 - d6)))[..., None] * (c - b)),
+            (
+                (va <= 0) & (d4 - d3 >= 0) & (d5 - d6 >= 0),
+                b + ((d4 - d3) / ((d4 - d3) + (d5 - d6)))[..., None] * (c - b),
+            ),
         ]
     for cond, point in reversed(regions):
         q = np.where(cond[..., None], point, q)
@@ -50,8 +53,12 @@ def _dense_reference(mesh, D, factor, threshold=4.0):
     edge = np.linalg.norm(tri - np.roll(tri, 1, axis=2), axis=-1).max()
     near = torch.cdist(torch.from_numpy(pts), torch.from_numpy(v)).min(1).values.numpy() < threshold / D + edge
     grid, pts = grid[near], pts[near]
-    best = np.concatenate([_closest_point_distance(chunk[:, None], tri[:, :, 0], tri[:, :, 1], tri[:, :, 2]).min(1)
-                           for chunk in np.array_split(pts, max(1, len(pts) // 2048))])
+    best = np.concatenate(
+        [
+            _closest_point_distance(chunk[:, None], tri[:, :, 0], tri[:, :, 1], tri[:, :, 2]).min(1)
+            for chunk in np.array_split(pts, max(1, len(pts) // 2048))
+        ]
+    )
     active = grid[best < threshold / D] // factor
     cells = np.unique(active, axis=0)
     return np.concatenate([np.zeros((len(cells), 1), int), cells], 1)
@@ -65,14 +72,16 @@ def _plate():
 
 MESHES = {
     "sphere": lambda: trimesh.creation.icosphere(subdivisions=1),
-    "torus": lambda: trimesh.creation.torus(major_radius=1.0, minor_radius=0.3, major_sections=12,
-                                            minor_sections=6),
+    "torus": lambda: trimesh.creation.torus(major_radius=1.0, minor_radius=0.3, major_sections=12, minor_sections=6),
     "thin-plate": _plate,
 }
 
 
-@pytest.mark.parametrize("name,D,factor", [("sphere", 40, 4), ("torus", 33, 8), ("thin-plate", 40, 4)],
-                         ids=["sphere-D40-f4", "torus-D33-f8", "thin-plate-D40-f4"])
+@pytest.mark.parametrize(
+    "name,D,factor",
+    [("sphere", 40, 4), ("torus", 33, 8), ("thin-plate", 40, 4)],
+    ids=["sphere-D40-f4", "torus-D33-f8", "thin-plate-D40-f4"],
+)
 def test_matches_dense_reference(name, D, factor):
     mesh = MESHES[name]()
     want = _dense_reference(mesh, D, factor)
@@ -80,13 +89,19 @@ def test_matches_dense_reference(name, D, factor):
     assert got.dtype == torch.int32 and got.shape[1] == 4
     np.testing.assert_array_equal(got.numpy(), want)
     # windows smaller than one big triangle's box give the same set
-    small = mesh_to_latent_index(mesh.vertices, mesh.faces, resolution=D, factor=factor, device="cpu",
-                                 max_candidates=61 if name == "thin-plate" else 4099)
+    small = mesh_to_latent_index(
+        mesh.vertices,
+        mesh.faces,
+        resolution=D,
+        factor=factor,
+        device="cpu",
+        max_candidates=61 if name == "thin-plate" else 4099,
+    )
     assert torch.equal(small, got)
 
 
 def test_point_triangle_distance_rules():
-    v0, v1, v2 = torch.tensor([[0., 0, 0]]), torch.tensor([[1., 0, 0]]), torch.tensor([[0., 1, 0]])
+    v0, v1, v2 = torch.tensor([[0.0, 0, 0]]), torch.tensor([[1.0, 0, 0]]), torch.tensor([[0.0, 1, 0]])
     P = lambda *x: torch.tensor([x], dtype=torch.float32)  # noqa: E731
     # above the interior: plane distance; beyond an edge: edge distance; beyond a vertex: vertex distance
     assert point_triangle_distance(P(0.2, 0.2, 0.5), v0, v1, v2).item() == pytest.approx(0.5)
@@ -94,7 +109,7 @@ def test_point_triangle_distance_rules():
     assert point_triangle_distance(P(2.0, 0.0, 0.0), v0, v1, v2).item() == pytest.approx(1.0)
     # degenerate: two equal vertices → segment; collinear → distance to v0 (the CUDA kernel's quirk)
     assert point_triangle_distance(P(0.5, 1.0, 0.0), v0, v1, v1).item() == pytest.approx(1.0)
-    col = torch.tensor([[2., 0, 0]])
+    col = torch.tensor([[2.0, 0, 0]])
     assert point_triangle_distance(P(1.5, 0.0, 0.0), v0, v1, col).item() == pytest.approx(1.5)
     assert point_triangle_distance(P(0.0, 0.0, 3.0), v0, v0, v0).item() == pytest.approx(3.0)
 

@@ -3,6 +3,7 @@ matches both sockets; the committed files equal what `tests/workflow_graphs.py` 
 
 Regenerate after an intended change: `python tests/test_workflows.py --update`.
 """
+
 import importlib.util
 import json
 import sys
@@ -56,7 +57,8 @@ def test_workflow_is_consistent(path, ours):
 @pytest.mark.parametrize("name", sorted(wg.WORKFLOWS))
 def test_committed_equals_generated(name, ours):
     assert json.loads((wg.EXAMPLES / f"{name}.json").read_text()) == wg.WORKFLOWS[name](ours), (
-        "example workflow is stale: run `python tests/test_workflows.py --update`")
+        "example workflow is stale: run `python tests/test_workflows.py --update`"
+    )
 
 
 def test_api_prompt_of_the_separate_nodes_workflow(ours):

@@ -2,6 +2,7 @@
 
 Fixtures defined here become fixtures of each module that imports them.
 """
+
 import hashlib
 
 import pytest
@@ -31,8 +32,8 @@ def picture(shift=0):
     """A red block on white with its object mask (1 = object), IMAGE [1, 64, 64, 3] and MASK [1, 64, 64]."""
     img = torch.ones(1, 64, 64, 3)
     mask = torch.zeros(1, 64, 64)
-    img[:, 12 + shift:52, 16:48] = torch.tensor([0.7, 0.3, 0.2])
-    mask[:, 12 + shift:52, 16:48] = 1
+    img[:, 12 + shift : 52, 16:48] = torch.tensor([0.7, 0.3, 0.2])
+    mask[:, 12 + shift : 52, 16:48] = 1
     return img, mask
 
 

@@ -12,17 +12,18 @@ normalisations (GroupNorm, LayerNorm) keep at the size of the signal, so `depth`
 one layer's; a factor of 4 covers the gains of the layers between (residual sums, SiLU/GELU slopes, softmax).
 Outputs rounded to a narrower dtype (fp16 activations) add up to one ulp of that dtype per layer instead.
 """
+
 import math
 
 import torch
 
-UNIT_ROUNDOFF = {torch.float32: 2.0 ** -24, torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8,
-                 torch.float64: 2.0 ** -53}
+UNIT_ROUNDOFF = {torch.float32: 2.0**-24, torch.float16: 2.0**-11, torch.bfloat16: 2.0**-8, torch.float64: 2.0**-53}
 SAFETY = 4.0
 
 
-def reorder_rel_rms(k: int, depth: int = 1, accumulate: torch.dtype = torch.float32,
-                    store: torch.dtype | None = None) -> float:
+def reorder_rel_rms(
+    k: int, depth: int = 1, accumulate: torch.dtype = torch.float32, store: torch.dtype | None = None
+) -> float:
     """Bound on rel. RMS between two CPUs' results of `depth` stacked layers whose widest dot product has k terms,
     accumulated in `accumulate`; `store` is the activations' dtype when narrower (fp16: one ulp per layer)."""
     per_layer = UNIT_ROUNDOFF[accumulate] * math.sqrt(k)

@@ -5,6 +5,7 @@
 committed files; `tools/comfyui_headless_check.py` converts every workflow to the API format with
 `to_api_prompt` and runs it in a real ComfyUI.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,28 +19,44 @@ AUX_ID = "comfyui-direct3d-s2/ComfyUI-Direct3D-S2"
 # "Note" is a frontend-only node (no backend class); it is dropped from API prompts.
 CORE_NODES: dict[str, dict] = {
     "LoadImage": {"inputs": {}, "widgets": ["image", "upload"], "outputs": [("IMAGE", "IMAGE"), ("MASK", "MASK")]},
-    "CheckpointLoaderSimple": {"inputs": {}, "widgets": ["ckpt_name"],
-                               "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")]},
+    "CheckpointLoaderSimple": {
+        "inputs": {},
+        "widgets": ["ckpt_name"],
+        "outputs": [("MODEL", "MODEL"), ("CLIP", "CLIP"), ("VAE", "VAE")],
+    },
     "CLIPTextEncode": {"inputs": {"clip": "CLIP"}, "widgets": ["text"], "outputs": [("CONDITIONING", "CONDITIONING")]},
     "EmptyLatentImage": {"inputs": {}, "widgets": ["width", "height", "batch_size"], "outputs": [("LATENT", "LATENT")]},
-    "KSampler": {"inputs": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING",
-                            "latent_image": "LATENT"},
-                 "widgets": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
-                 "outputs": [("LATENT", "LATENT")]},
+    "KSampler": {
+        "inputs": {"model": "MODEL", "positive": "CONDITIONING", "negative": "CONDITIONING", "latent_image": "LATENT"},
+        "widgets": ["seed", "control_after_generate", "steps", "cfg", "sampler_name", "scheduler", "denoise"],
+        "outputs": [("LATENT", "LATENT")],
+    },
     "VAEDecode": {"inputs": {"samples": "LATENT", "vae": "VAE"}, "widgets": [], "outputs": [("IMAGE", "IMAGE")]},
     "ImageToMask": {"inputs": {"image": "IMAGE"}, "widgets": ["channel"], "outputs": [("MASK", "MASK")]},
     "ThresholdMask": {"inputs": {"mask": "MASK"}, "widgets": ["value"], "outputs": [("MASK", "MASK")]},
     "SaveGLB": {"inputs": {"mesh": "MESH"}, "widgets": ["filename_prefix"], "outputs": []},
     # ComfyUI 0.38 core 3D / background-removal nodes (comfy_extras/nodes_mesh_postprocess.py, nodes_bg_removal.py);
     # DecimateMesh's placement_mode is a dynamic combo: its value "midpoint" has no sub-widgets
-    "DecimateMesh": {"inputs": {"mesh": "MESH"}, "widgets": ["target_face_count", "placement_mode"],
-                     "outputs": [("mesh", "MESH")]},
-    "UnwrapMesh": {"inputs": {"mesh": "MESH"}, "widgets": ["segmenter", "resolution", "padding", "weld_distance"],
-                   "outputs": [("mesh", "MESH")]},
-    "LoadBackgroundRemovalModel": {"inputs": {}, "widgets": ["bg_removal_name"],
-                                   "outputs": [("bg_model", "BACKGROUND_REMOVAL")]},
-    "RemoveBackground": {"inputs": {"bg_removal_model": "BACKGROUND_REMOVAL", "image": "IMAGE"},
-                         "widgets": ["resolution"], "outputs": [("mask", "MASK")]},
+    "DecimateMesh": {
+        "inputs": {"mesh": "MESH"},
+        "widgets": ["target_face_count", "placement_mode"],
+        "outputs": [("mesh", "MESH")],
+    },
+    "UnwrapMesh": {
+        "inputs": {"mesh": "MESH"},
+        "widgets": ["segmenter", "resolution", "padding", "weld_distance"],
+        "outputs": [("mesh", "MESH")],
+    },
+    "LoadBackgroundRemovalModel": {
+        "inputs": {},
+        "widgets": ["bg_removal_name"],
+        "outputs": [("bg_model", "BACKGROUND_REMOVAL")],
+    },
+    "RemoveBackground": {
+        "inputs": {"bg_removal_model": "BACKGROUND_REMOVAL", "image": "IMAGE"},
+        "widgets": ["resolution"],
+        "outputs": [("mask", "MASK")],
+    },
     "Note": {"inputs": {}, "widgets": ["text"], "outputs": []},
 }
 FRONTEND_ONLY = {"Note"}
@@ -66,8 +83,12 @@ def node_sockets(type_: str, ours: dict) -> dict:
     """{'inputs': {name: type}, 'optional': set, 'widgets': [names], 'outputs': [(name, type)]} of any node used."""
     if type_ in CORE_NODES:
         d = CORE_NODES[type_]
-        return {"inputs": dict(d["inputs"]), "optional": set(), "widgets": list(d["widgets"]),
-                "outputs": list(d["outputs"])}
+        return {
+            "inputs": dict(d["inputs"]),
+            "optional": set(),
+            "widgets": list(d["widgets"]),
+            "outputs": list(d["outputs"]),
+        }
     from importlib import import_module  # noqa: F401  (keeps the signature symmetric)
 
     n = ours[type_]
@@ -77,9 +98,12 @@ def node_sockets(type_: str, ours: dict) -> dict:
             widgets.append(i.name)
             if i.seed:
                 widgets.append("control_after_generate")
-    return {"inputs": {i.name: i.type for i in n.inputs if i.type not in ("INT", "FLOAT", "BOOLEAN", "STRING", "COMBO")},
-            "optional": {i.name for i in n.inputs if i.optional},
-            "widgets": widgets, "outputs": [(o.name, o.type) for o in n.outputs]}
+    return {
+        "inputs": {i.name: i.type for i in n.inputs if i.type not in ("INT", "FLOAT", "BOOLEAN", "STRING", "COMBO")},
+        "optional": {i.name for i in n.inputs if i.optional},
+        "widgets": widgets,
+        "outputs": [(o.name, o.type) for o in n.outputs],
+    }
 
 
 def _defaults(n) -> list:
@@ -98,7 +122,9 @@ class Graph:
         self.nodes: list[dict] = []
         self.links: list[list] = []
 
-    def add(self, type_: str, pos, widgets: dict | list | None = None, size=(320, 130), title: str | None = None) -> dict:
+    def add(
+        self, type_: str, pos, widgets: dict | list | None = None, size=(320, 130), title: str | None = None
+    ) -> dict:
         s = node_sockets(type_, self.ours)
         if type_ in self.ours:
             values = _defaults(self.ours[type_])
@@ -108,11 +134,19 @@ class Graph:
         else:
             values = list(widgets or [])
             props = {"Node name for S&R": type_}
-        node = {"id": len(self.nodes) + 1, "type": type_, "pos": list(pos), "size": list(size), "flags": {},
-                "order": len(self.nodes), "mode": 0,
-                "inputs": [{"name": k, "type": t, "link": None} for k, t in s["inputs"].items()],
-                "outputs": [{"name": k, "type": t, "links": [], "slot_index": j} for j, (k, t) in enumerate(s["outputs"])],
-                "properties": props, "widgets_values": values}
+        node = {
+            "id": len(self.nodes) + 1,
+            "type": type_,
+            "pos": list(pos),
+            "size": list(size),
+            "flags": {},
+            "order": len(self.nodes),
+            "mode": 0,
+            "inputs": [{"name": k, "type": t, "link": None} for k, t in s["inputs"].items()],
+            "outputs": [{"name": k, "type": t, "links": [], "slot_index": j} for j, (k, t) in enumerate(s["outputs"])],
+            "properties": props,
+            "widgets_values": values,
+        }
         if title:
             node["title"] = title
         self.nodes.append(node)
@@ -127,20 +161,35 @@ class Graph:
         dst["inputs"][slot]["link"] = lid
 
     def workflow(self) -> dict:
-        return {"id": "00000000-0000-4000-8000-00000000d3d5", "revision": 0, "last_node_id": len(self.nodes),
-                "last_link_id": len(self.links), "nodes": self.nodes, "links": self.links, "groups": [],
-                "config": {}, "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}}, "version": 0.4}
+        return {
+            "id": "00000000-0000-4000-8000-00000000d3d5",
+            "revision": 0,
+            "last_node_id": len(self.nodes),
+            "last_link_id": len(self.links),
+            "nodes": self.nodes,
+            "links": self.links,
+            "groups": [],
+            "config": {},
+            "extra": {"ds": {"scale": 0.8, "offset": [0, 0]}},
+            "version": 0.4,
+        }
 
 
-NOTE_TINY = ("Direct3D-S2: the model loader downloads about 5 GB of weights into models/direct3d_s2/ the first time "
-             "(or put the files there yourself). Choose variant 'tiny-random' to try the graph without weights "
-             "(13-17 s measured on a 2-core CPU, see the README): its meshes are meaningless.")
+NOTE_TINY = (
+    "Direct3D-S2: the model loader downloads about 5 GB of weights into models/direct3d_s2/ the first time "
+    "(or put the files there yourself). Choose variant 'tiny-random' to try the graph without weights "
+    "(13-17 s measured on a 2-core CPU, see the README): its meshes are meaningless."
+)
 
 
 def workflow_separate_nodes(ours) -> dict:
     g = Graph(ours)
-    note = g.add("Note", (20, 420), [NOTE_TINY + " LoadImage gives 1 - alpha as MASK, so Encode Image keeps "
-                                     "'mask_is_background' on."], size=(360, 140))
+    note = g.add(
+        "Note",
+        (20, 420),
+        [NOTE_TINY + " LoadImage gives 1 - alpha as MASK, so Encode Image keeps 'mask_is_background' on."],
+        size=(360, 140),
+    )
     del note
     img = g.add("LoadImage", (20, 20), ["example.png", "image"], size=(320, 360))
     model = g.add("D3DS2LoadModel", (380, 20), size=(320, 200))
@@ -247,19 +296,23 @@ def _remove_background(g: Graph, vae: dict) -> dict:
 
 
 def workflow_text_to_mesh(ours) -> dict:
-    note = ("Text to image with core nodes, then image to mesh. Works on any ComfyUI. The mask path here is a "
-            "placeholder made of core nodes (near-white pixels = background, for prompts asking for a plain white "
-            "background). On ComfyUI " + CORE_3D_VERSION + " or newer use direct3d_s2_text_to_image_rembg_to_mesh "
-            "(core Remove Background) instead, or connect any background-removal node's MASK to Encode Image and "
-            "switch 'mask_is_background' off (those masks are 1 on the object). ")
+    note = (
+        "Text to image with core nodes, then image to mesh. Works on any ComfyUI. The mask path here is a "
+        "placeholder made of core nodes (near-white pixels = background, for prompts asking for a plain white "
+        "background). On ComfyUI " + CORE_3D_VERSION + " or newer use direct3d_s2_text_to_image_rembg_to_mesh "
+        "(core Remove Background) instead, or connect any background-removal node's MASK to Encode Image and "
+        "switch 'mask_is_background' off (those masks are 1 on the object). "
+    )
     return _text_to_mesh(ours, note, _near_white_is_background, mask_is_background=True)
 
 
 def workflow_text_to_mesh_rembg(ours) -> dict:
-    note = ("Needs ComfyUI " + CORE_3D_VERSION + " or newer (core Load Background Removal Model and Remove "
-            "Background; put birefnet.safetensors from Comfy-Org/BiRefNet into models/background_removal/). Text to "
-            "image with core nodes; Remove Background's MASK is 1 on the object, so Encode Image has "
-            "'mask_is_background' off. Older ComfyUI: use direct3d_s2_text_to_image_to_mesh. ")
+    note = (
+        "Needs ComfyUI " + CORE_3D_VERSION + " or newer (core Load Background Removal Model and Remove "
+        "Background; put birefnet.safetensors from Comfy-Org/BiRefNet into models/background_removal/). Text to "
+        "image with core nodes; Remove Background's MASK is 1 on the object, so Encode Image has "
+        "'mask_is_background' off. Older ComfyUI: use direct3d_s2_text_to_image_to_mesh. "
+    )
     return _text_to_mesh(ours, note, _remove_background, mask_is_background=False)
 
 
@@ -277,10 +330,16 @@ def _image_to_mesh_node(g: Graph) -> dict:
 
 def workflow_decimate_unwrap(ours) -> dict:
     g = Graph(ours)
-    g.add("Note", (20, 420), ["Needs ComfyUI " + CORE_3D_VERSION + " or newer (core Decimate Mesh and Unwrap Mesh "
-                              "UVs). Our mesh is a core MESH, so core's mesh tools take it directly: decimate the "
-                              "1024 mesh to 50k faces, add a UV atlas, save with core Save 3D Model. " + NOTE_TINY],
-          size=(360, 160))
+    g.add(
+        "Note",
+        (20, 420),
+        [
+            "Needs ComfyUI " + CORE_3D_VERSION + " or newer (core Decimate Mesh and Unwrap Mesh "
+            "UVs). Our mesh is a core MESH, so core's mesh tools take it directly: decimate the "
+            "1024 mesh to 50k faces, add a UV atlas, save with core Save 3D Model. " + NOTE_TINY
+        ],
+        size=(360, 160),
+    )
     i2m = _image_to_mesh_node(g)
     dec = g.add("DecimateMesh", (760, 20), [50000, "midpoint"], size=(300, 110))
     uv = g.add("UnwrapMesh", (760, 170), ["pec", 1024, 1, 0.0], size=(300, 160))
@@ -327,7 +386,7 @@ def thumbnail(wf: dict, path: Path, width: int = 480) -> None:
         return (10 + x * k, 10 + y * k, 10 + (x + w) * k, 10 + (y + h) * k)
 
     for _, a, _, b, _, _ in wf["links"]:
-        (ax0, ay0, ax1, ay1), (bx0, by0, bx1, by1) = box(nodes[a]), box(nodes[b])
+        (_, ay0, ax1, ay1), (bx0, by0, _, by1) = box(nodes[a]), box(nodes[b])
         d.line([(ax1, (ay0 + ay1) / 2), (bx0, (by0 + by1) / 2)], fill=(200, 200, 120), width=1)
     for n in nodes.values():
         ours = n["type"].startswith("D3DS2")

@@ -5,6 +5,7 @@
 Panels: the input picture (flat colours, camera azimuth 35°, elevation 20°), the bare mesh (before), the
 coloured mesh from the camera `colour_mesh` found (after), and the same from behind (filled, never seen).
 """
+
 from __future__ import annotations
 
 import sys
@@ -34,12 +35,18 @@ def main():
     mask = (picture < 0.999).any(-1).float()
     out, (report,) = colour_mesh(results.Mesh.from_list([(v, f)]), picture[None], mask[None], frame=512)
     found = report.camera
-    view = Camera(found.azimuth, found.elevation, found.fov, found.centre, radius, 115.0, SIZE / 2, SIZE / 2, SIZE, SIZE)
-    back = Camera(found.azimuth + 180.0, found.elevation, found.fov, found.centre, radius, 115.0, SIZE / 2, SIZE / 2,
-                  SIZE, SIZE)
-    panels = [(picture, "input picture"), (render_preview(v, f, view), "mesh (before)"),
-              (render_preview(v, f, view, out.vertex_colors), "coloured (after)"),
-              (render_preview(v, f, back, out.vertex_colors), "after, from behind")]
+    view = Camera(
+        found.azimuth, found.elevation, found.fov, found.centre, radius, 115.0, SIZE / 2, SIZE / 2, SIZE, SIZE
+    )
+    back = Camera(
+        found.azimuth + 180.0, found.elevation, found.fov, found.centre, radius, 115.0, SIZE / 2, SIZE / 2, SIZE, SIZE
+    )
+    panels = [
+        (picture, "input picture"),
+        (render_preview(v, f, view), "mesh (before)"),
+        (render_preview(v, f, view, out.vertex_colors), "coloured (after)"),
+        (render_preview(v, f, back, out.vertex_colors), "after, from behind"),
+    ]
     strip = Image.new("RGB", (SIZE * len(panels), SIZE + 18), (255, 255, 255))
     draw = ImageDraw.Draw(strip)
     for k, (img, label) in enumerate(panels):

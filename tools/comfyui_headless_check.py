@@ -26,6 +26,7 @@ every small op wait for a thread that is not running (one 220k-element multiply:
 0.15 ms with 1, on a 2-core machine at load 4); `--threads 1` measures the pack instead of that wait.
 The ComfyUI interpreter needs ComfyUI's requirements (incl. comfyui-frontend-package) and torch.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -92,8 +93,7 @@ def skip_reason(prompt: dict, info: dict) -> str | None:
     """Why this ComfyUI cannot run the prompt (a missing core node or a missing file), or None."""
     missing = sorted({n["class_type"] for n in prompt.values()} - set(info))
     if missing:
-        return (f"this ComfyUI has no {', '.join(missing)} (core nodes of ComfyUI "
-                f"{_graphs().CORE_3D_VERSION}+)")
+        return f"this ComfyUI has no {', '.join(missing)} (core nodes of ComfyUI {_graphs().CORE_3D_VERSION}+)"
     for n in prompt.values():
         if n["class_type"].startswith("D3DS2"):  # ours: a missing option is a failure, not a reason to skip
             continue
@@ -102,14 +102,20 @@ def skip_reason(prompt: dict, info: dict) -> str | None:
         for name, value in n["inputs"].items():
             opts = combo_options(declared.get(name))
             if isinstance(value, str) and opts is not None and value not in opts:
-                return (f"{n['class_type']}.{name} = {value!r} is not available here (a model file to put in "
-                        f"ComfyUI's models folders; tiny-random replaces only our model)")
+                return (
+                    f"{n['class_type']}.{name} = {value!r} is not available here (a model file to put in "
+                    f"ComfyUI's models folders; tiny-random replaces only our model)"
+                )
     return None
 
 
 def saved_meshes(entry: dict, out_dir: Path) -> list[Path]:
-    return [out_dir / x.get("subfolder", "") / x["filename"]
-            for out in entry.get("outputs", {}).values() for x in out.get("3d", []) if x.get("type") == "output"]
+    return [
+        out_dir / x.get("subfolder", "") / x["filename"]
+        for out in entry.get("outputs", {}).values()
+        for x in out.get("3d", [])
+        if x.get("type") == "output"
+    ]
 
 
 def mesh_faces(path: Path) -> int:
@@ -125,8 +131,9 @@ def import_failed(log_text: str) -> bool:
     the pack's folder counts: core modules failing (e.g. "IMPORT FAILED: nodes_audio.py" without
     torchaudio) are not ours, and other lines may mention the folder's path."""
     ours = f"custom_nodes/{LINK_NAME}"
-    return any("(IMPORT FAILED)" in line and line.rstrip().replace("\\", "/").endswith(ours)
-               for line in log_text.splitlines())
+    return any(
+        "(IMPORT FAILED)" in line and line.rstrip().replace("\\", "/").endswith(ours) for line in log_text.splitlines()
+    )
 
 
 def _pin(cores: int):
@@ -170,8 +177,10 @@ def run_workflow(base, name, wf, graphs, ours, info, out_dir, proc, timeout, max
         return {"name": name, "result": "SKIP", "why": why}
     t0 = time.monotonic()
     try:
-        pid = _post(f"{base}/prompt", {"prompt": prompt, "client_id": "d3ds2-headless",
-                                       "extra_data": {"extra_pnginfo": {"workflow": wf}}})["prompt_id"]
+        pid = _post(
+            f"{base}/prompt",
+            {"prompt": prompt, "client_id": "d3ds2-headless", "extra_data": {"extra_pnginfo": {"workflow": wf}}},
+        )["prompt_id"]
     except urllib.error.HTTPError as e:
         return {"name": name, "result": "FAIL", "why": f"/prompt refused it: {e.read().decode()[:1500]}"}
     entry, err = _wait(base, pid, proc, timeout, log_path)
@@ -200,17 +209,31 @@ def run_workflow(base, name, wf, graphs, ours, info, out_dir, proc, timeout, max
     return {**res, "result": "PASS"}
 
 
-def _start(comfy_dir: Path, python: str, base_dir: Path, port: int, extra: list[str], cores: int, threads: int,
-           log_path: Path):
-    cmd = [python, "main.py", "--cpu", "--listen", "127.0.0.1", "--port", str(port), "--base-directory",
-           str(base_dir), "--disable-auto-launch", "--dont-print-server", *extra]
+def _start(
+    comfy_dir: Path, python: str, base_dir: Path, port: int, extra: list[str], cores: int, threads: int, log_path: Path
+):
+    cmd = [
+        python,
+        "main.py",
+        "--cpu",
+        "--listen",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--base-directory",
+        str(base_dir),
+        "--disable-auto-launch",
+        "--dont-print-server",
+        *extra,
+    ]
     print("$", shlex.join(cmd), f"(cwd {comfy_dir})", flush=True)
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     if threads > 0:  # read by PyTorch's OpenMP/MKL pools when ComfyUI imports torch
         env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     with open(log_path, "w") as log:
-        return subprocess.Popen(cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                preexec_fn=_pin(cores))
+        return subprocess.Popen(
+            cmd, cwd=comfy_dir, stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_pin(cores)
+        )
 
 
 def _check_nodes(info: dict, ours: dict) -> None:
@@ -226,8 +249,16 @@ def _check_nodes(info: dict, ours: dict) -> None:
     print(f"/object_info lists all {len(ours)} D3DS2 nodes with their declared inputs", flush=True)
 
 
-def run(comfy_dir: Path, python: str, timeout: float, max_seconds: float, cores: int, threads: int,
-        extra_paths: list[str], only: list[str]) -> tuple[list[dict], dict]:
+def run(
+    comfy_dir: Path,
+    python: str,
+    timeout: float,
+    max_seconds: float,
+    cores: int,
+    threads: int,
+    extra_paths: list[str],
+    only: list[str],
+) -> tuple[list[dict], dict]:
     if not (comfy_dir / "main.py").is_file():
         raise SystemExit(f"FAIL: {comfy_dir} is not a ComfyUI checkout (no main.py).")
     graphs = _graphs()
@@ -291,13 +322,15 @@ def _cpu_name() -> str:
     return platform.processor() or "unknown CPU"
 
 
-def record(path: Path, results: list[dict], stats: dict, command: str, cores: int, threads: int,
-           load: str) -> None:
+def record(path: Path, results: list[dict], stats: dict, command: str, cores: int, threads: int, load: str) -> None:
     now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     rows = "\n".join(
         f"| {r['name']} | {r['result']} | {r['seconds']:.1f} | {', '.join(map(str, r.get('faces', [])))} | "
-        f"{r.get('why', '')} |" if "seconds" in r else f"| {r['name']} | {r['result']} | - | - | {r.get('why', '')} |"
-        for r in results)
+        f"{r.get('why', '')} |"
+        if "seconds" in r
+        else f"| {r['name']} | {r['result']} | - | - | {r.get('why', '')} |"
+        for r in results
+    )
     path.write_text(
         f"# Headless ComfyUI check: last recorded run\n\n"
         f"Written by `tools/comfyui_headless_check.py --record`; rerun it before a release (see README).\n\n"
@@ -309,33 +342,59 @@ def record(path: Path, results: list[dict], stats: dict, command: str, cores: in
         f"PASS = a saved mesh with faces in under the time budget; SKIP = this ComfyUI cannot run it "
         f"(a core node it lacks, or a model file it does not have: the text-to-image workflows need the SDXL "
         f"checkpoint, which `--extra-model-paths-config` can point to), so it is not a failure\n\n"
-        f"| workflow | result | seconds | faces | note |\n|---|---|---|---|---|\n{rows}\n")
+        f"| workflow | result | seconds | faces | note |\n|---|---|---|---|---|\n{rows}\n"
+    )
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--comfyui", type=Path, default=os.environ.get("COMFYUI_DIR"), help="ComfyUI checkout")
-    ap.add_argument("--python", default=os.environ.get("COMFYUI_PYTHON", sys.executable),
-                    help="interpreter with ComfyUI's requirements")
+    ap.add_argument(
+        "--python",
+        default=os.environ.get("COMFYUI_PYTHON", sys.executable),
+        help="interpreter with ComfyUI's requirements",
+    )
     ap.add_argument("--timeout", type=float, default=600.0, help="seconds for startup and for each workflow")
     ap.add_argument("--max-seconds", type=float, default=60.0, help="a PASS must finish within this")
     ap.add_argument("--cores", type=int, default=2, help="CPUs to pin ComfyUI to (0: no pinning)")
-    ap.add_argument("--threads", type=int, default=0,
-                    help="PyTorch threads in ComfyUI (OMP_NUM_THREADS; 0: PyTorch's default, one a core)")
-    ap.add_argument("--extra-model-paths-config", action="append", default=[], metavar="YAML",
-                    help="ComfyUI extra_model_paths.yaml (e.g. one that has the SDXL checkpoint)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help="PyTorch threads in ComfyUI (OMP_NUM_THREADS; 0: PyTorch's default, one a core)",
+    )
+    ap.add_argument(
+        "--extra-model-paths-config",
+        action="append",
+        default=[],
+        metavar="YAML",
+        help="ComfyUI extra_model_paths.yaml (e.g. one that has the SDXL checkpoint)",
+    )
     ap.add_argument("--only", action="append", default=[], metavar="NAME", help="run only this workflow (stem)")
     ap.add_argument("--record", type=Path, help="write the run as Markdown (e.g. tests/HEADLESS_CHECK.md)")
     args = ap.parse_args()
     if args.comfyui is None:
         raise SystemExit("FAIL: set COMFYUI_DIR or pass --comfyui to a ComfyUI checkout.")
-    results, stats = run(Path(args.comfyui).resolve(), args.python, args.timeout, args.max_seconds, args.cores,
-                         args.threads, args.extra_model_paths_config, args.only)
+    results, stats = run(
+        Path(args.comfyui).resolve(),
+        args.python,
+        args.timeout,
+        args.max_seconds,
+        args.cores,
+        args.threads,
+        args.extra_model_paths_config,
+        args.only,
+    )
     if args.record:
-        cmd = "python tools/comfyui_headless_check.py --comfyui <ComfyUI> --python <its python>" + \
-              "".join(f" --{k} {v}" for k, v in (("cores", args.cores), ("threads", args.threads),
-                                                 ("max-seconds", f"{args.max_seconds:g}"),
-                                                 ("timeout", f"{args.timeout:g}")))
+        cmd = "python tools/comfyui_headless_check.py --comfyui <ComfyUI> --python <its python>" + "".join(
+            f" --{k} {v}"
+            for k, v in (
+                ("cores", args.cores),
+                ("threads", args.threads),
+                ("max-seconds", f"{args.max_seconds:g}"),
+                ("timeout", f"{args.timeout:g}"),
+            )
+        )
         load = " ".join(f"{x:.2f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "unknown"
         record(args.record, results, stats, cmd, args.cores, args.threads, load)
     ok = any(r["result"] == "PASS" for r in results) and not any(r["result"] == "FAIL" for r in results)

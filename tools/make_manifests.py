@@ -1,7 +1,8 @@
 """Regenerate s2core/data/manifests.json from the manifest TSVs (tests/data/upstream/manifests/*.tsv).
 
-    python tools/make_manifests.py [--manifests DIR]
+python tools/make_manifests.py [--manifests DIR]
 """
+
 import argparse
 import json
 import sys

@@ -8,6 +8,7 @@
 `block_triton()` installs the same import hook inside a process; call it before anything imports triton
 (tests/test_no_triton.py and bench/no_triton.py use it). Subprocesses that the command starts are not blocked.
 """
+
 from __future__ import annotations
 
 import importlib.abc
@@ -30,8 +31,10 @@ def block_triton() -> None:
     if any(type(f).__name__ == "TritonBlocker" for f in sys.meta_path):
         return
     if "triton" in sys.modules:
-        raise RuntimeError("triton is already imported in this process; block it before importing anything that "
-                           "imports it (kernels, s2core, torch._inductor)")
+        raise RuntimeError(
+            "triton is already imported in this process; block it before importing anything that "
+            "imports it (kernels, s2core, torch._inductor)"
+        )
     sys.meta_path.insert(0, TritonBlocker())
 
 

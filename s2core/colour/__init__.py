@@ -10,6 +10,7 @@ mesh + Camera + frame ─► project_colours ─► seen colours + confidence �
 each. Vertices are in s2core's mesh frame (+Y up, see `camera.py`); the picture's mask convention is the
 encoder's (1 = object; `invert_mask` for LoadImage's MASK).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -21,8 +22,17 @@ from .camera import Camera, find_camera
 from .paint import fill_colours, mirror_seeds, project_colours
 from .render import render_preview
 
-__all__ = ["colour_mesh", "ColourReport", "Camera", "find_camera", "project_colours", "fill_colours",
-           "mirror_seeds", "render_preview", "FRAME"]
+__all__ = [
+    "colour_mesh",
+    "ColourReport",
+    "Camera",
+    "find_camera",
+    "project_colours",
+    "fill_colours",
+    "mirror_seeds",
+    "render_preview",
+    "FRAME",
+]
 
 FRAME = 1024  # side of the preprocessed frame colours are read from (the encoder uses 518; more is sharper)
 
@@ -31,6 +41,7 @@ FRAME = 1024  # side of the preprocessed frame colours are read from (the encode
 class ColourReport:
     """What `colour_mesh` found for one mesh: the camera, the silhouette IoU it reached (at 128 px), the
     fraction of vertices seen, the best mirror plane's fit and whether mirrored colours were used."""
+
     camera: Camera
     iou: float
     seen: float
@@ -38,15 +49,28 @@ class ColourReport:
     mirrored: bool
 
     def describe(self) -> str:
-        sym = (f"mirrored across a symmetry plane (fit {self.symmetry_fit:.2f})" if self.mirrored else
-               f"no mirroring (best plane fit {self.symmetry_fit:.2f})")
-        return (f"{self.camera.describe()}; silhouette IoU {self.iou:.3f}; {100 * self.seen:.0f}% of vertices "
-                f"seen, the rest filled over the surface, {sym}")
+        sym = (
+            f"mirrored across a symmetry plane (fit {self.symmetry_fit:.2f})"
+            if self.mirrored
+            else f"no mirroring (best plane fit {self.symmetry_fit:.2f})"
+        )
+        return (
+            f"{self.camera.describe()}; silhouette IoU {self.iou:.3f}; {100 * self.seen:.0f}% of vertices "
+            f"seen, the rest filled over the surface, {sym}"
+        )
 
 
-def colour_mesh(mesh, image, mask=None, *, invert_mask: bool = False, symmetry: bool = True,
-                frame: int = FRAME, callback: Callback | None = None,
-                should_stop: ShouldStop | None = None):
+def colour_mesh(
+    mesh,
+    image,
+    mask=None,
+    *,
+    invert_mask: bool = False,
+    symmetry: bool = True,
+    frame: int = FRAME,
+    callback: Callback | None = None,
+    should_stop: ShouldStop | None = None,
+):
     """(`results.Mesh` with vertex_colors [V, 3] float32 in [0, 1], list of ColourReport) for a Mesh of B items
     and one picture (used for every item) or B pictures. `image`/`mask` take every form `preprocess_image`
     takes; errors (empty mask, no mask, empty mesh, batch mismatch) are one ValueError sentence.
@@ -55,20 +79,23 @@ def colour_mesh(mesh, image, mask=None, *, invert_mask: bool = False, symmetry: 
         raise ValueError("The mesh is empty (no faces), so there is nothing to colour; connect a decoded mesh.")
     frames = preprocess_image(image, mask, invert_mask=invert_mask, size=frame)  # [N, 4, S, S]
     if frames.shape[0] not in (1, mesh.batch_size):
-        raise ValueError(f"There are {frames.shape[0]} pictures for {mesh.batch_size} meshes; give one picture, or "
-                         "one per mesh in the same order.")
+        raise ValueError(
+            f"There are {frames.shape[0]} pictures for {mesh.batch_size} meshes; give one picture, or "
+            "one per mesh in the same order."
+        )
     device = mesh.vertices.device
     colours, reports = [], []
     for i, (v, f) in enumerate(mesh.items()):  # host loop over batch items: one camera search each
         if f.shape[0] == 0:
-            raise ValueError(f"Mesh {i} of the batch has no faces, so it cannot be coloured; remove it or "
-                             "decode it again.")
+            raise ValueError(
+                f"Mesh {i} of the batch has no faces, so it cannot be coloured; remove it or decode it again."
+            )
         rgbm = frames[i if frames.shape[0] > 1 else 0].to(device)
 
         def progress(done, total, i=i):  # the search's rounds, then projection and fill: total + 2 per item
             if callback is not None:
                 callback(i * (total + 2) + done, mesh.batch_size * (total + 2))
-            last[:] = [total]
+            last[:] = [total]  # noqa: B023 (called only within this iteration)
 
         last = [0]
 

@@ -23,6 +23,7 @@ deterministic grid over the sphere at low resolution, then pattern-search refine
 candidates at a higher resolution; score = silhouette IoU. Silhouettes cannot tell a view from its mirror
 view when the object's outline is left-right symmetric; ties go to the earlier grid point (front first).
 """
+
 from __future__ import annotations
 
 import math
@@ -48,6 +49,7 @@ class Camera:
     """A view of the mesh: azimuth/elevation in degrees, fov in degrees (0 = orthographic), the centre
     [3] and bounding radius of the mesh (mesh units), scale (pixels per mesh unit at the centre), cx/cy (pixel
     position of the centre), and the image frame size (height, width) in pixels."""
+
     azimuth: float
     elevation: float
     fov: float
@@ -76,8 +78,18 @@ class Camera:
     def resized(self, height: int, width: int) -> "Camera":
         """The same view in a frame scaled to height x width (same picture, other resolution)."""
         sy, sx = height / self.height, width / self.width
-        return Camera(self.azimuth, self.elevation, self.fov, self.centre, self.radius, self.scale * sx,
-                      self.cx * sx, self.cy * sy, height, width)
+        return Camera(
+            self.azimuth,
+            self.elevation,
+            self.fov,
+            self.centre,
+            self.radius,
+            self.scale * sx,
+            self.cx * sx,
+            self.cy * sy,
+            height,
+            width,
+        )
 
     def project(self, vertices: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """vertices [V, 3] → (screen [V, 3]: column, row, z for `rasterize`; depth [V] view depth, mesh units)."""
@@ -109,8 +121,10 @@ class Camera:
 
     def describe(self) -> str:
         lens = f"perspective, fov {self.fov:.0f}°, distance {self.distance:.2f}" if self.fov > 0 else "orthographic"
-        return (f"azimuth {self.azimuth:.1f}°, elevation {self.elevation:.1f}° ({lens}), {self.scale:.1f} px per "
-                f"unit, centre at ({self.cx:.1f}, {self.cy:.1f}) in a {self.width}x{self.height} frame")
+        return (
+            f"azimuth {self.azimuth:.1f}°, elevation {self.elevation:.1f}° ({lens}), {self.scale:.1f} px per "
+            f"unit, centre at ({self.cx:.1f}, {self.cy:.1f}) in a {self.width}x{self.height} frame"
+        )
 
 
 def silhouette(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera) -> torch.Tensor:
@@ -128,8 +142,17 @@ def mask_box(mask: torch.Tensor) -> tuple[float, float, float, float] | None:
     return float(cols[0]), float(cols[-1]) + 1, float(rows[0]), float(rows[-1]) + 1
 
 
-def fit_camera(vertices: torch.Tensor, azimuth: float, elevation: float, fov: float, box, height: int,
-               width: int, centre, radius: float) -> tuple[Camera, torch.Tensor]:
+def fit_camera(
+    vertices: torch.Tensor,
+    azimuth: float,
+    elevation: float,
+    fov: float,
+    box,
+    height: int,
+    width: int,
+    centre,
+    radius: float,
+) -> tuple[Camera, torch.Tensor]:
     """(camera, its screen [V, 3] of `vertices`): the camera of this direction whose projected bounding box
     matches `box` (x0, x1, y0, y1): same centre, scale from the geometric mean of the width and height ratios."""
     unit = Camera(azimuth, elevation, fov, centre, radius, 1.0, 0.0, 0.0, height, width)
@@ -169,8 +192,14 @@ def _shrink_mask(mask: torch.Tensor, size: int) -> torch.Tensor:
     return out[0, 0] > 0.5
 
 
-def find_camera(vertices: torch.Tensor, faces: torch.Tensor, mask: torch.Tensor, fovs=FOVS,
-                callback: Callback | None = None, should_stop: ShouldStop | None = None) -> tuple[Camera, float]:
+def find_camera(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    mask: torch.Tensor,
+    fovs=FOVS,
+    callback: Callback | None = None,
+    should_stop: ShouldStop | None = None,
+) -> tuple[Camera, float]:
     """(camera in the frame of `mask` [H, W] (1 = object), silhouette IoU at FINE_SIZE) for one mesh.
 
     Deterministic: a fixed grid and a fixed refinement order; see the module docstring. `should_stop()` is
@@ -179,8 +208,10 @@ def find_camera(vertices: torch.Tensor, faces: torch.Tensor, mask: torch.Tensor,
     if faces.shape[0] == 0:
         raise ValueError("The mesh has no faces, so there is no surface to colour; connect a decoded mesh.")
     if mask_box(mask) is None:
-        raise ValueError("The mask is empty, so the object cannot be located in the image; connect the object's "
-                         "mask (or an image with transparency).")
+        raise ValueError(
+            "The mask is empty, so the object cannot be located in the image; connect the object's "
+            "mask (or an image with transparency)."
+        )
     lo, hi = vertices.amin(0), vertices.amax(0)
     centre = tuple(((lo + hi) / 2).tolist())
     radius = float((vertices - (lo + hi) / 2).norm(dim=1).amax().clamp_min(1e-6))
@@ -188,8 +219,10 @@ def find_camera(vertices: torch.Tensor, faces: torch.Tensor, mask: torch.Tensor,
     boxes = {s: mask_box(t) or (0.0, 1.0, 0.0, 1.0) for s, t in targets.items()}
 
     # meshes of millions of faces are searched through a clustered stand-in (sub-pixel changes of the outline)
-    proxies = {s: (cluster_mesh(vertices, faces, 2 * s) if faces.shape[0] > PROXY_FACES else (vertices, faces))
-               for s in (COARSE_SIZE, FINE_SIZE)}
+    proxies = {
+        s: (cluster_mesh(vertices, faces, 2 * s) if faces.shape[0] > PROXY_FACES else (vertices, faces))
+        for s in (COARSE_SIZE, FINE_SIZE)
+    }
 
     def score(az: float, el: float, fov: float, size: int) -> tuple[float, Camera]:
         t = targets[size]
@@ -218,8 +251,10 @@ def find_camera(vertices: torch.Tensor, faces: torch.Tensor, mask: torch.Tensor,
             _poll(should_stop)
             for _ in range(16):
                 moves = ((az - step, el), (az + step, el), (az, min(89.0, el + step)), (az, max(-89.0, el - step)))
-                trial = max(((*score(a % 360.0, e, fov, FINE_SIZE), -k) for k, (a, e) in enumerate(moves)),
-                            key=lambda x: (x[0], x[2]))
+                trial = max(
+                    ((*score(a % 360.0, e, fov, FINE_SIZE), -k) for k, (a, e) in enumerate(moves)),
+                    key=lambda x: (x[0], x[2]),
+                )
                 if trial[0] <= cur:
                     break
                 cur, cam = trial[0], trial[1]
@@ -229,16 +264,19 @@ def find_camera(vertices: torch.Tensor, faces: torch.Tensor, mask: torch.Tensor,
                 callback(done[0], total)
         return cur, cam
 
-    best = max((refine(az, el, fovs[0], STEPS) + (-k,) for k, (_, _, az, el) in enumerate(coarse[:TOP_K])),
-               key=lambda x: (x[0], x[2]))[:2]
+    best = max(
+        (refine(az, el, fovs[0], STEPS) + (-k,) for k, (_, _, az, el) in enumerate(coarse[:TOP_K])),
+        key=lambda x: (x[0], x[2]),
+    )[:2]
     for fov in fovs[1:]:
         trial = refine(best[1].azimuth, best[1].elevation, fov, STEPS[2:])
         if trial[0] > best[0]:
             best = trial
     iou, cam = best
     # the same direction refitted to the full-resolution mask's box (sharper than the FINE_SIZE frame's)
-    return fit_camera(vertices, cam.azimuth, cam.elevation, cam.fov, mask_box(mask), mask.shape[0], mask.shape[1],
-                      centre, radius)[0], iou
+    return fit_camera(
+        vertices, cam.azimuth, cam.elevation, cam.fov, mask_box(mask), mask.shape[0], mask.shape[1], centre, radius
+    )[0], iou
 
 
 def _poll(should_stop: ShouldStop | None) -> None:

@@ -16,6 +16,7 @@
 
 Colours are float32 RGB in [0, 1], linear in the picture's values (no colour-space conversion).
 """
+
 from __future__ import annotations
 
 import torch
@@ -47,13 +48,15 @@ def _sample(image: torch.Tensor, xy: torch.Tensor, mode: str = "bilinear") -> to
     """image [C, H, W] at pixel positions xy [V, 2] (column, row; pixel centres at +0.5) → [V, C]."""
     h, w = image.shape[-2:]
     grid = torch.stack([xy[:, 0] / w * 2 - 1, xy[:, 1] / h * 2 - 1], 1)[None, None]
-    out = F.grid_sample(image[None].float(), grid.to(image.device), mode=mode, padding_mode="border",
-                        align_corners=False)
+    out = F.grid_sample(
+        image[None].float(), grid.to(image.device), mode=mode, padding_mode="border", align_corners=False
+    )
     return out[0, :, 0].T
 
 
-def project_colours(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera, rgb: torch.Tensor,
-                    mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def project_colours(
+    vertices: torch.Tensor, faces: torch.Tensor, camera: Camera, rgb: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(colours [V, 3], confidence [V] in [0, 1], 0 = not seen) from rgb [3, H, W] and mask [H, W] in the
     camera's frame (H, W = camera.height, camera.width)."""
     screen, depth = camera.project(vertices)
@@ -64,7 +67,7 @@ def project_colours(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
     col = screen[:, 0].floor().long()
     row = screen[:, 1].floor().long()
     inside = (col >= 0) & (col < camera.width) & (row >= 0) & (row < camera.height)
-    at = (row.clamp(0, camera.height - 1) * camera.width + col.clamp(0, camera.width - 1))
+    at = row.clamp(0, camera.height - 1) * camera.width + col.clamp(0, camera.width - 1)
     seen = inside & (depth <= zdepth.flatten()[at] + tol)
     # seams: depth jumps of more than 4 pixels' worth (or object/background) between neighbouring pixels
     finite = torch.where(torch.isfinite(zdepth), zdepth, torch.full_like(zdepth, 1e9))
@@ -112,8 +115,13 @@ def _jacobi(x, src, dst, seed, w, sweeps: int, should_stop) -> torch.Tensor:
     return x
 
 
-def fill_colours(vertices: torch.Tensor, faces: torch.Tensor, colours: torch.Tensor, conf: torch.Tensor,
-                 should_stop: ShouldStop | None = None) -> torch.Tensor:
+def fill_colours(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    colours: torch.Tensor,
+    conf: torch.Tensor,
+    should_stop: ShouldStop | None = None,
+) -> torch.Tensor:
     """[V, 3]: seen colours kept (screened), hidden ones diffused over the surface, coarse to fine."""
     src, dst = _edges(faces, vertices.shape[0])
     v = vertices.float()
@@ -130,7 +138,10 @@ def fill_colours(vertices: torch.Tensor, faces: torch.Tensor, colours: torch.Ten
         _, cid = torch.unique(key, return_inverse=True)
         n = int(cid.max()) + 1
         wsum = torch.zeros(n, device=v.device).index_add_(0, cid, conf)
-        seed = torch.zeros(n, 3, device=v.device).index_add_(0, cid, colours * conf[:, None]) / wsum.clamp_min(1e-12)[:, None]
+        seed = (
+            torch.zeros(n, 3, device=v.device).index_add_(0, cid, colours * conf[:, None])
+            / wsum.clamp_min(1e-12)[:, None]
+        )
         if x is None:  # start from the mean seen colour
             start = (colours * conf[:, None]).sum(0) / conf.sum().clamp_min(1e-12)
             init = start.expand(n, 3).clone()
@@ -152,6 +163,7 @@ def fill_colours(vertices: torch.Tensor, faces: torch.Tensor, colours: torch.Ten
 
 # ---------------------------------------------------------------- symmetry
 
+
 def _cell_keys(points: torch.Tensor, lo: torch.Tensor, h: float, n: int) -> torch.Tensor:
     g = ((points - lo) / h).floor().long() + 1  # +1: a one-cell margin for neighbours and mirrored points
     inb = ((g >= 0) & (g < n)).all(1)
@@ -163,13 +175,15 @@ def _normals_to_try(device) -> torch.Tensor:
     """The three axes first, then 253 spread directions of a half sphere (Fibonacci), [256, 3]."""
     k = torch.arange(253, dtype=torch.float64) + 0.5
     z = k / 253  # upper half sphere: a plane's normal and its opposite are the same plane
-    phi = k * torch.pi * (3 - 5 ** 0.5)
+    phi = k * torch.pi * (3 - 5**0.5)
     r = (1 - z * z).sqrt()
     fib = torch.stack([r * phi.cos(), z, r * phi.sin()], 1)
     return torch.cat([torch.eye(3, dtype=torch.float64), fib]).float().to(device)
 
 
-def symmetry_plane(vertices: torch.Tensor, samples: int = 4096, cells: int = 128) -> tuple[torch.Tensor, torch.Tensor, float]:
+def symmetry_plane(
+    vertices: torch.Tensor, samples: int = 4096, cells: int = 128
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(point [3], unit normal [3], fit in [0, 1]) of the best mirror plane through the centroid; fit = the
     fraction of mirrored sample vertices landing in a cell (1/cells of the extent) next to the surface."""
     v = vertices.float()
@@ -195,8 +209,13 @@ def symmetry_plane(vertices: torch.Tensor, samples: int = 4096, cells: int = 128
     return centroid, best[1], best[0]
 
 
-def mirror_seeds(vertices: torch.Tensor, faces: torch.Tensor, colours: torch.Tensor, conf: torch.Tensor,
-                 fit_threshold: float = SYMMETRY_FIT) -> tuple[torch.Tensor, torch.Tensor, float]:
+def mirror_seeds(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    colours: torch.Tensor,
+    conf: torch.Tensor,
+    fit_threshold: float = SYMMETRY_FIT,
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """(colours, confidence, plane fit): hidden vertices whose mirror image lands in a cell (~2 edge lengths)
     holding seen vertices get those vertices' mean colour at MIRROR_WEIGHT x their confidence; unchanged when
     the best plane's fit is below `fit_threshold`."""

@@ -4,6 +4,7 @@ Shading is a head light: colour x (0.35 + 0.65 |cos|) with the face normal, on a
 colours are interpolated with the pixel's barycentrics (screen-space, exact for orthographic cameras and
 close enough for a preview in perspective).
 """
+
 from __future__ import annotations
 
 import torch
@@ -15,8 +16,9 @@ from .camera import Camera
 GREY = (0.72, 0.72, 0.72)
 
 
-def render_preview(vertices: torch.Tensor, faces: torch.Tensor, camera: Camera,
-                   colours: torch.Tensor | None = None, shade: bool = True) -> torch.Tensor:
+def render_preview(
+    vertices: torch.Tensor, faces: torch.Tensor, camera: Camera, colours: torch.Tensor | None = None, shade: bool = True
+) -> torch.Tensor:
     """[H, W, 3] float32 in [0, 1] (ComfyUI IMAGE layout without the batch); shade=False: flat colours
     (an albedo picture, as the synthetic tests' input)."""
     h, w = camera.height, camera.width

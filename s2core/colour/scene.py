@@ -5,6 +5,7 @@ three bumps in different directions and squashed per axis, so its silhouettes di
 sphere's would not tell the camera). `n` latitude rows → 2n longitude columns, ~4n² faces (n = 1024: 4.2 M).
 `shape_colours` is a smooth colour field over space, so hidden colours have a plausible ground truth.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,9 @@ def bumpy_shape(n: int = 48, device="cpu", bumps=BUMPS) -> tuple[torch.Tensor, t
     top, bottom = rows * cols, rows * cols + 1
     ring0, ringl = torch.arange(cols, device=device), (rows - 1) * cols + torch.arange(cols, device=device)
     cap_top = torch.stack([torch.full_like(ring0, top), ring0, (ring0 + 1) % cols], -1)
-    cap_bottom = torch.stack([torch.full_like(ringl, bottom), (ringl - (rows - 1) * cols + 1) % cols
-                              + (rows - 1) * cols, ringl], -1)
+    cap_bottom = torch.stack(
+        [torch.full_like(ringl, bottom), (ringl - (rows - 1) * cols + 1) % cols + (rows - 1) * cols, ringl], -1
+    )
     faces = torch.cat([quads, cap_top, cap_bottom])
     return v, faces
 
@@ -48,6 +50,11 @@ def bumpy_shape(n: int = 48, device="cpu", bumps=BUMPS) -> tuple[torch.Tensor, t
 def shape_colours(vertices: torch.Tensor) -> torch.Tensor:
     """[V, 3] smooth RGB in [0.05, 0.95]: a different low-frequency wave per channel."""
     x, y, z = vertices.float().unbind(1)
-    return torch.stack([0.5 + 0.45 * torch.sin(2.0 * x + 0.5 * y),
-                        0.5 + 0.45 * torch.sin(1.7 * y - 1.1 * z + 1.0),
-                        0.5 + 0.45 * torch.cos(1.5 * z + 0.8 * x)], 1)
+    return torch.stack(
+        [
+            0.5 + 0.45 * torch.sin(2.0 * x + 0.5 * y),
+            0.5 + 0.45 * torch.sin(1.7 * y - 1.1 * z + 1.0),
+            0.5 + 0.45 * torch.cos(1.5 * z + 0.8 * x),
+        ],
+        1,
+    )

@@ -11,6 +11,7 @@ or, when overwriting is asked for, by `os.replace`; a crash never leaves half a 
 `check_filename_prefix` refuses a save node's prefix that would escape the output folder or make a file name
 longer than file systems allow (ComfyUI's own helper then picks the `prefix_00001_.glb`-style name).
 """
+
 from __future__ import annotations
 
 import os
@@ -45,7 +46,9 @@ def _rgba8(colors, n: int) -> np.ndarray:
     """[V, 3|4] float in [0, 1] → [V, 4] uint8 (rounded, alpha 255 when absent); ValueError on a count mismatch."""
     c = colors.detach().cpu().float().numpy() if isinstance(colors, torch.Tensor) else np.asarray(colors, np.float32)
     if c.ndim != 2 or c.shape[0] != n or c.shape[1] not in (3, 4):
-        raise ValueError(f"vertex colours have shape {c.shape} but the mesh has {n} vertices; pass one RGB row per vertex.")
+        raise ValueError(
+            f"vertex colours have shape {c.shape} but the mesh has {n} vertices; pass one RGB row per vertex."
+        )
     c = np.clip(np.rint(np.nan_to_num(c) * 255.0), 0, 255).astype(np.uint8)
     return c if c.shape[1] == 4 else np.concatenate([c, np.full((n, 1), 255, np.uint8)], 1)
 
@@ -65,7 +68,9 @@ def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = No
     if normals is not None:
         n = normals.detach().cpu().double().numpy() if isinstance(normals, torch.Tensor) else np.asarray(normals, float)
         if n.shape != v.shape:
-            raise ValueError(f"normals have shape {n.shape} but the mesh has {v.shape[0]} vertices; pass one normal per vertex.")
+            raise ValueError(
+                f"normals have shape {n.shape} but the mesh has {v.shape[0]} vertices; pass one normal per vertex."
+            )
         kw["vertex_normals"] = to_file_frame(n)
     if colors is not None:
         kw["vertex_colors"] = _rgba8(colors, v.shape[0])
@@ -76,6 +81,7 @@ def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = No
         def add_extras(tree):
             if extras:
                 tree.setdefault("asset", {})["extras"] = extras
+
         return export_glb(trimesh.Scene(mesh), include_normals=normals is not None, tree_postprocessor=add_extras)
     if fmt == "obj":
         return mesh.export(file_type="obj", include_normals=normals is not None).encode()
@@ -84,15 +90,24 @@ def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = No
     return mesh.export(file_type="stl")
 
 
-def save_mesh(vertices, faces, path: str | os.PathLike, normals=None, extras: dict | None = None,
-              overwrite: bool = False, colors=None) -> Path:
+def save_mesh(
+    vertices,
+    faces,
+    path: str | os.PathLike,
+    normals=None,
+    extras: dict | None = None,
+    overwrite: bool = False,
+    colors=None,
+) -> Path:
     """Write one mesh to `path`; the format comes from its suffix (.glb/.obj/.ply/.stl); colors as in mesh_bytes.
     An existing file is refused (FileExistsError) unless overwrite, which replaces it only with the complete new
     file."""
     fmt = Path(path).suffix.lower().lstrip(".")
     if fmt not in FORMATS:
-        raise ValueError(f"Cannot tell the mesh format from {str(path)!r}; end the name with one of "
-                         f"{', '.join('.' + x for x in FORMATS)}.")
+        raise ValueError(
+            f"Cannot tell the mesh format from {str(path)!r}; end the name with one of "
+            f"{', '.join('.' + x for x in FORMATS)}."
+        )
     return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras, colors), path, overwrite)
 
 
@@ -101,13 +116,23 @@ def check_filename_prefix(filename_prefix: str) -> list[str]:
     leading slash or backslash, drive letter, `..`), names no file, or has a part too long for a file name."""
     prefix = str(filename_prefix).strip()
     parts = re.split(r"[\\/]+", prefix)
-    if (not prefix or prefix.startswith(("/", "\\")) or _DRIVE.match(prefix) or os.path.isabs(prefix)
-            or any(p in ("..", ".") for p in parts) or not parts[-1]):
-        raise ValueError(f"filename_prefix {filename_prefix!r} must be a relative name inside the output folder "
-                         "(like 'mesh/D3DS2'), without '..', a leading slash or a drive letter.")
+    if (
+        not prefix
+        or prefix.startswith(("/", "\\"))
+        or _DRIVE.match(prefix)
+        or os.path.isabs(prefix)
+        or any(p in ("..", ".") for p in parts)
+        or not parts[-1]
+    ):
+        raise ValueError(
+            f"filename_prefix {filename_prefix!r} must be a relative name inside the output folder "
+            "(like 'mesh/D3DS2'), without '..', a leading slash or a drive letter."
+        )
     for i, part in enumerate(parts):  # the last part gets `_00001_.glb` appended
         limit = NAME_MAX - (_COUNTER_ROOM if i == len(parts) - 1 else 0)
         if len(part.encode("utf-8")) > limit:
-            raise ValueError(f"filename_prefix part {part[:30]!r}... is {len(part.encode('utf-8'))} bytes long; "
-                             f"file names can have at most {NAME_MAX} bytes, so shorten it to {limit} or fewer.")
+            raise ValueError(
+                f"filename_prefix part {part[:30]!r}... is {len(part.encode('utf-8'))} bytes long; "
+                f"file names can have at most {NAME_MAX} bytes, so shorten it to {limit} or fewer."
+            )
     return parts

@@ -18,6 +18,7 @@ adapter, `nodes/_mesh.py`), so the convention is one named constant, and `from_g
 `to_gltf` exactly (a signed axis permutation: no rounding), which keeps Mesh to Structure's round trip
 exact whatever the constant is.
 """
+
 from __future__ import annotations
 
 import numpy as np

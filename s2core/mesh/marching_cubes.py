@@ -34,6 +34,7 @@ accepts a batched SparseTensor), `meshes_from_sparse_sdf(sdf_tensor, resolution,
 item per batch element, one vectorised pass) and `marching_cubes_sparse(...)` (index space); `marching_cubes_naive(volume, level)` is the loop-per-cell
 twin on a small dense numpy volume, for tests only.
 """
+
 from __future__ import annotations
 
 import logging
@@ -46,8 +47,15 @@ from .mc_tables import CENTRE, CORNERS, EDGE_AXIS, EDGES, FACES, is_ambiguous, l
 
 log = logging.getLogger(__name__)
 
-__all__ = ["sparse_sdf_to_mesh", "meshes_from_sparse_sdf", "marching_cubes_sparse", "marching_cubes_naive",
-           "key_coords", "lookup_keys", "Welder"]
+__all__ = [
+    "sparse_sdf_to_mesh",
+    "meshes_from_sparse_sdf",
+    "marching_cubes_sparse",
+    "marching_cubes_naive",
+    "key_coords",
+    "lookup_keys",
+    "Welder",
+]
 
 BACKGROUND = 1.0  # value of every inactive voxel in the original's dense grid
 KEY_SLOTS = 8  # vertex key = grid key * KEY_SLOTS + slot: 0-2 edge axis, 3 + j centre of loop j
@@ -62,7 +70,7 @@ def _grid_keys(bxyz: torch.Tensor, r: int) -> torch.Tensor:
 
 def key_coords(keys: torch.Tensor, r: int) -> torch.Tensor:
     """[M] int64 keys ((b·r + x)·r + y)·r + z → [M, 4] (b, x, y, z)."""
-    return torch.stack([keys // r ** 3, keys // (r * r) % r, keys // r % r, keys % r], -1)
+    return torch.stack([keys // r**3, keys // (r * r) % r, keys // r % r, keys % r], -1)
 
 
 def _unique_last(keys: torch.Tensor, values: torch.Tensor):
@@ -85,8 +93,9 @@ def _surface_voxels(bxyz: torch.Tensor, keys: torch.Tensor, inside: torch.Tensor
 
     A cell that crosses the level has a cube edge with one inside and one outside end, so its inside
     end is such a voxel: cells around the other inside voxels are entirely inside and can be skipped."""
-    six = torch.tensor([[0, -1, 0, 0], [0, 1, 0, 0], [0, 0, -1, 0], [0, 0, 1, 0], [0, 0, 0, -1], [0, 0, 0, 1]],
-                       device=bxyz.device)
+    six = torch.tensor(
+        [[0, -1, 0, 0], [0, 1, 0, 0], [0, 0, -1, 0], [0, 0, 1, 0], [0, 0, 0, -1], [0, 0, 0, 1]], device=bxyz.device
+    )
     nb = bxyz[:, None, :] + six[None]  # [K, 6, 4]
     in_grid = ((nb[..., 1:] >= 0) & (nb[..., 1:] < r)).all(2)
     pos, found = lookup_keys(keys, _grid_keys(nb, r))
@@ -114,20 +123,28 @@ def _face_bits(vals: torch.Tensor) -> torch.Tensor:
     return bits
 
 
-def _marching_cubes_batched(bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level: float, batch_size: int,
-                            check_cancel=None):
+def _marching_cubes_batched(
+    bxyz: torch.Tensor, sdf: torch.Tensor, r: int, level: float, batch_size: int, check_cancel=None
+):
     """Core: (verts [V, 3] fp32 index space, faces [F, 3] int64 global, vertex batch ids [V]).
 
     Vertices come sorted by batch element (their keys start with b), each element's contiguous."""
     if level > BACKGROUND:
-        raise ValueError(f"mc threshold {level} is above the background value {BACKGROUND} of inactive voxels; "
-                         f"use a threshold <= 1 (the original uses 0.2).")
+        raise ValueError(
+            f"mc threshold {level} is above the background value {BACKGROUND} of inactive voxels; "
+            f"use a threshold <= 1 (the original uses 0.2)."
+        )
     device = bxyz.device
     if bxyz.shape[0] and (int(bxyz[:, 1:].min()) < 0 or int(bxyz[:, 1:].max()) >= r):
-        raise ValueError(f"sparse SDF coordinates must lie in [0, {r}); got [{int(bxyz[:, 1:].min())}, "
-                         f"{int(bxyz[:, 1:].max())}] — is the resolution right?")
-    empty = (torch.zeros(0, 3, dtype=torch.float32, device=device),
-             torch.zeros(0, 3, dtype=torch.int64, device=device), torch.zeros(0, dtype=torch.int64, device=device))
+        raise ValueError(
+            f"sparse SDF coordinates must lie in [0, {r}); got [{int(bxyz[:, 1:].min())}, "
+            f"{int(bxyz[:, 1:].max())}] — is the resolution right?"
+        )
+    empty = (
+        torch.zeros(0, 3, dtype=torch.float32, device=device),
+        torch.zeros(0, 3, dtype=torch.int64, device=device),
+        torch.zeros(0, dtype=torch.int64, device=device),
+    )
     keys, values = _unique_last(_grid_keys(bxyz, r), sdf.reshape(-1).float())
     inside = values < level
     inside_bxyz = key_coords(keys[inside], r)  # sorted by (b, x)
@@ -241,9 +258,11 @@ class Welder:
     def finish(self):
         """(verts [V, 3] fp32 index space, faces [F, 3] int64, vertex batch ids [V])."""
         if not self.keys:
-            return (torch.zeros(0, 3, dtype=torch.float32, device=self.device),
-                    torch.zeros(0, 3, dtype=torch.int64, device=self.device),
-                    torch.zeros(0, dtype=torch.int64, device=self.device))
+            return (
+                torch.zeros(0, 3, dtype=torch.float32, device=self.device),
+                torch.zeros(0, 3, dtype=torch.int64, device=self.device),
+                torch.zeros(0, dtype=torch.int64, device=self.device),
+            )
         uniq, inverse = torch.unique(torch.cat(self.keys), return_inverse=True)  # edges on chunk seams meet
         del self.keys[:]
         verts = torch.empty(uniq.numel(), 3, dtype=torch.float32, device=self.device)
@@ -251,10 +270,10 @@ class Welder:
         del self.verts[:]
         offset, faces = 0, []
         for f, n in zip(self.faces, self.sizes):
-            faces.append(inverse[offset:offset + n][f])
+            faces.append(inverse[offset : offset + n][f])
             offset += n
         self.faces = []
-        return verts, torch.cat(faces), uniq // (KEY_SLOTS * self.r ** 3)
+        return verts, torch.cat(faces), uniq // (KEY_SLOTS * self.r**3)
 
 
 def marching_cubes_sparse(coords: torch.Tensor, sdf: torch.Tensor, resolution: int, level: float):
@@ -290,19 +309,22 @@ def sparse_sdf_to_mesh(coords, sdf, resolution=None, threshold=None):
         coords = coords[:, 1:]
     verts, faces = marching_cubes_sparse(coords, sdf, resolution, threshold)
     if faces.shape[0] == 0:
-        log.warning("The decoded SDF has no voxel below the threshold %s, so the mesh is empty; "
-                    "check the structure or lower mc_threshold.", threshold)
+        log.warning(
+            "The decoded SDF has no voxel below the threshold %s, so the mesh is empty; "
+            "check the structure or lower mc_threshold.",
+            threshold,
+        )
     return _to_original_frame(verts, resolution), faces
 
 
-def meshes_from_sparse_sdf(sdf, resolution: int, threshold: float,
-                           check_cancel=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def meshes_from_sparse_sdf(
+    sdf, resolution: int, threshold: float, check_cancel=None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per batch element (vertices [V_b, 3] fp32 original frame, faces [F_b, 3] int64) of a SparseTensor SDF,
     all elements meshed in one vectorised pass (the batch id is part of every key); check_cancel() (raises to
     stop) before each slab of cells."""
     b = sdf.batch_size
-    verts, faces, vbatch = _marching_cubes_batched(sdf.coords, sdf.feats, int(resolution), threshold, b,
-                                                   check_cancel)
+    verts, faces, vbatch = _marching_cubes_batched(sdf.coords, sdf.feats, int(resolution), threshold, b, check_cancel)
     v_counts = torch.bincount(vbatch, minlength=b)
     v_start = torch.cumsum(v_counts, 0) - v_counts
     fbatch = vbatch[faces[:, 0]] if faces.shape[0] else vbatch[:0]  # faces come grouped by element
@@ -313,13 +335,18 @@ def meshes_from_sparse_sdf(sdf, resolution: int, threshold: float,
     out = list(zip(_to_original_frame(verts, resolution).split(v_counts.tolist()), faces.split(f_counts.tolist())))
     for i, (_, f) in enumerate(out):
         if f.shape[0] == 0:
-            log.warning("Object %d: the decoded SDF has no voxel below the threshold %s, so its mesh is empty; "
-                        "check the structure or lower mc_threshold.", i, threshold)
+            log.warning(
+                "Object %d: the decoded SDF has no voxel below the threshold %s, so its mesh is empty; "
+                "check the structure or lower mc_threshold.",
+                i,
+                threshold,
+            )
     return out
 
 
 # ------------------------------------------------------------------------------------------------
 # naive twin (tests only)
+
 
 def marching_cubes_naive(volume: np.ndarray, level: float):
     """Loop-per-cell marching cubes of a small dense volume with the same conventions -> (verts, faces)."""
@@ -342,7 +369,7 @@ def marching_cubes_naive(volume: np.ndarray, level: float):
                         bits |= int(a * c > b * d if a < 0 else b * d > a * c) << f
                 row = cube * 64 + bits
 
-                def edge_vertex(e):
+                def edge_vertex(e, x=x, y=y, z=z, vals=vals):  # bound now: the loop moves on
                     a, b = EDGES[e]
                     p = [x + CORNERS[a][0], y + CORNERS[a][1], z + CORNERS[a][2]]
                     p[EDGE_AXIS[e]] = np.float32(p[EDGE_AXIS[e]] + (level - vals[a]) / (vals[b] - vals[a]))

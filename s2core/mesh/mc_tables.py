@@ -52,6 +52,7 @@ manifold choice that can differ from Lewiner's topology in cells with an interio
 loop j), padded with -1, row = cube_index * 64 + face_bits. `loop_table()` -> int8 [256 * 64, 12]: the
 loop number of each crossed edge whose loop has a centre vertex, else -1. Built once and cached.
 """
+
 from __future__ import annotations
 
 import functools
@@ -111,12 +112,12 @@ def _sub(a: int, b: int) -> tuple[int, int, int]:
 
 
 def _det(u, v, w) -> int:
-    return (u[0] * (v[1] * w[2] - v[2] * w[1]) - u[1] * (v[0] * w[2] - v[2] * w[0])
-            + u[2] * (v[0] * w[1] - v[1] * w[0]))
+    return u[0] * (v[1] * w[2] - v[2] * w[1]) - u[1] * (v[0] * w[2] - v[2] * w[0]) + u[2] * (v[0] * w[1] - v[1] * w[0])
 
 
 def _fan_apex(loop: list[int], minority: list[int]) -> int:
     """The fan apex of an unambiguous single-loop cell (module doc, point 3)."""
+
     def corner_dir(e):  # (minority corner of edge e, direction of e away from it)
         a, b = EDGES[e]
         return (a, _sub(b, a)) if a in minority else (b, _sub(a, b))

@@ -16,6 +16,7 @@ other steps are opt-in:
 Meshes are (vertices [V, 3] float32, faces [F, 3] int64) torch tensors; the graph steps run on their
 device with no Python loop over faces or vertices. Letters: V vertices, F faces, E edges.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,9 @@ def _compact(vertices: torch.Tensor, faces: torch.Tensor) -> tuple[torch.Tensor,
     return vertices[used], remap[faces]
 
 
-def remove_small_components(vertices, faces, min_ratio: float = 0.01,
-                            check_cancel=None) -> tuple[torch.Tensor, torch.Tensor]:
+def remove_small_components(
+    vertices, faces, min_ratio: float = 0.01, check_cancel=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Keep connected pieces with at least `min_ratio` × the face count of the largest piece."""
     v, f = _as_mesh(vertices, faces)
     label = connected_components(f, v.shape[0], check_cancel)[f[:, 0]]  # [F] component of each face
@@ -79,8 +81,9 @@ def _edge_keys(a: torch.Tensor, b: torch.Tensor, n: int) -> torch.Tensor:
     return torch.minimum(a, b) * n + torch.maximum(a, b)
 
 
-def fill_holes(vertices, faces, max_hole_edges: int | None = None,
-               check_cancel=None) -> tuple[torch.Tensor, torch.Tensor]:
+def fill_holes(
+    vertices, faces, max_hole_edges: int | None = None, check_cancel=None
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Close boundary loops of at most `max_hole_edges` edges (all when None) with centroid fans.
 
     Each boundary edge a→b (as its face orders it) gets the triangle (b, a, centroid), so new faces wind
@@ -94,8 +97,10 @@ def fill_holes(vertices, faces, max_hole_edges: int | None = None,
     keys = _edge_keys(a, b, n)
     uniq, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
     if bool((counts > 2).any()):
-        raise ValueError(f"The mesh has {int((counts > 2).sum())} edges shared by more than two faces (non-manifold), "
-                         "so its holes are not well defined; repair it (e.g. remove duplicate faces) before filling holes.")
+        raise ValueError(
+            f"The mesh has {int((counts > 2).sum())} edges shared by more than two faces (non-manifold), "
+            "so its holes are not well defined; repair it (e.g. remove duplicate faces) before filling holes."
+        )
     boundary = counts[inverse] == 1  # [3F]
     if not bool(boundary.any()):
         return v, f
@@ -118,8 +123,9 @@ def fill_holes(vertices, faces, max_hole_edges: int | None = None,
     return torch.cat([v, centroid[used]]), torch.cat([f, new_faces])
 
 
-def simplify_mesh(vertices, faces, target_faces: int | None = None, reduction: float | None = None,
-                  aggression: float = 7.0) -> tuple[torch.Tensor, torch.Tensor]:
+def simplify_mesh(
+    vertices, faces, target_faces: int | None = None, reduction: float | None = None, aggression: float = 7.0
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Quadric edge-collapse decimation to `target_faces`, or removing the fraction `reduction` of the faces.
 
     reduction is the original's `simplify_ratio` (0.95 keeps 5 %). Needs the optional package
@@ -139,10 +145,13 @@ def simplify_mesh(vertices, faces, target_faces: int | None = None, reduction: f
     try:
         import fast_simplification
     except ImportError as e:
-        raise ImportError("Mesh simplification needs the optional package fast-simplification "
-                          "(`pip install fast-simplification`, a prebuilt wheel); install it or turn simplification off.") from e
-    pts, tris = fast_simplification.simplify(v.cpu().double().numpy(), f.cpu().int().numpy(),
-                                             target_count=int(target_faces), agg=aggression)
+        raise ImportError(
+            "Mesh simplification needs the optional package fast-simplification "
+            "(`pip install fast-simplification`, a prebuilt wheel); install it or turn simplification off."
+        ) from e
+    pts, tris = fast_simplification.simplify(
+        v.cpu().double().numpy(), f.cpu().int().numpy(), target_count=int(target_faces), agg=aggression
+    )
     return torch.from_numpy(np.asarray(pts, np.float32)), torch.from_numpy(np.asarray(tris, np.int64))
 
 
@@ -155,10 +164,18 @@ def vertex_normals(vertices, faces) -> torch.Tensor:
     return n / n.norm(dim=1, keepdim=True).clamp_min(1e-20)
 
 
-def postprocess_mesh(vertices, faces, *, remove_debris: bool = False, min_component_ratio: float = 0.01,
-                     close_holes: bool = False, max_hole_edges: int | None = None,
-                     simplify_ratio: float | None = 0.95, target_faces: int | None = None, check_cancel=None
-                     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def postprocess_mesh(
+    vertices,
+    faces,
+    *,
+    remove_debris: bool = False,
+    min_component_ratio: float = 0.01,
+    close_holes: bool = False,
+    max_hole_edges: int | None = None,
+    simplify_ratio: float | None = 0.95,
+    target_faces: int | None = None,
+    check_cancel=None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Cleanup in a fixed order → (vertices [V, 3] float32, faces [F, 3] int64, vertex normals [V, 3]).
 
     Defaults are the original's `remesh=True`: simplify with simplify_ratio 0.95 (fraction of faces

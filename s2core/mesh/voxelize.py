@@ -20,6 +20,7 @@ device marks the same cells. The only grid is the latent occupancy, (size/factor
 
 Letters: F triangles, V vertices, n candidates in a window, D = size (lattice points per axis).
 """
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,9 @@ def normalize_vertices(vertices: torch.Tensor, scale: float = 0.95) -> torch.Ten
     lo, hi = vertices.min(0).values, vertices.max(0).values
     extent = float((hi - lo).max())
     if not extent > 0:
-        raise ValueError("The mesh has zero extent (all vertices coincide), so it cannot be normalised; "
-                         "pass a mesh with a surface.")
+        raise ValueError(
+            "The mesh has zero extent (all vertices coincide), so it cannot be normalised; pass a mesh with a surface."
+        )
     return (vertices - (lo + hi) / 2) * (2.0 * scale / extent)
 
 
@@ -64,22 +66,36 @@ def _as_tensor(x, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def check_mesh(vertices: torch.Tensor, faces: torch.Tensor) -> None:
     """Raise a ValueError a person can act on for empty meshes, bad shapes, non-finite vertices, bad faces."""
     if vertices.ndim != 2 or vertices.shape[1] != 3 or faces.ndim != 2 or faces.shape[1] != 3:
-        raise ValueError(f"Expected vertices [V, 3] and triangle faces [F, 3], got {tuple(vertices.shape)} and "
-                         f"{tuple(faces.shape)}; triangulate the mesh first.")
+        raise ValueError(
+            f"Expected vertices [V, 3] and triangle faces [F, 3], got {tuple(vertices.shape)} and "
+            f"{tuple(faces.shape)}; triangulate the mesh first."
+        )
     if faces.shape[0] == 0 or vertices.shape[0] == 0:
-        raise ValueError("The mesh is empty (no faces), so there is no surface to voxelize; connect a mesh "
-                         "with triangles.")
+        raise ValueError(
+            "The mesh is empty (no faces), so there is no surface to voxelize; connect a mesh with triangles."
+        )
     if not bool(torch.isfinite(vertices).all()):
         raise ValueError("The mesh has NaN or infinite vertex coordinates; repair or re-export it before use.")
     if int(faces.min()) < 0 or int(faces.max()) >= vertices.shape[0]:
-        raise ValueError(f"The mesh's faces index vertices outside [0, {vertices.shape[0] - 1}]; the file is "
-                         "corrupt or faces and vertices do not belong together.")
+        raise ValueError(
+            f"The mesh's faces index vertices outside [0, {vertices.shape[0] - 1}]; the file is "
+            "corrupt or faces and vertices do not belong together."
+        )
 
 
 @torch.no_grad()
-def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 8, threshold: float = 4.0,
-                         normalize: bool = True, device: torch.device | str | None = None,
-                         max_candidates: int = 1 << 21, backend: str = "auto", check_cancel=None) -> torch.Tensor:
+def mesh_to_latent_index(
+    vertices,
+    faces,
+    resolution: int = 1024,
+    factor: int = 8,
+    threshold: float = 4.0,
+    normalize: bool = True,
+    device: torch.device | str | None = None,
+    max_candidates: int = 1 << 21,
+    backend: str = "auto",
+    check_cancel=None,
+) -> torch.Tensor:
     """Latent cells [N, 4] int32 (0, x, y, z), sorted, of the lattice points within threshold/resolution of the mesh.
 
     vertices [V, 3], faces [F, 3] (numpy or torch). normalize: apply `normalize_vertices` first (the
@@ -122,9 +138,19 @@ def mesh_to_latent_index(vertices, faces, resolution: int = 1024, factor: int = 
     for t, cell in _kernel.box_windows(clo, chi - clo + 1, max_candidates):  # [n] triangle ids, [n, 3] cells
         if check_cancel is not None:
             check_cancel()
-        _kernel.mark_cells(occupied, tris, coord, lo, hi, t, cell, factor, limit, max_points=max_candidates,
-                        backend=backend, check_cancel=check_cancel)
+        _kernel.mark_cells(
+            occupied,
+            tris,
+            coord,
+            lo,
+            hi,
+            t,
+            cell,
+            factor,
+            limit,
+            max_points=max_candidates,
+            backend=backend,
+            check_cancel=check_cancel,
+        )
     cells = occupied.nonzero()  # lexicographic, as torch.unique orders the original's rows
     return torch.cat([torch.zeros_like(cells[:, :1]), cells], 1).int()
-
-

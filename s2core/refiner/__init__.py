@@ -21,6 +21,7 @@ so are their outputs. Both refiners share the UNet of `unet.py`.
 Use: `field = remove_interior(model, sdf, feats, level, progress, grid=cube_grid(model.cfg, sdf_res))` then
 `[(vertices, faces), ...] = mesh_refined_field(field)` (one mesh per batch element, original frame).
 """
+
 from __future__ import annotations
 
 import torch
@@ -34,9 +35,22 @@ from .remesh_512 import VoxelRefiner, adaptive_filter, remove_interior_512
 from .sign_1024 import VoxelRefinerSign, remove_interior_1024
 from .unet import OFFICIAL_CHANNELS, UNet3D
 
-__all__ = ["CubeGrid", "OFFICIAL_CHANNELS", "RefinedField", "UNet3D", "VoxelRefiner", "VoxelRefinerSign",
-           "adaptive_filter", "build_refiner", "cube_grid", "max_crossing_corners", "mesh_refined_field",
-           "remove_interior", "remove_interior_512", "remove_interior_1024"]
+__all__ = [
+    "CubeGrid",
+    "OFFICIAL_CHANNELS",
+    "RefinedField",
+    "UNet3D",
+    "VoxelRefiner",
+    "VoxelRefinerSign",
+    "adaptive_filter",
+    "build_refiner",
+    "cube_grid",
+    "max_crossing_corners",
+    "mesh_refined_field",
+    "remove_interior",
+    "remove_interior_512",
+    "remove_interior_1024",
+]
 
 
 def build_refiner(cfg: RefinerConfig, block_out_channels: tuple[int, ...] = OFFICIAL_CHANNELS) -> nn.Module:
@@ -44,8 +58,14 @@ def build_refiner(cfg: RefinerConfig, block_out_channels: tuple[int, ...] = OFFI
     return (VoxelRefinerSign if cfg.sign else VoxelRefiner)(cfg, block_out_channels)
 
 
-def remove_interior(model: nn.Module, sdf: SparseTensor, feats: SparseTensor | torch.Tensor | None = None,
-                    level: float = 0.2, progress: Progress | None = None, **kwargs) -> RefinedField:
+def remove_interior(
+    model: nn.Module,
+    sdf: SparseTensor,
+    feats: SparseTensor | torch.Tensor | None = None,
+    level: float = 0.2,
+    progress: Progress | None = None,
+    **kwargs,
+) -> RefinedField:
     """Dispatch on the refiner kind: `VoxelRefiner` needs feats, `VoxelRefinerSign` ignores them."""
     if isinstance(model, VoxelRefinerSign):
         return remove_interior_1024(model, sdf, level, progress=progress, **kwargs)

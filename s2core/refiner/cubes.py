@@ -6,6 +6,7 @@ densified from the sparse voxels when it is computed, so no whole grid is ever h
 
 Letters: B batch, P cube edge, S cube stride, O = P - S overlap, R grid edge (R = 2·S + P), N voxels.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -26,14 +27,16 @@ class CubeGrid:
 
     Built from a refiner's config by `cube_grid`; tests build small ones directly.
     """
+
     resolution: int
     patch: int
     stride: int
 
     def __post_init__(self):
         if self.resolution != 2 * self.stride + self.patch or not self.stride < self.patch <= 2 * self.stride:
-            raise ValueError(f"cube grid {self} does not tile: need resolution = 2*stride + patch and "
-                             "stride < patch <= 2*stride")
+            raise ValueError(
+                f"cube grid {self} does not tile: need resolution = 2*stride + patch and stride < patch <= 2*stride"
+            )
 
     @property
     def overlap(self) -> int:
@@ -55,8 +58,10 @@ def cube_grid(cfg: RefinerConfig, sdf_resolution: int) -> CubeGrid:
     R, P = (sdf_resolution // 2 if cfg.sign else sdf_resolution), cfg.patch_size
     S, odd = divmod(R - P, 2)
     if odd or not S < P <= 2 * S:
-        raise ValueError(f"The refiner's patch_size {P} does not tile its {R}³ grid with 3 overlapping cubes per "
-                         f"axis; choose a patch_size P with {R} - P even and {R}/3 < P <= {R}/2 (the release: 192, 256).")
+        raise ValueError(
+            f"The refiner's patch_size {P} does not tile its {R}³ grid with 3 overlapping cubes per "
+            f"axis; choose a patch_size P with {R} - P even and {R}/3 < P <= {R}/2 (the release: 192, 256)."
+        )
     return CubeGrid(R, P, S)
 
 
@@ -66,8 +71,15 @@ def in_cube(coords: torch.Tensor, origin: tuple[int, int, int], patch: int) -> t
     return ((rel >= 0) & (rel < patch)).all(1)
 
 
-def densify(coords: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, origin, patch: int, batch: int,
-             background: torch.Tensor) -> torch.Tensor:
+def densify(
+    coords: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    origin,
+    patch: int,
+    batch: int,
+    background: torch.Tensor,
+) -> torch.Tensor:
     """Rows `mask` of (coords [N,4], values [N,C]) scattered into a [B, C, P, P, P] cube filled with
     `background` [C]; with duplicate coordinates one of the writes wins, as in the original."""
     C = values.shape[1]
@@ -83,15 +95,20 @@ def densify(coords: torch.Tensor, values: torch.Tensor, mask: torch.Tensor, orig
 def check_sparse(x: SparseTensor, resolution: int, what: str, model: nn.Module) -> None:
     device = next(model.parameters()).device
     if x.coords.device != device:
-        raise ValueError(f"The decoded {what} is on {x.coords.device} but the refiner is on {device}; "
-                         "move both to the same device.")
+        raise ValueError(
+            f"The decoded {what} is on {x.coords.device} but the refiner is on {device}; move both to the same device."
+        )
     if x.coords.shape[0] == 0:
-        raise ValueError(f"The decoded {what} has no voxels, so there is no surface to refine; "
-                         "check the structure stage produced tokens.")
+        raise ValueError(
+            f"The decoded {what} has no voxels, so there is no surface to refine; "
+            "check the structure stage produced tokens."
+        )
     lo, hi = int(x.coords[:, 1:].min()), int(x.coords[:, 1:].max())
     if lo < 0 or hi >= resolution:
-        raise ValueError(f"The decoded {what} has coordinates in [{lo}, {hi}], outside the {resolution}³ grid "
-                         "the refiner expects; decode at the matching resolution.")
+        raise ValueError(
+            f"The decoded {what} has coordinates in [{lo}, {hi}], outside the {resolution}³ grid "
+            "the refiner expects; decode at the matching resolution."
+        )
 
 
 def take(x: SparseTensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ those cells with `mesh.marching_cubes`'s tables, one mesh per batch element, in 
 
 Letters: B batch, R grid edge, X rows of a slab, M kept voxels.
 """
+
 from __future__ import annotations
 
 import logging
@@ -34,6 +35,7 @@ class RefinedField:
     all present gives the same mesh as over the original's dense grid. Vertices map to the original's
     frame by v / R * 2 - 1. One int64 key per voxel (not [M, 4] coordinates) halves what is held.
     """
+
     keys: torch.Tensor
     values: torch.Tensor
     resolution: int
@@ -57,7 +59,8 @@ def _too_many_corners(n: int, resolution: int) -> ValueError:
         f"The refined field crosses the level at {n} of the {resolution}³ grid's voxels (a surface needs at "
         f"most {max_crossing_corners(resolution)}), so it is noise filling the volume, not a surface; the "
         "refiner weights are probably untrained or do not match this model — load the official refiner "
-        "checkpoint or turn interior removal off.")
+        "checkpoint or turn interior removal off."
+    )
 
 
 class CrossingCollector:
@@ -89,7 +92,11 @@ class CrossingCollector:
             kept_first = self.prev[2]
             x0 -= 1
         if block.shape[1] < 2:
-            self.prev = (slab[:, -1:], decoded[:, -1:] if self.near else None, torch.zeros_like(slab[:, -1:], dtype=torch.bool))
+            self.prev = (
+                slab[:, -1:],
+                decoded[:, -1:] if self.near else None,
+                torch.zeros_like(slab[:, -1:], dtype=torch.bool),
+            )
             return
         v = block.float()  # fp16 values and the level compare exactly in fp32
         above, below = v > self.level, v < self.level
@@ -102,7 +109,7 @@ class CrossingCollector:
         for ox in (0, 1):
             for oy in (0, 1):
                 for oz in (0, 1):
-                    corner[:, ox:ox + cross.shape[1], oy:oy + cross.shape[2], oz:oz + cross.shape[3]] |= cross
+                    corner[:, ox : ox + cross.shape[1], oy : oy + cross.shape[2], oz : oz + cross.shape[3]] |= cross
         del cross
         self.prev = (slab[:, -1:], decoded[:, -1:] if self.near else None, corner[:, -1:].clone())
         if kept_first is not None:
@@ -122,8 +129,12 @@ class CrossingCollector:
 
     def finish(self, dtype: torch.dtype, device: torch.device) -> RefinedField:
         if not self.keys:
-            return RefinedField(torch.zeros(0, dtype=torch.int64, device=device),
-                                torch.zeros(0, dtype=dtype, device=device), self.R, self.level)
+            return RefinedField(
+                torch.zeros(0, dtype=torch.int64, device=device),
+                torch.zeros(0, dtype=dtype, device=device),
+                self.R,
+                self.level,
+            )
         keys, vals = torch.cat(self.keys), torch.cat(self.values)
         self.keys, self.values = [], []
         if keys.numel() > 1 and not bool((keys[1:] > keys[:-1]).all()):  # B > 1: slabs interleave elements
@@ -146,8 +157,9 @@ def _cell_any(m: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21,
-                       check_cancel=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def mesh_refined_field(
+    field: RefinedField, max_cells: int = 1 << 21, check_cancel=None
+) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Marching cubes of a `RefinedField` → per batch element (vertices [V, 3] fp32, faces [F, 3] int64).
 
     Vertices are in the original's frame (v / R * 2 - 1). Uses the conventions, tables, face decider and
@@ -167,8 +179,8 @@ def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21,
     for start in range(0, keys.numel(), max_cells):  # chunks of candidate cells bound memory
         if check_cancel is not None:
             check_cancel()
-        cells = keys[start:start + max_cells]
-        vals = field.values[start:start + max_cells]
+        cells = keys[start : start + max_cells]
+        vals = field.values[start : start + max_cells]
         xyz = key_coords(cells, R)[:, 1:]
         inner = (xyz <= R - 2).all(1)  # every cell's min corner is a field voxel
         del xyz
@@ -182,8 +194,9 @@ def mesh_refined_field(field: RefinedField, max_cells: int = 1 << 21,
     verts, faces, vbatch = welder.finish()
     if faces.shape[0] == 0:
         log.warning("The refined field does not cross the level %s, so the mesh is empty.", level)
-        return [(torch.zeros(0, 3, device=device), torch.zeros(0, 3, dtype=torch.int64, device=device))
-                for _ in range(B)]
+        return [
+            (torch.zeros(0, 3, device=device), torch.zeros(0, 3, dtype=torch.int64, device=device)) for _ in range(B)
+        ]
     v_counts = torch.bincount(vbatch, minlength=B)
     v_start = torch.cumsum(v_counts, 0) - v_counts
     fbatch = vbatch[faces[:, 0]]

@@ -9,6 +9,7 @@ keeps one row of 9 cube outputs and streams x-slabs of the blended field into a 
 Letters: B batch, P cube edge, S cube stride, O = P - S overlap, R grid edge, N decoded voxels.
 Attribute names are the checkpoint's (`unet3d1`, `latent_mlp.net`, `adaptive_conv1.0`), odd as some are.
 """
+
 from __future__ import annotations
 
 import torch
@@ -28,8 +29,15 @@ class LatentMLP(nn.Module):
 
     def __init__(self, cin: int = 32, hidden: int = 32, cout: int = 8):
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(cin, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
-                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, cout))
+        self.net = nn.Sequential(
+            nn.Linear(cin, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, hidden),
+            nn.ReLU(),
+            nn.Linear(hidden, cout),
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -54,7 +62,7 @@ def adaptive_filter(x: torch.Tensor, head: nn.Module, source: torch.Tensor | Non
         out = torch.zeros_like(x)
         for t in range(27):
             a, b, c = t // 9, t // 3 % 3, t % 3
-            out = out + xp[:, :, a:a + P0, b:b + P1, c:c + P2] * w[:, t:t + 1]
+            out = out + xp[:, :, a : a + P0, b : b + P1, c : c + P2] * w[:, t : t + 1]
         x = out
     return x
 
@@ -86,11 +94,11 @@ class VoxelRefiner(nn.Module):
     def refine_cube(self, sdf: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """sdf [B,1,P,P,P], latent = latent_mlp(features) [B,8,P,P,P] → tanh field [B,1,P,P,P]."""
         h = torch.cat([self.conv_in(sdf), latent], dim=1)  # [B, C0+8, P, P, P]
-        u = self.unet3d1(h)                                  # [B, C0, P, P, P]
+        u = self.unet3d1(h)  # [B, C0, P, P, P]
         u = adaptive_filter(u, self.adaptive_conv1)
         u = self.mid_conv(u)
         u = adaptive_filter(u, self.adaptive_conv2)
-        o = self.conv_out(u)                                 # [B, 1, P, P, P]
+        o = self.conv_out(u)  # [B, 1, P, P, P]
         o = adaptive_filter(o, self.adaptive_conv3, source=u)
         return torch.tanh(o)
 
@@ -113,18 +121,30 @@ def _stitch(parts: list[torch.Tensor], dim: int, grid: CubeGrid, w: torch.Tensor
     the two O-wide overlaps, middle cube's [O, S), last cube's [O, P) (§8.2 step 3)."""
     S, P, O = grid.stride, grid.patch, grid.overlap
     p0, p1, p2 = (p.narrow(dim, 0, P) for p in parts)
-    return torch.cat([p0.narrow(dim, 0, S),
-                      _blend(p0.narrow(dim, S, O), p1.narrow(dim, 0, O), w, dim),
-                      p1.narrow(dim, O, S - O),
-                      _blend(p1.narrow(dim, S, O), p2.narrow(dim, 0, O), w, dim),
-                      p2.narrow(dim, O, P - O)], dim)
+    return torch.cat(
+        [
+            p0.narrow(dim, 0, S),
+            _blend(p0.narrow(dim, S, O), p1.narrow(dim, 0, O), w, dim),
+            p1.narrow(dim, O, S - O),
+            _blend(p1.narrow(dim, S, O), p2.narrow(dim, 0, O), w, dim),
+            p2.narrow(dim, O, P - O),
+        ],
+        dim,
+    )
 
 
 @torch.no_grad()
-def remove_interior_512(model: VoxelRefiner, sdf: SparseTensor, feats: SparseTensor | torch.Tensor,
-                        level: float = 0.4, grid: CubeGrid | None = None,
-                        progress: Progress | None = None, slab_rows: int = 32,
-                        max_corners: int | None = None, consume: bool = False) -> RefinedField:
+def remove_interior_512(
+    model: VoxelRefiner,
+    sdf: SparseTensor,
+    feats: SparseTensor | torch.Tensor,
+    level: float = 0.4,
+    grid: CubeGrid | None = None,
+    progress: Progress | None = None,
+    slab_rows: int = 32,
+    max_corners: int | None = None,
+    consume: bool = False,
+) -> RefinedField:
     """The 512 refiner's `run()` without dense 512³ grids.
 
     sdf: decoded SDF, feats [N, 1] at coords [N, 4] in a grid of edge grid.resolution (default: the
@@ -142,8 +162,10 @@ def remove_interior_512(model: VoxelRefiner, sdf: SparseTensor, feats: SparseTen
     dtype, device = model.dtype, sdf.device
     fe = feats.feats if isinstance(feats, SparseTensor) else feats
     if fe.shape[0] != sdf.coords.shape[0]:
-        raise ValueError(f"The decoder features have {fe.shape[0]} rows but the SDF has {sdf.coords.shape[0]}; "
-                         "pass the features decoded together with this SDF (return_feat).")
+        raise ValueError(
+            f"The decoder features have {fe.shape[0]} rows but the SDF has {sdf.coords.shape[0]}; "
+            "pass the features decoded together with this SDF (return_feat)."
+        )
     B, coords = sdf.batch_size, sdf.coords
     values = sdf.feats.reshape(-1, 1).to(dtype)
     # latent_mlp is per voxel, so running it on the N decoded rows (and once on the zero background
@@ -167,28 +189,32 @@ def remove_interior_512(model: VoxelRefiner, sdf: SparseTensor, feats: SparseTen
                 origin = origins[9 * i + 3 * j + k]
                 m = in_cube(coords, origin, P)
                 if bool(m.any()):
-                    out = model.refine_cube(densify(coords, values, m, origin, P, B, bg_sdf),
-                                            densify(coords, latent, m, origin, P, B, bg_latent))
+                    out = model.refine_cube(
+                        densify(coords, values, m, origin, P, B, bg_sdf),
+                        densify(coords, latent, m, origin, P, B, bg_latent),
+                    )
                 else:  # identical inputs → identical output; compute once
                     if empty_out is None:
-                        empty_out = model.refine_cube(bg_sdf.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P),
-                                                      bg_latent.view(1, 8, 1, 1, 1).expand(B, 8, P, P, P))
+                        empty_out = model.refine_cube(
+                            bg_sdf.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P),
+                            bg_latent.view(1, 8, 1, 1, 1).expand(B, 8, P, P, P),
+                        )
                     out = empty_out
                 row.append(out[:, 0])  # [B, P, P, P]
                 done += 1
                 if progress is not None:
                     progress(done, 27)
 
-        def layer(x_lo: int, x_hi: int) -> torch.Tensor:
+        def layer(row: list[torch.Tensor], x_lo: int, x_hi: int) -> torch.Tensor:
             # z first (the original's "lines"), then y ("layers"): [B, x_hi-x_lo, R, R]
             lines = [_stitch([row[3 * j + k][:, x_lo:x_hi] for k in range(3)], 3, grid, w) for j in range(3)]
             return _stitch(lines, 2, grid, w)
 
         if i > 0:
-            collector.push(_blend(prev_tail, layer(0, grid.overlap), w, 1))
+            collector.push(_blend(prev_tail, layer(row, 0, grid.overlap), w, 1))
         core_lo, core_hi = (0 if i == 0 else grid.overlap), (S if i < 2 else P)
         for x in range(core_lo, core_hi, slab_rows):
-            collector.push(layer(x, min(x + slab_rows, core_hi)))
-        prev_tail = layer(S, P) if i < 2 else None
+            collector.push(layer(row, x, min(x + slab_rows, core_hi)))
+        prev_tail = layer(row, S, P) if i < 2 else None
         del row
     return collector.finish(dtype, device)

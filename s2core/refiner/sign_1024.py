@@ -8,6 +8,7 @@ of cubes (1 bit per voxel, at most 8 MiB) and streams the 1024 x-slabs those row
 
 Letters: B batch, P cube edge, S cube stride, R sign grid edge, R2 = 2·R the SDF grid edge, N decoded voxels.
 """
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,11 @@ from .unet import FP16_LAYERS, OFFICIAL_CHANNELS, UNet3D, unet_groups
 class VoxelRefinerSign(nn.Module):
     """`Voxel_RefinerXL_sign` (1024): one cube [B,1,P,P,P] of the downsampled SDF → sigmoid logits' sign."""
 
-    def __init__(self, cfg: RefinerConfig = RefinerConfig(patch_size=256, sign=True),
-                 block_out_channels: tuple[int, ...] = OFFICIAL_CHANNELS):
+    def __init__(
+        self,
+        cfg: RefinerConfig = RefinerConfig(patch_size=256, sign=True),
+        block_out_channels: tuple[int, ...] = OFFICIAL_CHANNELS,
+    ):
         super().__init__()
         assert cfg.sign, "use VoxelRefiner for the refiner (512) config"
         self.cfg = cfg
@@ -58,7 +62,8 @@ def _downsample_mean(coords: torch.Tensor, values: torch.Tensor, B: int, R: int)
     pkeys, inverse = torch.unique(pkeys, return_inverse=True)  # sorted (b, x, y, z), as sparse_downsample
     denom = torch.bincount(inverse, minlength=pkeys.numel()).double() + 1.0
     summed = torch.zeros(pkeys.numel(), dtype=torch.float64, device=values.device).index_add_(
-        0, inverse, values.double())
+        0, inverse, values.double()
+    )
     del inverse
     out = torch.stack([pkeys // R**3, pkeys // R**2 % R, pkeys // R % R, pkeys % R], 1).int()
     return out, (summed / denom).to(values.dtype)[:, None]
@@ -76,10 +81,17 @@ def _unpack_bits(packed: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: float = 0.2,
-                         grid: CubeGrid | None = None, progress: Progress | None = None,
-                         slab_rows: int = 16, near_band_only: bool = False,
-                         max_corners: int | None = None, consume: bool = False) -> RefinedField:
+def remove_interior_1024(
+    model: VoxelRefinerSign,
+    sdf: SparseTensor,
+    level: float = 0.2,
+    grid: CubeGrid | None = None,
+    progress: Progress | None = None,
+    slab_rows: int = 16,
+    near_band_only: bool = False,
+    max_corners: int | None = None,
+    consume: bool = False,
+) -> RefinedField:
     """The sign refiner's `run()` without dense 1024³ grids.
 
     sdf: decoded SDF [N, 1] at coords in a grid of edge 2·grid.resolution (grid default: the config's
@@ -134,8 +146,10 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
                         empty_out = model(bg.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P))
                     out = empty_out
                 own = [S if o < 2 * S else P for o in origin]
-                part = out[:, 0, :own[0], :own[1], :own[2]] > 0
-                signs[:, :, origin[1]:origin[1] + own[1], origin[2] // 8:(origin[2] + own[2]) // 8] = _pack_bits(part)
+                part = out[:, 0, : own[0], : own[1], : own[2]] > 0
+                signs[:, :, origin[1] : origin[1] + own[1], origin[2] // 8 : (origin[2] + own[2]) // 8] = _pack_bits(
+                    part
+                )
                 done += 1
                 if progress is not None:
                     progress(done, 27)
@@ -145,15 +159,15 @@ def remove_interior_1024(model: VoxelRefinerSign, sdf: SparseTensor, level: floa
         bounds = torch.searchsorted(f_keys, edges).tolist()  # one sync per row of cubes
         for n, x in enumerate(starts):
             X = min(slab_rows, 2 * x1 - x)
-            bits = _unpack_bits(signs[:, x // 2 - x0:(x + X + 1) // 2 - x0])  # [B, ~X/2, R, R]
-            bits = bits.repeat_interleave(2, 1)[:, x % 2:x % 2 + X]
+            bits = _unpack_bits(signs[:, x // 2 - x0 : (x + X + 1) // 2 - x0])  # [B, ~X/2, R, R]
+            bits = bits.repeat_interleave(2, 1)[:, x % 2 : x % 2 + X]
             bits = bits.repeat_interleave(2, 2).repeat_interleave(2, 3)  # [B, X, R2, R2]
             slab = torch.where(bits, one, -one)
             del bits
-            k = f_keys[bounds[n]:bounds[n + 1]]
+            k = f_keys[bounds[n] : bounds[n + 1]]
             z, y, xb = k % R2, k // R2 % R2, k // (R2 * R2)
             b, xr = xb % B, xb // B - x
-            slab[b, xr, y, z] = f_values[bounds[n]:bounds[n + 1]]
+            slab[b, xr, y, z] = f_values[bounds[n] : bounds[n + 1]]
             decoded = None
             if near_band_only:
                 decoded = torch.zeros(slab.shape, dtype=torch.bool, device=device)

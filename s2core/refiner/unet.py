@@ -6,13 +6,13 @@ then a stride-2 transposed conv) → GroupNorm + SiLU. Both refiners run it on o
 Letters: B batch, Cin / C0 input / first-level channels, P cube edge (divisible by 2^(levels-1)).
 Attribute names are the checkpoint's (`down_blocks.0.resnets.1.norm1`, `downsamplers.0.conv`, ...).
 """
+
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 
 from .._kernels import group_norm as _gn
-
 
 OFFICIAL_CHANNELS = (8, 32, 128, 512)
 # the release's use_fp16 casts these to fp16; the GroupNorm parameters stay fp32, as in the original
@@ -27,9 +27,7 @@ def _norm_silu(norm: nn.GroupNorm, x: torch.Tensor, inplace: bool = False) -> to
 
 
 class ResnetBlock3D(nn.Module):
-    """GN → SiLU → conv3 → GN → SiLU → conv3, plus a 1×1×1 shortcut when channels change.
-
-    """
+    """GN → SiLU → conv3 → GN → SiLU → conv3, plus a 1×1×1 shortcut when channels change."""
 
     def __init__(self, cin: int, cout: int, groups: int, eps: float = 1e-5):
         super().__init__()
@@ -85,9 +83,9 @@ class UpBlock3D(nn.Module):
         # last resnet, the next-shallower level's width
         self.resnets = nn.ModuleList(
             ResnetBlock3D((cprev if i == 0 else cout) + (cskip_last if i == layers - 1 else cout), cout, groups)
-            for i in range(layers))
-        self.upsamplers = (nn.ModuleList([_Resample(nn.ConvTranspose3d(cout, cout, 2, stride=2))])
-                           if upsample else None)
+            for i in range(layers)
+        )
+        self.upsamplers = nn.ModuleList([_Resample(nn.ConvTranspose3d(cout, cout, 2, stride=2))]) if upsample else None
 
     # no forward: UNet3D runs the resnets in its own frame, so that no caller still holds a consumed input
 
@@ -112,20 +110,24 @@ def unet_groups(c0: int) -> int:
 class UNet3D(nn.Module):
     """[B, Cin, P, P, P] → [B, C0, P, P, P] features (P divisible by 2^(levels-1)); no output conv."""
 
-    def __init__(self, cin: int, channels: tuple[int, ...], layers_per_block: int, layers_mid_block: int,
-                 groups: int = 4):
+    def __init__(
+        self, cin: int, channels: tuple[int, ...], layers_per_block: int, layers_mid_block: int, groups: int = 4
+    ):
         super().__init__()
         n = len(channels)
         self.conv_in = nn.Conv3d(cin, channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList(
             DownBlock3D(channels[max(i - 1, 0)], channels[i], layers_per_block, groups, downsample=i < n - 1)
-            for i in range(n))
+            for i in range(n)
+        )
         self.mid_block = MidBlock3D(channels[-1], layers_mid_block, groups)
         rev = channels[::-1]
         self.up_blocks = nn.ModuleList(
-            UpBlock3D(rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)], layers_per_block + 1, groups,
-                      upsample=i < n - 1)
-            for i in range(n))
+            UpBlock3D(
+                rev[max(i - 1, 0)], rev[i], rev[min(i + 1, n - 1)], layers_per_block + 1, groups, upsample=i < n - 1
+            )
+            for i in range(n)
+        )
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

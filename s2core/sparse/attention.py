@@ -29,6 +29,7 @@ over windows or batch elements). Windows are grouped into buckets of similar len
 so padding wastes at most 2x; a plan holds, per bucket, the gather index and mask, plus one index that
 reads every token's output back from the concatenated bucket outputs.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,8 +40,14 @@ import torch.nn.functional as F
 
 from .coords import window_keys, window_partition
 
-__all__ = ["varlen_attention", "sparse_cross_attention", "windowed_self_attention", "WindowPlan",
-           "window_plan", "padded_attention"]
+__all__ = [
+    "varlen_attention",
+    "sparse_cross_attention",
+    "windowed_self_attention",
+    "WindowPlan",
+    "window_plan",
+    "padded_attention",
+]
 
 
 def _expand_kv_heads(k: torch.Tensor, num_q_heads: int) -> torch.Tensor:
@@ -52,15 +59,17 @@ def _expand_kv_heads(k: torch.Tensor, num_q_heads: int) -> torch.Tensor:
     return k.repeat_interleave(num_q_heads // hk, dim=-2)
 
 
-def padded_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None,
-                     scale: float | None = None) -> torch.Tensor:
+def padded_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_valid: torch.Tensor | None, scale: float | None = None
+) -> torch.Tensor:
     """SDPA over padded sequences: q [S,Lq,H,D], k/v [S,Lk,Hk,D], key_valid [S,Lk] bool -> [S,Lq,H,D]."""
     h = q.shape[2]
     k = _expand_kv_heads(k, h)
     v = _expand_kv_heads(v, h)
     mask = None if key_valid is None else key_valid[:, None, None, :]  # [S, 1, 1, Lk]
-    out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                         attn_mask=mask, scale=scale)  # [S, H, Lq, D]
+    out = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
+    )  # [S, H, Lq, D]
     return out.transpose(1, 2)
 
 
@@ -72,9 +81,16 @@ def _rows_to_padded(cu_seqlens: torch.Tensor, n: int, max_len: int):
     return seq, pos, lens
 
 
-def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: torch.Tensor,
-                     cu_seqlens_k: torch.Tensor, max_q: int, max_k: int,
-                     scale: float | None = None) -> torch.Tensor:
+def varlen_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    cu_seqlens_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float | None = None,
+) -> torch.Tensor:
     """flash_attn_varlen_func without causal masking: q [N,H,D], k/v [M,Hk,D] -> [N,H,D] (see module doc)."""
     n, h, d = q.shape
     b = cu_seqlens_q.numel() - 1
@@ -97,8 +113,14 @@ def varlen_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqle
     return out[sq, pq]
 
 
-def sparse_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offsets: torch.Tensor,
-                           max_q: int | None = None, scale: float | None = None) -> torch.Tensor:
+def sparse_cross_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    offsets: torch.Tensor,
+    max_q: int | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Sparse queries q [N,H,D] (rows offsets[b]:offsets[b+1] belong to element b) attend to the dense
     context k/v [B,L,Hk,D] of their element -> [N,H,D]."""
     n, h, d = q.shape
@@ -120,6 +142,7 @@ def sparse_cross_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, of
 # ------------------------------------------------------------------------------------------------
 # windowed ("swin") self-attention
 
+
 @dataclass
 class WindowPlan:
     """Padded-bucket layout of the windows of one coordinate set.
@@ -129,6 +152,7 @@ class WindowPlan:
     gather:  [N] int64, position of token n in the concatenation of the flattened bucket outputs.
     num_windows: number of non-empty windows; max_len: tokens in the fullest window.
     """
+
     buckets: list
     gather: torch.Tensor
     num_windows: int
@@ -164,8 +188,14 @@ def window_plan(coords: torch.Tensor, window_size: int, shift: int = 0) -> Windo
     return WindowPlan(buckets, gather, num_windows, max_len)
 
 
-def windowed_self_attention(qkv: torch.Tensor, coords: torch.Tensor, window_size: int, shift: int = 0,
-                            cache: dict | None = None, scale: float | None = None) -> torch.Tensor:
+def windowed_self_attention(
+    qkv: torch.Tensor,
+    coords: torch.Tensor,
+    window_size: int,
+    shift: int = 0,
+    cache: dict | None = None,
+    scale: float | None = None,
+) -> torch.Tensor:
     """Full attention inside each window: qkv [N,3,H,D] (fused q,k,v) -> [N,H,D] (see module doc)."""
     n, three, h, d = qkv.shape
     assert three == 3, f"qkv must be [N, 3, H, D], got {tuple(qkv.shape)}"
@@ -185,8 +215,9 @@ def windowed_self_attention(qkv: torch.Tensor, coords: torch.Tensor, window_size
     return torch.cat(outs, 0)[plan.gather]
 
 
-def windowed_self_attention_reference(qkv: torch.Tensor, coords: torch.Tensor, window_size: int,
-                                      shift: int = 0, scale: float | None = None) -> torch.Tensor:
+def windowed_self_attention_reference(
+    qkv: torch.Tensor, coords: torch.Tensor, window_size: int, shift: int = 0, scale: float | None = None
+) -> torch.Tensor:
     """Obviously-correct twin for tests: a Python loop over windows, fp32 softmax."""
     n, _, h, d = qkv.shape
     scale = 1.0 / math.sqrt(d) if scale is None else scale

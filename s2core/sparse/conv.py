@@ -25,6 +25,7 @@ taps with a single rounding, as torchsparse's implicit GEMM does. Output blocks 
 memory. No atomics, so it is bitwise repeatable. (One GEMM per tap plus a scatter-add was slower at every
 size measured and not repeatable on a GPU: bench/results/sparse_conv.md.)
 """
+
 from __future__ import annotations
 
 import torch
@@ -33,10 +34,20 @@ import torch.nn as nn
 from .coords import coords_to_keys, key_deltas, keys_to_coords
 from .tensor import SparseTensor
 
-__all__ = ["kernel_offsets", "kernel_map", "kernel_map_rows", "subdivided_kernel_map", "sparse_conv3d",
-           "sparse_conv3d_reference",
-           "SparseConv3d", "TorchsparseConv3d", "sparse_downsample", "SparseDownsample", "sparse_subdivide",
-           "SparseSubdivide"]
+__all__ = [
+    "kernel_offsets",
+    "kernel_map",
+    "kernel_map_rows",
+    "subdivided_kernel_map",
+    "sparse_conv3d",
+    "sparse_conv3d_reference",
+    "SparseConv3d",
+    "TorchsparseConv3d",
+    "sparse_downsample",
+    "SparseDownsample",
+    "sparse_subdivide",
+    "SparseSubdivide",
+]
 
 _MAX_GATHER = 1 << 26  # elements of the gathered [rows, 27*Cin] block (128 MiB in fp16)
 
@@ -52,16 +63,16 @@ def build_kernel_map(coords: torch.Tensor, block: int = 1 << 20) -> torch.Tensor
 
     Queried in blocks of rows so the int64 temporaries stay ~0.2 GB whatever N is."""
     n = coords.shape[0]
-    assert n < 2 ** 31 - 1, "more voxels than an int32 kernel map can index"
+    assert n < 2**31 - 1, "more voxels than an int32 kernel map can index"
     keys = coords_to_keys(coords)
     sorted_keys, order = torch.sort(keys)
     order = order.int()
     deltas = key_deltas(kernel_offsets(coords.device))  # [27]
     nbr = torch.empty(n, 27, dtype=torch.int32, device=coords.device)
     for s in range(0, n, block):  # blocks of rows, not voxels
-        query = keys[s:s + block, None] + deltas[None, :]  # [rows, 27]
+        query = keys[s : s + block, None] + deltas[None, :]  # [rows, 27]
         pos = torch.searchsorted(sorted_keys, query).clamp_(max=n - 1)
-        nbr[s:s + block] = torch.where(sorted_keys[pos] == query, order[pos], n)
+        nbr[s : s + block] = torch.where(sorted_keys[pos] == query, order[pos], n)
     return nbr
 
 
@@ -82,7 +93,7 @@ def kernel_map_rows(x: SparseTensor):
     if "kernel_map_3" in x.cache or parent is None:
         nbr = kernel_map(x)
         return lambda s, e: nbr[s:e]
-    return lambda s, e: subdivided_kernel_map(parent[s // 8:(e + 7) // 8], parent.shape[0])
+    return lambda s, e: subdivided_kernel_map(parent[s // 8 : (e + 7) // 8], parent.shape[0])
 
 
 def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -100,14 +111,15 @@ def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | No
         step = max(8, _MAX_GATHER // (27 * cin) // 8 * 8)  # a multiple of 8: whole families of children
         rows = kernel_map_rows(x)
         for s in range(0, n, step):  # blocks of rows bound the [rows, 27*Cin] buffer
-            out[s:s + step] = padded[rows(s, min(s + step, n)).long()].reshape(-1, 27 * cin) @ w
+            out[s : s + step] = padded[rows(s, min(s + step, n)).long()].reshape(-1, 27 * cin) @ w
     if bias is not None:
         out = out + bias
     return out
 
 
-def sparse_conv3d_reference(feats: torch.Tensor, coords: torch.Tensor, kernel: torch.Tensor,
-                            bias: torch.Tensor | None = None) -> torch.Tensor:
+def sparse_conv3d_reference(
+    feats: torch.Tensor, coords: torch.Tensor, kernel: torch.Tensor, bias: torch.Tensor | None = None
+) -> torch.Tensor:
     """Brute force, fp64, for tests: compare every pair of voxels (O(N^2) memory; keep N small)."""
     f = feats.double()
     out = torch.zeros(feats.shape[0], kernel.shape[-1], dtype=torch.float64, device=feats.device)
@@ -131,7 +143,7 @@ class TorchsparseConv3d(nn.Module):
         self.kernel = nn.Parameter(torch.empty(shape))
         self.bias = nn.Parameter(torch.zeros(out_channels)) if bias else None
         self.in_channels, self.out_channels, self.kernel_size = in_channels, out_channels, kernel_size
-        nn.init.normal_(self.kernel, std=(in_channels * kernel_size ** 3) ** -0.5)
+        nn.init.normal_(self.kernel, std=(in_channels * kernel_size**3) ** -0.5)
 
 
 class SparseConv3d(nn.Module):
@@ -147,6 +159,7 @@ class SparseConv3d(nn.Module):
 
 # ------------------------------------------------------------------------------------------------
 # resampling
+
 
 def sparse_downsample(x: SparseTensor, factor: int = 2) -> SparseTensor:
     """Pool voxels into cells of factor^3 with the original's mean: sum / (children + 1) (SPARSE.md §2.3).

@@ -15,12 +15,20 @@ constant (`key_deltas`) with no borrow between fields. 12 bits hold coordinates 
 (4x headroom) and leave 27 bits of batch, of which `sort_block` needs 9 more for its within-block digits
 (batch < 2^18 there). The packing does not check the range: that would cost a host sync per coordinate set.
 """
+
 from __future__ import annotations
 
 import torch
 
-__all__ = ["AXIS_BITS", "pack_keys", "coords_to_keys", "keys_to_coords", "key_deltas", "window_keys",
-           "window_partition"]
+__all__ = [
+    "AXIS_BITS",
+    "pack_keys",
+    "coords_to_keys",
+    "keys_to_coords",
+    "key_deltas",
+    "window_keys",
+    "window_partition",
+]
 
 AXIS_BITS = 12
 _MASK = (1 << AXIS_BITS) - 1
@@ -39,8 +47,15 @@ def coords_to_keys(coords: torch.Tensor) -> torch.Tensor:
 
 def keys_to_coords(keys: torch.Tensor) -> torch.Tensor:
     """[M] int64 keys -> [M, 4] int64 (b, x, y, z)."""
-    return torch.stack([keys >> 3 * AXIS_BITS, (keys >> 2 * AXIS_BITS & _MASK) - 1,
-                        (keys >> AXIS_BITS & _MASK) - 1, (keys & _MASK) - 1], 1)
+    return torch.stack(
+        [
+            keys >> 3 * AXIS_BITS,
+            (keys >> 2 * AXIS_BITS & _MASK) - 1,
+            (keys >> AXIS_BITS & _MASK) - 1,
+            (keys & _MASK) - 1,
+        ],
+        1,
+    )
 
 
 def key_deltas(offsets: torch.Tensor) -> torch.Tensor:

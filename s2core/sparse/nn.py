@@ -4,6 +4,7 @@
 the channels of a group), in fp32, cast back to the input dtype, as the original's `*32` norm
 (`layers.group_norm_per_sample`). Row-wise LayerNorm of feats: `layers.LayerNorm32`.
 """
+
 from __future__ import annotations
 
 import torch
@@ -13,8 +14,7 @@ import torch.nn.functional as F
 from ..layers import group_norm_per_sample
 from .tensor import SparseTensor
 
-__all__ = ["SparseLinear", "SparseSiLU", "SparseGELU", "SparseTanh", "SparseReLU", "SparseSigmoid",
-           "SparseGroupNorm32"]
+__all__ = ["SparseLinear", "SparseSiLU", "SparseGELU", "SparseTanh", "SparseReLU", "SparseSigmoid", "SparseGroupNorm32"]
 
 
 class SparseLinear(nn.Linear):
@@ -67,5 +67,8 @@ class SparseGroupNorm32(nn.GroupNorm):
     """GroupNorm per batch element in fp32 (keys `weight`, `bias`)."""
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return x.replace(group_norm_per_sample(x.feats, x.batch_ids(), x.batch_size, self.num_groups, self.weight,
-                                               self.bias, self.eps))
+        return x.replace(
+            group_norm_per_sample(
+                x.feats, x.batch_ids(), x.batch_size, self.num_groups, self.weight, self.bias, self.eps
+            )
+        )

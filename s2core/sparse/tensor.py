@@ -19,6 +19,7 @@ Example, B=2 with 3 and 2 voxels:
 
 offsets = [0, 3, 5].
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

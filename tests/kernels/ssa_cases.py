@@ -1,4 +1,5 @@
 """Shared helpers of the SSA kernel tests: random block-sorted token sets, NaN-poisoned allocation, tolerances."""
+
 from __future__ import annotations
 
 import contextlib
@@ -40,11 +41,14 @@ def block_sorted_coords(tokens_per_sample, grid: int, block: int = 8, seed: int 
     g = torch.Generator().manual_seed(seed)
     rows = []
     for b, n in enumerate(tokens_per_sample):
-        flat = torch.randperm(grid ** 3, generator=g)[:n]
-        xyz = torch.stack([flat // grid ** 2, (flat // grid) % grid, flat % grid], 1)
+        flat = torch.randperm(grid**3, generator=g)[:n]
+        xyz = torch.stack([flat // grid**2, (flat // grid) % grid, flat % grid], 1)
         blk, inb = xyz // block, xyz % block
-        key = (((blk[:, 0] * 4096 + blk[:, 1]) * 4096 + blk[:, 2]) * block + inb[:, 0]) * block ** 2 \
-            + inb[:, 1] * block + inb[:, 2]
+        key = (
+            (((blk[:, 0] * 4096 + blk[:, 1]) * 4096 + blk[:, 2]) * block + inb[:, 0]) * block**2
+            + inb[:, 1] * block
+            + inb[:, 2]
+        )
         xyz = xyz[torch.argsort(key)]
         rows.append(torch.cat([torch.full((n, 1), b), xyz], 1))
     return torch.cat(rows).to(torch.int32).to(device)

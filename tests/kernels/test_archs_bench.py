@@ -1,5 +1,6 @@
 """bench/archs.py's table logic on hand-made rows, and one real cross-compilation (an sm_86 target on this
 CPU-only machine: Triton compiles for a GPU it is not running on)."""
+
 import importlib.util
 import json
 import os
@@ -19,14 +20,26 @@ LIMITS = {86: 101376, 90: 232448}
 
 
 def _row(arch, shared, regs, spills=0, threads=128, estimate=None, error=None, config="c"):
-    return dict(kernel="k", case="s", config=config, arch=arch, shared=shared, registers=regs, spills=spills,
-                threads=threads, estimate=estimate, error=error)
+    return dict(
+        kernel="k",
+        case="s",
+        config=config,
+        arch=arch,
+        shared=shared,
+        registers=regs,
+        spills=spills,
+        threads=threads,
+        estimate=estimate,
+        error=error,
+    )
 
 
 def test_ptxas_usage_parsing():
-    text = ("ptxas info    : Function properties for _window_kernel\n"
-            "    0 bytes stack frame, 24 bytes spill stores, 16 bytes spill loads\n"
-            "ptxas info    : Used 168 registers, used 1 barriers, 472 bytes cmem[0]\n")
+    text = (
+        "ptxas info    : Function properties for _window_kernel\n"
+        "    0 bytes stack frame, 24 bytes spill stores, 16 bytes spill loads\n"
+        "ptxas info    : Used 168 registers, used 1 barriers, 472 bytes cmem[0]\n"
+    )
     assert archs.ptxas_usage(text) == (168, 40)
     assert archs.ptxas_usage("nothing") == (-1, 0)
 
@@ -41,8 +54,12 @@ def test_verdicts():
 
 
 def test_table_and_summary_flag_what_does_not_fit():
-    rows = [_row(86, 120000, 128, estimate=130000), _row(90, 120000, 128, estimate=130000),
-            _row(86, 40000, 96, estimate=30000, config="d"), _row(90, 40000, 96, estimate=30000, config="d")]
+    rows = [
+        _row(86, 120000, 128, estimate=130000),
+        _row(90, 120000, 128, estimate=130000),
+        _row(86, 40000, 96, estimate=30000, config="d"),
+        _row(90, 40000, 96, estimate=30000, config="d"),
+    ]
     lines = archs.table(rows, LIMITS)
     assert lines[0].count("sm_") == 2 and len(lines) == 4  # header, rule, one line per config
     assert "**no: shared 120000 > 101376** / 120000 / 128" in lines[2] and "| yes / 120000 / 128 |" in lines[2]

@@ -3,6 +3,7 @@
 Per-block opt-in limits: sm_86/89/120 (RTX 30/40/50) 101376 B, sm_80 (A100) 166912 B, sm_90 (H100) 232448 B.
 The estimates themselves are checked against the compiled kernels for every architecture by bench/archs.py.
 """
+
 from types import SimpleNamespace
 
 import pytest
@@ -28,8 +29,11 @@ def _kept(module, configs, limit, monkeypatch, **sizes):
 
 def test_released_model_configs_all_fit_a_consumer_gpu(monkeypatch):
     # D = 32, G = 16: every config of the three SSA kernels stays on a 99 KB GPU
-    for module, sizes in [(CMP, dict(G=16, HEAD_DIM=32, CELLS=8)), (SEL, dict(G=16, HEAD_DIM=32)),
-                          (WIN, dict(G=16, HEAD_DIM=32, TILE_Q=8))]:
+    for module, sizes in [
+        (CMP, dict(G=16, HEAD_DIM=32, CELLS=8)),
+        (SEL, dict(G=16, HEAD_DIM=32)),
+        (WIN, dict(G=16, HEAD_DIM=32, TILE_Q=8)),
+    ]:
         configs = module._configs()
         kept = _kept(module, configs, RTX, monkeypatch, **sizes)
         assert kept, module.__name__
@@ -59,8 +63,11 @@ def test_never_prunes_to_empty(monkeypatch):
 
 def test_limit_comes_from_the_running_device(monkeypatch):
     _common._cuda_smem_limit.cache_clear()
-    monkeypatch.setattr(torch.cuda, "get_device_properties",
-                        lambda i: SimpleNamespace(shared_memory_per_block_optin=RTX if i == 1 else H100))
+    monkeypatch.setattr(
+        torch.cuda,
+        "get_device_properties",
+        lambda i: SimpleNamespace(shared_memory_per_block_optin=RTX if i == 1 else H100),
+    )
     assert _common.smem_limit(torch.device("cuda", 1)) == RTX
     assert _common.smem_limit(torch.device("cuda", 0)) == H100
     assert _common.smem_limit(torch.device("cpu")) > H100  # the interpreter: no limit

@@ -5,6 +5,7 @@ dtype twice (norm, then SiLU); only the statistics' summation order and exp's la
 element may land one output ulp away: max-abs 2 ulps at |y| <= 8 (fp16 8e-3, bf16 6.3e-2), rel-RMS 1e-3
 (fp16) / 8e-3 (bf16).
 """
+
 import zlib
 
 import pytest
@@ -87,8 +88,10 @@ def test_auto_uses_reference_off_gpu():
 
 @pytest.mark.triton
 @pytest.mark.gpu
-@pytest.mark.parametrize("shape,groups", [((1, 8, 64, 64, 64), 4), ((1, 16, 96, 96, 96), 4), ((1, 512, 24, 24, 24), 4),
-                                          ((2, 32, 33, 17, 40), 4)] + CASES)
+@pytest.mark.parametrize(
+    "shape,groups",
+    [((1, 8, 64, 64, 64), 4), ((1, 16, 96, 96, 96), 4), ((1, 512, 24, 24, 24), 4), ((2, 32, 33, 17, 40), 4)] + CASES,
+)
 def test_gpu_matches_reference(shape, groups, monkeypatch):
     for dtype in (torch.float16, torch.bfloat16):
         x, w, b = _inputs(shape, groups, dtype, "cuda", zlib.crc32(f"{shape}gpu".encode()))

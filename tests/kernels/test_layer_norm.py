@@ -5,6 +5,7 @@ so x' must be bitwise equal; y differs only through the statistics' summation or
 element to the neighbouring fp16 value before the modulation multiplies it: max-abs 4e-2 at |y| up to ~10
 (a few fp16 ulps there), rel-RMS 2e-3.
 """
+
 import zlib
 
 import pytest
@@ -28,11 +29,14 @@ def _inputs(n, c, b, variant, device, seed, dtype=torch.float16):
     def rnd(*shape, scale=1.0, shift=0.0):
         return (shift + scale * torch.randn(*shape, generator=g)).to(dtype).to(device)
 
-    kw = dict(residual=rnd(n, c) if v["res"] else None, gate=rnd(b, c, scale=0.5) if v["gate"] else None,
-              weight=(1 + 0.2 * torch.randn(c, generator=g)).to(device) if v["affine"] else None,
-              bias=(0.1 * torch.randn(c, generator=g)).to(device) if v["affine"] else None,
-              scale=rnd(b, c, scale=0.3, shift=1.0) if v["mod"] else None,
-              shift=rnd(b, c, scale=0.3) if v["mod"] else None)
+    kw = dict(
+        residual=rnd(n, c) if v["res"] else None,
+        gate=rnd(b, c, scale=0.5) if v["gate"] else None,
+        weight=(1 + 0.2 * torch.randn(c, generator=g)).to(device) if v["affine"] else None,
+        bias=(0.1 * torch.randn(c, generator=g)).to(device) if v["affine"] else None,
+        scale=rnd(b, c, scale=0.3, shift=1.0) if v["mod"] else None,
+        shift=rnd(b, c, scale=0.3) if v["mod"] else None,
+    )
     rb = None
     if b > 1:
         rb = torch.randint(0, b, (n,), generator=g).to(device)
@@ -49,8 +53,10 @@ def _check(n, c, b, variant, device, monkeypatch, eps=1e-6):
     assert torch.equal(x, x0), "the input was modified"
     assert xo.shape == x.shape and y.shape == x.shape and y.dtype == x.dtype
     bad = (xo != xr).nonzero()
-    assert bad.numel() == 0, (f"{variant}: residual sum differs at {bad.shape[0]} elements, first {bad[0].tolist()}: "
-                              f"{xo[tuple(bad[0])].item()} vs {xr[tuple(bad[0])].item()}")
+    assert bad.numel() == 0, (
+        f"{variant}: residual sum differs at {bad.shape[0]} elements, first {bad[0].tolist()}: "
+        f"{xo[tuple(bad[0])].item()} vs {xr[tuple(bad[0])].item()}"
+    )
     assert_close(y, yr, 2e-3, 4e-2, f"{variant} n={n} c={c} b={b}")
 
 
@@ -78,6 +84,7 @@ def test_no_residual_returns_input():
 def test_reference_is_the_block_ops():
     # the reference restates SparseDiTBlock's expressions: LayerNorm32 (fp32, cast back), then * (1 + sc) + sh
     from s2core.dense_dit import LayerNorm32
+
     g = torch.Generator().manual_seed(2)
     x = torch.randn(9, 64, generator=g).half()
     sc, sh = (0.1 * torch.randn(1, 64, generator=g)).half(), (0.1 * torch.randn(1, 64, generator=g)).half()

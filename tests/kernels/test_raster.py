@@ -7,6 +7,7 @@ disagree), and depths within 1e-5 (float32 interpolation of values of order 1). 
 `max_pairs`) must not change a single bit. No Triton kernel exists yet, so there is no kernel-vs-reference
 test; `rasterize` is the reference.
 """
+
 import pytest
 import torch
 
@@ -46,13 +47,15 @@ def _naive(screen, faces, h, w):
 def _scene(seed, n_tris, h, w):
     g = torch.Generator().manual_seed(seed)
     screen = torch.rand(n_tris * 3, 3, generator=g) * torch.tensor([w * 1.4, h * 1.4, 2.0]) - torch.tensor(
-        [w * 0.2, h * 0.2, 1.0])  # some vertices off screen, depths of both signs
+        [w * 0.2, h * 0.2, 1.0]
+    )  # some vertices off screen, depths of both signs
     faces = torch.arange(n_tris * 3).view(n_tris, 3)
     return screen, faces
 
 
-@pytest.mark.parametrize("seed,n_tris,h,w", [(0, 7, 9, 13), (1, 12, 16, 5), (2, 1, 8, 8), (3, 25, 11, 17)],
-                         ids=lambda x: str(x))
+@pytest.mark.parametrize(
+    "seed,n_tris,h,w", [(0, 7, 9, 13), (1, 12, 16, 5), (2, 1, 8, 8), (3, 25, 11, 17)], ids=lambda x: str(x)
+)
 def test_matches_per_pixel_loop(seed, n_tris, h, w):
     screen, faces = _scene(seed, n_tris, h, w)
     depth, face = rasterize_reference(screen, faces, h, w)

@@ -2,6 +2,7 @@
 same whatever their chunking (`_common.CHUNK_ELEMENTS`, the working-set bound that keeps them within memory
 at 1024). No Triton needed. Inputs fp32, so the only differences are summation order: 1e-5.
 """
+
 import math
 import zlib
 
@@ -56,8 +57,11 @@ def _selection_loops(q, k, v, bidx, cu_q, cu_blocks, cu_tok):
     return o
 
 
-@pytest.mark.parametrize("lens,h,g,topk", [([40, 0, 57], 2, 4, 3), ([1], 1, 2, 2), ([90], 2, 2, 8)],
-                         ids=["B3-empty-sample-H2-G4-K3", "N1-H1-G2-K2", "N90-H2-G2-K8"])
+@pytest.mark.parametrize(
+    "lens,h,g,topk",
+    [([40, 0, 57], 2, 4, 3), ([1], 1, 2, 2), ([90], 2, 2, 8)],
+    ids=["B3-empty-sample-H2-G4-K3", "N1-H1-G2-K2", "N90-H2-G2-K8"],
+)
 def test_selection_reference_matches_loops(lens, h, g, topk):
     case = _selection(lens, h, g, 16, topk, zlib.crc32(f"{lens}{h}{g}".encode()))
     got = SEL.ssa_selection_attention_reference(*case, max_seqlen=max(lens))
@@ -73,11 +77,14 @@ def test_selection_reference_chunking_changes_nothing(monkeypatch):
 
 def test_compressed_reference_chunking_changes_nothing(monkeypatch):
     gen = torch.Generator().manual_seed(3)
-    lens, m = [50, 31], [9, 4]
+    lens = [50, 31]  # 9 and 4 keys: cu_k
     cu_q = torch.tensor([0, 50, 81], dtype=torch.int32)
     cu_k = torch.tensor([0, 9, 13], dtype=torch.int32)
-    q, ck, cv = torch.randn(81, 8, 16, generator=gen), torch.randn(13, 2, 16, generator=gen), torch.randn(13, 2, 16,
-                                                                                                        generator=gen)
+    q, ck, cv = (
+        torch.randn(81, 8, 16, generator=gen),
+        torch.randn(13, 2, 16, generator=gen),
+        torch.randn(13, 2, 16, generator=gen),
+    )
     want = CMP.ssa_compressed_attention_reference(q, ck, cv, cu_q, cu_k, max(lens), 3)
     monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 100)  # a few queries per chunk
     got = CMP.ssa_compressed_attention_reference(q, ck, cv, cu_q, cu_k, max(lens), 3)
@@ -93,17 +100,22 @@ def test_window_reference_chunking_changes_nothing(monkeypatch):
     coords = block_sorted_coords([120, 47], 20, 8, 9)
     perm, cu_w, max_w = window_partition(coords, 8, 4)
     n = coords.shape[0]
-    q, k, v = torch.randn(n, 8, 16, generator=gen), torch.randn(n, 2, 16, generator=gen), torch.randn(n, 2, 16,
-                                                                                                    generator=gen)
+    q, k, v = (
+        torch.randn(n, 8, 16, generator=gen),
+        torch.randn(n, 2, 16, generator=gen),
+        torch.randn(n, 2, 16, generator=gen),
+    )
     want = WIN.ssa_window_attention_reference(q, k, v, perm, cu_w, max_w)
     monkeypatch.setattr(_common, "CHUNK_ELEMENTS", 1)  # one window per chunk
-    torch.testing.assert_close(WIN.ssa_window_attention_reference(q, k, v, perm, cu_w, max_w), want, rtol=1e-5,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        WIN.ssa_window_attention_reference(q, k, v, perm, cu_w, max_w), want, rtol=1e-5, atol=1e-6
+    )
     # each window is full attention among its own tokens
-    w0 = perm[int(cu_w[1]):int(cu_w[2])].long()
+    w0 = perm[int(cu_w[1]) : int(cu_w[2])].long()
     p = torch.softmax(torch.einsum("ihd,jhd->hij", q[w0].view(-1, 2, 4, 16)[:, 1], k[w0, 1:2]) / 4.0, -1)
-    torch.testing.assert_close(want[w0].view(-1, 2, 4, 16)[:, 1], torch.einsum("hij,jd->ihd", p, v[w0, 1]),
-                               rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(
+        want[w0].view(-1, 2, 4, 16)[:, 1], torch.einsum("hij,jd->ihd", p, v[w0, 1]), rtol=1e-5, atol=1e-5
+    )
 
 
 def test_group_norm_reference_is_per_group():

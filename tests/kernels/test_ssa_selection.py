@@ -5,6 +5,7 @@ choices, as neighbouring tokens make) and the one-token-at-a-time fallback (rand
 Tolerance: fp16/bf16 outputs of an fp32-accumulated softmax, rel-RMS 1e-2 / max-abs 2e-2 (fp16),
 3e-2 / 6e-2 (bf16, whose p is rounded to 8 mantissa bits before the PV product).
 """
+
 import zlib
 
 import pytest
@@ -51,8 +52,9 @@ def _run(lens, grid, hq, h, d, topk, correlated, union_max, dtype, device, seed,
         if union_max is None:
             o = K.ssa_selection_attention(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), backend="triton")
         else:
-            o = K._ssa_selection_attention_triton(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens),
-                                                  union_max=union_max)
+            o = K._ssa_selection_attention_triton(
+                q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), union_max=union_max
+            )
     ref = K.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens))
     assert_close(o, ref, *TOL[dtype], "o")
     # fused SSA gate: out += gate * o, gate a strided column as in the module
@@ -60,10 +62,12 @@ def _run(lens, grid, hq, h, d, topk, correlated, union_max, dtype, device, seed,
     base = torch.randn(n, hq, d, generator=gen).to(dtype).to(device)
     if device == "cuda":  # re-tune on this accumulating call: benchmarking configs must not add into `out`
         K._selection_tuned.cache.clear()
-    got = K._ssa_selection_attention_triton(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), gate=gate,
-                                            out=base.clone(), union_max=union_max)
-    want = K.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), gate=gate,
-                                               out=base.clone())
+    got = K._ssa_selection_attention_triton(
+        q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), gate=gate, out=base.clone(), union_max=union_max
+    )
+    want = K.ssa_selection_attention_reference(
+        q, k, v, bidx, cu_q, cu_blocks, cu_tok, max(lens), gate=gate, out=base.clone()
+    )
     assert_close(got, want, *TOL[dtype], "gated accumulate")
 
 
@@ -78,8 +82,10 @@ CPU_CASES = [  # (tokens per sample, grid, HQ, H, D, topk, correlated choices, u
 
 def _id(c):
     lens, grid, hq, h, d, k, corr, um, dt = c
-    return (f"N{','.join(map(str, lens))}-R{grid}-HQ{hq}-H{h}-D{d}-K{k}-{'corr' if corr else 'rand'}-U{um}-"
-            f"{str(dt).removeprefix('torch.')}")
+    return (
+        f"N{','.join(map(str, lens))}-R{grid}-HQ{hq}-H{h}-D{d}-K{k}-{'corr' if corr else 'rand'}-U{um}-"
+        f"{str(dt).removeprefix('torch.')}"
+    )
 
 
 @pytest.mark.triton
@@ -124,10 +130,12 @@ def test_selection_tokens_without_blocks(union_max, monkeypatch):
     with poisoned_outputs(monkeypatch):
         o = K._ssa_selection_attention_triton(q, k, v, bidx, cu_q, cu_blocks, cu_tok, 30, union_max=union_max)
     assert torch.equal(o[rows], torch.zeros_like(o[rows]))
-    assert_close(o, K.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, 30),
-                 *TOL[torch.float16], "o")
+    assert_close(
+        o, K.ssa_selection_attention_reference(q, k, v, bidx, cu_q, cu_blocks, cu_tok, 30), *TOL[torch.float16], "o"
+    )
     base = torch.randn(n, hq, d, generator=gen).half()
     gate = torch.rand(n, generator=gen).half()
-    got = K._ssa_selection_attention_triton(q, k, v, bidx, cu_q, cu_blocks, cu_tok, 30, gate=gate, out=base.clone(),
-                                            union_max=union_max)
+    got = K._ssa_selection_attention_triton(
+        q, k, v, bidx, cu_q, cu_blocks, cu_tok, 30, gate=gate, out=base.clone(), union_max=union_max
+    )
     assert torch.equal(got[rows], base[rows])

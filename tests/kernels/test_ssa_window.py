@@ -3,6 +3,7 @@
 Tolerance: fp16/bf16 outputs of an fp32-accumulated softmax, rel-RMS 1e-2 / max-abs 2e-2 (fp16),
 3e-2 / 6e-2 (bf16).
 """
+
 import math
 import zlib
 

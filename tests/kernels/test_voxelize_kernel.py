@@ -13,6 +13,7 @@ ulp above, it must.
 On CPU these run the kernel in Triton's interpreter (TRITON_INTERPRET=1); the `gpu` tests repeat the
 comparison at 1024 on CUDA.
 """
+
 import zlib
 
 import numpy as np
@@ -25,8 +26,10 @@ from s2core.mesh.voxelize import mesh_to_latent_index
 from tests.kernels.ssa_cases import poisoned_outputs
 
 # degenerate segments divide 0 by 0 on purpose (NaN, then never selected), in masked lanes too
-pytestmark = [pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
-              pytest.mark.usefixtures("one_thread")]
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def _seed(name: str) -> int:
@@ -47,7 +50,10 @@ def _degenerate(seed: int) -> tuple[np.ndarray, np.ndarray]:
     a, b = g.uniform(-0.8, 0.8, 3), g.uniform(-0.8, 0.8, 3)
     col0, col1 = np.array([0.0, 0.0, 0.0]), np.array([0.25, 0.125, -0.0625])
     tris = [
-        [a, a, b], [a, b, a], [b, a, a], [a, a, a],  # v0=v1, v0=v2, v1=v2, all equal
+        [a, a, b],
+        [a, b, a],
+        [b, a, a],
+        [a, a, a],  # v0=v1, v0=v2, v1=v2, all equal
         [col0, col1, 2 * col1],  # collinear, exact in float32: zero normal, distance to v0
         [col1, col0, 3 * col1],
         [a, b, b + 1e-7 * (b - a) + np.array([0, 1e-7, 0])],  # a sliver
@@ -107,10 +113,12 @@ def test_latent_index_equals_reference(name, make, D, factor, normalize, window,
     with poisoned_outputs(monkeypatch):  # anything the kernel path leaves unwritten reads NaN / -7
         got = mesh_to_latent_index(v, f, D, factor, normalize=normalize, device="cpu", backend="triton")
     assert got.dtype == torch.int32 and torch.equal(got, want), (
-        f"{name}: {got.shape[0]} cells vs the reference's {want.shape[0]}")
+        f"{name}: {got.shape[0]} cells vs the reference's {want.shape[0]}"
+    )
     # windows of (triangle, cell) pairs smaller than one triangle's pairs give the same set
-    small = mesh_to_latent_index(v, f, D, factor, normalize=normalize, device="cpu", backend="triton",
-                                 max_candidates=window)
+    small = mesh_to_latent_index(
+        v, f, D, factor, normalize=normalize, device="cpu", backend="triton", max_candidates=window
+    )
     assert torch.equal(small, want)
 
 
@@ -123,7 +131,7 @@ def _pairs(name: str, D: int, factor: int, n_tris: int, size: float):
     lo = (torch.floor((tris.min(1).values.double() + 0.5) * (D - 1)).long() - 5).clamp(0, D - 1).contiguous()
     hi = (torch.floor((tris.max(1).values.double() + 0.5) * (D - 1)).long() + 5).clamp(0, D - 1).contiguous()
     clo, chi = lo // factor, hi // factor
-    (tri, cell), = list(K.box_windows(clo, chi - clo + 1, 1 << 30))
+    ((tri, cell),) = list(K.box_windows(clo, chi - clo + 1, 1 << 30))
     L = (D - 1) // factor + 1
     return tris, K.lattice_coordinates(D), lo, hi, tri, cell, L
 
@@ -146,7 +154,7 @@ def test_min_distance_is_bitwise(pairs, block):
     pick = torch.randperm(tri.shape[0], generator=torch.Generator().manual_seed(_seed("pick")))[:10]
     pick = torch.cat([torch.tensor([0, tri.tolist().index(1)]), pick])  # the collapsed and v0 == v1 triangles
     for i in pick.tolist():
-        t, c = tri[i:i + 1], cell[i:i + 1]
+        t, c = tri[i : i + 1], cell[i : i + 1]
         dmin = _min_distance(tris, coord, lo, hi, int(t), cell[i], factor).numpy()
         above = float(np.nextafter(dmin, np.float32(np.inf)))
         for limit, marked in ((float(dmin), False), (above, True)):
@@ -154,7 +162,8 @@ def test_min_distance_is_bitwise(pairs, block):
             K.mark_cells(occ, tris, coord, lo, hi, t, c, factor, limit, backend="triton", pairs=pairs, block=block)
             assert bool(occ.view(-1)[(c[0, 0] * L + c[0, 1]) * L + c[0, 2]]) == marked, (
                 f"pair {i}: limit {limit!r} (reference min distance {float(dmin)!r}) should "
-                f"{'' if marked else 'not '}mark the cell")
+                f"{'' if marked else 'not '}mark the cell"
+            )
             assert int(occ.sum()) == int(marked), "a pair marked a cell other than its own"
 
 
@@ -169,8 +178,9 @@ def test_mark_cells_tiles_and_premarked_cells(pairs, block):
     pre = torch.rand(L, L, L, generator=torch.Generator().manual_seed(_seed("pre"))) < 0.2
     limit = 2.5 / D
     want = K.mark_cells(pre.clone(), tris, coord, lo, hi, tri, cell, factor, limit, backend="reference")
-    got = K.mark_cells(pre.clone(), tris, coord, lo, hi, tri, cell, factor, limit, backend="triton",
-                       pairs=pairs, block=block)
+    got = K.mark_cells(
+        pre.clone(), tris, coord, lo, hi, tri, cell, factor, limit, backend="triton", pairs=pairs, block=block
+    )
     assert torch.equal(got, want)
     assert bool(got[pre].all()) and int(want.sum()) > int(pre.sum()), "the case marks nothing new"
 
@@ -179,8 +189,13 @@ def test_reference_sqrt_is_correctly_rounded():
     """`_sqrt_rn` equals the IEEE float32 root (numpy's, which is the hardware instruction) bit for bit,
     including exact squares, subnormals, zero, inf and NaN; torch's own CPU sqrt is not on every CPU."""
     g = torch.Generator().manual_seed(_seed("sqrt"))
-    x = torch.cat([torch.rand(1 << 18, generator=g) * 0.1, torch.rand(1 << 14, generator=g) * 1e-40,
-                   torch.tensor([0.0, 1e-45, 0.25, 4.0, 2.0, 3.4e38, float("inf"), float("nan")])])
+    x = torch.cat(
+        [
+            torch.rand(1 << 18, generator=g) * 0.1,
+            torch.rand(1 << 14, generator=g) * 1e-40,
+            torch.tensor([0.0, 1e-45, 0.25, 4.0, 2.0, 3.4e38, float("inf"), float("nan")]),
+        ]
+    )
     got = K._sqrt_rn(x).numpy()
     want = np.sqrt(x.numpy())
     assert got.dtype == np.float32
@@ -194,6 +209,7 @@ def test_backend_names():
 
 
 # ---------------------------------------------------------------- GPU (the device machine)
+
 
 def _bumpy_sphere(subdivisions: int):
     m = trimesh.creation.icosphere(subdivisions=subdivisions)
@@ -246,5 +262,5 @@ def test_cuda_min_distance_matches_reference():
         dmin = _min_distance(tris, coord, lo, hi, int(tri[i]), cell[i], factor).numpy()
         for limit, marked in ((float(dmin) * (1 - 1e-5), False), (float(dmin) * (1 + 1e-5), True)):
             occ = torch.zeros(L, L, L, dtype=torch.bool, device="cuda")
-            K.mark_cells(occ, *args, tri[i:i + 1].cuda(), cell[i:i + 1].cuda(), factor, limit, backend="triton")
+            K.mark_cells(occ, *args, tri[i : i + 1].cuda(), cell[i : i + 1].cuda(), factor, limit, backend="triton")
             assert int(occ.sum()) == int(marked), f"pair {i}: limit {limit!r}"

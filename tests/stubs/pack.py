@@ -4,6 +4,7 @@
 `load_pack(v3=True)` → the same with the `comfy_api` stub, so it exports `comfy_entrypoint` only.
 `unload()` removes the pack and the stubs from `sys.modules` and `sys.path`.
 """
+
 import importlib.util
 import sys
 from pathlib import Path

@@ -18,6 +18,7 @@ Usage (from make_golden.py, run with UPSTREAM_VENV/bin/python):
     model, specs = harness.build_original(target, params, seed=0)   # deterministic weights, strict=True
     meta = harness.module_meta(target, params, seed, specs, ...)
 """
+
 from __future__ import annotations
 
 import importlib
@@ -39,10 +40,10 @@ from s2core.testing import deterministic_state_dict  # noqa: E402
 
 # Read by the original at import time (see upstream/ORIGINAL_ON_CPU.md).
 ENV = {
-    "SPARSE_BACKEND": "spconv",     # torchsparse is CUDA-only
-    "ATTN_BACKEND": "sdpa",         # dense side: torch SDPA; the sparse side ignores it and keeps flash_attn
-    "XFORMERS_DISABLED": "1",       # DINOv2 hub source: plain PyTorch layers
-    "TRITON_INTERPRET": "1",        # SSA Triton kernels on CPU tensors
+    "SPARSE_BACKEND": "spconv",  # torchsparse is CUDA-only
+    "ATTN_BACKEND": "sdpa",  # dense side: torch SDPA; the sparse side ignores it and keeps flash_attn
+    "XFORMERS_DISABLED": "1",  # DINOv2 hub source: plain PyTorch layers
+    "TRITON_INTERPRET": "1",  # SSA Triton kernels on CPU tensors
     "SPCONV_ALGO": "native",
 }
 
@@ -64,6 +65,7 @@ _register = register_stand_in
 # explicit fp32 softmax attention per sequence. GQA: query head h reads KV head h // (H // Hk), the
 # flash-attn convention. Causal masks align to the bottom-right corner, as flash-attn >= 2.1 does.
 
+
 def _attend(q, k, v, scale, causal):
     """q [Sq, H, D], k/v [Sk, Hk, D] -> (out [Sq, H, D] in q.dtype, lse [H, Sq] fp32, natural log)."""
     H, Hk = q.shape[1], k.shape[1]
@@ -74,27 +76,39 @@ def _attend(q, k, v, scale, causal):
     Sq, Sk = q.shape[0], k.shape[0]
     if Sk == 0:
         return torch.zeros_like(q), torch.full((H, Sq), float("-inf"))
-    s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale        # [H, Sq, Sk]
+    s = torch.einsum("qhd,khd->hqk", q.float(), k.float()) * scale  # [H, Sq, Sk]
     if causal:
         keep = torch.arange(Sk)[None, :] <= torch.arange(Sq)[:, None] + (Sk - Sq)
         s = s.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(s, dim=-1)                                       # [H, Sq]
+    lse = torch.logsumexp(s, dim=-1)  # [H, Sq]
     p = torch.exp(s - lse[..., None])
     out = torch.einsum("hqk,khd->qhd", p, v.float())
     return out.to(q.dtype), lse
 
 
-def _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
-               softmax_scale=None, causal=False, return_attn_probs=False, **_):
+def _fa_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    return_attn_probs=False,
+    **_,
+):
     assert dropout_p == 0.0, "the stand-in has no dropout"
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
     cq, ck = cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
     out = torch.empty_like(q)
     lse = torch.empty(q.shape[1], q.shape[0], dtype=torch.float32, device=q.device)
     for i in range(len(cq) - 1):
-        o, l = _attend(q[cq[i]:cq[i + 1]], k[ck[i]:ck[i + 1]], v[ck[i]:ck[i + 1]], scale, causal)
-        out[cq[i]:cq[i + 1]] = o
-        lse[:, cq[i]:cq[i + 1]] = l
+        o, l = _attend(q[cq[i] : cq[i + 1]], k[ck[i] : ck[i + 1]], v[ck[i] : ck[i + 1]], scale, causal)
+        out[cq[i] : cq[i + 1]] = o
+        lse[:, cq[i] : cq[i + 1]] = l
     return (out, lse, None) if return_attn_probs else out
 
 
@@ -103,8 +117,19 @@ def _fa_batched(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return
     B, Sq, Sk = q.shape[0], q.shape[1], k.shape[1]
     cu_q = torch.arange(B + 1) * Sq
     cu_k = torch.arange(B + 1) * Sk
-    res = _fa_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, Sq, Sk, dropout_p,
-                     softmax_scale, causal, return_attn_probs=True)
+    res = _fa_varlen(
+        q.flatten(0, 1),
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        cu_q,
+        cu_k,
+        Sq,
+        Sk,
+        dropout_p,
+        softmax_scale,
+        causal,
+        return_attn_probs=True,
+    )
     out = res[0].unflatten(0, (B, Sq))
     return (out, res[1].unflatten(1, (B, Sq)).permute(1, 0, 2), None) if return_attn_probs else out
 
@@ -115,9 +140,11 @@ def _make_flash_attn() -> types.ModuleType:
     m.flash_attn_varlen_func = _fa_varlen
     m.flash_attn_func = _fa_batched
     m.flash_attn_varlen_qkvpacked_func = lambda qkv, cu, maxlen, *a, **kw: _fa_varlen(
-        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen, *a, **kw)
+        qkv[:, 0], qkv[:, 1], qkv[:, 2], cu, cu, maxlen, maxlen, *a, **kw
+    )
     m.flash_attn_varlen_kvpacked_func = lambda q, kv, cuq, cuk, mq, mk, *a, **kw: _fa_varlen(
-        q, kv[:, 0], kv[:, 1], cuq, cuk, mq, mk, *a, **kw)
+        q, kv[:, 0], kv[:, 1], cuq, cuk, mq, mk, *a, **kw
+    )
     m.flash_attn_qkvpacked_func = lambda qkv, *a, **kw: _fa_batched(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], *a, **kw)
     m.flash_attn_kvpacked_func = lambda q, kv, *a, **kw: _fa_batched(q, kv[:, :, 0], kv[:, :, 1], *a, **kw)
     m.__version__ = "0.0-standin"
@@ -131,6 +158,7 @@ def _make_flash_attn() -> types.ModuleType:
 # per-channel normalisation). PIL images (utils/image.py preprocess_image): torchvision's PIL path, which
 # is PIL itself: pad = ImageOps.expand with a per-band fill, resize = Image.resize((w, h), resample),
 # to_tensor = uint8 HWC -> float CHW / 255.
+
 
 class _InterpolationMode:
     NEAREST, BILINEAR, BICUBIC = "nearest", "bilinear", "bicubic"
@@ -147,6 +175,7 @@ def _is_pil(img) -> bool:
 def _tv_resize(img, size, interpolation="bilinear", max_size=None, antialias=True):
     if _is_pil(img):
         from PIL import Image
+
         w, h = img.size
         assert not isinstance(size, int) and len(size) == 2, "the shim's PIL resize takes (h, w)"
         if (h, w) == tuple(size):
@@ -164,8 +193,9 @@ def _tv_resize(img, size, interpolation="bilinear", max_size=None, antialias=Tru
     if (oh, ow) == (h, w):
         return img
     x = img if img.dim() == 4 else img[None]
-    y = torch.nn.functional.interpolate(x.float(), size=(oh, ow), mode=str(interpolation), align_corners=False,
-                                        antialias=bool(antialias)).to(img.dtype)
+    y = torch.nn.functional.interpolate(
+        x.float(), size=(oh, ow), mode=str(interpolation), align_corners=False, antialias=bool(antialias)
+    ).to(img.dtype)
     return y if img.dim() == 4 else y[0]
 
 
@@ -174,7 +204,7 @@ def _tv_center_crop(img, size):
     h, w = img.shape[-2:]
     assert oh <= h and ow <= w, "the shim does not pad"
     top, left = int(round((h - oh) / 2.0)), int(round((w - ow) / 2.0))
-    return img[..., top:top + oh, left:left + ow]
+    return img[..., top : top + oh, left : left + ow]
 
 
 def _tv_normalize(img, mean, std, inplace=False):
@@ -186,6 +216,7 @@ def _tv_normalize(img, mean, std, inplace=False):
 def _tv_pad(img, padding, fill=0, padding_mode="constant"):
     assert _is_pil(img) and padding_mode == "constant", "the shim pads PIL images with a constant only"
     from PIL import ImageOps
+
     if isinstance(padding, int):
         padding = [padding] * 4
     padding = list(padding)
@@ -200,6 +231,7 @@ def _tv_pad(img, padding, fill=0, padding_mode="constant"):
 
 def _tv_to_tensor(pic):
     import numpy as np
+
     assert _is_pil(pic), "the shim converts PIL images only"
     arr = torch.from_numpy(np.array(pic, np.uint8, copy=True))
     arr = arr.view(pic.size[1], pic.size[0], len(pic.getbands()))
@@ -230,7 +262,8 @@ def _make_torchvision() -> dict[str, types.ModuleType]:
     tr.InterpolationMode = _InterpolationMode
     tr.Compose = lambda ts: _Fn(_tv_compose, list(ts))
     tr.Resize = lambda size, interpolation="bilinear", max_size=None, antialias=True: _Fn(
-        _tv_resize, size, interpolation, max_size, antialias)
+        _tv_resize, size, interpolation, max_size, antialias
+    )
     tr.CenterCrop = lambda size: _Fn(_tv_center_crop, size)
     tr.Normalize = lambda mean, std, inplace=False: _Fn(_tv_normalize, mean, std)
     tr.functional = fn
@@ -244,6 +277,7 @@ def _make_torchvision() -> dict[str, types.ModuleType]:
 # Placeholders for libraries that `direct3d_s2.utils/__init__` imports but no fixture calls
 # (background removal, hole filling, mesh voxelisation on CUDA).
 
+
 class _Unavailable(types.ModuleType):
     def __getattr__(self, attr):
         if attr.startswith("__"):
@@ -251,6 +285,7 @@ class _Unavailable(types.ModuleType):
 
         def _raise(*a, **k):
             raise RuntimeError(f"{self.__name__}.{attr} is a placeholder in the golden harness (not installed)")
+
         return _raise
 
 
@@ -259,6 +294,7 @@ _PLACEHOLDERS = ("udf_ext", "utils3d", "pymeshfix", "igraph", "pyvista")
 
 # ---------------------------------------------------------------------------------------------
 # Run-time patches of CPU traps in the original (the checkout is never edited).
+
 
 class _CopyingCpu(torch.Tensor):
     """A tensor whose `.cpu()` returns a copy, as `.cpu()` of a CUDA tensor does."""
@@ -276,15 +312,19 @@ def _patch_sort_block() -> None:
     def sort_block(latent_index, block_size):
         out = original(latent_index.as_subclass(_CopyingCpu), block_size)
         return out.as_subclass(torch.Tensor)
+
     sort_block._golden_patched = True
     sort_block.__wrapped__ = original
     for modname in ("direct3d_s2.utils.sparse", "direct3d_s2.utils", "direct3d_s2.pipeline"):
         mod = sys.modules.get(modname)
         if mod is not None and hasattr(mod, "sort_block"):
             mod.sort_block = sort_block
-    _register("sort_block_cpu_copy", "direct3d_s2.utils.sparse.sort_block is called on a tensor whose .cpu() "
-              "returns a clone: on CPU .cpu() aliases and the original's in-place //= and %= would overwrite "
-              "the caller's index (ORIGINAL_ON_CPU.md); on CUDA .cpu() copies, so this is the CUDA behaviour")
+    _register(
+        "sort_block_cpu_copy",
+        "direct3d_s2.utils.sparse.sort_block is called on a tensor whose .cpu() "
+        "returns a clone: on CPU .cpu() aliases and the original's in-place //= and %= would overwrite "
+        "the caller's index (ORIGINAL_ON_CPU.md); on CUDA .cpu() copies, so this is the CUDA behaviour",
+    )
 
 
 def install_stand_ins(upstream: str | Path, dinov2: str | Path | None = None) -> None:
@@ -302,29 +342,39 @@ def install_stand_ins(upstream: str | Path, dinov2: str | Path | None = None) ->
 
     if "flash_attn" not in sys.modules:
         sys.modules["flash_attn"] = _make_flash_attn()
-        _register("flash_attn", "module flash_attn replaced by an exact fp32 softmax attention per sequence "
-                  "(varlen/packed/batched; softmax_lse natural log fp32 [H, total_q]; GQA head h -> kv head "
-                  "h // (H/Hk)); flash-attn computes the same softmax(QK^T/sqrt(D))V, only summation order differs")
+        _register(
+            "flash_attn",
+            "module flash_attn replaced by an exact fp32 softmax attention per sequence "
+            "(varlen/packed/batched; softmax_lse natural log fp32 [H, total_q]; GQA head h -> kv head "
+            "h // (H/Hk)); flash-attn computes the same softmax(QK^T/sqrt(D))V, only summation order differs",
+        )
     try:
         import torchvision  # noqa: F401
     except Exception:
         for name in [n for n in sys.modules if n == "torchvision" or n.startswith("torchvision.")]:
             del sys.modules[name]
         sys.modules.update(_make_torchvision())
-        _register("torchvision", "torchvision (binary mismatch with torch 2.13) replaced by a shim of "
-                  "transforms.Resize/CenterCrop/Normalize on tensors (at 518x518 input Resize and CenterCrop "
-                  "are identities and Normalize is (x - mean) / std, as torchvision computes it) and of "
-                  "functional.pad/resize/to_tensor on PIL images (torchvision's PIL path is PIL itself: "
-                  "ImageOps.expand, Image.resize, uint8/255)")
+        _register(
+            "torchvision",
+            "torchvision (binary mismatch with torch 2.13) replaced by a shim of "
+            "transforms.Resize/CenterCrop/Normalize on tensors (at 518x518 input Resize and CenterCrop "
+            "are identities and Normalize is (x - mean) / std, as torchvision computes it) and of "
+            "functional.pad/resize/to_tensor on PIL images (torchvision's PIL path is PIL itself: "
+            "ImageOps.expand, Image.resize, uint8/255)",
+        )
     for name in _PLACEHOLDERS:
         try:
             importlib.import_module(name)
         except Exception:
             sys.modules[name] = _Unavailable(name)
             sys.modules[name].__spec__ = importlib.machinery.ModuleSpec(name, None)
-    _register("placeholders", "import-only placeholders (raise if called) for " + ", ".join(_PLACEHOLDERS)
-              + " where not installed: imported by direct3d_s2.utils/__init__ (hole filling, CUDA voxelisation), "
-              "never called by a fixture")
+    _register(
+        "placeholders",
+        "import-only placeholders (raise if called) for "
+        + ", ".join(_PLACEHOLDERS)
+        + " where not installed: imported by direct3d_s2.utils/__init__ (hole filling, CUDA voxelisation), "
+        "never called by a fixture",
+    )
 
     importlib.import_module("direct3d_s2.utils")
     _patch_sort_block()
@@ -334,9 +384,11 @@ def install_stand_ins(upstream: str | Path, dinov2: str | Path | None = None) ->
 # ---------------------------------------------------------------------------------------------
 # Building original modules with deterministic weights, and sidecar fields.
 
+
 def upstream_commit(upstream: str | Path) -> str:
-    return subprocess.run(["git", "-C", str(upstream), "rev-parse", "HEAD"], capture_output=True, text=True,
-                          check=True).stdout.strip()
+    return subprocess.run(
+        ["git", "-C", str(upstream), "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+    ).stdout.strip()
 
 
 def import_target(target: str):
@@ -371,8 +423,18 @@ def seeded(shape, seed: int, dtype=torch.float32, kind: str = "randn") -> torch.
     return torch.randn(shape, generator=g).to(dtype)
 
 
-def module_meta(target: str, params: dict, seed: int | None, specs: list | None, *, input_seed: int | None,
-                dtype: str, tensors: dict[str, str], notes: str = "", stand_ins: list[str] = ()) -> dict:
+def module_meta(
+    target: str,
+    params: dict,
+    seed: int | None,
+    specs: list | None,
+    *,
+    input_seed: int | None,
+    dtype: str,
+    tensors: dict[str, str],
+    notes: str = "",
+    stand_ins: list[str] = (),
+) -> dict:
     """The generator-side sidecar fields (make_golden.py adds component, config_name, device, commit,
     command, date and the global stand-ins)."""
     return {
@@ -398,6 +460,7 @@ _SPARSE_PATCHED = False
 
 def _spconv_conv_classes():
     import spconv.pytorch as spconv
+
     return (spconv.SubMConv3d, spconv.SparseConv3d)
 
 
@@ -450,6 +513,7 @@ def load_deterministic_sparse(module: torch.nn.Module, seed: int) -> list[list]:
     tensors from `golden_state_dict(meta)`), converted to spconv's layout, loaded with strict=True.
     Returns the official weights_specs."""
     from s2core.manifest import TensorSpec
+
     specs = official_sparse_specs(module)
     sd_official = deterministic_state_dict([TensorSpec(n, tuple(s), d) for n, s, d in specs], seed)
     own = module.state_dict()
@@ -469,6 +533,7 @@ def build_original_sparse(target: str, params: dict, seed: int = 0, fp16_like_di
     model = import_target(target)(**params)
     if fp16_like_dit:
         from direct3d_s2.modules.utils import convert_module_to_f16
+
         model.apply(convert_module_to_f16)
     specs = load_deterministic_sparse(model, seed)
     return model.eval(), specs
@@ -483,7 +548,7 @@ class _CudaLiteralsOnCpu(types.ModuleType):
 
     @staticmethod
     def zeros(*args, **kw):
-        if str(kw.get("device", "")) .startswith("cuda"):
+        if str(kw.get("device", "")).startswith("cuda"):
             kw["device"] = "cpu"
         return torch.zeros(*args, **kw)
 
@@ -508,14 +573,24 @@ def install_sparse_patches() -> None:
     orig_init, orig_forward = Conv.__init__, Conv.forward
 
     @functools.wraps(orig_init)
-    def __init__(self, in_channels, out_channels, kernel_size, stride=1, dilation=1, padding=None, bias=True,
-                 indice_key=None):
+    def __init__(
+        self, in_channels, out_channels, kernel_size, stride=1, dilation=1, padding=None, bias=True, indice_key=None
+    ):
         ks = kernel_size if isinstance(kernel_size, (tuple, list)) else (kernel_size,) * 3
         st = stride if isinstance(stride, (tuple, list)) else (stride,) * 3
         if all(s == 1 for s in st) and all(k % 2 == 1 for k in ks):
             padding = None  # -> spconv.SubMConv3d, output set = input set (torchsparse semantics)
-        orig_init(self, in_channels, out_channels, kernel_size, stride=stride, dilation=dilation,
-                  padding=padding, bias=bias, indice_key=indice_key)
+        orig_init(
+            self,
+            in_channels,
+            out_channels,
+            kernel_size,
+            stride=stride,
+            dilation=dilation,
+            padding=padding,
+            bias=bias,
+            indice_key=indice_key,
+        )
 
     @functools.wraps(orig_forward)
     def forward(self, x):
@@ -533,27 +608,43 @@ def install_sparse_patches() -> None:
         return out if bias is None else out.replace(out.feats + bias)  # ... then `+ bias`, as spconv's train path
 
     Conv.__init__, Conv.forward = __init__, forward
-    _register("spconv_submanifold", "direct3d_s2 conv_spconv.SparseConv3d: odd-kernel stride-1 convs are built "
-              "as spconv.SubMConv3d (the wrapper makes a dilating SparseConv3d whenever padding is given); "
-              "torchsparse, which the checkpoints were trained with, ignores padding there and is submanifold")
-    _register("spconv_weights_from_torchsparse", "weights are drawn under the official torchsparse names/shapes "
-              "(conv.kernel [27,Cin,Cout] / [Cin,Cout]) and permuted into spconv's [Cout,x,y,z,Cin] "
-              "(W_sp = W_ts.reshape(3,3,3,Cin,Cout).permute(4,2,1,0,3); 1x1x1: W_ts's [Cin,Cout] buffer reshaped to "
-              "[Cout,1,1,1,Cin] without transpose, because spconv's 1x1 path reads it as [Cin,Cout]); a pure "
-              "relayout, verified by harness.check_spconv_conversion (27 one-neighbour probes and a 1x1 matmul)")
-    _register("spconv_single_thread", "torch.set_num_threads(1) around every spconv conv: spconv's CPU kernels "
-              "race with >1 intra-op thread (wrong values at a few voxels); one thread gives the exact result")
-    _register("spconv_bias_after_gemm", "spconv convs run without bias and add it afterwards (out + bias): in "
-              "eval mode spconv fuses the bias into the GEMM, which asserts on CPU; spconv's own training path "
-              "adds it the same way")
+    _register(
+        "spconv_submanifold",
+        "direct3d_s2 conv_spconv.SparseConv3d: odd-kernel stride-1 convs are built "
+        "as spconv.SubMConv3d (the wrapper makes a dilating SparseConv3d whenever padding is given); "
+        "torchsparse, which the checkpoints were trained with, ignores padding there and is submanifold",
+    )
+    _register(
+        "spconv_weights_from_torchsparse",
+        "weights are drawn under the official torchsparse names/shapes "
+        "(conv.kernel [27,Cin,Cout] / [Cin,Cout]) and permuted into spconv's [Cout,x,y,z,Cin] "
+        "(W_sp = W_ts.reshape(3,3,3,Cin,Cout).permute(4,2,1,0,3); 1x1x1: W_ts's [Cin,Cout] buffer reshaped to "
+        "[Cout,1,1,1,Cin] without transpose, because spconv's 1x1 path reads it as [Cin,Cout]); a pure "
+        "relayout, verified by harness.check_spconv_conversion (27 one-neighbour probes and a 1x1 matmul)",
+    )
+    _register(
+        "spconv_single_thread",
+        "torch.set_num_threads(1) around every spconv conv: spconv's CPU kernels "
+        "race with >1 intra-op thread (wrong values at a few voxels); one thread gives the exact result",
+    )
+    _register(
+        "spconv_bias_after_gemm",
+        "spconv convs run without bias and add it afterwards (out + bias): in "
+        "eval mode spconv fuses the bias into the GEMM, which asserts on CPU; spconv's own training path "
+        "adds it the same way",
+    )
 
     ca = importlib.import_module(
-        "direct3d_s2.modules.sparse.attention.spatial_sparse_attention.ops.compressed_attention")
+        "direct3d_s2.modules.sparse.attention.spatial_sparse_attention.ops.compressed_attention"
+    )
     if not isinstance(ca.torch, _CudaLiteralsOnCpu):
         ca.torch = _CudaLiteralsOnCpu("torch")
-    _register("ssa_get_block_score_cpu", "ops/compressed_attention.py sees a `torch` whose zeros(device='cuda') "
-              "builds on the CPU and whose histc of int block ids is an exact bincount over the same unit bins "
-              "(CPU histc has no int kernel); same values the CUDA calls produce")
+    _register(
+        "ssa_get_block_score_cpu",
+        "ops/compressed_attention.py sees a `torch` whose zeros(device='cuda') "
+        "builds on the CPU and whose histc of int block ids is an exact bincount over the same unit bins "
+        "(CPU histc has no int kernel); same values the CUDA calls produce",
+    )
     _SPARSE_PATCHED = True
     err = check_spconv_conversion()
     assert err < 1e-5, f"spconv weight conversion check failed (max error {err})"
@@ -569,8 +660,10 @@ def check_spconv_conversion(cin: int = 3, cout: int = 5, seed: int = 0) -> float
     g = torch.Generator().manual_seed(seed)
     w_ts = torch.randn(27, cin, cout, generator=g)
     bias = torch.randn(cout, generator=g)
-    conv.load_state_dict({"conv.weight": spconv_weight_from_torchsparse(w_ts, tuple(conv.conv.weight.shape)),
-                          "conv.bias": bias}, strict=True)
+    conv.load_state_dict(
+        {"conv.weight": spconv_weight_from_torchsparse(w_ts, tuple(conv.conv.weight.shape)), "conv.bias": bias},
+        strict=True,
+    )
     worst = 0.0
     for k in range(27):
         d = torch.tensor([k % 3 - 1, (k // 3) % 3 - 1, k // 9 - 1])
@@ -583,8 +676,10 @@ def check_spconv_conversion(cin: int = 3, cout: int = 5, seed: int = 0) -> float
         worst = max(worst, (out - ref).abs().max().item())
     conv1 = sp.SparseConv3d(cin, cout, 1, padding=0).eval()
     w1 = torch.randn(cin, cout, generator=g)
-    conv1.load_state_dict({"conv.weight": spconv_weight_from_torchsparse(w1, tuple(conv1.conv.weight.shape)),
-                           "conv.bias": bias}, strict=True)
+    conv1.load_state_dict(
+        {"conv.weight": spconv_weight_from_torchsparse(w1, tuple(conv1.conv.weight.shape)), "conv.bias": bias},
+        strict=True,
+    )
     coords = torch.tensor([[0, 1, 2, 3], [0, 4, 4, 4], [0, 1, 2, 4]], dtype=torch.int32)
     feats = torch.randn(3, cin, generator=g)
     worst = max(worst, (conv1(sp.SparseTensor(feats, coords)).feats - (feats @ w1 + bias)).abs().max().item())

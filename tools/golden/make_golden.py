@@ -9,6 +9,7 @@ and the generator-side sidecar fields (`harness.module_meta`). This driver adds 
 sidecar contract (tests/golden/README.md) and writes `<out>/<component>__<config>.safetensors` + `.json`.
 `--only` takes full names or prefixes (`dense_vae` runs every `dense_vae__*`).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,23 @@ import harness  # noqa: E402
 
 log = logging.getLogger("make_golden")
 
-REQUIRED = ("component", "config_name", "config", "seed", "weights_specs", "input_seed", "dtype", "device",
-            "upstream_commit", "command", "date", "stand_ins", "env", "tensors", "notes")
+REQUIRED = (
+    "component",
+    "config_name",
+    "config",
+    "seed",
+    "weights_specs",
+    "input_seed",
+    "dtype",
+    "device",
+    "upstream_commit",
+    "command",
+    "date",
+    "stand_ins",
+    "env",
+    "tensors",
+    "notes",
+)
 
 
 def discover() -> dict:
@@ -109,8 +125,7 @@ def main(argv=None) -> int:
     if args.list:
         print("\n".join(f"{n}  ({src})" for n, (src, _) in components.items()))
         return 0
-    names = [n for n in components
-             if args.only is None or any(n == o or n.startswith(o) for o in args.only)]
+    names = [n for n in components if args.only is None or any(n == o or n.startswith(o) for o in args.only)]
     if args.only and not names:
         ap.error(f"no fixture matches {args.only}; known: {', '.join(components)}")
 

@@ -8,6 +8,7 @@ is PIL itself):
 Writes tests/data/preprocess_original.png: the original's `[4, 518, 518]` output (RGB on white ‖ mask) as
 an RGBA PNG; every value is k/255, so 8 bits store it losslessly.
 """
+
 import argparse
 import sys
 from pathlib import Path
@@ -34,11 +35,12 @@ if __name__ == "__main__":
     args = ap.parse_args()
     sys.path.insert(0, str(HERE))
     import harness
+
     harness.install_stand_ins(args.upstream)
     from direct3d_s2.utils.image import preprocess_image
     from PIL import Image
 
-    out = preprocess_image(scene())                      # [4, 518, 518] float32, values k/255
+    out = preprocess_image(scene())  # [4, 518, 518] float32, values k/255
     u8 = (out.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
     assert np.array_equal(u8.astype(np.float32) / 255, out.permute(1, 2, 0).numpy())
     Image.fromarray(u8, "RGBA").save(DATA / "preprocess_original.png", optimize=True)

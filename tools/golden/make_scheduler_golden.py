@@ -9,6 +9,7 @@ generator draws as the test). Run in an environment with diffusers (the upstream
 Writes tests/data/flow_match_diffusers.safetensors: timesteps.<steps> [steps] fp32, x0.<steps> [64] fp16 (the
 start), x.<steps> [64] fp16 (after the last step); the velocities are re-drawn by the test from seed 0.
 """
+
 from pathlib import Path
 
 import torch

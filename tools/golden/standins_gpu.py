@@ -30,6 +30,7 @@ causal attention, dropout) raises instead of computing something else.
     python tools/golden/standins_gpu.py --check --upstream UPSTREAM/Direct3D-S2
         # the original SparseSDFVAE decoder on these stand-ins vs the golden fixtures (spconv + exact attention)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -56,21 +57,21 @@ from s2core.sparse.tensor import SparseTensor as OurSparseTensor  # noqa: E402
 # name -> one line "what replaces what, and why the math is the same" (copied into results files)
 STAND_INS = {
     "torchsparse": "torchsparse replaced by tools/golden/standins_gpu.py: SparseTensor/Conv3d/conv3d adapters over "
-                   "s2core.sparse.conv.sparse_conv3d (stride-1 submanifold 3x3x3 or 1x1x1, official kernel layout "
-                   "[27,Cin,Cout]/[Cin,Cout], tap k=(dx+1)+3(dy+1)+9(dz+1), one fp32-accumulated GEMM as "
-                   "torchsparse's implicit GEMM; kernel map memoised per coordinate set like torchsparse's kmap "
-                   "cache); differs from torchsparse only in summation order. Memory: the [N,27] int32 kernel map "
-                   "is the size of torchsparse's out_in_map; the gathered [rows, 27*Cin] block (<= 128 MiB) is an "
-                   "extra transient that torchsparse's implicit GEMM does not allocate",
+    "s2core.sparse.conv.sparse_conv3d (stride-1 submanifold 3x3x3 or 1x1x1, official kernel layout "
+    "[27,Cin,Cout]/[Cin,Cout], tap k=(dx+1)+3(dy+1)+9(dz+1), one fp32-accumulated GEMM as "
+    "torchsparse's implicit GEMM; kernel map memoised per coordinate set like torchsparse's kmap "
+    "cache); differs from torchsparse only in summation order. Memory: the [N,27] int32 kernel map "
+    "is the size of torchsparse's out_in_map; the gathered [rows, 27*Cin] block (<= 128 MiB) is an "
+    "extra transient that torchsparse's implicit GEMM does not allocate",
     "flash_attn": "flash_attn replaced by tools/golden/standins_gpu.py: varlen/packed/batched entry points on "
-                  "s2core.sparse.attention.varlen_attention (torch SDPA) over power-of-two length buckets "
-                  "(padding < 2x, masked keys); same softmax(QK^T*scale)V, different kernel and summation order. "
-                  "Memory: the padded q/k/v/out copies (< 2x the packed ones) are transients flash-attn does not "
-                  "allocate, so the original's peak in the transformer trunk may read high by that much. "
-                  "return_attn_probs=True (SSA's compressed attention, which needs softmax_lse): on CUDA PyTorch's "
-                  "own FlashAttention-2 varlen kernel (aten._flash_attention_forward; GQA natively or by repeating "
-                  "the kv heads), checked once against an explicit fp32 softmax; otherwise an explicit "
-                  "fp32 softmax in query chunks of <= 256 MiB of logits",
+    "s2core.sparse.attention.varlen_attention (torch SDPA) over power-of-two length buckets "
+    "(padding < 2x, masked keys); same softmax(QK^T*scale)V, different kernel and summation order. "
+    "Memory: the padded q/k/v/out copies (< 2x the packed ones) are transients flash-attn does not "
+    "allocate, so the original's peak in the transformer trunk may read high by that much. "
+    "return_attn_probs=True (SSA's compressed attention, which needs softmax_lse): on CUDA PyTorch's "
+    "own FlashAttention-2 varlen kernel (aten._flash_attention_forward; GQA natively or by repeating "
+    "the kv heads), checked once against an explicit fp32 softmax; otherwise an explicit "
+    "fp32 softmax in query chunks of <= 256 MiB of logits",
 }
 
 # Read by the original at import time: default torchsparse conv backend, flash_attn sparse attention.
@@ -87,6 +88,7 @@ def _module(name: str, doc: str) -> types.ModuleType:
 
 # ---------------------------------------------------------------------------------------------
 # torchsparse
+
 
 def make_ntuple(x, ndim: int) -> tuple:
     """An int -> (x,) * ndim; a sequence of length ndim -> tuple(x)."""
@@ -139,15 +141,26 @@ def _as_ours(x: TSSparseTensor) -> OurSparseTensor:
     return OurSparseTensor(x.feats, x.coords, offsets.numel() - 1, offsets, cache)
 
 
-def ts_conv3d(input: TSSparseTensor, weight: torch.Tensor, kernel_size, bias: torch.Tensor | None = None,
-              stride=1, padding=0, dilation=1, transposed: bool = False, generative: bool = False,
-              config=None, training: bool = False) -> TSSparseTensor:
+def ts_conv3d(
+    input: TSSparseTensor,
+    weight: torch.Tensor,
+    kernel_size,
+    bias: torch.Tensor | None = None,
+    stride=1,
+    padding=0,
+    dilation=1,
+    transposed: bool = False,
+    generative: bool = False,
+    config=None,
+    training: bool = False,
+) -> TSSparseTensor:
     """torchsparse.nn.functional.conv3d for the stride-1 submanifold case (the only one the models use)."""
     ks, st, dil = make_ntuple(kernel_size, 3), make_ntuple(stride, 3), make_ntuple(dilation, 3)
     if transposed or generative or st != (1, 1, 1) or dil != (1, 1, 1) or ks not in ((1, 1, 1), (3, 3, 3)):
         raise NotImplementedError(
             f"The torchsparse stand-in only does stride-1 submanifold 3x3x3 and 1x1x1 convs, got kernel {ks}, "
-            f"stride {st}, dilation {dil}, transposed={transposed}, generative={generative}.")
+            f"stride {st}, dilation {dil}, transposed={transposed}, generative={generative}."
+        )
     feats = input.feats
     assert feats.dim() == 2, f"sparse conv feats must be [N, Cin], got {tuple(feats.shape)}"
     out_feats = sparse_conv3d(_as_ours(input), weight, bias)
@@ -160,8 +173,19 @@ class TSConv3d(nn.Module):
     """torchsparse.nn.Conv3d: parameters `kernel` [K^3, Cin, Cout] ([Cin, Cout] when K^3 == 1 and stride 1)
     and `bias` [Cout]; forward = ts_conv3d."""
 
-    def __init__(self, in_channels: int, out_channels: int, kernel_size=3, stride=1, padding=0, dilation=1,
-                 bias: bool = False, transposed: bool = False, generative: bool = False, config=None):
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size=3,
+        stride=1,
+        padding=0,
+        dilation=1,
+        bias: bool = False,
+        transposed: bool = False,
+        generative: bool = False,
+        config=None,
+    ):
         super().__init__()
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size = make_ntuple(kernel_size, 3)
@@ -170,8 +194,11 @@ class TSConv3d(nn.Module):
         self.padding = padding
         self.transposed, self.generative, self.config = transposed, generative, config
         self.kernel_volume = math.prod(self.kernel_size)
-        shape = ((self.kernel_volume, in_channels, out_channels)
-                 if self.kernel_volume > 1 or self.stride != (1, 1, 1) else (in_channels, out_channels))
+        shape = (
+            (self.kernel_volume, in_channels, out_channels)
+            if self.kernel_volume > 1 or self.stride != (1, 1, 1)
+            else (in_channels, out_channels)
+        )
         self.kernel = nn.Parameter(torch.empty(shape))
         self.bias = nn.Parameter(torch.empty(out_channels)) if bias else None
         bound = 1.0 / math.sqrt((out_channels if transposed else in_channels) * self.kernel_volume)
@@ -180,8 +207,19 @@ class TSConv3d(nn.Module):
             nn.init.uniform_(self.bias, -bound, bound)
 
     def forward(self, input: TSSparseTensor) -> TSSparseTensor:
-        return ts_conv3d(input, self.kernel, self.kernel_size, self.bias, self.stride, self.padding,
-                         self.dilation, self.transposed, self.generative, self.config, self.training)
+        return ts_conv3d(
+            input,
+            self.kernel,
+            self.kernel_size,
+            self.bias,
+            self.stride,
+            self.padding,
+            self.dilation,
+            self.transposed,
+            self.generative,
+            self.config,
+            self.training,
+        )
 
 
 def make_torchsparse() -> dict[str, types.ModuleType]:
@@ -209,6 +247,7 @@ def install_torchsparse_standin() -> types.ModuleType:
 
 # ---------------------------------------------------------------------------------------------
 # flash_attn
+
 
 def _bucket_rows(cu: torch.Tensor, seqs: torch.Tensor, lens: list[int]):
     """Rows (into the packed tensor) of the sequences `seqs`, concatenated, and their cu_seqlens."""
@@ -260,13 +299,14 @@ def _explicit_lse_chunked(q, k, v, cu_q, cu_k, lq, lk, scale):
     starts_q, starts_k = cu_q[:-1].tolist(), cu_k[:-1].tolist()
     for sq, sk, nq, nk in zip(starts_q, starts_k, lq, lk):  # host loop over sequences and query chunks
         step = max(1, LSE_CHUNK_BYTES // max(1, 4 * h * max(nk, 1)))
-        kk, vv = k[sk:sk + nk], v[sk:sk + nk]
+        kk, vv = k[sk : sk + nk], v[sk : sk + nk]
         cuk = torch.tensor([0, nk], device=q.device)
         for a in range(0, nq, step):
             b = min(nq, a + step)
-            o, l_ = _explicit_lse(q[sq + a:sq + b], kk, vv, torch.tensor([0, b - a], device=q.device), cuk,
-                                  [b - a], [nk], scale)
-            out[sq + a:sq + b], lse[:, sq + a:sq + b] = o, l_
+            o, l_ = _explicit_lse(
+                q[sq + a : sq + b], kk, vv, torch.tensor([0, b - a], device=q.device), cuk, [b - a], [nk], scale
+            )
+            out[sq + a : sq + b], lse[:, sq + a : sq + b] = o, l_
     return out, lse
 
 
@@ -274,11 +314,13 @@ def _explicit_lse_chunked(q, k, v, cu_q, cu_k, lq, lk, scale):
 # FlashAttention-2 varlen kernel (once checked), i.e. the kernel flash-attn 2 itself ships. Off by default, so
 # bench_sparse_vae.py's numbers keep their meaning.
 PREFER_TORCH_FLASH = False
-TORCH_FLASH_NOTE = ("flash_attn stand-in with PREFER_TORCH_FLASH: every CUDA fp16 call (varlen, packed, batched) "
-                    "runs PyTorch's FlashAttention-2 varlen forward (aten._flash_attention_forward, the flash-attn 2 "
-                    "kernel vendored in PyTorch; GQA natively, or by repeating the kv heads if that raises), checked "
-                    "once against an explicit fp32 softmax; only if that check fails, the SDPA buckets / chunked "
-                    "explicit softmax above")
+TORCH_FLASH_NOTE = (
+    "flash_attn stand-in with PREFER_TORCH_FLASH: every CUDA fp16 call (varlen, packed, batched) "
+    "runs PyTorch's FlashAttention-2 varlen forward (aten._flash_attention_forward, the flash-attn 2 "
+    "kernel vendored in PyTorch; GQA natively, or by repeating the kv heads if that raises), checked "
+    "once against an explicit fp32 softmax; only if that check fails, the SDPA buckets / chunked "
+    "explicit softmax above"
+)
 _FAST_LSE: dict[str, bool] = {}  # "ok": torch's flash varlen kernel checked against the explicit path once
 
 
@@ -287,8 +329,20 @@ def _torch_flash_varlen(q, k, v, cu_q, cu_k, max_q, max_k, scale):
     h = q.shape[1]
 
     def run(k, v):
-        return torch.ops.aten._flash_attention_forward(q, k.contiguous(), v.contiguous(), cu_q.int(), cu_k.int(),
-                                                       int(max_q), int(max_k), 0.0, False, False, scale=scale)[:2]
+        return torch.ops.aten._flash_attention_forward(
+            q,
+            k.contiguous(),
+            v.contiguous(),
+            cu_q.int(),
+            cu_k.int(),
+            int(max_q),
+            int(max_k),
+            0.0,
+            False,
+            False,
+            scale=scale,
+        )[:2]
+
     if k.shape[1] == h:
         out, lse = run(k, v)
     else:  # GQA: query head h reads kv head h // (H / Hk); flash-attn 2 does that natively, else repeat the kv heads
@@ -316,33 +370,57 @@ def _fast_lse_ok(q, k, v, cu_q, cu_k, max_q, max_k, scale) -> bool:
     if key not in _FAST_LSE:
         try:
             m, nk = min(256, int(cu_q[1] - cu_q[0])), int(cu_k[1] - cu_k[0])
-            q0, k0, v0 = q[:m], k[int(cu_k[0]):int(cu_k[0]) + nk], v[int(cu_k[0]):int(cu_k[0]) + nk]
+            q0, k0, v0 = q[:m], k[int(cu_k[0]) : int(cu_k[0]) + nk], v[int(cu_k[0]) : int(cu_k[0]) + nk]
             cq, ck = torch.tensor([0, m], device=q.device), torch.tensor([0, nk], device=q.device)
             o1, l1 = _torch_flash_varlen(q0, k0, v0, cq, ck, m, nk, scale)
             o2, l2 = _explicit_lse(q0, k0, v0, cq, ck, [m], [nk], scale)
             err = max((o1.float() - o2.float()).abs().max().item(), (l1 - l2).abs().max().item())
             _FAST_LSE[key] = err < 2e-2
-            print(f"[standins_gpu] flash_attn stand-in ({key}): torch's flash varlen kernel vs explicit fp32: max "
-                  f"diff {err:.1e} -> {'using it' if _FAST_LSE[key] else 'fallback paths'}", flush=True)
+            print(
+                f"[standins_gpu] flash_attn stand-in ({key}): torch's flash varlen kernel vs explicit fp32: max "
+                f"diff {err:.1e} -> {'using it' if _FAST_LSE[key] else 'fallback paths'}",
+                flush=True,
+            )
         except Exception as e:  # noqa: BLE001 - any failure means: not usable here
             _FAST_LSE[key] = False
-            print(f"[standins_gpu] flash_attn stand-in ({key}): torch's flash varlen kernel unusable "
-                  f"({type(e).__name__}: {str(e)[:120]}) -> fallback paths", flush=True)
+            print(
+                f"[standins_gpu] flash_attn stand-in ({key}): torch's flash varlen kernel unusable "
+                f"({type(e).__name__}: {str(e)[:120]}) -> fallback paths",
+                flush=True,
+            )
     return _FAST_LSE[key]
 
 
-def _fa_varlen(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q=None, max_seqlen_k=None, dropout_p=0.0,
-               softmax_scale=None, causal=False, return_attn_probs=False, **kw):
+def _fa_varlen(
+    q,
+    k,
+    v,
+    cu_seqlens_q,
+    cu_seqlens_k,
+    max_seqlen_q=None,
+    max_seqlen_k=None,
+    dropout_p=0.0,
+    softmax_scale=None,
+    causal=False,
+    return_attn_probs=False,
+    **kw,
+):
     """flash_attn_varlen_func: q [Nq, H, D], k/v [Nk, Hk, D] -> out [Nq, H, D] (, lse [H, Nq], None)."""
     if causal or dropout_p:
-        raise NotImplementedError("The flash_attn stand-in has no causal mask or dropout; Direct3D-S2 inference "
-                                  "uses neither.")
+        raise NotImplementedError(
+            "The flash_attn stand-in has no causal mask or dropout; Direct3D-S2 inference uses neither."
+        )
     for name in ("window_size", "alibi_slopes"):
         if kw.get(name) not in (None, (-1, -1)):
             raise NotImplementedError(f"The flash_attn stand-in does not support {name}.")
     scale = softmax_scale if softmax_scale is not None else 1.0 / math.sqrt(q.shape[-1])
-    if ((return_attn_probs or PREFER_TORCH_FLASH) and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[0] and k.shape[0]):
+    if (
+        (return_attn_probs or PREFER_TORCH_FLASH)
+        and q.is_cuda
+        and q.dtype in (torch.float16, torch.bfloat16)
+        and q.shape[0]
+        and k.shape[0]
+    ):
         mq = max_seqlen_q if max_seqlen_q is not None else int((cu_seqlens_q[1:] - cu_seqlens_q[:-1]).max())
         mk = max_seqlen_k if max_seqlen_k is not None else int((cu_seqlens_k[1:] - cu_seqlens_k[:-1]).max())
         if _fast_lse_ok(q, k, v, cu_seqlens_q, cu_seqlens_k, mq, mk, scale):
@@ -386,8 +464,20 @@ def _fa_batched(q, k, v, dropout_p=0.0, softmax_scale=None, causal=False, return
     bsz, sq, sk = q.shape[0], q.shape[1], k.shape[1]
     cu_q = torch.arange(bsz + 1, device=q.device, dtype=torch.int32) * sq
     cu_k = torch.arange(bsz + 1, device=q.device, dtype=torch.int32) * sk
-    res = _fa_varlen(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), cu_q, cu_k, sq, sk, dropout_p,
-                     softmax_scale, causal, return_attn_probs, **kw)
+    res = _fa_varlen(
+        q.flatten(0, 1),
+        k.flatten(0, 1),
+        v.flatten(0, 1),
+        cu_q,
+        cu_k,
+        sq,
+        sk,
+        dropout_p,
+        softmax_scale,
+        causal,
+        return_attn_probs,
+        **kw,
+    )
     if not return_attn_probs:
         return res.unflatten(0, (bsz, sq))
     return res[0].unflatten(0, (bsz, sq)), res[1].unflatten(1, (bsz, sq)).transpose(0, 1), None
@@ -434,6 +524,7 @@ def install_flash_attn_standin() -> types.ModuleType:
 # ---------------------------------------------------------------------------------------------
 # wiring the original
 
+
 def _importable(name: str) -> bool:
     if name in sys.modules:
         return True
@@ -467,14 +558,17 @@ def install_standins(upstream: str | Path | None = None, force: bool = False) ->
             if sub:
                 setattr(m, sub, _module(f"{name}.{sub}", "placeholder"))
             sys.modules[name] = m
-            used[name] = (f"{name} not installed: an import-only placeholder (ss_vae.py imports it; the decoder "
-                          "never calls it)")
+            used[name] = (
+                f"{name} not installed: an import-only placeholder (ss_vae.py imports it; the decoder never calls it)"
+            )
     if not _importable("einops"):
         m = _module("einops", "Placeholder for einops (tools/golden/standins_gpu.py).")
         m.rearrange = _rearrange_merge_last
         sys.modules["einops"] = m
-        used["einops"] = ("einops not installed: rearrange('n h d -> n (h d)') as a reshape (the one pattern the "
-                          "SSA module, imported by the sparse transformer package, uses; the VAE never calls it)")
+        used["einops"] = (
+            "einops not installed: rearrange('n h d -> n (h d)') as a reshape (the one pattern the "
+            "SSA module, imported by the sparse transformer package, uses; the VAE never calls it)"
+        )
     return used
 
 
@@ -487,19 +581,28 @@ def _rearrange_merge_last(t: torch.Tensor, pattern: str) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # The whole original pipeline (bench/e2e_original.py): its voxelizer, scheduler and unused imports
 
-UDF_EXT = ("udf_ext replaced by tools/golden/standins_gpu.py: compute_valid_udf(vertices, faces, udf, n, dim, "
-           "threshold) re-stated in PyTorch (every triangle's lattice box grown by int(threshold)+1, points "
-           "(i/(dim-1) - 0.5, ...), distance by s2core.mesh.voxelize.point_triangle_distance with the CUDA "
-           "kernel's rules, int(distance * 1e7) written with an atomic-min scatter into the same int32 dim^3 grid). "
-           "Same grid, same index set; the original's own dense grids (int32 + float32 + bool at 1024^3) are "
-           "allocated by its unchanged mesh2index. Time: windowed torch kernels over ~3 G candidate points "
-           "(~4 s at 1024^3 for 1.3 M faces on an H100, bench/results/voxelize.md) where the CUDA extension took "
-           "0.2 s (PERF.md), so the original's 'mesh -> 1024 structure' row reads several seconds slow; memory: "
-           "each window adds ~1-2 GiB of transients before the original's dense float/bool grids exist")
+UDF_EXT = (
+    "udf_ext replaced by tools/golden/standins_gpu.py: compute_valid_udf(vertices, faces, udf, n, dim, "
+    "threshold) re-stated in PyTorch (every triangle's lattice box grown by int(threshold)+1, points "
+    "(i/(dim-1) - 0.5, ...), distance by s2core.mesh.voxelize.point_triangle_distance with the CUDA "
+    "kernel's rules, int(distance * 1e7) written with an atomic-min scatter into the same int32 dim^3 grid). "
+    "Same grid, same index set; the original's own dense grids (int32 + float32 + bool at 1024^3) are "
+    "allocated by its unchanged mesh2index. Time: windowed torch kernels over ~3 G candidate points "
+    "(~4 s at 1024^3 for 1.3 M faces on an H100, bench/results/voxelize.md) where the CUDA extension took "
+    "0.2 s (PERF.md), so the original's 'mesh -> 1024 structure' row reads several seconds slow; memory: "
+    "each window adds ~1-2 GiB of transients before the original's dense float/bool grids exist"
+)
 
 
-def compute_valid_udf(vertices: torch.Tensor, faces: torch.Tensor, udf: torch.Tensor, n_faces: int, dim: int,
-                      threshold: float, window: int = 1 << 22) -> None:
+def compute_valid_udf(
+    vertices: torch.Tensor,
+    faces: torch.Tensor,
+    udf: torch.Tensor,
+    n_faces: int,
+    dim: int,
+    threshold: float,
+    window: int = 1 << 22,
+) -> None:
     """udf_ext.compute_valid_udf in PyTorch: lowers udf[(i * dim + j) * dim + k] (int32, in place) to
     int(d * 1e7) for each lattice point within threshold / dim of a triangle, d its distance."""
     from s2core.mesh.voxelize import point_triangle_distance
@@ -560,6 +663,7 @@ class _ImportOnly(types.ModuleType):
 
         def _unavailable(*a, **k):
             raise RuntimeError(f"{self.__name__}.{attr} is an import-only placeholder (tools/golden/standins_gpu.py)")
+
         return _unavailable
 
 
@@ -582,8 +686,10 @@ def install_pipeline_standins() -> tuple[dict[str, str], type]:
             m = _ImportOnly(name)
             m.__spec__ = importlib.machinery.ModuleSpec(name, None)
             sys.modules[name] = m
-            used[name] = (f"{name} not installed: an import-only placeholder (imported at module level by "
-                          "direct3d_s2 for hole filling / background removal / from_pretrained; never called)")
+            used[name] = (
+                f"{name} not installed: an import-only placeholder (imported at module level by "
+                "direct3d_s2 for hole filling / background removal / from_pretrained; never called)"
+            )
     if not _importable("torchvision"):
         for n in [n for n in sys.modules if n.split(".")[0] == "torchvision"]:
             del sys.modules[n]
@@ -591,8 +697,10 @@ def install_pipeline_standins() -> tuple[dict[str, str], type]:
         import harness
 
         sys.modules.update(harness._make_torchvision())
-        used["torchvision"] = ("torchvision not importable: tools/golden/harness.py shim (PIL pad/resize/to_tensor "
-                               "are PIL's own; tensor Resize/CenterCrop/Normalize re-stated)")
+        used["torchvision"] = (
+            "torchvision not importable: tools/golden/harness.py shim (PIL pad/resize/to_tensor "
+            "are PIL's own; tensor Resize/CenterCrop/Normalize re-stated)"
+        )
     if not _importable("tqdm"):
         m = _module("tqdm", "pass-through")
         m.tqdm = lambda it=None, *a, **k: it
@@ -602,15 +710,18 @@ def install_pipeline_standins() -> tuple[dict[str, str], type]:
         from diffusers import FlowMatchEulerDiscreteScheduler as sched
     except Exception:
         sched = FlowMatchEulerStandIn
-        used["diffusers"] = ("diffusers not importable: FlowMatchEulerDiscreteScheduler stand-in on "
-                             "s2core.flow_sampler.flow_schedule (same timesteps/sigmas; one Euler update per step, "
-                             "microseconds either way)")
+        used["diffusers"] = (
+            "diffusers not importable: FlowMatchEulerDiscreteScheduler stand-in on "
+            "s2core.flow_sampler.flow_schedule (same timesteps/sigmas; one Euler update per step, "
+            "microseconds either way)"
+        )
     return used, sched
 
 
 def load_original_vae(params: dict, state: dict, device="cpu"):
     """The original SparseSDFVAE(**params) with `state` loaded strictly (official torchsparse names), eval."""
     from direct3d_s2.models.autoencoders.ss_vae import SparseSDFVAE as Original
+
     model = Original(**params)
     model.load_state_dict(state, strict=True)
     return model.to(device).eval()
@@ -618,6 +729,7 @@ def load_original_vae(params: dict, state: dict, device="cpu"):
 
 # ---------------------------------------------------------------------------------------------
 # --check: the original decoder on these stand-ins vs the golden fixtures (spconv + exact attention)
+
 
 def _rel_rms(a, b) -> float:
     return ((a.double() - b.double()).pow(2).mean().sqrt() / b.double().pow(2).mean().sqrt().clamp_min(1e-30)).item()
@@ -647,9 +759,11 @@ def check(upstream: str) -> bool:
         same = torch.equal(sdf.coords.int(), t["out.coords"].int())
         rel = _rel_rms(sdf.feats, t["out.sdf"]) if same else float("nan")
         mx = (sdf.feats.float() - t["out.sdf"].float()).abs().max().item() if same else float("nan")
-        line = (f"{name}: {len(t['in.coords'])} latent tokens -> {len(sdf.coords)} voxels in {secs:.1f} s; "
-                f"coords identical (same order): {same}; sdf rel RMS {rel:.2e} (bound {SDF_REL_RMS:g}), "
-                f"max abs {mx:.2e} (bound {SDF_MAX_ABS:g})")
+        line = (
+            f"{name}: {len(t['in.coords'])} latent tokens -> {len(sdf.coords)} voxels in {secs:.1f} s; "
+            f"coords identical (same order): {same}; sdf rel RMS {rel:.2e} (bound {SDF_REL_RMS:g}), "
+            f"max abs {mx:.2e} (bound {SDF_MAX_ABS:g})"
+        )
         good = same and rel < SDF_REL_RMS and mx < SDF_MAX_ABS
         if feat is not None and "mid.feat_rows" in t:
             frel = _rel_rms(feat.feats[t["mid.feat_rows"].long()], t["mid.feat_sub"])
@@ -666,15 +780,21 @@ def check(upstream: str) -> bool:
         sdf, _ = model.decode_mesh(sp.SparseTensor(t["in.latent"], t["in.coords"]), return_feat=True, factor=1.0)
     rel = _rel_rms(sdf.feats, t["out.sdf"])
     good = rel > 10 * SDF_REL_RMS
-    print(("PASS " if good else "FAIL ") + f"negative control (taps 12<->14 swapped in decoder.upsample.1): sdf rel "
-          f"RMS {rel:.2e} (must exceed {10 * SDF_REL_RMS:g})")
+    print(
+        ("PASS " if good else "FAIL ") + f"negative control (taps 12<->14 swapped in decoder.upsample.1): sdf rel "
+        f"RMS {rel:.2e} (must exceed {10 * SDF_REL_RMS:g})"
+    )
     return ok and good
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--check", action="store_true", help="run the original decoder on the stand-ins against "
-                    "the golden fixtures tests/golden/sparse_vae_512__decode, sparse_vae_1024__decode_chunked")
+    ap.add_argument(
+        "--check",
+        action="store_true",
+        help="run the original decoder on the stand-ins against "
+        "the golden fixtures tests/golden/sparse_vae_512__decode, sparse_vae_1024__decode_chunked",
+    )
     ap.add_argument("--upstream", default=".scratch", help="folder holding a DreamTechAI/Direct3D-S2 checkout")
     args = ap.parse_args()
     if not args.check:

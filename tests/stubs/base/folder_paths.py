@@ -1,4 +1,5 @@
 """Stand-in for ComfyUI's folder_paths: a models dir and an output dir that tests point at tmp folders."""
+
 import os
 import re
 

@@ -1,4 +1,5 @@
 """Stand-in for comfy.model_management: CPU only, records load requests, an interrupt flag for tests."""
+
 import torch
 
 

@@ -1,4 +1,5 @@
 """Stand-in for comfy.utils.ProgressBar: records (value, total) updates."""
+
 updates = []
 
 

@@ -1,4 +1,5 @@
 """Stand-in for comfy_api.latest: just enough of io/ui/ComfyExtension to build and run V3 nodes."""
+
 from . import _io as io  # noqa: F401
 from . import _ui as ui  # noqa: F401
 

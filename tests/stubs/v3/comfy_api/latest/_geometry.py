@@ -5,9 +5,24 @@ so a MESH must carry all of them, set or None."""
 
 
 class MESH:
-    def __init__(self, vertices, faces, uvs=None, vertex_colors=None, texture=None, metallic_roughness=None,
-                 vertex_counts=None, face_counts=None, unlit=False, normals=None, tangents=None, normal_map=None,
-                 occlusion_in_mr=False, material=None, emissive=None):
+    def __init__(
+        self,
+        vertices,
+        faces,
+        uvs=None,
+        vertex_colors=None,
+        texture=None,
+        metallic_roughness=None,
+        vertex_counts=None,
+        face_counts=None,
+        unlit=False,
+        normals=None,
+        tangents=None,
+        normal_map=None,
+        occlusion_in_mr=False,
+        material=None,
+        emissive=None,
+    ):
         assert (vertex_counts is None) == (face_counts is None), "counts come together"
         self.vertices, self.faces, self.uvs, self.vertex_colors = vertices, faces, uvs, vertex_colors
         self.normals, self.texture, self.metallic_roughness = normals, texture, metallic_roughness

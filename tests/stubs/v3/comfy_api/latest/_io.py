@@ -1,4 +1,5 @@
 """Stand-in for comfy_api.latest._io: records what a schema declares (type, options) for the tests."""
+
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
