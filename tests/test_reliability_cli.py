@@ -7,6 +7,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +103,12 @@ def test_signal_while_writing_removes_the_temp_file(png, tmp_path, fast, monkeyp
     def signalled(fd):
         real_fsync(fd)
         assert len(tmp_left(tmp_path)) == 1
-        os.kill(os.getpid(), sig)  # the handler raises as soon as this returns
+        os.kill(os.getpid(), sig)
+        # Python runs the handler at the main thread's next eval-breaker check (a loop's back edge, say), not
+        # necessarily before the next line: wait in a loop, or the AssertionError can win the race
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            pass
         raise AssertionError("the signal did not stop the write")
 
     monkeypatch.setattr(files.os, "fsync", signalled)
