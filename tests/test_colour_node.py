@@ -57,3 +57,36 @@ def test_loadimage_no_alpha_mask_counts_as_no_mask(pack):
     alone = colour()
     wired = colour(mask=torch.zeros(1, 64, 64), mask_is_background=True)
     assert torch.equal(wired, alone)
+
+
+def _scene():
+    v, f = bumpy_shape(20)
+    cam = Camera(-40.0, 15.0, 0.0, (0.0, 0.0, 0.0), float(v.norm(dim=1).max()), 70.0, 80.0, 80.0, 160, 160)
+    picture = render_preview(v, f, cam, shape_colours(v), shade=False)
+    return v, f, picture[None], (picture < 0.999).any(-1).float()[None]
+
+
+def test_colour_node_bakes_texture_on_core_uvs(pack):
+    """A MESH with core Unwrap Mesh's layout (uvs [B, V, 2]) and texture_size > 0: the output keeps the UVs and
+    gets a [B, S, S, 3] texture whose covered texels lie within the vertex colours' range."""
+    v, f, picture, alpha = _scene()
+    uvs = torch.stack([torch.atan2(v[:, 0], v[:, 2]) / (2 * torch.pi) + 0.5, v[:, 1] / 2.5 + 0.5], 1).clamp(0, 1)
+    mesh = SimpleNamespace(vertices=v[None], faces=f[None], uvs=uvs[None])
+    node = pack.NODE_CLASS_MAPPINGS["D3DS2ColourFromImage"]
+    out = getattr(node(), node.FUNCTION)(
+        mesh=mesh, image=picture, mask=alpha, mask_is_background=False, texture_size=64
+    )
+    coloured = (out["result"] if isinstance(out, dict) else out)[0]
+    assert coloured.texture.shape == (1, 64, 64, 3) and coloured.texture.device.type == "cpu"
+    torch.testing.assert_close(coloured.uvs[0].cpu(), uvs)
+    lo, hi = coloured.vertex_colors[0].min(0).values.cpu(), coloured.vertex_colors[0].max(0).values.cpu()
+    assert (coloured.texture[0] >= lo - 1e-5).all() and (coloured.texture[0] <= hi + 1e-5).all()
+
+
+def test_colour_node_texture_without_uvs_is_one_sentence(pack):
+    v, f, picture, alpha = _scene()
+    node = pack.NODE_CLASS_MAPPINGS["D3DS2ColourFromImage"]
+    with pytest.raises(ValueError, match="no UVs.*Unwrap Mesh UVs"):
+        getattr(node(), node.FUNCTION)(
+            mesh=SimpleNamespace(vertices=v[None], faces=f[None]), image=picture, mask=alpha, texture_size=64
+        )
