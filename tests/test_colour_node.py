@@ -90,3 +90,27 @@ def test_colour_node_texture_without_uvs_is_one_sentence(pack):
         getattr(node(), node.FUNCTION)(
             mesh=SimpleNamespace(vertices=v[None], faces=f[None]), image=picture, mask=alpha, texture_size=64
         )
+
+
+def test_save_mesh_writes_baked_texture(pack, tmp_path):
+    """Colour From Image with texture_size, then Save Mesh (GLB): the file has the input's UVs and the texture."""
+    import trimesh
+
+    v, f, picture, alpha = _scene()
+    uvs = torch.stack([torch.atan2(v[:, 0], v[:, 2]) / (2 * torch.pi) + 0.5, v[:, 1] / 2.5 + 0.5], 1).clamp(0, 1)
+    node = pack.NODE_CLASS_MAPPINGS["D3DS2ColourFromImage"]
+    out = getattr(node(), node.FUNCTION)(
+        mesh=SimpleNamespace(vertices=v[None], faces=f[None], uvs=uvs[None]),
+        image=picture,
+        mask=alpha,
+        mask_is_background=False,
+        texture_size=32,
+    )
+    coloured = (out["result"] if isinstance(out, dict) else out)[0]
+    saved = pack.NODE_CLASS_MAPPINGS["D3DS2SaveMesh"]
+    res = getattr(saved(), saved.FUNCTION)(mesh=coloured, filename_prefix="mesh/t", format="glb")
+    loaded = trimesh.load(tmp_path / "output" / res["result"][0], process=False, force="mesh")
+    np.testing.assert_allclose(loaded.visual.uv[:, 0], uvs[:, 0].numpy(), atol=1e-6)
+    np.testing.assert_allclose(loaded.visual.uv[:, 1], 1 - uvs[:, 1].numpy(), atol=1e-6)  # trimesh keeps v up
+    image = np.asarray(loaded.visual.material.baseColorTexture.convert("RGB"))
+    np.testing.assert_array_equal(image, np.rint(coloured.texture[0].numpy() * 255).astype(np.uint8))
