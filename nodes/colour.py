@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 
 from ..s2core.colour import colour_mesh, render_preview
-from ..s2core.colour.bake import bake_texture
 from . import _comfy
 from ._mask import MASK_INPUTS, object_mask
 from ._spec import IMAGE, MESH, In, Node, Out
@@ -21,7 +20,7 @@ class ColourFromImage(Node):
         "surface with the picture's colours and fills the hidden side from its neighbours over the "
         "surface. No model weights. Save the mesh as GLB or PLY to keep the colours; colour after "
         "post-processing (simplifying changes the vertices and drops the colours). With texture_size > 0 "
-        "and a mesh from core Unwrap Mesh UVs, also bakes the colours into the mesh's texture."
+        "and a mesh from core Unwrap Mesh UVs, also bakes a texture: the picture where seen, the vertex colours elsewhere."
     )
     inputs = (
         In("mesh", MESH, "The mesh made from this picture (any mesh works if the picture shows it)."),
@@ -38,7 +37,7 @@ class ColourFromImage(Node):
             "texture_size",
             "INT",
             "0: vertex colours only. Above 0: also bake them into a square texture of this many texels on the "
-            "mesh's UVs (connect core Unwrap Mesh UVs first, ComfyUI 0.38.1+); as sharp as the mesh is dense.",
+            "mesh's UVs (connect core Unwrap Mesh UVs first, ComfyUI 0.38.1+); the picture per texel where seen.",
             default=0,
             min=0,
             max=4096,
@@ -61,24 +60,19 @@ class ColourFromImage(Node):
                 "(ComfyUI 0.38.1+) before this node, or set texture_size to 0."
             )
         m = _comfy.from_comfy_mesh(mesh).to(_comfy.compute_device())
-        callback = _comfy.progress(1)
         out, reports = colour_mesh(
-            m, image, mask, symmetry=mirror_symmetry, callback=callback, should_stop=_comfy.should_stop
+            m,
+            image,
+            mask,
+            symmetry=mirror_symmetry,
+            uvs=uvs,
+            texture_size=texture_size,
+            callback=_comfy.progress(1),
+            should_stop=_comfy.should_stop,
         )
         fields = {}
-        if uvs is not None:
-            textures = [
-                bake_texture(
-                    f,
-                    uvs[i],
-                    out.item_colors(i),
-                    texture_size,
-                    callback=lambda d, t, i=i: callback(i * t + d, out.batch_size * t),
-                    should_stop=_comfy.should_stop,
-                )[0].cpu()
-                for i, (_, f) in enumerate(out.items())
-            ]
-            fields = {"uvs": uvs, "texture": torch.stack(textures)}  # core keeps MESH textures on the CPU
+        if uvs is not None:  # core keeps MESH textures on the CPU
+            fields = {"uvs": uvs, "texture": torch.stack([r.texture for r in reports]).cpu()}
         previews = torch.stack(
             [
                 render_preview(v, f, r.camera.resized(PREVIEW, PREVIEW), out.item_colors(i))

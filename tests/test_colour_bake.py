@@ -81,6 +81,22 @@ def test_per_corner_uvs_equal_per_vertex_uvs():
     torch.testing.assert_close(corner, tex)
 
 
+def test_picture_replaces_colour_where_seen():
+    """texture = c + confidence (rgb - c): the hook sees the quad's left half (x < 0.3) fully, the rest not."""
+    vertices = torch.cat([UVS, torch.zeros(7, 1)], 1)  # surface = the UV layout itself, normals along z
+
+    def picture(points, normals):
+        assert torch.allclose(normals.abs(), torch.tensor([0.0, 0.0, 1.0]).expand_as(normals))
+        return torch.tensor([0.5, 0.25, 1.0]).expand(points.shape[0], 3), (points[:, 0] < 0.3).float()
+
+    plain, covered = bake_texture(FACES, UVS, COLOURS, S, dilate=0)
+    tex, _ = bake_texture(FACES, UVS, COLOURS, S, dilate=0, vertices=vertices, picture=picture)
+    u = (torch.arange(S) + 0.5) / S
+    left = covered & (u < 0.3)[None, :]
+    assert left.sum() > 50 and torch.allclose(tex[left], torch.tensor([0.5, 0.25, 1.0]).expand_as(tex[left]))
+    torch.testing.assert_close(tex[covered & ~left], plain[covered & ~left])
+
+
 def test_progress_and_cancel():
     seen = []
     bake_texture(FACES, UVS, COLOURS, S, callback=lambda d, t: seen.append((d, t)))

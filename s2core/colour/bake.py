@@ -13,8 +13,14 @@ UVs outside [0, 1] are clipped, not wrapped. The texture is `[S, S, 3]` float32 
 item of core's `MESH.texture [B, H, W, 3]`, holding the same values as the vertex colours (the picture's
 values, no colour-space conversion).
 
-This first version interpolates the vertex colours `colour_mesh` computed, so the texture is as sharp as the
-mesh is dense (sampling the picture per texel through the found camera would be sharper where seen; not done).
+Where the picture saw the surface it is sampled per texel, sharper than the vertex colours: given `vertices`
+and `picture(points, normals) -> (rgb, confidence)` (`colour_mesh` passes `paint.see_picture` with the found
+camera), each texel's surface point and interpolated normal are looked up and
+
+    texture = c + confidence (rgb - c),     c = the interpolated vertex colour above,
+
+so seen texels take the picture's colour, hidden ones the filled vertex colours, with the same confidence
+(grazing angles, seams) blending the two as the vertex projection uses. Without `picture`, only c.
 
 Steps: rasterize the UV triangles with `kernels/raster.py` (UVs as screen positions in texels, constant depth,
 so the nearest-depth tie rule picks the lowest face id; memory-bounded in triangle chunks), interpolate per
@@ -25,15 +31,19 @@ chart colours, not background. Texels still empty after that take the mean chart
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 
 from .._kernels import raster
 from ..hooks import Callback, ShouldStop
 from .camera import _poll
+from .paint import vertex_normals
 
-__all__ = ["bake_texture", "DILATE", "TEXELS"]
+__all__ = ["bake_texture", "Picture", "DILATE", "TEXELS"]
 
+Picture = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
 DILATE = 8  # texels grown past chart borders (mip level 3 still reads chart colours)
 TEXELS = 1 << 20  # texels interpolated at once (~100 bytes each of temporaries)
 
@@ -73,27 +83,37 @@ def bake_texture(
     colours: torch.Tensor,
     size: int,
     *,
+    vertices: torch.Tensor | None = None,
+    picture: Picture | None = None,
     dilate: int = DILATE,
     callback: Callback | None = None,
     should_stop: ShouldStop | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(texture [S, S, C] float32, covered [S, S] bool: texels inside a UV triangle) for faces [F, 3] into the
-    vertices, uvs [V, 2] or [F, 3, 2] and colours [V, C]; see the module docstring. `callback(done, total)`
-    counts interpolation chunks and the dilation; errors are one ValueError sentence."""
+    vertices, uvs [V, 2] or [F, 3, 2] and colours [V, C]; with vertices [V, 3] and `picture`, seen texels are
+    sampled from the picture (module docstring). `callback(done, total)` counts interpolation chunks and the
+    dilation; errors are one ValueError sentence."""
     size = int(size)
     if size < 1:
         raise ValueError(f"texture_size is {size}; give a positive texture side in texels, such as 1024.")
     if faces.shape[0] == 0:
         raise ValueError("The mesh is empty (no faces), so there is nothing to bake; connect a decoded mesh.")
     device = colours.device
-    tri, uv, col = _corner_layout(faces.long().to(device), uvs.float().to(device), colours.float())
+    if picture is not None and (vertices is None or vertices.shape[0] != colours.shape[0]):
+        raise ValueError("Sampling the picture per texel needs the mesh's vertices, one per colour; pass vertices.")
+    n_col = colours.shape[1]
+    attr = colours.float()  # [V, C], then position and normal where the picture is sampled: [V, C + 6]
+    if picture is not None:
+        v = vertices.float().to(device)
+        attr = torch.cat([attr, v, vertex_normals(v, faces.long().to(device))], 1)
+    tri, uv, attr = _corner_layout(faces.long().to(device), uvs.float().to(device), attr)
     if not torch.isfinite(uv).all():
         raise ValueError("The mesh's uvs contain NaN or infinite values; unwrap the mesh again with core Unwrap Mesh.")
     screen = torch.cat([uv * size, torch.zeros_like(uv[:, :1])], 1)  # [U, 3]: texels, constant depth
     _, face = raster.rasterize(screen, tri, size, size)
     _poll(should_stop)
     face = face.view(-1)
-    texture = torch.zeros(size * size, col.shape[1], dtype=torch.float32, device=device)
+    texture = torch.zeros(size * size, n_col, dtype=torch.float32, device=device)
     covered = face >= 0
     hits = torch.nonzero(covered).squeeze(1)
     chunks = max(1, -(-hits.numel() // TEXELS))
@@ -108,7 +128,11 @@ def bake_texture(
         b2 = ((b[:, 0] - a[:, 0]) * (q[:, 1] - a[:, 1]) - (q[:, 0] - a[:, 0]) * (b[:, 1] - a[:, 1])) / area
         w = torch.stack([1 - b1 - b2, b1, b2], 1).clamp(min=0)  # the rasterizer's edge slack can give -1e-6
         w = w / w.sum(1, keepdim=True)
-        texture[h] = (w[..., None] * col[t]).sum(1)
+        val = (w[..., None] * attr[t]).sum(1)  # [n, C (+ 6)]
+        if picture is not None:
+            rgb, conf = picture(val[:, n_col : n_col + 3], F.normalize(val[:, n_col + 3 :], dim=1))
+            val = val[:, :n_col] + conf[:, None] * (rgb - val[:, :n_col])
+        texture[h] = val[:, :n_col]
         if callback is not None:
             callback(n + 1, total)
     texture = texture.view(size, size, -1)
@@ -118,7 +142,7 @@ def bake_texture(
         _dilate(texture, filled, dilate, should_stop)
         texture[~filled] = texture[filled].mean(0)
     else:  # every triangle thinner than a texel or outside [0, 1]: the mean colour, not black
-        texture[:] = col.mean(0)
+        texture[:] = colours.float().mean(0)
     if callback is not None:
         callback(total, total)
     return texture.clamp(0, 1), covered
