@@ -76,7 +76,8 @@ def test_colour_node_bakes_texture_on_core_uvs(pack):
     out = getattr(node(), node.FUNCTION)(
         mesh=mesh, image=picture, mask=alpha, mask_is_background=False, texture_size=64
     )
-    coloured = (out["result"] if isinstance(out, dict) else out)[0]
+    coloured, text = (out["result"] if isinstance(out, dict) else out)[:2]
+    assert "texture 64x64 baked" in text
     assert coloured.texture.shape == (1, 64, 64, 3) and coloured.texture.device.type == "cpu"
     torch.testing.assert_close(coloured.uvs[0].cpu(), uvs)
     # seen texels come from the picture, the rest from the vertex colours: close to the vertex-only bake

@@ -64,6 +64,7 @@ class ColourReport:
         return (
             f"{self.camera.describe()}; silhouette IoU {self.iou:.3f}; {100 * self.seen:.0f}% of vertices "
             f"seen, the rest filled over the surface, {sym}"
+            + (f"; texture {self.texture.shape[1]}x{self.texture.shape[0]} baked" if self.texture is not None else "")
         )
 
 
