@@ -113,12 +113,13 @@ class ComfyPlacement(loading.Placement):
             mm.soft_empty_cache()
 
 
-def to_comfy_mesh(mesh: results.Mesh):
-    """Our packed Mesh -> ComfyUI MESH (`nodes/_mesh.py`) on the intermediate device."""
-    return _mesh.to_comfy_mesh(mesh.to(intermediate_device()))
+def to_comfy_mesh(mesh: results.Mesh, **fields):
+    """Our packed Mesh -> ComfyUI MESH (`nodes/_mesh.py`, `fields`: uvs, texture) on the intermediate device."""
+    return _mesh.to_comfy_mesh(mesh.to(intermediate_device()), **fields)
 
 
 from_comfy_mesh = _mesh.from_comfy_mesh  # any ComfyUI MESH -> our packed Mesh
+item_uvs = _mesh.item_uvs  # its per-item UVs, or None
 
 
 def download_progress_class():

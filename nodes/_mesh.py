@@ -7,8 +7,8 @@ same attributes, so core helpers that read `mesh.uvs`, `mesh.vertex_colors`, `me
 item's real size; `info` (seed, resolution, variant) rides along as an extra attribute for provenance.
 
 Input: any MESH-like object: ours, core's (with or without UVs, colours, counts), a list of per-item
-tensors (what older core post-processing nodes leave behind) or a single unbatched [N, 3] mesh. UVs,
-normals and textures are not used by our nodes (our save writes geometry and vertex colours).
+tensors (what older core post-processing nodes leave behind) or a single unbatched [N, 3] mesh. Normals and
+textures are not read; UVs only by Colour From Image (`item_uvs`, to bake a texture onto them).
 
 Coordinates: MESH vertices are in glTF's frame (Y up, front +Z); s2core works in the original's frame,
 and `s2core.mesh.frame` converts (exactly) on the way out and back in.
@@ -118,8 +118,9 @@ def _colors_of(mesh) -> torch.Tensor | None:
     return c if isinstance(c, torch.Tensor) else None
 
 
-def to_comfy_mesh(mesh: results.Mesh):
-    """Our packed Mesh (original frame, any device) -> a MESH in glTF's frame on `mesh`'s device."""
+def to_comfy_mesh(mesh: results.Mesh, uvs: list[torch.Tensor] | None = None, texture: torch.Tensor | None = None):
+    """Our packed Mesh (original frame, any device) -> a MESH in glTF's frame on `mesh`'s device; optional
+    per-item uvs [V_i, 2] (padded like the vertices) and texture [B, H, W, 3] (kept where it is)."""
     items = mesh.items()
     verts = _pad([frame.to_gltf(v.float()) for v, _ in items], 3, torch.float32).to(mesh.vertices.device)
     faces = _pad([f for _, f in items], 3, torch.int64).to(mesh.vertices.device)
@@ -131,6 +132,10 @@ def to_comfy_mesh(mesh: results.Mesh):
     if colors is not None:
         parts = torch.split(colors.float(), list(mesh.vertex_counts))
         fields["vertex_colors"] = _pad(list(parts), colors.shape[1], torch.float32).to(mesh.vertices.device)
+    if uvs is not None:
+        fields["uvs"] = _pad([u.float().cpu() for u in uvs], 2, torch.float32).to(mesh.vertices.device)
+    if texture is not None:
+        fields["texture"] = texture
     out = make_mesh(verts, faces, **fields)
     out.info = dict(mesh.info)
     return out
@@ -173,3 +178,24 @@ def from_comfy_mesh(mesh) -> results.Mesh:
         parts = [c[: vc[i]].detach().float().cpu() for i, c in enumerate(_batched(colors, "vertex_colors"))]
         out = dataclasses.replace(out, vertex_colors=torch.cat(parts))
     return out
+
+
+def item_uvs(mesh) -> list[torch.Tensor] | None:
+    """Per-item UVs [V_i, 2] float32 on the CPU of any MESH (padding removed, vertex order kept), or None."""
+    uvs = getattr(mesh, "uvs", None)
+    if uvs is None:
+        return None
+    verts = _batched(mesh.vertices, "vertices")
+    parts = [torch.as_tensor(u) for u in uvs] if isinstance(uvs, (list, tuple)) else torch.as_tensor(uvs)
+    if isinstance(parts, torch.Tensor):
+        parts = [parts] if parts.ndim == 2 else list(parts.unbind(0))
+    vc = getattr(mesh, "vertex_counts", None)
+    vc = [int(x) for x in vc] if vc is not None else [v.shape[0] for v in verts]
+    if len(parts) != len(verts) or any(
+        p.ndim != 2 or p.shape[-1] != 2 or p.shape[0] < vc[i] for i, p in enumerate(parts)
+    ):
+        raise ValueError(
+            "The mesh's uvs do not match its vertices (need [batch, vertices, 2]); connect the mesh straight "
+            "from core Unwrap Mesh UVs."
+        )
+    return [p[: vc[i]].detach().float().cpu() for i, p in enumerate(parts)]

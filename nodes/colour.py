@@ -19,7 +19,8 @@ class ColourFromImage(Node):
         "Finds the camera of the input picture from the object's silhouette, paints the visible "
         "surface with the picture's colours and fills the hidden side from its neighbours over the "
         "surface. No model weights. Save the mesh as GLB or PLY to keep the colours; colour after "
-        "post-processing (simplifying changes the vertices and drops the colours)."
+        "post-processing (simplifying changes the vertices and drops the colours). With texture_size > 0 "
+        "and a mesh from core Unwrap Mesh UVs, also bakes a texture: the picture where seen, the vertex colours elsewhere."
     )
     inputs = (
         In("mesh", MESH, "The mesh made from this picture (any mesh works if the picture shows it)."),
@@ -32,20 +33,46 @@ class ColourFromImage(Node):
             "the shape is clearly symmetric (a face, a car); off: the hidden side only blends its surroundings.",
             default=True,
         ),
+        In(
+            "texture_size",
+            "INT",
+            "0: vertex colours only. Above 0: also bake them into a square texture of this many texels on the "
+            "mesh's UVs (connect core Unwrap Mesh UVs first, ComfyUI 0.38.1+); the picture per texel where seen.",
+            default=0,
+            min=0,
+            max=4096,
+            step=64,
+        ),
     )
     outputs = (
-        Out(MESH, "mesh", "The mesh with vertex colours."),
+        Out(MESH, "mesh", "The mesh with vertex colours (and its UVs and texture when texture_size > 0)."),
         Out("STRING", "camera", "The camera found (azimuth, elevation, lens) and the silhouette IoU it reached."),
         Out(IMAGE, "preview", "The coloured mesh rendered from the found camera."),
     )
 
     @classmethod
-    def run(cls, mesh, image, mask=None, mask_is_background=True, mirror_symmetry=True):
+    def run(cls, mesh, image, mask=None, mask_is_background=True, mirror_symmetry=True, texture_size=0):
         mask = object_mask(mask, mask_is_background)
+        uvs = _comfy.item_uvs(mesh) if texture_size > 0 else None
+        if texture_size > 0 and uvs is None:
+            raise ValueError(
+                "The mesh has no UVs, so texture_size cannot bake a texture; connect core Unwrap Mesh UVs "
+                "(ComfyUI 0.38.1+) before this node, or set texture_size to 0."
+            )
         m = _comfy.from_comfy_mesh(mesh).to(_comfy.compute_device())
         out, reports = colour_mesh(
-            m, image, mask, symmetry=mirror_symmetry, callback=_comfy.progress(1), should_stop=_comfy.should_stop
+            m,
+            image,
+            mask,
+            symmetry=mirror_symmetry,
+            uvs=uvs,
+            texture_size=texture_size,
+            callback=_comfy.progress(1),
+            should_stop=_comfy.should_stop,
         )
+        fields = {}
+        if uvs is not None:  # core keeps MESH textures on the CPU
+            fields = {"uvs": uvs, "texture": torch.stack([r.texture for r in reports]).cpu()}
         previews = torch.stack(
             [
                 render_preview(v, f, r.camera.resized(PREVIEW, PREVIEW), out.item_colors(i))
@@ -53,4 +80,4 @@ class ColourFromImage(Node):
             ]
         ).cpu()
         text = "\n".join(f"mesh {i}: {r.describe()}" for i, r in enumerate(reports))
-        return (_comfy.to_comfy_mesh(out), text, previews), None
+        return (_comfy.to_comfy_mesh(out, **fields), text, previews), None

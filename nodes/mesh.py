@@ -78,7 +78,8 @@ class SaveMesh(Node):
         "Saves each mesh of the batch to its own file <prefix>_00001_.<format>, <prefix>_00002_..., "
         "without the batch's zero padding (items without faces are skipped), and shows them in the 3D "
         "viewer. GLB files record the workflow (unless --disable-metadata), seed, resolution and model "
-        "variant. Writes geometry (and vertex colours); for UVs and textures use core Save 3D Model."
+        "variant. Writes geometry and vertex colours, and in GLB a mesh's UVs and texture (Colour From Image "
+        "with texture_size); other UV and material maps: use core Save 3D Model."
     )
     inputs = (
         In("mesh", MESH, "The mesh (or batch of meshes) to save; any MESH works, not only ours."),
@@ -102,6 +103,11 @@ class SaveMesh(Node):
 
     @classmethod
     def run(cls, mesh, filename_prefix="mesh/Direct3D-S2", format="glb", prompt=None, extra_pnginfo=None):
+        texture = getattr(mesh, "texture", None)
+        uvs = _comfy.item_uvs(mesh) if texture is not None else None
+        texture = torch.as_tensor(texture) if uvs is not None else None
+        if texture is not None and texture.ndim == 3:  # one unbatched image
+            texture = texture[None]
         mesh = _comfy.from_comfy_mesh(mesh)  # padding removed: each item keeps only its own vertices/faces
         metadata = {k: v for k, v in mesh.info.items()}
         if not _comfy.disable_metadata():
@@ -124,7 +130,9 @@ class SaveMesh(Node):
             for _ in range(1000):  # the name is claimed exclusively: if another run took it meanwhile, take the next
                 f, counter = f"{name}_{counter:05}_.{format}", counter + 1
                 try:
-                    pipeline.save(_item(mesh, i), os.path.join(folder, f), metadata)
+                    j = i if uvs is None or i < texture.shape[0] else 0  # one texture may serve the batch
+                    tex = {} if uvs is None else {"uvs": [uvs[i]], "texture": texture[j : j + 1]}
+                    pipeline.save(_item(mesh, i), os.path.join(folder, f), metadata, **tex)
                     break
                 except FileExistsError:
                     continue

@@ -347,12 +347,20 @@ def postprocess(
     return Mesh.from_list(items, mesh.resolution, mesh.info)
 
 
-def save(mesh: Mesh, path: str | Path, metadata: dict | None = None, overwrite: bool = False) -> list[Path]:
+def save(
+    mesh: Mesh,
+    path: str | Path,
+    metadata: dict | None = None,
+    overwrite: bool = False,
+    uvs: list[torch.Tensor] | None = None,
+    texture: torch.Tensor | None = None,
+) -> list[Path]:
     """Write each item atomically (complete temp file, then an exclusive link, or a rename over the old
     file with overwrite=True: the old file is never lost); the suffix picks the format (.glb .obj .ply .stl).
 
     B = 1 writes `path`; B > 1 writes `<stem>_0<suffix>`, `<stem>_1<suffix>`, ... GLB files carry
-    `mesh.info` (variant, seed, resolution) and `metadata` in asset.extras.
+    `mesh.info` (variant, seed, resolution) and `metadata` in asset.extras, and with per-item `uvs` [V_i, 2]
+    and `texture` [B, H, W, 3] a base-colour texture (`export.mesh_bytes`).
     """
     _check_surfaces(mesh.items(), "it has no faces, so there is nothing to save", "check the stage that made it")
     path = Path(path)
@@ -360,7 +368,8 @@ def save(mesh: Mesh, path: str | Path, metadata: dict | None = None, overwrite: 
     out = []
     for i, (v, f) in enumerate(mesh.items()):
         p = path if mesh.batch_size == 1 else path.with_name(f"{path.stem}_{i}{path.suffix}")
-        out.append(Path(save_mesh(v, f, p, extras=extras, overwrite=overwrite, colors=mesh.item_colors(i))))
+        tex = {} if uvs is None or texture is None else {"uvs": uvs[i], "texture": texture[i]}
+        out.append(Path(save_mesh(v, f, p, extras=extras, overwrite=overwrite, colors=mesh.item_colors(i), **tex)))
     return out
 
 

@@ -123,3 +123,37 @@ def test_final_file_has_umask_mode_and_no_temp_left(tmp_path):
     assert stat.S_IMODE(p.stat().st_mode) == 0o644
     assert stat.S_IMODE(q.stat().st_mode) == 0o600
     assert sorted(x.name for x in tmp_path.iterdir()) == ["a.glb", "b.glb"]  # temp files renamed away
+
+
+def _glb_json(data: bytes) -> tuple[dict, bytes]:
+    n = struct.unpack("<I", data[12:16])[0]
+    return json.loads(data[20 : 20 + n]), data[20 + n + 8 :]
+
+
+def test_glb_texture_round_trip():
+    """uvs (core MESH layout, v = 0 the top row) become TEXCOORD_0 unchanged and the texture the material's
+    baseColorTexture (8-bit rounding); no COLOR_0 beside it (glTF would multiply the two)."""
+    v = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [1, 1, 0]])
+    f = torch.tensor([[0, 1, 2], [1, 3, 2]])
+    uvs = torch.tensor([[0.1, 0.2], [0.9, 0.2], [0.1, 0.7], [0.9, 0.7]])
+    texture = torch.rand(8, 12, 3, generator=torch.Generator().manual_seed(0))
+    data = mesh_bytes(v, f, "glb", colors=torch.rand(4, 3), uvs=uvs, texture=texture)
+    tree, blob = _glb_json(data)
+    prim = tree["meshes"][0]["primitives"][0]
+    assert "TEXCOORD_0" in prim["attributes"] and "COLOR_0" not in prim["attributes"]
+    assert "baseColorTexture" in tree["materials"][prim["material"]]["pbrMetallicRoughness"]
+    view = tree["bufferViews"][tree["accessors"][prim["attributes"]["TEXCOORD_0"]]["bufferView"]]
+    raw = np.frombuffer(blob[view.get("byteOffset", 0) : view.get("byteOffset", 0) + view["byteLength"]], np.float32)
+    np.testing.assert_allclose(raw.reshape(-1, 2), uvs.numpy(), atol=1e-6)
+    import io
+
+    loaded = trimesh.load(io.BytesIO(data), file_type="glb", process=False, force="mesh")
+    image = np.asarray(loaded.visual.material.baseColorTexture.convert("RGB"))
+    np.testing.assert_array_equal(image, np.rint(texture.numpy() * 255).astype(np.uint8))
+    np.testing.assert_allclose(loaded.visual.uv[:, 1], 1 - uvs[:, 1].numpy(), atol=1e-6)  # trimesh keeps v up
+
+
+def test_texture_of_wrong_shape_is_one_sentence():
+    v = torch.tensor([[0.0, 0, 0], [1, 0, 0], [0, 1, 0]])
+    with pytest.raises(ValueError, match="pass uvs"):
+        mesh_bytes(v, torch.tensor([[0, 1, 2]]), "glb", uvs=torch.zeros(2, 2), texture=torch.zeros(4, 4, 3))

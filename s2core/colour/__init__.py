@@ -7,7 +7,8 @@ mesh + Camera + frame ─► project_colours ─► seen colours + confidence �
 ```
 
 `colour_mesh` does this per batch item and returns the mesh with `vertex_colors` and one `ColourReport`
-each. Vertices are in s2core's mesh frame (+Y up, see `camera.py`); the picture's mask convention is the
+each; given per-item UVs it also bakes a texture per item (`bake.py`: the picture per seen texel, the vertex
+colours elsewhere), found in the report. Vertices are in s2core's mesh frame (+Y up, see `camera.py`); the picture's mask convention is the
 encoder's (1 = object; `invert_mask` for LoadImage's MASK).
 """
 
@@ -15,11 +16,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
 from ..hooks import Callback, ShouldStop
 from ..image import preprocess_image
 from ..results import Mesh
+from .bake import bake_texture
 from .camera import Camera, find_camera
-from .paint import fill_colours, mirror_seeds, project_colours
+from .paint import fill_colours, mirror_seeds, picture_view, project_colours, see_picture
 from .render import render_preview
 
 __all__ = [
@@ -31,6 +35,7 @@ __all__ = [
     "fill_colours",
     "mirror_seeds",
     "render_preview",
+    "bake_texture",
     "FRAME",
 ]
 
@@ -40,13 +45,15 @@ FRAME = 1024  # side of the preprocessed frame colours are read from (the encode
 @dataclass(frozen=True)
 class ColourReport:
     """What `colour_mesh` found for one mesh: the camera, the silhouette IoU it reached (at 128 px), the
-    fraction of vertices seen, the best mirror plane's fit and whether mirrored colours were used."""
+    fraction of vertices seen, the best mirror plane's fit, whether mirrored colours were used, and the
+    baked texture [S, S, 3] (None unless UVs were given)."""
 
     camera: Camera
     iou: float
     seen: float
     symmetry_fit: float
     mirrored: bool
+    texture: torch.Tensor | None = None
 
     def describe(self) -> str:
         sym = (
@@ -57,6 +64,7 @@ class ColourReport:
         return (
             f"{self.camera.describe()}; silhouette IoU {self.iou:.3f}; {100 * self.seen:.0f}% of vertices "
             f"seen, the rest filled over the surface, {sym}"
+            + (f"; texture {self.texture.shape[1]}x{self.texture.shape[0]} baked" if self.texture is not None else "")
         )
 
 
@@ -68,13 +76,16 @@ def colour_mesh(
     invert_mask: bool = False,
     symmetry: bool = True,
     frame: int = FRAME,
+    uvs: list | None = None,
+    texture_size: int = 1024,
     callback: Callback | None = None,
     should_stop: ShouldStop | None = None,
 ):
     """(`results.Mesh` with vertex_colors [V, 3] float32 in [0, 1], list of ColourReport) for a Mesh of B items
     and one picture (used for every item) or B pictures. `image`/`mask` take every form `preprocess_image`
     takes; errors (empty mask, no mask, empty mesh, batch mismatch) are one ValueError sentence.
-    `callback(done, total)` counts search rounds and the projection/fill of every item."""
+    `uvs` (one [V_i, 2] per item, core MESH layout, see `bake.py`) adds a texture_size² texture per item to its
+    report. `callback(done, total)` counts search rounds and the projection/fill (/bake) of every item."""
     if mesh.batch_size == 0 or sum(mesh.face_counts) == 0:
         raise ValueError("The mesh is empty (no faces), so there is nothing to colour; connect a decoded mesh.")
     frames = preprocess_image(image, mask, invert_mask=invert_mask, size=frame)  # [N, 4, S, S]
@@ -92,9 +103,11 @@ def colour_mesh(
             )
         rgbm = frames[i if frames.shape[0] > 1 else 0].to(device)
 
-        def progress(done, total, i=i):  # the search's rounds, then projection and fill: total + 2 per item
+        steps = 3 if uvs is not None else 2
+
+        def progress(done, total, i=i, steps=steps):  # the search's rounds, then projection, fill (and bake)
             if callback is not None:
-                callback(i * (total + 2) + done, mesh.batch_size * (total + 2))
+                callback(i * (total + steps) + done, mesh.batch_size * (total + steps))
             last[:] = [total]  # noqa: B023 (called only within this iteration)
 
         last = [0]
@@ -110,6 +123,17 @@ def colour_mesh(
         progress(last[0] + 1, last[0])
         colours.append(fill_colours(v, f, seen_rgb, conf, should_stop))
         progress(last[0] + 2, last[0])
-        reports.append(ColourReport(camera, iou, seen, fit, mirrored))
+        texture = None
+        if uvs is not None:
+            view = picture_view(v, f, camera, rgbm[3])
+
+            def picture(p, n, camera=camera, view=view, rgbm=rgbm):
+                return see_picture(p, n, camera, view, rgbm[:3], rgbm[3])
+
+            texture = bake_texture(
+                f, uvs[i], colours[-1], texture_size, vertices=v, picture=picture, should_stop=should_stop
+            )[0]
+            progress(last[0] + 3, last[0])
+        reports.append(ColourReport(camera, iou, seen, fit, mirrored, texture))
     out = Mesh.from_list(mesh.items(), mesh.resolution, mesh.info, colors=colours)
     return out, reports

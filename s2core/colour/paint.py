@@ -54,21 +54,14 @@ def _sample(image: torch.Tensor, xy: torch.Tensor, mode: str = "bilinear") -> to
     return out[0, :, 0].T
 
 
-def project_colours(
-    vertices: torch.Tensor, faces: torch.Tensor, camera: Camera, rgb: torch.Tensor, mask: torch.Tensor
+def picture_view(
+    vertices: torch.Tensor, faces: torch.Tensor, camera: Camera, mask: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(colours [V, 3], confidence [V] in [0, 1], 0 = not seen) from rgb [3, H, W] and mask [H, W] in the
-    camera's frame (H, W = camera.height, camera.width)."""
-    screen, depth = camera.project(vertices)
-    z, face = raster.rasterize(screen, faces, camera.height, camera.width)
+    """(view depth [H, W], inf where empty; trust [H, W] in [0, 1]: low near depth seams and the mask's edge)
+    of the mesh seen from `camera`, for `see_picture`."""
+    z, _ = raster.rasterize(camera.project(vertices)[0], faces, camera.height, camera.width)
     zdepth = camera.depth_from_z(z)  # [H, W] view depth, inf where empty
     pixel = 1.0 / camera.scale  # one pixel in mesh units at the centre's depth
-    tol = 1.5 * pixel * (depth / camera.distance if camera.fov > 0 else torch.ones_like(depth))
-    col = screen[:, 0].floor().long()
-    row = screen[:, 1].floor().long()
-    inside = (col >= 0) & (col < camera.width) & (row >= 0) & (row < camera.height)
-    at = row.clamp(0, camera.height - 1) * camera.width + col.clamp(0, camera.width - 1)
-    seen = inside & (depth <= zdepth.flatten()[at] + tol)
     # seams: depth jumps of more than 4 pixels' worth (or object/background) between neighbouring pixels
     finite = torch.where(torch.isfinite(zdepth), zdepth, torch.full_like(zdepth, 1e9))
     jump = torch.zeros_like(zdepth, dtype=torch.bool)
@@ -76,17 +69,46 @@ def project_colours(
     jump[1:, :] |= (finite[1:, :] - finite[:-1, :]).abs() > 4 * pixel
     k = 2 * SEAM_PIXELS + 1
     near_seam = F.max_pool2d(jump.float()[None], k, 1, SEAM_PIXELS)[0]
-    m = mask.float()
-    core = -F.max_pool2d(-m[None], k, 1, SEAM_PIXELS)[0]  # eroded mask: 1 only away from the mask's edge
-    trust = (1 - 0.8 * near_seam) * (0.2 + 0.8 * core)  # [H, W]
+    core = -F.max_pool2d(-mask.float()[None], k, 1, SEAM_PIXELS)[0]  # eroded mask: 1 only away from the mask's edge
+    return zdepth, (1 - 0.8 * near_seam) * (0.2 + 0.8 * core)
+
+
+def see_picture(
+    points: torch.Tensor,
+    normals: torch.Tensor,
+    camera: Camera,
+    view: tuple[torch.Tensor, torch.Tensor],
+    rgb: torch.Tensor,
+    mask: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colours [P, 3], confidence [P] in [0, 1], 0 = not seen) of surface points [P, 3] with unit normals [P, 3]
+    in rgb [3, H, W] and mask [H, W], given `picture_view`'s z-buffer and trust map of the same camera."""
+    zdepth, trust = view
+    screen, depth = camera.project(points)
+    pixel = 1.0 / camera.scale
+    tol = 1.5 * pixel * (depth / camera.distance if camera.fov > 0 else torch.ones_like(depth))
+    col = screen[:, 0].floor().long()
+    row = screen[:, 1].floor().long()
+    inside = (col >= 0) & (col < camera.width) & (row >= 0) & (row < camera.height)
+    at = row.clamp(0, camera.height - 1) * camera.width + col.clamp(0, camera.width - 1)
+    seen = inside & (depth <= zdepth.flatten()[at] + tol)
     xy = screen[:, :2]
-    on_mask = _sample(m[None], xy)[:, 0] > 0.5
-    facing = (vertex_normals(vertices, faces) * camera.toward_camera(vertices)).sum(1)
+    on_mask = _sample(mask.float()[None], xy)[:, 0] > 0.5
+    facing = (normals * camera.toward_camera(points)).sum(1)
     angle = ((facing - 0.15) / 0.45).clamp(0, 1)
     angle = angle * angle * (3 - 2 * angle)  # smoothstep
     conf = angle * _sample(trust[None], xy)[:, 0] * (seen & on_mask)
     colours = _sample(rgb, xy).clamp(0, 1)
     return colours, conf
+
+
+def project_colours(
+    vertices: torch.Tensor, faces: torch.Tensor, camera: Camera, rgb: torch.Tensor, mask: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(colours [V, 3], confidence [V] in [0, 1], 0 = not seen) from rgb [3, H, W] and mask [H, W] in the
+    camera's frame (H, W = camera.height, camera.width)."""
+    view = picture_view(vertices, faces, camera, mask)
+    return see_picture(vertices, vertex_normals(vertices, faces), camera, view, rgb, mask)
 
 
 def _edges(faces: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:

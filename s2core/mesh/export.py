@@ -53,10 +53,33 @@ def _rgba8(colors, n: int) -> np.ndarray:
     return c if c.shape[1] == 4 else np.concatenate([c, np.full((n, 1), 255, np.uint8)], 1)
 
 
-def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = None, colors=None) -> bytes:
+def _textured(uvs, texture, n: int):
+    """trimesh TextureVisuals for core MESH uvs [V, 2] (v = 0 the image's top row, glTF's convention; trimesh
+    keeps v upwards and flips it back on export, so TEXCOORD_0 equals `uvs`) and texture [H, W, 3] in [0, 1]."""
+    from PIL import Image
+    from trimesh.visual import TextureVisuals
+    from trimesh.visual.material import PBRMaterial
+
+    uv = uvs.detach().cpu().double().numpy() if isinstance(uvs, torch.Tensor) else np.asarray(uvs, float)
+    tex = texture.detach().cpu().float().numpy() if isinstance(texture, torch.Tensor) else np.asarray(texture)
+    if uv.shape != (n, 2) or tex.ndim != 3 or tex.shape[2] != 3:
+        raise ValueError(
+            f"uvs {uv.shape} and texture {tex.shape} do not fit a mesh of {n} vertices; pass uvs [vertices, 2] "
+            "and texture [height, width, 3]."
+        )
+    image = Image.fromarray(np.clip(np.rint(np.nan_to_num(tex) * 255.0), 0, 255).astype(np.uint8), "RGB")
+    uv = np.stack([uv[:, 0], 1.0 - uv[:, 1]], 1)
+    return TextureVisuals(uv=uv, material=PBRMaterial(baseColorTexture=image))
+
+
+def mesh_bytes(
+    vertices, faces, fmt: str, normals=None, extras: dict | None = None, colors=None, uvs=None, texture=None
+) -> bytes:
     """Encode a mesh (original frame) as `fmt` ∈ glb/obj/ply/stl. extras (JSON-serialisable) go to GLB asset.extras.
     `colors` [V, 3|4] float in [0, 1]: GLB COLOR_0 (normalised unsigned bytes), PLY red/green/blue/alpha, OBJ
-    `v x y z r g b`; STL has no colours."""
+    `v x y z r g b`; STL has no colours. `uvs` [V, 2] and `texture` [H, W, 3] (both or neither; GLB only, the
+    other formats ignore them): TEXCOORD_0 and the material's baseColorTexture (PNG); the colours are then
+    left out, since glTF would multiply COLOR_0 into the texture."""
     import trimesh
 
     fmt = fmt.lower().lstrip(".")
@@ -74,6 +97,9 @@ def mesh_bytes(vertices, faces, fmt: str, normals=None, extras: dict | None = No
         kw["vertex_normals"] = to_file_frame(n)
     if colors is not None:
         kw["vertex_colors"] = _rgba8(colors, v.shape[0])
+    if fmt == "glb" and uvs is not None and texture is not None:
+        kw.pop("vertex_colors", None)
+        kw["visual"] = _textured(uvs, texture, v.shape[0])
     mesh = trimesh.Trimesh(v, f, process=False, **kw)
     if fmt == "glb":
         from trimesh.exchange.gltf import export_glb
@@ -98,8 +124,11 @@ def save_mesh(
     extras: dict | None = None,
     overwrite: bool = False,
     colors=None,
+    uvs=None,
+    texture=None,
 ) -> Path:
-    """Write one mesh to `path`; the format comes from its suffix (.glb/.obj/.ply/.stl); colors as in mesh_bytes.
+    """Write one mesh to `path`; the format comes from its suffix (.glb/.obj/.ply/.stl); colors, uvs and texture
+    as in mesh_bytes.
     An existing file is refused (FileExistsError) unless overwrite, which replaces it only with the complete new
     file."""
     fmt = Path(path).suffix.lower().lstrip(".")
@@ -108,7 +137,7 @@ def save_mesh(
             f"Cannot tell the mesh format from {str(path)!r}; end the name with one of "
             f"{', '.join('.' + x for x in FORMATS)}."
         )
-    return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras, colors), path, overwrite)
+    return write_atomic(mesh_bytes(vertices, faces, fmt, normals, extras, colors, uvs, texture), path, overwrite)
 
 
 def check_filename_prefix(filename_prefix: str) -> list[str]:
