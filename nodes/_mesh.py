@@ -22,6 +22,7 @@ import inspect
 import torch
 
 from ..s2core import results
+from ..s2core.colour.space import linear_to_srgb, srgb_to_linear
 from ..s2core.mesh import frame
 
 # Types.MESH's optional fields (ComfyUI 0.38) and their defaults; we set each of them on every mesh
@@ -130,7 +131,7 @@ def to_comfy_mesh(mesh: results.Mesh, uvs: list[torch.Tensor] | None = None, tex
     }
     colors = _colors_of(mesh)
     if colors is not None:
-        parts = torch.split(colors.float(), list(mesh.vertex_counts))
+        parts = torch.split(srgb_to_linear(colors.float()), list(mesh.vertex_counts))  # core's are linear
         fields["vertex_colors"] = _pad(list(parts), colors.shape[1], torch.float32).to(mesh.vertices.device)
     if uvs is not None:
         fields["uvs"] = _pad([u.float().cpu() for u in uvs], 2, torch.float32).to(mesh.vertices.device)
@@ -176,7 +177,7 @@ def from_comfy_mesh(mesh) -> results.Mesh:
     colors = getattr(mesh, "vertex_colors", None)
     if colors is not None and any(f.name == "vertex_colors" for f in dataclasses.fields(results.Mesh)):
         parts = [c[: vc[i]].detach().float().cpu() for i, c in enumerate(_batched(colors, "vertex_colors"))]
-        out = dataclasses.replace(out, vertex_colors=torch.cat(parts))
+        out = dataclasses.replace(out, vertex_colors=linear_to_srgb(torch.cat(parts)))  # ours are sRGB
     return out
 
 

@@ -142,7 +142,7 @@ class Mesh:
     | `face_counts`   | tuple[int] (B)  | faces per item                                                   |
     | `resolution`    | int             | stage it was decoded at (512, 1024; 0 = unknown)                 |
     | `info`          | dict            | provenance written into saved files: variant, seed, resolution   |
-    | `vertex_colors` | [V, 3] float32 or None | RGB in [0, 1] per vertex (`s2core.colour`); saved as glTF COLOR_0 / PLY colours |
+    | `vertex_colors` | [V, 3] float32 or None | sRGB in [0, 1] per vertex (`s2core.colour`); linear in GLB COLOR_0 and core MESH (`colour/space.py`) |
     """
 
     vertices: torch.Tensor

@@ -20,6 +20,7 @@ from s2core import hooks, pipeline, results
 from s2core.colour import Camera, colour_mesh, fill_colours, mirror_seeds, project_colours, render_preview
 from s2core.colour.paint import symmetry_plane
 from s2core.colour.scene import bumpy_shape, shape_colours
+from s2core.colour.space import linear_to_srgb, srgb_to_linear
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
@@ -123,12 +124,17 @@ def test_glb_and_ply_carry_the_colours(tmp_path):
     f = torch.tensor([[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]])
     c = torch.tensor([[1.0, 0, 0], [0, 1, 0], [0, 0, 1], [0.5, 0.25, 0.75]])
     mesh = results.Mesh.from_list([(v, f)], colors=[c])
-    expected = np.concatenate([np.rint(c.numpy() * 255), np.full((4, 1), 255)], 1).astype(np.uint8)
-    for suffix in ("glb", "ply"):
+
+    def rgba8(x):
+        return np.concatenate([np.rint(x.numpy() * 255), np.full((4, 1), 255)], 1).astype(np.uint8)
+
+    # glTF's COLOR_0 is linear, PLY colours are the sRGB values themselves (colour/space.py)
+    for suffix, expected in (("glb", rgba8(srgb_to_linear(c))), ("ply", rgba8(c))):
         (path,) = pipeline.save(mesh, tmp_path / f"m.{suffix}")
         loaded = trimesh.load(path, process=False, force="mesh")
         np.testing.assert_allclose(loaded.vertices, v.numpy(), atol=1e-6)
         np.testing.assert_array_equal(np.asarray(loaded.visual.vertex_colors), expected)
+    assert rgba8(srgb_to_linear(c))[3, 0] == 55  # 0.5 sRGB is 0.214 linear: the conversion happened
     with pytest.raises(ValueError, match="one RGB row per vertex"):
         results.Mesh.from_list([(v, f)], colors=[c[:3]])
     assert results.Mesh.from_list([(v, f)]).to("cpu").vertex_colors is None
@@ -175,7 +181,8 @@ def test_cli_colour_flag_writes_coloured_glb(tmp_path, monkeypatch):
     monkeypatch.setattr(cli.pipeline, "image_to_mesh", lambda *a, **k: results.Mesh.from_list([(v, f)]))
     out = tmp_path / "out.glb"
     assert cli.main([str(png), "--demo", "--colour", "-q", "-o", str(out)]) == 0
-    got = np.asarray(trimesh.load(out, process=False, force="mesh").visual.vertex_colors)[:, :3] / 255.0
+    linear = np.asarray(trimesh.load(out, process=False, force="mesh").visual.vertex_colors)[:, :3] / 255.0
+    got = linear_to_srgb(torch.from_numpy(linear)).numpy()  # GLB colours are linear, the picture's sRGB
     _, conf = project_colours(v, f, cam, picture[0].permute(2, 0, 1), alpha[0])
     seen = (conf > 0.5).numpy()
     assert seen.sum() > 50 and np.abs(got[seen] - truth.numpy()[seen]).mean() < 0.06

@@ -82,8 +82,10 @@ def test_colour_node_bakes_texture_on_core_uvs(pack):
     torch.testing.assert_close(coloured.uvs[0].cpu(), uvs)
     # seen texels come from the picture, the rest from the vertex colours: close to the vertex-only bake
     from s2core.colour import bake_texture
+    from s2core.colour.space import linear_to_srgb
 
-    plain, covered = bake_texture(f, uvs, coloured.vertex_colors[0].cpu(), 64)
+    # the MESH's vertex colours are linear (core's convention), the texture sRGB (glTF's baseColorTexture)
+    plain, covered = bake_texture(f, uvs, linear_to_srgb(coloured.vertex_colors[0].cpu()), 64)
     tex = coloured.texture[0]
     assert tex.min() >= 0 and tex.max() <= 1 and (tex - plain)[covered].abs().mean() < 0.05
 

@@ -200,6 +200,22 @@ def test_core_mesh_with_uvs_colours_and_padding_goes_into_our_nodes(v3, tmp_path
         _mesh.from_comfy_mesh(Types.MESH(torch.zeros(2, 4, 3), torch.zeros(1, 4, 3, dtype=torch.long)))
 
 
+def test_colours_are_linear_in_core_mesh_and_srgb_in_ours(v3):
+    """Core MESH vertex colours are linear (glTF's convention; core Paint Mesh converts before storing), ours
+    are the picture's sRGB values: the adapter converts both ways, and back again is the identity."""
+    _mesh, P, _ = v3
+    R = _results(P)
+    v, f = two_meshes(P).item(0)
+    srgb = torch.tensor([[0.0, 0.5, 1.0], [0.04, 0.2, 0.8], [1.0, 1.0, 1.0], [0.5, 0.5, 0.5]])
+    core = _mesh.to_comfy_mesh(R.Mesh.from_list([(v, f)], colors=[srgb]))
+    lin = core.vertex_colors[0]
+    # 0.5 sRGB is 0.2140 linear; 0.04 lies on the linear segment (0.04 / 12.92); 0 and 1 stay
+    assert torch.allclose(lin[0], torch.tensor([0.0, 0.21404, 1.0]), atol=1e-5)
+    assert abs(float(lin[1, 0]) - 0.04 / 12.92) < 1e-7
+    back = _mesh.from_comfy_mesh(core)
+    assert torch.allclose(back.vertex_colors, srgb, atol=1e-6)
+
+
 def test_save_writes_each_batch_item_without_padding(v3, tmp_path):
     import trimesh
 

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..colour.space import srgb_to_linear
 from ..files import NAME_MAX, write_atomic
 from .frame import to_gltf
 from .voxelize import check_mesh
@@ -76,7 +77,8 @@ def mesh_bytes(
     vertices, faces, fmt: str, normals=None, extras: dict | None = None, colors=None, uvs=None, texture=None
 ) -> bytes:
     """Encode a mesh (original frame) as `fmt` ∈ glb/obj/ply/stl. extras (JSON-serialisable) go to GLB asset.extras.
-    `colors` [V, 3|4] float in [0, 1]: GLB COLOR_0 (normalised unsigned bytes), PLY red/green/blue/alpha, OBJ
+    `colors` [V, 3|4] sRGB float in [0, 1]: GLB COLOR_0 (converted to linear, normalised unsigned bytes), PLY
+    red/green/blue/alpha, OBJ
     `v x y z r g b`; STL has no colours. `uvs` [V, 2] and `texture` [H, W, 3] (both or neither; GLB only, the
     other formats ignore them): TEXCOORD_0 and the material's baseColorTexture (PNG); the colours are then
     left out, since glTF would multiply COLOR_0 into the texture."""
@@ -96,6 +98,8 @@ def mesh_bytes(
             )
         kw["vertex_normals"] = to_file_frame(n)
     if colors is not None:
+        if fmt == "glb":  # glTF's COLOR_0 is linear; ours are sRGB like the picture (colour/space.py)
+            colors = srgb_to_linear(torch.as_tensor(colors, dtype=torch.float32))
         kw["vertex_colors"] = _rgba8(colors, v.shape[0])
     if fmt == "glb" and uvs is not None and texture is not None:
         kw.pop("vertex_colors", None)
