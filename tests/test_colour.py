@@ -186,3 +186,25 @@ def test_cli_colour_flag_writes_coloured_glb(tmp_path, monkeypatch):
     _, conf = project_colours(v, f, cam, picture[0].permute(2, 0, 1), alpha[0])
     seen = (conf > 0.5).numpy()
     assert seen.sum() > 50 and np.abs(got[seen] - truth.numpy()[seen]).mean() < 0.06
+
+
+def test_fill_crosses_uv_seams():
+    """Core Unwrap Mesh duplicates the vertices along its seams. Split the shape along x = 0 into two
+    unconnected halves whose seam vertices are copies, and see only the x < 0 half: the fill must join
+    the copies (each pair gets one colour) and carry the seen colour across the seam."""
+    from s2core.colour import _fill_welded
+
+    v, f = bumpy_shape(12)
+    right = v[f].mean(1)[:, 0] > 0  # faces of the x > 0 half get their own copies of their vertices
+    used = torch.unique(f[right])
+    copy_of = torch.full((v.shape[0],), -1, dtype=torch.long)
+    copy_of[used] = v.shape[0] + torch.arange(used.numel())
+    v2, f2 = torch.cat([v, v[used]]), torch.where(right[:, None], copy_of[f], f)
+    seam = used[torch.isin(used, f[~right])]  # vertices both halves use: now two copies each
+    assert seam.numel() > 10
+    conf = (v2[:, 0] < -0.05).float() * (torch.arange(v2.shape[0]) < v.shape[0]).float()
+    rgb = torch.tensor([0.9, 0.1, 0.1]).expand(v2.shape[0], 3).clone()
+    out = _fill_welded(v2, f2, rgb, conf, None)
+    assert torch.equal(out[seam], out[copy_of[seam]])
+    far_right = torch.nonzero(v2[v.shape[0] :, 0] > 0.5).squeeze(1) + v.shape[0]
+    assert torch.allclose(out[far_right], rgb[0].expand(far_right.numel(), 3), atol=0.05)

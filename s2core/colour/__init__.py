@@ -68,6 +68,20 @@ class ColourReport:
         )
 
 
+def _fill_welded(v, f, seen_rgb, conf, should_stop):
+    """`fill_colours` over the surface with vertices at one position joined: UV unwrapping (core Unwrap Mesh)
+    duplicates the vertices along its seams, and a fill over the unjoined graph would not cross them. A
+    joined vertex keeps the most confident of its copies' projected colours; every copy gets its fill."""
+    pos, inv = torch.unique(v, dim=0, return_inverse=True)
+    if pos.shape[0] == v.shape[0]:
+        return fill_colours(v, f, seen_rgb, conf, should_stop)
+    best = torch.zeros(pos.shape[0], dtype=conf.dtype, device=v.device).scatter_reduce(0, inv, conf, "amax")
+    pick = torch.full((pos.shape[0],), -1, dtype=torch.long, device=v.device)
+    top = torch.nonzero(conf >= best[inv]).squeeze(1)  # copies as confident as their position's best
+    pick[inv[top]] = top  # any one of them
+    return fill_colours(pos, inv[f], seen_rgb[pick], best, should_stop)[inv]
+
+
 def colour_mesh(
     mesh,
     image,
@@ -121,7 +135,7 @@ def colour_mesh(
             mirrored = int((conf > 0).sum()) > before
         seen = float((conf > 0).float().mean())
         progress(last[0] + 1, last[0])
-        colours.append(fill_colours(v, f, seen_rgb, conf, should_stop))
+        colours.append(_fill_welded(v, f, seen_rgb, conf, should_stop))
         progress(last[0] + 2, last[0])
         texture = None
         if uvs is not None:
