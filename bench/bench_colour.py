@@ -7,7 +7,8 @@ The scene is s2core/colour/scene.py's bumpy shape at n = 1024 (2.1 M vertices, 4
 1024 decode), coloured by its smooth field and rendered flat at 1024² from azimuth 35°, elevation 20°, fov 30°
 (our rasterizer). `colour_mesh` then runs as the node runs it: preprocessing, camera search, projection,
 mirror test, fill. Reported: wall time of each part (CUDA synchronised), peak allocated memory, the camera
-error and the seen-colour error; plus the rasterizer's time per call at the search and projection sizes.
+error and the seen-colour error; the same with the optional UV texture baked (2048², lat-long UVs standing in
+for core Unwrap Mesh's atlas); plus the rasterizer's time per call at the search and projection sizes.
 The rasterizer has no Triton kernel (see kernels/raster.py): these rows are what a kernel would have to beat.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import math
 import sys
 import time
 from pathlib import Path
@@ -42,6 +44,20 @@ def timed(device, fn, *args, **kw):
     out = fn(*args, **kw)
     sync(device)
     return out, time.perf_counter() - t
+
+
+def latlong_uvs(v: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+    """Per-corner UVs [F, 3, 2] of a lat-long shape (u from the azimuth, v = 0 at the top), with the corners
+    of faces that cross the u = 0 / 1 seam moved past 1 so no face spans the atlas: a stand-in for core
+    Unwrap Mesh's atlas, enough to time the bake."""
+    d = v / v.norm(dim=1, keepdim=True)
+    uv = torch.stack(
+        [torch.atan2(d[:, 2], d[:, 0]) / (2 * math.pi) + 0.5, torch.acos(d[:, 1].clamp(-1, 1)) / math.pi], 1
+    )
+    c = uv[f]  # [F, 3, 2]
+    wrap = (c[..., 0].amax(1) - c[..., 0].amin(1)) > 0.5
+    c[..., 0] = torch.where(wrap[:, None] & (c[..., 0] < 0.5), c[..., 0] + 1, c[..., 0])
+    return c
 
 
 def main():
@@ -99,6 +115,17 @@ def main():
         rows.append(f"| {name} | {parts.get(name, 0.0):.2f} s | |")
     rows.append(f"| camera error | az {d_az:.1f}°, el {d_el:.1f}° | IoU {report.iou:.3f} |")
     rows.append(f"| seen-colour error (conf > 0.5) | mean {float(err.mean()):.4f}, max {float(err.max()):.4f} | |")
+
+    # the optional UV texture, as the node bakes it when the mesh has UVs (Colour From Image, texture_size)
+    size = 256 if args.tiny else 2048
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    (_, (rep_t,)), total_t = timed(device, colour_mesh, mesh, image, mask, uvs=[latlong_uvs(v, f)], texture_size=size)
+    peak_t = (torch.cuda.max_memory_allocated() - base) / 2**30 if device.type == "cuda" else float("nan")
+    rows.append(
+        f"| colour_mesh with a {size}² texture | {total_t:.2f} s ({total_t - total:+.2f} s for the bake) | "
+        f"peak {peak_t:.2f} GiB beyond the mesh; {tuple(rep_t.texture.shape)} |"
+    )
 
     # the rasterizer alone at the search and projection sizes (full mesh and the search's clustered stand-in)
     for size in (64, 128, 1024):
