@@ -49,6 +49,14 @@ class Out:
     tooltip: str
 
 
+# the mesh output of every node that makes one (Decode Sparse, Image To Mesh)
+MESH_OUT = Out(
+    MESH,
+    "mesh",
+    "Triangle mesh in [-1, 1], glTF axes (Y up, front +Z); works with core mesh nodes, Save GLB and Preview 3D.",
+)
+
+
 class Node:
     """Base of every node description. Subclasses set the schema and implement `run`."""
 

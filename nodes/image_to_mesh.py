@@ -5,7 +5,7 @@ from __future__ import annotations
 from ..s2core import pipeline
 from . import _comfy
 from ._mask import MASK_INPUTS, object_mask
-from ._spec import IMAGE, MESH, MODEL, SEED_MAX, In, Node, Out
+from ._spec import IMAGE, MESH_OUT, MODEL, SEED_MAX, In, Node
 
 
 class ImageToMesh(Node):
@@ -79,14 +79,7 @@ class ImageToMesh(Node):
             max=10_000_000,
         ),
     )
-    outputs = (
-        Out(
-            MESH,
-            "mesh",
-            "Triangle mesh in [-1, 1], glTF axes (Y up, front +Z); works with core mesh "
-            "nodes, Save GLB and Preview 3D.",
-        ),
-    )
+    outputs = (MESH_OUT,)
 
     @classmethod
     def run(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from ..s2core import loading, pipeline
 from . import _comfy
-from ._spec import COND, MESH, MODEL, SEED_MAX, SPARSE_LATENT, STRUCTURE, In, Node, Out
+from ._spec import COND, MESH_OUT, MODEL, SEED_MAX, SPARSE_LATENT, STRUCTURE, In, Node, Out
 
 
 class SampleSparse(Node):
@@ -92,14 +92,7 @@ class DecodeSparse(Node):
             step=0.01,
         ),
     )
-    outputs = (
-        Out(
-            MESH,
-            "mesh",
-            "Triangle mesh in [-1, 1], glTF axes (Y up, front +Z); works with core mesh "
-            "nodes, Save GLB and Preview 3D.",
-        ),
-    )
+    outputs = (MESH_OUT,)
 
     @classmethod
     def run(cls, model, sparse_latent, refine=True, threshold=0.2):
