@@ -93,7 +93,7 @@ def child(args) -> None:
             lambda: P.sample_sparse(models, cond, s512, 0, steps[1]),
             f"{steps[1]} steps, {s512.num_tokens} tokens",
         )
-        run("sparse-512 decode + refiner", lambda: P.decode_sparse(models, lat, refine=True))
+        run("sparse-512 decode + refiner", lambda: e2e.decode(models, lat))
         s1024 = run(
             "mesh -> 1024 structure", lambda: P.mesh_to_structure(models, results.Mesh.from_list([(v, f)], 512, {}))
         )
@@ -103,8 +103,8 @@ def child(args) -> None:
             lambda: P.sample_sparse(models, cond, s1024, 0, steps[2]),
             f"{steps[2]} steps, {s1024.num_tokens} tokens",
         )
-        mesh = run("sparse-1024 decode + refiner", lambda: P.decode_sparse(models, lat, refine=True))
-    out["info"]["faces_1024"] = int(sum(mesh.face_counts)) if hasattr(mesh, "face_counts") else -1
+        mesh = run("sparse-1024 decode + refiner", lambda: e2e.decode(models, lat))
+    out["info"]["faces_1024"] = 0 if mesh is None else int(sum(mesh.face_counts))
     out["complete"] = True
     Path(args.json).write_text(json.dumps(out))
 

@@ -277,9 +277,14 @@ def test_dinov2_depth2():
 
 
 @pytest.mark.gpu
-def test_dinov2_official_cuda(monkeypatch):
+def test_dinov2_official_cuda():
     """The official 24-block ViT-L at 518² (a minute of a 2-core CPU, so a GPU test). TF32 off: the fixture
     is fp32 and the bound above is for fp32 arithmetic (cuDNN would run the patch convolution in TF32)."""
-    monkeypatch.setattr(torch.backends.cudnn, "allow_tf32", False)
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    _dino("dinov2__official", 24, "cuda")
+    # set and restored by hand: pytest's monkeypatch cannot undo these flags on torch 2.11 (they are module
+    # properties, so its teardown tries to delete them)
+    saved = torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        _dino("dinov2__official", 24, "cuda")
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved

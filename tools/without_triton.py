@@ -26,6 +26,11 @@ class TritonBlocker(importlib.abc.MetaPathFinder):
         return None
 
 
+# `importlib.util.find_spec("triton")` must answer None, as on a machine without Triton: torch's CUDA
+# initialisation asks it that way and fails on an exception. A None in sys.modules gives exactly that, and
+# makes `import triton` raise ModuleNotFoundError; the finder above still stops `triton.*` submodules.
+
+
 def block_triton() -> None:
     """Make `import triton` fail in this process from now on (idempotent)."""
     if any(type(f).__name__ == "TritonBlocker" for f in sys.meta_path):
@@ -36,6 +41,7 @@ def block_triton() -> None:
             "imports it (kernels, s2core, torch._inductor)"
         )
     sys.meta_path.insert(0, TritonBlocker())
+    sys.modules["triton"] = None
 
 
 def main(argv: list[str]) -> None:
