@@ -180,6 +180,30 @@ def attend_finish(b_acc, b_l):
 
 
 @triton.jit
+def load_k_tile(k, rows, m_rows, i_h, stride_n, stride_h, o_d, UPCAST: tl.constexpr):
+    """The transposed key tile [HEAD_DIM, BLOCK_K] of key rows `rows` [BLOCK_K] and head `i_h` (0 where `m_rows`
+    is false), the left-hand layout of `tl.dot(q, k)`; fp32 when UPCAST (the interpreter's tl.dot mishandles bf16,
+    so CPU tests run the same math in fp32 tiles)."""
+    b_k = tl.load(
+        k + rows[None, :].to(tl.int64) * stride_n + i_h * stride_h + o_d[:, None], mask=m_rows[None, :], other=0.0
+    )
+    if UPCAST:
+        b_k = b_k.to(tl.float32)
+    return b_k
+
+
+@triton.jit
+def load_v_tile(v, rows, m_rows, i_h, stride_n, stride_h, o_d, UPCAST: tl.constexpr):
+    """The value tile [BLOCK_K, HEAD_DIM] of rows `rows` and head `i_h`, as `load_k_tile` (not transposed)."""
+    b_v = tl.load(
+        v + rows[:, None].to(tl.int64) * stride_n + i_h * stride_h + o_d[None, :], mask=m_rows[:, None], other=0.0
+    )
+    if UPCAST:
+        b_v = b_v.to(tl.float32)
+    return b_v
+
+
+@triton.jit
 def store_gated(p_o, b_o, m_o, p_g, HAS_GATE: tl.constexpr, ACCUMULATE: tl.constexpr):
     """Write the fp32 output tile `b_o` [ROWS, D] to the pointers `p_o` (rows masked by `m_o` [ROWS]) in o's
     dtype: times the gate at `p_g` [ROWS] when HAS_GATE, plus what `p_o` holds when ACCUMULATE (the SSA module's

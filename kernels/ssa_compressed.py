@@ -42,6 +42,8 @@ from ._common import check_heads as _check_heads
 from ._common import chunk_rows as _chunk_rows
 from ._common import fitting as _fitting
 from ._common import gated as _gated
+from ._common import load_k_tile as _load_k_tile
+from ._common import load_v_tile as _load_v_tile
 from ._common import smem_limit as _smem_limit
 from ._common import softmax_step as _softmax_step
 from ._common import store_gated as _store_gated
@@ -145,6 +147,17 @@ def _prune(configs, named_args, **kwargs):
 
 
 @triton.jit
+def _key_rows(blk_keys, blk_start, k_start, n_slot, o_k, CELLS: tl.constexpr, HAS_BLOCK_KEYS: tl.constexpr):
+    """Global compressed-key rows of a sample's key slots `o_k` [BLOCK_K] (-1 past the sample's `n_slot` slots
+    and in a block's unused cells): the v1.0 block table, or the sample's consecutive keys (v1.1)."""
+    if HAS_BLOCK_KEYS:
+        o_row = tl.load(blk_keys + blk_start * CELLS + o_k, mask=o_k < n_slot, other=-1)
+    else:
+        o_row = tl.where(o_k < n_slot, k_start + o_k, -1)
+    return o_row
+
+
+@triton.jit
 def _cmp_attn_topk_kernel(
     q,
     ck,
@@ -217,18 +230,9 @@ def _cmp_attn_topk_kernel(
     b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_R], tl.float32)
     for k0 in range(0, n_slot, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        if HAS_BLOCK_KEYS:
-            o_row = tl.load(blk_keys + blk_start * CELLS + o_k, mask=o_k < n_slot, other=-1)
-        else:
-            o_row = tl.where(o_k < n_slot, k_start + o_k, -1)
+        o_row = _key_rows(blk_keys, blk_start, k_start, n_slot, k0 + tl.arange(0, BLOCK_K), CELLS, HAS_BLOCK_KEYS)
         m_k = o_row >= 0
-        # [HEAD_DIM, BLOCK_K]
-        b_k = tl.load(
-            ck + o_row[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None], mask=m_k[None, :], other=0.0
-        )
-        if UPCAST:
-            b_k = b_k.to(tl.float32)
+        b_k = _load_k_tile(ck, o_row, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)  # [HEAD_DIM, BLOCK_K]
         # [BLOCK_R, BLOCK_K]
         b_s = tl.dot(b_q, b_k) * scale_log2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
@@ -245,27 +249,14 @@ def _cmp_attn_topk_kernel(
     b_ti = tl.full([BLOCK_Q, TOPK_P], -1, tl.int32)
     b_acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     for k0 in range(0, n_slot, BLOCK_K):
-        o_k = k0 + tl.arange(0, BLOCK_K)
-        if HAS_BLOCK_KEYS:
-            o_row = tl.load(blk_keys + blk_start * CELLS + o_k, mask=o_k < n_slot, other=-1)
-        else:
-            o_row = tl.where(o_k < n_slot, k_start + o_k, -1)
+        o_row = _key_rows(blk_keys, blk_start, k_start, n_slot, k0 + tl.arange(0, BLOCK_K), CELLS, HAS_BLOCK_KEYS)
         m_k = o_row >= 0
-        b_k = tl.load(
-            ck + o_row[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None], mask=m_k[None, :], other=0.0
-        )
-        if UPCAST:
-            b_k = b_k.to(tl.float32)
+        b_k = _load_k_tile(ck, o_row, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)
         b_s = tl.dot(b_q, b_k) * scale_log2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
         # [BLOCK_R, BLOCK_K]
         b_p = tl.exp2(b_s - b_lse2[:, None])
-        # [BLOCK_K, HEAD_DIM]
-        b_v = tl.load(
-            cv + o_row[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :], mask=m_k[:, None], other=0.0
-        )
-        if UPCAST:
-            b_v = b_v.to(tl.float32)
+        b_v = _load_v_tile(cv, o_row, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)  # [BLOCK_K, HEAD_DIM]
         b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
         # [BLOCK_Q, BLOCK_K] pooled over the G heads of the group (fp32), then [BLOCK_Q, NB] over a block's cells
         b_sc = tl.sum(tl.reshape(b_p, [BLOCK_Q, G, BLOCK_K]), 1)

@@ -37,6 +37,8 @@ from ._common import check_heads as _check_heads
 from ._common import chunk_rows as _chunk_rows
 from ._common import fitting as _fitting
 from ._common import gated as _gated
+from ._common import load_k_tile as _load_k_tile
+from ._common import load_v_tile as _load_v_tile
 from ._common import smem_limit as _smem_limit
 from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
@@ -210,21 +212,8 @@ def _selection_kernel(
             for k0 in range(t0, t1, BLOCK_K):
                 o_k = k0 + o_kk
                 m_k = o_k < t1
-                # [HEAD_DIM, BLOCK_K]
-                b_k = tl.load(
-                    k + o_k[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
-                    mask=m_k[None, :],
-                    other=0.0,
-                )
-                # [BLOCK_K, HEAD_DIM]
-                b_v = tl.load(
-                    v + o_k[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
-                    mask=m_k[:, None],
-                    other=0.0,
-                )
-                if UPCAST:
-                    b_k = b_k.to(tl.float32)
-                    b_v = b_v.to(tl.float32)
+                b_k = _load_k_tile(k, o_k, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)  # [HEAD_DIM, BLOCK_K]
+                b_v = _load_v_tile(v, o_k, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)  # [BLOCK_K, HEAD_DIM]
                 # [BLOCK_R, BLOCK_K]
                 b_s = tl.dot(b_q, b_k) * scale_log2
                 # rows whose token did not pick this block are masked whole (-inf), so a row's first tiles
@@ -269,19 +258,8 @@ def _selection_kernel(
                         for k0 in range(t0, t1, BLOCK_K):
                             o_k = k0 + o_kk
                             m_k = o_k < t1
-                            b_k = tl.load(
-                                k + o_k[None, :].to(tl.int64) * stride_kn + i_h * stride_kh + o_d[:, None],
-                                mask=m_k[None, :],
-                                other=0.0,
-                            )
-                            b_v = tl.load(
-                                v + o_k[:, None].to(tl.int64) * stride_vn + i_h * stride_vh + o_d[None, :],
-                                mask=m_k[:, None],
-                                other=0.0,
-                            )
-                            if UPCAST:
-                                b_k = b_k.to(tl.float32)
-                                b_v = b_v.to(tl.float32)
+                            b_k = _load_k_tile(k, o_k, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)
+                            b_v = _load_v_tile(v, o_k, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)
                             # [GP, BLOCK_K]
                             b_s = tl.dot(b_q, b_k) * scale_log2
                             b_s = tl.where(m_k[None, :], b_s, float("-inf"))

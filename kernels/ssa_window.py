@@ -32,6 +32,8 @@ from ._common import check_heads as _check_heads
 from ._common import chunk_rows as _chunk_rows
 from ._common import fitting as _fitting
 from ._common import gated as _gated
+from ._common import load_k_tile as _load_k_tile
+from ._common import load_v_tile as _load_v_tile
 from ._common import smem_limit as _smem_limit
 from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
@@ -160,13 +162,8 @@ def _window_kernel(
         o_k = k0 + tl.arange(0, BLOCK_K)
         m_k = o_k < w1
         o_kt = tl.load(perm + o_k, mask=m_k, other=0).to(tl.int64)
-        # [HEAD_DIM, BLOCK_K]
-        b_k = tl.load(k + o_kt[None, :] * stride_kn + i_h * stride_kh + o_d[:, None], mask=m_k[None, :], other=0.0)
-        # [BLOCK_K, HEAD_DIM]
-        b_v = tl.load(v + o_kt[:, None] * stride_vn + i_h * stride_vh + o_d[None, :], mask=m_k[:, None], other=0.0)
-        if UPCAST:
-            b_k = b_k.to(tl.float32)
-            b_v = b_v.to(tl.float32)
+        b_k = _load_k_tile(k, o_kt, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)  # [HEAD_DIM, BLOCK_K]
+        b_v = _load_v_tile(v, o_kt, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)  # [BLOCK_K, HEAD_DIM]
         # [BLOCK_R, BLOCK_K]
         b_s = tl.dot(b_q, b_k) * scale_log2
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
