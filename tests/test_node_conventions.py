@@ -13,15 +13,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import stubs
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _run(pack, node_id, **kwargs):
-    cls = pack.NODE_CLASS_MAPPINGS[node_id]
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
 
 
 def _jpg_like_picture():
@@ -35,7 +31,7 @@ def _jpg_like_picture():
 def test_loadimage_no_alpha_mask_counts_as_no_mask(pack, mask_is_background):
     """The examples' wiring (LoadImage IMAGE + MASK into Encode Image) with a JPG failed with "The mask is
     64x64 but the image is 96x96"; now it equals encoding with nothing connected."""
-    model = _run(
+    model = stubs.run_node(
         pack,
         "D3DS2LoadModel",
         variant="tiny-random",
@@ -46,10 +42,10 @@ def test_loadimage_no_alpha_mask_counts_as_no_mask(pack, mask_is_background):
         allow_download=False,
     )[0]
     img, load_image_mask = _jpg_like_picture()
-    wired = _run(
+    wired = stubs.run_node(
         pack, "D3DS2EncodeImage", model=model, image=img, mask=load_image_mask, mask_is_background=mask_is_background
     )[0]
-    alone = _run(pack, "D3DS2EncodeImage", model=model, image=img)[0]
+    alone = stubs.run_node(pack, "D3DS2EncodeImage", model=model, image=img)[0]
     assert torch.equal(wired.tokens, alone.tokens) and torch.equal(wired.patch_mask, alone.patch_mask)
 
 

@@ -22,12 +22,6 @@ def v3_classes(mod):
     return asyncio.run(ext.get_node_list())
 
 
-def run_v1(pack, node_id, **kwargs):
-    cls = pack.NODE_CLASS_MAPPINGS[node_id]
-    out = getattr(cls(), cls.FUNCTION)(**kwargs)
-    return out
-
-
 def test_registration_v1_and_v3_exclusive(pack):
     assert set(pack.__all__) == {"NODE_CLASS_MAPPINGS", "NODE_DISPLAY_NAME_MAPPINGS"}
     assert not hasattr(pack, "comfy_entrypoint")  # ComfyUI would ignore it anyway next to mappings
@@ -77,7 +71,7 @@ def test_chain_of_separate_nodes_saves_glb(pack, tmp_path):
     import comfy.model_management as mm
     import comfy.utils
 
-    model = run_v1(
+    model = stubs.run_node(
         pack,
         "D3DS2LoadModel",
         variant="tiny-random",
@@ -88,12 +82,12 @@ def test_chain_of_separate_nodes_saves_glb(pack, tmp_path):
         allow_download=False,
     )[0]
     img, mask = picture()
-    cond = run_v1(pack, "D3DS2EncodeImage", model=model, image=img, mask=mask, mask_is_background=True)[0]
+    cond = stubs.run_node(pack, "D3DS2EncodeImage", model=model, image=img, mask=mask, mask_is_background=True)[0]
     comfy.utils.updates.clear()
-    dense = run_v1(pack, "D3DS2SampleDense", model=model, conditioning=cond, seed=3, steps=2, guidance=7.0)[0]
+    dense = stubs.run_node(pack, "D3DS2SampleDense", model=model, conditioning=cond, seed=3, steps=2, guidance=7.0)[0]
     assert comfy.utils.updates == [(1, 2), (2, 2)]
-    structure = run_v1(pack, "D3DS2DecodeDense", model=model, dense_latent=dense, threshold=0.1)[0]
-    latent = run_v1(
+    structure = stubs.run_node(pack, "D3DS2DecodeDense", model=model, dense_latent=dense, threshold=0.1)[0]
+    latent = stubs.run_node(
         pack,
         "D3DS2SampleSparse",
         model=model,
@@ -108,11 +102,11 @@ def test_chain_of_separate_nodes_saves_glb(pack, tmp_path):
     loading = sys.modules[type(latent).__module__.replace(".results", ".loading")]  # the pack's own copy
     assert len(mm.memory_requests) == len(mm.loaded) and all(r > 0 for r in mm.memory_requests)
     assert mm.memory_requests[-1] == loading.activation_bytes("sparse sampling", tokens=latent.structure.num_tokens)
-    mesh = run_v1(pack, "D3DS2DecodeSparse", model=model, sparse_latent=latent, refine=False, threshold=0.2)[0]
+    mesh = stubs.run_node(pack, "D3DS2DecodeSparse", model=model, sparse_latent=latent, refine=False, threshold=0.2)[0]
     # core MESH layout: [B, N, 3] / [B, M, 3] on the intermediate device
     assert mesh.vertices.ndim == 3 and mesh.faces.ndim == 3 and mesh.vertices.shape[0] == 1
     assert mm.loaded, "stages did not go through load_models_gpu"
-    out = run_v1(
+    out = stubs.run_node(
         pack,
         "D3DS2SaveMesh",
         mesh=mesh,
@@ -130,13 +124,13 @@ def test_chain_of_separate_nodes_saves_glb(pack, tmp_path):
     assert extras["seed"] == 3 and extras["resolution"] == 512 and extras["variant"] == "tiny-random"
     assert json.loads(extras["prompt"]) == {"1": {"class_type": "X"}} and "workflow" in extras
     # the counter advances; obj works too
-    out2 = run_v1(pack, "D3DS2SaveMesh", mesh=mesh, filename_prefix="mesh/test", format="obj")
+    out2 = stubs.run_node(pack, "D3DS2SaveMesh", mesh=mesh, filename_prefix="mesh/test", format="obj")
     assert out2["ui"]["3d"][0]["filename"] == "test_00002_.obj"
     # a core-style MESH (no counts, no info) is accepted by our mesh nodes
     core = SimpleNamespace(
         vertices=mesh.vertices[:, : mesh.vertex_counts[0]], faces=mesh.faces[:, : mesh.face_counts[0]]
     )
-    post = run_v1(
+    post = stubs.run_node(
         pack,
         "D3DS2PostprocessMesh",
         mesh=core,
@@ -156,7 +150,9 @@ def test_metadata_can_be_disabled(pack, tmp_path):
         vertices=torch.tensor([[[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]]),
         faces=torch.tensor([[[0, 2, 1], [0, 1, 3], [0, 3, 2], [1, 2, 3]]]),
     )
-    run_v1(pack, "D3DS2SaveMesh", mesh=m, filename_prefix="t", format="glb", prompt={"a": 1}, extra_pnginfo={"w": 2})
+    stubs.run_node(
+        pack, "D3DS2SaveMesh", mesh=m, filename_prefix="t", format="glb", prompt={"a": 1}, extra_pnginfo={"w": 2}
+    )
     data = (tmp_path / "output" / "t_00001_.glb").read_bytes()
     n = struct.unpack("<I", data[12:16])[0]
     assert "prompt" not in json.dumps(json.loads(data[20 : 20 + n])["asset"])
@@ -166,7 +162,7 @@ def test_cancel_raises_comfy_interrupt_and_writes_nothing(pack, tmp_path):
     import comfy.model_management as mm
     import comfy.utils
 
-    model = run_v1(
+    model = stubs.run_node(
         pack,
         "D3DS2LoadModel",
         variant="tiny-random",
@@ -187,7 +183,7 @@ def test_cancel_raises_comfy_interrupt_and_writes_nothing(pack, tmp_path):
     comfy.utils.ProgressBar.update_absolute = press_cancel_at_step_2
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            run_v1(
+            stubs.run_node(
                 pack,
                 "D3DS2ImageToMesh",
                 model=model,
@@ -226,7 +222,7 @@ def test_v3_execute_all_in_one_and_save(pack_v3, tmp_path):
 
 def test_model_loader_messages(pack):
     with pytest.raises(ValueError, match="No stage is selected"):
-        run_v1(
+        stubs.run_node(
             pack,
             "D3DS2LoadModel",
             variant="tiny-random",

@@ -254,11 +254,6 @@ def pack(tmp_path):
     stubs.unload()
 
 
-def node(pack, node_id, **kwargs):
-    cls = pack.NODE_CLASS_MAPPINGS[node_id]
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
-
-
 ENCODER = SimpleNamespace(part=lambda name: SimpleNamespace(cfg=SimpleNamespace(size=28)))
 TETRA = SimpleNamespace(
     vertices=torch.tensor([[[0.0, 0, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]]]),
@@ -285,7 +280,7 @@ def test_nodes_refuse_bad_values_with_one_sentence(pack):
     ]
     for kwargs, words in cases:
         with pytest.raises(ValueError, match=words.replace("(", r"\(")):
-            node(pack, **kwargs)
+            stubs.run_node(pack, **kwargs)
 
 
 def test_save_node_long_prefix_and_a_taken_name(pack, tmp_path, monkeypatch):
@@ -295,7 +290,7 @@ def test_save_node_long_prefix_and_a_taken_name(pack, tmp_path, monkeypatch):
         match=r"filename_prefix part 'a{30}'\.\.\. is 300 bytes long; file names can have "
         r"at most 255 bytes, so shorten it to 239 or fewer\.",
     ):
-        node(pack, "D3DS2SaveMesh", mesh=TETRA, filename_prefix="a" * 300, format="glb")
+        stubs.run_node(pack, "D3DS2SaveMesh", mesh=TETRA, filename_prefix="a" * 300, format="glb")
     assert not out.exists() or not any(out.rglob("*.*"))
     # another queue run takes the name after ComfyUI counted the files: ours takes the next number, theirs stays
     import folder_paths
@@ -308,7 +303,7 @@ def test_save_node_long_prefix_and_a_taken_name(pack, tmp_path, monkeypatch):
         return folder, name, counter, sub, p
 
     monkeypatch.setattr(folder_paths, "get_save_image_path", counted_then_taken)
-    saved = node(pack, "D3DS2SaveMesh", mesh=TETRA, filename_prefix="mesh/x", format="glb")
+    saved = stubs.run_node(pack, "D3DS2SaveMesh", mesh=TETRA, filename_prefix="mesh/x", format="glb")
     assert saved["ui"]["3d"][0]["filename"] == "x_00002_.glb"
     assert (out / "mesh" / "x_00001_.glb").read_bytes() == b"other run"
     assert (out / "mesh" / "x_00002_.glb").read_bytes()[:4] == b"glTF"

@@ -7,6 +7,7 @@ import weakref
 
 import pytest
 import torch
+from conftest import stubs
 from tiny_chain import latent, models, picture  # noqa: F401 (fixtures)
 
 from s2core import hooks
@@ -73,13 +74,8 @@ def test_out_of_memory_in_decode_is_one_sentence_and_the_next_run_is_unchanged(m
 # --- nodes ------------------------------------------------------------------------------------
 
 
-def node(pack, node_id, **kwargs):
-    cls = pack.NODE_CLASS_MAPPINGS[node_id]
-    return getattr(cls(), cls.FUNCTION)(**kwargs)
-
-
 def load(pack):
-    return node(
+    return stubs.run_node(
         pack,
         "D3DS2LoadModel",
         variant="tiny-random",
@@ -97,10 +93,10 @@ def test_node_cancel_during_decode_frees_cache_and_writes_nothing(pack, tmp_path
 
     model = load(pack)
     img, mask = picture()
-    cond = node(pack, "D3DS2EncodeImage", model=model, image=img, mask=mask, mask_is_background=False)[0]
-    dense = node(pack, "D3DS2SampleDense", model=model, conditioning=cond, seed=1, steps=1, guidance=7.0)[0]
-    st = node(pack, "D3DS2DecodeDense", model=model, dense_latent=dense, threshold=0.1)[0]
-    lat = node(
+    cond = stubs.run_node(pack, "D3DS2EncodeImage", model=model, image=img, mask=mask, mask_is_background=False)[0]
+    dense = stubs.run_node(pack, "D3DS2SampleDense", model=model, conditioning=cond, seed=1, steps=1, guidance=7.0)[0]
+    st = stubs.run_node(pack, "D3DS2DecodeDense", model=model, dense_latent=dense, threshold=0.1)[0]
+    lat = stubs.run_node(
         pack,
         "D3DS2SampleSparse",
         model=model,
@@ -124,7 +120,7 @@ def test_node_cancel_during_decode_frees_cache_and_writes_nothing(pack, tmp_path
     comfy.utils.ProgressBar.update_absolute = cancel_after_first_cube
     try:
         with pytest.raises(mm.InterruptProcessingException):
-            node(pack, "D3DS2DecodeSparse", model=model, sparse_latent=lat, refine=True, threshold=0.2)
+            stubs.run_node(pack, "D3DS2DecodeSparse", model=model, sparse_latent=lat, refine=True, threshold=0.2)
     finally:
         comfy.utils.ProgressBar.update_absolute = real_update
         mm.soft_empty_cache = real_empty
@@ -138,7 +134,7 @@ def test_node_batch_equals_single_runs(pack):
     """ImageToMesh on a batch of 2 (seed s) gives item i == a single run with seed s + i, as the tooltip says."""
     model = load(pack)
     (a, ma), (b, mb) = picture(0), picture(6)
-    run = lambda img, m, seed: node(
+    run = lambda img, m, seed: stubs.run_node(
         pack,
         "D3DS2ImageToMesh",
         model=model,
@@ -210,5 +206,5 @@ def test_save_node_prefix_cannot_escape_the_output_folder(pack, tmp_path, prefix
         ),
     )
     with pytest.raises(ValueError, match="must be a relative name inside the output folder"):
-        node(pack, "D3DS2SaveMesh", mesh=m, filename_prefix=prefix, format="glb")
+        stubs.run_node(pack, "D3DS2SaveMesh", mesh=m, filename_prefix=prefix, format="glb")
     assert not [p for p in tmp_path.rglob("*") if p.is_file()]

@@ -34,3 +34,9 @@ def load_pack(v3: bool = False):
     sys.modules[NAME] = module
     spec.loader.exec_module(module)
     return module
+
+
+def run_node(pack, node_id: str, **kwargs):
+    """Call a V1 node of the loaded pack as ComfyUI does: a new instance's FUNCTION with the inputs as keywords."""
+    cls = pack.NODE_CLASS_MAPPINGS[node_id]
+    return getattr(cls(), cls.FUNCTION)(**kwargs)
