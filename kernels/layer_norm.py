@@ -10,9 +10,10 @@ ops round it:
 and returns (x', y). In `SparseDiTBlock` this replaces `norm1(x) * (1 + sc1) + sh1`, `x + attn * g1` followed
 by `norm2(x)`, and `x + cross` followed by `norm3(x) * (1 + sc2) + sh2`: each of those is 3-6 full passes
 over [N, C] in PyTorch (the fp32 copy, the norm, the cast, the multiply, the add), here one read and one or
-two writes. The gate product r·g is one PyTorch multiply before the kernel: fused into the kernel it came out
-one fp16 ulp off PyTorch's for 13% of elements on an H100 (2026-11-25), which is not acceptable in the
-residual stream; the kernel's plain x + r was bitwise PyTorch's there. The statistics are summed in a
+two writes. The gate product r·g is rounded to x's dtype before the add, as PyTorch's multiply rounds it, and
+the launch turns FMA contraction off: the residual stream must be bitwise the module's (the GPU test checks
+it). A first fused version without `enable_fp_fusion=False` came out one fp16 ulp off for 13% of elements on
+an H100 (2026-11-25); `FUSED_GATE = False` restores the separate PyTorch multiply. The statistics are summed in a
 different order than PyTorch's LayerNorm (a two-pass mean and variance over the row in registers vs
 Welford), so an element of y may round to the neighbouring fp16 value.
 
@@ -30,6 +31,9 @@ from ._common import tl, triton  # Triton, or stand-ins that let this module imp
 from ._common import use_triton as _use_triton
 
 __all__ = ["add_layer_norm", "add_layer_norm_reference"]
+
+# r·g inside the kernel (one pass less over [N, C] per gated residual); False: one PyTorch multiply first
+FUSED_GATE = True
 
 
 def add_layer_norm_reference(
@@ -70,6 +74,7 @@ def _rounded(v, dt: tl.constexpr):
 def _add_ln_kernel(
     x,
     r,
+    g,
     w,
     b,
     s,
@@ -81,6 +86,7 @@ def _add_ln_kernel(
     eps,
     stride_m,
     HAS_RES: tl.constexpr,
+    HAS_GATE: tl.constexpr,
     AFFINE: tl.constexpr,
     MODULATE: tl.constexpr,
     PER_ROW: tl.constexpr,
@@ -94,7 +100,10 @@ def _add_ln_kernel(
     v = tl.load(x + row * C + cols, mask=mask, other=0.0)
     v = v.to(tl.float32)
     if HAS_RES:
-        v = _rounded(v + tl.load(r + row * C + cols, mask=mask, other=0.0).to(tl.float32), dt)
+        b_r = tl.load(r + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+        if HAS_GATE:  # r·g rounded as PyTorch's multiply rounds it, then added
+            b_r = _rounded(b_r * tl.load(g + m_row + cols, mask=mask, other=0.0).to(tl.float32), dt)
+        v = _rounded(v + b_r, dt)
         tl.store(x_out + row * C + cols, v.to(dt), mask=mask)
     mean = tl.sum(v, 0) / C
     d = tl.where(mask, v - mean, 0.0)
@@ -118,8 +127,9 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
     assert (weight is None) == (bias is None) and (scale is None) == (shift is None)
     gate, scale, shift = (None if m is None else m.reshape(-1, C).contiguous() for m in (gate, scale, shift))
     assert all(m.dtype == x.dtype for m in (gate, scale, shift) if m is not None)
-    if gate is not None:  # r·g as the module computes it (one PyTorch multiply); the kernel adds it
+    if gate is not None and not FUSED_GATE:  # r·g as the module computes it (one PyTorch multiply)
         residual = residual * (gate if row_batch is None else gate[row_batch])
+        gate = None
     per_row = row_batch is not None
     x_out = torch.empty_like(x) if residual is not None else x
     y = torch.empty_like(x)
@@ -129,6 +139,7 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
     _add_ln_kernel[(N,)](
         x,
         x if residual is None else residual,
+        x if gate is None else gate,
         x if weight is None else weight,
         x if bias is None else bias,
         x if scale is None else scale,
@@ -140,6 +151,7 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
         eps,
         C,
         HAS_RES=residual is not None,
+        HAS_GATE=gate is not None,
         AFFINE=weight is not None,
         MODULATE=scale is not None,
         PER_ROW=per_row,

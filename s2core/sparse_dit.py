@@ -94,15 +94,20 @@ class SparseDiTBlock(nn.Module):
         plan: SSAPlan,
         offsets: torch.Tensor,
         backend: str = "auto",
-    ) -> torch.Tensor:
+        pending: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """-> (x, r, g): the block's output is x + r·g (`settle`). The MLP's gated residual is left to the
+        next block, whose first norm adds it in the same pass (`pending`), saving two passes over [N, C]."""
         # x [N, C]; mod [B, C] (or [B, 6C] when shared); per_token: [N] sample of each token, or None when B == 1
         if not self.share_mod:
             mod = self.adaLN_modulation(mod)
         sh1, sc1, g1, sh2, sc2, g2 = mod.chunk(6, dim=1)  # [B, C]; row per_token[i] belongs to token i
         # add_layer_norm(x, r, g, ...) = (x + r·g, norm(x + r·g)·s + t) with the separate ops' roundings, one
         # pass over [N, C] on CUDA:
-        #   h = norm1(x)·(1 + sc1) + sh1;  x += attn(h)·g1;  h = norm2(x);  x += cross(h);  h = norm3(x)·(1 + sc2) + sh2
-        _, h = _ln.add_layer_norm(x, scale=1 + sc1, shift=sh1, row_batch=per_token, eps=self.norm1.eps)
+        #   x += r·g (the previous block's MLP);  h = norm1(x)·(1 + sc1) + sh1;  x += attn(h)·g1;  h = norm2(x);
+        #   x += cross(h);  h = norm3(x)·(1 + sc2) + sh2
+        r, g = pending if pending is not None else (None, None)
+        x, h = _ln.add_layer_norm(x, r, g, scale=1 + sc1, shift=sh1, row_batch=per_token, eps=self.norm1.eps)
         x, h = _ln.add_layer_norm(
             x,
             self.self_attn(h, plan, backend),
@@ -120,7 +125,12 @@ class SparseDiTBlock(nn.Module):
             row_batch=per_token,
             eps=self.norm3.eps,
         )
-        return x + self.mlp(h) * (g2 if per_token is None else g2[per_token])
+        return x, self.mlp(h), g2
+
+    @staticmethod
+    def settle(x: torch.Tensor, r: torch.Tensor, g: torch.Tensor, per_token) -> torch.Tensor:
+        """x + r·g: the block's output from its deferred form, with the module's roundings."""
+        return x + r * (g if per_token is None else g[per_token])
 
 
 class SparseDiT(nn.Module):
@@ -173,7 +183,9 @@ class SparseDiT(nn.Module):
             cond = cond.to(dt)
         h = h + absolute_position_embedding(x.coords[:, 1:] * cfg.factor, cfg.model_channels).to(dt)
         per_token = None if x.batch_size == 1 else x.coords[:, 0].long()
+        pending = None
         for block in self.blocks:
-            h = block(h, t_emb, per_token, cond, plan, x.offsets, backend)
+            h, *pending = block(h, t_emb, per_token, cond, plan, x.offsets, backend, pending)
+        h = SparseDiTBlock.settle(h, *pending, per_token)
         h = F.layer_norm(h, h.shape[-1:])  # no affine, eps 1e-5, in the compute dtype as the original
         return x.replace(self.out_layer(h.to(dt)).to(x.feats.dtype))
