@@ -15,6 +15,7 @@ works the same way; `float32` runs everything in fp32.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -26,6 +27,14 @@ from .config import DenseDiTConfig
 from .layers import FeedForward, LayerNorm32, absolute_position_embedding, cast_layers
 
 
+@functools.lru_cache(maxsize=16)
+def _frequencies(half: int, max_period: float, device: torch.device) -> torch.Tensor:
+    """The frequency table, built on the CPU in fp32 and copied to `device` once: a copy from host memory
+    inside the forward could not be captured in a CUDA graph (`cuda_graph.py`)."""
+    with torch.inference_mode(False):  # a plain tensor, usable outside inference mode too
+        return torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(device)
+
+
 def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of (fractional) timesteps: `t [N]` → `[N, dim]` fp32, cosines first.
 
@@ -33,8 +42,7 @@ def timestep_frequencies(t: torch.Tensor, dim: int = 256, max_period: float = 10
     every device.
     """
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32) / half).to(t.device)
-    args = t[:, None].float() * freqs[None]
+    args = t[:, None].float() * _frequencies(half, max_period, t.device)[None]
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
         emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)

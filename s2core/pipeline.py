@@ -33,6 +33,7 @@ from .config import (
     SPARSE_512_STEPS,
     SPARSE_1024_STEPS,
 )
+from .cuda_graph import GraphedModel
 from .flow_sampler import make_noise, sample_flow, seeded_generator
 from .hooks import Callback, ShouldStop, poll, stage_guard, step_hooks
 from .image import preprocess_image
@@ -130,7 +131,7 @@ def sample_dense(
         c = cond.tokens.to(dev)
         cb, check = step_hooks(callback, should_stop)
         latents = sample_flow(
-            dit,
+            GraphedModel(dit),  # fixed shapes: each of the 2·steps forwards replays one captured CUDA graph
             noise,
             c,
             torch.zeros_like(c),
