@@ -173,6 +173,12 @@ def main():
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
+        "--cap-gib",
+        type=float,
+        default=None,
+        help="cap PyTorch's allocator at this many GiB (set_per_process_memory_fraction): an 8 GB card's budget",
+    )
+    ap.add_argument(
         "--original",
         metavar="UPSTREAM",
         default=None,
@@ -200,6 +206,9 @@ def main():
     args = ap.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if args.cap_gib and device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, device)
     if args.offload and args.resident:
         ap.error("--offload and --resident contradict each other; pass one.")
     args.offload = loading.Placement(device, offload=False if args.resident else None).offload
@@ -242,7 +251,8 @@ def main():
         f"- date: {date}; GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}",
         f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
         f"- mesh: bumpy icosphere, {f.shape[0]} faces; tokens: {info['tokens_512']} at 512, "
-        f"{info['tokens_1024']} at 1024; {'warm (second) run' if args.warm else 'first run'}",
+        f"{info['tokens_1024']} at 1024; {'warm (second) run' if args.warm else 'first run'}"
+        + (f"; allocator capped at {args.cap_gib} GiB" if args.cap_gib else ""),
         "- original: PERF.md (same kind of H100, not this run; 18,872 / 91,538 tokens)",
         "",
         "| stage | ours s | ours peak alloc GiB | ours peak reserved GiB | original s | original peak GiB | note |",

@@ -1,0 +1,138 @@
+"""What a new install's first SSA forwards spend: Triton's setup, each kernel's compile + autotune, each config.
+
+Run in a fresh process with an empty Triton cache (the state of a new ComfyUI install):
+
+    TRITON_CACHE_DIR=$(mktemp -d) python bench/first_run.py --out first_run.md
+    TRITON_CACHE_DIR=$(mktemp -d) python bench/first_run.py --parallel 8 --out first_run_parallel.md
+
+It times, with a CUDA sync around each: the first launch of a small Triton kernel (driver helpers, launcher
+build, one compile), then one SSA forward of the sparse-512 stage's shape (27,126 tokens) and one of the
+1024 stage's (108,862), each twice (first = compile + autotune, second = warm), per branch. The table of
+autotune results gives every config's time at each size, so configs that never win can be dropped.
+`--parallel N` compiles every config of an autotuned kernel on N threads (Triton's AsyncCompileMode) before
+the autotuner benchmarks them: an experiment for the first-run target of issue 17, not the product's path.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_ssa import CBS, HK, SBS, SHIFT, TOPK, WIN, H, make_inputs, ours_forward, surface_band  # noqa: E402
+
+from kernels import layer_norm, ssa_compressed, ssa_selection, ssa_window  # noqa: E402
+from s2core.ssa import SpatialSparseAttention, ssa_plan  # noqa: E402
+from s2core.testing import deterministic_state_dict  # noqa: E402
+
+BRANCHES = ("compress K,V", "gate", "compressed + top-k", "selection", "window")
+
+
+def tuners():
+    """Every autotuned SSA kernel (module attribute names ending in `_tuned`)."""
+    out = {}
+    for mod in (ssa_compressed, ssa_selection, ssa_window):
+        for name, obj in vars(mod).items():
+            if name.endswith("_tuned") and hasattr(obj, "configs"):
+                out[f"{mod.__name__.split('.')[-1]}.{name}"] = obj
+    return out
+
+
+def parallel_precompile(threads: int) -> None:
+    """Before each tuner's first benchmark, compile all its pruned configs at once on `threads` threads."""
+    from triton.runtime._async_compile import AsyncCompileMode
+
+    for tuner in tuners().values():
+        run = tuner.run
+
+        def patched(*args, _tuner=tuner, _run=run, **kwargs):
+            _tuner.nargs = dict(zip(_tuner.arg_names, args))
+            kw = {k: v for k, v in kwargs.items() if k != "warmup"}
+            with AsyncCompileMode(ThreadPoolExecutor(threads)):
+                for config in _tuner.prune_configs(kw):
+                    _tuner.fn.run(*args, **{**kw, **config.all_kwargs(), "warmup": True})
+            _tuner.run = _run
+            return _run(*args, **kwargs)
+
+        tuner.run = patched
+
+
+def one_forward(m, plan, inputs):
+    marks = []
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    ours_forward(m, plan, *inputs, marks=marks)
+    torch.cuda.synchronize()
+    wall = time.perf_counter() - t0
+    return wall, [marks[i].elapsed_time(marks[i + 1]) / 1e3 for i in range(len(marks) - 1)]
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--parallel", type=int, default=0, help="compile each tuner's configs on N threads first")
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args()
+    t_start = time.perf_counter()
+    if args.parallel:
+        parallel_precompile(args.parallel)
+    lines = [
+        f"# First SSA forwards in a fresh process — {datetime.date.today()}, {torch.cuda.get_device_name()}",
+        "",
+        f"- command: `{' '.join(sys.argv)}` (TRITON_CACHE_DIR empty at start); torch {torch.__version__}, "
+        f"Triton {__import__('triton').__version__}",
+        "",
+    ]
+    x = torch.randn(4, 1024, device="cuda", dtype=torch.float16)
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    layer_norm.add_layer_norm(x, x.clone())
+    torch.cuda.synchronize()
+    lines += [f"First Triton launch (add_layer_norm, 4 rows): **{time.perf_counter() - t0:.2f} s**", ""]
+    lines += ["| stage shape | call | wall s | " + " | ".join(BRANCHES) + " |", "|---" * (3 + len(BRANCHES)) + "|"]
+    m = SpatialSparseAttention(1024, H, HK, CBS, SBS, TOPK, WIN, SHIFT, "v1")
+    m.load_state_dict(deterministic_state_dict(m, 0), strict=True)
+    m = m.cuda()
+    for mod in m.modules():  # fp16 projections, fp32 intra-block PE (as bench_ssa.py)
+        if isinstance(mod, torch.nn.Linear) or mod.__class__.__name__ == "SparseConv":
+            mod.half()
+    chosen = []
+    for name, n, grid in (("512", 27126, 64), ("1024", 108862, 128)):
+        coords = surface_band(n, grid)
+        plan = ssa_plan(coords, 1, CBS, SBS, WIN, (0, SHIFT))
+        inputs = make_inputs(coords, smooth=True)
+        for call in ("first", "second"):
+            with torch.no_grad():
+                wall, parts = one_forward(m, plan, inputs)
+            lines.append(
+                f"| {name}: {n} tokens | {call} | {wall:.2f} | " + " | ".join(f"{p:.3f}" for p in parts) + " |"
+            )
+        for tname, tuner in tuners().items():
+            timings = getattr(tuner, "configs_timings", None) or {}
+            for cfg, ms in sorted(timings.items(), key=lambda kv: kv[1][0] if isinstance(kv[1], list) else kv[1]):
+                t = ms[0] if isinstance(ms, list) else ms
+                chosen.append(f"| {name} | {tname} | {cfg} | {t:.3f} |")
+            tuner.configs_timings = {}
+    lines += ["", f"Whole script: {time.perf_counter() - t_start:.1f} s", ""]
+    lines += [
+        "## Autotune timings (ms, per config, best first)",
+        "",
+        "| size | kernel | config | ms |",
+        "|---|---|---|---|",
+    ]
+    lines += chosen or ["| - | - | (cached results: no benchmarking ran) | - |"]
+    text = "\n".join(lines) + "\n"
+    args.out.write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
