@@ -8,8 +8,35 @@ raises ImportError, and the plain import is the right one.
 """
 
 try:
-    from ..kernels import group_norm, layer_norm, raster, ssa_compressed, ssa_selection, ssa_window, voxelize
+    from ..kernels import (
+        adaptive_filter,
+        group_norm,
+        layer_norm,
+        raster,
+        ssa_compressed,
+        ssa_selection,
+        ssa_window,
+        voxelize,
+    )
 except ImportError:
-    from kernels import group_norm, layer_norm, raster, ssa_compressed, ssa_selection, ssa_window, voxelize
+    from kernels import (
+        adaptive_filter,
+        group_norm,
+        layer_norm,
+        raster,
+        ssa_compressed,
+        ssa_selection,
+        ssa_window,
+        voxelize,
+    )
 
-__all__ = ["group_norm", "layer_norm", "raster", "ssa_compressed", "ssa_selection", "ssa_window", "voxelize"]
+__all__ = [
+    "adaptive_filter",
+    "group_norm",
+    "layer_norm",
+    "raster",
+    "ssa_compressed",
+    "ssa_selection",
+    "ssa_window",
+    "voxelize",
+]

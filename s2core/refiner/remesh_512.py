@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .._kernels import adaptive_filter as _af
 from ..config import RefinerConfig
 from ..layers import cast_layers
 from ..sparse.tensor import SparseTensor
@@ -53,17 +54,11 @@ def adaptive_filter(x: torch.Tensor, head: nn.Module, source: torch.Tensor | Non
 
     Weights are L1-normalised over the 27 taps. Tap t = 9a + 3b + c reads x at offset (a-1, b-1, c-1)
     with zero padding. Terms are added one tap at a time in tap order, in x's dtype, as the original
-    does, so fp16 rounding matches.
+    does, so fp16 rounding matches (bit for bit; on CUDA one Triton kernel a step, `kernels/adaptive_filter.py`).
     """
-    w = F.normalize(head(x if source is None else source), p=1, dim=1)  # [B, 27, P, P, P]
-    P0, P1, P2 = x.shape[-3:]
+    w = F.normalize(head(x if source is None else source), p=1, dim=1).contiguous()  # [B, 27, P, P, P]
     for _ in range(3):
-        xp = F.pad(x, (1, 1, 1, 1, 1, 1))
-        out = torch.zeros_like(x)
-        for t in range(27):
-            a, b, c = t // 9, t // 3 % 3, t % 3
-            out = out + xp[:, :, a : a + P0, b : b + P1, c : c + P2] * w[:, t : t + 1]
-        x = out
+        x = _af.adaptive_filter_step(x, w)
     return x
 
 
