@@ -3,14 +3,14 @@
 Run in a fresh process with an empty Triton cache (the state of a new ComfyUI install):
 
     TRITON_CACHE_DIR=$(mktemp -d) python bench/first_run.py --out first_run.md
-    TRITON_CACHE_DIR=$(mktemp -d) python bench/first_run.py --parallel 8 --out first_run_parallel.md
+    TRITON_CACHE_DIR=$(mktemp -d) python bench/first_run.py --sequential --out first_run_sequential.md
 
 It times, with a CUDA sync around each: the first launch of a small Triton kernel (driver helpers, launcher
 build, one compile), then one SSA forward of the sparse-512 stage's shape (27,126 tokens) and one of the
 1024 stage's (108,862), each twice (first = compile + autotune, second = warm), per branch. The table of
 autotune results gives every config's time at each size, so configs that never win can be dropped.
-`--parallel N` compiles every config of an autotuned kernel on N threads (Triton's AsyncCompileMode) before
-the autotuner benchmarks them: an experiment for the first-run target of issue 17, not the product's path.
+By default the configs of a tuning round compile in parallel (kernels/_autotune.py); `--sequential` turns that
+off, for the side-by-side row.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import argparse
 import datetime
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -30,7 +29,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_ssa import CBS, HK, SBS, SHIFT, TOPK, WIN, H, make_inputs, ours_forward, surface_band  # noqa: E402
 
-from kernels import layer_norm, ssa_compressed, ssa_selection, ssa_window  # noqa: E402
+from kernels import _autotune, layer_norm, ssa_compressed, ssa_selection, ssa_window  # noqa: E402
 from s2core.ssa import SpatialSparseAttention, ssa_plan  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
 
@@ -47,25 +46,6 @@ def tuners():
     return out
 
 
-def parallel_precompile(threads: int) -> None:
-    """Before each tuner's first benchmark, compile all its pruned configs at once on `threads` threads."""
-    from triton.runtime._async_compile import AsyncCompileMode
-
-    for tuner in tuners().values():
-        run = tuner.run
-
-        def patched(*args, _tuner=tuner, _run=run, **kwargs):
-            _tuner.nargs = dict(zip(_tuner.arg_names, args))
-            kw = {k: v for k, v in kwargs.items() if k != "warmup"}
-            with AsyncCompileMode(ThreadPoolExecutor(threads)):
-                for config in _tuner.prune_configs(kw):
-                    _tuner.fn.run(*args, **{**kw, **config.all_kwargs(), "warmup": True})
-            _tuner.run = _run
-            return _run(*args, **kwargs)
-
-        tuner.run = patched
-
-
 def one_forward(m, plan, inputs):
     marks = []
     torch.cuda.synchronize()
@@ -78,12 +58,14 @@ def one_forward(m, plan, inputs):
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--parallel", type=int, default=0, help="compile each tuner's configs on N threads first")
+    ap.add_argument(
+        "--sequential", action="store_true", help="compile autotune configs one by one (as before kernels/_autotune.py)"
+    )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     t_start = time.perf_counter()
-    if args.parallel:
-        parallel_precompile(args.parallel)
+    if args.sequential:
+        _autotune.PARALLEL_COMPILE = False
     lines = [
         f"# First SSA forwards in a fresh process — {datetime.date.today()}, {torch.cuda.get_device_name()}",
         "",

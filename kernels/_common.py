@@ -11,7 +11,6 @@ the tensors' own device (CUDA, CPU, MPS), with one log line the first time a CUD
 from __future__ import annotations
 
 import functools
-import inspect
 import logging
 
 import torch
@@ -224,10 +223,3 @@ CHUNK_ELEMENTS = 1 << 28
 def chunk_rows(per_row: int, budget: int | None = None) -> int:
     """Rows (queries, windows) per chunk when each row needs `per_row` elements of temporaries."""
     return max(1, (CHUNK_ELEMENTS if budget is None else budget) // max(per_row, 1))
-
-
-# keep autotuning results in Triton's on-disk cache where this Triton can (3.3+), so a new process skips the
-# benchmarking (the first sparse sampling of a process otherwise spends seconds on it)
-AUTOTUNE_CACHE = (
-    {"cache_results": True} if HAS_TRITON and "cache_results" in inspect.signature(triton.autotune).parameters else {}
-)

@@ -36,7 +36,8 @@ import math
 
 import torch
 
-from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
+from ._autotune import autotune as _autotune
+from ._autotune import tune_size as _tune_size
 from ._common import LOG2E as _LOG2E
 from ._common import check_heads as _check_heads
 from ._common import chunk_rows as _chunk_rows
@@ -183,6 +184,7 @@ def _cmp_attn_topk_kernel(
     stride_bh,
     stride_bn,
     stride_g,
+    tune_rows,  # autotune key only (size class, `tune_size`); unused in the body
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     TOPK: tl.constexpr,
@@ -293,12 +295,11 @@ def _cmp_attn_topk_kernel(
 
 
 # restore_value: benchmarking a config must not add into `o` when the kernel accumulates into it
-_cmp_attn_topk_tuned = triton.autotune(
+_cmp_attn_topk_tuned = _autotune(
     _configs(),
-    key=["G", "HEAD_DIM", "CELLS", "TOPK"],
+    key=["G", "HEAD_DIM", "CELLS", "TOPK", "tune_rows"],
     restore_value=["o"],
     prune_configs_by={"early_config_prune": _prune},
-    **_AUTOTUNE_CACHE,
 )(_cmp_attn_topk_kernel)
 
 
@@ -348,6 +349,7 @@ def _ssa_compressed_attention_triton(
         blk_keys=block_keys if has_bk else cu_seqlens_k,
         gate=q if gate is None else gate,
         stride_g=0 if gate is None else gate.stride(0),
+        tune_rows=_tune_size(q.shape[0]),
         scale_log2=scale * _LOG2E,
         stride_qn=q.stride(0),
         stride_qh=q.stride(1),

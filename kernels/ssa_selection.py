@@ -29,7 +29,8 @@ import math
 
 import torch
 
-from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
+from ._autotune import autotune as _autotune
+from ._autotune import tune_size as _tune_size
 from ._common import LOG2E as _LOG2E
 from ._common import attend_finish as _attend_finish
 from ._common import attend_step as _attend_step
@@ -149,6 +150,7 @@ def _selection_kernel(
     stride_bh,
     stride_bn,
     stride_g,
+    tune_rows,  # autotune key only (size class, `tune_size`); unused in the body
     G: tl.constexpr,
     GP: tl.constexpr,
     HEAD_DIM: tl.constexpr,
@@ -277,12 +279,11 @@ def _selection_kernel(
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
-_selection_tuned = triton.autotune(
+_selection_tuned = _autotune(
     _configs(),
-    key=["G", "HEAD_DIM", "TOPK"],
+    key=["G", "HEAD_DIM", "TOPK", "tune_rows"],
     restore_value=["o"],
     prune_configs_by={"early_config_prune": _prune},
-    **_AUTOTUNE_CACHE,
 )(_selection_kernel)
 
 
@@ -323,6 +324,7 @@ def _ssa_selection_attention_triton(
         cu_blk_tok=cu_block_tokens,
         gate=q if gate is None else gate,
         stride_g=0 if gate is None else gate.stride(0),
+        tune_rows=_tune_size(q.shape[0]),
         HAS_GATE=gate is not None,
         ACCUMULATE=out is not None,
         scale_log2=scale * _LOG2E,

@@ -24,7 +24,8 @@ import math
 
 import torch
 
-from ._common import AUTOTUNE_CACHE as _AUTOTUNE_CACHE
+from ._autotune import autotune as _autotune
+from ._autotune import tune_size as _tune_size
 from ._common import LOG2E as _LOG2E
 from ._common import attend_finish as _attend_finish
 from ._common import attend_step as _attend_step
@@ -128,6 +129,7 @@ def _window_kernel(
     stride_on,
     stride_oh,
     stride_g,
+    tune_rows,  # autotune key only (size class, `tune_size`); unused in the body
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     TILE_Q: tl.constexpr,
@@ -181,12 +183,11 @@ def _window_kernel(
 
 
 # restore_value: benchmarking a config must not add into `o` (the kernel accumulates into it)
-_window_tuned = triton.autotune(
+_window_tuned = _autotune(
     _configs(),
-    key=["G", "HEAD_DIM"],
+    key=["G", "HEAD_DIM", "tune_rows"],
     restore_value=["o"],
     prune_configs_by={"early_config_prune": _prune},
-    **_AUTOTUNE_CACHE,
 )(_window_kernel)
 
 
@@ -220,6 +221,7 @@ def _ssa_window_attention_triton(
         scale_log2=scale * _LOG2E,
         gate=q if gate is None else gate,
         stride_g=0 if gate is None else gate.stride(0),
+        tune_rows=_tune_size(q.shape[0]),
         HAS_GATE=gate is not None,
         ACCUMULATE=out is not None,
         stride_qn=q.stride(0),

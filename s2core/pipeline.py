@@ -126,12 +126,13 @@ def sample_dense(
     with (
         stage_guard("dense sampling", "use fewer images per batch"),
         models.placement.use([dit], activation_bytes("dense sampling", cond.batch_size)) as dev,
+        GraphedModel(dit) as graphed,  # fixed shapes: each of the 2·steps forwards replays one captured graph
     ):
         noise = _noise([shape] * cond.batch_size, seed, dev, models.dtype)
         c = cond.tokens.to(dev)
         cb, check = step_hooks(callback, should_stop)
         latents = sample_flow(
-            GraphedModel(dit),  # fixed shapes: each of the 2·steps forwards replays one captured CUDA graph
+            graphed,
             noise,
             c,
             torch.zeros_like(c),

@@ -71,3 +71,24 @@ def test_batch_of_two_gets_its_own_graph():
         assert torch.equal(graphed(x, t, cond), dit(x, t, cond))
         assert torch.equal(graphed(x[:1], t, cond[:1].clone()), dit(x[:1], t, cond[:1]))
     assert len(graphed.graphs) == 2
+
+
+@pytest.mark.gpu
+def test_closed_wrapper_leaves_no_memory_behind():
+    # each sampling run wraps the model anew (pipeline.sample_dense): after its `with` block the graphs, their
+    # pool and cuBLAS's per-stream workspaces are gone, so run after run allocates nothing more
+    cfg = dataclasses.replace(tiny_release().dense_dit, use_fp16=True)
+    dit = _dit(cfg, "cuda")
+    x, cond = _inputs(cfg, "cuda", 4)
+    t = torch.tensor([400.0], device="cuda").half()
+    with torch.inference_mode():
+        dit(x, t, cond)  # the default stream's own lazy state first
+        torch.cuda.synchronize()
+        levels = []
+        for _ in range(3):
+            with GraphedModel(dit) as graphed:
+                graphed(x, t, cond)
+                assert len(graphed.graphs) == 1
+            assert graphed.graphs == {}
+            levels.append(torch.cuda.memory_allocated())
+    assert levels[1] == levels[0] == levels[2], levels

@@ -1,4 +1,5 @@
-"""Autotune configs are pruned by the running GPU's own shared-memory limit (faked here; no GPU needed).
+"""Autotune configs are pruned by the running GPU's own shared-memory limit (faked here; no GPU needed), and
+tuned per size class (a small first launch must not pick the tile of the 1024 stage).
 
 Per-block opt-in limits: sm_86/89/120 (RTX 30/40/50) 101376 B, sm_80 (A100) 166912 B, sm_90 (H100) 232448 B.
 The estimates themselves are checked against the compiled kernels for every architecture by bench/archs.py.
@@ -9,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import _common
+from kernels import _autotune, _common
 from kernels import ssa_compressed as CMP
 from kernels import ssa_selection as SEL
 from kernels import ssa_window as WIN
@@ -79,3 +80,19 @@ def test_autotuners_prune_with_these_hooks():
     assert CMP._cmp_attn_topk_tuned.early_config_prune is CMP._prune
     assert SEL._selection_tuned.early_config_prune is SEL._prune
     assert WIN._window_tuned.early_config_prune is WIN._prune
+
+
+def test_size_classes():
+    # one class per factor of 4 from 8k rows; the two stages of the released model land in different classes
+    edges = {0: 16, 1: 16, 8191: 16, 8192: 32, 32767: 32, 32768: 64, 131071: 64, 131072: 128, 524287: 128}
+    for rows, cls in edges.items():
+        assert _autotune.tune_size(rows) == cls, rows
+    assert _autotune.tune_size(1 << 30) == 256  # and no further
+    assert _autotune.tune_size(27_126) != _autotune.tune_size(108_862)
+    # multiples of 16 only: Triton specialises integer arguments on ==1 and %16, so all classes share a binary
+    assert all(_autotune.tune_size(1 << b) % 16 == 0 for b in range(32))
+
+
+def test_autotuners_key_on_the_size_class():
+    for tuner in (CMP._cmp_attn_topk_tuned, SEL._selection_tuned, WIN._window_tuned):
+        assert "tune_rows" in tuner.keys

@@ -1,0 +1,77 @@
+"""How the SSA kernels autotune: a size class in the key, results kept on disk, and configs compiled in parallel.
+
+- `tune_size(rows)` is the size class a launch passes in its `tune_rows` argument, which the autotune key names.
+  Without it the first shape tuned (a small test, say) would pick the tile for every later size, and with
+  results kept on disk it would do so for good: on an H100 that cost the 1024 stage ~9% (2026-12-06).
+- Results are kept in Triton's on-disk cache where this Triton can (3.3+), so a new process skips the
+  benchmarking (the first sparse sampling of a process otherwise spends seconds on it).
+- A new install compiles every config once, one after another inside Triton's autotuner: ~20 s before the
+  first mesh on an H100 machine (bench/results/first_run.md). When Triton has its asynchronous compile mode
+  (3.4+), the first benchmark of a tuning round first compiles all the round's configs on a few threads; a
+  round that finds its result on disk benchmarks nothing and so compiles nothing extra. Any failure there only
+  means the configs compile one by one, as without it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+from ._common import HAS_TRITON, triton
+
+log = logging.getLogger(__name__)
+
+try:
+    from triton.runtime._async_compile import AsyncCompileMode
+except ImportError:  # no Triton, or one without the asynchronous compile mode
+    AsyncCompileMode = None
+
+COMPILE_THREADS = min(8, os.cpu_count() or 1)
+PARALLEL_COMPILE = True  # False: configs compile one by one inside the benchmark (bench/first_run.py --sequential)
+
+
+def tune_size(rows: int) -> int:
+    """The autotune size class of a launch over `rows` query rows: one class per factor of 4 from 8k (below 8k,
+    8k-32k, 32k-128k, 128k-512k, more). The values are multiples of 16, so the unused kernel argument that
+    carries it never changes Triton's specialisation: one compiled binary serves every class."""
+    return 16 << min(max(rows.bit_length() - 12, 0) // 2, 4)
+
+
+def _precompile(fn, args, meta, configs) -> None:
+    """Compile `fn` for every config on COMPILE_THREADS threads; the autotuner's launches then find them built."""
+    kwargs = {k: v for k, v in meta.items() if k != "warmup"}
+    try:
+        with ThreadPoolExecutor(COMPILE_THREADS) as pool, AsyncCompileMode(pool):
+            for config in configs:
+                fn.run(*args, **kwargs, **config.all_kwargs(), warmup=True)
+    except Exception as e:  # noqa: BLE001 - e.g. a config out of resources: the benchmark reports it as before
+        log.debug("parallel precompile of %s stopped (%s); configs compile one by one", fn, e)
+
+
+def _parallel(base: type) -> type:
+    class ParallelCompileAutotuner(base):
+        """Triton's autotuner, compiling a round's configs together before benchmarking the first one."""
+
+        def _bench(self, *args, config, **meta):
+            configs = self.prune_configs(meta) if PARALLEL_COMPILE else []
+            if PARALLEL_COMPILE and len(configs) > 1 and str(config) == str(configs[0]):
+                _precompile(self.fn, args, meta, configs)
+            return super()._bench(*args, config=config, **meta)
+
+    return ParallelCompileAutotuner
+
+
+def autotune(configs, key, **kwargs):
+    """`triton.autotune(configs, key, **kwargs)` with disk-kept results and parallel compilation where available."""
+    if HAS_TRITON and "cache_results" in inspect.signature(triton.autotune).parameters:
+        kwargs.setdefault("cache_results", True)
+
+    def wrap(kernel):
+        tuner = triton.autotune(configs, key=key, **kwargs)(kernel)
+        if AsyncCompileMode is not None and isinstance(getattr(tuner, "fn", None), triton.JITFunction):
+            tuner.__class__ = _parallel(type(tuner))
+        return tuner
+
+    return wrap
