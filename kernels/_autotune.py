@@ -39,13 +39,18 @@ def tune_size(rows: int) -> int:
     return 16 << min(max(rows.bit_length() - 12, 0) // 2, 4)
 
 
-def _precompile(fn, args, meta, configs) -> None:
-    """Compile `fn` for every config on COMPILE_THREADS threads; the autotuner's launches then find them built."""
+def _precompile(tuner, args, meta, config) -> None:
+    """At the first config of a tuning round (`config`), compile the tuner's kernel for every config of the
+    round on COMPILE_THREADS threads; the autotuner's launches then find them built."""
     kwargs = {k: v for k, v in meta.items() if k != "warmup"}
+    fn = tuner.fn
     try:
+        configs = tuner.prune_configs(meta)
+        if len(configs) < 2 or str(config) != str(configs[0]):
+            return
         with ThreadPoolExecutor(COMPILE_THREADS) as pool, AsyncCompileMode(pool):
-            for config in configs:
-                fn.run(*args, **kwargs, **config.all_kwargs(), warmup=True)
+            for c in configs:
+                fn.run(*args, **kwargs, **c.all_kwargs(), warmup=True)
     except Exception as e:  # noqa: BLE001 - e.g. a config out of resources: the benchmark reports it as before
         log.debug("parallel precompile of %s stopped (%s); configs compile one by one", fn, e)
 
@@ -55,9 +60,8 @@ def _parallel(base: type) -> type:
         """Triton's autotuner, compiling a round's configs together before benchmarking the first one."""
 
         def _bench(self, *args, config, **meta):
-            configs = self.prune_configs(meta) if PARALLEL_COMPILE else []
-            if PARALLEL_COMPILE and len(configs) > 1 and str(config) == str(configs[0]):
-                _precompile(self.fn, args, meta, configs)
+            if PARALLEL_COMPILE:
+                _precompile(self, args, meta, config)
             return super()._bench(*args, config=config, **meta)
 
     return ParallelCompileAutotuner
