@@ -635,8 +635,11 @@ def main(argv=None):
     save()
     runs = 2 if args.warm else 1
     w = None  # the wrappers of the first run, reused by the warm one
+    laps = None
     for r in range(runs):
         result["run"] = "warm (second)" if r == 1 else "first"
+        if laps is not None:  # the first chain's rows stay in the JSON beside the warm ones (first-run cost)
+            result["first_rows"] = laps.rows
         laps = Laps(device, on_row=save)
         w = Wrappers(pipe, laps, smoke) if w is None else w
         w.laps = laps
