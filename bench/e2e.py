@@ -208,7 +208,7 @@ def main():
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     if args.cap_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
-        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, device)
+        torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, torch.cuda.current_device())
     if args.offload and args.resident:
         ap.error("--offload and --resident contradict each other; pass one.")
     args.offload = loading.Placement(device, offload=False if args.resident else None).offload
