@@ -13,6 +13,7 @@ from conftest import golden
 from tolerances import rel_rms, reorder_rel_rms
 
 import s2core.refiner.refined_field as refined_field_module
+import s2core.refiner.sign_1024 as sign_1024
 from s2core.config import RefinerConfig
 from s2core.manifest import manifest
 from s2core.refiner import (
@@ -254,6 +255,26 @@ def test_remove_interior_1024_equals_dense():
     eaten = remove_interior_1024(model, handed, level=0.2, grid=grid, consume=True)
     assert torch.equal(eaten.keys, full.keys) and torch.equal(eaten.values, full.values)
     assert handed.coords.shape == (0, 4) and handed.feats.shape[0] == 0
+
+
+@pytest.mark.parametrize("keys", ["int32", "int64"])
+def test_remove_interior_1024_batch_and_key_width(keys, monkeypatch):
+    """Two samples, with the int32 voxel keys a single 1024³ sample gets and the int64 keys of grids past 2^31
+    voxels (forced here by lowering the limit): both equal the dense computation."""
+    if keys == "int64":
+        monkeypatch.setattr(sign_1024, "INT32_KEYS_BELOW", 0)
+    grid = CubeGrid(32, 16, 8)
+    model = _model(VoxelRefinerSign, RefinerConfig(patch_size=16, sign=True, use_fp16=False), seed=6)
+    coords, values = _sphere_band(64, (33.2, 30.7, 28.1), 13.0, 3.0, batch=2)
+    order = torch.argsort(coords[:, 0], stable=True)
+    coords, values = coords[order], values[order]
+    assert sign_1024._voxel_keys(coords, 2, 64).dtype == getattr(torch, keys)
+    dense = _dense_refine_1024(model, coords, values, grid, 2)
+    out = remove_interior_1024(model, SparseTensor(values, coords), level=0.2, grid=grid, slab_rows=5)
+    ref_idx = np.argwhere(_crossing_corners(dense.numpy(), 0.2))
+    assert len(ref_idx) > 100 and len(np.unique(ref_idx[:, 0])) == 2
+    np.testing.assert_array_equal(out.coords.numpy(), ref_idx)
+    torch.testing.assert_close(out.values, dense[tuple(torch.from_numpy(ref_idx).T)], rtol=0, atol=0)
 
 
 def test_remove_interior_512_consume_frees_features_only():

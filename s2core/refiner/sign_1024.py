@@ -51,14 +51,32 @@ class VoxelRefinerSign(nn.Module):
         return torch.where(p >= 0.5, 1.0, -1.0).to(p.dtype)
 
 
-def _downsample_mean(coords: torch.Tensor, values: torch.Tensor, B: int, R: int):
-    """`sparse_downsample(·, 2)` of a one-channel field at 2R → (coords [M, 4] int32 at R, values [M, 1]).
+# Voxel keys are int32 while B·R2³ fits (one sample at 1024³: 2^30), else int64: at 60 M decoded voxels an int64
+# key array is ~0.45 GB and its stable sort needs about three more of them.
+INT32_KEYS_BELOW = 2**31
 
-    The same parents and the same mean, sum / (children + 1) in fp64 (§2.3), from one int64 key per voxel
-    instead of [N, 4] int64 parent coordinates (the decoded 1024 grid has ~50 M voxels). Children are added
-    in decoded order with index_add_, as sparse_downsample does, so the values are bitwise its values.
+
+def _voxel_keys(coords: torch.Tensor, B: int, R2: int) -> torch.Tensor:
+    """x-major key ((x·B + b)·R2 + y)·R2 + z of each voxel [N, 4] (b, x, y, z), so that every x-slab of the
+    grid is one contiguous run of sorted keys."""
+    dtype = torch.int32 if B * R2**3 < INT32_KEYS_BELOW else torch.int64
+    c = coords.to(dtype)
+    return ((c[:, 1] * B + c[:, 0]) * R2 + c[:, 2]) * R2 + c[:, 3]
+
+
+def _downsample_mean(keys: torch.Tensor, values: torch.Tensor, B: int, R: int):
+    """`sparse_downsample(·, 2)` of a one-channel field at 2R → (coords [M, 4] int32 at R, values [M, 1]), from
+    the voxels' `_voxel_keys` at 2R (in decoded order).
+
+    The same parents and the same mean, sum / (children + 1) in fp64 (§2.3), from one key per voxel instead
+    of [N, 4] int64 parent coordinates (the decoded 1024 grid has ~50 M voxels). Children are added in decoded
+    order with index_add_, as sparse_downsample does, so the values are bitwise its values.
     """
-    pkeys = ((coords[:, 0].long() * R + (coords[:, 1] >> 1)) * R + (coords[:, 2] >> 1)) * R + (coords[:, 3] >> 1)
+    R2 = 2 * R
+    xb = keys // (R2 * R2)
+    pkeys = xb % B * R + xb // B // 2  # parent (b, x), then y and z
+    del xb
+    pkeys = (pkeys * R + keys // R2 % R2 // 2) * R + keys % R2 // 2
     pkeys, inverse = torch.unique(pkeys, return_inverse=True)  # sorted (b, x, y, z), as sparse_downsample
     denom = torch.bincount(inverse, minlength=pkeys.numel()).double() + 1.0
     summed = torch.zeros(pkeys.numel(), dtype=torch.float64, device=values.device).index_add_(
@@ -117,14 +135,16 @@ def remove_interior_1024(
     B = sdf.batch_size
     c, f_values = take(sdf) if consume else (sdf.coords, sdf.feats)
     f_values = f_values.reshape(-1).to(dtype)
-    c_coords, c_values = _downsample_mean(c, f_values, B, R)
+    # decoded voxels as one key each; the [N, 4] coordinates (16 bytes a voxel, ~1 GB at 1024) go first, so
+    # the downsampling and the sort below never hold them (under a 5 GiB cap that sort ran out of memory)
+    f_keys = _voxel_keys(c, B, R2)
+    del c
+    c_coords, c_values = _downsample_mean(f_keys, f_values, B, R)
     bg = torch.ones(1, dtype=dtype, device=device)
-    # decoded voxels as one int64 key each, x-major ((x·B + b)·R2 + y)·R2 + z so that every x-slab is one
-    # contiguous run; the stable sort keeps duplicates (chunk seams) in their decoded order
-    f_keys = ((c[:, 1].long() * B + c[:, 0]) * R2 + c[:, 2]) * R2 + c[:, 3]
+    # the stable sort keeps duplicates (chunk seams) in their decoded order
     f_keys, order = torch.sort(f_keys, stable=True)
     f_values = f_values[order]
-    del order, c
+    del order
     one = torch.ones((), dtype=dtype, device=device)
     collector = CrossingCollector(R2, level, near=near_band_only, max_corners=max_corners)
     empty_out = None
@@ -155,7 +175,7 @@ def remove_interior_1024(
                     progress(done, 27)
         # 1024 x-slabs of these rows: background ±1 from the sign bits, decoded values scattered on top
         starts = list(range(2 * x0, 2 * x1, slab_rows))
-        edges = torch.tensor(starts + [2 * x1], device=device) * (B * R2 * R2)
+        edges = torch.tensor(starts + [2 * x1], device=device, dtype=f_keys.dtype) * (B * R2 * R2)
         bounds = torch.searchsorted(f_keys, edges).tolist()  # one sync per row of cubes
         for n, x in enumerate(starts):
             X = min(slab_rows, 2 * x1 - x)

@@ -37,11 +37,17 @@ class ResnetBlock3D(nn.Module):
         self.conv2 = nn.Conv3d(cout, cout, 3, padding=1)
         self.conv_shortcut = nn.Conv3d(cin, cout, 1) if cin != cout else None
 
-    def forward(self, x: torch.Tensor, consume: bool = False) -> torch.Tensor:
-        """consume: x is the caller's to discard (an up block's concatenation), so with a shortcut conv the
-        first norm overwrites it instead of allocating a copy (40 channels at 256³: 1.3 GB in fp16)."""
+    def forward(self, x: torch.Tensor | list[torch.Tensor]) -> torch.Tensor:
+        """x: the input, or a one-element list through which the caller hands over its only reference (an up
+        block's concatenation; the list is emptied). A handed-over input with a shortcut conv is overwritten by
+        the first norm instead of copied, and freed once conv1 has read it: at 256³ its 40 fp16 channels are
+        1.3 GB, which would otherwise stay alive beside conv2's output."""
+        consume = isinstance(x, list)
+        if consume:
+            x = x.pop()
         skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
         h = _norm_silu(self.norm1, x, inplace=consume and self.conv_shortcut is not None)
+        del x  # with a shortcut conv, h is now the input's last reference and conv1 below drops it
         h = self.conv1(h)
         h = _norm_silu(self.norm2, h, inplace=True)
         h = self.conv2(h)
@@ -138,11 +144,34 @@ class UNet3D(nn.Module):
         x = self.mid_block(x)
         # the up path runs here rather than in UpBlock3D.forward: rebinding x in this one frame frees each
         # input (up to 32 channels at 256³) as soon as it is concatenated, and the concatenation itself is
-        # normalised in place (at 256³ the two saved 1.3 GB each)
+        # normalised in place (at 256³ the two saved 1.3 GB each). An upsampler's output goes straight into
+        # the next concatenation (`_upsample_cat`), so the full-size upsampled tensor never exists beside it.
+        upsample = None
         for block in self.up_blocks:
             for resnet in block.resnets:
-                x = torch.cat([x, skips.pop()], dim=1)
-                x = resnet(x, consume=True)
+                if upsample is None:
+                    held = [torch.cat([x, skips.pop()], dim=1)]
+                else:
+                    held = [_upsample_cat(upsample, x, skips.pop())]
+                    upsample = None
+                del x
+                x = resnet(held)
             if block.upsamplers is not None:
-                x = block.upsamplers[0](x)
+                upsample = block.upsamplers[0].conv
         return _norm_silu(self.conv_norm_out, x, inplace=True)
+
+
+def _upsample_cat(conv: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor, slabs: int = 8) -> torch.Tensor:
+    """torch.cat([conv(x), skip], 1) for a kernel-2 stride-2 transposed conv, written into the concatenation
+    a depth slab of x at a time. Each input voxel owns its own 2x2x2 output voxels, so slabs give the same
+    values; the peak is the concatenation plus one slab instead of plus the whole upsampled tensor (1.1 GB
+    fp16 at 256³ x 32 channels: the largest term of the 1024 refiner's peak)."""
+    b, _, d, h, w = x.shape
+    cout = conv.out_channels
+    out = x.new_empty(b, cout + skip.shape[1], 2 * d, 2 * h, 2 * w)
+    out[:, cout:] = skip
+    del skip  # the caller popped it: only this frame held it
+    step = -(-d // slabs)
+    for d0 in range(0, d, step):
+        out[:, :cout, 2 * d0 : 2 * (d0 + step)] = conv(x[:, :, d0 : d0 + step])
+    return out

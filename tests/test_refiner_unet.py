@@ -1,0 +1,77 @@
+"""The refiner UNet's up path: the same values as a plain concatenation, and the activation peak it keeps.
+
+The 1024 sign refiner's cube (256³) sets the 1024 stage's memory peak, so the up path writes each upsampler's
+output straight into the next concatenation and hands that concatenation to its resnet, which frees it after
+conv1. Counted in "channel volumes" (one channel of the cube, 32 MiB at 256³ in fp16), the official widths'
+peak is then 72: the 40-channel concatenation of the last up block's first resnet, the two 8-channel skips
+still waiting, and that resnet's shortcut and conv1 outputs (8 each). Before, the full upsampled tensor (32)
+lived beside the concatenation (peak 96), and the concatenation outlived conv1 (80).
+"""
+
+import weakref
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+import s2core.refiner.unet as unet
+from s2core.refiner.unet import OFFICIAL_CHANNELS, UNet3D, _upsample_cat
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+
+@pytest.mark.parametrize("depth,slabs", [(1, 8), (3, 8), (8, 8), (13, 4), (5, 1)])
+def test_upsample_cat_equals_cat(depth, slabs):
+    gen = torch.Generator().manual_seed(depth * 10 + slabs)
+    conv = torch.nn.ConvTranspose3d(6, 5, 2, stride=2).double()
+    torch.nn.init.normal_(conv.weight, generator=gen)
+    torch.nn.init.normal_(conv.bias, generator=gen)
+    x = torch.randn(2, 6, depth, 3, 4, generator=gen, dtype=torch.float64)
+    skip = torch.randn(2, 3, 2 * depth, 6, 8, generator=gen, dtype=torch.float64)
+    want = torch.cat([conv(x), skip], 1)
+    got = _upsample_cat(conv, x, skip, slabs=slabs)
+    assert torch.equal(got, want)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes of live tensor storages that ops allocated (views and in-place results are not allocations), and
+    their peak; a storage counts until the tensor that brought it in is garbage."""
+
+    def __init__(self):
+        super().__init__()
+        self.live = self.peak = 0
+        self.held: dict[int, int] = {}
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if not isinstance(t, torch.Tensor):
+                continue
+            key, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+            if key in self.held or nbytes == 0:
+                continue
+            self.held[key] = nbytes
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+            weakref.finalize(t, self._free, key)
+        return out
+
+    def _free(self, key):
+        self.live -= self.held.pop(key)
+
+
+def test_up_path_activation_peak(monkeypatch):
+    """Official widths and depths on a 16³ cube; the norms run in place as the CUDA kernel does (the CPU
+    reference's per-group temporaries are not what a GPU holds)."""
+    monkeypatch.setattr(
+        unet._gn, "group_norm_silu", lambda x, w, b, g, eps, out=None: torch.empty_like(x) if out is None else out
+    )
+    p = 16
+    net = UNet3D(1, OFFICIAL_CHANNELS, 2, 2).eval()
+    x = torch.randn(1, 1, p, p, p)
+    with torch.no_grad(), LiveBytes() as mem:
+        y = net(x)
+    assert y.shape == (1, OFFICIAL_CHANNELS[0], p, p, p)
+    volume = p**3 * x.element_size()
+    assert mem.peak <= 72 * volume, f"peak {mem.peak / volume:.1f} channel volumes (72 expected)"
