@@ -1,6 +1,10 @@
-"""The refiner UNet's up path: the same values as a plain concatenation, and the activation peak it keeps.
+"""Refiner memory: what the 1024 refinement holds before its first cube, and the UNet's activation peak.
 
-The 1024 sign refiner's cube (256³) sets the 1024 stage's memory peak, so the up path writes each upsampler's
+Before the cubes, the sign refiner turns the decoded SDF (~60 M voxels at 1024) into sorted int32 voxel keys.
+The [N, 4] coordinates (16 bytes a voxel) are dropped first, so the downsampling and the sort never hold them:
+under a 5 GiB allocator cap that sort ran out of memory while they were alive (bench/results/e2e-offload.md).
+
+The cube itself (256³) sets the rest of the stage's peak, so the UNet's up path writes each upsampler's
 output straight into the next concatenation and hands that concatenation to its resnet, which frees it after
 conv1. Counted in "channel volumes" (one channel of the cube, 32 MiB at 256³ in fp16), the official widths'
 peak is then 72: the 40-channel concatenation of the last up block's first resnet, the two 8-channel skips
@@ -16,9 +20,14 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 import s2core.refiner.unet as unet
+from s2core.config import RefinerConfig
+from s2core.refiner import CubeGrid, VoxelRefinerSign, remove_interior_1024
 from s2core.refiner.unet import OFFICIAL_CHANNELS, UNet3D, _upsample_cat
+from s2core.sparse.tensor import SparseTensor
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
+
+SMALL = (4, 8, 8, 8)  # UNet widths of a fast test refiner (the official ones: OFFICIAL_CHANNELS)
 
 
 @pytest.mark.parametrize("depth,slabs", [(1, 8), (3, 8), (8, 8), (13, 4), (5, 1)])
@@ -75,3 +84,35 @@ def test_up_path_activation_peak(monkeypatch):
     assert y.shape == (1, OFFICIAL_CHANNELS[0], p, p, p)
     volume = p**3 * x.element_size()
     assert mem.peak <= 72 * volume, f"peak {mem.peak / volume:.1f} channel volumes (72 expected)"
+
+
+class _FirstCube(Exception):
+    pass
+
+
+def test_1024_refinement_before_the_first_cube(monkeypatch):
+    """A spherical band of decoded voxels handed over as the pipeline does (consume=True); stopped at the first
+    cube. Beyond the handed-over SDF (16 bytes of coordinates + 4 of value a voxel), the keys, the sorted copy,
+    the sort order and the downsampled field peak at 12 bytes a voxel (27 while the coordinates stayed alive
+    through the sort, as before)."""
+
+    def first_cube(self, x):
+        raise _FirstCube
+
+    monkeypatch.setattr(VoxelRefinerSign, "forward", first_cube)
+    model = VoxelRefinerSign(RefinerConfig(patch_size=32, sign=True, use_fp16=False), block_out_channels=SMALL)
+    g = torch.arange(128)
+    x, y, z = torch.meshgrid(g, g, g, indexing="ij")
+    r = ((x - 60.2) ** 2 + (y - 62.7) ** 2 + (z - 66.1) ** 2).float().sqrt()
+    band = (r - 40.0).abs() < 6.0
+    xyz = band.nonzero().int()
+    coords = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
+    values = (r[band] - 40.0)[:, None] / 64
+    n = coords.shape[0]
+    with LiveBytes() as mem:
+        sdf = SparseTensor(values.clone(), coords.clone())
+        handed = mem.live
+        with pytest.raises(_FirstCube):
+            remove_interior_1024(model, sdf, level=0.2, grid=CubeGrid(64, 32, 16), consume=True)
+    assert n > 200_000
+    assert mem.peak - handed <= 16 * n, f"{(mem.peak - handed) / n:.1f} bytes a voxel beyond the SDF (12 expected)"
