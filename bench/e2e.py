@@ -40,6 +40,8 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import oom_report  # noqa: E402
+
 from s2core import config, loading, results  # noqa: E402
 from s2core import pipeline as P  # noqa: E402
 from s2core.mesh.voxelize import mesh_to_latent_index  # noqa: E402
@@ -179,6 +181,11 @@ def main():
         help="cap PyTorch's allocator at this many GiB (set_per_process_memory_fraction): an 8 GB card's budget",
     )
     ap.add_argument(
+        "--oom-report",
+        action="store_true",
+        help="at an out-of-memory error, print what is allocated by repository line (bench/oom_report.py)",
+    )
+    ap.add_argument(
         "--original",
         metavar="UPSTREAM",
         default=None,
@@ -209,6 +216,8 @@ def main():
     if args.cap_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, torch.cuda.current_device())
+    if args.oom_report and device.type == "cuda":
+        oom_report.attach()
     if args.offload and args.resident:
         ap.error("--offload and --resident contradict each other; pass one.")
     args.offload = loading.Placement(device, offload=False if args.resident else None).offload
