@@ -157,15 +157,16 @@ class UNet3D(nn.Module):
                 del x
                 x = resnet(held)
             if block.upsamplers is not None:
-                upsample = block.upsamplers[0].conv
+                upsample = block.upsamplers[0].conv  # never the last block's (upsample=i < n - 1 above)
         return _norm_silu(self.conv_norm_out, x, inplace=True)
 
 
 def _upsample_cat(conv: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor, slabs: int = 8) -> torch.Tensor:
     """torch.cat([conv(x), skip], 1) for a kernel-2 stride-2 transposed conv, written into the concatenation
     a depth slab of x at a time. Each input voxel owns its own 2x2x2 output voxels, so slabs give the same
-    values; the peak is the concatenation plus one slab instead of plus the whole upsampled tensor (1.1 GB
-    fp16 at 256³ x 32 channels: the largest term of the 1024 refiner's peak)."""
+    values; what is held is the concatenation plus one slab instead of plus the whole upsampled tensor (1.1 GB
+    fp16 at 256³ x 32 channels). On an H200 the cube's peak stayed where it was, at a convolution (with
+    cuDNN's workspace), so this lowers the floor that a smaller workspace leaves, not today's peak."""
     b, _, d, h, w = x.shape
     cout = conv.out_channels
     out = x.new_empty(b, cout + skip.shape[1], 2 * d, 2 * h, 2 * w)
