@@ -12,7 +12,8 @@ compiled figure: it must not be below it, or a config could be kept on a GPU it 
     python bench/archs.py --archs 86,120 --jobs 2 --out /tmp/archs.md
 
 Writes bench/results/archs.md (date, GPU, torch/Triton versions, command). The sizes are the released
-models': G = HQ / H = 16, D = 32, top-k 32 (512) and 8 (1024), CELLS 8 (v1.1) and 1 (v1.0); C = 1024 rows
+models': G = HQ / H = 16, D = 32; v1.1 (both DiTs): CELLS 1, top-k 8; v1.0: CELLS 8 (compression block 4 inside
+selection block 8), top-k 32 (512) and 8 (1024); C = 1024 rows
 for the LayerNorm kernel; 8³ voxelization cells.
 """
 
@@ -65,9 +66,9 @@ def cases() -> list[Case]:
     f16, i32, f32 = "*fp16", "*i32", "*fp32"
     out = []
     for label, cells, topk in [
-        ("v1.1 512: CELLS 8, top-k 32", 8, 32),
-        ("v1.1 1024: CELLS 8, top-k 8", 8, 8),
-        ("v1.0: CELLS 1, top-k 8", 1, 8),
+        ("v1.0 512: CELLS 8, top-k 32", 8, 32),
+        ("v1.0 1024: CELLS 8, top-k 8", 8, 8),
+        ("v1.1: CELLS 1, top-k 8", 1, 8),
     ]:
         out.append(
             Case(
