@@ -1,9 +1,10 @@
 """Memory bounds of the 1024 decode → refiner → marching cubes path, and the weight-placement policy.
 
 (a) A reduced 1024 stage (a small chunked sparse VAE, the sign refiner's cube glue, `mesh_refined_field`) runs
-    under a TorchDispatchMode that records every tensor an op returns. Nothing may scale with the volume of the
-    grid: the bound for any one tensor is the largest of (i) one streamed slab of the field in fp32, (ii) a few
-    words per active voxel / output face, (iii) one refiner cube; all far below a dense fp32 grid R³.
+    under a TorchDispatchMode that records every tensor an op allocates (tests/allocations.py). Nothing may
+    scale with the volume of the grid: the bound for any one tensor is the largest of (i) one streamed slab
+    of the field in fp32, (ii) a few words per active voxel / output face, (iii) one refiner cube; all far
+    below a dense fp32 grid R³.
 (b) `loading.Placement`: which networks are on the compute device during each stage and what goes back to the
     CPU afterwards (recorded by wrapping `Module.to`, so no GPU is needed).
 """
@@ -12,8 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from allocations import Allocations
 
 from s2core import loading
 from s2core import pipeline as P
@@ -24,28 +24,6 @@ from s2core.sparse_vae import SparseSDFVAE
 from s2core.testing import deterministic_state_dict
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # see conftest.py
-
-
-class LargestTensors(TorchDispatchMode):
-    """Records (bytes, op, shape, dtype) of every new storage an op returns; `largest()` is the biggest."""
-
-    def __init__(self):
-        super().__init__()
-        self.seen: list[tuple[int, str, tuple, torch.dtype]] = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        inputs = {
-            a.untyped_storage().data_ptr() for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            # views and in-place results share an input's storage: not an allocation
-            if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in inputs:
-                self.seen.append((t.untyped_storage().nbytes(), str(func), tuple(t.shape), t.dtype))
-        return out
-
-    def largest(self):
-        return max(self.seen, default=(0, "", (), None))
 
 
 def _shell_tokens(res: int, radius: float) -> torch.Tensor:
@@ -84,7 +62,7 @@ def test_1024_stage_allocates_nothing_grid_sized():
     refiner.forward = lambda sdf: torch.where(sdf < 0, -1.0, 1.0).to(sdf.dtype)
     grid = CubeGrid(R2 // 2, 64, 32)
 
-    rec_vae, rec_ref, rec_mc = LargestTensors(), LargestTensors(), LargestTensors()
+    rec_vae, rec_ref, rec_mc = Allocations(), Allocations(), Allocations()
     with torch.no_grad():
         with rec_vae:
             sdf = vae.decode(latent)

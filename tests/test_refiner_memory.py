@@ -12,12 +12,9 @@ still waiting, and that resnet's shortcut and conv1 outputs (8 each). Before, th
 lived beside the concatenation (peak 96), and the concatenation outlived conv1 (80).
 """
 
-import weakref
-
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_flatten
+from allocations import Allocations
 
 import s2core.refiner.unet as unet
 from s2core.config import RefinerConfig
@@ -43,33 +40,6 @@ def test_upsample_cat_equals_cat(depth, slabs):
     assert torch.equal(got, want)
 
 
-class LiveBytes(TorchDispatchMode):
-    """Bytes of live tensor storages that ops allocated (views and in-place results are not allocations), and
-    their peak; a storage counts until the tensor that brought it in is garbage."""
-
-    def __init__(self):
-        super().__init__()
-        self.live = self.peak = 0
-        self.held: dict[int, int] = {}
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        for t in tree_flatten(out)[0]:
-            if not isinstance(t, torch.Tensor):
-                continue
-            key, nbytes = t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
-            if key in self.held or nbytes == 0:
-                continue
-            self.held[key] = nbytes
-            self.live += nbytes
-            self.peak = max(self.peak, self.live)
-            weakref.finalize(t, self._free, key)
-        return out
-
-    def _free(self, key):
-        self.live -= self.held.pop(key)
-
-
 def test_up_path_activation_peak(monkeypatch):
     """Official widths and depths on a 16³ cube; the norms run in place as the CUDA kernel does (the CPU
     reference's per-group temporaries are not what a GPU holds)."""
@@ -79,7 +49,7 @@ def test_up_path_activation_peak(monkeypatch):
     p = 16
     net = UNet3D(1, OFFICIAL_CHANNELS, 2, 2).eval()
     x = torch.randn(1, 1, p, p, p)
-    with torch.no_grad(), LiveBytes() as mem:
+    with torch.no_grad(), Allocations() as mem:
         y = net(x)
     assert y.shape == (1, OFFICIAL_CHANNELS[0], p, p, p)
     volume = p**3 * x.element_size()
@@ -109,7 +79,7 @@ def test_1024_refinement_before_the_first_cube(monkeypatch):
     coords = torch.cat([torch.zeros_like(xyz[:, :1]), xyz], 1)
     values = (r[band] - 40.0)[:, None] / 64
     n = coords.shape[0]
-    with LiveBytes() as mem:
+    with Allocations() as mem:
         sdf = SparseTensor(values.clone(), coords.clone())
         handed = mem.live
         with pytest.raises(_FirstCube):
