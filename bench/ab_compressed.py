@@ -28,7 +28,6 @@ import argparse
 import datetime
 import importlib.util
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -40,6 +39,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import bench_ssa as S  # noqa: E402
+from profile_dit import timed  # noqa: E402
 
 from kernels import ssa_compressed  # noqa: E402
 from s2core.ssa import SpatialSparseAttention, ssa_plan  # noqa: E402
@@ -75,23 +75,11 @@ def compressed_inputs(n: int, smooth: bool, device: torch.device):
     return q, ck, cv, gate, plan
 
 
-def median_ms(fn, reps: int, cuda: bool) -> float:
-    for _ in range(2 if cuda else 0):  # the interpreter's calls take seconds: no warm-up on the CPU
+def median_ms(fn, reps: int, device: torch.device) -> float:
+    """Median ms of fn() after two warm-up calls (none on the CPU, where an interpreted call takes seconds)."""
+    for _ in range(2 if device.type == "cuda" else 0):
         fn()
-    times = []
-    for _ in range(reps):
-        if cuda:
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            times.append(a.elapsed_time(b))
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
+    return 1e3 * timed(device, fn, reps)
 
 
 def compare(variants: dict, n: int, topks, smooth: bool, reps: int, device: torch.device) -> list[dict]:
@@ -117,7 +105,7 @@ def compare(variants: dict, n: int, topks, smooth: bool, reps: int, device: torc
             if cuda:
                 torch.cuda.synchronize()
             first_s = time.perf_counter() - t0
-            ms = median_ms(gated, reps, cuda)
+            ms = median_ms(gated, reps, device)
             o, _, bidx = gated()
             _, lse, _ = call()
             tuned = getattr(module, "_cmp_attn_topk_tuned", None)
