@@ -42,8 +42,7 @@ import bench_ssa as S  # noqa: E402
 from profile_dit import timed  # noqa: E402
 
 from kernels import ssa_compressed  # noqa: E402
-from s2core.ssa import SpatialSparseAttention, ssa_plan  # noqa: E402
-from s2core.testing import deterministic_state_dict  # noqa: E402
+from s2core.ssa import ssa_plan  # noqa: E402
 
 
 def load_variant(name: str, path: Path):
@@ -57,20 +56,12 @@ def load_variant(name: str, path: Path):
 
 def compressed_inputs(n: int, smooth: bool, device: torch.device):
     """bench_ssa's q and gate input for n tokens, with the compressed keys/values and plan the SSA module builds."""
-    m = SpatialSparseAttention(1024, S.H, S.HK, S.CBS, S.SBS, S.TOPK, S.WIN, S.SHIFT, "v1")
-    m.load_state_dict(deterministic_state_dict(m, 0), strict=True)
-    m = m.to(device)
-    for mod in m.modules():  # fp16 where the DiT runs fp16 (fp32 LayerNorms etc. stay)
-        if isinstance(mod, torch.nn.Linear) or type(mod).__name__ == "SparseConv":
-            mod.half()
+    m = S.ssa_module(device)
     coords = S.surface_band(n, device=device)
     q, k, v, x = S.make_inputs(coords, smooth=smooth)
     plan = ssa_plan(coords, 1, S.CBS, S.SBS, S.WIN, (0, S.SHIFT))
     with torch.no_grad():
-        kf, vf = k.reshape(n, -1), v.reshape(n, -1)
-        pe = m.intra_block_pe.reshape(-1, S.HK * S.D)[plan.pe_index].to(kf.dtype)
-        ck = m.compression_key(kf + pe, plan).view(-1, S.HK, S.D)
-        cv = m.compression_value(vf, plan).view(-1, S.HK, S.D)
+        ck, cv = S.compress_kv(m, plan, k, v)
         gate = torch.sigmoid(m.gate(x))[:, 0]
     return q, ck, cv, gate, plan
 
@@ -124,7 +115,7 @@ def compare(variants: dict, n: int, topks, smooth: bool, reps: int, device: torc
     return rows
 
 
-def verdict(rows: list[dict], timed: bool = True) -> str:
+def verdict(rows: list[dict], on_gpu: bool = True) -> str:
     """One line per variant: same blocks as main on every row, and (on a GPU) faster on every row."""
     others = [r for r in rows if r["name"] != "main"]
     if not others:
@@ -137,7 +128,7 @@ def verdict(rows: list[dict], timed: bool = True) -> str:
         worst = min(r["speedup"] for r in mine)
         speed = (
             f"{'faster on every row' if faster else 'not faster on every row'} (slowest row {worst:.2f}x main)"
-            if timed
+            if on_gpu
             else "no speed verdict from the CPU interpreter"
         )
         blocks = "same blocks as main on every row" if same else "DIFFERENT blocks from main on some rows"
@@ -198,7 +189,7 @@ def main():
         f"{'i.i.d.' if args.random_inputs else 'smooth'} inputs; command: python bench/ab_compressed.py "
         + " ".join(sys.argv[1:])
     )
-    report = f"{head}\n\n{table(rows)}\n\n{verdict(rows, timed=device.type == 'cuda')}\n"
+    report = f"{head}\n\n{table(rows)}\n\n{verdict(rows, on_gpu=device.type == 'cuda')}\n"
     print("\n" + report)
     if args.out:
         args.out.write_text(report)

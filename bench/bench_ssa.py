@@ -85,6 +85,25 @@ def make_inputs(coords: torch.Tensor, smooth: bool, seed: int = 0):
 # ------------------------------------------------------------------------------------------------ ours
 
 
+def ssa_module(device) -> SpatialSparseAttention:
+    """The benchmarked SSA layer with deterministic weights, its projections in fp16 as the DiT runs them."""
+    m = SpatialSparseAttention(1024, H, HK, CBS, SBS, TOPK, WIN, SHIFT, "v1")
+    m.load_state_dict(deterministic_state_dict(m, 0), strict=True)
+    m = m.to(device)
+    for mod in m.modules():
+        if isinstance(mod, torch.nn.Linear) or mod.__class__.__name__ == "SparseConv":
+            mod.half()
+    return m
+
+
+def compress_kv(m: SpatialSparseAttention, plan, k, v):
+    """The compressed keys and values [M, HK, D] the layer's compression builds from k, v [N, HK, D]."""
+    n = k.shape[0]
+    kf, vf = k.reshape(n, HK * D), v.reshape(n, HK * D)
+    pe = m.intra_block_pe.reshape(-1, HK * D)[plan.pe_index].to(kf.dtype)
+    return m.compression_key(kf + pe, plan).view(-1, HK, D), m.compression_value(vf, plan).view(-1, HK, D)
+
+
 def ours_forward(m: SpatialSparseAttention, plan, q, k, v, x, marks=None):
     """SSA from q/k/v to the gated sum (what SpatialSparseAttention.forward does between its projections)."""
 
@@ -94,12 +113,8 @@ def ours_forward(m: SpatialSparseAttention, plan, q, k, v, x, marks=None):
             e.record()
             marks.append(e)
 
-    n = q.shape[0]
     mark()
-    kf, vf = k.reshape(n, HK * D), v.reshape(n, HK * D)
-    pe = m.intra_block_pe.reshape(-1, HK * D)[plan.pe_index].to(kf.dtype)
-    ck = m.compression_key(kf + pe, plan).view(-1, HK, D)
-    cv = m.compression_value(vf, plan).view(-1, HK, D)
+    ck, cv = compress_kv(m, plan, k, v)
     mark()
     g = torch.sigmoid(m.gate(x))
     mark()
@@ -387,12 +402,7 @@ def main():
     except Exception as e:  # noqa: BLE001
         print(f"original SSA ops unavailable: {e!r}")
         ops = None
-    m = SpatialSparseAttention(1024, H, HK, CBS, SBS, TOPK, WIN, SHIFT, "v1")
-    m.load_state_dict(deterministic_state_dict(m, 0), strict=True)
-    m = m.to(dev)
-    for mod in m.modules():
-        if isinstance(mod, torch.nn.Linear) or mod.__class__.__name__ == "SparseConv":
-            mod.half()
+    m = ssa_module(dev)
     rows = []
     for n in [int(t) for t in args.tokens.split(",")]:
         coords = surface_band(n, device=dev)

@@ -27,7 +27,7 @@ def test_the_verdict_needs_main_s_blocks_and_a_win_on_every_row():
     lines = ab.verdict(rows).splitlines()
     assert lines[0] == "two: same blocks as main on every row; not faster on every row (slowest row 0.80x main)"
     assert lines[1].startswith("wide: DIFFERENT blocks from main on some rows; faster on every row")
-    assert "no speed verdict" in ab.verdict(rows, timed=False)
+    assert "no speed verdict" in ab.verdict(rows, on_gpu=False)
 
 
 @pytest.mark.parametrize("spec", ["two", "main=" + __file__, "two=does/not/exist.py", "2x=" + __file__])
