@@ -1,4 +1,4 @@
-"""Compressed attention with log-sum-exp, fused with block scoring and top-k (SSA, SPARSE.md §6.3-6.4).
+"""Compressed attention with log-sum-exp and block scoring, then top-k blocks (SSA, SPARSE.md §6.3-6.4).
 
 Per sample b, query token i, query head h (KV head kh = h // G, G = HQ / H), compressed key c:
 
@@ -7,12 +7,18 @@ Per sample b, query token i, query head h (KV head kh = h // G, G = HQ / H), com
     block_idx[kh,i,:] = the min(topk, #blocks of b) blocks of largest score, ascending, padded with -1
 
 The original computes `o, lse` with flash-attn, then recomputes QK^T in a second kernel that writes a dense
-fp32 [H, N, M] score matrix and runs `torch.topk` on it. Here one program owns BLOCK_Q query tokens x the
-G query heads of one KV head (BLOCK_Q*G rows, so every K/V tile is shared by the whole group) and makes two
-passes over the sample's compressed keys: pass 1 the row max and sum (-> lse), pass 2 `p = exp(s - lse)`,
-`o += p v` (already normalised, no rescaling), the block scores, and a running top-k per query token kept in
-registers. No [H, N, M] tensor exists. The exponentials run in base 2 with `scale * log2(e)` folded into the
-logits and the lse converted as `lse2 * ln 2` (the original's `lse.exp().log2()` overflows for lse > 88).
+fp32 [H, N, M] score matrix and runs `torch.topk` on it. Here the first kernel gives one program BLOCK_Q
+query tokens x the G query heads of one KV head (BLOCK_Q*G rows, so every K/V tile is shared by the whole
+group) and makes two passes over the sample's compressed keys: pass 1 the row max and sum (-> lse), pass 2
+`p = exp(s - lse)`, `o += p v` (already normalised, no rescaling) and the block scores. The exponentials run
+in base 2 with `scale * log2(e)` folded into the logits and the lse converted as `lse2 * ln 2` (the
+original's `lse.exp().log2()` overflows for lse > 88).
+
+The scores go to a scratch of at most SCORE_BYTES, so the tokens are done in launches of as many rows as it
+holds (no [H, N, M] tensor), and a second kernel picks each token's top-k from a whole row of scores in
+registers: at most topk rounds of max-and-insert (one chunk of scores covers every official grid). Keeping a running top-k inside the first kernel
+instead (the earlier design) cost a round of cross-thread reductions for every key tile that beat some
+token's k-th best, which made the top-k the largest part of the kernel (bench/results/ssa.md).
 
 Selection blocks (which compressed keys are scored together):
   * `block_keys=None` (v1.1, compression block = selection block): every compressed key is its own block and
