@@ -16,9 +16,10 @@ original's `lse.exp().log2()` overflows for lse > 88).
 
 The scores go to a scratch of at most SCORE_BYTES, so the tokens are done in launches of as many rows as it
 holds (no [H, N, M] tensor), and a second kernel picks each token's top-k from a whole row of scores in
-registers: at most topk rounds of max-and-insert (one chunk of scores covers every official grid). Keeping a running top-k inside the first kernel
-instead (the earlier design) cost a round of cross-thread reductions for every key tile that beat some
-token's k-th best, which made the top-k the largest part of the kernel (bench/results/ssa.md).
+registers: at most topk rounds of max-and-insert (one chunk of scores covers every official grid). Keeping
+a running top-k inside the first kernel instead (the earlier design) cost a round of cross-thread
+reductions for every key tile that beat some token's k-th best, which made the top-k the largest part of
+the kernel (bench/results/ssa.md).
 
 Selection blocks (which compressed keys are scored together):
   * `block_keys=None` (v1.1, compression block = selection block): every compressed key is its own block and
