@@ -13,7 +13,7 @@ compiled figure: it must not be below it, or a config could be kept on a GPU it 
 
 Writes bench/results/archs.md (date, GPU, torch/Triton versions, command). The sizes are the released
 models': G = HQ / H = 16, D = 32; v1.1 (both DiTs): CELLS 1, top-k 8; v1.0: CELLS 8 (compression block 4 inside
-selection block 8), top-k 32 (512) and 8 (1024); C = 1024 rows
+selection block 8), top-k 32 (512) and 8 (1024) (the top-k kernel's only size); C = 1024 rows
 for the LayerNorm kernel; 8³ voxelization cells.
 """
 
@@ -65,11 +65,7 @@ def cases() -> list[Case]:
 
     f16, i32, f32 = "*fp16", "*i32", "*fp32"
     out = []
-    for label, cells, topk in [
-        ("v1.0 512: CELLS 8, top-k 32", 8, 32),
-        ("v1.0 1024: CELLS 8, top-k 8", 8, 8),
-        ("v1.1: CELLS 1, top-k 8", 1, 8),
-    ]:
+    for label, cells in [("v1.0: CELLS 8", 8), ("v1.1: CELLS 1", 1)]:
         out.append(
             Case(
                 "ssa_compressed",
@@ -81,7 +77,7 @@ def cases() -> list[Case]:
                     cv=f16,
                     o=f16,
                     lse=f32,
-                    bidx=i32,
+                    sc=f32,
                     cu_q=i32,
                     cu_k=i32,
                     cu_blk=i32,
@@ -92,8 +88,6 @@ def cases() -> list[Case]:
                 dict(
                     G=16,
                     HEAD_DIM=32,
-                    TOPK=topk,
-                    TOPK_P=topk,
                     CELLS=cells,
                     HAS_BLOCK_KEYS=cells > 1,
                     HAS_GATE=True,
@@ -103,6 +97,18 @@ def cases() -> list[Case]:
                 ),
                 _autotuned(ssa_compressed, "_configs"),
                 smem_estimate=lambda m, meta, w, s: m._smem(_cfg(meta, w, s), 32),
+            )
+        )
+    for topk in (32, 8):
+        chunk = ssa_compressed.TOPK_CHUNK
+        out.append(
+            Case(
+                "ssa_compressed",
+                "_topk_kernel",
+                f"top-k {topk}, one chunk of {chunk} scores",
+                dict(sc=f32, bidx=i32, cu_q=i32, cu_k=i32, cu_blk=i32),
+                dict(TOPK=topk, TOPK_P=topk, HAS_BLOCK_KEYS=False),
+                [(f"ROWS=1, CHUNK={chunk}, w4", dict(ROWS=1, CHUNK=chunk), 4, 3)],
             )
         )
     for label, topk in [("top-k 32", 32), ("top-k 8", 8)]:

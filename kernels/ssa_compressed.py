@@ -1,4 +1,4 @@
-"""Compressed attention with log-sum-exp, fused with block scoring and top-k (SSA, SPARSE.md §6.3-6.4).
+"""Compressed attention with log-sum-exp and block scoring, then top-k blocks (SSA, SPARSE.md §6.3-6.4).
 
 Per sample b, query token i, query head h (KV head kh = h // G, G = HQ / H), compressed key c:
 
@@ -7,12 +7,19 @@ Per sample b, query token i, query head h (KV head kh = h // G, G = HQ / H), com
     block_idx[kh,i,:] = the min(topk, #blocks of b) blocks of largest score, ascending, padded with -1
 
 The original computes `o, lse` with flash-attn, then recomputes QK^T in a second kernel that writes a dense
-fp32 [H, N, M] score matrix and runs `torch.topk` on it. Here one program owns BLOCK_Q query tokens x the
-G query heads of one KV head (BLOCK_Q*G rows, so every K/V tile is shared by the whole group) and makes two
-passes over the sample's compressed keys: pass 1 the row max and sum (-> lse), pass 2 `p = exp(s - lse)`,
-`o += p v` (already normalised, no rescaling), the block scores, and a running top-k per query token kept in
-registers. No [H, N, M] tensor exists. The exponentials run in base 2 with `scale * log2(e)` folded into the
-logits and the lse converted as `lse2 * ln 2` (the original's `lse.exp().log2()` overflows for lse > 88).
+fp32 [H, N, M] score matrix and runs `torch.topk` on it. Here the first kernel gives one program BLOCK_Q
+query tokens x the G query heads of one KV head (BLOCK_Q*G rows, so every K/V tile is shared by the whole
+group) and makes two passes over the sample's compressed keys: pass 1 the row max and sum (-> lse), pass 2
+`p = exp(s - lse)`, `o += p v` (already normalised, no rescaling) and the block scores. The exponentials run
+in base 2 with `scale * log2(e)` folded into the logits and the lse converted as `lse2 * ln 2` (the
+original's `lse.exp().log2()` overflows for lse > 88).
+
+The scores go to a scratch of at most SCORE_BYTES, so the tokens are done in launches of as many rows as it
+holds (no [H, N, M] tensor), and a second kernel picks each token's top-k from a whole row of scores in
+registers: at most topk rounds of max-and-insert (one chunk of scores covers every official grid). Keeping
+a running top-k inside the first kernel instead (the earlier design) cost a round of cross-thread
+reductions for every key tile that beat some token's k-th best, which made the top-k the largest part of
+the kernel (bench/results/ssa.md).
 
 Selection blocks (which compressed keys are scored together):
   * `block_keys=None` (v1.1, compression block = selection block): every compressed key is its own block and
@@ -54,6 +61,8 @@ from ._common import use_triton as _use_triton
 __all__ = ["ssa_compressed_attention", "ssa_compressed_attention_reference"]
 
 _LN2 = 0.6931471805599453
+SCORE_BYTES = 64 << 20  # the block-score scratch between the two kernels
+TOPK_CHUNK = 4096  # scores a top-k program holds at once: one chunk covers every official grid (<= 16^3 blocks)
 
 
 def ssa_compressed_attention_reference(
@@ -165,13 +174,15 @@ def _cmp_attn_topk_kernel(
     cv,
     o,
     lse,
-    bidx,
+    sc,
     cu_q,
     cu_k,
     cu_blk,
     blk_keys,
     gate,
     scale_log2,
+    q_lo,
+    q_hi,
     stride_qn,
     stride_qh,
     stride_kn,
@@ -181,14 +192,13 @@ def _cmp_attn_topk_kernel(
     stride_on,
     stride_oh,
     stride_lh,
-    stride_bh,
-    stride_bn,
+    stride_sh,
+    stride_sb,
+    stride_sn,
     stride_g,
     tune_rows,  # autotune key only (size class, `tune_size`); unused in the body
     G: tl.constexpr,
     HEAD_DIM: tl.constexpr,
-    TOPK: tl.constexpr,
-    TOPK_P: tl.constexpr,
     CELLS: tl.constexpr,
     HAS_BLOCK_KEYS: tl.constexpr,
     HAS_GATE: tl.constexpr,
@@ -198,15 +208,16 @@ def _cmp_attn_topk_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # q [N, HQ, D]; ck/cv [M, H, D]; o [N, HQ, D]; lse [HQ, N] fp32; bidx [H, N, TOPK] int32;
-    # cu_q/cu_k/cu_blk [B+1] int32; blk_keys [NB, CELLS] int32 (when HAS_BLOCK_KEYS); gate [N] (stride_g)
+    # q [N, HQ, D]; ck/cv [M, H, D]; o [N, HQ, D]; lse [HQ, N] fp32; sc [H, B, q_hi - q_lo, >= blocks] fp32;
+    # cu_q/cu_k/cu_blk [B+1] int32; blk_keys [NB, CELLS] int32 (when HAS_BLOCK_KEYS); gate [N] (stride_g).
+    # This launch covers the tokens [q_lo, q_hi) of every sample (local indices).
     BLOCK_Q: tl.constexpr = BLOCK_R // G
     NB: tl.constexpr = BLOCK_K // CELLS
-    BIG: tl.constexpr = 2147483647
     i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_q + i_b)
-    q_len = tl.load(cu_q + i_b + 1) - q_start
-    if i_q * BLOCK_Q >= q_len:
+    q_end = tl.minimum(tl.load(cu_q + i_b + 1) - q_start, q_hi)  # local end of this launch's tokens
+    t0 = q_lo + i_q * BLOCK_Q
+    if t0 >= q_end:
         return
     k_start = tl.load(cu_k + i_b)
     if HAS_BLOCK_KEYS:
@@ -218,9 +229,9 @@ def _cmp_attn_topk_kernel(
     n_slot = n_blk * CELLS
 
     o_r = tl.arange(0, BLOCK_R)
-    o_t = i_q * BLOCK_Q + o_r // G  # token of each row, within the sample
+    o_t = t0 + o_r // G  # token of each row, within the sample
     o_hq = i_h * G + o_r % G  # query head of each row
-    m_r = o_t < q_len
+    m_r = o_t < q_end
     o_d = tl.arange(0, HEAD_DIM)
     p_q = q + (q_start + o_t)[:, None].to(tl.int64) * stride_qn + o_hq[:, None] * stride_qh + o_d[None, :]
     # [BLOCK_R, HEAD_DIM]
@@ -241,14 +252,11 @@ def _cmp_attn_topk_kernel(
         b_m, b_l, _, _ = _softmax_step(b_s, b_m, b_l)
     b_lse2 = b_m + tl.log2(b_l)  # -inf for a sample without keys
 
-    # pass 2: normalised output, block scores, running top-k per query token
-    o_tk = tl.arange(0, TOPK_P)
+    # pass 2: normalised output and the block scores, written for `_topk_kernel`
     o_nb = tl.arange(0, NB)
-    o_tq = tl.arange(0, BLOCK_Q)
-    m_tq = i_q * BLOCK_Q + o_tq < q_len
-    # [BLOCK_Q, TOPK_P]; pad columns hold +inf so they are never the minimum to replace
-    b_tv = tl.where(o_tk[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([BLOCK_Q, TOPK_P], tl.float32)
-    b_ti = tl.full([BLOCK_Q, TOPK_P], -1, tl.int32)
+    o_tq = t0 + tl.arange(0, BLOCK_Q)
+    m_tq = o_tq < q_end
+    p_sc = sc + i_h * stride_sh + i_b * stride_sb + (o_tq - q_lo)[:, None].to(tl.int64) * stride_sn
     b_acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
     for k0 in range(0, n_slot, BLOCK_K):
         o_row = _key_rows(blk_keys, blk_start, k_start, n_slot, k0 + tl.arange(0, BLOCK_K), CELLS, HAS_BLOCK_KEYS)
@@ -264,17 +272,8 @@ def _cmp_attn_topk_kernel(
         b_sc = tl.sum(tl.reshape(b_p, [BLOCK_Q, G, BLOCK_K]), 1)
         if CELLS > 1:
             b_sc = tl.sum(tl.reshape(b_sc, [BLOCK_Q, NB, CELLS]), 2)
-        b_sc = tl.where(m_tq[:, None] & ((k0 // CELLS + o_nb) < n_blk)[None, :], b_sc, float("-inf"))
-        # merge: insert the tile's best while it beats the current k-th best of some query
-        b_best, i_best = tl.max(b_sc, 1, return_indices=True)
-        b_min, i_min = tl.min(b_tv, 1, return_indices=True)
-        while tl.max((b_best > b_min).to(tl.int32), 0) > 0:
-            m_ins = (b_best > b_min)[:, None] & (o_tk[None, :] == i_min[:, None])
-            b_tv = tl.where(m_ins, b_best[:, None], b_tv)
-            b_ti = tl.where(m_ins, (k0 // CELLS + i_best)[:, None], b_ti)
-            b_sc = tl.where(o_nb[None, :] == i_best[:, None], float("-inf"), b_sc)
-            b_best, i_best = tl.max(b_sc, 1, return_indices=True)
-            b_min, i_min = tl.min(b_tv, 1, return_indices=True)
+        o_blk = k0 // CELLS + o_nb
+        tl.store(p_sc + o_blk[None, :], b_sc, mask=m_tq[:, None] & (o_blk < n_blk)[None, :])
 
     # the SSA gate of this branch, fused: o = g * o_cmp (+ o when accumulating)
     _store_gated(
@@ -287,17 +286,74 @@ def _cmp_attn_topk_kernel(
     )
     if STORE_LSE:
         tl.store(lse + o_hq.to(tl.int64) * stride_lh + q_start + o_t, b_lse2 * 0.6931471805599453, mask=m_r)
+
+
+@triton.jit
+def _topk_kernel(
+    sc,
+    bidx,
+    cu_q,
+    cu_k,
+    cu_blk,
+    q_lo,
+    q_hi,
+    stride_sh,
+    stride_sb,
+    stride_sn,
+    stride_bh,
+    stride_bn,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    HAS_BLOCK_KEYS: tl.constexpr,
+    ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
+    # sc [H, B, q_hi - q_lo, >= blocks] fp32 block scores of this launch's tokens -> bidx [H, N, TOPK] int32:
+    # per token the TOPK blocks of largest score, ascending, -1 padded; ties go to the lower block
+    BIG: tl.constexpr = 2147483647
+    i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_q + i_b)
+    q_end = tl.minimum(tl.load(cu_q + i_b + 1) - q_start, q_hi)
+    t0 = q_lo + i_q * ROWS
+    if t0 >= q_end:
+        return
+    if HAS_BLOCK_KEYS:
+        n_blk = tl.load(cu_blk + i_b + 1) - tl.load(cu_blk + i_b)
+    else:
+        n_blk = tl.load(cu_k + i_b + 1) - tl.load(cu_k + i_b)
+    o_t = t0 + tl.arange(0, ROWS)
+    m_t = o_t < q_end
+    o_c = tl.arange(0, CHUNK)
+    o_tk = tl.arange(0, TOPK_P)
+    p_sc = sc + i_h * stride_sh + i_b * stride_sb + (o_t - q_lo)[:, None].to(tl.int64) * stride_sn
+    # [ROWS, TOPK_P]; pad columns hold +inf so they are never the minimum to replace
+    b_tv = tl.where(o_tk[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([ROWS, TOPK_P], tl.float32)
+    b_ti = tl.full([ROWS, TOPK_P], -1, tl.int32)
+    for c0 in range(0, n_blk, CHUNK):
+        m_c = m_t[:, None] & ((c0 + o_c) < n_blk)[None, :]
+        b_sc = tl.load(p_sc + (c0 + o_c)[None, :], mask=m_c, other=float("-inf"))  # [ROWS, CHUNK]
+        # merge: insert the chunk's best while it beats the current k-th best of some row (official sizes
+        # have one chunk: exactly TOPK rounds)
+        b_best, i_best = tl.max(b_sc, 1, return_indices=True)
+        b_min, i_min = tl.min(b_tv, 1, return_indices=True)
+        while tl.max((b_best > b_min).to(tl.int32), 0) > 0:
+            m_ins = (b_best > b_min)[:, None] & (o_tk[None, :] == i_min[:, None])
+            b_tv = tl.where(m_ins, b_best[:, None], b_tv)
+            b_ti = tl.where(m_ins, (c0 + i_best)[:, None], b_ti)
+            b_sc = tl.where(o_c[None, :] == i_best[:, None], float("-inf"), b_sc)
+            b_best, i_best = tl.max(b_sc, 1, return_indices=True)
+            b_min, i_min = tl.min(b_tv, 1, return_indices=True)
     b_key = tl.where(b_ti < 0, BIG, b_ti)
     b_key = tl.sort(b_key, 1)
     b_ti = tl.where(b_key == BIG, -1, b_key)
-    p_b = bidx + i_h * stride_bh + (q_start + i_q * BLOCK_Q + o_tq)[:, None].to(tl.int64) * stride_bn + o_tk[None, :]
-    tl.store(p_b, b_ti, mask=m_tq[:, None] & (o_tk[None, :] < TOPK))
+    p_b = bidx + i_h * stride_bh + (q_start + o_t)[:, None].to(tl.int64) * stride_bn + o_tk[None, :]
+    tl.store(p_b, b_ti, mask=m_t[:, None] & (o_tk[None, :] < TOPK))
 
 
 # restore_value: benchmarking a config must not add into `o` when the kernel accumulates into it
 _cmp_attn_topk_tuned = _autotune(
     _configs(),
-    key=["G", "HEAD_DIM", "CELLS", "TOPK", "tune_rows"],
+    key=["G", "HEAD_DIM", "CELLS", "tune_rows"],
     restore_value=["o"],
     prune_configs_by={"early_config_prune": _prune},
 )(_cmp_attn_topk_kernel)
@@ -336,16 +392,24 @@ def _ssa_compressed_attention_triton(
     has_bk = block_keys is not None
     if has_bk:
         assert block_keys.dtype == torch.int32 and block_keys.is_contiguous() and cu_blocks.dtype == torch.int32
+    # block scores go through a scratch [H, B, rows, blocks] of at most SCORE_BYTES: the whole score matrix
+    # [H, N, M] would be ~0.7 GB at the 1024 stage, so the tokens are done in launches of `rows`
+    n_blocks = block_keys.shape[0] if has_bk else ck.shape[0]  # bounds every sample's blocks, no sync
+    width = max(1, n_blocks)
+    rows = max(64, SCORE_BYTES // (4 * h * b * width) // 64 * 64)
+    rows = min(rows, max_seqlen_q)
+    sc = torch.empty(h, b, rows, width, dtype=torch.float32, device=q.device)
+    cu_blk = cu_blocks if has_bk else cu_seqlens_k
     args = dict(
         q=q,
         ck=ck,
         cv=cv,
         o=o,
         lse=lse,
-        bidx=bidx,
+        sc=sc,
         cu_q=cu_seqlens_q,
         cu_k=cu_seqlens_k,
-        cu_blk=cu_blocks if has_bk else cu_seqlens_k,
+        cu_blk=cu_blk,
         blk_keys=block_keys if has_bk else cu_seqlens_k,
         gate=q if gate is None else gate,
         stride_g=0 if gate is None else gate.stride(0),
@@ -360,12 +424,11 @@ def _ssa_compressed_attention_triton(
         stride_on=o.stride(0),
         stride_oh=o.stride(1),
         stride_lh=lse.stride(0),
-        stride_bh=bidx.stride(0),
-        stride_bn=bidx.stride(1),
+        stride_sh=sc.stride(0),
+        stride_sb=sc.stride(1),
+        stride_sn=sc.stride(2),
         G=g,
         HEAD_DIM=d,
-        TOPK=topk,
-        TOPK_P=max(2, triton.next_power_of_2(topk)),
         CELLS=cells,
         HAS_BLOCK_KEYS=has_bk,
         HAS_GATE=gate is not None,
@@ -373,14 +436,38 @@ def _ssa_compressed_attention_triton(
         STORE_LSE=return_lse,
         UPCAST=not q.is_cuda and q.dtype == torch.bfloat16,
     )
+    chunk = min(TOPK_CHUNK, triton.next_power_of_2(width))
+    topk_rows = max(1, TOPK_CHUNK // chunk)
+    for q_lo in range(0, max_seqlen_q, rows):
+        q_hi = q_lo + rows
 
-    def grid(meta):
-        return (triton.cdiv(max_seqlen_q, meta["BLOCK_R"] // g), b, h)
+        def grid(meta):
+            return (triton.cdiv(rows, meta["BLOCK_R"] // g), b, h)
 
-    if q.is_cuda:
-        _cmp_attn_topk_tuned[grid](**args)
-    else:  # TRITON_INTERPRET=1 on CPU tensors: one small fixed tile
-        _cmp_attn_topk_kernel[grid](**args, BLOCK_R=max(16, g), BLOCK_K=max(16, cells))
+        if q.is_cuda:
+            _cmp_attn_topk_tuned[grid](**args, q_lo=q_lo, q_hi=q_hi)
+        else:  # TRITON_INTERPRET=1 on CPU tensors: one small fixed tile
+            _cmp_attn_topk_kernel[grid](**args, q_lo=q_lo, q_hi=q_hi, BLOCK_R=max(16, g), BLOCK_K=max(16, cells))
+        _topk_kernel[(triton.cdiv(rows, topk_rows), b, h)](
+            sc,
+            bidx,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            cu_blk,
+            q_lo,
+            q_hi,
+            sc.stride(0),
+            sc.stride(1),
+            sc.stride(2),
+            bidx.stride(0),
+            bidx.stride(1),
+            TOPK=topk,
+            TOPK_P=max(2, triton.next_power_of_2(topk)),
+            HAS_BLOCK_KEYS=has_bk,
+            ROWS=topk_rows,
+            CHUNK=chunk,
+            num_warps=4 if q.is_cuda else 1,
+        )
     return o, lse if return_lse else None, bidx
 
 

@@ -1,4 +1,4 @@
-"""Compressed attention + lse + fused top-k (kernels/ssa_compressed.py) against its PyTorch reference.
+"""Compressed attention + lse + block scores + top-k (kernels/ssa_compressed.py) against its PyTorch reference.
 
 CPU runs the Triton kernel under TRITON_INTERPRET=1 at tiny sizes; GPU-marked cases use the real SSA shape
 (32 query heads, 2 KV heads, D 32, top-k 8). Tolerances: o is fp16/bf16 output of an fp32-accumulated
@@ -149,6 +149,17 @@ def _id(c):
 @pytest.mark.parametrize("case", CPU_CASES, ids=[_id(c) for c in CPU_CASES])
 def test_compressed_cpu_interpreter(case, monkeypatch):
     _run(*case, device="cpu", seed=zlib.crc32(_id(case).encode()), monkeypatch=monkeypatch)
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("cells", [1, 8])
+def test_compressed_cpu_several_launches_and_chunks(cells, monkeypatch):
+    """Tokens in launches of 64 (a tiny score scratch) and the top-k merged over chunks of 16 scores: the
+    paths a large grid takes on a GPU (official sizes use one chunk)."""
+    monkeypatch.setattr(K, "SCORE_BYTES", 1)
+    monkeypatch.setattr(K, "TOPK_CHUNK", 16)
+    case = ([130, 3], [40, 2], 4, 2, 16, 5, cells, torch.float16)
+    _run(*case, device="cpu", seed=zlib.crc32(f"launches-{cells}".encode()), monkeypatch=monkeypatch)
 
 
 GPU_CASES = [
