@@ -86,3 +86,64 @@ def test_1024_refinement_before_the_first_cube(monkeypatch):
             remove_interior_1024(model, sdf, level=0.2, grid=CubeGrid(64, 32, 16), consume=True)
     assert n > 200_000
     assert mem.peak - handed <= 16 * n, f"{(mem.peak - handed) / n:.1f} bytes a voxel beyond the SDF (12 expected)"
+
+
+@pytest.mark.parametrize("kernel,depth,max_elems", [(3, 13, 60), (3, 1, 10), (3, 7, 1), (1, 9, 40), (3, 16, 10**6)])
+def test_conv3d_slabs_equals_conv(kernel, depth, max_elems):
+    """Slabs of at most max_elems input elements (one depth row at least; the last case is one call). fp64, so
+    that only the summation order could differ: 1e-12 relative allows for a GEMM blocked another way."""
+    gen = torch.Generator().manual_seed(kernel * 100 + depth)
+    conv = torch.nn.Conv3d(5, 4, kernel, padding=kernel // 2).double()
+    torch.nn.init.normal_(conv.weight, generator=gen)
+    torch.nn.init.normal_(conv.bias, generator=gen)
+    x = torch.randn(2, 5, depth, 3, 4, generator=gen, dtype=torch.float64)
+    seen = []
+    conv.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[2]))
+    got = unet.conv3d_slabs(conv, x, max_bytes=max_elems * x.element_size())
+    torch.testing.assert_close(got, conv(x), rtol=1e-12, atol=1e-12)
+    slabs = min(depth, -(-x.numel() // max_elems))
+    assert len(seen) == slabs + 1  # the slabs, then the reference call above
+    assert max(seen[:-1]) <= -(-depth // slabs) + 2 * (kernel // 2)  # a slab's rows and its halo
+
+
+def test_unet_on_slabs_equals_whole(monkeypatch):
+    """The whole UNet with every convolution above 2 KB of input on slabs gives the one-call result."""
+    torch.manual_seed(3)
+    net = UNet3D(1, SMALL, 2, 2).double().eval()
+    x = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64)
+    calls = []
+    net.up_blocks[-1].resnets[0].conv1.register_forward_hook(lambda m, args, out: calls.append(args[0].shape[2]))
+    with torch.no_grad():
+        want = net(x)
+        monkeypatch.setattr(unet, "SLAB_BYTES", 2048)
+        got = net(x)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    assert calls[0] == 16 and len(calls) > 2  # one call, then slabs
+
+
+@pytest.mark.gpu
+def test_conv3d_slabs_peak_gpu():
+    """The 40-channel 256³ input of the last up block's first conv1 (fp16, 1.25 GiB), as in the 1024 sign cube.
+    On slabs the call's own peak must stay below the one-call peak; values agree to fp16 rounding (cuDNN may
+    pick another algorithm for a slab's shape, so the fp32 sums may be ordered differently)."""
+    torch.manual_seed(0)
+    conv = torch.nn.Conv3d(40, 8, 3, padding=1).cuda().half()
+    x = torch.randn(1, 40, 256, 256, 256, device="cuda", dtype=torch.float16)
+
+    def peak(fn):
+        torch.cuda.synchronize()
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        with torch.no_grad():
+            y = fn()
+        torch.cuda.synchronize()
+        return y, torch.cuda.max_memory_allocated() - base
+
+    want, whole = peak(lambda: conv(x))
+    got, slabs = peak(lambda: unet.conv3d_slabs(conv, x))
+    torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
+    out = want.numel() * want.element_size()
+    # beside the output: a slab's own output and what cuDNN allocates for a slab (about its input's size)
+    assert slabs <= out + 2 * unet.SLAB_BYTES, f"slabs peak {slabs / 2**30:.2f} GiB, one call {whole / 2**30:.2f} GiB"
+    assert slabs < whole

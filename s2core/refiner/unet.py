@@ -15,6 +15,10 @@ import torch.nn as nn
 from .._kernels import group_norm as _gn
 
 OFFICIAL_CHANNELS = (8, 32, 128, 512)
+# A convolution whose input is larger than this runs on depth slabs (`conv3d_slabs`). On an H100, cuDNN's
+# NCDHW convolution of the 40-channel 256³ concatenation (1.25 GiB) asked for another 1.50 GiB at once: the
+# 1024 sign cube's peak (5.08 GiB in the chain) and, under a 5 GiB cap, an out-of-memory error.
+SLAB_BYTES = 256 * 2**20
 # the release's use_fp16 casts these to fp16; the GroupNorm parameters stay fp32, as in the original
 FP16_LAYERS = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
 
@@ -45,12 +49,12 @@ class ResnetBlock3D(nn.Module):
         consume = isinstance(x, list)
         if consume:
             x = x.pop()
-        skip = x if self.conv_shortcut is None else self.conv_shortcut(x)
+        skip = x if self.conv_shortcut is None else conv3d_slabs(self.conv_shortcut, x)
         h = _norm_silu(self.norm1, x, inplace=consume and self.conv_shortcut is not None)
         del x  # with a shortcut conv, h is now the input's last reference and conv1 below drops it
-        h = self.conv1(h)
+        h = conv3d_slabs(self.conv1, h)
         h = _norm_silu(self.norm2, h, inplace=True)
-        h = self.conv2(h)
+        h = conv3d_slabs(self.conv2, h)
         return skip + h if self.conv_shortcut is None else skip.add_(h)
 
 
@@ -175,4 +179,27 @@ def _upsample_cat(conv: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor,
     step = -(-d // slabs)
     for d0 in range(0, d, step):
         out[:, :cout, 2 * d0 : 2 * (d0 + step)] = conv(x[:, :, d0 : d0 + step])
+    return out
+
+
+def conv3d_slabs(conv: nn.Conv3d, x: torch.Tensor, max_bytes: int | None = None) -> torch.Tensor:
+    """conv(x) for a stride-1 conv with 'same' padding (kernel 1 or 3), on depth slabs of x of at most
+    max_bytes each, so that what the convolution allocates internally scales with a slab, not the cube. A
+    slab's input carries the neighbouring depth rows the kernel reaches; the rows computed on that halo (against
+    zero padding) are dropped. Inputs up to max_bytes (default SLAB_BYTES) run in one call, as before."""
+    d = x.shape[2]
+    slabs = min(d, -(-x.numel() * x.element_size() // (max_bytes or SLAB_BYTES)))
+    if slabs <= 1:
+        return conv(x)
+    halo = conv.padding[0]
+    step = -(-d // slabs)
+    out = None
+    for d0 in range(0, d, step):
+        d1 = min(d0 + step, d)
+        lo = max(d0 - halo, 0)
+        y = conv(x[:, :, lo : min(d1 + halo, d)])
+        if out is None:
+            out = y.new_empty(*y.shape[:2], d, *y.shape[3:])
+        out[:, :, d0:d1] = y[:, :, d0 - lo : d0 - lo + d1 - d0]
+        del y
     return out
