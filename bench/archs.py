@@ -61,7 +61,7 @@ def _autotuned(module, name: str) -> list:
 
 
 def cases() -> list[Case]:
-    from kernels import ssa_compressed, ssa_selection, ssa_window
+    from kernels import ssa_compressed, ssa_selection, ssa_topk, ssa_window
 
     f16, i32, f32 = "*fp16", "*i32", "*fp32"
     out = []
@@ -100,14 +100,14 @@ def cases() -> list[Case]:
             )
         )
     for topk in (32, 8):
-        chunk = ssa_compressed.TOPK_CHUNK
+        chunk = ssa_topk.TOPK_CHUNK
         out.append(
             Case(
-                "ssa_compressed",
+                "ssa_topk",
                 "_topk_kernel",
                 f"top-k {topk}, one chunk of {chunk} scores",
-                dict(sc=f32, bidx=i32, cu_q=i32, cu_k=i32, cu_blk=i32),
-                dict(TOPK=topk, TOPK_P=topk, HAS_BLOCK_KEYS=False),
+                dict(sc=f32, bidx=i32, cu_q=i32, cu_blk=i32),
+                dict(TOPK=topk, TOPK_P=topk, ONE_CHUNK=True),
                 [(f"ROWS=1, CHUNK={chunk}, w4", dict(ROWS=1, CHUNK=chunk), 4, 3)],
             )
         )

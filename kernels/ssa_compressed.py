@@ -15,11 +15,10 @@ in base 2 with `scale * log2(e)` folded into the logits and the lse converted as
 original's `lse.exp().log2()` overflows for lse > 88).
 
 The scores go to a scratch of at most SCORE_BYTES, so the tokens are done in launches of as many rows as it
-holds (no [H, N, M] tensor), and a second kernel picks each token's top-k from a whole row of scores in
-registers: at most topk rounds of max-and-insert (one chunk of scores covers every official grid). Keeping
-a running top-k inside the first kernel instead (the earlier design) cost a round of cross-thread
-reductions for every key tile that beat some token's k-th best, which made the top-k the largest part of
-the kernel (bench/results/ssa.md).
+holds (no [H, N, M] tensor), and a second kernel (kernels/ssa_topk.py) picks each token's top-k from a whole
+row of scores in registers. Keeping a running top-k inside the first kernel instead (the earlier design) cost
+a round of cross-thread reductions for every key tile that beat some token's k-th best, which made the top-k
+the largest part of the kernel (bench/results/ssa.md).
 
 Selection blocks (which compressed keys are scored together):
   * `block_keys=None` (v1.1, compression block = selection block): every compressed key is its own block and
@@ -57,12 +56,12 @@ from ._common import softmax_step as _softmax_step
 from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
+from .ssa_topk import block_topk as _block_topk
 
 __all__ = ["ssa_compressed_attention", "ssa_compressed_attention_reference"]
 
 _LN2 = 0.6931471805599453
 SCORE_BYTES = 64 << 20  # the block-score scratch between the two kernels
-TOPK_CHUNK = 4096  # scores a top-k program holds at once: one chunk covers every official grid (<= 16^3 blocks)
 
 
 def ssa_compressed_attention_reference(
@@ -252,7 +251,7 @@ def _cmp_attn_topk_kernel(
         b_m, b_l, _, _ = _softmax_step(b_s, b_m, b_l)
     b_lse2 = b_m + tl.log2(b_l)  # -inf for a sample without keys
 
-    # pass 2: normalised output and the block scores, written for `_topk_kernel`
+    # pass 2: normalised output and the block scores, written for kernels/ssa_topk.py
     o_nb = tl.arange(0, NB)
     o_tq = t0 + tl.arange(0, BLOCK_Q)
     m_tq = o_tq < q_end
@@ -286,68 +285,6 @@ def _cmp_attn_topk_kernel(
     )
     if STORE_LSE:
         tl.store(lse + o_hq.to(tl.int64) * stride_lh + q_start + o_t, b_lse2 * 0.6931471805599453, mask=m_r)
-
-
-@triton.jit
-def _topk_kernel(
-    sc,
-    bidx,
-    cu_q,
-    cu_k,
-    cu_blk,
-    q_lo,
-    q_hi,
-    stride_sh,
-    stride_sb,
-    stride_sn,
-    stride_bh,
-    stride_bn,
-    TOPK: tl.constexpr,
-    TOPK_P: tl.constexpr,
-    HAS_BLOCK_KEYS: tl.constexpr,
-    ROWS: tl.constexpr,
-    CHUNK: tl.constexpr,
-):
-    # sc [H, B, q_hi - q_lo, >= blocks] fp32 block scores of this launch's tokens -> bidx [H, N, TOPK] int32:
-    # per token the TOPK blocks of largest score, ascending, -1 padded; ties go to the lower block
-    BIG: tl.constexpr = 2147483647
-    i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    q_start = tl.load(cu_q + i_b)
-    q_end = tl.minimum(tl.load(cu_q + i_b + 1) - q_start, q_hi)
-    t0 = q_lo + i_q * ROWS
-    if t0 >= q_end:
-        return
-    if HAS_BLOCK_KEYS:
-        n_blk = tl.load(cu_blk + i_b + 1) - tl.load(cu_blk + i_b)
-    else:
-        n_blk = tl.load(cu_k + i_b + 1) - tl.load(cu_k + i_b)
-    o_t = t0 + tl.arange(0, ROWS)
-    m_t = o_t < q_end
-    o_c = tl.arange(0, CHUNK)
-    o_tk = tl.arange(0, TOPK_P)
-    p_sc = sc + i_h * stride_sh + i_b * stride_sb + (o_t - q_lo)[:, None].to(tl.int64) * stride_sn
-    # [ROWS, TOPK_P]; pad columns hold +inf so they are never the minimum to replace
-    b_tv = tl.where(o_tk[None, :] < TOPK, float("-inf"), float("inf")) + tl.zeros([ROWS, TOPK_P], tl.float32)
-    b_ti = tl.full([ROWS, TOPK_P], -1, tl.int32)
-    for c0 in range(0, n_blk, CHUNK):
-        m_c = m_t[:, None] & ((c0 + o_c) < n_blk)[None, :]
-        b_sc = tl.load(p_sc + (c0 + o_c)[None, :], mask=m_c, other=float("-inf"))  # [ROWS, CHUNK]
-        # merge: insert the chunk's best while it beats the current k-th best of some row (official sizes
-        # have one chunk: exactly TOPK rounds)
-        b_best, i_best = tl.max(b_sc, 1, return_indices=True)
-        b_min, i_min = tl.min(b_tv, 1, return_indices=True)
-        while tl.max((b_best > b_min).to(tl.int32), 0) > 0:
-            m_ins = (b_best > b_min)[:, None] & (o_tk[None, :] == i_min[:, None])
-            b_tv = tl.where(m_ins, b_best[:, None], b_tv)
-            b_ti = tl.where(m_ins, (c0 + i_best)[:, None], b_ti)
-            b_sc = tl.where(o_c[None, :] == i_best[:, None], float("-inf"), b_sc)
-            b_best, i_best = tl.max(b_sc, 1, return_indices=True)
-            b_min, i_min = tl.min(b_tv, 1, return_indices=True)
-    b_key = tl.where(b_ti < 0, BIG, b_ti)
-    b_key = tl.sort(b_key, 1)
-    b_ti = tl.where(b_key == BIG, -1, b_key)
-    p_b = bidx + i_h * stride_bh + (q_start + o_t)[:, None].to(tl.int64) * stride_bn + o_tk[None, :]
-    tl.store(p_b, b_ti, mask=m_t[:, None] & (o_tk[None, :] < TOPK))
 
 
 # restore_value: benchmarking a config must not add into `o` when the kernel accumulates into it
@@ -436,8 +373,6 @@ def _ssa_compressed_attention_triton(
         STORE_LSE=return_lse,
         UPCAST=not q.is_cuda and q.dtype == torch.bfloat16,
     )
-    chunk = min(TOPK_CHUNK, triton.next_power_of_2(width))
-    topk_rows = max(1, TOPK_CHUNK // chunk)
     for q_lo in range(0, max_seqlen_q, rows):
         q_hi = q_lo + rows
 
@@ -448,26 +383,7 @@ def _ssa_compressed_attention_triton(
             _cmp_attn_topk_tuned[grid](**args, q_lo=q_lo, q_hi=q_hi)
         else:  # TRITON_INTERPRET=1 on CPU tensors: one small fixed tile
             _cmp_attn_topk_kernel[grid](**args, q_lo=q_lo, q_hi=q_hi, BLOCK_R=max(16, g), BLOCK_K=max(16, cells))
-        _topk_kernel[(triton.cdiv(rows, topk_rows), b, h)](
-            sc,
-            bidx,
-            cu_seqlens_q,
-            cu_seqlens_k,
-            cu_blk,
-            q_lo,
-            q_hi,
-            sc.stride(0),
-            sc.stride(1),
-            sc.stride(2),
-            bidx.stride(0),
-            bidx.stride(1),
-            TOPK=topk,
-            TOPK_P=max(2, triton.next_power_of_2(topk)),
-            HAS_BLOCK_KEYS=has_bk,
-            ROWS=topk_rows,
-            CHUNK=chunk,
-            num_warps=4 if q.is_cuda else 1,
-        )
+        _block_topk(sc, cu_seqlens_q, cu_blk, q_lo, topk, bidx, backend="triton")
     return o, lse if return_lse else None, bidx
 
 

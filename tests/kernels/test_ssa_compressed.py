@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from kernels import ssa_compressed as K
+from kernels import ssa_topk
 from tests.kernels.ssa_cases import assert_close, poisoned_outputs
 
 TOL = {torch.float16: (1e-2, 2e-2), torch.bfloat16: (3e-2, 6e-2)}
@@ -157,7 +158,7 @@ def test_compressed_cpu_several_launches_and_chunks(cells, monkeypatch):
     """Tokens in launches of 64 (a tiny score scratch) and the top-k merged over chunks of 16 scores: the
     paths a large grid takes on a GPU (official sizes use one chunk)."""
     monkeypatch.setattr(K, "SCORE_BYTES", 1)
-    monkeypatch.setattr(K, "TOPK_CHUNK", 16)
+    monkeypatch.setattr(ssa_topk, "TOPK_CHUNK", 16)
     case = ([130, 3], [40, 2], 4, 2, 16, 5, cells, torch.float16)
     _run(*case, device="cpu", seed=zlib.crc32(f"launches-{cells}".encode()), monkeypatch=monkeypatch)
 
