@@ -35,7 +35,7 @@ from s2core.testing import deterministic_state_dict  # noqa: E402
 
 GiB = 2**30
 FAMILIES = (  # (family, substrings of the CUDA kernel name), first match wins
-    ("SSA compressed attention + top-k", ("_cmp_attn",)),
+    ("SSA compressed attention + top-k", ("_cmp_attn", "_topk_kernel")),
     ("SSA selection attention", ("_selection",)),
     ("SSA window attention", ("_window",)),
     ("SSA compression (K,V pooling)", ("_compress", "scatter", "segment", "index_add")),

@@ -10,6 +10,11 @@ conv1. Counted in "channel volumes" (one channel of the cube, 32 MiB at 256³ in
 peak is then 72: the 40-channel concatenation of the last up block's first resnet, the two 8-channel skips
 still waiting, and that resnet's shortcut and conv1 outputs (8 each). Before, the full upsampled tensor (32)
 lived beside the concatenation (peak 96), and the concatenation outlived conv1 (80).
+
+On the GPU the counting above was not the whole story: under the 5 GiB cap the chain failed on a single 1.50 GiB
+request while cuDNN convolved that 40-channel concatenation (1.25 GiB) in one call (H100, 2026-12-07). So a
+convolution whose input is over SLAB_BYTES runs on depth slabs (`conv3d_slabs`), each with the halo its kernel
+reaches: the tests below check that slabs give the same result as one call, and on a GPU that they lower the peak.
 """
 
 import pytest
