@@ -184,10 +184,11 @@ def cases() -> list[Case]:
             Case(
                 "layer_norm",
                 "_add_ln_kernel",
-                f"C={c}, residual+affine+modulation per sample",
+                f"C={c}, gated residual+affine+modulation per sample",
                 dict(
                     x=f16,
                     r=f16,
+                    g=f16,
                     w=f16,
                     b=f16,
                     s=f16,
@@ -199,7 +200,7 @@ def cases() -> list[Case]:
                     eps="fp32",
                     stride_m="i32",
                 ),
-                dict(HAS_RES=True, AFFINE=True, MODULATE=True, PER_ROW=True),
+                dict(HAS_RES=True, HAS_GATE=True, AFFINE=True, MODULATE=True, PER_ROW=True),
                 [(f"BLOCK_C={c}, w{w}", dict(BLOCK_C=c), w, 3)],
                 dict(enable_fp_fusion=False),
             )

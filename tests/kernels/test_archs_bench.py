@@ -86,3 +86,25 @@ print(json.dumps(row))
     row = json.loads(out.stdout.strip().splitlines()[-1])
     assert row["error"] is None, row["error"]
     assert row["shared"] >= 0 and 0 < row["registers"] <= 255 and archs.verdict(row, LIMITS) == "yes"
+
+
+@pytest.mark.triton
+def test_every_case_matches_its_kernel_s_signature():
+    """A case written for an older signature compiles nothing useful: `_add_ln_kernel` gained a gate pointer and
+    HAS_GATE, its case kept the old names, and every architecture reported a compilation error that was the
+    table's, not the kernel's (2026-12-07). Each case must set exactly the kernel's constexprs and name only its
+    arguments."""
+    import importlib
+    import inspect
+
+    for case in archs.cases():
+        fn = getattr(importlib.import_module(f"kernels.{case.module}"), case.kernel)
+        # the Python function under the JIT (or interpreter, TRITON_INTERPRET=1) wrapper; annotations may be strings
+        params = inspect.signature(fn.fn).parameters.values()
+        constexprs = {p.name for p in params if "constexpr" in str(p.annotation)}
+        others = {p.name for p in params} - constexprs
+        where = f"{case.module}.{case.kernel} ({case.label})"
+        assert set(case.types) <= others, f"{where}: not arguments: {set(case.types) - others}"
+        for name, meta, _, _ in case.configs:
+            given = set(case.constexprs) | set(meta)
+            assert given == constexprs, f"{where} {name}: missing {constexprs - given}, extra {given - constexprs}"
