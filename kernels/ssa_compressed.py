@@ -57,6 +57,7 @@ from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
 from .ssa_topk import block_topk as _block_topk
+from .ssa_topk import top_blocks as _top_blocks
 
 __all__ = ["ssa_compressed_attention", "ssa_compressed_attention_reference"]
 
@@ -116,8 +117,7 @@ def ssa_compressed_attention_reference(
                 blk = torch.zeros(h, c1 - c0, nblk, dtype=torch.float32, device=q.device)
                 sc = blk.index_add_(2, cell_blk, sc[:, :, cell_key])
             kk = min(topk, nblk)
-            top = sc.topk(kk, dim=-1).indices.sort(-1).values
-            block_idx[:, c0:c1, :kk] = top.to(torch.int32)
+            block_idx[:, c0:c1, :kk] = _top_blocks(sc, kk)
     return _gated(o, q.dtype, gate, out), lse if return_lse else None, block_idx
 
 

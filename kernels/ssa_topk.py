@@ -21,9 +21,16 @@ import torch
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
 
-__all__ = ["block_topk", "block_topk_reference"]
+__all__ = ["block_topk", "block_topk_reference", "top_blocks"]
 
 TOPK_CHUNK = 4096  # scores a program holds at once
+
+
+def top_blocks(scores, k: int):
+    """The k largest of each row of scores [..., n] as int32 indices, ascending; equal scores go to the lower
+    index (a stable descending sort keeps them in index order; torch.topk leaves ties unspecified)."""
+    best = torch.sort(scores, dim=-1, descending=True, stable=True).indices[..., :k]
+    return best.sort(dim=-1).values.to(torch.int32)
 
 
 def block_topk_reference(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, out):
@@ -35,11 +42,9 @@ def block_topk_reference(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, 
             continue
         n_blk = cu_b[b + 1] - cu_b[b]
         k = min(topk, n_blk)
-        # a stable descending sort keeps equal scores in block order: ties go to the lower block
-        best = torch.sort(scores[:, b, :n_tok, :n_blk], dim=-1, descending=True, stable=True).indices[..., :k]
         rows = out[:, cu_q[b] + q_lo : cu_q[b] + q_lo + n_tok]
         rows.fill_(-1)
-        rows[..., :k] = best.sort(dim=-1).values.to(out.dtype)
+        rows[..., :k] = top_blocks(scores[:, b, :n_tok, :n_blk], k)
     return out
 
 

@@ -1,7 +1,9 @@
 """bench/archs.py's table logic on hand-made rows, and one real cross-compilation (an sm_86 target on this
 CPU-only machine: Triton compiles for a GPU it is not running on)."""
 
+import importlib
 import importlib.util
+import inspect
 import json
 import os
 import subprocess
@@ -94,9 +96,6 @@ def test_every_case_matches_its_kernel_s_signature():
     HAS_GATE, its case kept the old names, and every architecture reported a compilation error that was the
     table's, not the kernel's (2026-12-07). Each case must set exactly the kernel's constexprs and name only its
     arguments."""
-    import importlib
-    import inspect
-
     for case in archs.cases():
         fn = getattr(importlib.import_module(f"kernels.{case.module}"), case.kernel)
         # the Python function under the JIT (or interpreter, TRITON_INTERPRET=1) wrapper; annotations may be strings
