@@ -115,21 +115,22 @@ def _topk_kernel(
     tl.store(p_b, b_ti, mask=m_t[:, None] & (o_tk[None, :] < TOPK))
 
 
-def _block_topk_triton(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, out):
-    h, b, rows, width = scores.shape
+def _block_topk_triton(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, out, rows=None, num_warps=None):
+    """rows (tokens a program holds) and num_warps override the launch shape (bench/bench_topk.py)."""
+    h, b, n_rows, width = scores.shape
     assert scores.dtype == torch.float32 and out.dtype == torch.int32 and out.stride(2) == 1
     assert cu_seqlens_q.dtype == torch.int32 and cu_blocks.dtype == torch.int32
-    if rows == 0 or b == 0 or h == 0:
+    if n_rows == 0 or b == 0 or h == 0:
         return out
     chunk = min(TOPK_CHUNK, triton.next_power_of_2(max(1, width)))
-    per_program = max(1, TOPK_CHUNK // chunk)  # tokens a program holds: one chunk's worth of scores in all
-    _topk_kernel[(triton.cdiv(rows, per_program), b, h)](
+    rows = rows or max(1, TOPK_CHUNK // chunk)  # default: one chunk's worth of scores in all
+    _topk_kernel[(triton.cdiv(n_rows, rows), b, h)](
         scores,
         out,
         cu_seqlens_q,
         cu_blocks,
         q_lo,
-        q_lo + rows,
+        q_lo + n_rows,
         scores.stride(0),
         scores.stride(1),
         scores.stride(2),
@@ -137,10 +138,10 @@ def _block_topk_triton(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, ou
         out.stride(1),
         TOPK=topk,
         TOPK_P=max(2, triton.next_power_of_2(topk)),
-        ROWS=per_program,
+        ROWS=rows,
         CHUNK=chunk,
         ONE_CHUNK=width <= chunk,
-        num_warps=4 if scores.is_cuda else 1,
+        num_warps=num_warps or (4 if scores.is_cuda else 1),
     )
     return out
 
