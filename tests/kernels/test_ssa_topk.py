@@ -72,6 +72,16 @@ def test_reference_breaks_ties_to_the_lower_block():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("rows", [1, 2, 16])
+def test_any_tokens_per_program_gives_the_same_blocks(rows):
+    """The launch shape (bench/bench_topk.py sweeps it) only regroups tokens: a ragged last program included."""
+    (scores, cu_q, cu_b), out = _case([7, 5], [30, 12], 2, 0, 7, 30, 8, True, 40 + rows)
+    want = ssa_topk.block_topk_reference(scores, cu_q, cu_b, 0, 8, out.clone())
+    got = ssa_topk._block_topk_triton(scores, cu_q, cu_b, 0, 8, out.clone(), rows=rows, num_warps=1)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.triton
 def test_an_empty_slab_writes_nothing():
     (scores, cu_q, cu_b), out = _case([3], [2], 2, 0, 0, 2, 2, False, 0)
     assert (ssa_topk.block_topk(scores, cu_q, cu_b, 0, 2, out, backend="triton") == POISON).all()
