@@ -61,7 +61,7 @@ def one_width(width: int, topk: int, reps: int, lines: list[str]) -> None:
     lines += [
         f"### W = {width} blocks, top-k {topk}: {rows} tokens x {h} KV heads a launch (chunk {chunk})",
         "",
-        f"Today's shape ({max(1, ssa_topk.TOPK_CHUNK // chunk)} tokens, 4 warps): **{t_today:.3f} ms**, equal to "
+        f"Today's shape ({'{} tokens, {} warps'.format(*ssa_topk.launch_shape(chunk))}): **{t_today:.3f} ms**, equal to "
         f"the reference: {bool(torch.equal(today, ref))}; the reference (torch.sort): {t_ref:.3f} ms.",
         "",
         "| tokens a program | warps | scores a thread | ms | vs today | equal to today |",

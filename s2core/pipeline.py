@@ -268,7 +268,10 @@ def decode_sparse(
             field_ = refiner.remove_interior(
                 net, sdf, feat, stage.refine_level * threshold, progress=progress, grid=grid, consume=True
             )
-            items = refiner.mesh_refined_field(field_, check_cancel=lambda: poll(should_stop))
+        # meshing after the refiner's weights have left the GPU, on a field it frees before welding: at 1024 the
+        # welded faces set the stage's peak (under a 5 GiB cap they ran out of memory beside both)
+        with stage_guard(f"{res} surface extraction", hint):
+            items = refiner.mesh_refined_field(field_, check_cancel=lambda: poll(should_stop), consume=True)
     else:
         with stage_guard(f"{res} surface extraction", hint):
             items = meshes_from_sparse_sdf(sdf, sdf_res, threshold, check_cancel=lambda: poll(should_stop))

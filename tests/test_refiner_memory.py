@@ -149,6 +149,9 @@ def test_conv3d_slabs_peak_gpu():
     got, slabs = peak(lambda: unet.conv3d_slabs(conv, x))
     torch.testing.assert_close(got, want, rtol=2e-3, atol=2e-3)
     out = want.numel() * want.element_size()
-    # beside the output: a slab's own output and what cuDNN allocates for a slab (about its input's size)
-    assert slabs <= out + 2 * unet.SLAB_BYTES, f"slabs peak {slabs / 2**30:.2f} GiB, one call {whole / 2**30:.2f} GiB"
-    assert slabs < whole
+    msg = f"slabs peak {slabs / 2**30:.2f} GiB, one call {whole / 2**30:.2f} GiB"
+    print(msg)
+    # beside the output, per slab: its input's contiguous copy (a strided depth slice of NCDHW), cuDNN's
+    # workspace for it (about 1.2x its input: 1.50 GiB for the whole 1.25 GiB tensor) and its own output
+    assert slabs <= out + 3 * unet.SLAB_BYTES, msg
+    assert slabs < whole, msg

@@ -19,7 +19,7 @@ from ..mesh.marching_cubes import Welder, key_coords, lookup_keys
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
+@dataclass
 class RefinedField:
     """The refined field where marching cubes needs it.
 
@@ -40,6 +40,13 @@ class RefinedField:
     values: torch.Tensor
     resolution: int
     level: float
+
+    def take(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(keys, values), leaving this field empty, so that a consumer holding the only references can free
+        them before its own peak (at 1024, ~0.4 GiB before marching cubes welds ~50 M faces)."""
+        keys, values = self.keys, self.values
+        self.keys, self.values = keys[:0], values[:0]
+        return keys, values
 
     @property
     def coords(self) -> torch.Tensor:
@@ -158,7 +165,7 @@ def _cell_any(m: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def mesh_refined_field(
-    field: RefinedField, max_cells: int = 1 << 21, check_cancel=None
+    field: RefinedField, max_cells: int = 1 << 21, check_cancel=None, consume: bool = False
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Marching cubes of a `RefinedField` → per batch element (vertices [V, 3] fp32, faces [F, 3] int64).
 
@@ -168,10 +175,11 @@ def mesh_refined_field(
     corners are all in the field: `sparse_sdf_to_mesh` reads missing voxels as +1, right for a decoded
     band and wrong here, where the background is inside (-1) as often as outside. Cells are taken
     max_cells at a time, so the transients are bounded by the chunk, not the field; check_cancel() (raises
-    to stop) before each chunk.
+    to stop) before each chunk. consume: the caller hands the field over; it is emptied (`take`) and its
+    tensors freed before the vertices are welded (the pipeline passes True).
     """
     R, level, device = field.resolution, field.level, field.keys.device
-    keys = field.keys  # sorted and unique by construction
+    keys, values = field.take() if consume else (field.keys, field.values)  # keys sorted and unique
     if keys.numel() > max_crossing_corners(R):
         raise _too_many_corners(keys.numel(), R)
     B = int(keys[-1]) // R**3 + 1 if keys.numel() else 1
@@ -180,7 +188,6 @@ def mesh_refined_field(
         if check_cancel is not None:
             check_cancel()
         cells = keys[start : start + max_cells]
-        vals = field.values[start : start + max_cells]
         xyz = key_coords(cells, R)[:, 1:]
         inner = (xyz <= R - 2).all(1)  # every cell's min corner is a field voxel
         del xyz
@@ -188,20 +195,23 @@ def mesh_refined_field(
         pos, found = lookup_keys(keys, cells[:, None] + welder.corner_keys[None])  # [M, 8]
         full = found.all(1)
         cells, pos = cells[full], pos[full]
-        del found, full, vals
-        welder.add(cells, field.values[pos].float())
+        del found, full
+        welder.add(cells, values[pos].float())
         del pos, cells
+    del keys, values
     verts, faces, vbatch = welder.finish()
     if faces.shape[0] == 0:
         log.warning("The refined field does not cross the level %s, so the mesh is empty.", level)
         return [
             (torch.zeros(0, 3, device=device), torch.zeros(0, 3, dtype=torch.int64, device=device)) for _ in range(B)
         ]
+    verts = verts.div_(R).mul_(2).sub_(1)  # v / R * 2 - 1 in place, the same fp32 ops in the same order
+    if B == 1:  # one object: nothing to split (and no sorted copies of a ~1 GiB face array)
+        return [(verts, faces)]
     v_counts = torch.bincount(vbatch, minlength=B)
     v_start = torch.cumsum(v_counts, 0) - v_counts
     fbatch = vbatch[faces[:, 0]]
     order = torch.sort(fbatch, stable=True).indices
     faces, fbatch = faces[order], fbatch[order]
     faces = faces - v_start[fbatch][:, None]
-    verts = verts / R * 2 - 1
     return list(zip(verts.split(v_counts.tolist()), faces.split(torch.bincount(fbatch, minlength=B).tolist())))
