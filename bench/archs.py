@@ -100,15 +100,18 @@ def cases() -> list[Case]:
             )
         )
     for topk in (32, 8):
-        chunk = ssa_topk.TOPK_CHUNK
+        shapes = []
+        for chunk in (1024, ssa_topk.TOPK_CHUNK):  # the official stages' chunk, the widest one; default shapes
+            rows, warps = ssa_topk.launch_shape(chunk)
+            shapes.append((f"ROWS={rows}, CHUNK={chunk}, w{warps}", dict(ROWS=rows, CHUNK=chunk), warps, 3))
         out.append(
             Case(
                 "ssa_topk",
                 "_topk_kernel",
-                f"top-k {topk}, one chunk of {chunk} scores",
+                f"top-k {topk}, one chunk of scores",
                 dict(sc=f32, bidx=i32, cu_q=i32, cu_blk=i32),
                 dict(TOPK=topk, TOPK_P=topk, ONE_CHUNK=True),
-                [(f"ROWS=1, CHUNK={chunk}, w4", dict(ROWS=1, CHUNK=chunk), 4, 3)],
+                shapes,
             )
         )
     for label, topk in [("top-k 32", 32), ("top-k 8", 8)]:

@@ -116,10 +116,10 @@ def _topk_kernel(
 
 
 def launch_shape(chunk: int) -> tuple[int, int]:
-    """(tokens a program, warps) for a chunk width: 64 scores a thread in one warp where a chunk fits, so a
-    row's max stays inside the warp (no shared-memory round per insertion). At the official widths on an H100
-    this is 1.3-1.6x the earlier 4 tokens x 4 warps (bench/results/topk.md)."""
-    return max(1, 2048 // chunk), max(1, chunk // 2048)
+    """(tokens a program, warps) for a chunk width: one warp holding 2,048 scores (64 a thread) where a chunk
+    fits, 1.3-1.6x the earlier 4 tokens x 4 warps at the official widths on an H100 (bench/results/topk.md).
+    A chunk of 4,096 (v1.0 grids above 2,048 blocks) keeps 4 warps: 2 warps spill on sm_120 (archs.md)."""
+    return max(1, 2048 // chunk), 1 if chunk <= 2048 else 4
 
 
 def _block_topk_triton(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, out, rows=None, num_warps=None):
