@@ -31,7 +31,7 @@ class ImageToMesh(Node):
         In(
             "resolution",
             "COMBO",
-            "1024: finest detail (measured peak 5.1 GiB of GPU memory allocated, H100, "
+            "1024: finest detail (measured peak 4.2 GiB of GPU memory allocated, H100, "
             "batch 1); 512: faster, 4.1 GiB peak.",
             default="1024",
             options=("1024", "512"),

@@ -40,7 +40,7 @@ class SampleSparse(Node):
             "max_tokens",
             "INT",
             "Refuse structures with more sparse tokens than this (a memory budget; a 1024 "
-            "shape has about 100k tokens, measured at 5.1 GiB peak GPU memory for 109k). 0: no limit.",
+            "shape has about 100k tokens, measured at 4.2 GiB peak GPU memory for 109k). 0: no limit.",
             default=0,
             min=0,
             max=10_000_000,

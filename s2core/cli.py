@@ -51,7 +51,7 @@ def _parser() -> argparse.ArgumentParser:
         type=int,
         choices=(512, 1024),
         default=None,
-        help="1024 (default; measured peak 5.1 GiB of GPU memory) or 512 (faster, 4.1 GiB); --demo defaults to 512",
+        help="1024 (default; measured peak 4.2 GiB of GPU memory) or 512 (faster, 4.1 GiB); --demo defaults to 512",
     )
     p.add_argument("--seed", type=int, default=0, help="noise seed (default 0)")
     p.add_argument(

@@ -125,7 +125,7 @@ ACTIVATION_BYTES = {  # stage: (bytes per sample, bytes per sparse token)
     "dense decoding": (0.5 * _GiB, 0),
     "sparse sampling": (0, 24 * _KiB),
     SPARSE_512.decoding: (2.2 * _GiB, 56 * _KiB),  # the refiner cube per sample, decoded voxels per token
-    SPARSE_1024.decoding: (4.3 * _GiB, 8 * _KiB),
+    SPARSE_1024.decoding: (2.9 * _GiB, 8 * _KiB),  # 4.3 before the refiner's depth slabs (e2e.md, 2026-12-07)
 }
 
 

@@ -17,7 +17,8 @@ from .._kernels import group_norm as _gn
 OFFICIAL_CHANNELS = (8, 32, 128, 512)
 # A convolution whose input is larger than this runs on depth slabs (`conv3d_slabs`). On an H100, cuDNN's
 # NCDHW convolution of the 40-channel 256³ concatenation (1.25 GiB) asked for another 1.50 GiB at once: the
-# 1024 sign cube's peak (5.08 GiB in the chain) and, under a 5 GiB cap, an out-of-memory error.
+# 1024 sign cube's peak (5.08 GiB in the chain) and, under a 5 GiB cap, an out-of-memory error. On slabs that
+# convolution peaks at 0.88 GiB instead of 1.75 and a cube takes ~9% longer (bench/results/e2e.md).
 SLAB_BYTES = 256 * 2**20
 # the release's use_fp16 casts these to fp16; the GroupNorm parameters stay fp32, as in the original
 FP16_LAYERS = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
