@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
 import sys
 from pathlib import Path
 
@@ -21,24 +20,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from bench.bench_fusions import timed  # noqa: E402  (median of CUDA-event timings after one warm-up)
 from kernels import ssa_compressed, ssa_topk  # noqa: E402
 
 WIDTHS = (560, 800, 1046)
 SHAPES = [(r, w) for r in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)]
-
-
-def timed(fn, reps: int) -> float:
-    fn()
-    torch.cuda.synchronize()
-    out = []
-    for _ in range(reps):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        fn()
-        b.record()
-        torch.cuda.synchronize()
-        out.append(a.elapsed_time(b))
-    return statistics.median(out)
 
 
 def one_width(width: int, topk: int, reps: int, lines: list[str]) -> None:
