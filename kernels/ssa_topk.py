@@ -9,9 +9,10 @@ for the tokens that exist (q_lo + t < the sample's token count); other rows of `
 #blocks of b is cu_blocks[b+1] - cu_blocks[b] and must be <= W; columns past it are ignored. Scores are finite
 (sums of probabilities). Ties go to the lower block index (torch.topk leaves them unspecified).
 
-One program holds ROWS tokens' scores in registers (64 a thread by default), a chunk of at most TOPK_CHUNK at a
-time, and runs rounds of max-and-insert: while the chunk's best beats some row's current k-th best, it replaces it. One chunk covers
-every official grid (<= 16^3 blocks), so that is exactly topk rounds; a wider sample merges chunk by chunk.
+One program holds ROWS tokens' scores in registers (64 a thread by default, `launch_shape`), a chunk of at most
+TOPK_CHUNK at a time, and runs rounds of max-and-insert: while the chunk's best beats some row's current k-th
+best, it replaces it. One chunk covers every official grid (<= 16^3 blocks), so that is exactly topk rounds; a
+wider sample merges chunk by chunk.
 """
 
 from __future__ import annotations

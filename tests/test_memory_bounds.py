@@ -120,7 +120,8 @@ def test_offloading_stage_returns_cached_memory(offload, monkeypatch):
 
 
 def test_activation_estimates_cover_the_measured_peaks():
-    # bench/results/e2e.md (H100, fp16, default placement, 2026-12-07 ~14:00): peak allocated minus the stage's weights
+    # bench/results/e2e.md (H100, fp16, default placement, 2026-12-07 afternoon): peak allocated minus the
+    # stage's weights
     GiB = 2**30
     sampling_1024 = (3.51 - 0.96) * GiB  # 108,862 tokens, 1024 DiT weights ~0.96 GiB
     decode_1024 = (4.21 - 0.5) * GiB  # VAE + sign refiner weights ~0.5 GiB

@@ -223,7 +223,8 @@ class Welder:
         del e, centre, base
         ukeys, inverse = torch.unique(vkeys.reshape(-1), return_inverse=True)
         # on CUDA the unique values keep a storage of the input's size (3 keys a face), and these stay held
-        # until `finish`: a compact copy halves what a 50 M-face chunk list holds (2.3 -> 1.2 GiB, issue 17)
+        # until `finish`: a compact copy. With int64 faces beside them, the chunks of a 51 M-face mesh held
+        # 2.3 GiB and a 5 GiB-capped chain ran out of memory here (bench/results/e2e.md)
         ukeys = ukeys.clone()
         del vkeys
         # one occurrence per unique vertex: every copy of an edge vertex is bitwise the same
