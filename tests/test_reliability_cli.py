@@ -97,6 +97,19 @@ def test_overwrite_with_disk_full_or_ctrl_c_keeps_the_old_file(png, tmp_path, fa
 def test_signal_while_writing_removes_the_temp_file(png, tmp_path, fast, monkeypatch, capsys, sig, code, word):
     """A real signal to this process while the temp file is being written: the exit status of the signal, one
     line, no file, no temp file; and the handlers that were there before are back afterwards."""
+    # a shell starts background jobs with SIGINT ignored, and the CLI rightly leaves an ignored signal alone:
+    # this test needs a foreground process's handlers, so it sets them and puts the inherited ones back after
+    inherited = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        _signal_while_writing(png, tmp_path, monkeypatch, capsys, sig, code, word)
+    finally:
+        signal.signal(signal.SIGTERM, inherited[0])
+        signal.signal(signal.SIGINT, inherited[1])
+
+
+def _signal_while_writing(png, tmp_path, monkeypatch, capsys, sig, code, word):
     before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
     real_fsync = os.fsync
 
@@ -117,6 +130,17 @@ def test_signal_while_writing_removes_the_temp_file(png, tmp_path, fast, monkeyp
     assert rc == code and one_line(err) == f"{word}; nothing was written."
     assert not out.exists() and not tmp_left(tmp_path)
     assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+def test_an_ignored_sigint_stays_ignored(png, tmp_path, fast, capsys):
+    """A run started in the background (`cmd &`, nohup: SIGINT ignored) is not made interruptible by the CLI."""
+    inherited = signal.getsignal(signal.SIGINT)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        rc, _ = run([png, "-o", tmp_path / "m.glb"], capsys)
+        assert rc == 0 and signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGINT, inherited)
 
 
 def test_ctrl_c_during_start_up_exits_130_with_one_line(tmp_path):
