@@ -292,6 +292,26 @@ def test_remove_interior_512_consume_frees_features_only():
     assert handed.feats.shape == (0, 32) and sdf.coords.shape[0] == len(coords)  # the SDF is still the caller's
 
 
+@pytest.mark.parametrize("batch", [1, 2], ids=["B1", "B2"])
+def test_mesh_refined_field_consume_gives_the_same_meshes_and_empties_the_field(batch):
+    grid = CubeGrid(40, 16, 12)
+    model = _model(VoxelRefiner, RefinerConfig(use_fp16=False), seed=3)
+    coords, values = _sphere_band(40, (20.3, 21.1, 18.6), 9.0, 2.5, batch=batch)
+    order = torch.argsort(coords[:, 0], stable=True)
+    coords, values = coords[order], values[order]
+    feats = torch.randn(len(coords), 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    field = remove_interior_512(model, SparseTensor(values, coords), feats, level=0.0, grid=grid)
+    n = field.keys.numel()
+    kept = mesh_refined_field(field, max_cells=500)  # several chunks: the welder's chunked faces and seams
+    assert field.keys.numel() == n  # without consume the caller's field is untouched
+    eaten = mesh_refined_field(field, max_cells=500, consume=True)
+    assert field.keys.numel() == 0 and field.values.numel() == 0
+    assert len(eaten) == len(kept) == batch
+    for (v0, f0), (v1, f1) in zip(kept, eaten):
+        assert f0.shape[0] > 0 and f0.dtype == f1.dtype == torch.int64
+        assert torch.equal(v0, v1) and torch.equal(f0, f1)
+
+
 def _crossing_corners_torch(field, level):
     """_crossing_corners on the GPU for [B, R, R, R] fields too big for numpy."""
     v = field.float()
