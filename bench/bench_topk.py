@@ -29,7 +29,7 @@ SHAPES = [(r, w) for r in (1, 2, 4, 8, 16) for w in (1, 2, 4, 8)]
 
 def one_width(width: int, topk: int, reps: int, lines: list[str]) -> None:
     h = 2
-    rows = max(64, ssa_compressed.SCORE_BYTES // (4 * h * width) // 64 * 64)
+    rows = ssa_compressed.score_rows(h, 1, width)
     g = torch.Generator(device="cuda").manual_seed(width + topk)
     scores = torch.rand(h, 1, rows, width, device="cuda", generator=g)
     cu_q = torch.tensor([0, rows], dtype=torch.int32, device="cuda")

@@ -65,6 +65,12 @@ _LN2 = 0.6931471805599453
 SCORE_BYTES = 64 << 20  # the block-score scratch between the two kernels
 
 
+def score_rows(kv_heads: int, batch: int, width: int) -> int:
+    """Tokens per sample one launch covers: as many as a [kv_heads, batch, rows, width] fp32 score scratch of
+    SCORE_BYTES holds (a multiple of 64, at least 64)."""
+    return max(64, SCORE_BYTES // (4 * kv_heads * batch * width) // 64 * 64)
+
+
 def ssa_compressed_attention_reference(
     q,
     ck,
@@ -333,8 +339,7 @@ def _ssa_compressed_attention_triton(
     # [H, N, M] would be ~0.7 GB at the 1024 stage, so the tokens are done in launches of `rows`
     n_blocks = block_keys.shape[0] if has_bk else ck.shape[0]  # bounds every sample's blocks, no sync
     width = max(1, n_blocks)
-    rows = max(64, SCORE_BYTES // (4 * h * b * width) // 64 * 64)
-    rows = min(rows, max_seqlen_q)
+    rows = min(score_rows(h, b, width), max_seqlen_q)
     sc = torch.empty(h, b, rows, width, dtype=torch.float32, device=q.device)
     cu_blk = cu_blocks if has_bk else cu_seqlens_k
     args = dict(

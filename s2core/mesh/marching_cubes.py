@@ -282,7 +282,6 @@ class Welder:
             f = self.faces.pop(0)
             faces[row : row + f.shape[0]] = inverse[offset : offset + n][f]
             offset, row = offset + n, row + f.shape[0]
-            del f
         return verts, faces, vbatch
 
 
@@ -297,7 +296,8 @@ def marching_cubes_sparse(coords: torch.Tensor, sdf: torch.Tensor, resolution: i
     return verts, faces
 
 
-def _to_original_frame(verts: torch.Tensor, resolution: int) -> torch.Tensor:
+def to_original_frame(verts: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Index-space vertices -> the original's frame, v / R * 2 - 1."""
     return verts / resolution * 2 - 1  # fp32 ops in the original's order (numpy on fp32 vertices)
 
 
@@ -324,7 +324,7 @@ def sparse_sdf_to_mesh(coords, sdf, resolution=None, threshold=None):
             "check the structure or lower mc_threshold.",
             threshold,
         )
-    return _to_original_frame(verts, resolution), faces
+    return to_original_frame(verts, resolution), faces
 
 
 def meshes_from_sparse_sdf(
@@ -342,7 +342,7 @@ def meshes_from_sparse_sdf(
     faces, fbatch = faces[order], fbatch[order]
     faces = faces - v_start[fbatch][:, None]
     f_counts = torch.bincount(fbatch, minlength=b)
-    out = list(zip(_to_original_frame(verts, resolution).split(v_counts.tolist()), faces.split(f_counts.tolist())))
+    out = list(zip(to_original_frame(verts, resolution).split(v_counts.tolist()), faces.split(f_counts.tolist())))
     for i, (_, f) in enumerate(out):
         if f.shape[0] == 0:
             log.warning(

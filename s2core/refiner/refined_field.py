@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..mesh.marching_cubes import Welder, key_coords, lookup_keys
+from ..mesh.marching_cubes import Welder, key_coords, lookup_keys, to_original_frame
 
 log = logging.getLogger(__name__)
 
@@ -205,7 +205,7 @@ def mesh_refined_field(
         return [
             (torch.zeros(0, 3, device=device), torch.zeros(0, 3, dtype=torch.int64, device=device)) for _ in range(B)
         ]
-    verts = verts.div_(R).mul_(2).sub_(1)  # v / R * 2 - 1 in place, the same fp32 ops in the same order
+    verts = to_original_frame(verts, R)
     if B == 1:  # one object: nothing to split (and no sorted copies of a ~1 GiB face array)
         return [(verts, faces)]
     v_counts = torch.bincount(vbatch, minlength=B)
