@@ -202,6 +202,7 @@ def cases() -> list[Case]:
                     C="i32",
                     eps="fp32",
                     stride_m="i32",
+                    stride_r="i32",
                 ),
                 dict(HAS_RES=True, HAS_GATE=True, AFFINE=True, MODULATE=True, PER_ROW=True),
                 [(f"BLOCK_C={c}, w{w}", dict(BLOCK_C=c), w, 3)],

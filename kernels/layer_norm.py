@@ -85,6 +85,7 @@ def _add_ln_kernel(
     C,
     eps,
     stride_m,
+    stride_r,
     HAS_RES: tl.constexpr,
     HAS_GATE: tl.constexpr,
     AFFINE: tl.constexpr,
@@ -100,7 +101,7 @@ def _add_ln_kernel(
     v = tl.load(x + row * C + cols, mask=mask, other=0.0)
     v = v.to(tl.float32)
     if HAS_RES:
-        b_r = tl.load(r + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+        b_r = tl.load(r + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
         if HAS_GATE:  # r·g rounded as PyTorch's multiply rounds it, then added
             b_r = _rounded(b_r * tl.load(g + m_row + cols, mask=mask, other=0.0).to(tl.float32), dt)
         v = _rounded(v + b_r, dt)
@@ -123,7 +124,10 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
     assert x.dtype in _HALF and x.ndim == 2 and x.is_contiguous()
     N, C = x.shape
     assert C <= 16384, "rows longer than 16384 do not fit one program"
-    assert residual is None or (residual.shape == x.shape and residual.dtype == x.dtype and residual.is_contiguous())
+    # the residual may be one row broadcast to every token (stride 0: the cross attention of a zero condition)
+    assert residual is None or (
+        residual.shape == x.shape and residual.dtype == x.dtype and residual.stride() in ((C, 1), (0, 1))
+    )
     assert (weight is None) == (bias is None) and (scale is None) == (shift is None)
     gate, scale, shift = (None if m is None else m.reshape(-1, C).contiguous() for m in (gate, scale, shift))
     assert all(m.dtype == x.dtype for m in (gate, scale, shift) if m is not None)
@@ -150,6 +154,7 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
         C,
         eps,
         C,
+        C if residual is None else residual.stride(0),
         HAS_RES=residual is not None,
         HAS_GATE=gate is not None,
         AFFINE=weight is not None,

@@ -68,6 +68,26 @@ def test_matches_reference(n, c, b, variant, monkeypatch):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("n", [1, 23])
+def test_broadcast_residual_row(n, monkeypatch):
+    """One residual row for every token (stride 0), as the cross attention of a zero condition returns it:
+    the same outputs as that row written out n times."""
+    g = torch.Generator().manual_seed(100 + n)
+    x = torch.randn(n, 48, generator=g).half()
+    row = torch.randn(1, 48, generator=g).half()
+    kw = dict(
+        scale=(1 + 0.2 * torch.randn(1, 48, generator=g)).half(), shift=(0.1 * torch.randn(1, 48, generator=g)).half()
+    )
+    with poisoned_outputs(monkeypatch):
+        xo, y = K.add_layer_norm(x, row.expand(n, 48), **kw, backend="triton")
+        xw, yw = K.add_layer_norm(x, row.repeat(n, 1), **kw, backend="triton")
+    assert torch.equal(xo, xw) and torch.equal(y, yw)
+    xr, yr = K.add_layer_norm_reference(x, row.expand(n, 48), **kw)
+    assert torch.equal(xo, xr)
+    assert_close(y, yr, 2e-3, 4e-2, f"broadcast residual n={n}")
+
+
+@pytest.mark.triton
 def test_empty_rows():
     x = torch.zeros(0, 64, dtype=torch.float16)
     xo, y = K.add_layer_norm(x, residual=x.clone(), backend="triton")
