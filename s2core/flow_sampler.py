@@ -98,13 +98,15 @@ def sample_flow(
     """
     sched = flow_schedule(num_steps, shift, num_train_timesteps).to(noise.device)
     do_cfg = guidance > 0 and uncond is not None
+    # once, not per step: a CUDA-graph wrapper (`cuda_graph.GraphedModel`) keys its graph on the cond tensor
+    pair = torch.cat([cond, uncond]) if do_cfg and batch_cfg else None
     x = noise
     for i in range(num_steps):
         if check_cancel is not None:
             check_cancel()
         t = sched.timesteps[i : i + 1].to(x.dtype)  # the original feeds tensor([t], dtype=latent dtype): fp16-rounded
         if do_cfg and batch_cfg:
-            v, v_u = model(torch.cat([x, x]), t, torch.cat([cond, uncond])).chunk(2)
+            v, v_u = model(torch.cat([x, x]), t, pair).chunk(2)
         else:
             v = model(x, t, cond)
             v_u = model(x, t, uncond) if do_cfg else None

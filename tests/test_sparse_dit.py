@@ -125,6 +125,45 @@ def test_batch_of_two_equals_two_single_calls():
     assert_close(both, torch.cat(one), 1e-5, 1e-4, "batched vs single")
 
 
+@pytest.mark.parametrize("batch", [1, 2])
+def test_zero_condition_shortcut_equals_full_cross_attention(batch, monkeypatch):
+    """An all-zero condition (CFG's unconditional half) skips the cross attention for its exact result, the
+    value bias: the velocity equals the full computation's. fp32 on the CPU, where the math attention's
+    uniform weights 1/L sum L values with rounding: 1e-5 relative."""
+    import s2core.sparse_dit as sd
+
+    torch.manual_seed(3)
+    cfg = SparseDiTConfig(
+        resolution=16,
+        model_channels=64,
+        cond_channels=32,
+        num_blocks=2,
+        num_heads=4,
+        num_kv_heads=2,
+        topk=3,
+        use_fp16=False,
+    )
+    model = SparseDiT(cfg, dtype=torch.float32)
+    model.load_state_dict(deterministic_state_dict(model, 7), strict=True)
+    parts = []
+    for b, n in enumerate([61, 40][:batch]):
+        flat = torch.randperm(16**3)[:n]
+        c = torch.stack([torch.full_like(flat, b), flat // 256, flat // 16 % 16, flat % 16], 1).int()
+        parts.append(sort_block(c, 8)[0])
+    x = SparseTensor(torch.randn(sum(p.shape[0] for p in parts), 16), torch.cat(parts))
+    t, cond = torch.full((batch,), 400.0), torch.zeros(batch, 7, 32)
+    assert sd.is_zero_condition(cond) and not sd.is_zero_condition(cond + 1e-30)
+    calls, real = [], sd.sparse_cross_attention
+    monkeypatch.setattr(sd, "sparse_cross_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+    with torch.no_grad():
+        fast = model(x, t, cond).feats
+        assert not calls, "the zero condition still ran the attention"
+        monkeypatch.setattr(sd, "is_zero_condition", lambda c: False)
+        full = model(x, t, cond).feats
+        assert len(calls) == cfg.num_blocks
+    assert_close(fast, full, 1e-5, 1e-5, "zero-condition shortcut vs full cross attention")
+
+
 def test_v1_0_sparse_conditions_and_v2_compression_run_ragged():
     """v1.0 path: cond_proj + APE on a ragged SparseTensor context, v2 compression (cells 4^3 inside blocks 8^3)."""
     torch.manual_seed(1)
@@ -171,3 +210,34 @@ def test_unsorted_tokens_are_rejected():
     coords = torch.tensor([[0, 9, 0, 0], [0, 0, 0, 0]], dtype=torch.int32)
     with pytest.raises(ValueError, match="block-sorted"):
         model(SparseTensor(torch.randn(2, 16), coords), torch.tensor([1.0]), torch.randn(1, 3, 64))
+
+
+@pytest.mark.gpu
+def test_fused_gelu_is_the_tanh_gelu_gpu(monkeypatch):
+    """The MLP's first Linear + GELU as one cuBLASLt GEMM on CUDA (`layers.FUSED_GELU`) is the tanh GELU of the
+    checkpoint's `nn.GELU(approximate="tanh")`, not the erf one. An identity Linear makes the GEMM exact, so
+    the output is the GELU of the fp16 input, rounded once: where the two GELUs round to fp16 values more
+    than an ulp apart (x in [-4, 4]), the fused output must sit at the tanh one."""
+    import torch.nn.functional as F
+
+    from s2core import layers
+
+    ff = layers.FeedForward(64, 1.0).cuda().half()
+    with torch.no_grad():
+        ff.mlp[0].weight.copy_(torch.eye(64))
+        ff.mlp[0].bias.zero_()
+        x = torch.linspace(-4, 4, 64 * 512, device="cuda").half().view(512, 64)
+        fused = torch._addmm_activation(ff.mlp[0].bias, x, ff.mlp[0].weight.t(), use_gelu=True)
+        tanh, erf = F.gelu(x.float(), approximate="tanh").half(), F.gelu(x.float()).half()
+        ulp = (tanh.float().abs() * 2**-10).clamp_min(2**-24)
+        far = (tanh.float() - erf.float()).abs() > 2 * ulp  # where the two GELUs are told apart
+        assert int(far.sum()) > 1000
+        near_tanh = ((fused.float() - tanh.float()).abs() <= ulp)[far]
+        assert bool(near_tanh.all()), f"{int((~near_tanh).sum())} of {int(far.sum())} outputs are not the tanh GELU"
+        assert float((fused[far] == erf[far]).float().mean()) < 0.1, "the fused GELU looks like the erf one"
+        # and the module takes that path: the same output as the fused op followed by the second Linear
+        y = torch.randn(300, 64, device="cuda").half()
+        want = ff.mlp[2](torch._addmm_activation(ff.mlp[0].bias, y, ff.mlp[0].weight.t(), use_gelu=True))
+        assert torch.equal(ff(y), want)
+        monkeypatch.setattr(layers, "FUSED_GELU", False)
+        assert torch.equal(ff(y), ff.mlp(y))
