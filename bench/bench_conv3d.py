@@ -73,12 +73,12 @@ def refiners(device, tiny: bool):
 
 
 def conv_shapes(model, args) -> list[tuple]:
-    """(Cin, Cout, k, spatial) of every convolution in one forward that the kernel would take over."""
+    """(Cin, Cout, k, spatial) of every convolution in one forward that the kernel takes over (`suits`)."""
     seen = []
 
     def hook(mod, inp):
         key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], tuple(inp[0].shape[2:]))
-        if K.shape_suits(mod) and key not in seen:
+        if K.shape_suits(mod) and mod.out_channels <= K.DISPATCH_MAX_COUT and key not in seen:
             seen.append(key)
 
     hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv3d)]
