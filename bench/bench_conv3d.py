@@ -78,7 +78,7 @@ def conv_shapes(model, args) -> list[tuple]:
 
     def hook(mod, inp):
         key = (mod.in_channels, mod.out_channels, mod.kernel_size[0], tuple(inp[0].shape[2:]))
-        if K.shape_suits(mod) and mod.out_channels <= K.DISPATCH_MAX_COUT and key not in seen:
+        if K.shape_suits(mod) and mod.out_channels <= K.DISPATCH_MAX_COUT and key not in seen:  # what `suits` may take
             seen.append(key)
 
     hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, torch.nn.Conv3d)]

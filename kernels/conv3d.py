@@ -8,13 +8,16 @@ For x [B, Cin, D, H, W], weight [Cout, Cin, k, k, k] (k = 1 or 3, stride 1, zero
 accumulated in fp32 and rounded once to x's dtype: `F.conv3d(x, weight, bias, padding=p)`, up to fp32 summation
 order.
 
-Why a kernel: at 256³ the refiners' first UNet level has 8 output channels (1 for the sign refiner's head).
-Such convolutions move a few hundred MB and do little arithmetic, but cuDNN's NCDHW kernels for them run far
-from the memory bandwidth (bench/results/conv3d.md). Here a program owns BW consecutive output voxels of one
-(depth, height) row and all output channels; for each of the k³ taps it loads the shifted [voxels, Cin] input
-tile (masked at the borders: the zero padding) and multiplies it with that tap's [Cin, Cout] weights on the
-tensor cores. The k³ shifted loads of neighbouring programs overlap, and the caches serve them. Nothing
-beyond the output is allocated, so no depth slabs are needed (`refiner.unet.conv3d_slabs`).
+Why a kernel: at 256³ the refiners' first UNet level has 8 channels, their heads 1. Such convolutions move a
+few hundred MB and do little arithmetic. cuDNN's NCDHW path converts to NDHWC and back around them, and for
+one input or output channel, or a 1×1×1 kernel, this kernel is 1.9-4.2× faster (bench/results/conv3d.md);
+for 3×3×3 kernels between 8-40 channels it is not, and `suits` leaves those to cuDNN.
+
+Here a program owns BW consecutive output voxels of one (depth, height) row and all output channels; for
+each of the k³ taps it loads the shifted [voxels, Cin] input tile (masked at the borders: the zero padding)
+and multiplies it with that tap's [Cin, Cout] weights on the tensor cores. The k³ shifted loads of
+neighbouring programs overlap, and the caches serve them. Nothing beyond the output is allocated, so no
+depth slabs are needed (`refiner.unet.conv3d_slabs`).
 
 Layouts: x contiguous [B, Cin, D, H, W] fp16/bf16; weight [Cout, Cin, k, k, k] (any float dtype, used in x's
 dtype); bias [Cout] or None; y contiguous [B, Cout, D, H, W] in x's dtype.
@@ -34,8 +37,10 @@ __all__ = ["conv3d_same", "conv3d_same_reference", "shape_suits", "suits"]
 # What the kernel can compute (`shape_suits`): up to 64 input and 32 output channels.
 MAX_CIN = 64
 MAX_COUT = 32
-# What it is used for (`suits`): the UNets' first level (8 channels at 256³ / 192³) and the refiners' heads.
-# Wider layers (32-512 channels at 128³ and below) stay with cuDNN (bench/results/conv3d.md).
+# What it is used for (`suits`), from bench/results/conv3d.md (H100, official cube sizes): the 1×1×1 shortcuts
+# to 8 channels (1.9-4.2× cuDNN), the refiners' input convolutions from the one-channel SDF (2.4-3.1×) and the
+# sign refiner's and 512 refiner's one-channel heads (3.9-4.1×), all at 256³ / 192³. The 3×3×3 convolutions
+# between 8-40 channels stay with cuDNN, which is as fast or faster there (0.6-1.1×), as do wider layers.
 DISPATCH_MAX_COUT = 8
 BLOCK_W, NUM_WARPS = 128, 4  # output row segment of a program, bench/bench_conv3d.py
 
@@ -50,9 +55,17 @@ def conv3d_same_reference(x: torch.Tensor, weight: torch.Tensor, bias: torch.Ten
 
 
 def suits(conv: torch.nn.Conv3d, x: torch.Tensor) -> bool:
-    """Whether the kernel computes `conv(x)` here: a `shape_suits` convolution, and Triton runs for x (CUDA,
-    fp16/bf16, Triton installed). Elsewhere callers keep the module's own convolution."""
-    return shape_suits(conv) and conv.out_channels <= DISPATCH_MAX_COUT and x.dim() == 5 and _use_triton("auto", x)
+    """Whether the kernel computes `conv(x)` here: a `shape_suits` convolution of a shape where it beats cuDNN
+    (see DISPATCH_MAX_COUT), and Triton runs for x (CUDA, fp16/bf16, Triton installed). Elsewhere callers keep
+    the module's own convolution."""
+    wins = conv.kernel_size[0] == 1 or conv.in_channels == 1 or conv.out_channels == 1
+    return (
+        shape_suits(conv)
+        and wins
+        and conv.out_channels <= DISPATCH_MAX_COUT
+        and x.dim() == 5
+        and _use_triton("auto", x)
+    )
 
 
 def shape_suits(conv: torch.nn.Conv3d) -> bool:
