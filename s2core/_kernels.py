@@ -10,6 +10,7 @@ raises ImportError, and the plain import is the right one.
 try:
     from ..kernels import (
         adaptive_filter,
+        conv3d,
         group_norm,
         layer_norm,
         raster,
@@ -21,6 +22,7 @@ try:
 except ImportError:
     from kernels import (
         adaptive_filter,
+        conv3d,
         group_norm,
         layer_norm,
         raster,
@@ -32,6 +34,7 @@ except ImportError:
 
 __all__ = [
     "adaptive_filter",
+    "conv3d",
     "group_norm",
     "layer_norm",
     "raster",

@@ -19,7 +19,7 @@ from ..layers import cast_layers
 from ..sparse.tensor import SparseTensor
 from .cubes import CubeGrid, Progress, check_sparse, cube_grid, densify, in_cube, take
 from .refined_field import CrossingCollector, RefinedField
-from .unet import FP16_LAYERS, OFFICIAL_CHANNELS, UNet3D, unet_groups
+from .unet import FP16_LAYERS, OFFICIAL_CHANNELS, UNet3D, conv3d_slabs, unet_groups
 
 
 class VoxelRefinerSign(nn.Module):
@@ -47,7 +47,7 @@ class VoxelRefinerSign(nn.Module):
     def forward(self, sdf: torch.Tensor) -> torch.Tensor:
         """sdf [B,1,P,P,P] → ±1 in sdf's dtype: +1 where sigmoid(logit) >= 0.5, the comparison made on the
         sigmoid in that dtype (in fp16 a slightly negative logit still rounds to 0.5 and counts as +1)."""
-        p = torch.sigmoid(self.conv_out(self.unet3d1(self.conv_in(sdf))))
+        p = torch.sigmoid(conv3d_slabs(self.conv_out, self.unet3d1(conv3d_slabs(self.conv_in, sdf))))
         return torch.where(p >= 0.5, 1.0, -1.0).to(p.dtype)
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .._kernels import conv3d as _conv
 from .._kernels import group_norm as _gn
 
 OFFICIAL_CHANNELS = (8, 32, 128, 512)
@@ -20,6 +21,9 @@ OFFICIAL_CHANNELS = (8, 32, 128, 512)
 # 1024 sign cube's peak (5.08 GiB in the chain) and, under a 5 GiB cap, an out-of-memory error. On slabs that
 # convolution peaks at 0.88 GiB instead of 1.75 and a cube takes ~9% longer (bench/results/e2e.md).
 SLAB_BYTES = 256 * 2**20
+# Few-channel 'same' convolutions (the 256³ / 192³ level) on CUDA run as a Triton kernel (`conv3d_slabs`);
+# False restores cuDNN for all of them.
+USE_CONV_KERNEL = True
 # the release's use_fp16 casts these to fp16; the GroupNorm parameters stay fp32, as in the original
 FP16_LAYERS = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
 
@@ -142,7 +146,7 @@ class UNet3D(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.conv_in(x)
+        x = conv3d_slabs(self.conv_in, x)
         skips = [x]  # consumed last-in-first-out, layers_per_block + 1 per up block
         for block in self.down_blocks:
             x = block(x, skips)
@@ -184,10 +188,15 @@ def _upsample_cat(conv: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor,
 
 
 def conv3d_slabs(conv: nn.Conv3d, x: torch.Tensor, max_bytes: int | None = None) -> torch.Tensor:
-    """conv(x) for a stride-1 conv with 'same' padding (kernel 1 or 3), on depth slabs of x of at most
-    max_bytes each, so that what the convolution allocates internally scales with a slab, not the cube. A
-    slab's input carries the neighbouring depth rows the kernel reaches; the rows computed on that halo (against
-    zero padding) are dropped. Inputs up to max_bytes (default SLAB_BYTES) run in one call, as before."""
+    """conv(x) for a stride-1 conv with 'same' padding (kernel 1 or 3).
+
+    Few-channel convolutions on CUDA run as one Triton kernel (`kernels/conv3d.py`), which allocates nothing
+    beyond its output. The rest run through the module on depth slabs of x of at most max_bytes each, so that
+    what cuDNN allocates internally scales with a slab, not the cube. A slab's input carries the neighbouring
+    depth rows the kernel reaches; the rows computed on that halo (against zero padding) are dropped. Inputs up
+    to max_bytes (default SLAB_BYTES) run in one call."""
+    if USE_CONV_KERNEL and _conv.suits(conv, x):
+        return _conv.conv3d_same(x, conv.weight, conv.bias)
     d = x.shape[2]
     slabs = min(d, -(-x.numel() * x.element_size() // (max_bytes or SLAB_BYTES)))
     if slabs <= 1:
