@@ -23,6 +23,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from profile_dit import peak_of  # noqa: E402
 
 from kernels import conv3d as K  # noqa: E402
 from s2core.config import ReleaseConfig  # noqa: E402
@@ -44,19 +47,6 @@ def timed(fn, device, reps: int = 5) -> float:
             torch.cuda.synchronize()
         out.append(time.perf_counter() - t)
     return sorted(out)[len(out) // 2]
-
-
-def peak_above(fn, device) -> float:
-    """GiB allocated at the peak of fn() above what was allocated before it."""
-    if device.type != "cuda":
-        fn()
-        return float("nan")
-    torch.cuda.synchronize()
-    base = torch.cuda.memory_allocated()
-    torch.cuda.reset_peak_memory_stats()
-    fn()
-    torch.cuda.synchronize()
-    return (torch.cuda.max_memory_allocated() - base) / 2**30
 
 
 def refiners(device, tiny: bool):
@@ -146,7 +136,7 @@ def main():
             unet.USE_CONV_KERNEL = on
             outs.append(model(*inputs).float())
             times.append(timed(lambda: model(*inputs), device, 3))
-            peaks.append(peak_above(lambda: model(*inputs), device))
+            peaks.append(peak_of(device, lambda: model(*inputs)))
         unet.USE_CONV_KERNEL = True
         if "sign" in name:
             moved = f"{int((outs[0] != outs[1]).sum())} of {outs[0].numel():,} signs flip"

@@ -89,13 +89,13 @@ def test_matches_original_gpu_triton(name):
     _parity(name, "cuda", "triton")
 
 
-def test_batch_of_two_equals_two_single_calls():
-    """Per-sample modulation, cross attention and SSA: a batch gives each sample its own result."""
-    torch.manual_seed(0)
+def _small_dit_and_structure(cond_channels: int, seed: int, counts: list[int]):
+    """A 2-block fp32 DiT (64 channels, 16³ grid) with deterministic weights, and block-sorted random voxels
+    for samples of `counts` tokens (one coords tensor per sample)."""
     cfg = SparseDiTConfig(
         resolution=16,
         model_channels=64,
-        cond_channels=64,
+        cond_channels=cond_channels,
         num_blocks=2,
         num_heads=4,
         num_kv_heads=2,
@@ -103,12 +103,19 @@ def test_batch_of_two_equals_two_single_calls():
         use_fp16=False,
     )
     model = SparseDiT(cfg, dtype=torch.float32)
-    model.load_state_dict(deterministic_state_dict(model, 5), strict=True)
+    model.load_state_dict(deterministic_state_dict(model, seed), strict=True)
     parts = []
-    for b, n in enumerate([70, 33]):
+    for b, n in enumerate(counts):
         flat = torch.randperm(16**3)[:n]
         c = torch.stack([torch.full_like(flat, b), flat // 256, flat // 16 % 16, flat % 16], 1).int()
         parts.append(sort_block(c, 8)[0])
+    return model, parts
+
+
+def test_batch_of_two_equals_two_single_calls():
+    """Per-sample modulation, cross attention and SSA: a batch gives each sample its own result."""
+    torch.manual_seed(0)
+    model, parts = _small_dit_and_structure(64, 5, [70, 33])
     coords = torch.cat(parts)
     feats = torch.randn(coords.shape[0], 16)
     cond, t = torch.randn(2, 5, 64), torch.tensor([300.0, 700.0])
@@ -133,23 +140,8 @@ def test_zero_condition_shortcut_equals_full_cross_attention(batch, monkeypatch)
     import s2core.sparse_dit as sd
 
     torch.manual_seed(3)
-    cfg = SparseDiTConfig(
-        resolution=16,
-        model_channels=64,
-        cond_channels=32,
-        num_blocks=2,
-        num_heads=4,
-        num_kv_heads=2,
-        topk=3,
-        use_fp16=False,
-    )
-    model = SparseDiT(cfg, dtype=torch.float32)
-    model.load_state_dict(deterministic_state_dict(model, 7), strict=True)
-    parts = []
-    for b, n in enumerate([61, 40][:batch]):
-        flat = torch.randperm(16**3)[:n]
-        c = torch.stack([torch.full_like(flat, b), flat // 256, flat // 16 % 16, flat % 16], 1).int()
-        parts.append(sort_block(c, 8)[0])
+    model, parts = _small_dit_and_structure(32, 7, [61, 40][:batch])
+    cfg = model.cfg
     x = SparseTensor(torch.randn(sum(p.shape[0] for p in parts), 16), torch.cat(parts))
     t, cond = torch.full((batch,), 400.0), torch.zeros(batch, 7, 32)
     assert sd.is_zero_condition(cond) and not sd.is_zero_condition(cond + 1e-30)
