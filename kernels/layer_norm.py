@@ -126,7 +126,9 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
     assert C <= 16384, "rows longer than 16384 do not fit one program"
     # the residual may be one row broadcast to every token (stride 0: the cross attention of a zero condition)
     assert residual is None or (
-        residual.shape == x.shape and residual.dtype == x.dtype and residual.stride() in ((C, 1), (0, 1))
+        residual.shape == x.shape
+        and residual.dtype == x.dtype
+        and (residual.is_contiguous() or residual.stride() == (0, 1))
     )
     assert (weight is None) == (bias is None) and (scale is None) == (shift is None)
     gate, scale, shift = (None if m is None else m.reshape(-1, C).contiguous() for m in (gate, scale, shift))
@@ -154,7 +156,7 @@ def _add_layer_norm_triton(x, residual, gate, weight, bias, scale, shift, row_ba
         C,
         eps,
         C,
-        C if residual is None else residual.stride(0),
+        C if residual is None or residual.is_contiguous() else 0,
         HAS_RES=residual is not None,
         HAS_GATE=gate is not None,
         AFFINE=weight is not None,
