@@ -49,13 +49,6 @@ def _filter_head(cin: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv3d(cin, cin, 3, padding=1), nn.ReLU(), nn.Conv3d(cin, 27, 3, padding=1, bias=False))
 
 
-def _run_head(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """head(x), with its convolutions through `conv3d_slabs` (few channels: the Triton kernel on CUDA)."""
-    for layer in head if isinstance(head, nn.Sequential) else [head]:
-        x = conv3d_slabs(layer, x) if isinstance(layer, nn.Conv3d) else layer(x)
-    return x
-
-
 def adaptive_filter(x: torch.Tensor, head: nn.Module, source: torch.Tensor | None = None) -> torch.Tensor:
     """Apply 3 times a per-voxel 3×3×3 filter (shared over channels) predicted from `source` (default x).
 
@@ -63,7 +56,7 @@ def adaptive_filter(x: torch.Tensor, head: nn.Module, source: torch.Tensor | Non
     with zero padding. Terms are added one tap at a time in tap order, in x's dtype, as the original
     does, so fp16 rounding matches (bit for bit; on CUDA one Triton kernel a step, `kernels/adaptive_filter.py`).
     """
-    w = F.normalize(_run_head(head, x if source is None else source), p=1, dim=1).contiguous()  # [B, 27, P, P, P]
+    w = F.normalize(head(x if source is None else source), p=1, dim=1).contiguous()  # [B, 27, P, P, P]
     for _ in range(3):
         x = _af.adaptive_filter_step(x, w)
     return x
@@ -98,7 +91,7 @@ class VoxelRefiner(nn.Module):
         h = torch.cat([conv3d_slabs(self.conv_in, sdf), latent], dim=1)  # [B, C0+8, P, P, P]
         u = self.unet3d1(h)  # [B, C0, P, P, P]
         u = adaptive_filter(u, self.adaptive_conv1)
-        u = conv3d_slabs(self.mid_conv, u)
+        u = self.mid_conv(u)
         u = adaptive_filter(u, self.adaptive_conv2)
         o = conv3d_slabs(self.conv_out, u)  # [B, 1, P, P, P]
         o = adaptive_filter(o, self.adaptive_conv3, source=u)
