@@ -159,7 +159,19 @@ def cases() -> list[Case]:
         )
     )
     # fixed launches (no autotuning): the configs their launchers use
-    from kernels import group_norm, voxelize
+    from kernels import conv3d, group_norm, voxelize
+
+    for cin, cout, ks in [(1, 8, 3), (8, 1, 3), (16, 8, 1), (40, 8, 1)]:  # the refiners' shapes `conv3d.suits` takes
+        out.append(
+            Case(
+                "conv3d",
+                "_conv3d_kernel",
+                f"{cin}→{cout} channels, {ks}³",
+                dict(x=f16, w=f16, bias=f16, y=f16),
+                dict(KS=ks, CIN_P=conv3d._pad16(cin), COUT_P=conv3d._pad16(cout), HAS_BIAS=True),
+                [(f"BW={conv3d.BLOCK_W}, w{conv3d.NUM_WARPS}", dict(BW=conv3d.BLOCK_W), conv3d.NUM_WARPS, 3)],
+            )
+        )
 
     out.append(
         Case(

@@ -150,24 +150,26 @@ def gated(o: torch.Tensor, dtype: torch.dtype, gate, out):
 
 
 @triton.jit
-def softmax_step(b_s, b_m, b_l):
-    """One online-softmax step over a [ROWS, COLS] tile of base-2 logits `b_s` (-inf where masked), given the
-    running row max `b_m` and sum `b_l` [ROWS] -> (max, sum, p = exp2(s - max) [ROWS, COLS], alpha
-    [ROWS] = exp2(old max - max), the factor that rescales what was accumulated before this tile)."""
+def softmax_step(b_s, b_m, b_l, scale_log2):
+    """One online-softmax step over a [ROWS, COLS] tile of raw logits `b_s` = q . k (-inf where masked), given
+    the running row max `b_m` of the raw logits and the sum `b_l` [ROWS] -> (max, sum, p = exp2(c (s - max))
+    [ROWS, COLS], alpha [ROWS] = exp2(c (old max - max)), the factor that rescales what was accumulated before
+    this tile), c = `scale_log2` > 0. Scaling inside the exponent makes it one FMA an element (c max(s) = max(c s)
+    for c > 0) instead of a multiply before the max and a subtraction after it."""
     b_mn = tl.maximum(b_m, tl.max(b_s, 1))
     # a row masked in every tile so far has max -inf: subtract 0 instead, so that p and alpha are
     # exp2(-inf) = 0 and not exp2(-inf + inf) = NaN, and the row stays empty (sum 0) until a key arrives
-    b_ms = tl.where(b_mn == float("-inf"), 0.0, b_mn)
-    b_p = tl.exp2(b_s - b_ms[:, None])
-    b_alpha = tl.exp2(b_m - b_ms)
+    b_mc = tl.where(b_mn == float("-inf"), 0.0, b_mn) * scale_log2
+    b_p = tl.exp2(b_s * scale_log2 - b_mc[:, None])
+    b_alpha = tl.exp2(b_m * scale_log2 - b_mc)
     return b_mn, b_l * b_alpha + tl.sum(b_p, 1), b_p, b_alpha
 
 
 @triton.jit
-def attend_step(b_s, b_v, b_m, b_l, b_acc):
+def attend_step(b_s, b_v, b_m, b_l, b_acc, scale_log2):
     """`softmax_step`, then acc = alpha * acc + p @ v ([ROWS, D] fp32; p rounded to v's dtype for tl.dot as the
     flash kernels do) -> (max, sum, acc)."""
-    b_m, b_l, b_p, b_alpha = softmax_step(b_s, b_m, b_l)
+    b_m, b_l, b_p, b_alpha = softmax_step(b_s, b_m, b_l, scale_log2)
     b_acc = b_acc * b_alpha[:, None] + tl.dot(b_p.to(b_v.dtype), b_v)
     return b_m, b_l, b_acc
 
@@ -181,11 +183,13 @@ def attend_finish(b_acc, b_l):
 @triton.jit
 def load_k_tile(k, rows, m_rows, i_h, stride_n, stride_h, o_d, UPCAST: tl.constexpr):
     """The transposed key tile [HEAD_DIM, BLOCK_K] of key rows `rows` [BLOCK_K] and head `i_h` (0 where `m_rows`
-    is false), the left-hand layout of `tl.dot(q, k)`; fp32 when UPCAST (the interpreter's tl.dot mishandles bf16,
+    is false; `m_rows` None: every row exists), the left-hand layout of `tl.dot(q, k)`; fp32 when UPCAST (the interpreter's tl.dot mishandles bf16,
     so CPU tests run the same math in fp32 tiles)."""
-    b_k = tl.load(
-        k + rows[None, :].to(tl.int64) * stride_n + i_h * stride_h + o_d[:, None], mask=m_rows[None, :], other=0.0
-    )
+    p_k = k + rows[None, :].to(tl.int64) * stride_n + i_h * stride_h + o_d[:, None]
+    if m_rows is None:  # rows known to exist: a plain load
+        b_k = tl.load(p_k)
+    else:
+        b_k = tl.load(p_k, mask=m_rows[None, :], other=0.0)
     if UPCAST:
         b_k = b_k.to(tl.float32)
     return b_k
@@ -194,9 +198,11 @@ def load_k_tile(k, rows, m_rows, i_h, stride_n, stride_h, o_d, UPCAST: tl.conste
 @triton.jit
 def load_v_tile(v, rows, m_rows, i_h, stride_n, stride_h, o_d, UPCAST: tl.constexpr):
     """The value tile [BLOCK_K, HEAD_DIM] of rows `rows` and head `i_h`, as `load_k_tile` (not transposed)."""
-    b_v = tl.load(
-        v + rows[:, None].to(tl.int64) * stride_n + i_h * stride_h + o_d[None, :], mask=m_rows[:, None], other=0.0
-    )
+    p_v = v + rows[:, None].to(tl.int64) * stride_n + i_h * stride_h + o_d[None, :]
+    if m_rows is None:
+        b_v = tl.load(p_v)
+    else:
+        b_v = tl.load(p_v, mask=m_rows[:, None], other=0.0)
     if UPCAST:
         b_v = b_v.to(tl.float32)
     return b_v

@@ -11,8 +11,9 @@ fp32 [H, N, M] score matrix and runs `torch.topk` on it. Here the first kernel g
 query tokens x the G query heads of one KV head (BLOCK_Q*G rows, so every K/V tile is shared by the whole
 group) and makes two passes over the sample's compressed keys: pass 1 the row max and sum (-> lse), pass 2
 `p = exp(s - lse)`, `o += p v` (already normalised, no rescaling) and the block scores. The exponentials run
-in base 2 with `scale * log2(e)` folded into the logits and the lse converted as `lse2 * ln 2` (the
-original's `lse.exp().log2()` overflows for lse > 88).
+in base 2, `exp2(c s - lse2)` with c = `scale * log2(e)` as one FMA on the raw logits s, and the lse is
+converted as `lse2 * ln 2` (the original's `lse.exp().log2()` overflows for lse > 88). Key tiles inside a
+v1.1 sample's keys are loaded and used without masks; only the last, partial tile is masked.
 
 The scores go to a scratch of at most SCORE_BYTES, so the tokens are done in launches of as many rows as it
 holds (no [H, N, M] tensor), and a second kernel (kernels/ssa_topk.py) picks each token's top-k from a whole
@@ -173,6 +174,35 @@ def _key_rows(blk_keys, blk_start, k_start, n_slot, o_k, CELLS: tl.constexpr, HA
 
 
 @triton.jit
+def _score_step(
+    b_s,
+    b_v,
+    b_lse2,
+    scale_log2,
+    b_acc,
+    p_sc,
+    blk0,
+    n_blk,
+    m_tq,
+    G: tl.constexpr,
+    CELLS: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    """Pass 2 over one tile of raw logits: p = exp2(c s - lse2), acc += p v, and the tile's block scores (p pooled
+    over the G heads of each token, then over each block's CELLS keys) stored at p_sc's blocks blk0... -> acc."""
+    BLOCK_Q: tl.constexpr = b_s.shape[0] // G
+    NB: tl.constexpr = BLOCK_K // CELLS
+    b_p = tl.exp2(b_s * scale_log2 - b_lse2[:, None])  # [BLOCK_R, BLOCK_K]
+    b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
+    b_sc = tl.sum(tl.reshape(b_p, [BLOCK_Q, G, BLOCK_K]), 1)  # fp32 [BLOCK_Q, BLOCK_K]
+    if CELLS > 1:
+        b_sc = tl.sum(tl.reshape(b_sc, [BLOCK_Q, NB, CELLS]), 2)
+    o_blk = blk0 + tl.arange(0, NB)
+    tl.store(p_sc + o_blk[None, :], b_sc, mask=m_tq[:, None] & (o_blk < n_blk)[None, :])
+    return b_acc
+
+
+@triton.jit
 def _cmp_attn_topk_kernel(
     q,
     ck,
@@ -217,7 +247,6 @@ def _cmp_attn_topk_kernel(
     # cu_q/cu_k/cu_blk [B+1] int32; blk_keys [NB, CELLS] int32 (when HAS_BLOCK_KEYS); gate [N] (stride_g).
     # This launch covers the tokens [q_lo, q_hi) of every sample (local indices).
     BLOCK_Q: tl.constexpr = BLOCK_R // G
-    NB: tl.constexpr = BLOCK_K // CELLS
     i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     q_start = tl.load(cu_q + i_b)
     q_end = tl.minimum(tl.load(cu_q + i_b + 1) - q_start, q_hi)  # local end of this launch's tokens
@@ -244,41 +273,43 @@ def _cmp_attn_topk_kernel(
     if UPCAST:  # the interpreter's tl.dot mishandles bf16; CPU tests run the same math in fp32 tiles
         b_q = b_q.to(tl.float32)
 
+    # Logits stay raw q . k: the scale goes into one FMA with the max or lse subtracted (c max(s) = max(c s) as
+    # c > 0). The key tiles inside a v1.1 sample's consecutive keys need no mask; only the last, partial one
+    # (and every v1.0 tile, whose blocks have unused cells) is masked.
+    n_full = 0 if HAS_BLOCK_KEYS else n_slot // BLOCK_K * BLOCK_K
+    o_kb = tl.arange(0, BLOCK_K)
+
     # pass 1: row max and sum of exp2 -> lse2
     b_m = tl.full([BLOCK_R], float("-inf"), tl.float32)
     b_l = tl.zeros([BLOCK_R], tl.float32)
-    for k0 in range(0, n_slot, BLOCK_K):
-        o_row = _key_rows(blk_keys, blk_start, k_start, n_slot, k0 + tl.arange(0, BLOCK_K), CELLS, HAS_BLOCK_KEYS)
+    for k0 in range(0, n_full, BLOCK_K):
+        b_k = _load_k_tile(ck, k_start + k0 + o_kb, None, i_h, stride_kn, stride_kh, o_d, UPCAST)
+        b_m, b_l, _, _ = _softmax_step(tl.dot(b_q, b_k), b_m, b_l, scale_log2)
+    for k0 in range(n_full, n_slot, BLOCK_K):
+        o_row = _key_rows(blk_keys, blk_start, k_start, n_slot, k0 + o_kb, CELLS, HAS_BLOCK_KEYS)
         m_k = o_row >= 0
         b_k = _load_k_tile(ck, o_row, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)  # [HEAD_DIM, BLOCK_K]
-        # [BLOCK_R, BLOCK_K]
-        b_s = tl.dot(b_q, b_k) * scale_log2
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_m, b_l, _, _ = _softmax_step(b_s, b_m, b_l)
-    b_lse2 = b_m + tl.log2(b_l)  # -inf for a sample without keys
+        b_s = tl.where(m_k[None, :], tl.dot(b_q, b_k), float("-inf"))  # [BLOCK_R, BLOCK_K]
+        b_m, b_l, _, _ = _softmax_step(b_s, b_m, b_l, scale_log2)
+    b_lse2 = b_m * scale_log2 + tl.log2(b_l)  # -inf for a sample without keys
 
     # pass 2: normalised output and the block scores, written for kernels/ssa_topk.py
-    o_nb = tl.arange(0, NB)
     o_tq = t0 + tl.arange(0, BLOCK_Q)
     m_tq = o_tq < q_end
     p_sc = sc + i_h * stride_sh + i_b * stride_sb + (o_tq - q_lo)[:, None].to(tl.int64) * stride_sn
     b_acc = tl.zeros([BLOCK_R, HEAD_DIM], tl.float32)
-    for k0 in range(0, n_slot, BLOCK_K):
-        o_row = _key_rows(blk_keys, blk_start, k_start, n_slot, k0 + tl.arange(0, BLOCK_K), CELLS, HAS_BLOCK_KEYS)
+    for k0 in range(0, n_full, BLOCK_K):
+        o_row = k_start + k0 + o_kb
+        b_s = tl.dot(b_q, _load_k_tile(ck, o_row, None, i_h, stride_kn, stride_kh, o_d, UPCAST))
+        b_v = _load_v_tile(cv, o_row, None, i_h, stride_vn, stride_vh, o_d, UPCAST)
+        b_acc = _score_step(b_s, b_v, b_lse2, scale_log2, b_acc, p_sc, k0 // CELLS, n_blk, m_tq, G, CELLS, BLOCK_K)
+    for k0 in range(n_full, n_slot, BLOCK_K):
+        o_row = _key_rows(blk_keys, blk_start, k_start, n_slot, k0 + o_kb, CELLS, HAS_BLOCK_KEYS)
         m_k = o_row >= 0
         b_k = _load_k_tile(ck, o_row, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)
-        b_s = tl.dot(b_q, b_k) * scale_log2
-        b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        # [BLOCK_R, BLOCK_K]
-        b_p = tl.exp2(b_s - b_lse2[:, None])
+        b_s = tl.where(m_k[None, :], tl.dot(b_q, b_k), float("-inf"))
         b_v = _load_v_tile(cv, o_row, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)  # [BLOCK_K, HEAD_DIM]
-        b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
-        # [BLOCK_Q, BLOCK_K] pooled over the G heads of the group (fp32), then [BLOCK_Q, NB] over a block's cells
-        b_sc = tl.sum(tl.reshape(b_p, [BLOCK_Q, G, BLOCK_K]), 1)
-        if CELLS > 1:
-            b_sc = tl.sum(tl.reshape(b_sc, [BLOCK_Q, NB, CELLS]), 2)
-        o_blk = k0 // CELLS + o_nb
-        tl.store(p_sc + o_blk[None, :], b_sc, mask=m_tq[:, None] & (o_blk < n_blk)[None, :])
+        b_acc = _score_step(b_s, b_v, b_lse2, scale_log2, b_acc, p_sc, k0 // CELLS, n_blk, m_tq, G, CELLS, BLOCK_K)
 
     # the SSA gate of this branch, fused: o = g * o_cmp (+ o when accumulating)
     _store_gated(

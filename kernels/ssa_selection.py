@@ -217,11 +217,11 @@ def _selection_kernel(
                 b_k = _load_k_tile(k, o_k, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)  # [HEAD_DIM, BLOCK_K]
                 b_v = _load_v_tile(v, o_k, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)  # [BLOCK_K, HEAD_DIM]
                 # [BLOCK_R, BLOCK_K]
-                b_s = tl.dot(b_q, b_k) * scale_log2
+                b_s = tl.dot(b_q, b_k)
                 # rows whose token did not pick this block are masked whole (-inf), so a row's first tiles
                 # may be empty: softmax_step keeps them at 0
                 b_s = tl.where(m_hit[:, None] & m_k[None, :], b_s, float("-inf"))
-                b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
+                b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc, scale_log2)
             cur = tl.min(tl.min(tl.where(b_idx > cur, b_idx, BIG), 1), 0)
         b_acc = _attend_finish(b_acc, b_l)  # a token without blocks gets 0
         # the SSA gate of this branch, fused
@@ -263,9 +263,9 @@ def _selection_kernel(
                             b_k = _load_k_tile(k, o_k, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)
                             b_v = _load_v_tile(v, o_k, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)
                             # [GP, BLOCK_K]
-                            b_s = tl.dot(b_q, b_k) * scale_log2
+                            b_s = tl.dot(b_q, b_k)
                             b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-                            b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
+                            b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc, scale_log2)
                 b_acc = _attend_finish(b_acc, b_l)
                 # every row reads the token's one gate value
                 _store_gated(

@@ -167,9 +167,9 @@ def _window_kernel(
         b_k = _load_k_tile(k, o_kt, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)  # [HEAD_DIM, BLOCK_K]
         b_v = _load_v_tile(v, o_kt, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)  # [BLOCK_K, HEAD_DIM]
         # [BLOCK_R, BLOCK_K]
-        b_s = tl.dot(b_q, b_k) * scale_log2
+        b_s = tl.dot(b_q, b_k)
         b_s = tl.where(m_k[None, :], b_s, float("-inf"))
-        b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc)
+        b_m, b_l, b_acc = _attend_step(b_s, b_v, b_m, b_l, b_acc, scale_log2)
     b_acc = _attend_finish(b_acc, b_l)
     # the SSA gate of this branch, fused
     _store_gated(

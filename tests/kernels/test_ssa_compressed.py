@@ -130,6 +130,7 @@ def _run(lens, mlens, hq, h, d, topk, cells, dtype, device, seed, monkeypatch):
 CPU_CASES = [  # (tokens per sample, compressed keys per sample, HQ, H, D, topk, cells, dtype)
     ([5, 17, 1], [3, 7, 1], 4, 2, 16, 3, 1, torch.float16),  # ragged, a single-token sample, topk > #blocks
     ([40], [20], 4, 2, 16, 8, 1, torch.float16),
+    ([24, 7], [32, 16], 4, 2, 16, 5, 1, torch.float16),  # keys a whole number of 16-key tiles: no masked tile
     ([1], [1], 4, 2, 16, 8, 1, torch.float16),  # one token, one block
     ([9, 4], [5, 0], 4, 2, 16, 2, 1, torch.float16),  # a sample with no compressed keys
     ([33, 9], [30, 4], 4, 2, 16, 4, 8, torch.float16),  # v1.0: 8 cells per selection block
