@@ -183,8 +183,8 @@ def attend_finish(b_acc, b_l):
 @triton.jit
 def load_k_tile(k, rows, m_rows, i_h, stride_n, stride_h, o_d, UPCAST: tl.constexpr):
     """The transposed key tile [HEAD_DIM, BLOCK_K] of key rows `rows` [BLOCK_K] and head `i_h` (0 where `m_rows`
-    is false; `m_rows` None: every row exists), the left-hand layout of `tl.dot(q, k)`; fp32 when UPCAST (the interpreter's tl.dot mishandles bf16,
-    so CPU tests run the same math in fp32 tiles)."""
+    is false; `m_rows` None: every row exists, a plain load), the left-hand layout of `tl.dot(q, k)`; fp32 when
+    UPCAST (the interpreter's tl.dot mishandles bf16, so CPU tests run the same math in fp32 tiles)."""
     p_k = k + rows[None, :].to(tl.int64) * stride_n + i_h * stride_h + o_d[:, None]
     if m_rows is None:  # rows known to exist: a plain load
         b_k = tl.load(p_k)

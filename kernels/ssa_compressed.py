@@ -174,23 +174,11 @@ def _key_rows(blk_keys, blk_start, k_start, n_slot, o_k, CELLS: tl.constexpr, HA
 
 
 @triton.jit
-def _score_step(
-    b_s,
-    b_v,
-    b_lse2,
-    scale_log2,
-    b_acc,
-    p_sc,
-    blk0,
-    n_blk,
-    m_tq,
-    G: tl.constexpr,
-    CELLS: tl.constexpr,
-    BLOCK_K: tl.constexpr,
-):
+def _score_step(b_s, b_v, b_lse2, scale_log2, b_acc, p_sc, blk0, n_blk, m_tq, G: tl.constexpr, CELLS: tl.constexpr):
     """Pass 2 over one tile of raw logits: p = exp2(c s - lse2), acc += p v, and the tile's block scores (p pooled
     over the G heads of each token, then over each block's CELLS keys) stored at p_sc's blocks blk0... -> acc."""
     BLOCK_Q: tl.constexpr = b_s.shape[0] // G
+    BLOCK_K: tl.constexpr = b_s.shape[1]
     NB: tl.constexpr = BLOCK_K // CELLS
     b_p = tl.exp2(b_s * scale_log2 - b_lse2[:, None])  # [BLOCK_R, BLOCK_K]
     b_acc += tl.dot(b_p.to(b_v.dtype), b_v)
@@ -302,14 +290,14 @@ def _cmp_attn_topk_kernel(
         o_row = k_start + k0 + o_kb
         b_s = tl.dot(b_q, _load_k_tile(ck, o_row, None, i_h, stride_kn, stride_kh, o_d, UPCAST))
         b_v = _load_v_tile(cv, o_row, None, i_h, stride_vn, stride_vh, o_d, UPCAST)
-        b_acc = _score_step(b_s, b_v, b_lse2, scale_log2, b_acc, p_sc, k0 // CELLS, n_blk, m_tq, G, CELLS, BLOCK_K)
+        b_acc = _score_step(b_s, b_v, b_lse2, scale_log2, b_acc, p_sc, k0 // CELLS, n_blk, m_tq, G, CELLS)
     for k0 in range(n_full, n_slot, BLOCK_K):
         o_row = _key_rows(blk_keys, blk_start, k_start, n_slot, k0 + o_kb, CELLS, HAS_BLOCK_KEYS)
         m_k = o_row >= 0
         b_k = _load_k_tile(ck, o_row, m_k, i_h, stride_kn, stride_kh, o_d, UPCAST)
         b_s = tl.where(m_k[None, :], tl.dot(b_q, b_k), float("-inf"))
         b_v = _load_v_tile(cv, o_row, m_k, i_h, stride_vn, stride_vh, o_d, UPCAST)  # [BLOCK_K, HEAD_DIM]
-        b_acc = _score_step(b_s, b_v, b_lse2, scale_log2, b_acc, p_sc, k0 // CELLS, n_blk, m_tq, G, CELLS, BLOCK_K)
+        b_acc = _score_step(b_s, b_v, b_lse2, scale_log2, b_acc, p_sc, k0 // CELLS, n_blk, m_tq, G, CELLS)
 
     # the SSA gate of this branch, fused: o = g * o_cmp (+ o when accumulating)
     _store_gated(
@@ -363,6 +351,7 @@ def _ssa_compressed_attention_triton(
     if n == 0:
         return o, lse if return_lse else None, bidx
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    assert scale > 0, "the kernels take the max of raw logits (softmax_step): scale must be positive"
     has_bk = block_keys is not None
     if has_bk:
         assert block_keys.dtype == torch.int32 and block_keys.is_contiguous() and cu_blocks.dtype == torch.int32

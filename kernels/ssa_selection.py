@@ -313,6 +313,7 @@ def _ssa_selection_attention_triton(
     if n == 0:
         return o
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    assert scale > 0, "the kernels take the max of raw logits (softmax_step): scale must be positive"
     args = dict(
         q=q,
         k=k,

@@ -209,6 +209,7 @@ def _ssa_window_attention_triton(
     if not q.is_cuda and tile_q != WINDOW_TILE_Q:
         tiles = window_tiles(cu_windows, tile_q)
     scale = 1.0 / math.sqrt(d) if scale is None else scale
+    assert scale > 0, "the kernels take the max of raw logits (softmax_step): scale must be positive"
     assert tile_q * g >= 16, "a tile needs at least 16 rows for tl.dot"
     args = dict(
         q=q,
