@@ -10,6 +10,8 @@
   (3.4+), the first benchmark of a tuning round first compiles all the round's configs on a few threads; a
   round that finds its result on disk benchmarks nothing and so compiles nothing extra. Any failure there only
   means the configs compile one by one, as without it.
+- Each config is benchmarked for BENCH_WARMUP_MS + BENCH_MS (`_quick_bench`) where Triton takes a benchmark
+  function, instead of Triton's 25 + 100 ms.
 """
 
 from __future__ import annotations
@@ -29,6 +31,11 @@ except ImportError:  # no Triton, or one without the asynchronous compile mode
     AsyncCompileMode = None
 
 COMPILE_THREADS = min(8, os.cpu_count() or 1)
+# Each config's benchmark: warm-up and measuring time in ms. Triton's defaults (25, 100) spend ~0.13 s on a
+# config, ~4 s over a new install's ~15 configs × 2 size classes. A 25 ms median still spans 14+ launches of
+# the slowest kernel; configs closer than its noise (the selection kernel's top two were 3% apart at 27k
+# tokens, bench/results/first_run.md) may swap, which costs at most that difference.
+BENCH_WARMUP_MS, BENCH_MS = 5, 25
 PARALLEL_COMPILE = True  # False: configs compile one by one inside the benchmark (bench/first_run.py --sequential)
 
 
@@ -37,6 +44,11 @@ def tune_size(rows: int) -> int:
     8k-32k, 32k-128k, 128k-512k, more). The values are multiples of 16, so the unused kernel argument that
     carries it never changes Triton's specialisation: one compiled binary serves every class."""
     return 16 << min(max(rows.bit_length() - 12, 0) // 2, 4)
+
+
+def _quick_bench(kernel_call, quantiles):
+    """Triton's benchmark of one config (median and quantiles, ms), over BENCH_WARMUP_MS + BENCH_MS."""
+    return triton.testing.do_bench(kernel_call, warmup=BENCH_WARMUP_MS, rep=BENCH_MS, quantiles=quantiles)
 
 
 def _precompile(tuner, args, meta, config) -> None:
@@ -69,8 +81,11 @@ def _parallel(base: type) -> type:
 
 def autotune(configs, key, **kwargs):
     """`triton.autotune(configs, key, **kwargs)` with disk-kept results and parallel compilation where available."""
-    if HAS_TRITON and "cache_results" in inspect.signature(triton.autotune).parameters:
+    params = inspect.signature(triton.autotune).parameters if HAS_TRITON else {}
+    if "cache_results" in params:
         kwargs.setdefault("cache_results", True)
+    if "do_bench" in params:
+        kwargs.setdefault("do_bench", _quick_bench)
 
     def wrap(kernel):
         tuner = triton.autotune(configs, key=key, **kwargs)(kernel)

@@ -96,3 +96,19 @@ def test_size_classes():
 def test_autotuners_key_on_the_size_class():
     for tuner in (CMP._cmp_attn_topk_tuned, SEL._selection_tuned, WIN._window_tuned):
         assert "tune_rows" in tuner.keys
+
+
+@pytest.mark.triton
+def test_autotuners_benchmark_each_config_briefly(monkeypatch):
+    # where this Triton takes a do_bench, every tuner benchmarks a config over BENCH_WARMUP_MS + BENCH_MS
+    import inspect
+
+    if "do_bench" not in inspect.signature(_common.triton.autotune).parameters:
+        pytest.skip("this Triton's autotune takes no do_bench; its own 25 + 100 ms benchmark applies")
+    for tuner in (CMP._cmp_attn_topk_tuned, SEL._selection_tuned, WIN._window_tuned):
+        assert tuner._do_bench is _autotune._quick_bench
+    seen = {}
+    monkeypatch.setattr(_common.triton.testing, "do_bench", lambda fn, **kw: seen.update(kw) or [fn()] * 3)
+    assert _autotune._quick_bench(lambda: 0.5, quantiles=(0.5, 0.2, 0.8)) == [0.5] * 3
+    assert seen == {"warmup": _autotune.BENCH_WARMUP_MS, "rep": _autotune.BENCH_MS, "quantiles": (0.5, 0.2, 0.8)}
+    assert _autotune.BENCH_WARMUP_MS + _autotune.BENCH_MS < 25 + 100
