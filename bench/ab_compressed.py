@@ -2,7 +2,7 @@
 
 A variant is another copy of kernels/ssa_compressed.py, usually a branch's (`git show
 BRANCH:kernels/ssa_compressed.py > /tmp/two.py`). It is loaded as a module of this tree's `kernels` package,
-so its relative imports find the same `_common` and `_autotune`. This tree's kernel is always the first
+so its relative imports find the same `_common` and `tuning`. This tree's kernel is always the first
 column and the baseline.
 
 Inputs are bench_ssa.py's (the block-sorted surface band, smooth in space unless `--random-inputs`, its

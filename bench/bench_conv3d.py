@@ -8,7 +8,13 @@
    above `unet.SLAB_BYTES`, and in one call) and as the kernel with a few patch shapes.
 2. One whole cube of each refiner with the kernel off and on: time, peak memory above the inputs, and how
    far the outputs move (the sign refiner: voxels whose sign flips; the 512 refiner: largest difference).
+3. With `--variant PATH` (another copy of kernels/conv3d.py, e.g. main's: `git show main:kernels/conv3d.py >
+   /tmp/conv3d_main.py`), instead of 1 and 2: each shape `suits` sends to the kernel, this tree's kernel beside
+   the variant at the default block: the first call's wall time (its compile, where the Triton cache is empty:
+   run it with a fresh TRITON_CACHE_DIR), the warm time, and the largest difference between the two outputs.
 fp16, deterministic weights, random inputs (speed does not depend on values).
+
+    TRITON_CACHE_DIR=$(mktemp -d) python bench/bench_conv3d.py --variant /tmp/conv3d_main.py
 """
 
 from __future__ import annotations
@@ -84,13 +90,64 @@ def conv_shapes(model, args) -> list[tuple]:
     return seen
 
 
+def first_call(fn, device) -> float:
+    """Wall seconds of one call of fn(), synchronised."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
+def side_by_side(variant, device, tiny: bool) -> list[str]:
+    """Table 3: this tree's kernel and `variant`'s (a module like kernels.conv3d) on every shape `suits` takes."""
+    lines = [
+        "## 3. This tree's kernel beside a variant (default block)",
+        "",
+        "| refiner | Cin→Cout, k | volume | this tree: first call s | variant: first call s | this tree ms | "
+        "variant ms | variant / this tree | max abs diff |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for name, model, inputs in refiners(device, tiny):
+        for cin, cout, k, vol in conv_shapes(model, inputs)[: 2 if tiny else None]:
+            if not (cin == 1 or cout == 1 or k == 1):
+                continue  # `suits` leaves it to cuDNN
+            conv = torch.nn.Conv3d(cin, cout, k, padding=(k - 1) // 2).to(device, torch.float16)
+            x = torch.randn(1, cin, *vol, device=device, dtype=torch.float16)
+            runs = [lambda mod=mod: mod._conv3d_same_triton(x, conv.weight, conv.bias) for mod in (K, variant)]
+            first = [first_call(fn, device) for fn in runs]
+            warm = [timed(fn, device, 2 if tiny else 5) for fn in runs]
+            diff = float((runs[0]().float() - runs[1]().float()).abs().max())
+            lines.append(
+                f"| {name} | {cin}→{cout}, {k} | {'×'.join(map(str, vol))} | {first[0]:.2f} | {first[1]:.2f} | "
+                f"{1e3 * warm[0]:.2f} | {1e3 * warm[1]:.2f} | {warm[1] / warm[0]:.2f}× | {diff:.1e} |"
+            )
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="16³ cubes on the CPU (interpreter), prints only")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--variant", type=Path, default=None, help="another copy of kernels/conv3d.py: table 3 only")
     args = ap.parse_args()
+    if args.variant is not None and not args.variant.is_file():
+        sys.exit(f"--variant {str(args.variant)!r}: no such file; give a copy of kernels/conv3d.py.")
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
     gpu = torch.cuda.get_device_name() if device.type == "cuda" else "cpu (interpreter)"
+    torch.set_grad_enabled(False)
+    if args.variant is not None:
+        from ab_compressed import load_variant
+
+        head = [f"# Refiner conv kernel: this tree vs {args.variant.name} — {datetime.date.today()}, {gpu}", ""]
+        head += [f"- command: `python bench/bench_conv3d.py{''.join(' ' + a for a in sys.argv[1:])}`", ""]
+        text = "\n".join(head + side_by_side(load_variant("conv3d", args.variant), device, args.tiny)) + "\n"
+        print(text)
+        if args.out is not None:
+            args.out.write_text(text)
+        return
     lines = [
         f"# Refiner convolutions: cuDNN vs the Triton kernel — {datetime.date.today()}, {gpu}",
         "",
@@ -111,7 +168,6 @@ def main():
         "| refiner | kernel off ms | kernel on ms | speed-up | peak off GiB | peak on GiB | outputs |",
         "|---|---|---|---|---|---|---|",
     ]
-    torch.set_grad_enabled(False)
     for name, model, inputs in refiners(device, args.tiny):
         for cin, cout, k, vol in conv_shapes(model, inputs)[: 2 if args.tiny else None]:
             conv = torch.nn.Conv3d(cin, cout, k, padding=(k - 1) // 2).to(device, torch.float16)

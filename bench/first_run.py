@@ -9,8 +9,11 @@ It times, with a CUDA sync around each: the first launch of a small Triton kerne
 build, one compile), then one SSA forward of the sparse-512 stage's shape (27,126 tokens) and one of the
 1024 stage's (108,862), each twice (first = compile + autotune, second = warm), per branch. The table of
 autotune results gives every config's time at each size, so configs that never win can be dropped.
-By default the configs of a tuning round compile in parallel (kernels/_autotune.py); `--sequential` turns that
-off, for the side-by-side row.
+By default each forward's first call compiles every config of its three tuned kernels together first, as
+the product does (`tuning.compile_ahead`); `--no-ahead` leaves each tuning round to compile its own configs in
+parallel, and `--sequential` compiles them one by one: the side-by-side rows.
+
+    TRITON_CACHE_DIR=$(mktemp -d) python bench/first_run.py --no-ahead --out first_run_rounds.md
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_ssa import CBS, HK, SBS, SHIFT, TOPK, WIN, H, make_inputs, ours_forward, surface_band  # noqa: E402
 
-from kernels import _autotune, layer_norm, ssa_compressed, ssa_selection, ssa_window  # noqa: E402
+from kernels import layer_norm, ssa_compressed, ssa_selection, ssa_window, tuning  # noqa: E402
 from s2core.ssa import SpatialSparseAttention, ssa_plan  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
 
@@ -46,10 +49,16 @@ def tuners():
     return out
 
 
-def one_forward(m, plan, inputs):
+def one_forward(m, plan, inputs, ahead: bool):
+    """Wall seconds of one SSA forward (with the product's compile-ahead dry run first, when `ahead`) and the
+    CUDA-event seconds of its branches (the dry run's compiles are in the wall time only)."""
     marks = []
     torch.cuda.synchronize()
     t0 = time.perf_counter()
+    if ahead:  # as SpatialSparseAttention.forward does (its key, less what is constant here)
+        tuning.compile_ahead(
+            ("first_run", tuning.tune_size(inputs[0].shape[0])), lambda: ours_forward(m, plan, *inputs)
+        )
     ours_forward(m, plan, *inputs, marks=marks)
     torch.cuda.synchronize()
     wall = time.perf_counter() - t0
@@ -59,13 +68,16 @@ def one_forward(m, plan, inputs):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "--sequential", action="store_true", help="compile autotune configs one by one (as before kernels/_autotune.py)"
+        "--sequential", action="store_true", help="compile autotune configs one by one (implies --no-ahead)"
+    )
+    ap.add_argument(
+        "--no-ahead", action="store_true", help="no compile-ahead dry run (each tuning round compiles its own configs)"
     )
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     t_start = time.perf_counter()
     if args.sequential:
-        _autotune.PARALLEL_COMPILE = False
+        tuning.PARALLEL_COMPILE = False
     lines = [
         f"# First SSA forwards in a fresh process — {datetime.date.today()}, {torch.cuda.get_device_name()}",
         "",
@@ -93,7 +105,7 @@ def main():
         inputs = make_inputs(coords, smooth=True)
         for call in ("first", "second"):
             with torch.no_grad():
-                wall, parts = one_forward(m, plan, inputs)
+                wall, parts = one_forward(m, plan, inputs, not args.no_ahead)
             lines.append(
                 f"| {name}: {n} tokens | {call} | {wall:.2f} | " + " | ".join(f"{p:.3f}" for p in parts) + " |"
             )

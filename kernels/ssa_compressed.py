@@ -43,8 +43,6 @@ import math
 
 import torch
 
-from ._autotune import autotune as _autotune
-from ._autotune import tune_size as _tune_size
 from ._common import LOG2E as _LOG2E
 from ._common import check_heads as _check_heads
 from ._common import chunk_rows as _chunk_rows
@@ -59,6 +57,8 @@ from ._common import tl, triton  # Triton, or stand-ins that let this module imp
 from ._common import use_triton as _use_triton
 from .ssa_topk import block_topk as _block_topk
 from .ssa_topk import top_blocks as _top_blocks
+from .tuning import autotune as _autotune
+from .tuning import tune_size as _tune_size
 
 __all__ = ["ssa_compressed_attention", "ssa_compressed_attention_reference"]
 

@@ -29,8 +29,6 @@ import math
 
 import torch
 
-from ._autotune import autotune as _autotune
-from ._autotune import tune_size as _tune_size
 from ._common import LOG2E as _LOG2E
 from ._common import attend_finish as _attend_finish
 from ._common import attend_step as _attend_step
@@ -44,6 +42,8 @@ from ._common import smem_limit as _smem_limit
 from ._common import store_gated as _store_gated
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
+from .tuning import autotune as _autotune
+from .tuning import tune_size as _tune_size
 
 __all__ = ["ssa_selection_attention", "ssa_selection_attention_reference"]
 

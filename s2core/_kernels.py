@@ -17,6 +17,7 @@ try:
         ssa_compressed,
         ssa_selection,
         ssa_window,
+        tuning,
         voxelize,
     )
 except ImportError:
@@ -29,6 +30,7 @@ except ImportError:
         ssa_compressed,
         ssa_selection,
         ssa_window,
+        tuning,
         voxelize,
     )
 
@@ -41,5 +43,6 @@ __all__ = [
     "ssa_compressed",
     "ssa_selection",
     "ssa_window",
+    "tuning",
     "voxelize",
 ]

@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from ._kernels import ssa_compressed as _cmp
 from ._kernels import ssa_selection as _sel
 from ._kernels import ssa_window as _win
+from ._kernels import tuning as _tuning
 from .layers import group_norm_per_sample
 from .sparse import SparseTensor
 from .sparse.coords import keys_to_coords, pack_keys, window_partition
@@ -324,6 +325,17 @@ class SpatialSparseAttention(nn.Module):
         cv = self.compression_value(v, plan).view(-1, H, D)
         k, v = k.view(n, H, D), v.view(n, H, D)
         g = torch.sigmoid(self.gate(x))  # [N, 3] gates of (compressed, selected, window), shared by all heads
+        if q.is_cuda and backend != "reference":
+            # A process's first call of each shape class compiles every kernel config it may tune, all at once
+            # (kernels/tuning.py); the dry run reads q..g and writes only buffers of its own.
+            key = ("ssa", q.device, q.dtype, HQ, H, D, self.topk, plan.block_keys is None, _tuning.tune_size(n))
+            _tuning.compile_ahead(key, lambda: self.attend(q, k, v, ck, cv, g, plan, backend))
+        return self.proj_o(self.attend(q, k, v, ck, cv, g, plan, backend).reshape(n, HQ * D))
+
+    def attend(self, q, k, v, ck, cv, g, plan: SSAPlan, backend: str = "auto") -> torch.Tensor:
+        """The three attention branches, gated and summed: q [N, HQ, D], k/v [N, H, D], compressed ck/cv
+        [M, H, D], gates g [N, 3] -> o [N, HQ, D]."""
+        perm, cu_win, tiles, max_win = plan.windows[self.shift_window]
         # each branch kernel scales its output by its gate and adds it into `o` (one [N, HQ, D] buffer, no combine)
         o, _, block_idx = _cmp.ssa_compressed_attention(
             q,
@@ -352,6 +364,5 @@ class SpatialSparseAttention(nn.Module):
             out=o,
             backend=backend,
         )
-        perm, cu_win, tiles, max_win = plan.windows[self.shift_window]
         _win.ssa_window_attention(q, k, v, perm, cu_win, max_win, tiles, gate=g[:, 2], out=o, backend=backend)
-        return self.proj_o(o.reshape(n, HQ * D))
+        return o

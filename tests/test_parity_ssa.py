@@ -135,3 +135,27 @@ def test_ssa_matches_original_cpu(name):
 @pytest.mark.parametrize("name", FIXTURES)
 def test_ssa_matches_original_gpu_triton(name):
     _run(name, "cuda", "triton")
+
+
+@pytest.mark.gpu
+def test_a_dry_run_before_the_forward_leaves_its_output_alone_gpu():
+    # the first forward of a shape class runs `attend` once as a compile-ahead dry run (kernels/tuning.py): the
+    # forward after it must equal one without it, bit for bit (same kernels, same tuned configs)
+    from kernels import tuning
+
+    t, meta = golden(FIXTURES[0])
+    m, p = _build(meta, "cuda")
+    coords, x = t["in.coords"].cuda(), t["in.feats"].cuda()
+    sizes = p["compression_block_size"], p["selection_block_size"], p["window_size"]
+    plan = ssa_plan(coords, int(coords[:, 0].max()) + 1, *sizes, (0, p["window_size"] // 2))
+    with torch.no_grad():
+        tuning._AHEAD_DONE.clear()
+        tuning.PARALLEL_COMPILE = False  # no dry run
+        try:
+            plain = m(x, plan)
+        finally:
+            tuning.PARALLEL_COMPILE = True
+        assert not tuning._AHEAD_DONE
+        ahead = m(x, plan)
+    assert len(tuning._AHEAD_DONE) == 1 or tuning.AsyncCompileMode is None
+    assert torch.equal(plain, ahead)

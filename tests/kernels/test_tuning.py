@@ -10,7 +10,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from kernels import _autotune, _common
+from kernels import _common, tuning
 from kernels import ssa_compressed as CMP
 from kernels import ssa_selection as SEL
 from kernels import ssa_window as WIN
@@ -86,11 +86,11 @@ def test_size_classes():
     # one class per factor of 4 from 8k rows; the two stages of the released model land in different classes
     edges = {0: 16, 1: 16, 8191: 16, 8192: 32, 32767: 32, 32768: 64, 131071: 64, 131072: 128, 524287: 128}
     for rows, cls in edges.items():
-        assert _autotune.tune_size(rows) == cls, rows
-    assert _autotune.tune_size(1 << 30) == 256  # and no further
-    assert _autotune.tune_size(27_126) != _autotune.tune_size(108_862)
+        assert tuning.tune_size(rows) == cls, rows
+    assert tuning.tune_size(1 << 30) == 256  # and no further
+    assert tuning.tune_size(27_126) != tuning.tune_size(108_862)
     # multiples of 16 only: Triton specialises integer arguments on ==1 and %16, so all classes share a binary
-    assert all(_autotune.tune_size(1 << b) % 16 == 0 for b in range(32))
+    assert all(tuning.tune_size(1 << b) % 16 == 0 for b in range(32))
 
 
 def test_autotuners_key_on_the_size_class():
@@ -106,9 +106,81 @@ def test_autotuners_benchmark_each_config_briefly(monkeypatch):
     if "do_bench" not in inspect.signature(_common.triton.autotune).parameters:
         pytest.skip("this Triton's autotune takes no do_bench; its own 25 + 100 ms benchmark applies")
     for tuner in (CMP._cmp_attn_topk_tuned, SEL._selection_tuned, WIN._window_tuned):
-        assert tuner._do_bench is _autotune._quick_bench
+        assert tuner._do_bench is tuning._quick_bench
     seen = {}
     monkeypatch.setattr(_common.triton.testing, "do_bench", lambda fn, **kw: seen.update(kw) or [fn()] * 3)
-    assert _autotune._quick_bench(lambda: 0.5, quantiles=(0.5, 0.2, 0.8)) == [0.5] * 3
-    assert seen == {"warmup": _autotune.BENCH_WARMUP_MS, "rep": _autotune.BENCH_MS, "quantiles": (0.5, 0.2, 0.8)}
-    assert _autotune.BENCH_WARMUP_MS + _autotune.BENCH_MS < 25 + 100
+    assert tuning._quick_bench(lambda: 0.5, quantiles=(0.5, 0.2, 0.8)) == [0.5] * 3
+    assert seen == {"warmup": tuning.BENCH_WARMUP_MS, "rep": tuning.BENCH_MS, "quantiles": (0.5, 0.2, 0.8)}
+    assert tuning.BENCH_WARMUP_MS + tuning.BENCH_MS < 25 + 100
+
+
+class _FakeTuner:
+    """What `_parallel` needs of Triton's Autotuner, recording launches (run) and compiles (fn.run warmup)."""
+
+    def __init__(self, configs, cache=None):
+        self.configs, self.cache, self.cache_results = configs, dict(cache or {}), False
+        self.arg_names, self.keys, self.nargs = ["x", "n"], ["n"], None
+        self.launched, self.compiled = [], []
+        self.fn = SimpleNamespace(run=lambda *a, warmup, **kw: self.compiled.append((a, kw, warmup)))
+
+    def prune_configs(self, kwargs):
+        return self.configs
+
+    def run(self, *args, **kwargs):
+        self.launched.append(args)
+
+
+needs_async = pytest.mark.skipif(tuning.AsyncCompileMode is None, reason="this Triton has no AsyncCompileMode")
+
+
+@needs_async
+def test_inside_compile_ahead_a_tuned_launch_only_compiles_each_config():
+    configs = [_cfg(BLOCK=16), _cfg(BLOCK=32, warps=8)]
+    tuner = tuning._parallel(_FakeTuner)(configs)
+    x = torch.zeros(3)
+    tuning.compile_ahead(("test", 1), lambda: tuner.run(x, 5, grid=(1,), warmup=False))
+    assert tuner.launched == []
+    assert [kw["BLOCK"] for _, kw, warm in tuner.compiled] == [16, 32]
+    assert all(warm and a == (x, 5) and kw["grid"] == (1,) for a, kw, warm in tuner.compiled)
+    assert tuner.nargs is None
+    # outside it, the same launch is Triton's own (benchmark, then launch)
+    tuner.run(x, 5, grid=(1,), warmup=False)
+    assert len(tuner.launched) == 1 and len(tuner.compiled) == 2
+
+
+@needs_async
+def test_compile_ahead_compiles_only_the_known_winner():
+    # a result tuned before (here in memory; on disk in a new process) needs only its own config compiled
+    configs = [_cfg(BLOCK=16), _cfg(BLOCK=32)]
+    tuner = tuning._parallel(_FakeTuner)(configs, cache={(5, "torch.float32"): configs[1]})
+    tuning.compile_ahead(("test", 2), lambda: tuner.run(torch.zeros(3), 5, grid=(1,), warmup=False))
+    assert [kw["BLOCK"] for _, kw, _ in tuner.compiled] == [32]
+
+
+@needs_async
+def test_compile_ahead_runs_once_per_key_and_swallows_failures():
+    calls = []
+
+    def dry_run():
+        calls.append(tuning._AHEAD.get())
+        raise RuntimeError("out of resources")
+
+    tuning.compile_ahead(("test", 3), dry_run)  # no exception escapes
+    tuning.compile_ahead(("test", 3), dry_run)
+    assert calls == [True]
+    assert tuning._AHEAD.get() is False  # reset after the dry run
+    tuning.compile_ahead(("test", 4), dry_run)
+    assert calls == [True, True]
+
+
+def test_an_ssa_forward_on_the_cpu_compiles_nothing_ahead(monkeypatch):
+    from s2core.ssa import SpatialSparseAttention, ssa_plan
+
+    seen = []
+    monkeypatch.setattr(tuning, "compile_ahead", lambda key, dry_run: seen.append(key))
+    m = SpatialSparseAttention(64, 4, 2, 4, 4, 2, 4)
+    coords = torch.stack(torch.meshgrid(*[torch.arange(4)] * 3, indexing="ij"), -1).reshape(-1, 3)  # one block
+    coords = torch.cat([torch.zeros(len(coords), 1, dtype=torch.long), coords], 1)
+    plan = ssa_plan(coords, 1, 4, 4, 4, (0,))
+    out = m(torch.randn(len(coords), 64), plan)
+    assert out.shape == (len(coords), 64) and seen == []

@@ -10,6 +10,8 @@
   (3.4+), the first benchmark of a tuning round first compiles all the round's configs on a few threads; a
   round that finds its result on disk benchmarks nothing and so compiles nothing extra. Any failure there only
   means the configs compile one by one, as without it.
+- `compile_ahead` goes further for a layer with several tuned kernels (the SSA layer's three): a dry run of
+  its first call hands every config of all of them to one pool, so one slowest compile bounds them together.
 - Each config is benchmarked for BENCH_WARMUP_MS + BENCH_MS (`_quick_bench`) where Triton takes a benchmark
   function, instead of Triton's 25 + 100 ms.
 """
@@ -20,6 +22,7 @@ import inspect
 import logging
 import os
 from concurrent.futures import ThreadPoolExecutor
+from contextvars import ContextVar
 
 from ._common import HAS_TRITON, triton
 
@@ -30,13 +33,13 @@ try:
 except ImportError:  # no Triton, or one without the asynchronous compile mode
     AsyncCompileMode = None
 
-COMPILE_THREADS = min(8, os.cpu_count() or 1)
+COMPILE_THREADS = min(16, os.cpu_count() or 1)
 # Each config's benchmark: warm-up and measuring time in ms. Triton's defaults (25, 100) spend ~0.13 s on a
 # config, ~4 s over a new install's ~15 configs × 2 size classes. A 25 ms median still spans 14+ launches of
 # the slowest kernel; configs closer than its noise (the selection kernel's top two were 3% apart at 27k
 # tokens, bench/results/first_run.md) may swap, which costs at most that difference.
 BENCH_WARMUP_MS, BENCH_MS = 5, 25
-PARALLEL_COMPILE = True  # False: configs compile one by one inside the benchmark (bench/first_run.py --sequential)
+PARALLEL_COMPILE = True  # False: configs compile one by one inside the benchmark, none ahead (first_run.py --sequential)
 
 
 def tune_size(rows: int) -> int:
@@ -67,9 +70,76 @@ def _precompile(tuner, args, meta, config) -> None:
         log.debug("parallel precompile of %s stopped (%s); configs compile one by one", fn, e)
 
 
+# Set inside `compile_ahead`'s dry run: autotuned launches then only start their compiles.
+_AHEAD: ContextVar[bool] = ContextVar("compile_ahead", default=False)
+_AHEAD_DONE: set = set()
+
+
+def compile_ahead(key, dry_run) -> None:
+    """Once per `key` in a process, run `dry_run()` (the launches of a layer's first call, on its own outputs)
+    with every autotuned launch in it only handing its configs' compiles to one pool of COMPILE_THREADS threads
+    and launching nothing; returns when all of them are compiled. Untuned launches run as usual.
+
+    Without it each tuning round compiles its own configs in parallel, but the rounds of one layer follow one
+    another: the SSA layer's three kernels took 4.6 + 3.5 + 1.6 s on an H100 machine's 16 cores (brand-new
+    cache, bench/results/first_run.md) where one slowest compile bounds them together. Where the tuning
+    result is already known (Triton's disk cache) only the chosen config is compiled. Any failure only means
+    that kernels compile at their first launch, as without it."""
+    if AsyncCompileMode is None or not PARALLEL_COMPILE or key in _AHEAD_DONE:
+        return
+    _AHEAD_DONE.add(key)
+    token = _AHEAD.set(True)
+    try:
+        with ThreadPoolExecutor(COMPILE_THREADS) as pool, AsyncCompileMode(pool):
+            dry_run()
+    except Exception as e:  # noqa: BLE001 - the real launches compile whatever is missing
+        log.debug("compiling ahead for %s stopped (%s); kernels compile at their first launch", key, e)
+    finally:
+        _AHEAD.reset(token)
+
+
+def _known_best(tuner, kwargs, configs):
+    """The config this launch would use without benchmarking (tuned in this process or on disk), or None.
+    Mirrors the key Triton's Autotuner.run builds (the key arguments, then every tensor's dtype); should that
+    change, the answer is None and all configs compile, which costs time only."""
+    args = {k: v for k, v in {**tuner.nargs, **kwargs}.items() if k in tuner.arg_names}
+    key = [args[k] for k in tuner.keys if k in args] + [str(v.dtype) for v in args.values() if hasattr(v, "dtype")]
+    key = tuple(key)
+    if key not in tuner.cache and getattr(tuner, "cache_results", False):
+
+        class Miss(Exception):
+            pass
+
+        def miss():
+            raise Miss
+
+        try:
+            tuner.check_disk_cache(key, configs, miss)
+        except Exception:  # noqa: BLE001 - Miss, or a Triton whose disk check differs: compile all
+            return None
+    return tuner.cache.get(key)
+
+
+def _submit_all(tuner, args, kwargs) -> None:
+    """Inside `compile_ahead`: start compiling each config this launch would benchmark, launch nothing."""
+    kwargs = {k: v for k, v in kwargs.items() if k != "warmup"}
+    tuner.nargs = dict(zip(tuner.arg_names, args))
+    configs = tuner.prune_configs(kwargs)
+    best = _known_best(tuner, kwargs, configs) if len(configs) > 1 else configs[0]
+    for c in configs if best is None else [best]:
+        tuner.fn.run(*args, **kwargs, **c.all_kwargs(), warmup=True)
+    tuner.nargs = None
+
+
 def _parallel(base: type) -> type:
     class ParallelCompileAutotuner(base):
-        """Triton's autotuner, compiling a round's configs together before benchmarking the first one."""
+        """Triton's autotuner, compiling a round's configs together before benchmarking the first one, and
+        only compiling inside `compile_ahead`."""
+
+        def run(self, *args, **kwargs):
+            if _AHEAD.get():
+                return _submit_all(self, args, kwargs)
+            return super().run(*args, **kwargs)
 
         def _bench(self, *args, config, **meta):
             if PARALLEL_COMPILE:
