@@ -1,4 +1,5 @@
-"""bench/ab_compressed.py's own logic: loading a variant file, the verdict, and its refusals (no kernel runs here)."""
+"""The variant A/B logic of bench/ab_compressed.py and bench/bench_conv3d.py: loading a variant file, the
+verdict, the side-by-side rows, refusals (tiny sizes; no GPU)."""
 
 from pathlib import Path
 
@@ -36,3 +37,27 @@ def test_a_bad_variant_is_refused_in_one_sentence(monkeypatch, spec):
     with pytest.raises(SystemExit) as e:
         ab.main()
     assert str(e.value).startswith(f"--variant {spec!r}: give NAME=PATH")
+
+
+@pytest.mark.triton
+def test_conv3d_side_by_side_rows(monkeypatch):
+    # table 3 of bench_conv3d.py on a small volume in the interpreter: one row per shape the kernel takes (a
+    # 1×1×1 shortcut; 8→8 3×3×3 stays with cuDNN), this tree's kernel against a copy of itself
+    from bench import bench_conv3d as bc
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setattr(bc, "refiners", lambda device, tiny: [("toy", None, None)])
+    monkeypatch.setattr(bc, "conv_shapes", lambda model, inputs: [(16, 8, 1, (2, 2, 4)), (8, 8, 3, (4, 4, 4))])
+    variant = ab.load_variant("conv3d_copy", REPO / "kernels" / "conv3d.py")
+    rows = [r for r in bc.side_by_side(variant, bc.torch.device("cpu"), tiny=True) if r.startswith("| toy")]
+    assert len(rows) == 1 and rows[0].startswith("| toy | 16→8, 1 | 2×2×4 |")
+    assert rows[0].endswith("| 0.0e+00 |")  # the same kernel: the same outputs
+
+
+def test_conv3d_variant_must_exist(monkeypatch, tmp_path):
+    from bench import bench_conv3d as bc
+
+    monkeypatch.setattr("sys.argv", ["bench_conv3d.py", "--variant", str(tmp_path / "none.py")])
+    with pytest.raises(SystemExit) as e:
+        bc.main()
+    assert "no such file; give a copy of kernels/conv3d.py" in str(e.value)
