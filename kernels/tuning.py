@@ -39,7 +39,9 @@ COMPILE_THREADS = min(16, os.cpu_count() or 1)
 # the slowest kernel; configs closer than its noise (the selection kernel's top two were 3% apart at 27k
 # tokens, bench/results/first_run.md) may swap, which costs at most that difference.
 BENCH_WARMUP_MS, BENCH_MS = 5, 25
-PARALLEL_COMPILE = True  # False: configs compile one by one inside the benchmark, none ahead (first_run.py --sequential)
+PARALLEL_COMPILE = (
+    True  # False: configs compile one by one inside the benchmark, none ahead (first_run.py --sequential)
+)
 
 
 def tune_size(rows: int) -> int:
