@@ -1,0 +1,116 @@
+"""Where a refiner cube's time goes, and what cuDNN's channels-last (NDHWC) layout would save (GPU only).
+
+    python bench/refiner_layout.py [--only 1024|512] [--out FILE]
+
+For one official-size cube of each refiner (deterministic weights, random fp16 input; bench_conv3d.refiners):
+1. the cube's first call in this process and its warm time, then its CUDA kernels by total time (torch.profiler):
+   how much is cuDNN's own NCDHW <-> NDHWC conversion around each convolution;
+2. every convolution and transposed convolution call of the cube (as the UNet issues it, depth slabs included),
+   timed through cuDNN on its NCDHW input as today and on the same module and input in channels_last_3d, and
+   the two sums over the cube. Speed does not depend on values.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import sys
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from bench_conv3d import first_call, refiners, timed  # noqa: E402
+
+CONVS = (torch.nn.Conv3d, torch.nn.ConvTranspose3d)
+
+
+def conv_calls(model, args) -> list[tuple[torch.nn.Module, tuple, int]]:
+    """(module, input shape, calls) of every convolution call in one forward, in order, repeats counted."""
+    seen = {}
+
+    def hook(mod, inp):
+        seen.setdefault((id(mod), tuple(inp[0].shape)), [mod, tuple(inp[0].shape), 0])[2] += 1
+
+    hooks = [m.register_forward_pre_hook(hook) for m in model.modules() if isinstance(m, CONVS)]
+    try:
+        model(*args)
+    finally:
+        for h in hooks:
+            h.remove()
+    return [tuple(v) for v in seen.values()]
+
+
+def kernel_table(model, args, rows: int = 12) -> list[str]:
+    """The cube's CUDA kernels by total time, as markdown rows (name cut to 70 characters)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        model(*args)
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type.name == "CUDA"]
+    total = sum(e.self_device_time_total for e in events)
+    out = [f"| all kernels | {total / 1e3:.1f} | 100% | |"]
+    for e in sorted(events, key=lambda e: -e.self_device_time_total)[:rows]:
+        t = e.self_device_time_total
+        out.append(f"| `{e.key[:70]}` | {t / 1e3:.1f} | {t / total:.0%} | {e.count} |")
+    return out
+
+
+def layout_rows(model, args, device) -> tuple[list[str], float, float]:
+    lines, ncdhw, ndhwc = [], 0.0, 0.0
+    for mod, shape, n in conv_calls(model, args):
+        x = torch.randn(shape, device=device, dtype=torch.float16)
+        a = timed(lambda: mod(x), device)
+        twin = type(mod)(mod.in_channels, mod.out_channels, mod.kernel_size, mod.stride, mod.padding)
+        twin = twin.to(device, torch.float16, memory_format=torch.channels_last_3d)
+        xc = x.contiguous(memory_format=torch.channels_last_3d)
+        b = timed(lambda: twin(xc), device)
+        ncdhw, ndhwc = ncdhw + n * a, ndhwc + n * b
+        kind = "transposed " if isinstance(mod, torch.nn.ConvTranspose3d) else ""
+        lines.append(
+            f"| {kind}{mod.in_channels}→{mod.out_channels}, k{mod.kernel_size[0]} s{mod.stride[0]} | "
+            f"{'×'.join(map(str, shape[2:]))} | {n} | {1e3 * a:.2f} | {1e3 * b:.2f} | {a / b:.2f}× |"
+        )
+    return lines, ncdhw, ndhwc
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", choices=["512", "1024"], default=None)
+    ap.add_argument("--out", type=Path, default=None)
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        sys.exit("bench/refiner_layout.py times cuDNN on a CUDA GPU; none is available here.")
+    device = torch.device("cuda")
+    torch.set_grad_enabled(False)
+    lines = [
+        f"# Refiner cube: kernels and cuDNN layouts — {datetime.date.today()}, {torch.cuda.get_device_name()}",
+        "",
+        f"- command: `python bench/refiner_layout.py{''.join(' ' + a for a in sys.argv[1:])}`; "
+        f"torch {torch.__version__}; times are medians of 5 (ms)",
+    ]
+    for name, model, inputs in refiners(device, False):
+        if args.only and args.only not in name:
+            continue
+        first = first_call(lambda: model(*inputs), device)
+        warm = timed(lambda: model(*inputs), device)
+        lines += ["", f"## {name} cube: first call {first:.2f} s, warm {1e3 * warm:.1f} ms", ""]
+        lines += ["| CUDA kernel | ms | share | calls |", "|---|---|---|---|"] + kernel_table(model, inputs)
+        rows, a, b = layout_rows(model, inputs, device)
+        lines += ["", "| convolution | input volume | calls | NCDHW ms | channels-last ms | speed-up |"]
+        lines += ["|---|---|---|---|---|---|"] + rows
+        lines += ["", f"Sum over the cube: NCDHW {1e3 * a:.1f} ms, channels-last {1e3 * b:.1f} ms ({a / b:.2f}×)."]
+        model = inputs = None
+        torch.cuda.empty_cache()
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out is not None:
+        args.out.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
