@@ -41,18 +41,20 @@ from s2core.testing import deterministic_state_dict  # noqa: E402
 PATCHES = [(64, 2), (128, 4), (256, 8)]  # (voxels a program, warps)
 
 
+def first_call(fn, device) -> float:
+    """Wall seconds of one call of fn(), synchronised (the first call: its compile included)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - t
+
+
 def timed(fn, device, reps: int = 5) -> float:
     """Median seconds of fn()."""
-    out = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        out.append(time.perf_counter() - t)
-    return sorted(out)[len(out) // 2]
+    return sorted(first_call(fn, device) for _ in range(reps))[reps // 2]
 
 
 def refiners(device, tiny: bool):
@@ -88,17 +90,6 @@ def conv_shapes(model, args) -> list[tuple]:
         for h in hooks:
             h.remove()
     return seen
-
-
-def first_call(fn, device) -> float:
-    """Wall seconds of one call of fn(), synchronised."""
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t = time.perf_counter()
-    fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return time.perf_counter() - t
 
 
 def side_by_side(variant, device, tiny: bool) -> list[str]:
