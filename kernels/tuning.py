@@ -83,8 +83,9 @@ def compile_ahead(key, dry_run) -> None:
     and launching nothing; returns when all of them are compiled. Untuned launches run as usual.
 
     Without it each tuning round compiles its own configs in parallel, but the rounds of one layer follow one
-    another: the SSA layer's three kernels took 4.6 + 3.5 + 1.6 s on an H100 machine's 16 cores (brand-new
-    cache, bench/results/first_run.md) where one slowest compile bounds them together. Where the tuning
+    another: the SSA layer's three kernels took 4.2 + 3.1 + 1.4 s on an H100 machine's 16 cores (brand-new
+    cache), where one slowest compile bounds them together: its first 512 call 8.9 → 6.5 s
+    (bench/results/first_run.md). Where the tuning
     result is already known (Triton's disk cache) only the chosen config is compiled. Any failure only means
     that kernels compile at their first launch, as without it."""
     if AsyncCompileMode is None or not PARALLEL_COMPILE or key in _AHEAD_DONE:
