@@ -1,5 +1,6 @@
-"""Autotune configs are pruned by the running GPU's own shared-memory limit (faked here; no GPU needed), and
-tuned per size class (a small first launch must not pick the tile of the 1024 stage).
+"""kernels/tuning.py: autotune configs are pruned by the running GPU's own shared-memory limit (faked here; no
+GPU needed), tuned per size class (a small first launch must not pick the tile of the 1024 stage), benchmarked
+briefly, and compiled ahead inside `compile_ahead` (a stand-in autotuner records what would compile or launch).
 
 Per-block opt-in limits: sm_86/89/120 (RTX 30/40/50) 101376 B, sm_80 (A100) 166912 B, sm_90 (H100) 232448 B.
 The estimates themselves are checked against the compiled kernels for every architecture by bench/archs.py.
