@@ -114,8 +114,9 @@ def _conv3d_kernel(
     m_ci = o_ci[None, :] < CIN
     P: tl.constexpr = (KS - 1) // 2
     acc = tl.zeros([BW, COUT_P], tl.float32)
-    # Depth and height taps loop at run time and only the KS width taps are unrolled: unrolling all 27 taps
-    # made the compile 5.4 s instead of 1.2 s (sm_90, offline), seconds a new install waits before its first mesh.
+    # Depth and height taps loop at run time and only the KS width taps are unrolled: with all 27 taps unrolled
+    # the 3×3×3 variant compiled in ~2.5 s on the H100 machine instead of ~0.8 s, seconds a new install waits
+    # before its first mesh, for ~0.5 ms less per call (bench/results/conv3d.md).
     for i in range(KS):
         dd = d + i - P + 0 * ow  # vectors (also hh): the interpreter cannot AND a scalar mask into a tensor one
         for j in range(KS):

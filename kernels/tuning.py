@@ -60,16 +60,14 @@ def _precompile(tuner, args, meta, config) -> None:
     """At the first config of a tuning round (`config`), compile the tuner's kernel for every config of the
     round on COMPILE_THREADS threads; the autotuner's launches then find them built."""
     kwargs = {k: v for k, v in meta.items() if k != "warmup"}
-    fn = tuner.fn
     try:
         configs = tuner.prune_configs(meta)
         if len(configs) < 2 or str(config) != str(configs[0]):
             return
         with ThreadPoolExecutor(COMPILE_THREADS) as pool, AsyncCompileMode(pool):
-            for c in configs:
-                fn.run(*args, **kwargs, **c.all_kwargs(), warmup=True)
+            _compile(tuner, args, kwargs, configs)
     except Exception as e:  # noqa: BLE001 - e.g. a config out of resources: the benchmark reports it as before
-        log.debug("parallel precompile of %s stopped (%s); configs compile one by one", fn, e)
+        log.debug("parallel precompile of %s stopped (%s); configs compile one by one", tuner.fn, e)
 
 
 # Set inside `compile_ahead`'s dry run: autotuned launches then only start their compiles.
@@ -129,9 +127,15 @@ def _submit_all(tuner, args, kwargs) -> None:
     tuner.nargs = dict(zip(tuner.arg_names, args))
     configs = tuner.prune_configs(kwargs)
     best = _known_best(tuner, kwargs, configs) if len(configs) > 1 else configs[0]
-    for c in configs if best is None else [best]:
-        tuner.fn.run(*args, **kwargs, **c.all_kwargs(), warmup=True)
+    _compile(tuner, args, kwargs, configs if best is None else [best])
     tuner.nargs = None
+
+
+def _compile(tuner, args, kwargs, configs) -> None:
+    """Compile (never launch) the tuner's kernel for each config; inside an AsyncCompileMode this only hands
+    the compiles to its pool."""
+    for c in configs:
+        tuner.fn.run(*args, **kwargs, **c.all_kwargs(), warmup=True)
 
 
 def _parallel(base: type) -> type:
