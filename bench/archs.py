@@ -159,17 +159,50 @@ def cases() -> list[Case]:
         )
     )
     # fixed launches (no autotuning): the configs their launchers use
-    from kernels import conv3d, group_norm, voxelize
+    from kernels import conv3d, group_norm, sparse_conv, voxelize
 
     for cin, cout, ks in [(1, 8, 3), (8, 1, 3), (16, 8, 1), (40, 8, 1)]:  # the refiners' shapes `conv3d.suits` takes
+        for cl in (False, True) if cin > 1 else (False,):  # NCDHW, and channels-last (the UNets on CUDA)
+            out.append(
+                Case(
+                    "conv3d",
+                    "_conv3d_kernel",
+                    f"{cin}→{cout} channels, {ks}³{', channels-last' if cl else ''}",
+                    dict(x=f16, w=f16, bias=f16, y=f16),
+                    dict(
+                        KS=ks,
+                        CIN_P=conv3d._pad16(cin),
+                        COUT_P=conv3d._pad16(cout),
+                        HAS_BIAS=True,
+                        X_CL=cl,
+                        Y_CL=cl,
+                    ),
+                    [(f"BW={conv3d.BLOCK_W}, w{conv3d.NUM_WARPS}", dict(BW=conv3d.BLOCK_W), conv3d.NUM_WARPS, 3)],
+                )
+            )
+    for mode, cin, cout in [("copied", 64, 64), ("derived", 64, 32), ("copied", 32, 32)]:  # the decoders' convs
         out.append(
             Case(
-                "conv3d",
-                "_conv3d_kernel",
-                f"{cin}→{cout} channels, {ks}³",
-                dict(x=f16, w=f16, bias=f16, y=f16),
-                dict(KS=ks, CIN_P=conv3d._pad16(cin), COUT_P=conv3d._pad16(cout), HAS_BIAS=True),
-                [(f"BW={conv3d.BLOCK_W}, w{conv3d.NUM_WARPS}", dict(BW=conv3d.BLOCK_W), conv3d.NUM_WARPS, 3)],
+                "sparse_conv",
+                "_sparse_conv_kernel",
+                f"{mode}, {cin}→{cout} channels",
+                dict(x=f16, nmap=i32, ptap=i32, child=i32, w=f16, bias=f16, y=f16),
+                dict(
+                    ROWS_PER_PARENT=8,
+                    CHILD_ROWS=mode == "derived",
+                    CIN_P=cin,
+                    COUT_P=cout,
+                    HAS_BIAS=True,
+                    SILU=False,
+                ),
+                [
+                    (
+                        f"BM={sparse_conv.BLOCK_M}, w{sparse_conv.NUM_WARPS}",
+                        dict(BM=sparse_conv.BLOCK_M),
+                        sparse_conv.NUM_WARPS,
+                        3,
+                    )
+                ],
             )
         )
 
@@ -189,6 +222,29 @@ def cases() -> list[Case]:
             "_apply_kernel",
             "fp16",
             dict(x=f16, out=f16, scale=f32, shift=f32, S="i32"),
+            {},
+            [(f"BLOCK={group_norm.APPLY_BLOCK}, w4", dict(BLOCK=group_norm.APPLY_BLOCK), 4, 3)],
+        )
+    )
+    for c in (8, 40, 1024):  # channels-last: the first level, a concatenation, the widest concatenation
+        c_p = 1 << (c - 1).bit_length()
+        tile_s = max(1, group_norm.STATS_TILE // c_p)
+        out.append(
+            Case(
+                "group_norm",
+                "_stats_cl_kernel",
+                f"channels-last, C={c}",
+                dict(x=f16, partial=f32, S="i32", C="i32", CPG="i32", G="i32", n_tiles="i32"),
+                dict(C_P=c_p, G_P=4),
+                [(f"TILE_S={tile_s}, w4", dict(TILE_S=tile_s), 4, 3)],
+            )
+        )
+    out.append(
+        Case(
+            "group_norm",
+            "_apply_cl_kernel",
+            "channels-last, fp16",
+            dict(x=f16, out=f16, scale=f32, shift=f32, SC="i32", C="i32"),
             {},
             [(f"BLOCK={group_norm.APPLY_BLOCK}, w4", dict(BLOCK=group_norm.APPLY_BLOCK), 4, 3)],
         )

@@ -9,6 +9,9 @@ bench/results/sparse_conv.md.
 
     python bench/bench_sparse_conv.py              # GPU, fp16, writes bench/results/<date>-<gpu>-sparse_conv.md
     python bench/bench_sparse_conv.py --tiny       # CPU smoke run (small sizes, fp32), no results file
+    python bench/bench_sparse_conv.py --kernel [--out FILE]
+        # GPU: the implicit-GEMM kernel (kernels/sparse_conv.py) beside the gather + GEMM path on the decoders'
+        # few-channel convolutions, each in the form the decoder runs it, and the kernel's block sizes
 """
 
 from __future__ import annotations
@@ -24,8 +27,16 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from kernels import sparse_conv as K  # noqa: E402
 from s2core.sparse import SparseTensor  # noqa: E402
-from s2core.sparse.conv import build_kernel_map, sparse_conv3d, sparse_subdivide  # noqa: E402
+from s2core.sparse import conv as C  # noqa: E402
+from s2core.sparse.conv import (  # noqa: E402
+    build_kernel_map,
+    kernel_map,
+    sparse_conv3d,
+    sparse_subdivide,
+    sparse_subdivide_conv3d,
+)
 
 
 def shell_coords(n_target: int, device) -> torch.Tensor:
@@ -81,11 +92,87 @@ def spconv_runner(coords, feats, kernel, bias):
     return run, "spconv SubMConv3d"
 
 
+# The decoders' convolutions the kernel takes, in the form each runs in: (mode, Cin, Cout). Per subdivide block
+# (SparseSubdivideBlock3d) the conv after the subdivision reads the parents' features ("copied"); the next
+# block's first conv runs on that subdivided set ("derived"); "direct" is a set with its own searched map.
+KERNEL_CASES = [("copied", 64, 64), ("derived", 64, 32), ("copied", 32, 32), ("direct", 32, 32)]
+BLOCKS = [(32, 2), (32, 4), (64, 2), (64, 4), (64, 8), (128, 4), (128, 8)]
+
+
+def kernel_rows(device, sizes, reps: int) -> list[str]:
+    """The kernel beside the gather + GEMM path (`C.USE_KERNEL` off) through the decoder's own entry points,
+    the largest difference between them, and the kernel's time at each block size (rows, warps)."""
+    lines = [
+        "| mode | output rows | Cin->Cout | gather + GEMM ms | kernel ms | speed-up | max abs diff | "
+        + " | ".join(f"{bm}x{w} ms" for bm, w in BLOCKS)
+        + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(BLOCKS),
+    ]
+    g = torch.Generator().manual_seed(0)
+    for n_target in sizes:
+        parents = voxel_set(n_target // 8, "subdiv2", device)
+        for mode, cin, cout in KERNEL_CASES:
+            kernel = (torch.randn(27, cin, cout, generator=g) / math.sqrt(27 * cin)).to(device, torch.float16)
+            bias = (0.02 * torch.randn(cout, generator=g)).to(device, torch.float16)
+            x = SparseTensor(torch.randn(len(parents), cin, generator=g).to(device, torch.float16), parents, 1)
+            kernel_map(x)  # cached, as the decoder's coarser level has it
+            if mode == "copied":
+                run = partial(sparse_subdivide_conv3d, x, kernel, bias)
+                args = (x.feats, kernel_map(x), "copied")
+            else:
+                sub = sparse_subdivide(x)
+                sub = sub.replace(torch.randn(sub.feats.shape, generator=g).to(device, torch.float16))
+                if mode == "direct":
+                    sub = SparseTensor(sub.feats, sub.coords, 1)
+                    kernel_map(sub)
+                run = partial(sparse_conv3d, sub, kernel, bias)
+                args = (sub.feats, kernel_map(sub) if mode == "direct" else kernel_map(x), mode)
+            n_out = 8 * len(parents)
+            C.USE_KERNEL = False
+            slow = timeit(run, device, reps)
+            ref = run()
+            C.USE_KERNEL = True
+            fast = timeit(run, device, reps)
+            out = run()
+            diff = (out.feats if mode == "copied" else out).float() - (ref.feats if mode == "copied" else ref).float()
+            sweep = []
+            for bm, w in BLOCKS:
+                f = partial(K._sparse_conv3d_triton, *args[:2], kernel, bias, args[2], n_out, False, (bm, w))
+                sweep.append(f"{timeit(f, device, reps):.2f}")
+            row = (
+                f"| {mode} | {n_out} | {cin}->{cout} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x | "
+                f"{diff.abs().max().item():.2e} | " + " | ".join(sweep) + " |"
+            )
+            print(row, flush=True)
+            lines.append(row)
+            del x, ref, out, diff
+        torch.cuda.empty_cache()
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="small CPU run (smoke test)")
     ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--kernel", action="store_true", help="the implicit-GEMM kernel vs gather + GEMM (GPU)")
+    ap.add_argument("--out", type=Path, default=None, help="with --kernel: write the table here")
     args = ap.parse_args()
+    if args.kernel:
+        if not torch.cuda.is_available():
+            ap.error("--kernel times the Triton kernel and needs a CUDA GPU")
+        device = torch.device("cuda")
+        head = [
+            f"# sparse conv kernel vs gather + GEMM ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
+            "",
+            f"device: {torch.cuda.get_device_name()}, fp16, torch {torch.__version__}; "
+            f"command: `python {' '.join(sys.argv)}`; default block {K.BLOCK_M}x{K.NUM_WARPS}",
+            "",
+        ]
+        lines = head + kernel_rows(device, [200_000, 1_000_000, 4_000_000], args.reps)
+        print("\n".join(lines))
+        if args.out:
+            args.out.write_text("\n".join(lines) + "\n")
+        return
     device = torch.device("cuda" if torch.cuda.is_available() and not args.tiny else "cpu")
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     if args.tiny:

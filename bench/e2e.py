@@ -25,6 +25,7 @@ its CUDA voxelizer do not install on the GPU machine; the stand-ins are listed i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import gc
 import json
@@ -121,6 +122,28 @@ class Timer:
         return out
 
 
+def time_substages(device) -> list[tuple[str, float]]:
+    """Time every `stage_guard` block of the pipeline (decoding, refinement, surface extraction, ...) by
+    wrapping the pipeline's guard: each block is synchronised at its end and its wall time appended, in order,
+    to the returned list (and printed). The stage rows stay as they are; a block's time is inside its stage's."""
+    rows: list[tuple[str, float]] = []
+    guard = P.stage_guard
+
+    @contextlib.contextmanager
+    def timed_guard(stage: str, lower: str):
+        sync = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+        sync()
+        t = time.perf_counter()
+        with guard(stage, lower):
+            yield
+            sync()
+        rows.append((stage, time.perf_counter() - t))
+        print(f"  · {stage:28s} {rows[-1][1]:8.2f} s", flush=True)
+
+    P.stage_guard = timed_guard
+    return rows
+
+
 def decode(models: loading.Models, latent):
     """The stage's decode + refiner as the pipeline runs it. With random weights the 512 refiner's field never
     reaches its level, so the pipeline's empty-mesh check fires after all the work is done: that is the time
@@ -174,6 +197,12 @@ def main():
     ap.add_argument("--subdivisions", type=int, default=None, help="icosphere subdivisions (default 8, tiny 3)")
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument(
+        "--substages",
+        action="store_true",
+        help="also time each guarded block inside a stage (VAE decoding, refinement, surface extraction), "
+        "synchronised at its end, and print them",
+    )
     ap.add_argument(
         "--cap-gib",
         type=float,
@@ -232,9 +261,12 @@ def main():
         for m in models.loaded_parts().values():
             m.to(device)  # everything resident, as the original keeps it
         torch.cuda.synchronize()
+    substages = time_substages(device) if args.substages else None
     runs = 2 if args.warm else 1
     chains = []  # one Timer per chain: with --warm the first one is the process's first-run cost
     for _ in range(runs):
+        if substages is not None:
+            substages.clear()  # the report keeps the last chain's
         timer = Timer(device)
         with torch.inference_mode():
             info = run_chain(models, v, f, device, args.tiny, timer)
@@ -280,6 +312,9 @@ def main():
         first = chains[0].rows
         lines += ["", f"First chain of this process: {sum(r[1] for r in first):.2f} s, per stage:", ""]
         lines += [f"- {name}: {dt:.2f} s" for name, dt, *_ in first]
+    if substages:
+        lines += ["", "Guarded blocks inside the stages (last chain, `--substages`):", ""]
+        lines += [f"- {name}: {dt:.2f} s" for name, dt in substages]
     out.write_text("\n".join(lines) + "\n")
     print(f"wrote {out}")
 

@@ -75,6 +75,12 @@ def _warn_reference_on_cuda() -> None:
     )
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    """Whether x [B, C, D, H, W] is stored channels-last (`torch.channels_last_3d`, NDHWC) rather than NCDHW;
+    where both describe its memory (one channel, one voxel) this says False and NCDHW code applies."""
+    return x.dim() == 5 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def use_triton(backend: str, x: torch.Tensor, dtypes: tuple[torch.dtype, ...] | None = HALF) -> bool:
     """The dispatchers' rule. "triton": the kernel (CUDA, or CPU tensors under TRITON_INTERPRET=1);
     "reference": the reference; "auto": the kernel for CUDA tensors of `dtypes` (None: any) when Triton is

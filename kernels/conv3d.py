@@ -19,8 +19,9 @@ and multiplies it with that tap's [Cin, Cout] weights on the tensor cores. The k
 neighbouring programs overlap, and the caches serve them. Nothing beyond the output is allocated, so no
 depth slabs are needed (`refiner.unet.conv3d_slabs`).
 
-Layouts: x contiguous [B, Cin, D, H, W] fp16/bf16; weight [Cout, Cin, k, k, k] (any float dtype, used in x's
-dtype); bias [Cout] or None; y contiguous [B, Cout, D, H, W] in x's dtype.
+Layouts: x [B, Cin, D, H, W] fp16/bf16, contiguous or channels-last contiguous (`torch.channels_last_3d`, the
+refiner UNets' layout on CUDA); weight [Cout, Cin, k, k, k] (any float dtype, used in x's dtype); bias [Cout]
+or None; y [B, Cout, D, H, W] in x's dtype and x's layout.
 """
 
 from __future__ import annotations
@@ -29,7 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from ._common import HALF as _HALF
-from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
+from ._common import (  # Triton, or stand-ins that let this module import without it (see _common)
+    is_channels_last,
+    tl,
+    triton,
+)
 from ._common import use_triton as _use_triton
 
 __all__ = ["conv3d_same", "conv3d_same_reference", "shape_suits", "suits"]
@@ -94,6 +99,8 @@ def _conv3d_kernel(
     W,
     CIN,
     COUT,
+    X_CL: tl.constexpr,
+    Y_CL: tl.constexpr,
     KS: tl.constexpr,
     CIN_P: tl.constexpr,
     COUT_P: tl.constexpr,
@@ -110,7 +117,9 @@ def _conv3d_kernel(
     o_co = tl.arange(0, COUT_P)
     S = D * H * W
     x_b = x + b.to(tl.int64) * CIN * S
-    ch = o_ci.to(tl.int64)[None, :] * S  # [1, CIN_P] channel offsets
+    # element (voxel v, channel c) of a sample: c·S + v (NCDHW) or v·CIN + c (channels-last)
+    ch = o_ci.to(tl.int64)[None, :] * (1 if X_CL else S)  # [1, CIN_P] channel offsets
+    v_step = CIN if X_CL else 1
     m_ci = o_ci[None, :] < CIN
     P: tl.constexpr = (KS - 1) // 2
     acc = tl.zeros([BW, COUT_P], tl.float32)
@@ -125,13 +134,18 @@ def _conv3d_kernel(
             for l in tl.static_range(KS):
                 ww = ow + l - P
                 m = m_row & (ww >= 0) & (ww < W)  # outside the volume: the zero padding
-                a = tl.load(x_b + ch + ((dd * H + hh) * W + ww)[:, None], mask=m[:, None] & m_ci, other=0.0)
+                v = ((dd * H + hh) * W + ww).to(tl.int64) * v_step
+                a = tl.load(x_b + ch + v[:, None], mask=m[:, None] & m_ci, other=0.0)
                 tap = (i * KS + j) * KS + l
                 wt = tl.load(w + tap * CIN_P * COUT_P + o_ci[:, None] * COUT_P + o_co[None, :])  # zero-padded
                 acc = tl.dot(a, wt, acc)
     if HAS_BIAS:
         acc += tl.load(bias + o_co, mask=o_co < COUT, other=0.0).to(tl.float32)[None, :]
-    ptr = y + b.to(tl.int64) * COUT * S + o_co.to(tl.int64)[None, :] * S + ((d * H + h) * W + ow)[:, None]
+    v = ((d * H + h) * W + ow).to(tl.int64)[:, None]
+    if Y_CL:
+        ptr = y + b.to(tl.int64) * COUT * S + v * COUT + o_co[None, :]
+    else:
+        ptr = y + b.to(tl.int64) * COUT * S + o_co.to(tl.int64)[None, :] * S + v
     tl.store(ptr, acc.to(y.dtype.element_ty), mask=(ow < W)[:, None] & (o_co[None, :] < COUT))
 
 
@@ -148,8 +162,10 @@ def _conv3d_same_triton(
     assert cin_w == cin and weight.shape[2:] == (k, k, k) and k in (1, 3), (
         f"weight {tuple(weight.shape)} for {cin} channels"
     )
-    x = x.contiguous()
-    y = torch.empty(B, cout, D, H, W, dtype=x.dtype, device=x.device)
+    cl = is_channels_last(x)
+    x = x if cl else x.contiguous()
+    fmt = torch.channels_last_3d if cl else torch.contiguous_format
+    y = torch.empty(B, cout, D, H, W, dtype=x.dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y
     cin_p, cout_p = _pad16(cin), _pad16(cout)
@@ -169,6 +185,8 @@ def _conv3d_same_triton(
         W,
         cin,
         cout,
+        X_CL=cl,
+        Y_CL=cl,
         KS=k,
         CIN_P=cin_p,
         COUT_P=cout_p,

@@ -29,7 +29,7 @@ from .sparse import (
     SparseSiLU,
     SparseTensor,
     sparse_downsample,
-    sparse_subdivide,
+    sparse_subdivide_conv3d,
     windowed_self_attention,
 )
 
@@ -114,7 +114,9 @@ class SparseSubdivideBlock3d(nn.Module):
         self.out_layers = nn.Sequential(SparseConv3d(out_channels, out_channels, 3), SparseSiLU(inplace=True))
 
     def forward(self, x: SparseTensor) -> SparseTensor:
-        return self.out_layers(sparse_subdivide(self.act_layers(x)))
+        # conv(subdivide(h)) in one step: on CUDA the children's copied features are never built
+        conv, silu = self.out_layers
+        return silu(sparse_subdivide_conv3d(self.act_layers(x), conv.conv.kernel, conv.conv.bias))
 
 
 class SparseSDFDecoder(SparseTransformerTrunk):

@@ -126,6 +126,39 @@ def test_unet_on_slabs_equals_whole(monkeypatch):
     assert calls[0] == 16 and len(calls) > 2  # one call, then slabs
 
 
+def test_unet_channels_last_equals_ncdhw(monkeypatch):
+    """The channels-last UNet (CUDA's layout, forced here on the CPU) keeps the layout through every slab,
+    concatenation, norm and upsampler write, and gives the NCDHW result (fp64: 1e-12). The CPU's convolutions
+    answer NCDHW whatever their input, so here each one hands back its output in its input's layout, as cuDNN
+    does."""
+    torch.manual_seed(4)
+    net = UNet3D(2, SMALL, 2, 2).double().eval()
+    x = torch.randn(1, 2, 16, 16, 16, dtype=torch.float64)
+    layouts = []
+
+    def channels_last(t):
+        return t.is_contiguous(memory_format=torch.channels_last_3d) and not t.is_contiguous()
+
+    def like_cudnn(m, args, out):
+        if args[0].shape[2:].numel() > 1:
+            layouts.append(channels_last(args[0]))
+        return out.contiguous(memory_format=torch.channels_last_3d) if channels_last(args[0]) else out
+
+    for m in net.modules():
+        if isinstance(m, (torch.nn.Conv3d, torch.nn.ConvTranspose3d)):
+            m.register_forward_hook(like_cudnn)
+    monkeypatch.setattr(unet, "SLAB_BYTES", 4096)
+    with torch.no_grad():
+        want = net(x)
+        assert layouts and not any(layouts)
+        layouts.clear()
+        monkeypatch.setattr(unet, "_runs_channels_last", lambda x: True)
+        got = net(x)
+    assert layouts and all(layouts), f"{layouts.count(False)} of {len(layouts)} convolutions got NCDHW"
+    assert channels_last(got)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.gpu
 def test_conv3d_slabs_peak_gpu():
     """The 40-channel 256³ input of the last up block's first conv1 (fp16, 1.25 GiB), as in the 1024 sign cube.

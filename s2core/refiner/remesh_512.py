@@ -89,7 +89,7 @@ class VoxelRefiner(nn.Module):
     def refine_cube(self, sdf: torch.Tensor, latent: torch.Tensor) -> torch.Tensor:
         """sdf [B,1,P,P,P], latent = latent_mlp(features) [B,8,P,P,P] → tanh field [B,1,P,P,P]."""
         h = torch.cat([conv3d_slabs(self.conv_in, sdf), latent], dim=1)  # [B, C0+8, P, P, P]
-        u = self.unet3d1(h)  # [B, C0, P, P, P]
+        u = self.unet3d1(h).contiguous()  # [B, C0, P, P, P]; NCDHW again for the adaptive filters
         u = adaptive_filter(u, self.adaptive_conv1)
         u = self.mid_conv(u)
         u = adaptive_filter(u, self.adaptive_conv2)

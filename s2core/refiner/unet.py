@@ -24,6 +24,13 @@ SLAB_BYTES = 256 * 2**20
 # Few-channel 'same' convolutions (the 256³ / 192³ level) on CUDA run as a Triton kernel (`conv3d_slabs`);
 # False restores cuDNN for all of them.
 USE_CONV_KERNEL = True
+# On CUDA the UNet runs channels-last (NDHWC): cuDNN computes 3D convolutions in that layout and converts an
+# NCDHW input and output around each call, a quarter of a cube's GPU time (bench/results/refiner_layout.md).
+# The GroupNorm + SiLU and conv kernels, the depth slabs, the concatenations and the upsampler's writes all
+# keep the layout; the weights stay as loaded (cuDNN reorders them per call: ~14 MB at the widest level).
+# False restores NCDHW. On the CPU the UNet always runs NCDHW.
+CHANNELS_LAST = True
+_CL = torch.channels_last_3d
 # the release's use_fp16 casts these to fp16; the GroupNorm parameters stay fp32, as in the original
 FP16_LAYERS = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)
 
@@ -146,6 +153,9 @@ class UNet3D(nn.Module):
         self.conv_norm_out = nn.GroupNorm(groups, channels[0], eps=1e-5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B, Cin, P, P, P] → features [B, C0, P, P, P], channels-last on CUDA (see CHANNELS_LAST)."""
+        if _runs_channels_last(x):
+            x = x.contiguous(memory_format=_CL)
         x = conv3d_slabs(self.conv_in, x)
         skips = [x]  # consumed last-in-first-out, layers_per_block + 1 per up block
         for block in self.down_blocks:
@@ -178,13 +188,24 @@ def _upsample_cat(conv: nn.ConvTranspose3d, x: torch.Tensor, skip: torch.Tensor,
     cuDNN's workspace), so this lowers the floor that a smaller workspace leaves, not today's peak."""
     b, _, d, h, w = x.shape
     cout = conv.out_channels
-    out = x.new_empty(b, cout + skip.shape[1], 2 * d, 2 * h, 2 * w)
+    out = torch.empty(
+        b, cout + skip.shape[1], 2 * d, 2 * h, 2 * w, dtype=x.dtype, device=x.device, memory_format=_layout(x)
+    )
     out[:, cout:] = skip
     del skip  # the caller popped it: only this frame held it
     step = -(-d // slabs)
     for d0 in range(0, d, step):
         out[:, :cout, 2 * d0 : 2 * (d0 + step)] = conv(x[:, :, d0 : d0 + step])
     return out
+
+
+def _runs_channels_last(x: torch.Tensor) -> bool:
+    return CHANNELS_LAST and x.is_cuda
+
+
+def _layout(x: torch.Tensor) -> torch.memory_format:
+    """x's layout, for a new tensor that continues it."""
+    return _CL if _conv.is_channels_last(x) else torch.contiguous_format
 
 
 def conv3d_slabs(conv: nn.Conv3d, x: torch.Tensor, max_bytes: int | None = None) -> torch.Tensor:
@@ -209,7 +230,7 @@ def conv3d_slabs(conv: nn.Conv3d, x: torch.Tensor, max_bytes: int | None = None)
         lo = max(d0 - halo, 0)
         y = conv(x[:, :, lo : min(d1 + halo, d)])
         if out is None:
-            out = y.new_empty(*y.shape[:2], d, *y.shape[3:])
+            out = torch.empty(*y.shape[:2], d, *y.shape[3:], dtype=y.dtype, device=y.device, memory_format=_layout(y))
         out[:, :, d0:d1] = y[:, :, d0 - lo : d0 - lo + d1 - d0]
         del y
     return out

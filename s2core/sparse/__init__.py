@@ -9,6 +9,7 @@ from .conv import (
     sparse_conv3d,
     sparse_downsample,
     sparse_subdivide,
+    sparse_subdivide_conv3d,
 )
 from .nn import SparseGELU, SparseGroupNorm32, SparseLinear, SparseReLU, SparseSigmoid, SparseSiLU, SparseTanh
 from .tensor import SparseTensor
@@ -29,6 +30,7 @@ __all__ = [
     "sparse_conv3d",
     "sparse_downsample",
     "sparse_subdivide",
+    "sparse_subdivide_conv3d",
     "varlen_attention",
     "sparse_cross_attention",
     "windowed_self_attention",

@@ -19,7 +19,10 @@ keeps the parent's map, and each conv derives the rows of the children's map it 
 (all 8 children of a parent exist), block by block; the decoder's last level (13.9 M voxels at 512) thus
 never holds a [N, 27] map (1.5 GB).
 
-Compute: gather the 27 neighbour rows of a block of outputs into [rows, 27*Cin] (a zero row stands for
+Compute, few channels (at most 64 in and out) on CUDA: `kernels/sparse_conv.py`, an implicit GEMM that
+gathers each tap's neighbour rows itself, reading a subdivided set's map off its parent's map row by row;
+`sparse_subdivide_conv3d` runs it on the parents' features, so a subdivided level's copied features are never
+built. Otherwise: gather the 27 neighbour rows of a block of outputs into [rows, 27*Cin] (a zero row stands for
 inactive neighbours) and do one GEMM with W viewed as [27*Cin, Cout]: one fp32-accumulated reduction over all
 taps with a single rounding, as torchsparse's implicit GEMM does. Output blocks bound the gathered buffer's
 memory. No atomics, so it is bitwise repeatable. (One GEMM per tap plus a scatter-add was slower at every
@@ -31,6 +34,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
+from .._kernels import sparse_conv as _kernel
 from .coords import coords_to_keys, key_deltas, keys_to_coords
 from .tensor import SparseTensor
 
@@ -46,10 +50,14 @@ __all__ = [
     "sparse_downsample",
     "SparseDownsample",
     "sparse_subdivide",
+    "sparse_subdivide_conv3d",
     "SparseSubdivide",
 ]
 
 _MAX_GATHER = 1 << 26  # elements of the gathered [rows, 27*Cin] block (128 MiB in fp16)
+# Few-channel 3x3x3 convolutions on CUDA run as the implicit-GEMM kernel (`kernels/sparse_conv.py`); False
+# restores the gather + GEMM path for all of them (bench/bench_sparse_conv.py --kernel compares the two).
+USE_KERNEL = True
 
 
 def kernel_offsets(device=None) -> torch.Tensor:
@@ -103,6 +111,11 @@ def sparse_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | No
         out = feats @ kernel
     else:
         assert kernel.shape[0] == 27, f"only 3x3x3 kernels are supported, got {tuple(kernel.shape)}"
+        if USE_KERNEL and _kernel.suits(feats, kernel):
+            parent = x.cache.get("parent_kernel_map_3")
+            if "kernel_map_3" in x.cache or parent is None:
+                return _kernel.sparse_conv3d(feats, kernel_map(x), kernel, bias, "direct")
+            return _kernel.sparse_conv3d(feats, parent, kernel, bias, "derived", n_out=feats.shape[0])
         n, cin = feats.shape
         cout = kernel.shape[2]
         w = kernel.reshape(27 * cin, cout)
@@ -213,18 +226,30 @@ def subdivided_kernel_map(parent_map: torch.Tensor, n: int | None = None) -> tor
     return torch.where(nb < n, nb * 8 + child_idx, 8 * n).reshape(-1, 27)
 
 
-def sparse_subdivide(x: SparseTensor) -> SparseTensor:
-    """Each voxel p -> 8 consecutive children 2p + (ox, oy, oz), z fastest, features copied (§2.4).
+def sparse_subdivide(x: SparseTensor, feats: torch.Tensor | None = None) -> SparseTensor:
+    """Each voxel p -> 8 consecutive children 2p + (ox, oy, oz), z fastest, features copied (§2.4); or with
+    `feats` [8N, C], the children carry those instead.
 
     If x's kernel map is cached, the children's map is derived from it when needed (exact, much cheaper
     than a search; see kernel_map_rows)."""
     xyz = (x.coords[:, None, 1:] * 2 + _child_offsets(x.device).int()[None]).reshape(-1, 3)  # [8N, 3]
     coords = torch.cat([x.coords[:, :1].repeat_interleave(8, 0), xyz], 1)
-    feats = x.feats.repeat_interleave(8, 0)
+    feats = x.feats.repeat_interleave(8, 0) if feats is None else feats
     out = SparseTensor(feats, coords, x.batch_size, x.offsets * 8)
     if "kernel_map_3" in x.cache or "parent_kernel_map_3" in x.cache:  # x's own map, derived if need be
         out.cache["parent_kernel_map_3"] = kernel_map(x)
     return out
+
+
+def sparse_subdivide_conv3d(x: SparseTensor, kernel: torch.Tensor, bias: torch.Tensor | None = None) -> SparseTensor:
+    """sparse_conv3d of sparse_subdivide(x), as a SparseTensor on the children. Where the kernel runs it reads
+    x's own features through x's map ("copied" in kernels/sparse_conv.py): the children's copied features (8
+    rows a parent) are never made."""
+    if USE_KERNEL and kernel.ndim == 3 and _kernel.suits(x.feats, kernel):
+        y = _kernel.sparse_conv3d(x.feats, kernel_map(x), kernel, bias, "copied")
+        return sparse_subdivide(x, feats=y)
+    sub = sparse_subdivide(x)
+    return sub.replace(sparse_conv3d(sub, kernel, bias))
 
 
 class SparseSubdivide(nn.Module):

@@ -46,6 +46,21 @@ def test_matches_reference(case, bias, monkeypatch):
     assert_close(y, ref, 1e-3, 4e-3, f"{case} bias={bias}")
 
 
+@pytest.mark.triton
+@pytest.mark.parametrize("case", [c for c in CASES if c[1] > 1 and c[3] * c[4] * c[5] > 1])
+def test_channels_last_matches_reference(case, monkeypatch):
+    """A channels-last input (the UNets' layout on CUDA) gives the same values, written channels-last."""
+    x, w, b = _inputs(case, zlib.crc32(f"{case}cl".encode()))
+    ref = K.conv3d_same_reference(x, w, b)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    with poisoned_outputs(monkeypatch):
+        y = K.conv3d_same(x, w, b, backend="triton")
+    assert y.shape == ref.shape
+    if case[2] > 1:
+        assert y.is_contiguous(memory_format=torch.channels_last_3d) and not y.is_contiguous()
+    assert_close(y, ref, 1e-3, 4e-3, f"channels-last {case}")
+
+
 def test_reference_is_the_module():
     """The reference is nn.Conv3d's convolution (fp64 here, where rounding cannot hide a wrong padding)."""
     conv = torch.nn.Conv3d(5, 3, 3, padding=1).double()

@@ -48,6 +48,29 @@ def test_matches_reference(shape, groups, dtype, monkeypatch):
     assert_close(out, ref, *TOL[dtype], f"{shape} groups {groups}")
 
 
+CL_CASES = [  # channels-last: C not a power of two (the up blocks' concatenations), tiles of few voxels
+    ((1, 40, 5, 6, 7), 4),  # 40 = 32 + 8: groups of 10 channels, padded to 64
+    ((2, 8, 9, 10, 11), 4),  # several tiles of 512 voxels, the last partial
+    ((1, 160, 3, 4, 5), 4),
+    ((2, 12, 3, 1, 2), 3),
+]
+
+
+@pytest.mark.triton
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("shape,groups", CL_CASES)
+def test_channels_last_matches_reference(shape, groups, inplace, monkeypatch):
+    seed = zlib.crc32(f"{shape}{groups}{inplace}cl".encode())
+    x, w, b = _inputs(shape, groups, torch.float16, "cpu", seed)
+    ref = K.group_norm_silu_reference(x, w, b, groups)
+    x = x.contiguous(memory_format=torch.channels_last_3d)
+    assert K.is_channels_last(x)
+    with poisoned_outputs(monkeypatch):
+        out = K.group_norm_silu(x, w, b, groups, out=x if inplace else None, backend="triton")
+    assert out.shape == x.shape and K.is_channels_last(out) and (out is x) == inplace
+    assert_close(out, ref, *TOL[torch.float16], f"channels-last {shape} groups {groups}")
+
+
 @pytest.mark.triton
 def test_empty_inputs(monkeypatch):
     w, b = torch.ones(8), torch.zeros(8)
