@@ -46,6 +46,8 @@ import oom_report  # noqa: E402
 from s2core import config, loading, results  # noqa: E402
 from s2core import pipeline as P  # noqa: E402
 from s2core.mesh.voxelize import mesh_to_latent_index  # noqa: E402
+from s2core.refiner import unet  # noqa: E402
+from s2core.sparse import conv as sparse_conv  # noqa: E402
 from s2core.testing import deterministic_state_dict  # noqa: E402
 
 GiB = 2**30
@@ -198,6 +200,20 @@ def main():
     ap.add_argument("--warm", action="store_true", help="run the chain twice and report the second (warm) run")
     ap.add_argument("--out", type=Path, default=None)
     ap.add_argument(
+        "--sparse-conv-kernel",
+        choices=["on", "off"],
+        default=None,
+        help="the sparse decoders' few-channel convolutions as the Triton kernel (on) or gather + GEMM (off); "
+        "default: the code's (s2core.sparse.conv.USE_KERNEL)",
+    )
+    ap.add_argument(
+        "--channels-last",
+        choices=["on", "off"],
+        default=None,
+        help="the refiner UNets in channels-last on CUDA (on) or NCDHW (off); default: the code's "
+        "(s2core.refiner.unet.CHANNELS_LAST)",
+    )
+    ap.add_argument(
         "--substages",
         action="store_true",
         help="also time each guarded block inside a stage (VAE decoding, refinement, surface extraction), "
@@ -242,6 +258,11 @@ def main():
     args = ap.parse_args()
 
     device = torch.device("cpu" if args.tiny or not torch.cuda.is_available() else "cuda")
+    if args.sparse_conv_kernel:
+        sparse_conv.USE_KERNEL = args.sparse_conv_kernel == "on"
+    if args.channels_last:
+        unet.CHANNELS_LAST = args.channels_last == "on"
+    print(f"sparse conv kernel {sparse_conv.USE_KERNEL}; channels-last refiners {unet.CHANNELS_LAST}", flush=True)
     if args.cap_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, torch.cuda.current_device())
@@ -294,7 +315,8 @@ def main():
         f"# End-to-end 1024³ ({'offload: one stage on the GPU' if args.offload else 'all weights resident'})",
         "",
         f"- date: {date}; GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}",
-        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`; sparse conv kernel "
+        f"{'on' if sparse_conv.USE_KERNEL else 'off'}, channels-last refiners {'on' if unet.CHANNELS_LAST else 'off'}",
         f"- mesh: bumpy icosphere, {f.shape[0]} faces; tokens: {info['tokens_512']} at 512, "
         f"{info['tokens_1024']} at 1024; {'warm (second) run' if args.warm else 'first run'}"
         + (f"; allocator capped at {args.cap_gib} GiB" if args.cap_gib else ""),
@@ -405,7 +427,8 @@ def write_comparison(args, rows, info: dict, orig: dict, faces: int, device, fir
             if orig.get("torch")
             else ""
         ),
-        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
+        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`; sparse conv kernel "
+        f"{'on' if sparse_conv.USE_KERNEL else 'off'}, channels-last refiners {'on' if unet.CHANNELS_LAST else 'off'}",
         f"- structure (both): bumpy icosphere, {faces} faces; {'warm (second) run' if args.warm else 'first run'}"
         f" of each chain; "
         + (

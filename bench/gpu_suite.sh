@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Run the GPU-marked tests and the benchmarks on a CUDA machine; logs and result files go to $OUT (or /tmp/out).
-# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload e2e-original conv vae voxelize refiner coarse norms)   (wheels for packages the GPU image lacks may sit in .whl/)
+# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload e2e-original e2e-ab conv sparse-conv-kernel layout-ab vae
+#   voxelize refiner coarse norms)   (wheels for packages the GPU image lacks may sit in .whl/)
 set -o pipefail
 export PYTHONUNBUFFERED=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -18,6 +19,12 @@ for job in "$@"; do
     e2e) timeout 280 python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
     e2e-original) timeout 590 python3 bench/e2e.py --original .scratch --warm --budget-s 580 --out "$OUT/e2e-vs-original.md" \
                     --original-json "$OUT/original.json" 2>&1 | tee "$OUT/e2e_original.log" ;;
+    e2e-ab) for on in off on; do  # the sparse conv kernel and channels-last refiners off, then on: two processes
+              timeout 280 python3 bench/e2e.py --warm --substages --sparse-conv-kernel $on --channels-last $on \
+                --out "$OUT/e2e_ab_$on.md" 2>&1 | tee "$OUT/e2e_ab_$on.log"
+            done ;;
+    sparse-conv-kernel) timeout 120 python3 bench/bench_sparse_conv.py --kernel --out "$OUT/sparse_conv_kernel.md" 2>&1 | tail -14 ;;
+    layout-ab) timeout 120 python3 bench/refiner_layout.py --ab --out "$OUT/refiner_layout_ab.md" 2>&1 | tail -20 ;;
     norms) timeout 60 python3 bench/bench_norms.py 2>&1 | tail -15 ;;
     conv) timeout 90 python3 bench/bench_sparse_conv.py 2>&1 | tail -30 ;;
     vae) timeout 200 python3 bench/bench_sparse_vae.py --mesh --upstream .scratch 2>&1 | tail -30 ;;

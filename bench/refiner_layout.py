@@ -1,6 +1,7 @@
 """Where a refiner cube's time goes, and what cuDNN's channels-last (NDHWC) layout would save (GPU only).
 
     python bench/refiner_layout.py [--only 1024|512] [--out FILE]
+    python bench/refiner_layout.py --ab [--only 1024|512] [--out FILE]
 
 For one official-size cube of each refiner (deterministic weights, random fp16 input; bench_conv3d.refiners):
 1. the cube's first call in this process and its warm time, then its CUDA kernels by total time (torch.profiler):
@@ -8,13 +9,18 @@ For one official-size cube of each refiner (deterministic weights, random fp16 i
 2. every convolution and transposed convolution call of the cube (as the UNet issues it, depth slabs included),
    timed through cuDNN on its NCDHW input as today and on the same module and input in channels_last_3d, and
    the two sums over the cube. Speed does not depend on values.
+With --ab instead: the whole cube with the UNet in NCDHW and in channels-last (`unet.CHANNELS_LAST`), alternated
+in one process: the time until the call returns (the CPU's share), the synchronised wall time, three cubes back
+to back, the peak allocation beyond the inputs and the largest output difference.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -24,6 +30,8 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 from bench_conv3d import first_call, refiners, timed  # noqa: E402
+
+from s2core.refiner import unet  # noqa: E402
 
 CONVS = (torch.nn.Conv3d, torch.nn.ConvTranspose3d)
 
@@ -78,10 +86,60 @@ def layout_rows(model, args, device) -> tuple[list[str], float, float]:
     return lines, ncdhw, ndhwc
 
 
+def cube_times(model, inputs, reps: int = 5) -> tuple[float, float, float, float]:
+    """(returns ms, wall ms, three cubes back to back ms, peak beyond the inputs GiB) of one warm cube."""
+    for _ in range(2):
+        model(*inputs)
+    issue, wall = [], []
+    for _ in range(reps):
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        model(*inputs)
+        issue.append(time.perf_counter() - t)
+        torch.cuda.synchronize()
+        wall.append(time.perf_counter() - t)
+    t = time.perf_counter()
+    for _ in range(3):
+        model(*inputs)
+    torch.cuda.synchronize()
+    three = time.perf_counter() - t
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    model(*inputs)
+    peak = (torch.cuda.max_memory_allocated() - base) / 2**30
+    return 1e3 * statistics.median(issue), 1e3 * statistics.median(wall), 1e3 * three, peak
+
+
+def layout_ab(model, inputs) -> list[str]:
+    """The cube with the UNet in NCDHW and channels-last, alternated twice (markdown rows), and their outputs'
+    largest difference."""
+    lines = [
+        "| UNet layout | call returns ms | wall ms | 3 cubes ms | peak beyond inputs GiB |",
+        "|---|---|---|---|---|",
+    ]
+    outs = {}
+    saved = unet.CHANNELS_LAST
+    try:
+        for cl in (False, True, False, True):
+            unet.CHANNELS_LAST = cl
+            a, w, t, p = cube_times(model, inputs)
+            lines.append(f"| {'channels-last' if cl else 'NCDHW'} | {a:.1f} | {w:.1f} | {t:.1f} | {p:.2f} |")
+            outs[cl] = model(*inputs).float()
+    finally:
+        unet.CHANNELS_LAST = saved
+    d = (outs[True] - outs[False]).abs()
+    lines += [
+        "",
+        f"Outputs: largest difference {d.max().item():.3g}, {(d > 0).float().mean().item():.2e} of them differ.",
+    ]
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["512", "1024"], default=None)
     ap.add_argument("--out", type=Path, default=None)
+    ap.add_argument("--ab", action="store_true", help="the whole cube, NCDHW vs channels-last UNet (see above)")
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/refiner_layout.py times cuDNN on a CUDA GPU; none is available here.")
@@ -95,6 +153,11 @@ def main():
     ]
     for name, model, inputs in refiners(device, False):
         if args.only and args.only not in name:
+            continue
+        if args.ab:
+            lines += ["", f"## {name} cube: NCDHW vs channels-last UNet", ""] + layout_ab(model, inputs)
+            model = inputs = None
+            torch.cuda.empty_cache()
             continue
         first = first_call(lambda: model(*inputs), device)
         warm = timed(lambda: model(*inputs), device)

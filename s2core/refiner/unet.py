@@ -24,12 +24,13 @@ SLAB_BYTES = 256 * 2**20
 # Few-channel 'same' convolutions (the 256³ / 192³ level) on CUDA run as a Triton kernel (`conv3d_slabs`);
 # False restores cuDNN for all of them.
 USE_CONV_KERNEL = True
-# On CUDA the UNet runs channels-last (NDHWC): cuDNN computes 3D convolutions in that layout and converts an
-# NCDHW input and output around each call, a quarter of a cube's GPU time (bench/results/refiner_layout.md).
+# True: on CUDA the UNet runs channels-last (NDHWC). cuDNN computes 3D convolutions in that layout and converts
+# an NCDHW input and output around each call, a quarter of a cube's GPU time (bench/results/refiner_layout.md).
 # The GroupNorm + SiLU and conv kernels, the depth slabs, the concatenations and the upsampler's writes all
-# keep the layout; the weights stay as loaded (cuDNN reorders them per call: ~14 MB at the widest level).
-# False restores NCDHW. On the CPU the UNet always runs NCDHW.
-CHANNELS_LAST = True
+# keep the layout; the weights stay as loaded (cuDNN reorders them per call: ~14 MB at the widest level). On
+# the CPU the UNet always runs NCDHW. Off until timed on a GPU (no GPU was lent the session that wrote it):
+# `bench/refiner_layout.py --ab` and `bench/e2e.py --channels-last on` measure it.
+CHANNELS_LAST = False
 _CL = torch.channels_last_3d
 # the release's use_fp16 casts these to fp16; the GroupNorm parameters stay fp32, as in the original
 FP16_LAYERS = (nn.Conv3d, nn.ConvTranspose3d, nn.Linear)

@@ -19,7 +19,7 @@ keeps the parent's map, and each conv derives the rows of the children's map it 
 (all 8 children of a parent exist), block by block; the decoder's last level (13.9 M voxels at 512) thus
 never holds a [N, 27] map (1.5 GB).
 
-Compute, few channels (at most 64 in and out) on CUDA: `kernels/sparse_conv.py`, an implicit GEMM that
+Compute, few channels (at most 64 in and out) on CUDA with USE_KERNEL: `kernels/sparse_conv.py`, an implicit GEMM that
 gathers each tap's neighbour rows itself, reading a subdivided set's map off its parent's map row by row;
 `sparse_subdivide_conv3d` runs it on the parents' features, so a subdivided level's copied features are never
 built. Otherwise: gather the 27 neighbour rows of a block of outputs into [rows, 27*Cin] (a zero row stands for
@@ -55,9 +55,11 @@ __all__ = [
 ]
 
 _MAX_GATHER = 1 << 26  # elements of the gathered [rows, 27*Cin] block (128 MiB in fp16)
-# Few-channel 3x3x3 convolutions on CUDA run as the implicit-GEMM kernel (`kernels/sparse_conv.py`); False
-# restores the gather + GEMM path for all of them (bench/bench_sparse_conv.py --kernel compares the two).
-USE_KERNEL = True
+# True: few-channel 3x3x3 convolutions on CUDA run as the implicit-GEMM kernel (`kernels/sparse_conv.py`).
+# Off until timed on a GPU: it is tested against its reference (Triton's interpreter) and compiles for
+# sm_80-120 (bench/results/archs.md), but no GPU was lent the session that wrote it. `bench/bench_sparse_conv.py
+# --kernel` and `bench/e2e.py --sparse-conv-kernel on` measure it against the gather + GEMM path.
+USE_KERNEL = False
 
 
 def kernel_offsets(device=None) -> torch.Tensor:

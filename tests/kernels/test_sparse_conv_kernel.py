@@ -117,22 +117,21 @@ def test_reference_is_the_decoders_convolution():
 
 
 @pytest.mark.gpu
-def test_decoder_path_takes_the_kernel_gpu():
-    """On CUDA in fp16 the decoder's convolutions of few channels run the kernel and agree with the gather +
-    GEMM path (the module's own, forced by widening the channel limit away)."""
-    if not torch.cuda.is_available():
-        pytest.skip("needs CUDA")
+def test_decoder_path_takes_the_kernel_gpu(monkeypatch):
+    """On CUDA in fp16 with USE_KERNEL the decoder's convolutions of few channels run the kernel ("copied" and
+    "derived") and agree with the gather + GEMM path."""
     x, w, b = _case(3000, 24, 32, 32, seed=11)
     x = x.to("cuda")
     w, b = w.cuda(), b.cuda()
+    slow = sparse_conv3d(sparse_subdivide(x), w, b)  # USE_KERNEL off: the gather + GEMM path
+    monkeypatch.setattr(conv, "USE_KERNEL", True)
+    modes = []
+    launch = K._sparse_conv3d_triton
+    monkeypatch.setattr(K, "_sparse_conv3d_triton", lambda *a, **k: modes.append(a[4]) or launch(*a, **k))
     fast = sparse_subdivide_conv3d(x, w, b).feats  # caches x's map
     sub = sparse_subdivide(x)
     assert "parent_kernel_map_3" in sub.cache
     derived = sparse_conv3d(sub, w, b)
-    conv.USE_KERNEL = False  # the gather + GEMM path
-    try:
-        slow = sparse_conv3d(sparse_subdivide(x), w, b)
-    finally:
-        conv.USE_KERNEL = True
+    assert modes == ["copied", "derived"]
     assert_close(fast, slow, 1e-3, 4e-3, "copied vs gather")
     assert_close(derived, slow, 1e-3, 4e-3, "derived vs gather")
