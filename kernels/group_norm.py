@@ -92,6 +92,15 @@ def _stats_kernel(x, partial, L, n_tiles, TILE: tl.constexpr):
 
 
 @triton.jit
+def _norm_silu(v, a, b, dtype: tl.constexpr):
+    # silu(round(v·a + b)) rounded to dtype: the norm's output rounded as the module's; the int16 bitcast keeps
+    # the compiler from eliding the round trip
+    y = (v * a + b).to(dtype).to(tl.int16, bitcast=True).to(dtype, bitcast=True)
+    y = y.to(tl.float32)
+    return (y / (1.0 + tl.exp(-y))).to(dtype)
+
+
+@triton.jit
 def _apply_kernel(x, out, scale, shift, S, BLOCK: tl.constexpr):
     # program (s, row): elements [s·BLOCK, (s+1)·BLOCK) of channel row `row` (= b·C + c) of S elements
     s = tl.program_id(0)
@@ -102,11 +111,7 @@ def _apply_kernel(x, out, scale, shift, S, BLOCK: tl.constexpr):
     mask = offs < S
     base = row.to(tl.int64) * S
     v = tl.load(x + base + offs, mask=mask, other=0.0).to(tl.float32)
-    # the norm's output rounded as the module's; the int16 bitcast keeps the compiler from eliding the round trip
-    y = (v * a + b).to(out.dtype.element_ty).to(tl.int16, bitcast=True).to(out.dtype.element_ty, bitcast=True)
-    y = y.to(tl.float32)
-    y = y / (1.0 + tl.exp(-y))
-    tl.store(out + base + offs, y.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + base + offs, _norm_silu(v, a, b, out.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -144,10 +149,7 @@ def _apply_cl_kernel(x, out, scale, shift, SC, C, BLOCK: tl.constexpr):
     sh = tl.load(shift + row, mask=mask, other=0.0)
     base = b.to(tl.int64) * SC
     v = tl.load(x + base + offs, mask=mask, other=0.0).to(tl.float32)
-    y = (v * a + sh).to(out.dtype.element_ty).to(tl.int16, bitcast=True).to(out.dtype.element_ty, bitcast=True)
-    y = y.to(tl.float32)
-    y = y / (1.0 + tl.exp(-y))
-    tl.store(out + base + offs, y.to(out.dtype.element_ty), mask=mask)
+    tl.store(out + base + offs, _norm_silu(v, a, sh, out.dtype.element_ty), mask=mask)
 
 
 def _merge(partial: torch.Tensor, L: int, tile: int) -> tuple[torch.Tensor, torch.Tensor]:

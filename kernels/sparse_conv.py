@@ -59,6 +59,12 @@ def _tables(device) -> tuple[torch.Tensor, torch.Tensor]:
     return ptap.int().contiguous(), (c[..., 0] * 4 + c[..., 1] * 2 + c[..., 2]).int().contiguous()
 
 
+def _rows_out(mode: str, nmap: torch.Tensor, n_out: int | None) -> int:
+    """Output rows: n_out, or by default nmap's rows (direct) or 8 children a parent (derived, copied)."""
+    assert mode in MODES, f"mode {mode!r} is not one of {MODES}"
+    return (nmap.shape[0] if mode == "direct" else 8 * nmap.shape[0]) if n_out is None else n_out
+
+
 def neighbours(mode: str, nmap: torch.Tensor, n_out: int) -> torch.Tensor:
     """[n_out, 27] int64 row of x each output row reads at each tap, -1 where inactive: what the kernel
     computes row by row, as a tensor (the reference's index; tests)."""
@@ -86,8 +92,7 @@ def sparse_conv3d_reference(
     """The decoder's convolution as `s2core.sparse.conv` computes it: gathered neighbour rows (a zero row where
     inactive) times W viewed [27·Cin, Cout], one matmul in x's dtype, then the bias add in x's dtype (and the
     SiLU). n_out: output rows (direct: nmap's rows; derived, copied: 8 × nmap's rows)."""
-    assert mode in MODES, f"mode {mode!r} is not one of {MODES}"
-    n_out = (nmap.shape[0] if mode == "direct" else 8 * nmap.shape[0]) if n_out is None else n_out
+    n_out = _rows_out(mode, nmap, n_out)
     cin, cout = weight.shape[1:]
     rows = neighbours(mode, nmap, n_out)
     padded = torch.cat([x, x.new_zeros(1, cin)], 0)  # row -1 = the zero row
@@ -214,8 +219,7 @@ def sparse_conv3d(
     defaults to 8M). backend: "auto" (Triton on CUDA for fp16/bf16 when installed, the reference elsewhere),
     "triton" (also on CPU with TRITON_INTERPRET=1) or "reference".
     """
-    assert mode in MODES, f"mode {mode!r} is not one of {MODES}"
-    n_out = (nmap.shape[0] if mode == "direct" else 8 * nmap.shape[0]) if n_out is None else n_out
+    n_out = _rows_out(mode, nmap, n_out)
     if _use_triton(backend, x):
         return _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out, silu)
     return sparse_conv3d_reference(x, nmap, weight, bias, mode, n_out, silu)
