@@ -193,7 +193,6 @@ def cases() -> list[Case]:
                     CIN_P=cin,
                     COUT_P=cout,
                     HAS_BIAS=True,
-                    SILU=False,
                 ),
                 [
                     (

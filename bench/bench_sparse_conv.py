@@ -137,7 +137,7 @@ def kernel_rows(device, sizes, reps: int) -> list[str]:
             diff = (out.feats if mode == "copied" else out).float() - (ref.feats if mode == "copied" else ref).float()
             sweep = []
             for bm, w in BLOCKS:
-                f = partial(K._sparse_conv3d_triton, *args[:2], kernel, bias, args[2], n_out, False, (bm, w))
+                f = partial(K._sparse_conv3d_triton, *args[:2], kernel, bias, args[2], n_out, (bm, w))
                 sweep.append(f"{timeit(f, device, reps):.2f}")
             row = (
                 f"| {mode} | {n_out} | {cin}->{cout} | {slow:.2f} | {fast:.2f} | {slow / fast:.1f}x | "

@@ -1,7 +1,7 @@
 """Submanifold 3×3×3 sparse convolution of few-channel fp16 features as one implicit GEMM (SPARSE.md §2).
 
 The sparse VAE decoders end in three subdivide blocks; their last levels hold millions of voxels with 32-64
-channels (the 1024 decode: ~85 M voxel rows of 32 channels over its chunks). `s2core.sparse.conv` computes
+channels (the 1024 decode's last level: every decoded voxel, ~60 M, plus each chunk's context, at 32 channels). `s2core.sparse.conv` computes
 such a convolution by gathering each output's 27 neighbour rows into a [rows, 27·Cin] buffer and one GEMM:
 27× the features written and read again. Here a program keeps BM output rows in registers, gathers each
 tap's [BM, Cin] neighbour rows straight from the features (the caches serve the rows that neighbouring
@@ -20,10 +20,8 @@ Which rows are neighbours, in the three forms the decoder meets (`neighbours`):
 For output row r:
 
     y[r] = round(round(sum_k [active] x[row(r, k)] @ W[k]) + bias)      (round: to x's dtype; sums in fp32)
-    y[r] = round(silu(y[r]))                                             (with silu=True)
 
-which is the reference's GEMM rounded to fp16, then its bias add in fp16 (and SparseSiLU's), up to the fp32
-summation order.
+which is the reference's GEMM rounded to fp16, then its bias add in fp16, up to the fp32 summation order.
 
 Layouts: x [rows, Cin] contiguous fp16/bf16; weight [27, Cin, Cout] (torchsparse's layout; any float dtype,
 used in x's dtype); bias [Cout] or None; maps int32 contiguous; y [N, Cout] in x's dtype.
@@ -31,8 +29,9 @@ used in x's dtype); bias [Cout] or None; maps int32 contiguous; y [N, Cout] in x
 
 from __future__ import annotations
 
+import functools
+
 import torch
-import torch.nn.functional as F
 
 from ._common import HALF as _HALF
 from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
@@ -45,7 +44,8 @@ BLOCK_M, NUM_WARPS = 64, 4  # output rows of a program, bench/bench_sparse_conv.
 MODES = ("direct", "derived", "copied")
 
 
-def _tables(device) -> tuple[torch.Tensor, torch.Tensor]:
+@functools.lru_cache(maxsize=None)
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """(PTAP, CHILD) [8, 27] int32: child o's tap-k neighbour is child CHILD[o, k] of its parent's tap-PTAP[o, k]
     neighbour. Per axis, child offset c in {0, 1} plus tap offset d in {-1, 0, 1} is s = c + d: parent offset
     floor(s / 2), child offset s mod 2. Children are z fastest (`sparse_subdivide`), taps x fastest."""
@@ -87,11 +87,9 @@ def sparse_conv3d_reference(
     bias: torch.Tensor | None = None,
     mode: str = "direct",
     n_out: int | None = None,
-    silu: bool = False,
 ) -> torch.Tensor:
     """The decoder's convolution as `s2core.sparse.conv` computes it: gathered neighbour rows (a zero row where
-    inactive) times W viewed [27·Cin, Cout], one matmul in x's dtype, then the bias add in x's dtype (and the
-    SiLU). n_out: output rows (direct: nmap's rows; derived, copied: 8 × nmap's rows)."""
+    inactive) times W viewed [27·Cin, Cout], one matmul in x's dtype, then the bias add in x's dtype. n_out: output rows (direct: nmap's rows; derived, copied: 8 × nmap's rows)."""
     n_out = _rows_out(mode, nmap, n_out)
     cin, cout = weight.shape[1:]
     rows = neighbours(mode, nmap, n_out)
@@ -99,7 +97,7 @@ def sparse_conv3d_reference(
     y = padded[rows].reshape(n_out, 27 * cin) @ weight.to(x.dtype).reshape(27 * cin, cout)
     if bias is not None:
         y = y + bias.to(x.dtype)
-    return F.silu(y) if silu else y
+    return y
 
 
 def suits(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -126,7 +124,6 @@ def _sparse_conv_kernel(
     CIN_P: tl.constexpr,
     COUT_P: tl.constexpr,
     HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr,
     BM: tl.constexpr,
 ):
     # program: output rows [pid·BM, (pid + 1)·BM), all output channels; the 27 taps loop at run time
@@ -152,9 +149,6 @@ def _sparse_conv_kernel(
     if HAS_BIAS:
         b = tl.load(bias + co, mask=co < COUT, other=0.0)
         out = (out.to(tl.float32) + b.to(tl.float32)[None, :]).to(y.dtype.element_ty)
-    if SILU:
-        v = out.to(tl.float32)
-        out = (v / (1.0 + tl.exp(-v))).to(y.dtype.element_ty)
     tl.store(y + r.to(tl.int64)[:, None] * COUT + co[None, :], out, mask=m_r[:, None] & (co[None, :] < COUT))
 
 
@@ -162,7 +156,7 @@ def _pad16(n: int) -> int:
     return max(16, triton.next_power_of_2(n))
 
 
-def _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out, silu, block=None) -> torch.Tensor:
+def _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out, block=None) -> torch.Tensor:
     assert x.dtype in _HALF and x.dim() == 2, "x must be [rows, Cin] fp16/bf16"
     cin, cout = weight.shape[1:]
     assert weight.shape[0] == 27 and x.shape[1] == cin, f"weight {tuple(weight.shape)} for {x.shape[1]} channels"
@@ -177,7 +171,7 @@ def _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out, silu, block=None) 
         ptap = torch.arange(27, dtype=torch.int32, device=x.device)
         child = ptap
     else:
-        ptap, child = _tables(x.device)
+        ptap, child = _tables(x.device)  # once per device
     bm, warps = block or (BLOCK_M, NUM_WARPS)
     _sparse_conv_kernel[(triton.cdiv(n_out, bm),)](
         x,
@@ -196,7 +190,6 @@ def _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out, silu, block=None) 
         CIN_P=cin_p,
         COUT_P=cout_p,
         HAS_BIAS=bias is not None,
-        SILU=silu,
         BM=bm,
         num_warps=warps,
     )
@@ -210,7 +203,6 @@ def sparse_conv3d(
     bias: torch.Tensor | None = None,
     mode: str = "direct",
     n_out: int | None = None,
-    silu: bool = False,
     backend: str = "auto",
 ) -> torch.Tensor:
     """Submanifold 3×3×3 convolution [rows, Cin] → [n_out, Cout] in x's dtype (see module doc for the modes).
@@ -221,5 +213,5 @@ def sparse_conv3d(
     """
     n_out = _rows_out(mode, nmap, n_out)
     if _use_triton(backend, x):
-        return _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out, silu)
-    return sparse_conv3d_reference(x, nmap, weight, bias, mode, n_out, silu)
+        return _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out)
+    return sparse_conv3d_reference(x, nmap, weight, bias, mode, n_out)

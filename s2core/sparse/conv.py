@@ -19,10 +19,10 @@ keeps the parent's map, and each conv derives the rows of the children's map it 
 (all 8 children of a parent exist), block by block; the decoder's last level (13.9 M voxels at 512) thus
 never holds a [N, 27] map (1.5 GB).
 
-Compute, few channels (at most 64 in and out) on CUDA with USE_KERNEL: `kernels/sparse_conv.py`, an implicit GEMM that
-gathers each tap's neighbour rows itself, reading a subdivided set's map off its parent's map row by row;
-`sparse_subdivide_conv3d` runs it on the parents' features, so a subdivided level's copied features are never
-built. Otherwise: gather the 27 neighbour rows of a block of outputs into [rows, 27*Cin] (a zero row stands for
+Compute, few channels (at most 64 in and out) on CUDA with USE_KERNEL: `kernels/sparse_conv.py`, an implicit
+GEMM that gathers each tap's neighbour rows itself, reading a subdivided set's map off its parent's map row by
+row; `sparse_subdivide_conv3d` runs it on the parents' features, so a subdivided level's copied features are
+never built. Otherwise: gather the 27 neighbour rows of a block of outputs into [rows, 27*Cin] (a zero row stands for
 inactive neighbours) and do one GEMM with W viewed as [27*Cin, Cout]: one fp32-accumulated reduction over all
 taps with a single rounding, as torchsparse's implicit GEMM does. Output blocks bound the gathered buffer's
 memory. No atomics, so it is bitwise repeatable. (One GEMM per tap plus a scatter-add was slower at every
