@@ -162,7 +162,8 @@ def main():
             ap.error("--kernel times the Triton kernel and needs a CUDA GPU")
         device = torch.device("cuda")
         head = [
-            f"# sparse conv kernel vs gather + GEMM ({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
+            "# sparse conv kernel vs gather + GEMM "
+            f"({datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC)",
             "",
             f"device: {torch.cuda.get_device_name()}, fp16, torch {torch.__version__}; "
             f"command: `python {' '.join(sys.argv)}`; default block {K.BLOCK_M}x{K.NUM_WARPS}",

@@ -1,8 +1,8 @@
 """Submanifold 3×3×3 sparse convolution of few-channel fp16 features as one implicit GEMM (SPARSE.md §2).
 
 The sparse VAE decoders end in three subdivide blocks; their last levels hold millions of voxels with 32-64
-channels (the 1024 decode's last level: every decoded voxel, ~60 M, plus each chunk's context, at 32 channels). `s2core.sparse.conv` computes
-such a convolution by gathering each output's 27 neighbour rows into a [rows, 27·Cin] buffer and one GEMM:
+channels (the 1024 decode's last level: every decoded voxel, ~60 M, plus each chunk's context, at 32
+channels). `s2core.sparse.conv` computes such a convolution by gathering each output's 27 neighbour rows into a [rows, 27·Cin] buffer and one GEMM:
 27× the features written and read again. Here a program keeps BM output rows in registers, gathers each
 tap's [BM, Cin] neighbour rows straight from the features (the caches serve the rows that neighbouring
 outputs share) and multiplies them with that tap's [Cin, Cout] weights on the tensor cores.
@@ -89,7 +89,8 @@ def sparse_conv3d_reference(
     n_out: int | None = None,
 ) -> torch.Tensor:
     """The decoder's convolution as `s2core.sparse.conv` computes it: gathered neighbour rows (a zero row where
-    inactive) times W viewed [27·Cin, Cout], one matmul in x's dtype, then the bias add in x's dtype. n_out: output rows (direct: nmap's rows; derived, copied: 8 × nmap's rows)."""
+    inactive) times W viewed [27·Cin, Cout], one matmul in x's dtype, then the bias add in x's dtype. n_out:
+    output rows (direct: nmap's rows; derived, copied: 8 × nmap's rows)."""
     n_out = _rows_out(mode, nmap, n_out)
     cin, cout = weight.shape[1:]
     rows = neighbours(mode, nmap, n_out)
