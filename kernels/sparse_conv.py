@@ -3,9 +3,10 @@
 The sparse VAE decoders end in three subdivide blocks; their last levels hold millions of voxels with 32-64
 channels (the 1024 decode's last level: every decoded voxel, ~60 M, plus each chunk's context, at 32
 channels). `s2core.sparse.conv` computes such a convolution by gathering each output's 27 neighbour rows into
-a [rows, 27·Cin] buffer and one GEMM: 27× the features written and read again. Here a program keeps BM output rows in registers, gathers each
-tap's [BM, Cin] neighbour rows straight from the features (the caches serve the rows that neighbouring
-outputs share) and multiplies them with that tap's [Cin, Cout] weights on the tensor cores.
+a [rows, 27·Cin] buffer and one GEMM: 27× the features written and read again. Here a program keeps BM
+output rows in registers, gathers each tap's [BM, Cin] neighbour rows straight from the features (the caches
+serve the rows that neighbouring outputs share) and multiplies them with that tap's [Cin, Cout] weights on the
+tensor cores.
 
 Which rows are neighbours, in the three forms the decoder meets (`neighbours`):
 
