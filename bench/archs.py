@@ -160,6 +160,7 @@ def cases() -> list[Case]:
     )
     # fixed launches (no autotuning): the configs their launchers use
     from kernels import conv3d, group_norm, sparse_conv, voxelize
+    from kernels._common import dot_width
 
     for cin, cout, ks in [(1, 8, 3), (8, 1, 3), (16, 8, 1), (40, 8, 1)]:  # the refiners' shapes `conv3d.suits` takes
         for cl in (False, True) if cin > 1 else (False,):  # NCDHW, and channels-last (the UNets on CUDA)
@@ -171,8 +172,8 @@ def cases() -> list[Case]:
                     dict(x=f16, w=f16, bias=f16, y=f16),
                     dict(
                         KS=ks,
-                        CIN_P=conv3d._pad16(cin),
-                        COUT_P=conv3d._pad16(cout),
+                        CIN_P=dot_width(cin),
+                        COUT_P=dot_width(cout),
                         HAS_BIAS=True,
                         X_CL=cl,
                         Y_CL=cl,

@@ -75,6 +75,11 @@ def _warn_reference_on_cuda() -> None:
     )
 
 
+def dot_width(n: int) -> int:
+    """n channels padded to a `tl.dot` operand's width: a power of two, at least 16."""
+    return max(16, triton.next_power_of_2(n))
+
+
 def is_channels_last(x: torch.Tensor) -> bool:
     """Whether x [B, C, D, H, W] is stored channels-last (`torch.channels_last_3d`, NDHWC) rather than NCDHW;
     where both describe its memory (one channel, one voxel) this says False and NCDHW code applies."""

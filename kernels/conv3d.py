@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ._common import HALF as _HALF
 from ._common import (  # Triton, or stand-ins that let this module import without it (see _common)
+    dot_width,
     is_channels_last,
     tl,
     triton,
@@ -149,10 +150,6 @@ def _conv3d_kernel(
     tl.store(ptr, acc.to(y.dtype.element_ty), mask=(ow < W)[:, None] & (o_co[None, :] < COUT))
 
 
-def _pad16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _conv3d_same_triton(
     x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, block: tuple[int, int] | None = None
 ) -> torch.Tensor:
@@ -168,7 +165,7 @@ def _conv3d_same_triton(
     y = torch.empty(B, cout, D, H, W, dtype=x.dtype, device=x.device, memory_format=fmt)
     if y.numel() == 0:
         return y
-    cin_p, cout_p = _pad16(cin), _pad16(cout)
+    cin_p, cout_p = dot_width(cin), dot_width(cout)
     # [k³, Cin_p, Cout_p]: tap-major, zero rows and columns beyond the real channels (tl.dot needs 16)
     wp = torch.zeros(k**3, cin_p, cout_p, dtype=x.dtype, device=x.device)
     wp[:, :cin, :cout] = weight.to(x.dtype).permute(2, 3, 4, 1, 0).reshape(k**3, cin, cout)

@@ -35,7 +35,7 @@ import functools
 import torch
 
 from ._common import HALF as _HALF
-from ._common import tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
+from ._common import dot_width, tl, triton  # Triton, or stand-ins that let this module import without it (see _common)
 from ._common import use_triton as _use_triton
 
 __all__ = ["neighbours", "sparse_conv3d", "sparse_conv3d_reference", "suits"]
@@ -154,10 +154,6 @@ def _sparse_conv_kernel(
     tl.store(y + r.to(tl.int64)[:, None] * COUT + co[None, :], out, mask=m_r[:, None] & (co[None, :] < COUT))
 
 
-def _pad16(n: int) -> int:
-    return max(16, triton.next_power_of_2(n))
-
-
 def _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out, block=None) -> torch.Tensor:
     assert x.dtype in _HALF and x.dim() == 2, "x must be [rows, Cin] fp16/bf16"
     cin, cout = weight.shape[1:]
@@ -166,7 +162,7 @@ def _sparse_conv3d_triton(x, nmap, weight, bias, mode, n_out, block=None) -> tor
     y = torch.empty(n_out, cout, dtype=x.dtype, device=x.device)
     if n_out == 0:
         return y
-    cin_p, cout_p = _pad16(cin), _pad16(cout)
+    cin_p, cout_p = dot_width(cin), dot_width(cout)
     wp = torch.zeros(27, cin_p, cout_p, dtype=x.dtype, device=x.device)
     wp[:, :cin, :cout] = weight.to(x.dtype)
     if mode == "direct":
