@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO))
 
 import oom_report  # noqa: E402
 
-from s2core import config, loading, results  # noqa: E402
+from s2core import config, cuda_graph, loading, results  # noqa: E402
 from s2core import pipeline as P  # noqa: E402
 from s2core.mesh.voxelize import mesh_to_latent_index  # noqa: E402
 from s2core.refiner import unet  # noqa: E402
@@ -63,6 +63,14 @@ ORIGINAL = {  # PERF.md "The original pipeline end to end" (H100, warm run): sec
     "sparse-1024 decode + refiner": (50.3, 20.4),
     "total": (115.2, 21.7),
 }
+
+
+def switches() -> str:
+    """The speed switches this run used, for the report's header."""
+    return (
+        f"sparse conv kernel {'on' if sparse_conv.USE_KERNEL else 'off'}, channels-last refiners "
+        f"{'on' if unet.CHANNELS_LAST else 'off'}, CUDA graphs: {', '.join(sorted(cuda_graph.STAGES))}"
+    )
 
 
 def bumpy_sphere(subdivisions: int):
@@ -214,6 +222,13 @@ def main():
         "(s2core.refiner.unet.CHANNELS_LAST)",
     )
     ap.add_argument(
+        "--graphs",
+        choices=["dense", "all"],
+        default=None,
+        help="stages whose forwards replay CUDA graphs: the coarse DiT only (dense), or also the sparse "
+        "samplers and the refiners' cubes (all); default: the code's (s2core.cuda_graph.STAGES)",
+    )
+    ap.add_argument(
         "--substages",
         action="store_true",
         help="also time each guarded block inside a stage (VAE decoding, refinement, surface extraction), "
@@ -262,7 +277,9 @@ def main():
         sparse_conv.USE_KERNEL = args.sparse_conv_kernel == "on"
     if args.channels_last:
         unet.CHANNELS_LAST = args.channels_last == "on"
-    print(f"sparse conv kernel {sparse_conv.USE_KERNEL}; channels-last refiners {unet.CHANNELS_LAST}", flush=True)
+    if args.graphs:
+        cuda_graph.STAGES = {"dense"} if args.graphs == "dense" else {"dense", "sparse", "refiner"}
+    print(switches(), flush=True)
     if args.cap_gib and device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory
         torch.cuda.set_per_process_memory_fraction(args.cap_gib * 2**30 / total, torch.cuda.current_device())
@@ -315,8 +332,7 @@ def main():
         f"# End-to-end 1024³ ({'offload: one stage on the GPU' if args.offload else 'all weights resident'})",
         "",
         f"- date: {date}; GPU: {torch.cuda.get_device_name()}; torch {torch.__version__}",
-        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`; sparse conv kernel "
-        f"{'on' if sparse_conv.USE_KERNEL else 'off'}, channels-last refiners {'on' if unet.CHANNELS_LAST else 'off'}",
+        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`; {switches()}",
         f"- mesh: bumpy icosphere, {f.shape[0]} faces; tokens: {info['tokens_512']} at 512, "
         f"{info['tokens_1024']} at 1024; {'warm (second) run' if args.warm else 'first run'}"
         + (f"; allocator capped at {args.cap_gib} GiB" if args.cap_gib else ""),
@@ -427,8 +443,7 @@ def write_comparison(args, rows, info: dict, orig: dict, faces: int, device, fir
             if orig.get("torch")
             else ""
         ),
-        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`; sparse conv kernel "
-        f"{'on' if sparse_conv.USE_KERNEL else 'off'}, channels-last refiners {'on' if unet.CHANNELS_LAST else 'off'}",
+        f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`; {switches()}",
         f"- structure (both): bumpy icosphere, {faces} faces; {'warm (second) run' if args.warm else 'first run'}"
         f" of each chain; "
         + (

@@ -19,9 +19,12 @@ for job in "$@"; do
     e2e) timeout 280 python3 bench/e2e.py 2>&1 | tee "$OUT/e2e.log" ;;
     e2e-original) timeout 590 python3 bench/e2e.py --original .scratch --warm --budget-s 580 --out "$OUT/e2e-vs-original.md" \
                     --original-json "$OUT/original.json" 2>&1 | tee "$OUT/e2e_original.log" ;;
-    e2e-ab) for on in off on; do  # the sparse conv kernel and channels-last refiners off, then on: two processes
+    e2e-ab) # the untimed switches off, then on, in two processes: the sparse conv kernel (VAE decoding), the
+            # channels-last refiners (refinement) and the sparse samplers' and refiners' CUDA graphs
+            for on in off on; do
+              graphs=$([ $on = on ] && echo all || echo dense)
               timeout 280 python3 bench/e2e.py --warm --substages --sparse-conv-kernel $on --channels-last $on \
-                --out "$OUT/e2e_ab_$on.md" 2>&1 | tee "$OUT/e2e_ab_$on.log"
+                --graphs $graphs --out "$OUT/e2e_ab_$on.md" 2>&1 | tee "$OUT/e2e_ab_$on.log"
             done ;;
     sparse-conv-kernel) timeout 120 python3 bench/bench_sparse_conv.py --kernel --out "$OUT/sparse_conv_kernel.md" 2>&1 | tail -14 ;;
     layout-ab) timeout 120 python3 bench/refiner_layout.py --ab --out "$OUT/refiner_layout_ab.md" 2>&1 | tail -20 ;;

@@ -9,9 +9,11 @@ For one official-size cube of each refiner (deterministic weights, random fp16 i
 2. every convolution and transposed convolution call of the cube (as the UNet issues it, depth slabs included),
    timed through cuDNN on its NCDHW input as today and on the same module and input in channels_last_3d, and
    the two sums over the cube. Speed does not depend on values.
-With --ab instead: the whole cube with the UNet in NCDHW and in channels-last (`unet.CHANNELS_LAST`), alternated
-in one process: the time until the call returns (the CPU's share), the synchronised wall time, three cubes back
-to back, the peak allocation beyond the inputs and the largest output difference.
+With --ab instead: the whole cube with the UNet in NCDHW and in channels-last (`unet.CHANNELS_LAST`), each run
+eagerly and replayed as a CUDA graph (`cuda_graph.GraphedModel`, as the refinement loop does with "refiner" in
+`cuda_graph.STAGES`), the four arms alternated twice in one process: the time until the call returns (the CPU's
+share), the synchronised wall time, three cubes back to back, the peak allocation beyond the inputs over the
+arm (a graph's pool is allocated at its capture) and each arm's largest output difference from eager NCDHW.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from bench_conv3d import first_call, refiners, timed  # noqa: E402
 
+from s2core import cuda_graph  # noqa: E402
 from s2core.refiner import unet  # noqa: E402
 
 CONVS = (torch.nn.Conv3d, torch.nn.ConvTranspose3d)
@@ -87,7 +90,11 @@ def layout_rows(model, args, device) -> tuple[list[str], float, float]:
 
 
 def cube_times(model, inputs, reps: int = 5) -> tuple[float, float, float, float]:
-    """(returns ms, wall ms, three cubes back to back ms, peak beyond the inputs GiB) of one warm cube."""
+    """(returns ms, wall ms, three cubes back to back ms, peak beyond the inputs GiB) of one warm cube; the
+    peak covers the warm-up calls too (a graph's capture allocates its pool)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
     for _ in range(2):
         model(*inputs)
     issue, wall = [], []
@@ -103,35 +110,37 @@ def cube_times(model, inputs, reps: int = 5) -> tuple[float, float, float, float
         model(*inputs)
     torch.cuda.synchronize()
     three = time.perf_counter() - t
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
-    model(*inputs)
     peak = (torch.cuda.max_memory_allocated() - base) / 2**30
     return 1e3 * statistics.median(issue), 1e3 * statistics.median(wall), 1e3 * three, peak
 
 
 def layout_ab(model, inputs) -> list[str]:
-    """The cube with the UNet in NCDHW and channels-last, alternated twice (markdown rows), and their outputs'
-    largest difference."""
+    """The cube with the UNet in NCDHW and channels-last, each eager and as a CUDA graph, the four arms
+    alternated twice (markdown rows), and each arm's largest difference from eager NCDHW."""
     lines = [
-        "| UNet layout | call returns ms | wall ms | 3 cubes ms | peak beyond inputs GiB |",
-        "|---|---|---|---|---|",
+        "| UNet layout | run | call returns ms | wall ms | 3 cubes ms | peak beyond inputs GiB | largest difference |",
+        "|---|---|---|---|---|---|---|",
     ]
-    outs = {}
-    saved = unet.CHANNELS_LAST
+    saved = unet.CHANNELS_LAST, cuda_graph.STAGES
+    cuda_graph.STAGES = {"refiner"}
+    ref = None
     try:
-        for cl in (False, True, False, True):
-            unet.CHANNELS_LAST = cl
-            a, w, t, p = cube_times(model, inputs)
-            lines.append(f"| {'channels-last' if cl else 'NCDHW'} | {a:.1f} | {w:.1f} | {t:.1f} | {p:.2f} |")
-            outs[cl] = model(*inputs).float()
+        for _ in range(2):
+            for graph in (False, True):
+                for cl in (False, True):
+                    unet.CHANNELS_LAST = cl
+                    with cuda_graph.GraphedModel(model, "refiner" if graph else None, copied=len(inputs)) as run:
+                        a, w, t, p = cube_times(run, inputs)
+                        out = run(*inputs).float()
+                    ref = out if ref is None else ref
+                    d = (out - ref).abs().max().item()
+                    layout = "channels-last" if cl else "NCDHW"
+                    lines.append(
+                        f"| {layout} | {'graph' if graph else 'eager'} | {a:.1f} | {w:.1f} | {t:.1f} | {p:.2f} | {d:.3g} |"
+                    )
+                    del out
     finally:
-        unet.CHANNELS_LAST = saved
-    d = (outs[True] - outs[False]).abs()
-    lines += [
-        "",
-        f"Outputs: largest difference {d.max().item():.3g}, {(d > 0).float().mean().item():.2e} of them differ.",
-    ]
+        unet.CHANNELS_LAST, cuda_graph.STAGES = saved
     return lines
 
 
@@ -139,7 +148,9 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["512", "1024"], default=None)
     ap.add_argument("--out", type=Path, default=None)
-    ap.add_argument("--ab", action="store_true", help="the whole cube, NCDHW vs channels-last UNet (see above)")
+    ap.add_argument(
+        "--ab", action="store_true", help="the whole cube: NCDHW vs channels-last UNet, eager vs graph (see above)"
+    )
     args = ap.parse_args()
     if not torch.cuda.is_available():
         sys.exit("bench/refiner_layout.py times cuDNN on a CUDA GPU; none is available here.")
@@ -155,7 +166,8 @@ def main():
         if args.only and args.only not in name:
             continue
         if args.ab:
-            lines += ["", f"## {name} cube: NCDHW vs channels-last UNet", ""] + layout_ab(model, inputs)
+            lines += ["", f"## {name} cube: NCDHW vs channels-last UNet, eager vs CUDA graph", ""]
+            lines += layout_ab(model, inputs)
             model = inputs = None
             torch.cuda.empty_cache()
             continue

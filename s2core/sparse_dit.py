@@ -157,7 +157,10 @@ class SparseDiT(nn.Module):
     """Velocity model of a sparse stage: `(x SparseTensor [N, 16] block-sorted, t [B], cond)` → SparseTensor [N, 16].
 
     `cond` is `[B, L, Cc]` (v1.1) or, with `sparse_conditions` (v1.0), a SparseTensor of the kept DINOv2 tokens
-    with coords (b, patch col, patch row, 0) / (b, 0, 0, 1) for cls and registers.
+    with coords (b, patch col, patch row, 0) / (b, 0, 0, 1) for cls and registers. An all-zero dense condition
+    (CFG's unconditional half) takes the cross attention's shortcut (`zero_condition_output`); `zero_cond`
+    says whether cond is one when the caller knows (None: the forward looks, one host sync), so that the
+    forward can be replayed as a CUDA graph (`cuda_graph.py`). False is always safe: the full computation.
     `dtype` is the compute dtype of the Linear layers (default fp16 when `cfg.use_fp16`, as released).
     """
 
@@ -187,7 +190,9 @@ class SparseDiT(nn.Module):
         """The SSAPlan of x's coordinates (built once, memoised in x.cache; call it outside the sampling loop)."""
         return self.blocks[0].self_attn.plan(x)
 
-    def forward(self, x: SparseTensor, t: torch.Tensor, cond, backend: str = "auto") -> SparseTensor:
+    def forward(
+        self, x: SparseTensor, t: torch.Tensor, cond, backend: str = "auto", zero_cond: bool | None = None
+    ) -> SparseTensor:
         cfg, dt = self.cfg, self.dtype
         plan = self.plan(x)
         h = self.input_layer(x.feats.to(dt)).to(dt)  # [N, C]
@@ -200,7 +205,8 @@ class SparseDiT(nn.Module):
             feats = feats + absolute_position_embedding(cond.coords[:, 1:], cfg.model_channels).to(dt)
             cond = cond.replace(feats)
         else:
-            cond = None if is_zero_condition(cond) else cond.to(dt)  # None: the cross attention's shortcut
+            zero = is_zero_condition(cond) if zero_cond is None else zero_cond
+            cond = None if zero else cond.to(dt)  # None: the cross attention's shortcut
         h = h + absolute_position_embedding(x.coords[:, 1:] * cfg.factor, cfg.model_channels).to(dt)
         per_token = None if x.batch_size == 1 else x.coords[:, 0].long()
         pending = None

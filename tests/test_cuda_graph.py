@@ -1,7 +1,8 @@
-"""CUDA-graph replay of the dense DiT (s2core/cuda_graph.py): the same numbers as the eager forward.
+"""CUDA-graph replay (s2core/cuda_graph.py): the same numbers as the eager forward, for the dense DiT, the
+sparse DiT's sampling loop and the refiners' cubes.
 
-Tolerance: none. A replay launches the eager forward's kernels on the same shapes, so velocities and whole
-sampling runs must be bitwise equal; on a CPU the wrapper must simply call the model.
+Tolerance: none. A replay launches the eager forward's kernels on the same shapes, so velocities, cubes and
+whole sampling runs must be bitwise equal; on a CPU the wrapper must simply call the model.
 """
 
 import dataclasses
@@ -9,6 +10,7 @@ import dataclasses
 import pytest
 import torch
 
+from s2core import cuda_graph
 from s2core.config import DenseDiTConfig, tiny_release
 from s2core.cuda_graph import GraphedModel
 from s2core.dense_dit import DenseDiT
@@ -67,9 +69,11 @@ def test_batch_of_two_gets_its_own_graph():
     x, cond = _inputs(cfg, "cuda", 3, batch=2)
     graphed = GraphedModel(dit)
     t = torch.tensor([250.0], device="cuda").half()
+    one = cond[:1].clone()
     with torch.inference_mode():
-        assert torch.equal(graphed(x, t, cond), dit(x, t, cond))
-        assert torch.equal(graphed(x[:1], t, cond[:1].clone()), dit(x[:1], t, cond[:1]))
+        for _ in range(2):  # a key's first call runs eagerly, its second captures
+            assert torch.equal(graphed(x, t, cond), dit(x, t, cond))
+            assert torch.equal(graphed(x[:1], t, one), dit(x[:1], t, one))
     assert len(graphed.graphs) == 2
 
 
@@ -88,7 +92,69 @@ def test_closed_wrapper_leaves_no_memory_behind():
         for _ in range(3):
             with GraphedModel(dit) as graphed:
                 graphed(x, t, cond)
+                graphed(x, t, cond)
                 assert len(graphed.graphs) == 1
             assert graphed.graphs == {}
             levels.append(torch.cuda.memory_allocated())
     assert levels[1] == levels[0] == levels[2], levels
+
+
+@pytest.fixture
+def all_stages(monkeypatch):
+    """Every stage replays graphs; returns the list each successful capture appends its graph's key size to."""
+    monkeypatch.setattr(cuda_graph, "STAGES", {"dense", "sparse", "refiner"})
+    captured, real = [], GraphedModel._capture
+
+    def capture(self, args):
+        entry = real(self, args)
+        captured.append(len(args))
+        return entry
+
+    monkeypatch.setattr(GraphedModel, "_capture", capture)
+    return captured
+
+
+@pytest.mark.gpu
+def test_sparse_sampling_and_512_refiner_replay_equals_eager(monkeypatch, all_stages, caplog):
+    """The pipeline's sparse sampling (3 steps: each condition's forward runs eagerly, is captured, is
+    replayed) and 512 refinement (27 cubes) on the tiny-random release in fp16 give the eager run's latent
+    and mesh bitwise, and every capture succeeded."""
+    from s2core import loading
+    from s2core import pipeline as P
+    from tests.tiny_chain import mesh_hash, picture
+
+    models = loading.load_models("tiny-random", ("dense", "sparse_512"), device="cuda", dtype=torch.float16)
+    img, mask = picture()
+    with torch.inference_mode():
+        cond = P.encode_image(models, img.cuda(), mask.cuda())
+        st = P.decode_dense(models, P.sample_dense(models, cond, seed=2, steps=2))
+        runs = []
+        for stages in ({"dense"}, {"dense", "sparse", "refiner"}):
+            monkeypatch.setattr(cuda_graph, "STAGES", stages)
+            lat = P.sample_sparse(models, cond, st, seed=2, steps=3)
+            runs.append((lat.feats, mesh_hash(P.decode_sparse(models, lat, refine=True))))
+    assert "capture failed" not in caplog.text
+    # the dense DiT's two conditions (once, before both runs); the sparse DiT's two and the refiner's one cube
+    # shape in the second run
+    assert all_stages == [3, 3, 3, 3, 2], all_stages
+    assert torch.equal(runs[0][0], runs[1][0]) and runs[0][1] == runs[1][1]
+
+
+@pytest.mark.gpu
+def test_sign_refiner_cube_replay_equals_eager(all_stages):
+    """The 1024 sign refiner's cube as the refinement loop runs it: densified cubes and the broadcast
+    background cube (a stride-0 input copied into the graph's buffer) give the eager cubes bitwise."""
+    from s2core.config import RefinerConfig
+    from s2core.refiner.sign_1024 import VoxelRefinerSign
+
+    model = VoxelRefinerSign(RefinerConfig(patch_size=32, sign=True), block_out_channels=(8, 16, 16, 16))
+    model.load_state_dict(deterministic_state_dict(model, 9), strict=True)
+    model = model.cuda().eval()
+    gen = torch.Generator().manual_seed(10)
+    cubes = [torch.randn(1, 1, 32, 32, 32, generator=gen).half().cuda() for _ in range(3)]
+    cubes.append(torch.ones(1, dtype=torch.float16, device="cuda").view(1, 1, 1, 1, 1).expand(1, 1, 32, 32, 32))
+    with torch.inference_mode(), GraphedModel(model, "refiner", copied=1) as cube:
+        for x in cubes + cubes[:2]:
+            assert torch.equal(cube(x), model(x))
+        assert len(cube.graphs) == 1 and not cube.eager
+    assert all_stages == [1]

@@ -112,6 +112,30 @@ def test_chain_512_to_file(models, tmp_path):
     assert out == [tmp_path / "m.glb"] and out[0].read_bytes()[:4] == b"glTF"
 
 
+def test_sparse_sampling_says_which_condition_is_zero(models, monkeypatch):
+    """The sampler tells the sparse DiT which condition is the zeros it made, so no forward looks at its
+    condition (a host sync: it would stop the loop from replaying as a CUDA graph, `cuda_graph.py`). Each
+    step runs the image condition, then the zeros."""
+    import s2core.sparse_dit as sd
+
+    def looked(cond):
+        raise AssertionError("the sparse DiT looked at its condition")
+
+    monkeypatch.setattr(sd, "is_zero_condition", looked)
+    seen, real = [], sd.SparseDiT.forward
+
+    def forward(self, x, t, cond, backend="auto", zero_cond=None):
+        seen.append((zero_cond, bool(cond.any())))
+        return real(self, x, t, cond, backend, zero_cond)
+
+    monkeypatch.setattr(sd.SparseDiT, "forward", forward)
+    img, mask = picture()
+    cond = P.encode_image(models, img, mask)
+    st = P.decode_dense(models, P.sample_dense(models, cond, seed=5, steps=1))
+    P.sample_sparse(models, cond, st, seed=5, steps=2)
+    assert seen == [(False, True), (True, False)] * 2
+
+
 def test_stage_1024_from_structure(models):
     """Sparse 1024 sampling + decode on a small hand-made structure (the 8³ blocks of the 16³ tiny grid)."""
     img, mask = picture()

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from .._kernels import adaptive_filter as _af
 from ..config import RefinerConfig
+from ..cuda_graph import GraphedModel
 from ..layers import cast_layers
 from ..sparse.tensor import SparseTensor
 from .cubes import CubeGrid, Progress, check_sparse, cube_grid, densify, in_cube, take
@@ -177,39 +178,41 @@ def remove_interior_512(
     prev_tail = None  # x-overlap rows of the previous cube row, stitched over y and z
     origins = grid.origins()
     done = 0
-    for i in range(3):
-        row = []
-        for j in range(3):
-            for k in range(3):
-                origin = origins[9 * i + 3 * j + k]
-                m = in_cube(coords, origin, P)
-                if bool(m.any()):
-                    out = model.refine_cube(
-                        densify(coords, values, m, origin, P, B, bg_sdf),
-                        densify(coords, latent, m, origin, P, B, bg_latent),
-                    )
-                else:  # identical inputs → identical output; compute once
-                    if empty_out is None:
-                        empty_out = model.refine_cube(
-                            bg_sdf.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P),
-                            bg_latent.view(1, 8, 1, 1, 1).expand(B, 8, P, P, P),
+    # a captured graph replays each cube's launches (cuda_graph.STAGES); freed before the meshing
+    with GraphedModel(model.refine_cube, "refiner", copied=2) as cube:
+        for i in range(3):
+            row = []
+            for j in range(3):
+                for k in range(3):
+                    origin = origins[9 * i + 3 * j + k]
+                    m = in_cube(coords, origin, P)
+                    if bool(m.any()):
+                        out = cube(
+                            densify(coords, values, m, origin, P, B, bg_sdf),
+                            densify(coords, latent, m, origin, P, B, bg_latent),
                         )
-                    out = empty_out
-                row.append(out[:, 0])  # [B, P, P, P]
-                done += 1
-                if progress is not None:
-                    progress(done, 27)
+                    else:  # identical inputs → identical output; compute once
+                        if empty_out is None:
+                            empty_out = cube(
+                                bg_sdf.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P),
+                                bg_latent.view(1, 8, 1, 1, 1).expand(B, 8, P, P, P),
+                            )
+                        out = empty_out
+                    row.append(out[:, 0])  # [B, P, P, P]
+                    done += 1
+                    if progress is not None:
+                        progress(done, 27)
 
-        def layer(row: list[torch.Tensor], x_lo: int, x_hi: int) -> torch.Tensor:
-            # z first (the original's "lines"), then y ("layers"): [B, x_hi-x_lo, R, R]
-            lines = [_stitch([row[3 * j + k][:, x_lo:x_hi] for k in range(3)], 3, grid, w) for j in range(3)]
-            return _stitch(lines, 2, grid, w)
+            def layer(row: list[torch.Tensor], x_lo: int, x_hi: int) -> torch.Tensor:
+                # z first (the original's "lines"), then y ("layers"): [B, x_hi-x_lo, R, R]
+                lines = [_stitch([row[3 * j + k][:, x_lo:x_hi] for k in range(3)], 3, grid, w) for j in range(3)]
+                return _stitch(lines, 2, grid, w)
 
-        if i > 0:
-            collector.push(_blend(prev_tail, layer(row, 0, grid.overlap), w, 1))
-        core_lo, core_hi = (0 if i == 0 else grid.overlap), (S if i < 2 else P)
-        for x in range(core_lo, core_hi, slab_rows):
-            collector.push(layer(row, x, min(x + slab_rows, core_hi)))
-        prev_tail = layer(row, S, P) if i < 2 else None
-        del row
+            if i > 0:
+                collector.push(_blend(prev_tail, layer(row, 0, grid.overlap), w, 1))
+            core_lo, core_hi = (0 if i == 0 else grid.overlap), (S if i < 2 else P)
+            for x in range(core_lo, core_hi, slab_rows):
+                collector.push(layer(row, x, min(x + slab_rows, core_hi)))
+            prev_tail = layer(row, S, P) if i < 2 else None
+            del row
     return collector.finish(dtype, device)

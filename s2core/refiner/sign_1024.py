@@ -15,6 +15,7 @@ import torch
 import torch.nn as nn
 
 from ..config import RefinerConfig
+from ..cuda_graph import GraphedModel
 from ..layers import cast_layers
 from ..sparse.tensor import SparseTensor
 from .cubes import CubeGrid, Progress, check_sparse, cube_grid, densify, in_cube, take
@@ -149,50 +150,52 @@ def remove_interior_1024(
     collector = CrossingCollector(R2, level, near=near_band_only, max_corners=max_corners)
     empty_out = None
     done = 0
-    for i in range(3):
-        # later cubes overwrite overlaps, so each cube ends up owning [origin, origin + S) per axis, the
-        # last one up to R; a row of cubes (fixed i) thus settles the sign of 512-rows [x0, x1), which
-        # are streamed out before the next row: only one row's sign bits are ever held
-        x0, x1 = S * i, (S * (i + 1) if i < 2 else R)
-        signs = torch.zeros(B, x1 - x0, R, R // 8, dtype=torch.uint8, device=device)  # bit set = +1 (outside)
-        for j in range(3):
-            for k in range(3):
-                origin = (S * i, S * j, S * k)
-                m = in_cube(c_coords, origin, P)
-                if bool(m.any()):
-                    out = model(densify(c_coords, c_values, m, origin, P, B, bg))
-                else:  # identical inputs → identical output; compute once
-                    if empty_out is None:
-                        empty_out = model(bg.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P))
-                    out = empty_out
-                own = [S if o < 2 * S else P for o in origin]
-                part = out[:, 0, : own[0], : own[1], : own[2]] > 0
-                signs[:, :, origin[1] : origin[1] + own[1], origin[2] // 8 : (origin[2] + own[2]) // 8] = _pack_bits(
-                    part
-                )
-                done += 1
-                if progress is not None:
-                    progress(done, 27)
-        # 1024 x-slabs of these rows: background ±1 from the sign bits, decoded values scattered on top
-        starts = list(range(2 * x0, 2 * x1, slab_rows))
-        edges = torch.tensor(starts + [2 * x1], device=device, dtype=f_keys.dtype) * (B * R2 * R2)
-        bounds = torch.searchsorted(f_keys, edges).tolist()  # one sync per row of cubes
-        for n, x in enumerate(starts):
-            X = min(slab_rows, 2 * x1 - x)
-            bits = _unpack_bits(signs[:, x // 2 - x0 : (x + X + 1) // 2 - x0])  # [B, ~X/2, R, R]
-            bits = bits.repeat_interleave(2, 1)[:, x % 2 : x % 2 + X]
-            bits = bits.repeat_interleave(2, 2).repeat_interleave(2, 3)  # [B, X, R2, R2]
-            slab = torch.where(bits, one, -one)
-            del bits
-            k = f_keys[bounds[n] : bounds[n + 1]]
-            z, y, xb = k % R2, k // R2 % R2, k // (R2 * R2)
-            b, xr = xb % B, xb // B - x
-            slab[b, xr, y, z] = f_values[bounds[n] : bounds[n + 1]]
-            decoded = None
-            if near_band_only:
-                decoded = torch.zeros(slab.shape, dtype=torch.bool, device=device)
-                decoded[b, xr, y, z] = True
-            del k, z, y, xb, b, xr
-            collector.push(slab, decoded)
-        del signs
+    # a captured graph replays each cube's launches (cuda_graph.STAGES); freed before the meshing
+    with GraphedModel(model, "refiner", copied=1) as cube:
+        for i in range(3):
+            # later cubes overwrite overlaps, so each cube ends up owning [origin, origin + S) per axis, the
+            # last one up to R; a row of cubes (fixed i) thus settles the sign of 512-rows [x0, x1), which
+            # are streamed out before the next row: only one row's sign bits are ever held
+            x0, x1 = S * i, (S * (i + 1) if i < 2 else R)
+            signs = torch.zeros(B, x1 - x0, R, R // 8, dtype=torch.uint8, device=device)  # bit set = +1 (outside)
+            for j in range(3):
+                for k in range(3):
+                    origin = (S * i, S * j, S * k)
+                    m = in_cube(c_coords, origin, P)
+                    if bool(m.any()):
+                        out = cube(densify(c_coords, c_values, m, origin, P, B, bg))
+                    else:  # identical inputs → identical output; compute once
+                        if empty_out is None:
+                            empty_out = cube(bg.view(1, 1, 1, 1, 1).expand(B, 1, P, P, P))
+                        out = empty_out
+                    own = [S if o < 2 * S else P for o in origin]
+                    part = out[:, 0, : own[0], : own[1], : own[2]] > 0
+                    signs[:, :, origin[1] : origin[1] + own[1], origin[2] // 8 : (origin[2] + own[2]) // 8] = (
+                        _pack_bits(part)
+                    )
+                    done += 1
+                    if progress is not None:
+                        progress(done, 27)
+            # 1024 x-slabs of these rows: background ±1 from the sign bits, decoded values scattered on top
+            starts = list(range(2 * x0, 2 * x1, slab_rows))
+            edges = torch.tensor(starts + [2 * x1], device=device, dtype=f_keys.dtype) * (B * R2 * R2)
+            bounds = torch.searchsorted(f_keys, edges).tolist()  # one sync per row of cubes
+            for n, x in enumerate(starts):
+                X = min(slab_rows, 2 * x1 - x)
+                bits = _unpack_bits(signs[:, x // 2 - x0 : (x + X + 1) // 2 - x0])  # [B, ~X/2, R, R]
+                bits = bits.repeat_interleave(2, 1)[:, x % 2 : x % 2 + X]
+                bits = bits.repeat_interleave(2, 2).repeat_interleave(2, 3)  # [B, X, R2, R2]
+                slab = torch.where(bits, one, -one)
+                del bits
+                k = f_keys[bounds[n] : bounds[n + 1]]
+                z, y, xb = k % R2, k // R2 % R2, k // (R2 * R2)
+                b, xr = xb % B, xb // B - x
+                slab[b, xr, y, z] = f_values[bounds[n] : bounds[n + 1]]
+                decoded = None
+                if near_band_only:
+                    decoded = torch.zeros(slab.shape, dtype=torch.bool, device=device)
+                    decoded[b, xr, y, z] = True
+                del k, z, y, xb, b, xr
+                collector.push(slab, decoded)
+            del signs
     return collector.finish(dtype, device)
