@@ -34,6 +34,8 @@ import logging
 
 import torch
 
+from ._kernels import tuning
+
 log = logging.getLogger(__name__)
 
 # The stages whose repeated forwards replay graphs. "dense": the coarse DiT, launch-bound (bench/results/
@@ -41,6 +43,9 @@ log = logging.getLogger(__name__)
 # (27 cubes each) are written and tested on the CPU, not yet timed: off until `bench/e2e.py --graphs all`
 # shows them winning on a GPU.
 STAGES = {"dense"}
+# Without Triton (Windows without triton-windows) the sparse DiT and the refiners run their PyTorch references,
+# which read counts back to the host: a graph could not capture them, so those stages stay eager.
+NEEDS_TRITON = {"sparse", "refiner"}
 
 
 @functools.lru_cache(maxsize=None)
@@ -58,7 +63,7 @@ class GraphedModel:
         self.graphs: dict[tuple, tuple] = {}
         self.warm: set[tuple] = set()
         self.pool = None
-        self.eager = stage not in STAGES
+        self.eager = stage not in STAGES or (stage in NEEDS_TRITON and not tuning.HAS_TRITON)
 
     def __enter__(self) -> GraphedModel:
         return self

@@ -42,6 +42,15 @@ def test_cpu_calls_the_model():
     assert graphed.graphs == {}
 
 
+def test_stages_switch_the_wrapper(monkeypatch):
+    monkeypatch.setattr(cuda_graph, "STAGES", {"dense", "sparse"})
+    assert not GraphedModel(None).eager and not GraphedModel(None, "sparse").eager
+    assert GraphedModel(None, "refiner").eager and GraphedModel(None, None).eager
+    # without Triton the sparse DiT's references read counts back to the host: never captured
+    monkeypatch.setattr(cuda_graph.tuning, "HAS_TRITON", False)
+    assert GraphedModel(None, "sparse").eager and not GraphedModel(None, "dense").eager
+
+
 @pytest.mark.gpu
 def test_replay_equals_eager():
     cfg = dataclasses.replace(tiny_release().dense_dit, resolution=8, latent_shape=(8, 8, 8, 8), use_fp16=True)
