@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU-marked tests and the benchmarks on a CUDA machine; logs and result files go to $OUT (or /tmp/out).
-# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload e2e-original e2e-ab conv sparse-conv-kernel layout-ab vae
+# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload e2e-original e2e-ab conv sparse-conv-kernel layout-ab profile-dit vae
 #   voxelize refiner coarse norms)   (wheels for packages the GPU image lacks may sit in .whl/)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -28,6 +28,7 @@ for job in "$@"; do
             done ;;
     sparse-conv-kernel) timeout 120 python3 bench/bench_sparse_conv.py --kernel --out "$OUT/sparse_conv_kernel.md" 2>&1 | tail -14 ;;
     layout-ab) timeout 120 python3 bench/refiner_layout.py --ab --out "$OUT/refiner_layout_ab.md" 2>&1 | tail -20 ;;
+    profile-dit) timeout 240 python3 bench/profile_dit.py --stages 1024 --reps 3 --out "$OUT/profile_dit.md" 2>&1 | tail -30 ;;
     norms) timeout 60 python3 bench/bench_norms.py 2>&1 | tail -15 ;;
     conv) timeout 90 python3 bench/bench_sparse_conv.py 2>&1 | tail -30 ;;
     vae) timeout 200 python3 bench/bench_sparse_vae.py --mesh --upstream .scratch 2>&1 | tail -30 ;;

@@ -150,11 +150,16 @@ def test_sparse_sampling_and_512_refiner_replay_equals_eager(monkeypatch, all_st
 
 
 @pytest.mark.gpu
-def test_sign_refiner_cube_replay_equals_eager(all_stages):
-    """The 1024 sign refiner's cube as the refinement loop runs it: densified cubes and the broadcast
-    background cube (a stride-0 input copied into the graph's buffer) give the eager cubes bitwise."""
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_sign_refiner_cube_replay_equals_eager(all_stages, monkeypatch, channels_last):
+    """The 1024 sign refiner's cube as the refinement loop runs it, in either UNet layout: densified cubes and
+    the broadcast background cube (a stride-0 input copied into the graph's buffer) give the eager cubes
+    bitwise."""
     from s2core.config import RefinerConfig
+    from s2core.refiner import unet
     from s2core.refiner.sign_1024 import VoxelRefinerSign
+
+    monkeypatch.setattr(unet, "CHANNELS_LAST", channels_last)
 
     model = VoxelRefinerSign(RefinerConfig(patch_size=32, sign=True), block_out_channels=(8, 16, 16, 16))
     model.load_state_dict(deterministic_state_dict(model, 9), strict=True)
