@@ -114,6 +114,16 @@ def cases() -> list[Case]:
                 shapes,
             )
         )
+        out.append(
+            Case(
+                "ssa_topk",
+                "_topk_seg_kernel",
+                f"top-k {topk}, one chunk of scores, segments of {ssa_topk.SEG}",
+                dict(sc=f32, bidx=i32, cu_q=i32, cu_blk=i32),
+                dict(TOPK=topk, TOPK_P=topk, SEG=ssa_topk.SEG),
+                shapes,
+            )
+        )
     for label, topk in [("top-k 32", 32), ("top-k 8", 8)]:
         out.append(
             Case(

@@ -1,5 +1,6 @@
-"""Launch shapes of the SSA top-k kernel (kernels/ssa_topk.py): tokens a program holds x warps, at the score
-widths of the official stages, against today's shape and the PyTorch reference, on one GPU.
+"""Launch shapes of the SSA top-k kernels (kernels/ssa_topk.py: the rounds kernel and the segmented one): tokens
+a program holds x warps, at the score widths of the official stages, against today's shape and the PyTorch
+reference, on one GPU.
 
 The kernel reads one launch's score scratch [2 KV heads, 1 sample, rows, W] (the rows `ssa_compressed` puts in
 its 64 MiB scratch) and writes each token's top-k blocks. W is the compressed-key count of a sample: ~560 at
@@ -35,11 +36,11 @@ def one_width(width: int, topk: int, reps: int, lines: list[str]) -> None:
     cu_q = torch.tensor([0, rows], dtype=torch.int32, device="cuda")
     cu_b = torch.tensor([0, width], dtype=torch.int32, device="cuda")
 
-    def run(r=None, w=None):
+    def run(r=None, w=None, seg=False):
         out = torch.full((h, rows, topk), -7, dtype=torch.int32, device="cuda")
-        return ssa_topk._block_topk_triton(scores, cu_q, cu_b, 0, topk, out, rows=r, num_warps=w)
+        return ssa_topk._block_topk_triton(scores, cu_q, cu_b, 0, topk, out, rows=r, num_warps=w, segmented=seg)
 
-    today = run()
+    today = run()  # the rounds kernel in its default shape
     ref = ssa_topk.block_topk_reference(scores, cu_q, cu_b, 0, topk, torch.full_like(today, -7))
     t_ref = timed(lambda: ssa_topk.block_topk_reference(scores, cu_q, cu_b, 0, topk, torch.empty_like(today)), reps)
     t_today = timed(run, reps)
@@ -50,21 +51,24 @@ def one_width(width: int, topk: int, reps: int, lines: list[str]) -> None:
         f"Today's shape ({'{} tokens, {} warps'.format(*ssa_topk.launch_shape(chunk))}): **{t_today:.3f} ms**, equal to "
         f"the reference: {bool(torch.equal(today, ref))}; the reference (torch.sort): {t_ref:.3f} ms.",
         "",
-        "| tokens a program | warps | scores a thread | ms | vs today | equal to today |",
-        "|---|---|---|---|---|---|",
+        "| kernel | tokens a program | warps | scores a thread | ms | vs today | equal to today |",
+        "|---|---|---|---|---|---|---|",
     ]
-    for r, w in SHAPES:
-        per_thread = r * chunk // (32 * w)
-        if not 8 <= per_thread <= 256:
-            continue
-        try:
-            got = run(r, w)
-            t = timed(lambda r=r, w=w: run(r, w), reps)
-        except Exception as e:  # noqa: BLE001 - a shape out of resources is a row, not the end of the sweep
-            lines.append(f"| {r} | {w} | {per_thread} | failed: {type(e).__name__} | | |")
-            continue
-        lines.append(f"| {r} | {w} | {per_thread} | {t:.3f} | {t_today / t:.2f}x | {bool(torch.equal(got, today))} |")
-        print(lines[-1], flush=True)
+    for seg in (False, True):  # the rounds kernel, then the segmented one (ssa_topk.SEGMENTED)
+        kernel = "segmented" if seg else "rounds"
+        for r, w in SHAPES:
+            per_thread = r * chunk // (32 * w)
+            if not 8 <= per_thread <= 256:
+                continue
+            try:
+                got = run(r, w, seg)
+                t = timed(lambda r=r, w=w, seg=seg: run(r, w, seg), reps)
+            except Exception as e:  # noqa: BLE001 - a shape out of resources is a row, not the end of the sweep
+                lines.append(f"| {kernel} | {r} | {w} | {per_thread} | failed: {type(e).__name__} | | |")
+                continue
+            same = bool(torch.equal(got, today))
+            lines.append(f"| {kernel} | {r} | {w} | {per_thread} | {t:.3f} | {t_today / t:.2f}x | {same} |")
+            print(lines[-1], flush=True)
     lines.append("")
 
 

@@ -43,6 +43,7 @@ sys.path.insert(0, str(REPO))
 
 import oom_report  # noqa: E402
 
+from kernels import ssa_topk  # noqa: E402
 from s2core import config, cuda_graph, loading, results  # noqa: E402
 from s2core import pipeline as P  # noqa: E402
 from s2core.mesh.voxelize import mesh_to_latent_index  # noqa: E402
@@ -69,7 +70,8 @@ def switches() -> str:
     """The speed switches this run used, for the report's header."""
     return (
         f"sparse conv kernel {'on' if sparse_conv.USE_KERNEL else 'off'}, channels-last refiners "
-        f"{'on' if unet.CHANNELS_LAST else 'off'}, CUDA graphs: {', '.join(sorted(cuda_graph.STAGES))}"
+        f"{'on' if unet.CHANNELS_LAST else 'off'}, segmented top-k {'on' if ssa_topk.SEGMENTED else 'off'}, "
+        f"CUDA graphs: {', '.join(sorted(cuda_graph.STAGES))}"
     )
 
 
@@ -222,6 +224,13 @@ def main():
         "(s2core.refiner.unet.CHANNELS_LAST)",
     )
     ap.add_argument(
+        "--segmented-topk",
+        choices=["on", "off"],
+        default=None,
+        help="the SSA top-k by segment heads (on) or by rounds over whole rows (off); default: the code's "
+        "(kernels.ssa_topk.SEGMENTED)",
+    )
+    ap.add_argument(
         "--graphs",
         choices=["dense", "all"],
         default=None,
@@ -277,6 +286,8 @@ def main():
         sparse_conv.USE_KERNEL = args.sparse_conv_kernel == "on"
     if args.channels_last:
         unet.CHANNELS_LAST = args.channels_last == "on"
+    if args.segmented_topk:
+        ssa_topk.SEGMENTED = args.segmented_topk == "on"
     if args.graphs:
         cuda_graph.STAGES = {"dense"} if args.graphs == "dense" else {"dense", "sparse", "refiner"}
     print(switches(), flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Run the GPU-marked tests and the benchmarks on a CUDA machine; logs and result files go to $OUT (or /tmp/out).
-# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload e2e-original e2e-ab conv sparse-conv-kernel layout-ab profile-dit vae
+# Usage: bash bench/gpu_suite.sh JOB... (tests e2e e2e-offload e2e-original e2e-ab conv sparse-conv-kernel layout-ab topk profile-dit vae
 #   voxelize refiner coarse norms)   (wheels for packages the GPU image lacks may sit in .whl/)
 set -o pipefail
 export PYTHONUNBUFFERED=1
@@ -20,14 +20,16 @@ for job in "$@"; do
     e2e-original) timeout 590 python3 bench/e2e.py --original .scratch --warm --budget-s 580 --out "$OUT/e2e-vs-original.md" \
                     --original-json "$OUT/original.json" 2>&1 | tee "$OUT/e2e_original.log" ;;
     e2e-ab) # the untimed switches off, then on, in two processes: the sparse conv kernel (VAE decoding), the
-            # channels-last refiners (refinement) and the sparse samplers' and refiners' CUDA graphs
+            # channels-last refiners (refinement), the segmented top-k (sampling) and the sparse samplers' and
+            # refiners' CUDA graphs (sampling, refinement); layout-ab and topk separate what shares a stage
             for on in off on; do
               graphs=$([ $on = on ] && echo all || echo dense)
               timeout 280 python3 bench/e2e.py --warm --substages --sparse-conv-kernel $on --channels-last $on \
-                --graphs $graphs --out "$OUT/e2e_ab_$on.md" 2>&1 | tee "$OUT/e2e_ab_$on.log"
+                --segmented-topk $on --graphs $graphs --out "$OUT/e2e_ab_$on.md" 2>&1 | tee "$OUT/e2e_ab_$on.log"
             done ;;
     sparse-conv-kernel) timeout 120 python3 bench/bench_sparse_conv.py --kernel --out "$OUT/sparse_conv_kernel.md" 2>&1 | tail -14 ;;
     layout-ab) timeout 120 python3 bench/refiner_layout.py --ab --out "$OUT/refiner_layout_ab.md" 2>&1 | tail -20 ;;
+    topk) timeout 120 python3 bench/bench_topk.py --topk 8 --out "$OUT/topk.md" 2>&1 | tail -40 ;;
     profile-dit) timeout 240 python3 bench/profile_dit.py --stages 1024 --reps 3 --out "$OUT/profile_dit.md" 2>&1 | tail -30 ;;
     norms) timeout 60 python3 bench/bench_norms.py 2>&1 | tail -15 ;;
     conv) timeout 90 python3 bench/bench_sparse_conv.py 2>&1 | tail -30 ;;

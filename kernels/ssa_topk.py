@@ -13,6 +13,12 @@ One program holds ROWS tokens' scores in registers (64 a thread by default, `lau
 TOPK_CHUNK at a time, and runs rounds of max-and-insert: while the chunk's best beats some row's current k-th
 best, it replaces it. One chunk covers every official grid (<= 16^3 blocks), so that is exactly topk rounds; a
 wider sample merges chunk by chunk.
+
+Segmented (`SEGMENTED`, one-chunk rows only): each round of the above masks and reduces a whole row of CHUNK
+scores. `_topk_seg_kernel` reduces the row once, to the best of each SEG-wide segment; each of the topk rounds
+then picks the best segment head (NSEG = CHUNK / SEG wide) and reloads only that segment's SEG scores (from
+the cache) for its next head: the first score after the picked one in the order (score descending, block
+ascending). Same blocks, same ties. Written without a GPU: off until bench/bench_topk.py times it.
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ from ._common import use_triton as _use_triton
 __all__ = ["block_topk", "block_topk_reference", "launch_shape", "top_blocks"]
 
 TOPK_CHUNK = 4096  # scores a program holds at once
+SEGMENTED = False  # one-chunk rows through `_topk_seg_kernel` (module doc)
+SEG = 16  # its segment width
 
 
 def top_blocks(scores, k: int):
@@ -116,6 +124,68 @@ def _topk_kernel(
     tl.store(p_b, b_ti, mask=m_t[:, None] & (o_tk[None, :] < TOPK))
 
 
+@triton.jit
+def _topk_seg_kernel(
+    sc,
+    bidx,
+    cu_q,
+    cu_blk,
+    q_lo,
+    q_hi,
+    stride_sh,
+    stride_sb,
+    stride_sn,
+    stride_bh,
+    stride_bn,
+    TOPK: tl.constexpr,
+    TOPK_P: tl.constexpr,
+    ROWS: tl.constexpr,
+    CHUNK: tl.constexpr,
+    SEG: tl.constexpr,
+):
+    # _topk_kernel with ONE_CHUNK (every block of the sample in one chunk) by segment heads; see the module doc
+    NSEG: tl.constexpr = CHUNK // SEG
+    BIG: tl.constexpr = 2147483647
+    i_q, i_b, i_h = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    q_start = tl.load(cu_q + i_b)
+    q_end = tl.minimum(tl.load(cu_q + i_b + 1) - q_start, q_hi)
+    t0 = q_lo + i_q * ROWS
+    if t0 >= q_end:
+        return
+    n_blk = tl.load(cu_blk + i_b + 1) - tl.load(cu_blk + i_b)
+    o_t = t0 + tl.arange(0, ROWS)
+    m_t = o_t < q_end
+    o_c = tl.arange(0, CHUNK)
+    o_s = tl.arange(0, NSEG)
+    o_e = tl.arange(0, SEG)
+    o_tk = tl.arange(0, TOPK_P)
+    p_row = sc + i_h * stride_sh + i_b * stride_sb + (o_t - q_lo)[:, None].to(tl.int64) * stride_sn  # [ROWS, 1]
+    b_sc = tl.load(p_row + o_c[None, :], mask=m_t[:, None] & (o_c < n_blk)[None, :], other=float("-inf"))
+    # each segment's head: its best score and, of equal ones, its lowest block (argmax ties go left)
+    seg_v, seg_i = tl.max(tl.reshape(b_sc, [ROWS, NSEG, SEG]), 2, return_indices=True)  # [ROWS, NSEG]
+    seg_b = o_s[None, :] * SEG + seg_i  # the heads' blocks
+    b_ti = tl.full([ROWS, TOPK_P], -1, tl.int32)
+    for r in tl.static_range(TOPK):
+        # the best head; of equal ones the lowest segment's, so the lowest block
+        best, s = tl.max(seg_v, 1, return_indices=True)  # [ROWS]
+        at_s = o_s[None, :] == s[:, None]
+        blk = tl.sum(tl.where(at_s, seg_b, 0), 1)
+        b_ti = tl.where((o_tk[None, :] == r) & (best > float("-inf"))[:, None], blk[:, None], b_ti)
+        # segment s's next head: its best score after (best, blk) in the order; the ones before were picked
+        o_sb = s[:, None] * SEG + o_e[None, :]  # [ROWS, SEG]: the blocks of segment s
+        v = tl.load(p_row + o_sb, mask=m_t[:, None] & (o_sb < n_blk), other=float("-inf"))
+        after = (v < best[:, None]) | ((v == best[:, None]) & (o_sb > blk[:, None]))
+        nxt, i_n = tl.max(tl.where(after, v, float("-inf")), 1, return_indices=True)
+        seg_v = tl.where(at_s, nxt[:, None], seg_v)
+        seg_b = tl.where(at_s, (s * SEG + i_n)[:, None], seg_b)
+    # ascending block order with the -1 padding last, then back to -1
+    b_key = tl.where(b_ti < 0, BIG, b_ti)
+    b_key = tl.sort(b_key, 1)
+    b_ti = tl.where(b_key == BIG, -1, b_key)
+    p_b = bidx + i_h * stride_bh + (q_start + o_t)[:, None].to(tl.int64) * stride_bn + o_tk[None, :]
+    tl.store(p_b, b_ti, mask=m_t[:, None] & (o_tk[None, :] < TOPK))
+
+
 def launch_shape(chunk: int) -> tuple[int, int]:
     """(tokens a program, warps) for a chunk width: one warp holding 2,048 scores (64 a thread) where a chunk
     fits, 1.3-1.6x the earlier 4 tokens x 4 warps at the official widths on an H100 (bench/results/topk.md).
@@ -123,8 +193,11 @@ def launch_shape(chunk: int) -> tuple[int, int]:
     return max(1, 2048 // chunk), 1 if chunk <= 2048 else 4
 
 
-def _block_topk_triton(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, out, rows=None, num_warps=None):
-    """rows (tokens a program holds) and num_warps override the launch shape (bench/bench_topk.py)."""
+def _block_topk_triton(
+    scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, out, rows=None, num_warps=None, segmented=None
+):
+    """rows (tokens a program holds), num_warps and segmented (default SEGMENTED) override the launch
+    (bench/bench_topk.py)."""
     h, b, n_rows, width = scores.shape
     assert scores.dtype == torch.float32 and out.dtype == torch.int32 and out.stride(2) == 1
     assert cu_seqlens_q.dtype == torch.int32 and cu_blocks.dtype == torch.int32
@@ -133,6 +206,28 @@ def _block_topk_triton(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, ou
     chunk = min(TOPK_CHUNK, triton.next_power_of_2(max(1, width)))
     default_rows, default_warps = launch_shape(chunk)
     rows, num_warps = rows or default_rows, num_warps or (default_warps if scores.is_cuda else 1)
+    one_chunk = width <= chunk
+    if (SEGMENTED if segmented is None else segmented) and one_chunk and chunk >= SEG:
+        _topk_seg_kernel[(triton.cdiv(n_rows, rows), b, h)](
+            scores,
+            out,
+            cu_seqlens_q,
+            cu_blocks,
+            q_lo,
+            q_lo + n_rows,
+            scores.stride(0),
+            scores.stride(1),
+            scores.stride(2),
+            out.stride(0),
+            out.stride(1),
+            TOPK=topk,
+            TOPK_P=max(2, triton.next_power_of_2(topk)),
+            ROWS=rows,
+            CHUNK=chunk,
+            SEG=SEG,
+            num_warps=num_warps,
+        )
+        return out
     _topk_kernel[(triton.cdiv(n_rows, rows), b, h)](
         scores,
         out,
@@ -149,7 +244,7 @@ def _block_topk_triton(scores, cu_seqlens_q, cu_blocks, q_lo: int, topk: int, ou
         TOPK_P=max(2, triton.next_power_of_2(topk)),
         ROWS=rows,
         CHUNK=chunk,
-        ONE_CHUNK=width <= chunk,
+        ONE_CHUNK=one_chunk,
         num_warps=num_warps,
     )
     return out

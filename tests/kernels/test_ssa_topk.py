@@ -35,6 +35,7 @@ CASES = [
     ([6, 2], [3, 1], 2, 0, 6, 4, 8, 4096),  # top-k wider than every sample's blocks
     ([10, 4], [20, 17], 2, 3, 4, 20, 5, 8),  # a slab of tokens 3..6, scores merged over chunks of 8
     ([33], [50], 1, 0, 33, 64, 32, 16),  # official top-k 32 over four chunks
+    ([40, 9], [200, 37], 2, 0, 40, 256, 8, 4096),  # 13 and 3 segments of 16, the last ones partial
 ]
 
 
@@ -43,11 +44,14 @@ def _id(c):
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("segmented", [False, True], ids=["rounds", "segmented"])
 @pytest.mark.parametrize("tied", [False, True], ids=["distinct", "tied"])
 @pytest.mark.parametrize("case", CASES, ids=[_id(c) for c in CASES])
-def test_topk_kernel_equals_reference(case, tied, monkeypatch):
+def test_topk_kernel_equals_reference(case, tied, segmented, monkeypatch):
+    """Both kernels (segmented: one-chunk rows of at least SEG blocks; the others keep the rounds kernel)."""
     lens, blocks, h, q_lo, rows, width, topk, chunk = case
     monkeypatch.setattr(ssa_topk, "TOPK_CHUNK", chunk)
+    monkeypatch.setattr(ssa_topk, "SEGMENTED", segmented)
     (scores, cu_q, cu_b), out = _case(lens, blocks, h, q_lo, rows, width, topk, tied, zlib.crc32(_id(case).encode()))
     want = ssa_topk.block_topk_reference(scores, cu_q, cu_b, q_lo, topk, out.clone())
     got = ssa_topk.block_topk(scores, cu_q, cu_b, q_lo, topk, out.clone(), backend="triton")
@@ -72,13 +76,33 @@ def test_reference_breaks_ties_to_the_lower_block():
 
 
 @pytest.mark.triton
+@pytest.mark.parametrize("segmented", [False, True], ids=["rounds", "segmented"])
 @pytest.mark.parametrize("rows", [1, 2, 16])
-def test_any_tokens_per_program_gives_the_same_blocks(rows):
+def test_any_tokens_per_program_gives_the_same_blocks(rows, segmented):
     """The launch shape (bench/bench_topk.py sweeps it) only regroups tokens: a ragged last program included."""
     (scores, cu_q, cu_b), out = _case([7, 5], [30, 12], 2, 0, 7, 30, 8, True, 40 + rows)
     want = ssa_topk.block_topk_reference(scores, cu_q, cu_b, 0, 8, out.clone())
-    got = ssa_topk._block_topk_triton(scores, cu_q, cu_b, 0, 8, out.clone(), rows=rows, num_warps=1)
+    got = ssa_topk._block_topk_triton(
+        scores, cu_q, cu_b, 0, 8, out.clone(), rows=rows, num_warps=1, segmented=segmented
+    )
     assert torch.equal(got, want)
+
+
+@pytest.mark.triton
+def test_segmented_kernel_picks_within_one_segment_and_across_ties(monkeypatch):
+    """Every top block in one segment (each round reloads the same segment), and equal scores across segments
+    (the lower segment, then the lower block): the blocks the reference picks."""
+    monkeypatch.setattr(ssa_topk, "_topk_kernel", None)  # the rounds kernel must not be the one that runs
+    scores = torch.zeros(1, 1, 3, 64)
+    scores[0, 0, 0, 16:24] = torch.arange(8, 0, -1).float()  # row 0: segment 1 holds the top 8, descending
+    scores[0, 0, 1, :] = 1.0  # row 1: all equal: blocks 0..7
+    scores[0, 0, 2, ::16] = 2.0  # row 2: four segment heads tie, then ties inside segment 0
+    scores[0, 0, 2, 1:5] = 2.0
+    cu_q, cu_b = torch.tensor([0, 3], dtype=torch.int32), torch.tensor([0, 64], dtype=torch.int32)
+    out = torch.full((1, 3, 8), POISON, dtype=torch.int32)
+    got = ssa_topk._block_topk_triton(scores, cu_q, cu_b, 0, 8, out.clone(), num_warps=1, segmented=True)
+    assert got[0].tolist() == [list(range(16, 24)), list(range(8)), [0, 1, 2, 3, 4, 16, 32, 48]]
+    assert torch.equal(got, ssa_topk.block_topk_reference(scores, cu_q, cu_b, 0, 8, out.clone()))
 
 
 @pytest.mark.triton
@@ -95,9 +119,11 @@ def test_dispatch_uses_reference_on_cpu():
 
 @pytest.mark.triton
 @pytest.mark.gpu
+@pytest.mark.parametrize("segmented", [False, True], ids=["rounds", "segmented"])
 @pytest.mark.parametrize("topk", [8, 32])
-def test_topk_gpu_official_grid(topk):
+def test_topk_gpu_official_grid(topk, segmented, monkeypatch):
     """The 1024 stage's widest case: 16^3 blocks in one chunk, a slab of 3000 tokens of two samples."""
+    monkeypatch.setattr(ssa_topk, "SEGMENTED", segmented)
     (scores, cu_q, cu_b), out = _case([2500, 700], [4096, 1500], 2, 200, 3000, 4096, topk, False, topk, "cuda")
     want = ssa_topk.block_topk_reference(scores, cu_q, cu_b, 200, topk, out.clone())
     assert torch.equal(ssa_topk.block_topk(scores, cu_q, cu_b, 200, topk, out.clone()), want)
