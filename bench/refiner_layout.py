@@ -14,11 +14,16 @@ eagerly and replayed as a CUDA graph (`cuda_graph.GraphedModel`, as the refineme
 `cuda_graph.STAGES`), the four arms alternated twice in one process: the time until the call returns (the CPU's
 share), the synchronised wall time, three cubes back to back, the peak allocation beyond the inputs over the
 arm (a graph's pool is allocated at its capture) and each arm's largest output difference from eager NCDHW.
+With --count-ops (CPU, no GPU needed): the host-side work of one cube of each refiner as CUDA would issue it,
+counted: the kernels' CUDA dispatch is forced for the CPU tensors, their Triton launches are stubbed out (nothing
+runs; the values are garbage) and every aten op is counted, those inside the GroupNorm + SiLU apart. A 16³ cube
+with the official widths: at the official edge only the depth slabs of the widest inputs add ops.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import statistics
 import sys
@@ -144,6 +149,70 @@ def layout_ab(model, inputs) -> list[str]:
     return lines
 
 
+def count_ops() -> list[str]:
+    """Markdown rows: aten ops, convolutions and Triton launches of one cube of each refiner (see --count-ops)."""
+    import collections
+    import importlib
+    from unittest import mock
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from kernels import _common, group_norm
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops, self.in_norm = collections.Counter(), False
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops["norm" if self.in_norm else "other"] += 1
+            self.ops["convolution"] += func.__name__.startswith("convolution")
+            return func(*args, **(kwargs or {}))
+
+    launches = collections.Counter()
+
+    def launcher(kernel, grid):
+        launches[kernel.fn.__name__] += 1
+        return lambda *a, **k: None
+
+    counter = Count()
+    real_norm = group_norm.group_norm_silu
+
+    def norm(*a, **k):
+        counter.in_norm = True
+        try:
+            return real_norm(*a, **k)
+        finally:
+            counter.in_norm = False
+
+    def as_on_cuda(backend, x, dtypes=_common.HALF):
+        return backend != "reference" and (dtypes is None or x.dtype in dtypes)
+
+    # the class of every jitted kernel here: JITFunction, or the interpreter's under TRITON_INTERPRET=1
+    patches = [mock.patch.object(type(group_norm._stats_kernel), "__getitem__", launcher)]
+    patches.append(mock.patch.object(group_norm, "group_norm_silu", norm))
+    for name in ("adaptive_filter", "conv3d", "group_norm"):
+        patches.append(mock.patch.object(importlib.import_module(f"kernels.{name}"), "_use_triton", as_on_cuda))
+    lines = [
+        "| cube (16³, official widths) | aten ops | of them in GroupNorm + SiLU | convolutions | Triton launches |",
+        "|---|---|---|---|---|",
+    ]
+    with contextlib.ExitStack() as stack:
+        for p in patches:
+            stack.enter_context(p)
+        for name, model, inputs in refiners(torch.device("cpu"), True):
+            counter.ops.clear()
+            launches.clear()
+            with counter:
+                model(*inputs)
+            ops = counter.ops
+            kernels = ", ".join(f"{k} {v}" for k, v in sorted(launches.items()))
+            lines.append(
+                f"| {name} | {ops['norm'] + ops['other']} | {ops['norm']} | {ops['convolution']} | {kernels} |"
+            )
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["512", "1024"], default=None)
@@ -151,7 +220,12 @@ def main():
     ap.add_argument(
         "--ab", action="store_true", help="the whole cube: NCDHW vs channels-last UNet, eager vs graph (see above)"
     )
+    ap.add_argument("--count-ops", action="store_true", help="the cube's host-side ops, counted on the CPU (see above)")
     args = ap.parse_args()
+    if args.count_ops:
+        torch.set_grad_enabled(False)
+        print("\n".join(count_ops()))
+        return
     if not torch.cuda.is_available():
         sys.exit("bench/refiner_layout.py times cuDNN on a CUDA GPU; none is available here.")
     device = torch.device("cuda")

@@ -61,3 +61,20 @@ def test_conv3d_variant_must_exist(monkeypatch, tmp_path):
     with pytest.raises(SystemExit) as e:
         bc.main()
     assert "no such file; give a copy of kernels/conv3d.py" in str(e.value)
+
+
+@pytest.mark.triton
+def test_refiner_count_ops_counts_each_cube_on_the_cpu():
+    """bench/refiner_layout.py --count-ops: one row a refiner; the official UNet's 47 GroupNorms each launch
+    the stats and apply kernels once, and the ops inside them are counted apart from the rest."""
+    import re
+
+    from bench import refiner_layout
+
+    rows = [r for r in refiner_layout.count_ops() if r.startswith("| 1024") or r.startswith("| 512")]
+    assert [r.split(" | ")[0] for r in rows] == ["| 1024 sign", "| 512"]
+    for r in rows:
+        total, norm, convs = (int(x) for x in r.split(" | ")[1:4])
+        assert total > norm > 0 and convs > 0
+        assert re.search(r"_stats_kernel 47\b", r) and re.search(r"_apply_kernel 47\b", r)
+    assert "_adaptive_filter_kernel 9" in rows[1]
