@@ -110,17 +110,17 @@ def cases() -> list[Case]:
                 "_topk_kernel",
                 f"top-k {topk}, one chunk of scores",
                 dict(sc=f32, bidx=i32, cu_q=i32, cu_blk=i32),
-                dict(TOPK=topk, TOPK_P=topk, ONE_CHUNK=True),
+                dict(TOPK=topk, TOPK_P=topk, ONE_CHUNK=True, SEG=0),
                 shapes,
             )
         )
         out.append(
             Case(
                 "ssa_topk",
-                "_topk_seg_kernel",
-                f"top-k {topk}, one chunk of scores, segments of {ssa_topk.SEG}",
+                "_topk_kernel",
+                f"top-k {topk}, one chunk of scores, by segment heads of {ssa_topk.SEG}",
                 dict(sc=f32, bidx=i32, cu_q=i32, cu_blk=i32),
-                dict(TOPK=topk, TOPK_P=topk, SEG=ssa_topk.SEG),
+                dict(TOPK=topk, TOPK_P=topk, ONE_CHUNK=True, SEG=ssa_topk.SEG),
                 shapes,
             )
         )

@@ -92,7 +92,13 @@ def test_any_tokens_per_program_gives_the_same_blocks(rows, segmented):
 def test_segmented_kernel_picks_within_one_segment_and_across_ties(monkeypatch):
     """Every top block in one segment (each round reloads the same segment), and equal scores across segments
     (the lower segment, then the lower block): the blocks the reference picks."""
-    monkeypatch.setattr(ssa_topk, "_topk_kernel", None)  # the rounds kernel must not be the one that runs
+    seg, real = [], ssa_topk._topk_kernel
+
+    class Spy:  # records each launch's SEG: the segment heads must be the path that runs
+        def __getitem__(self, grid):
+            return lambda *a, **k: seg.append(k["SEG"]) or real[grid](*a, **k)
+
+    monkeypatch.setattr(ssa_topk, "_topk_kernel", Spy())
     scores = torch.zeros(1, 1, 3, 64)
     scores[0, 0, 0, 16:24] = torch.arange(8, 0, -1).float()  # row 0: segment 1 holds the top 8, descending
     scores[0, 0, 1, :] = 1.0  # row 1: all equal: blocks 0..7
@@ -103,6 +109,7 @@ def test_segmented_kernel_picks_within_one_segment_and_across_ties(monkeypatch):
     got = ssa_topk._block_topk_triton(scores, cu_q, cu_b, 0, 8, out.clone(), num_warps=1, segmented=True)
     assert got[0].tolist() == [list(range(16, 24)), list(range(8)), [0, 1, 2, 3, 4, 16, 32, 48]]
     assert torch.equal(got, ssa_topk.block_topk_reference(scores, cu_q, cu_b, 0, 8, out.clone()))
+    assert seg == [ssa_topk.SEG]
 
 
 @pytest.mark.triton
